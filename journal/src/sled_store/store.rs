@@ -1,0 +1,326 @@
+//! Opening a store directory: header, sled, the background flusher, named journals.
+
+use super::{be_u64, lock, JournalInner, SledJournal, BATCH_KEY, TREE_PREFIX};
+use crate::error::{JournalError, Result};
+use crate::mark::{read_mark, MarkFile};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// The store format this build writes and reads.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+const HEADER_FILE: &str = "eventstage-journal.json";
+
+fn hex(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoreHeader {
+    format: String,
+    format_version: u32,
+}
+
+/// Opens a [`SledStore`]; see [`SledStore::builder`].
+#[derive(Debug, Clone)]
+pub struct SledStoreBuilder {
+    path: PathBuf,
+    create: bool,
+    cache_capacity: u64,
+    flush_every: Option<Duration>,
+}
+
+impl SledStoreBuilder {
+    /// Create the store if the directory does not exist or is empty. Default: true.
+    #[must_use]
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// sled's page cache size in bytes. Default: 256 MiB.
+    #[must_use]
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.cache_capacity = bytes;
+        self
+    }
+
+    /// Flush (fsync) every applied batch in the background at this interval, for writers that do not
+    /// call [`Journal::flush`] themselves (`Durability::Buffered`). `None` disables it. Default: 200 ms.
+    #[must_use]
+    pub fn flush_every(mut self, every: Option<Duration>) -> Self {
+        self.flush_every = every;
+        self
+    }
+
+    /// Opens (or creates) the store.
+    ///
+    /// # Errors
+    /// [`JournalError::NotAJournal`] when the path exists but is not a store (or does not exist and
+    /// `create` is false), [`JournalError::NewerFormat`] when a newer eventstage wrote it,
+    /// [`JournalError::Storage`] / [`JournalError::Damaged`] when sled cannot open its files.
+    pub fn open(self) -> Result<SledStore> {
+        let path = self.path.clone();
+        let header_path = path.join(HEADER_FILE);
+        let io = |p: &Path, source| JournalError::Io { path: p.to_path_buf(), source };
+        if path.is_file() {
+            return Err(JournalError::NotAJournal { path, why: "it is a file, not a directory".into() });
+        }
+        let exists = path.is_dir();
+        let empty = !exists || std::fs::read_dir(&path).map_err(|e| io(&path, e))?.next().is_none();
+        if header_path.is_file() {
+            let text = std::fs::read_to_string(&header_path).map_err(|e| io(&header_path, e))?;
+            let header: StoreHeader = serde_json::from_str(&text).map_err(|e| JournalError::NotAJournal {
+                path: path.clone(),
+                why: format!("{HEADER_FILE} is not a journal header: {e}"),
+            })?;
+            if header.format != "eventstage-journal" {
+                return Err(JournalError::NotAJournal {
+                    path,
+                    why: format!("{HEADER_FILE} names format `{}`", header.format),
+                });
+            }
+            if header.format_version > STORE_FORMAT_VERSION {
+                return Err(JournalError::NewerFormat {
+                    path,
+                    found: header.format_version,
+                    supported: STORE_FORMAT_VERSION,
+                });
+            }
+        } else if empty && self.create {
+            std::fs::create_dir_all(path.join("marks")).map_err(|e| io(&path, e))?;
+            let header = StoreHeader { format: "eventstage-journal".into(), format_version: STORE_FORMAT_VERSION };
+            let text = serde_json::to_string_pretty(&header).unwrap_or_default();
+            std::fs::write(&header_path, text).map_err(|e| io(&header_path, e))?;
+        } else if !exists {
+            return Err(JournalError::NotAJournal { path, why: "it does not exist".into() });
+        } else {
+            return Err(JournalError::NotAJournal { path, why: format!("it has no {HEADER_FILE}") });
+        }
+        std::fs::create_dir_all(path.join("marks")).map_err(|e| io(&path, e))?;
+        let config = sled::Config::new()
+            .path(path.join("sled"))
+            .cache_capacity(self.cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None);
+        let db = open_sled(&path, &config)?;
+        let inner = Arc::new(StoreInner { path, db, journals: Mutex::default() });
+        if let Some(every) = self.flush_every {
+            spawn_flusher(Arc::downgrade(&inner), every);
+        }
+        Ok(SledStore { inner })
+    }
+}
+
+/// How long to wait for the file lock a just-dropped handle of this process may still hold (its last
+/// reader threads finish asynchronously).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+fn open_sled(path: &Path, config: &sled::Config) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // sled 0.34 can panic on some kinds of damaged files instead of returning an error; a damaged
+        // journal must give a clear error, never a crash.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        match opened {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(e)) if is_lock_error(&e) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(JournalError::Storage {
+                        path: path.to_path_buf(),
+                        message: "the journal is locked by another process (or another open handle in this one); stop it first".into(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(Err(e)) => return Err(storage_error(path, e)),
+            Err(_) => {
+                return Err(JournalError::Damaged {
+                    journal: path.display().to_string(),
+                    what: "sled panicked while opening its files (they are damaged)".into(),
+                })
+            }
+        }
+    }
+}
+
+pub(super) fn storage_error(path: &Path, e: sled::Error) -> JournalError {
+    match e {
+        sled::Error::Io(source) => JournalError::Io { path: path.to_path_buf(), source },
+        sled::Error::Corruption { .. } => {
+            JournalError::Damaged { journal: path.display().to_string(), what: format!("sled reports {e}") }
+        }
+        other => JournalError::Storage { path: path.to_path_buf(), message: other.to_string() },
+    }
+}
+
+/// Background flushing for buffered writers. The thread holds only a weak reference and ends when the
+/// store is dropped.
+fn spawn_flusher(store: Weak<StoreInner>, every: Duration) {
+    let spawned = std::thread::Builder::new().name("eventstage-sled-flush".into()).spawn(move || loop {
+        std::thread::sleep(every);
+        let Some(store) = store.upgrade() else { return };
+        for journal in store.live_journals() {
+            if let Err(e) = journal.flush_blocking() {
+                tracing::error!(journal = %journal.name, error = %e, "background flush failed");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the background flush thread; buffered writes are flushed only on close");
+    }
+}
+
+/// A directory holding any number of named sled journals (one per stage, or per stage and partition).
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    pub(super) inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+pub(super) struct StoreInner {
+    pub(super) path: PathBuf,
+    pub(super) db: sled::Db,
+    // One JournalInner per name, so every handle shares the write lock and batch counter.
+    journals: Mutex<HashMap<String, Weak<JournalInner>>>,
+}
+
+impl StoreInner {
+    pub(super) fn live_journals(&self) -> Vec<Arc<JournalInner>> {
+        lock(&self.journals).values().filter_map(Weak::upgrade).collect()
+    }
+}
+
+impl SledStore {
+    /// A builder for the store at `path`.
+    pub fn builder(path: impl Into<PathBuf>) -> SledStoreBuilder {
+        SledStoreBuilder {
+            path: path.into(),
+            create: true,
+            cache_capacity: 256 << 20,
+            flush_every: Some(Duration::from_millis(200)),
+        }
+    }
+
+    /// Opens or creates the store at `path` with default settings.
+    ///
+    /// # Errors
+    /// See [`SledStoreBuilder::open`].
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
+        Self::builder(path).open()
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The names of the journals in the store.
+    pub fn journal_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix(TREE_PREFIX).map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Opens the journal `name`, creating it if needed.
+    ///
+    /// # Errors
+    /// [`JournalError::MissingBatches`] when the store lost batches the commit mark recorded.
+    pub fn journal(&self, name: &str) -> Result<SledJournal> {
+        self.open_journal(name, true, true)
+    }
+
+    /// Opens an existing journal `name`.
+    ///
+    /// # Errors
+    /// [`JournalError::UnknownJournal`] when there is none; otherwise as [`SledStore::journal`].
+    pub fn existing_journal(&self, name: &str) -> Result<SledJournal> {
+        self.open_journal(name, false, true)
+    }
+
+    /// Opens an existing journal for inspection even when it lost committed batches: reads work and
+    /// [`Journal::verify`] reports the loss. Do not write to it.
+    ///
+    /// # Errors
+    /// [`JournalError::UnknownJournal`] when there is none.
+    pub fn inspect_journal(&self, name: &str) -> Result<SledJournal> {
+        self.open_journal(name, false, false)
+    }
+
+    fn open_journal(&self, name: &str, create: bool, check_mark: bool) -> Result<SledJournal> {
+        let mut journals = lock(&self.inner.journals);
+        if let Some(inner) = journals.get(name).and_then(Weak::upgrade) {
+            return Ok(SledJournal { inner });
+        }
+        let tree_name = format!("{TREE_PREFIX}{name}");
+        let mark_path = self.inner.path.join("marks").join(format!("{}.mark", hex(name)));
+        let exists = self.inner.db.tree_names().iter().any(|n| n.as_ref() == tree_name.as_bytes());
+        let marked = read_mark(&mark_path)?.unwrap_or(0);
+        if !exists && !create && marked == 0 {
+            let available = self.journal_names().join(", ");
+            return Err(JournalError::UnknownJournal {
+                name: name.into(),
+                path: self.inner.path.clone(),
+                available: if available.is_empty() { "none".into() } else { available },
+            });
+        }
+        let path = &self.inner.path;
+        let tree = self.inner.db.open_tree(&tree_name).map_err(|e| storage_error(path, e))?;
+        let stored = tree.get(BATCH_KEY).map_err(|e| storage_error(path, e))?;
+        let found = match stored {
+            Some(v) => be_u64(&v).ok_or_else(|| JournalError::Damaged {
+                journal: name.into(),
+                what: "the batch counter is not 8 bytes".into(),
+            })?,
+            None => 0,
+        };
+        if check_mark && marked > found {
+            return Err(JournalError::MissingBatches { journal: name.into(), path: path.clone(), marked, found });
+        }
+        let inner = Arc::new(JournalInner {
+            name: name.into(),
+            store: self.inner.clone(),
+            tree,
+            write: Mutex::new(found),
+            applied: AtomicU64::new(found),
+            durable: AtomicU64::new(found.min(marked.max(found))),
+            mark: Mutex::new(MarkFile::new(mark_path, marked)),
+            marked,
+        });
+        journals.insert(name.into(), Arc::downgrade(&inner));
+        Ok(SledJournal { inner })
+    }
+
+    /// Flushes every open journal of the store.
+    ///
+    /// # Errors
+    /// When sled or the mark file cannot be written.
+    pub fn flush(&self) -> Result<()> {
+        for j in self.inner.live_journals() {
+            j.flush_blocking()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// The underlying sled database, for benchmarks and tools that compare against raw sled.
+    pub fn sled_db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+}

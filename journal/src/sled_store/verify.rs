@@ -1,0 +1,158 @@
+//! `verify` of the sled backend: walks every record and reports all damage, never stopping at the first.
+
+use super::{be_u64, lock, parse_event_key, parse_position, JournalInner, E, K, P, S};
+use crate::error::{JournalError, Result};
+use crate::keys::{decode_key, printable_key};
+use crate::types::{Problem, Progress, VerifyReport};
+use crate::{Envelope, RecordKind};
+use std::collections::BTreeMap;
+
+/// Stop collecting problems after this many (the count of the rest is still reported).
+const MAX_PROBLEMS: usize = 10_000;
+
+impl JournalInner {
+    pub(super) fn verify_blocking(&self, progress: &Progress) -> Result<VerifyReport> {
+        let mut report = VerifyReport { name: self.name.clone(), ..VerifyReport::default() };
+        let mut problems = Problems::default();
+        // Pass 1: events. Keys come in order, each key's seqs in order.
+        let mut lasts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        let mut current: Option<(Vec<u8>, u64)> = None;
+        for item in self.tree.scan_prefix([E]) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            report.records += 1;
+            report.events += 1;
+            if report.records % 4096 == 0 {
+                progress.report(report.records);
+            }
+            let Some((key, seq)) = parse_event_key(&k) else {
+                problems.push(Problem::general(format!("unparseable event storage key {}", printable_key(&k))));
+                continue;
+            };
+            match Envelope::check(&v) {
+                Ok(h) if h.kind != RecordKind::Event => {
+                    problems.push(Problem::at(&key, Some(seq), "a snapshot record stored as an event"))
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(Problem::at(&key, Some(seq), e.to_string())),
+            }
+            let expected = match &current {
+                Some((ck, last)) if *ck == key => last + 1,
+                _ => {
+                    if let Some((ck, last)) = current.take() {
+                        lasts.insert(ck, last);
+                    }
+                    1
+                }
+            };
+            if seq != expected {
+                let what = if seq > expected {
+                    format!("sequence gap: events {expected}..={} are missing", seq - 1)
+                } else {
+                    format!("sequence out of order: expected {expected}")
+                };
+                problems.push(Problem::at(&key, Some(seq), what));
+            }
+            current = Some((key, seq));
+        }
+        if let Some((ck, last)) = current.take() {
+            lasts.insert(ck, last);
+        }
+        report.keys = lasts.len() as u64;
+        // Pass 2: the head index must agree with the events.
+        let mut heads = 0u64;
+        for item in self.tree.scan_prefix([K]) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            report.records += 1;
+            heads += 1;
+            let Some((key, _)) = decode_key(&k[1..]) else {
+                problems.push(Problem::general(format!("unparseable head storage key {}", printable_key(&k))));
+                continue;
+            };
+            let head = be_u64(&v);
+            match (head, lasts.get(&key)) {
+                (None, _) => problems.push(Problem::at(&key, None, "head index value is not 8 bytes")),
+                (Some(h), Some(&l)) if h != l => problems.push(Problem::at(
+                    &key,
+                    Some(h),
+                    format!("head index says the last event is {h}, the events end at {l}"),
+                )),
+                (Some(h), None) => problems.push(Problem::at(
+                    &key,
+                    Some(h),
+                    "head index names a key with no events (its events are missing)",
+                )),
+                _ => {}
+            }
+        }
+        if heads < report.keys {
+            problems
+                .push(Problem::general(format!("{} keys have events but no head index entry", report.keys - heads)));
+        }
+        // Pass 3: snapshots.
+        for item in self.tree.scan_prefix([S]) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            report.records += 1;
+            report.snapshots += 1;
+            let Some((key, _)) = decode_key(&k[1..]) else {
+                problems.push(Problem::general(format!("unparseable snapshot storage key {}", printable_key(&k))));
+                continue;
+            };
+            match self.decode_snapshot(&key, &v) {
+                Ok(s) if s.envelope.kind != RecordKind::Snapshot => {
+                    problems.push(Problem::at(&key, Some(s.seq.0), "snapshot slot holds an event record"))
+                }
+                Ok(s) if lasts.get(&key).is_none_or(|&l| s.seq.0 > l) => {
+                    problems.push(Problem::at(&key, Some(s.seq.0), "snapshot is ahead of the key's events"))
+                }
+                Ok(_) => {}
+                Err(JournalError::Corrupt { seq, source, .. }) => {
+                    problems.push(Problem::at(&key, Some(seq), format!("snapshot: {source}")))
+                }
+                Err(e) => problems.push(Problem::at(&key, None, e.to_string())),
+            }
+        }
+        // Pass 4: positions and the batch counter against the commit mark.
+        for item in self.tree.scan_prefix([P]) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            report.records += 1;
+            if parse_position(&k, &v).is_none() {
+                problems.push(Problem::general(format!("unparseable position record {}", printable_key(&k))));
+            }
+        }
+        let found = *lock(&self.write);
+        if self.marked > found {
+            problems.push(Problem::general(format!(
+                "committed batches {}..={} are missing: the commit mark says {} batches were committed, the store holds {found}",
+                found + 1,
+                self.marked,
+                self.marked
+            )));
+        }
+        progress.report(report.records);
+        report.problems = problems.finish();
+        Ok(report)
+    }
+}
+
+#[derive(Default)]
+struct Problems {
+    list: Vec<Problem>,
+    dropped: u64,
+}
+
+impl Problems {
+    fn push(&mut self, p: Problem) {
+        if self.list.len() < MAX_PROBLEMS {
+            self.list.push(p);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Problem> {
+        if self.dropped > 0 {
+            self.list.push(Problem::general(format!("... and {} more problems", self.dropped)));
+        }
+        self.list
+    }
+}
