@@ -1,1 +1,38 @@
-//! eventstage
+#![doc = include_str!("../README.md")]
+//!
+//! # The library
+//!
+//! | module | what |
+//! |---|---|
+//! | [`EventSourced`], [`Effect`] | the stage API: command handler, event handler, upcasting |
+//! | [`StageRuntime`], [`StageHandle`] | the in-process runtime: group commit, back-pressure, queries |
+//! | [`rebuild`] | state at any point of a journal's history |
+//! | [`testkit`] | given / when / then tests for stages |
+//! | [`cli`] | the `eventstage` command line, for your own binary with your own stages |
+//! | [`journal`] | the bytes-level journal crate (`eventstage-journal`) re-exported |
+//!
+//! ## Delivery and durability
+//! With [`Durability::Durable`] (the default) a reply means the command's events are fsynced; with
+//! [`Durability::Buffered`] a reply means they are written and will be fsynced within the flush
+//! interval. Either way the journal holds whole batches only, and reopening a journal rebuilds
+//! exactly the state live processing had (replay = live).
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used)]
+#![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+
+pub mod cli;
+mod codec;
+mod error;
+mod replay;
+mod runtime;
+mod stage;
+pub mod stages;
+pub mod testkit;
+
+pub use codec::{Codec, CodecError};
+pub use error::{Error, Result};
+pub use eventstage_journal as journal;
+pub use replay::{rebuild, RecoveryStats};
+pub use runtime::{Durability, RuntimeConfig, StageHandle, StageRuntime};
+pub use stage::{Effect, EntityKey, EventSourced, PersistThen};

@@ -1,0 +1,298 @@
+//! `eventstage journal stats|verify|dump|replay`.
+
+use super::registry::Registry;
+use super::{progress_bar, Format};
+use anyhow::{bail, Context};
+use base64::Engine;
+use eventstage_journal::{
+    printable_key, EventQuery, EventRecord, Journal, JournalStats, Progress, SeqNo, SledJournal, SledStore,
+    VerifyReport,
+};
+use futures::StreamExt;
+use serde_json::json;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Arguments of `journal`.
+#[derive(Debug, clap::Args)]
+pub struct JournalArgs {
+    /// The journal directory (what a stage or `eventstage demo --data` wrote).
+    #[arg(long, global = true, value_name = "PATH", env = "EVENTSTAGE_JOURNAL")]
+    journal: Option<PathBuf>,
+    /// Which journal of the store (a stage name, or `stage/partition`); default: all, or the only one.
+    #[arg(long, global = true, value_name = "NAME")]
+    stage: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    #[command(subcommand)]
+    command: JournalCommand,
+}
+
+/// The journal subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum JournalCommand {
+    /// Keys, events, snapshots, bytes, batches and source positions.
+    Stats,
+    /// Check every record's CRC and every key's sequence continuity; exit 1 and list all damage.
+    Verify,
+    /// Print events (decoded by the stage when it is compiled in, else envelope-level with base64
+    /// payloads).
+    Dump(PointArgs),
+    /// Rebuild state from events and print it, for all keys or one, at any point of history.
+    Replay(PointArgs),
+}
+
+/// Which events: a key and a point in history.
+#[derive(Debug, clap::Args)]
+pub struct PointArgs {
+    /// Only this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// First sequence number (dump only).
+    #[arg(long, value_name = "SEQ")]
+    from_seq: Option<u64>,
+    /// Last sequence number per key (inclusive).
+    #[arg(long, value_name = "SEQ")]
+    until_seq: Option<u64>,
+    /// Per key, events written up to this time: RFC 3339 (`2026-11-25T16:00:00Z`) or milliseconds
+    /// since the Unix epoch.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until_time: Option<u64>,
+}
+
+fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+        format!("`{s}` is not a time ({e}); use RFC 3339 like 2026-11-25T16:00:00Z, or epoch milliseconds")
+    })?;
+    Ok(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+fn format_time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+impl PointArgs {
+    fn query(&self) -> EventQuery {
+        EventQuery {
+            key: self.key.as_ref().map(|k| k.as_bytes().to_vec()),
+            from_seq: SeqNo(self.from_seq.unwrap_or(0)),
+            until_seq: self.until_seq.map(SeqNo),
+            until_time_ms: self.until_time,
+        }
+    }
+}
+
+/// Runs a `journal` command.
+///
+/// # Errors
+/// Anything that stops the command: the message names the thing and the fix.
+pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Result<ExitCode> {
+    let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
+    let store = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || SledStore::builder(path).create(false).flush_every(None).open()
+    })
+    .await?
+    .with_context(|| format!("cannot open journal {}", path.display()))?;
+    let names = match &args.stage {
+        Some(name) => vec![name.clone()],
+        None => store.journal_names(),
+    };
+    if names.is_empty() {
+        bail!("{} holds no journals yet", path.display());
+    }
+    let journals: Vec<SledJournal> = names
+        .iter()
+        .map(|n| store.inspect_journal(n).with_context(|| format!("cannot open journal `{n}` in {}", path.display())))
+        .collect::<anyhow::Result<_>>()?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let code = match &args.command {
+        JournalCommand::Stats => {
+            for j in &journals {
+                let stats = j.stats().await?;
+                print_stats(&mut out, args.format, &stats, store.size_on_disk())?;
+            }
+            ExitCode::SUCCESS
+        }
+        JournalCommand::Verify => {
+            let mut damaged = false;
+            for j in &journals {
+                let bar = progress_bar(&format!("verifying {}", j.name()));
+                let b = bar.clone();
+                let report = j.verify(Progress::new(move |n| b.set_position(n))).await?;
+                bar.finish_and_clear();
+                damaged |= !report.is_ok();
+                print_report(&mut out, args.format, &report)?;
+            }
+            if damaged {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        JournalCommand::Dump(point) => {
+            for j in &journals {
+                dump(&mut out, args.format, registry, j, point).await?;
+            }
+            ExitCode::SUCCESS
+        }
+        JournalCommand::Replay(point) => {
+            if point.from_seq.is_some() {
+                bail!("replay always starts at the first event; --from-seq is for dump");
+            }
+            for j in &journals {
+                replay(&mut out, args.format, registry, j, point).await?;
+            }
+            ExitCode::SUCCESS
+        }
+    };
+    out.flush()?;
+    Ok(code)
+}
+
+fn print_stats(out: &mut impl Write, format: Format, s: &JournalStats, disk: u64) -> anyhow::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", json!({ "journal": s, "store_bytes_on_disk": disk }))?,
+        Format::Text => {
+            writeln!(out, "journal      {}", s.name)?;
+            writeln!(out, "keys         {}", s.keys)?;
+            writeln!(out, "events       {}", s.events)?;
+            writeln!(out, "snapshots    {}", s.snapshots)?;
+            writeln!(out, "bytes        {} (records); {} (store on disk)", s.bytes, disk)?;
+            writeln!(out, "batches      {}", s.batches)?;
+            if let (Some(a), Some(b)) = (s.first_event_ms, s.last_event_ms) {
+                writeln!(out, "time         {} .. {}", format_time(a), format_time(b))?;
+            }
+            if s.positions.is_empty() {
+                writeln!(out, "positions    none")?;
+            }
+            for p in &s.positions {
+                writeln!(out, "position     {}[{}] next offset {}", p.topic, p.partition, p.next_offset)?;
+            }
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_report(out: &mut impl Write, format: Format, r: &VerifyReport) -> anyhow::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
+        Format::Text => {
+            let verdict = if r.is_ok() { "ok".to_string() } else { format!("DAMAGED: {} problems", r.problems.len()) };
+            writeln!(
+                out,
+                "journal {}: {} records checked ({} events, {} keys, {} snapshots): {verdict}",
+                r.name, r.records, r.events, r.keys, r.snapshots
+            )?;
+            for p in &r.problems {
+                writeln!(out, "  {p}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn event_line(
+    format: Format,
+    stage: Option<&dyn super::registry::ErasedStage>,
+    journal: &str,
+    e: &EventRecord,
+) -> anyhow::Result<String> {
+    let decoded = stage.map(|s| s.event_json(e));
+    let key = printable_key(&e.key);
+    let env = &e.envelope;
+    Ok(match format {
+        Format::Json => {
+            let mut v = json!({
+                "journal": journal, "key": key, "seq": e.seq.0, "time": format_time(env.timestamp_ms),
+                "timestamp_ms": env.timestamp_ms, "codec": env.codec.name(), "type_version": env.type_version,
+            });
+            match decoded {
+                Some(Ok(ev)) => v["event"] = ev,
+                Some(Err(err)) => {
+                    v["decode_error"] = json!(format!("{err:#}"));
+                    v["payload_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&env.payload));
+                }
+                None => v["payload_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&env.payload)),
+            }
+            v.to_string()
+        }
+        Format::Text => {
+            let body = match decoded {
+                Some(Ok(ev)) => ev.to_string(),
+                Some(Err(err)) => format!(
+                    "<undecodable: {err:#}> base64:{}",
+                    base64::engine::general_purpose::STANDARD.encode(&env.payload)
+                ),
+                None => format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&env.payload)),
+            };
+            format!(
+                "{key:<16} {:>8}  {}  {}/v{}  {body}",
+                e.seq.0,
+                format_time(env.timestamp_ms),
+                env.codec.name(),
+                env.type_version
+            )
+        }
+    })
+}
+
+async fn dump(
+    out: &mut impl Write,
+    format: Format,
+    registry: &Registry,
+    journal: &SledJournal,
+    point: &PointArgs,
+) -> anyhow::Result<()> {
+    let stage = registry.for_journal(journal.name());
+    if stage.is_none() {
+        tracing::warn!(journal = journal.name(), known = %registry.names(), "no stage of this name is compiled in; printing payloads as base64");
+    }
+    let bar = progress_bar(&format!("dumping {}", journal.name()));
+    let mut stream = std::pin::pin!(journal.events(point.query()));
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        bar.inc(chunk.len() as u64);
+        for e in &chunk {
+            writeln!(out, "{}", event_line(format, stage, journal.name(), e)?)?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+async fn replay(
+    out: &mut impl Write,
+    format: Format,
+    registry: &Registry,
+    journal: &SledJournal,
+    point: &PointArgs,
+) -> anyhow::Result<()> {
+    let Some(stage) = registry.for_journal(journal.name()) else {
+        bail!(
+            "no stage named `{}` is compiled into this binary (known: {}); use `journal dump` for envelope-level output, or register the stage in your own binary with eventstage::cli::Cli::new(..).stage::<YourStage>()",
+            journal.name(),
+            registry.names()
+        );
+    };
+    let bar = progress_bar(&format!("replaying {}", journal.name()));
+    let b = bar.clone();
+    let entities = stage.rebuild(journal, point.query(), Progress::new(move |n| b.set_position(n))).await?;
+    bar.finish_and_clear();
+    for (key, seq, state) in entities {
+        match format {
+            Format::Json => {
+                writeln!(out, "{}", json!({ "journal": journal.name(), "key": key, "seq": seq, "state": state }))?
+            }
+            Format::Text => writeln!(out, "{key:<16} {seq:>8}  {state}")?,
+        }
+    }
+    Ok(())
+}

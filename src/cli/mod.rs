@@ -1,0 +1,131 @@
+//! The `eventstage` command line, as a library: your own binary registers its stages and gets the
+//! same journal commands.
+//!
+//! ```no_run
+//! use eventstage::stages::bank::Bank;
+//!
+//! fn main() -> std::process::ExitCode {
+//!     eventstage::cli::Cli::new("my-app").stage::<Bank>().run()
+//! }
+//! ```
+
+mod journal;
+mod registry;
+
+pub use journal::{run_journal, JournalArgs, JournalCommand};
+pub use registry::{ErasedStage, RebuiltEntity, Registry, StageCodecs};
+
+use crate::stage::EventSourced;
+use clap::{Parser, ValueEnum};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+/// Output format of the inspection commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Format {
+    /// Aligned text for people.
+    #[default]
+    Text,
+    /// JSON lines for programs.
+    Json,
+}
+
+/// A command line with the journal commands and the stages it knows.
+#[derive(Debug)]
+pub struct Cli {
+    name: String,
+    registry: Registry,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Top {
+    /// Inspect, verify, dump and replay journals.
+    Journal(JournalArgs),
+}
+
+impl Cli {
+    /// A command line called `name` with no stages registered.
+    pub fn new(name: &str) -> Self {
+        Self { name: name.into(), registry: Registry::default() }
+    }
+
+    /// Registers a stage so its events decode and its state can be rebuilt.
+    #[must_use]
+    pub fn stage<S: EventSourced>(mut self) -> Self
+    where
+        S::Event: serde::Serialize,
+    {
+        self.registry.register::<S>();
+        self
+    }
+
+    /// The registered stages.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Parses the process arguments, runs the command and returns the exit code (0 fine, 1 damage
+    /// found by `verify`, 2 error).
+    pub fn run(self) -> ExitCode {
+        init_tracing();
+        let args = <Args as clap::CommandFactory>::command().name(self.name.clone()).get_matches();
+        let args = match <Args as clap::FromArgMatches>::from_arg_matches(&args) {
+            Ok(a) => a,
+            Err(e) => e.exit(),
+        };
+        let Top::Journal(j) = args.command;
+        block_on_cli(run_journal(&self.registry, j))
+    }
+}
+
+/// Logs go to stderr through `tracing`; `RUST_LOG` filters them (default: warnings and errors).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs a CLI future on a fresh tokio runtime and turns its result into an exit code; errors print
+/// with their whole cause chain, a closed stdout (`| head`) counts as success.
+pub fn block_on_cli(fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// A progress spinner counting records on stderr; hidden when stderr is not a terminal.
+pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let style = indicatif::ProgressStyle::with_template("{spinner} {msg}: {human_pos} records ({per_sec}) {elapsed}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}

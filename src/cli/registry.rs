@@ -1,0 +1,107 @@
+//! Stages known to the CLI, type-erased: decode their events to JSON and rebuild their state.
+
+use crate::replay::{decode_event, rebuild};
+use crate::stage::{EntityKey, EventSourced};
+use eventstage_journal::{printable_key, EventQuery, EventRecord, Progress, SledJournal};
+use futures::future::BoxFuture;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// One rebuilt entity: printable key, last sequence number, state as JSON.
+pub type RebuiltEntity = (String, u64, serde_json::Value);
+
+/// What the CLI needs of a stage, without its types.
+pub trait ErasedStage: Send + Sync {
+    /// The stage name.
+    fn name(&self) -> &'static str;
+    /// Decodes an event into JSON.
+    ///
+    /// # Errors
+    /// When the payload does not decode.
+    fn event_json(&self, rec: &EventRecord) -> anyhow::Result<serde_json::Value>;
+    /// Rebuilds every key matching `query` from events.
+    fn rebuild<'a>(
+        &'a self,
+        journal: &'a SledJournal,
+        query: EventQuery,
+        progress: Progress,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<RebuiltEntity>>>;
+}
+
+/// The [`ErasedStage`] of `S`.
+pub struct StageCodecs<S>(PhantomData<fn() -> S>);
+
+impl<S> fmt::Debug for StageCodecs<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StageCodecs")
+    }
+}
+
+impl<S: EventSourced> ErasedStage for StageCodecs<S>
+where
+    S::Event: serde::Serialize,
+{
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn event_json(&self, rec: &EventRecord) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::to_value(decode_event::<S>(rec)?)?)
+    }
+
+    fn rebuild<'a>(
+        &'a self,
+        journal: &'a SledJournal,
+        query: EventQuery,
+        progress: Progress,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<RebuiltEntity>>> {
+        Box::pin(async move {
+            let states = rebuild::<S, _>(journal, query, &progress).await?;
+            states
+                .into_iter()
+                .map(|(k, (state, seq))| Ok((printable_key(&k.to_bytes()), seq.0, serde_json::to_value(state)?)))
+                .collect()
+        })
+    }
+}
+
+/// The stages a CLI knows, by name.
+#[derive(Default, Clone)]
+pub struct Registry {
+    stages: BTreeMap<&'static str, Arc<dyn ErasedStage>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.stages.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// Registers `S`.
+    pub fn register<S: EventSourced>(&mut self)
+    where
+        S::Event: serde::Serialize,
+    {
+        self.stages.insert(S::NAME, Arc::new(StageCodecs::<S>(PhantomData)));
+    }
+
+    /// The stage that wrote journal `journal`: its name, or its name before a `/` (partitioned
+    /// journals are named `stage/partition`).
+    pub fn for_journal(&self, journal: &str) -> Option<&dyn ErasedStage> {
+        let stage = journal.split('/').next().unwrap_or(journal);
+        self.stages.get(stage).map(|s| &**s)
+    }
+
+    /// Registered stage names, comma-separated.
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.stages.keys().copied().collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Example stages, compiled into the `eventstage` binary so its CLI can decode their journals and the
+//! demo can run them. Copy one to start your own.
+
+pub mod bank;
+pub mod inventory;
