@@ -152,6 +152,7 @@ pub(crate) async fn recover<S: EventSourced, J: Journal>(
         }
         progress.report(folder.stats.events + folder.stats.snapshots);
     }
+    folder.skipping = None;
     for key in std::mem::take(&mut folder.refetch) {
         let mut events = std::pin::pin!(journal.events(EventQuery::key(key)));
         while let Some(chunk) = events.next().await {

@@ -1,1 +1,7 @@
+//! The integration tests: one binary (every extra test binary would link everything again).
 
+mod util;
+
+mod cli;
+pub(crate) mod damage;
+mod runtime;

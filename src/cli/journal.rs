@@ -107,9 +107,15 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
     if names.is_empty() {
         bail!("{} holds no journals yet", path.display());
     }
+    // `verify` must look at damaged journals too; everything else refuses a journal that lost
+    // committed batches rather than show a shorter history as if it were whole.
+    let verifying = matches!(args.command, JournalCommand::Verify);
     let journals: Vec<SledJournal> = names
         .iter()
-        .map(|n| store.inspect_journal(n).with_context(|| format!("cannot open journal `{n}` in {}", path.display())))
+        .map(|n| {
+            let j = if verifying { store.inspect_journal(n) } else { store.existing_journal(n) };
+            j.with_context(|| format!("cannot open journal `{n}` in {}", path.display()))
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     let code = match &args.command {

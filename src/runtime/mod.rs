@@ -298,6 +298,11 @@ impl<S: EventSourced> StageHandle<S> {
         self.shared.read().len()
     }
 
+    /// Commands waiting in the queue for the writer (at most `queue_capacity`).
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// True when no key has state.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
