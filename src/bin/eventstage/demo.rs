@@ -86,6 +86,15 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("recovered {} accounts from an earlier run", runtime.handle().len());
     }
 
+    println!(
+        "running:  {} commands over {} accounts from {} tasks ({} events recovered in {:.1} ms)",
+        args.commands,
+        args.accounts,
+        args.tasks,
+        runtime.recovery().events + runtime.recovery().snapshots,
+        runtime.recovery().elapsed.as_secs_f64() * 1000.0
+    );
+    std::io::Write::flush(&mut std::io::stdout())?;
     let bar = eventstage::cli::progress_bar("commands");
     let accepted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
