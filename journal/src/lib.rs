@@ -24,8 +24,10 @@
 
 mod envelope;
 mod error;
+#[cfg_attr(not(feature = "sled"), allow(dead_code))]
 mod keys;
 mod memory;
+#[cfg_attr(not(feature = "sled"), allow(dead_code))]
 mod stream;
 mod types;
 

@@ -48,7 +48,7 @@ impl SledStoreBuilder {
     }
 
     /// Flush (fsync) every applied batch in the background at this interval, for writers that do not
-    /// call [`Journal::flush`] themselves (`Durability::Buffered`). `None` disables it. Default: 200 ms.
+    /// call [`Journal::flush`](crate::Journal::flush) themselves (`Durability::Buffered`). `None` disables it. Default: 200 ms.
     #[must_use]
     pub fn flush_every(mut self, every: Option<Duration>) -> Self {
         self.flush_every = every;
@@ -251,7 +251,7 @@ impl SledStore {
     }
 
     /// Opens an existing journal for inspection even when it lost committed batches: reads work and
-    /// [`Journal::verify`] reports the loss. Do not write to it.
+    /// [`Journal::verify`](crate::Journal::verify) reports the loss. Do not write to it.
     ///
     /// # Errors
     /// [`JournalError::UnknownJournal`] when there is none.
