@@ -18,6 +18,11 @@ pub(crate) fn encode_key_into(key: &[u8], out: &mut Vec<u8>) {
 
 /// Decodes an escaped key at the start of `bytes`; returns the key and the rest after the terminator.
 pub(crate) fn decode_key(bytes: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    // Fast path: keys without zero bytes (text keys) are one copy.
+    let first_zero = bytes.iter().position(|&b| b == 0)?;
+    if bytes.get(first_zero + 1) == Some(&0) {
+        return Some((bytes[..first_zero].to_vec(), &bytes[first_zero + 2..]));
+    }
     let mut key = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {

@@ -39,7 +39,7 @@ use crate::types::{
     SourcePosition, VerifyReport,
 };
 use crate::{Envelope, Journal, RecordKind};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +95,12 @@ fn parse_position(storage_key: &[u8], value: &[u8]) -> Option<SourcePosition> {
         partition,
         next_offset: i64::from_be_bytes(value.try_into().ok()?),
     })
+}
+
+/// A record as read from sled; the reader decodes it.
+enum Raw {
+    Event(sled::IVec, sled::IVec),
+    Snapshot(Vec<u8>, sled::IVec),
 }
 
 /// A journal in a [`SledStore`]. Cheap to clone; clones share everything.
@@ -273,32 +279,18 @@ impl JournalInner {
         Ok(SnapshotRecord { key: key.to_vec(), seq: SeqNo(seq), envelope })
     }
 
-    /// Streams events of `range` into `out`; false when the reader went away or on error.
-    fn send_events(
-        &self,
-        range: sled::Iter,
-        query: &EventQuery,
-        out: &mut Chunker<EventRecord, JournalError>,
-    ) -> Result<bool> {
-        let mut skip_key: Option<Vec<u8>> = None;
+    /// Sends the records of `range` undecoded; false when the reader went away.
+    fn send_raw(&self, range: sled::Iter, out: &mut Chunker<Raw, JournalError>) -> Result<bool> {
         for item in range {
             let (k, v) = item.map_err(|e| self.storage(e))?;
-            let ev = self.decode_event(&k, &v)?;
-            if skip_key.as_deref() == Some(ev.key.as_slice()) || ev.seq < query.from_seq {
-                continue;
-            }
-            if query.is_past(ev.seq, ev.envelope.timestamp_ms) {
-                skip_key = Some(ev.key);
-                continue;
-            }
-            if !out.push(ev) {
+            if !out.push(Raw::Event(k, v)) {
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    fn events_blocking(&self, query: &EventQuery, out: &mut Chunker<EventRecord, JournalError>) -> Result<()> {
+    fn events_blocking(&self, query: &EventQuery, out: &mut Chunker<Raw, JournalError>) -> Result<()> {
         let range = match &query.key {
             Some(key) => {
                 let from = query.from_seq.0.max(1);
@@ -310,19 +302,13 @@ impl JournalInner {
             }
             None => self.tree.scan_prefix([E]),
         };
-        self.send_events(range, query, out).map(|_| ())
+        self.send_raw(range, out).map(|_| ())
     }
 
-    fn recover_blocking(&self, out: &mut Chunker<Recovered, JournalError>) -> Result<()> {
+    fn recover_blocking(&self, out: &mut Chunker<Raw, JournalError>) -> Result<()> {
         let has_snapshots = self.tree.scan_prefix([S]).next().is_some();
         if !has_snapshots {
-            for item in self.tree.scan_prefix([E]) {
-                let (k, v) = item.map_err(|e| self.storage(e))?;
-                if !out.push(Recovered::Event(self.decode_event(&k, &v)?)) {
-                    return Ok(());
-                }
-            }
-            return Ok(());
+            return self.send_raw(self.tree.scan_prefix([E]), out).map(|_| ());
         }
         // Snapshots exist: seek per key, so restart cost follows keys + tails, not total events.
         for item in self.tree.scan_prefix([K]) {
@@ -333,23 +319,31 @@ impl JournalInner {
                 .ok_or_else(|| self.damaged(format!("head of key {} is not 8 bytes", printable_key(&key))))?;
             let mut from = 1;
             if let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? {
-                let snap = self.decode_snapshot(&key, &snap)?;
-                from = snap.seq.0 + 1;
-                if !out.push(Recovered::Snapshot(snap)) {
+                from = snap.get(..8).and_then(be_u64).map_or(1, |seq| seq + 1);
+                if !out.push(Raw::Snapshot(key.clone(), snap)) {
                     return Ok(());
                 }
             }
             if from > last {
                 continue;
             }
-            for item in self.tree.range(event_key(&key, from)..=event_key(&key, last)) {
-                let (k, v) = item.map_err(|e| self.storage(e))?;
-                if !out.push(Recovered::Event(self.decode_event(&k, &v)?)) {
-                    return Ok(());
-                }
+            if !self.send_raw(self.tree.range(event_key(&key, from)..=event_key(&key, last)), out)? {
+                return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Decodes a chunk of raw records on the reader's side of the channel, so storage iteration and
+    /// decoding (CRC, copies) run on two cores.
+    fn decode_recovered(&self, chunk: Vec<Raw>) -> Result<Vec<Recovered>> {
+        chunk
+            .into_iter()
+            .map(|raw| match raw {
+                Raw::Event(k, v) => self.decode_event(&k, &v).map(Recovered::Event),
+                Raw::Snapshot(key, v) => self.decode_snapshot(&key, &v).map(Recovered::Snapshot),
+            })
+            .collect()
     }
 
     fn positions_blocking(&self) -> Result<Vec<SourcePosition>> {
@@ -405,18 +399,37 @@ impl Journal for SledJournal {
     }
 
     fn events(&self, query: EventQuery) -> impl Stream<Item = Result<Vec<EventRecord>>> + Send + 'static {
-        let inner = self.inner.clone();
+        let (inner, reader) = (self.inner.clone(), self.inner.clone());
+        let producer_query = query.clone();
+        // Per key, once an event is past the query's end, the rest of that key is skipped.
+        let mut skip_key: Option<Vec<u8>> = None;
         blocking_stream(4, move |tx| {
             let mut out = Chunker::new(tx);
-            match inner.events_blocking(&query, &mut out) {
+            match inner.events_blocking(&producer_query, &mut out) {
                 Ok(()) => out.finish(),
                 Err(e) => out.fail(e),
             }
         })
+        .map(move |chunk: Result<Vec<Raw>>| {
+            let mut events = Vec::new();
+            for raw in chunk? {
+                let Raw::Event(k, v) = raw else { continue };
+                let ev = reader.decode_event(&k, &v)?;
+                if skip_key.as_deref() == Some(ev.key.as_slice()) || ev.seq < query.from_seq {
+                    continue;
+                }
+                if query.is_past(ev.seq, ev.envelope.timestamp_ms) {
+                    skip_key = Some(ev.key);
+                    continue;
+                }
+                events.push(ev);
+            }
+            Ok(events)
+        })
     }
 
     fn recover(&self) -> impl Stream<Item = Result<Vec<Recovered>>> + Send + 'static {
-        let inner = self.inner.clone();
+        let (inner, reader) = (self.inner.clone(), self.inner.clone());
         blocking_stream(4, move |tx| {
             let mut out = Chunker::new(tx);
             match inner.recover_blocking(&mut out) {
@@ -424,6 +437,7 @@ impl Journal for SledJournal {
                 Err(e) => out.fail(e),
             }
         })
+        .map(move |chunk| reader.decode_recovered(chunk?))
     }
 
     fn positions(&self) -> impl std::future::Future<Output = Result<Vec<SourcePosition>>> + Send {

@@ -81,7 +81,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let store = SledStore::open(&dir).with_context(|| format!("cannot open the journal at {}", dir.display()))?;
     let journal = store.journal("bank")?;
-    let runtime = StageRuntime::open(Bank, journal.clone(), config.clone()).await?;
+    let bar = eventstage::cli::progress_bar("recovering");
+    let b = bar.clone();
+    let recovering = config.clone().recovery_progress(Progress::new(move |n| b.set_position(n)));
+    let runtime = StageRuntime::open(Bank, journal.clone(), recovering).await?;
+    bar.finish_and_clear();
     if !runtime.handle().is_empty() {
         println!("recovered {} accounts from an earlier run", runtime.handle().len());
     }
