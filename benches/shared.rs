@@ -97,7 +97,7 @@ fn criterion_dir() -> Option<PathBuf> {
     Some(exe.parent()?.parent()?.parent()?.join("criterion"))
 }
 
-/// The mean time per iteration criterion measured for `group/function` (plain ASCII names without
+/// The time per iteration criterion measured for `group/function` (plain ASCII names without
 /// `/`) since `since`, if it can be read back from criterion's `new/estimates.json` (not when the
 /// benchmark was filtered out or run in `--test` mode: the file is then older or missing).
 pub fn measured_mean(group: &str, function: &str, since: SystemTime) -> Option<Duration> {
@@ -107,7 +107,9 @@ pub fn measured_mean(group: &str, function: &str, since: SystemTime) -> Option<D
     }
     let text = std::fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let ns = json.get("mean")?.get("point_estimate")?.as_f64()?;
+    // The figure criterion prints: the slope (linear sampling), else the mean (flat sampling).
+    let estimate = |name: &str| json.get(name)?.get("point_estimate")?.as_f64();
+    let ns = estimate("slope").or_else(|| estimate("mean"))?;
     Some(Duration::from_secs_f64(ns / 1e9))
 }
 
