@@ -55,7 +55,18 @@ fn event_storage_key(key: &str, seq: u64) -> Vec<u8> {
 
 /// Rewrites one stored record through raw sled (the journal must be closed).
 fn damage_record(path: &Path, key: &str, seq: u64, damage: impl FnOnce(&mut Vec<u8>)) {
-    let db = sled::open(path.join("sled")).unwrap();
+    // A just-dropped journal's reader threads may hold sled's file lock for a moment.
+    let deadline = std::time::Instant::now() + crate::util::DEADLINE;
+    let db = loop {
+        match sled::open(path.join("sled")) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("waiting for the lock: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let tree = db.open_tree("journal:bank").unwrap();
     let storage_key = event_storage_key(key, seq);
     let mut value = tree.get(&storage_key).unwrap().expect("record exists").to_vec();
