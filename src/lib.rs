@@ -24,6 +24,8 @@
 pub mod cli;
 mod codec;
 mod error;
+#[cfg(feature = "kafka")]
+pub mod flow;
 mod replay;
 mod runtime;
 mod stage;

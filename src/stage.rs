@@ -78,6 +78,12 @@ pub trait EventSourced: Send + Sync + Sized + 'static {
     /// The event handler. Pure and deterministic.
     fn apply(state: &mut Self::State, event: &Self::Event);
 
+    /// True when the entity is gone after its events (e.g. a closed, empty account): a Kafka journal
+    /// writes a tombstone for it and the next command sees the default state again. Default: never.
+    fn is_deleted(_state: &Self::State) -> bool {
+        false
+    }
+
     /// Decodes a stored event of `version` (the envelope's type version). The default reads only
     /// [`EVENT_VERSION`](EventSourced::EVENT_VERSION); override it to upcast older versions.
     ///

@@ -4,4 +4,5 @@ mod util;
 
 mod cli;
 pub(crate) mod damage;
+mod flow;
 mod runtime;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tempfile::TempDir;
 
 /// The reference model of the bank, written independently of the stage: a plain fold per key.
-fn model(account: &mut Account, cmd: BankCommand) -> Result<u64, BankRejection> {
+pub(crate) fn model(account: &mut Account, cmd: BankCommand) -> Result<u64, BankRejection> {
     match (account.open, cmd) {
         (true, BankCommand::Open) => Err(BankRejection::AlreadyOpen),
         (false, BankCommand::Open) => {

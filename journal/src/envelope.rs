@@ -4,7 +4,7 @@
 //! offset size field
 //!      0    2 magic            b"ES"
 //!      2    1 format version   FORMAT_VERSION
-//!      3    1 kind             1 = event, 2 = snapshot
+//!      3    1 kind             1 = event, 2 = snapshot, 3 = Kafka journal entry
 //!      4    1 codec id         0 = raw bytes, 1 = bincode 2, 2 = JSON, others: user codecs
 //!      5    1 reserved         0
 //!      6    2 type version     u16 LE, the payload type's schema version (for upcasting)
@@ -34,6 +34,8 @@ pub enum RecordKind {
     Event = 1,
     /// The whole state of one entity after some sequence number.
     Snapshot = 2,
+    /// A Kafka journal entry: a key's new events and its state after them.
+    Entry = 3,
 }
 
 impl RecordKind {
@@ -41,6 +43,7 @@ impl RecordKind {
         match b {
             1 => Ok(Self::Event),
             2 => Ok(Self::Snapshot),
+            3 => Ok(Self::Entry),
             other => Err(EnvelopeError::UnknownKind(other)),
         }
     }

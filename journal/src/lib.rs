@@ -16,6 +16,7 @@
 //! | feature   | default | what it adds |
 //! |-----------|---------|--------------|
 //! | `sled`    | yes     | [`SledJournal`], [`SledStore`] |
+//! | `kafka`   | no      | [`KafkaJournal`]: a compacted topic as a journal, written inside flow transactions |
 //! | `testkit` | no      | [`testkit`]: conformance suite and proptest strategies |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
@@ -31,6 +32,8 @@ mod memory;
 mod stream;
 mod types;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "sled")]
 mod mark;
 #[cfg(feature = "sled")]
@@ -42,6 +45,8 @@ pub mod testkit;
 pub use crate::sled_store::{SledJournal, SledStore, SledStoreBuilder, STORE_FORMAT_VERSION};
 pub use envelope::{CodecId, Envelope, Header, RecordKind, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use error::{EnvelopeError, JournalError, Result};
+#[cfg(feature = "kafka")]
+pub use kafka::{JournalEntry, KafkaJournal, RestoreStats};
 pub use keys::printable_key;
 pub use memory::MemoryJournal;
 pub use types::{

@@ -118,6 +118,10 @@ impl EventSourced for Bank {
             BankEvent::Closed => account.open = false,
         }
     }
+
+    fn is_deleted(account: &Account) -> bool {
+        !account.open && account.balance == 0
+    }
 }
 
 #[cfg(test)]

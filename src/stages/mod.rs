@@ -2,4 +2,6 @@
 //! demo can run them. Copy one to start your own.
 
 pub mod bank;
+#[cfg(feature = "kafka")]
+pub mod bank_flow;
 pub mod inventory;

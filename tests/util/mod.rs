@@ -1,5 +1,7 @@
 //! Shared helpers of the integration tests.
 
+pub mod broker;
+
 use eventstage::journal::{
     Batch, Committed, EventQuery, EventRecord, Journal, JournalError, JournalStats, Progress, Recovered,
     SourcePosition, VerifyReport,

@@ -1,0 +1,310 @@
+//! The Kafka journal: a compacted topic with as many partitions as the input, record key = entity key.
+//!
+//! Every record a flow writes for a key carries that key's new events **and its state after them**
+//! (like a Kafka Streams changelog), so the newest record per key alone rebuilds the key exactly:
+//! replay is compaction-safe. A deleted entity writes a tombstone (null value).
+//!
+//! The value is an [`Envelope`] of kind [`RecordKind::Entry`] whose payload is:
+//!
+//! ```text
+//! u64 LE   last seq (the seq of the last event in this entry)
+//! u32 LE   number of events n
+//! n times: u32 LE length, then an event envelope
+//! u32 LE   length of the state envelope (0: none), then the state (snapshot) envelope
+//! ```
+//!
+//! Writes happen inside the flow's Kafka transaction (see the `eventstage` crate), so the journal,
+//! the outputs and the consumed offsets commit atomically; restore reads with `read_committed`.
+
+use crate::error::{EnvelopeError, JournalError, Result};
+use crate::{CodecId, Envelope, RecordKind, SeqNo};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// One journal record's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// Sequence number of the last event in `events` (or of the state, when `events` is empty).
+    pub last_seq: SeqNo,
+    /// The events, in order; the first has seq `last_seq - events.len() + 1`.
+    pub events: Vec<Envelope>,
+    /// The key's state after the events, as a snapshot envelope.
+    pub state: Option<Envelope>,
+}
+
+fn kafka_err(topic: &str, what: &str, e: KafkaError) -> JournalError {
+    JournalError::Storage { path: format!("kafka topic {topic}").into(), message: format!("{what}: {e}") }
+}
+
+fn damaged(topic: &str, what: String) -> JournalError {
+    JournalError::Damaged { journal: format!("kafka topic {topic}"), what }
+}
+
+impl JournalEntry {
+    /// The record value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&self.last_seq.0.to_le_bytes());
+        payload.extend_from_slice(&(self.events.len() as u32).to_le_bytes());
+        for e in &self.events {
+            payload.extend_from_slice(&(e.encoded_len() as u32).to_le_bytes());
+            e.encode_into(&mut payload);
+        }
+        match &self.state {
+            Some(s) => {
+                payload.extend_from_slice(&(s.encoded_len() as u32).to_le_bytes());
+                s.encode_into(&mut payload);
+            }
+            None => payload.extend_from_slice(&0u32.to_le_bytes()),
+        }
+        let ts = self.events.last().or(self.state.as_ref()).map_or(0, |e| e.timestamp_ms);
+        Envelope { kind: RecordKind::Entry, codec: CodecId::RAW, type_version: 1, timestamp_ms: ts, payload }.encode()
+    }
+
+    /// Decodes a record value.
+    ///
+    /// # Errors
+    /// When the bytes are not a valid entry (the message says what is wrong).
+    pub fn decode(value: &[u8]) -> Result<Self, EnvelopeError> {
+        let outer = Envelope::decode(value)?;
+        if outer.kind != RecordKind::Entry {
+            return Err(EnvelopeError::UnknownKind(outer.kind as u8));
+        }
+        let p = &outer.payload;
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], EnvelopeError> {
+            let s = p.get(at..at + n).ok_or(EnvelopeError::Truncated { len: p.len(), needed: at + n })?;
+            at += n;
+            Ok(s)
+        };
+        let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let last_seq = SeqNo(u64::from_le_bytes(take(8)?.try_into().unwrap_or_default()));
+        let n = u32_at(take(4)?);
+        let mut events = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            let len = u32_at(take(4)?);
+            events.push(Envelope::decode(take(len)?)?);
+        }
+        let len = u32_at(take(4)?);
+        let state = if len == 0 { None } else { Some(Envelope::decode(take(len)?)?) };
+        Ok(Self { last_seq, events, state })
+    }
+}
+
+/// What a restore read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Records read (entries and tombstones).
+    pub records: u64,
+    /// The end offset the restore read up to.
+    pub end_offset: i64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// A compacted Kafka topic used as a journal. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct KafkaJournal {
+    topic: String,
+    config: ClientConfig,
+    partitions: i32,
+}
+
+impl KafkaJournal {
+    /// Connects to the journal topic `topic`: creates it with `partitions` partitions and
+    /// `cleanup.policy=compact` if missing; if present, checks its partition count and cleanup policy.
+    /// `config` holds the client settings (`bootstrap.servers` and any security properties).
+    ///
+    /// # Errors
+    /// A clear [`JournalError::Storage`] when the broker is unreachable or the topic is configured
+    /// differently (saying what to change).
+    pub async fn ensure(config: ClientConfig, topic: &str, partitions: i32) -> Result<Self> {
+        let admin: AdminClient<DefaultClientContext> =
+            config.create().map_err(|e| kafka_err(topic, "admin client", e))?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+        let created = admin.create_topics(&[new], &opts).await.map_err(|e| kafka_err(topic, "create topic", e))?;
+        for r in created {
+            match r {
+                Ok(_) => tracing::info!(topic, partitions, "created the journal topic (cleanup.policy=compact)"),
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(JournalError::Storage {
+                        path: format!("kafka topic {topic}").into(),
+                        message: format!("cannot create the journal topic: {code}"),
+                    })
+                }
+            }
+        }
+        let journal = Self { topic: topic.into(), config, partitions };
+        let found = journal.partition_count()?;
+        if found != partitions {
+            return Err(JournalError::Storage {
+                path: format!("kafka topic {topic}").into(),
+                message: format!(
+                    "the journal topic has {found} partitions, the input has {partitions}: state partitions must line up with input partitions; use a journal topic with {partitions} partitions (or add partitions to it)"
+                ),
+            });
+        }
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+            .await
+            .map_err(|e| kafka_err(topic, "describe topic configs", e))?;
+        for r in described.into_iter().flatten() {
+            let policy = r.get("cleanup.policy").and_then(|e| e.value.clone()).unwrap_or_default();
+            if !policy.split(',').any(|p| p.trim() == "compact") {
+                return Err(JournalError::Storage {
+                    path: format!("kafka topic {topic}").into(),
+                    message: format!(
+                        "the journal topic has cleanup.policy={policy}; a journal needs cleanup.policy=compact (or compact,delete is not allowed either: deletion would lose state). Change it with kafka-configs --alter --add-config cleanup.policy=compact, or pick another topic"
+                    ),
+                });
+            }
+        }
+        Ok(journal)
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partitions (equal to the input's).
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    fn partition_count(&self) -> Result<i32> {
+        let consumer: BaseConsumer = self.config.create().map_err(|e| kafka_err(&self.topic, "consumer", e))?;
+        let md = consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(30))
+            .map_err(|e| kafka_err(&self.topic, "metadata", e))?;
+        Ok(md.topics().iter().find(|t| t.name() == self.topic).map_or(0, |t| t.partitions().len() as i32))
+    }
+
+    /// Reads partition `partition` from its start up to its end **as of now** (the last stable offset:
+    /// records of open or aborted transactions are not read; the end is an offset, not a record, so a
+    /// partition that ends with a transaction marker is read to its end too) and calls `on_record`
+    /// with each key and entry (`None`: tombstone), oldest first. Blocking: call it off the async
+    /// runtime. `progress` is called with the number of records read.
+    ///
+    /// # Errors
+    /// Broker errors, a record that does not decode (named by partition and offset), or no progress
+    /// for `stall` (the message says so).
+    pub fn restore_partition(
+        &self,
+        partition: i32,
+        stall: Duration,
+        mut on_record: impl FnMut(&[u8], Option<JournalEntry>),
+    ) -> Result<RestoreStats> {
+        let started = Instant::now();
+        let topic = &self.topic;
+        let mut config = self.config.clone();
+        config
+            .set("group.id", format!("eventstage-restore-{topic}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer = config.create().map_err(|e| kafka_err(topic, "restore consumer", e))?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(30))
+            .map_err(|e| kafka_err(topic, "watermarks", e))?;
+        let mut stats = RestoreStats { end_offset: high, ..RestoreStats::default() };
+        if high <= low {
+            stats.elapsed = started.elapsed();
+            return Ok(stats);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Beginning).map_err(|e| kafka_err(topic, "assign", e))?;
+        consumer.assign(&tpl).map_err(|e| kafka_err(topic, "assign", e))?;
+        let mut last_progress = Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {
+                    if last_progress.elapsed() > stall {
+                        return Err(kafka_err(
+                            topic,
+                            &format!(
+                                "restore of partition {partition} stalled (no record for {stall:?}; end offset {high})"
+                            ),
+                            KafkaError::NoMessageReceived,
+                        ));
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(kafka_err(topic, &format!("restore of partition {partition}"), e)),
+                Some(Ok(msg)) => {
+                    last_progress = Instant::now();
+                    stats.records += 1;
+                    let key = msg.key().unwrap_or_default();
+                    let entry = match msg.payload() {
+                        None => None,
+                        Some(v) => Some(JournalEntry::decode(v).map_err(|e| {
+                            damaged(
+                                topic,
+                                format!("record at partition {partition} offset {} does not decode: {e}", msg.offset()),
+                            )
+                        })?),
+                    };
+                    on_record(key, entry);
+                    if msg.offset() + 1 >= high {
+                        break;
+                    }
+                }
+            }
+        }
+        stats.elapsed = started.elapsed();
+        Ok(stats)
+    }
+
+    /// The newest entry per key of a partition: exactly what compaction leaves. Tombstoned keys are
+    /// absent.
+    ///
+    /// # Errors
+    /// As [`KafkaJournal::restore_partition`].
+    pub fn latest_per_key(&self, partition: i32, stall: Duration) -> Result<BTreeMap<Vec<u8>, JournalEntry>> {
+        let mut latest = BTreeMap::new();
+        self.restore_partition(partition, stall, |key, entry| match entry {
+            Some(e) => {
+                latest.insert(key.to_vec(), e);
+            }
+            None => {
+                latest.remove(key);
+            }
+        })?;
+        Ok(latest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_damage_is_detected() {
+        let entry = JournalEntry {
+            last_seq: SeqNo(7),
+            events: vec![
+                Envelope::event(CodecId::BINCODE, 1, 5, b"e6".to_vec()),
+                Envelope::event(CodecId::BINCODE, 1, 6, b"e7".to_vec()),
+            ],
+            state: Some(Envelope::snapshot(CodecId::BINCODE, 1, 6, b"state".to_vec())),
+        };
+        let bytes = entry.encode();
+        assert_eq!(JournalEntry::decode(&bytes).unwrap(), entry);
+        for i in 0..bytes.len() {
+            let mut d = bytes.clone();
+            d[i] ^= 1;
+            assert!(JournalEntry::decode(&d).is_err(), "flip at {i}");
+        }
+        let empty = JournalEntry { last_seq: SeqNo(1), events: vec![], state: None };
+        assert_eq!(JournalEntry::decode(&empty.encode()).unwrap(), empty);
+    }
+}

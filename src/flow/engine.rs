@@ -1,0 +1,616 @@
+//! The flow thread: consumer, transactional producer and per-partition state, all on one thread.
+
+use super::{BadInput, Decoder, FlowError, InputRecord, Metrics, Outputs, Processed, ABORT, DRAIN};
+use crate::codec::Codec;
+use crate::error::Error;
+use crate::replay::Entity;
+use crate::stage::{EntityKey, EventSourced};
+use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Timeout of one blocking transactional call.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A restore that reads nothing for this long fails.
+const RESTORE_STALL: Duration = Duration::from_secs(60);
+
+pub(super) struct Settings {
+    pub(super) common: ClientConfig,
+    pub(super) consumer: ClientConfig,
+    pub(super) producer: ClientConfig,
+    pub(super) transactional_id: String,
+    pub(super) inputs: Vec<String>,
+    pub(super) journal_topic: String,
+    pub(super) commit_interval: Duration,
+    pub(super) bad_input: BadInput,
+    pub(super) codec: Codec,
+}
+
+pub(super) struct Parts<S: EventSourced> {
+    pub(super) stage: S,
+    pub(super) decoder: Decoder<S>,
+    pub(super) outputs: Outputs<S>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn kafka(context: impl Into<String>, source: KafkaError) -> FlowError {
+    FlowError::Kafka { context: context.into(), source }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Retries `f` with exponential backoff (100 ms .. 5 s) while it fails with a retriable error and
+/// the flow is not asked to stop.
+fn with_backoff<T>(
+    what: &str,
+    stop: &AtomicU8,
+    mut f: impl FnMut() -> Result<T, FlowError>,
+    retriable: impl Fn(&FlowError) -> bool,
+) -> Result<T, FlowError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if retriable(&e) && stop.load(Ordering::SeqCst) == super::RUN => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How a transactional error must be handled.
+#[derive(Debug, PartialEq, Eq)]
+enum TxnFailure {
+    Fenced,
+    Fatal,
+    Abort,
+    Retry,
+}
+
+fn classify(e: &KafkaError) -> TxnFailure {
+    let code = e.rdkafka_error_code();
+    if matches!(
+        code,
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
+    ) {
+        return TxnFailure::Fenced;
+    }
+    match e {
+        KafkaError::Transaction(r) if r.is_fatal() => TxnFailure::Fatal,
+        KafkaError::Transaction(r) if r.txn_requires_abort() => TxnFailure::Abort,
+        KafkaError::Transaction(r) if r.is_retriable() => TxnFailure::Retry,
+        _ => TxnFailure::Abort,
+    }
+}
+
+struct PartitionState<S: EventSourced> {
+    /// State as of the last committed transaction.
+    committed: HashMap<S::Key, Entity<S>>,
+    /// Changes of the open transaction.
+    overlay: HashMap<S::Key, Entity<S>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Offsets {
+    /// Committed next offset (-1: nothing committed yet; start from the beginning).
+    committed: i64,
+    /// Next offset to commit.
+    next: i64,
+}
+
+struct Core<S: EventSourced> {
+    parts: Parts<S>,
+    producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    journal: KafkaJournal,
+    transactional_id: String,
+    bad_input: BadInput,
+    codec: Codec,
+    partitions: BTreeMap<i32, PartitionState<S>>,
+    offsets: BTreeMap<(String, i32), Offsets>,
+    dirty: bool,
+    failure: Option<FlowError>,
+    metrics: Arc<Metrics>,
+}
+
+struct FlowContext<S: EventSourced> {
+    core: Arc<Mutex<Core<S>>>,
+}
+
+impl<S: EventSourced> ClientContext for FlowContext<S> {}
+
+impl<S: EventSourced> ConsumerContext for FlowContext<S> {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut core = lock(&self.core);
+        let result = match rebalance {
+            Rebalance::Revoke(tpl) => core.on_revoke(consumer, tpl),
+            Rebalance::Assign(tpl) => core.on_assign(consumer, tpl),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            core.failure.get_or_insert(e);
+        }
+    }
+}
+
+type FlowConsumer<S> = BaseConsumer<FlowContext<S>>;
+
+impl<S: EventSourced> Core<S> {
+    fn on_assign(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
+        let committed =
+            consumer.committed_offsets(tpl.clone(), TXN_TIMEOUT).map_err(|e| kafka("fetch committed offsets", e))?;
+        for el in committed.elements() {
+            let c = match el.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            };
+            self.offsets.insert((el.topic().to_string(), el.partition()), Offsets { committed: c, next: c });
+        }
+        let wanted: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        for p in wanted {
+            if self.partitions.contains_key(&p) {
+                continue;
+            }
+            self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
+            let restored = self.restore(p);
+            self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
+            self.partitions.insert(p, restored?);
+        }
+        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
+        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "assigned and restored");
+        Ok(())
+    }
+
+    fn restore(&self, p: i32) -> Result<PartitionState<S>, FlowError> {
+        let latest = self.journal.latest_per_key(p, RESTORE_STALL)?;
+        let records = latest.len() as u64;
+        let mut committed = HashMap::with_capacity(latest.len());
+        for (raw, entry) in latest {
+            let key = S::Key::from_bytes(&raw)
+                .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
+            let decode_err = |source| Error::Decode {
+                stage: S::NAME.into(),
+                key: printable_key(&raw),
+                seq: entry.last_seq.0,
+                source,
+            };
+            let Some(env) = &entry.state else { continue };
+            if env.type_version != S::STATE_VERSION {
+                return Err(decode_err(crate::CodecError::UnknownVersion {
+                    found: env.type_version,
+                    current: S::STATE_VERSION,
+                })
+                .into());
+            }
+            let state: S::State = Codec::from_id(env.codec).and_then(|c| c.decode(&env.payload)).map_err(decode_err)?;
+            committed.insert(key, Entity { state: Arc::new(state), seq: entry.last_seq });
+        }
+        self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
+        tracing::info!(partition = p, keys = committed.len(), "restored partition state from the journal");
+        Ok(PartitionState { committed, overlay: HashMap::new() })
+    }
+
+    fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
+        // Finish in-flight work: commit before the partitions go to another instance.
+        let committed = self.commit(consumer);
+        for el in tpl.elements() {
+            self.offsets.remove(&(el.topic().to_string(), el.partition()));
+        }
+        let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
+        self.partitions.retain(|p, _| still.contains(p));
+        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
+        tracing::info!(partitions = tpl.count(), "revoked");
+        committed
+    }
+
+    fn produce(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), FlowError> {
+        let deadline = Instant::now() + TXN_TIMEOUT;
+        loop {
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            if let Some(v) = value {
+                rec = rec.payload(v);
+            }
+            if let Some(p) = partition {
+                rec = rec.partition(p);
+            }
+            if let Some(h) = headers.clone() {
+                rec = rec.headers(h);
+            }
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(self.producer_error(format!("produce to {topic}"), e)),
+            }
+        }
+    }
+
+    /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
+    fn producer_error(&self, context: String, e: KafkaError) -> FlowError {
+        let fenced = classify(&e) == TxnFailure::Fenced
+            || self.producer.client().fatal_error().is_some_and(|(code, _)| {
+                matches!(
+                    code,
+                    RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::Fenced
+                )
+            });
+        if fenced {
+            FlowError::Fenced { transactional_id: self.transactional_id.clone() }
+        } else {
+            kafka(context, e)
+        }
+    }
+
+    fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
+        match &self.bad_input {
+            BadInput::Stop => Err(FlowError::BadInput {
+                topic: input.topic.clone(),
+                partition: input.partition,
+                offset: input.offset,
+                reason,
+            }),
+            BadInput::DeadLetter(dlq) => {
+                tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, "bad input record");
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "eventstage.source.topic", value: Some(input.topic.as_bytes()) })
+                    .insert(Header {
+                        key: "eventstage.source.partition",
+                        value: Some(input.partition.to_string().as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "eventstage.source.offset",
+                        value: Some(input.offset.to_string().as_bytes()),
+                    })
+                    .insert(Header { key: "eventstage.error", value: Some(reason.as_bytes()) });
+                let dlq = dlq.clone();
+                self.produce(&dlq, None, input.key.as_deref(), input.value.as_deref(), Some(headers))?;
+                self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
+        let input = InputRecord {
+            topic: msg.topic().to_string(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().map(<[u8]>::to_vec),
+        };
+        let Some(offsets) = self.offsets.get_mut(&(input.topic.clone(), input.partition)) else {
+            tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
+            return Ok(());
+        };
+        offsets.next = input.offset + 1;
+        self.dirty = true;
+        self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
+        let (key, command) = match (self.parts.decoder)(&input) {
+            Ok(kc) => kc,
+            Err(reason) => return self.dead_letter(&input, reason),
+        };
+        let p = input.partition;
+        let Some(part) = self.partitions.get(&p) else {
+            return Err(FlowError::Config(format!("partition {p} has no restored state")));
+        };
+        let entity = part
+            .overlay
+            .get(&key)
+            .or_else(|| part.committed.get(&key))
+            .cloned()
+            .unwrap_or_else(|| Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO });
+        let stage = &self.parts.stage;
+        let ran = catch_unwind(AssertUnwindSafe(|| match stage.handle(&entity.state, command) {
+            Err(rejection) => (Vec::new(), Err(rejection), None),
+            Ok(effect) => {
+                if effect.events.is_empty() {
+                    return (Vec::new(), Ok(effect.reply.resolve(&entity.state)), None);
+                }
+                let mut state = S::State::clone(&entity.state);
+                for e in &effect.events {
+                    S::apply(&mut state, e);
+                }
+                let reply = effect.reply.resolve(&state);
+                (effect.events, Ok(reply), Some(state))
+            }
+        }));
+        let (events, outcome, new_state) = match ran {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                return self.dead_letter(&input, format!("handler panicked: {}", msg.unwrap_or_default()));
+            }
+        };
+        let state_ref: &S::State = new_state.as_ref().unwrap_or(&entity.state);
+        if let Some(state) = &new_state {
+            let ts = now_ms();
+            let enc = |e: Result<Vec<u8>, crate::CodecError>| {
+                e.map_err(|source| Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source })
+            };
+            let mut envelopes = Vec::with_capacity(events.len());
+            for e in &events {
+                envelopes.push(Envelope::event(self.codec.id(), S::EVENT_VERSION, ts, enc(self.codec.encode(e))?));
+            }
+            let seq = SeqNo(entity.seq.0 + events.len() as u64);
+            let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, ts, enc(self.codec.encode(state))?);
+            let entry = JournalEntry { last_seq: seq, events: envelopes, state: Some(snapshot) };
+            let raw_key = key.to_bytes();
+            let journal_topic = self.journal.topic().to_string();
+            if S::is_deleted(state) {
+                self.produce(&journal_topic, Some(p), Some(&raw_key), None, None)?;
+            } else {
+                self.produce(&journal_topic, Some(p), Some(&raw_key), Some(&entry.encode()), None)?;
+            }
+        }
+        let outputs = (self.parts.outputs)(&Processed {
+            input: &input,
+            key: &key,
+            events: &events,
+            outcome: &outcome,
+            state: state_ref,
+        });
+        for o in &outputs {
+            let mut headers = None;
+            if !o.headers.is_empty() {
+                let mut h = OwnedHeaders::new();
+                for (k, v) in &o.headers {
+                    h = h.insert(Header { key: k, value: Some(v.as_slice()) });
+                }
+                headers = Some(h);
+            }
+            self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)?;
+        }
+        self.metrics.records_out.fetch_add(outputs.len() as u64, Ordering::Relaxed);
+        if let Some(state) = new_state {
+            let seq = SeqNo(entity.seq.0 + events.len() as u64);
+            let entity = if S::is_deleted(&state) {
+                Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO }
+            } else {
+                Entity { state: Arc::new(state), seq }
+            };
+            if let Some(part) = self.partitions.get_mut(&p) {
+                part.overlay.insert(key, entity);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction with the consumed offsets and opens the next one. An abortable
+    /// failure aborts, rewinds and discards the transaction's state, and is not an error.
+    fn commit(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), o) in &self.offsets {
+            if o.next > o.committed && o.next >= 0 {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
+            }
+        }
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let r = match consumer.group_metadata() {
+                Some(gm) if tpl.count() > 0 => self.producer.send_offsets_to_transaction(&tpl, &gm, TXN_TIMEOUT),
+                _ => Ok(()),
+            }
+            .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT));
+            match r {
+                Err(e) if classify(&e) == TxnFailure::Retry && attempt < 20 => {
+                    tracing::warn!(error = %e, attempt, "commit failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100 * attempt.min(20)));
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok(()) => {
+                for part in self.partitions.values_mut() {
+                    let overlay = std::mem::take(&mut part.overlay);
+                    part.committed.extend(overlay);
+                }
+                for o in self.offsets.values_mut() {
+                    o.committed = o.next;
+                }
+                self.dirty = false;
+                let us = started.elapsed().as_micros() as u64;
+                self.metrics.last_commit_us.store(us, Ordering::Relaxed);
+                self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
+                self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => match classify(&e) {
+                TxnFailure::Fenced => {
+                    return Err(FlowError::Fenced { transactional_id: self.transactional_id.clone() })
+                }
+                TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
+                TxnFailure::Abort | TxnFailure::Retry => {
+                    tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
+                    self.abort_and_rewind(consumer)?;
+                }
+            },
+        }
+        self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
+    }
+
+    fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
+            return Err(self.producer_error("abort transaction".into(), e));
+        }
+        self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
+        for part in self.partitions.values_mut() {
+            part.overlay.clear();
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), o) in self.offsets.iter_mut() {
+            o.next = o.committed;
+            let to = if o.committed >= 0 { Offset::Offset(o.committed) } else { Offset::Beginning };
+            tpl.add_partition_offset(topic, *p, to).map_err(|e| kafka("rewind", e))?;
+        }
+        self.dirty = false;
+        if tpl.count() > 0 {
+            consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
+        }
+        Ok(())
+    }
+
+    /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
+    fn update_lag(&self, consumer: &FlowConsumer<S>) {
+        let mut lag = 0u64;
+        for ((topic, p), o) in &self.offsets {
+            if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
+                lag += (high - o.next.max(0)).max(0) as u64;
+            }
+        }
+        self.metrics.lag.store(lag, Ordering::Relaxed);
+    }
+}
+
+fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Result<i32, FlowError> {
+    let probe: BaseConsumer = common.create().map_err(|e| kafka("metadata client", e))?;
+    let mut count = None;
+    for topic in inputs {
+        let md = probe
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| kafka(format!("metadata of {topic}"), e))?;
+        let n = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
+        if n == 0 {
+            return Err(FlowError::Config(format!("input topic `{topic}` does not exist; create it first")));
+        }
+        if count.is_some_and(|c| c != n) {
+            return Err(FlowError::Config(format!(
+                "input topics have different partition counts ({} vs {n} for `{topic}`); state partitions must line up, so give them the same count",
+                count.unwrap_or_default()
+            )));
+        }
+        count = Some(n);
+    }
+    count.ok_or_else(|| FlowError::Config("no input topics".into()))
+}
+
+pub(super) fn run<S: EventSourced>(
+    settings: Settings,
+    parts: Parts<S>,
+    stop: Arc<AtomicU8>,
+    metrics: Arc<Metrics>,
+) -> Result<(), FlowError> {
+    let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
+    let partitions = with_backoff(
+        "reading input metadata (is the broker up?)",
+        &stop,
+        || input_partitions(&settings.common, &settings.inputs),
+        is_kafka,
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| FlowError::Config(e.to_string()))?;
+    let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), &settings.journal_topic, partitions))?;
+    let producer: ThreadedProducer<_> = settings.producer.create().map_err(|e| kafka("producer", e))?;
+    with_backoff(
+        "initializing transactions",
+        &stop,
+        || producer.init_transactions(TXN_TIMEOUT).map_err(|e| kafka("init transactions", e)),
+        |e| matches!(e, FlowError::Kafka { source, .. } if classify(source) != TxnFailure::Fatal && classify(source) != TxnFailure::Fenced),
+    )?;
+    producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
+    let core = Arc::new(Mutex::new(Core {
+        parts,
+        producer,
+        journal,
+        transactional_id: settings.transactional_id.clone(),
+        bad_input: settings.bad_input.clone(),
+        codec: settings.codec,
+        partitions: BTreeMap::new(),
+        offsets: BTreeMap::new(),
+        dirty: false,
+        failure: None,
+        metrics: metrics.clone(),
+    }));
+    let consumer: FlowConsumer<S> =
+        settings.consumer.create_with_context(FlowContext { core: core.clone() }).map_err(|e| kafka("consumer", e))?;
+    let topics: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
+    tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %settings.journal_topic, transactional_id = %settings.transactional_id, "flow running");
+
+    let mut last_commit = Instant::now();
+    let mut last_lag = Instant::now();
+    let result = loop {
+        match stop.load(Ordering::SeqCst) {
+            ABORT => {
+                let c = lock(&core);
+                let _ = c.producer.abort_transaction(TXN_TIMEOUT);
+                break Err(FlowError::Aborted);
+            }
+            DRAIN => break lock(&core).commit(&consumer),
+            _ => {}
+        }
+        // The lock is not held while polling: rebalance callbacks run inside poll and take it.
+        let polled = consumer.poll(Duration::from_millis(20));
+        let mut c = lock(&core);
+        if let Some(e) = c.failure.take() {
+            break Err(e);
+        }
+        match polled {
+            Some(Ok(msg)) => {
+                if let Err(e) = c.process(&msg) {
+                    break Err(e);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            None => {}
+        }
+        if last_commit.elapsed() >= settings.commit_interval {
+            if let Err(e) = c.commit(&consumer) {
+                break Err(e);
+            }
+            last_commit = Instant::now();
+            if last_lag.elapsed() >= Duration::from_secs(5) {
+                c.update_lag(&consumer);
+                last_lag = Instant::now();
+            }
+        }
+    };
+    if result.is_ok() {
+        // Leave the group now; the revoke callback finds nothing left to commit.
+        consumer.unsubscribe();
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    drop(consumer);
+    result
+}

@@ -1,0 +1,459 @@
+//! Exactly-once Kafka flows: consume → stage → produce, inside Kafka transactions.
+//!
+//! A flow is Alpakka Kafka's `Transactional.source → flow → Transactional.sink` as one builder. One
+//! Kafka transaction per `commit_interval` holds the output records, the journal records (the
+//! [`KafkaJournal`](crate::journal::KafkaJournal): each carries the key's new events and its state
+//! after them) and the consumed offsets (`send_offsets_to_transaction` with the consumer group's
+//! metadata, KIP-447 style, so one transactional producer per instance is safe across rebalances).
+//! Consumers of the outputs and of the journal read with `isolation.level=read_committed`.
+//!
+//! - **State follows partitions.** Input partition `p`'s entities live in journal partition `p`. On
+//!   assignment the flow restores `p` from the journal (newest record per key, up to the partition's
+//!   end as of that moment) before processing it; on revocation it commits the in-flight transaction
+//!   and releases the state.
+//! - **Failures.** A transaction that must abort is aborted, the consumer rewinds to the last
+//!   committed offsets and the in-memory state of the transaction is discarded, then processing goes
+//!   on. Fencing (a newer instance with the same `transactional.id`) stops the flow with
+//!   [`FlowError::Fenced`] and commits nothing. A broker that is down is retried with backoff.
+//! - **Bad input.** A record the decoder rejects (or whose handler panics) goes to the dead-letter
+//!   topic with headers naming its source topic, partition, offset and the error, inside the same
+//!   transaction; or, by policy, stops the flow.
+//! - **Threads.** The flow runs on a thread of its own, so librdkafka's blocking calls never block
+//!   the tokio runtime; [`FlowControl`] is async.
+
+mod engine;
+
+use crate::stage::EventSourced;
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// An input record, as the decoder sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRecord {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Record key.
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub value: Option<Vec<u8>>,
+}
+
+/// A record to produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Key (the default partitioner picks the partition from it).
+    pub key: Option<Vec<u8>>,
+    /// Value (`None`: a tombstone).
+    pub value: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OutputRecord {
+    /// A record with key and value, no headers.
+    pub fn new(topic: impl Into<String>, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self { topic: topic.into(), key: Some(key.into()), value: Some(value.into()), headers: Vec::new() }
+    }
+}
+
+/// What the stage made of one input record: handed to the output mapping.
+pub struct Processed<'a, S: EventSourced> {
+    /// The input record.
+    pub input: &'a InputRecord,
+    /// The entity key.
+    pub key: &'a S::Key,
+    /// The events persisted (empty on rejection).
+    pub events: &'a [S::Event],
+    /// The reply, or the rejection.
+    pub outcome: &'a Result<S::Reply, S::Rejection>,
+    /// The entity's state after the events.
+    pub state: &'a S::State,
+}
+
+impl<S: EventSourced> fmt::Debug for Processed<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Processed").field("input", &self.input).field("key", self.key).finish_non_exhaustive()
+    }
+}
+
+/// Turns an input record into an entity key and a command, or says why it cannot.
+pub type Decoder<S> =
+    Box<dyn Fn(&InputRecord) -> Result<(<S as EventSourced>::Key, <S as EventSourced>::Command), String> + Send>;
+/// Maps an outcome to zero, one or many output records.
+pub type Outputs<S> = Box<dyn Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send>;
+
+/// What to do with an input record that does not decode (or whose handler panics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadInput {
+    /// Produce it to this dead-letter topic, with headers naming source and error (the default, to
+    /// `<first input topic>.dlq`).
+    DeadLetter(String),
+    /// Stop the flow with [`FlowError::BadInput`].
+    Stop,
+}
+
+/// Errors that stop a flow.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowError {
+    /// Kafka failed in a way retrying does not fix.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What the flow was doing.
+        context: String,
+        /// The client's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// Another instance with the same transactional id took over: this one is a zombie.
+    #[error("fenced: another instance with transactional.id `{transactional_id}` took over; this instance committed nothing since its last commit and stopped")]
+    Fenced {
+        /// The transactional id.
+        transactional_id: String,
+    },
+    /// The journal failed (missing/misconfigured topic, damaged record).
+    #[error(transparent)]
+    Journal(#[from] eventstage_journal::JournalError),
+    /// A journal record does not decode into the stage's state.
+    #[error(transparent)]
+    Stage(#[from] crate::Error),
+    /// A bad input record, under [`BadInput::Stop`].
+    #[error("input {topic}[{partition}]@{offset} rejected: {reason}")]
+    BadInput {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Settings that cannot work.
+    #[error("flow configuration: {0}")]
+    Config(String),
+    /// Stopped by [`FlowControl::abort`].
+    #[error("aborted by the application")]
+    Aborted,
+    /// The flow thread died.
+    #[error("the flow thread stopped unexpectedly: {0}")]
+    Crashed(String),
+}
+
+/// Counters of a running flow.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    records_in: AtomicU64,
+    records_out: AtomicU64,
+    dead_letters: AtomicU64,
+    transactions: AtomicU64,
+    aborts: AtomicU64,
+    restored_records: AtomicU64,
+    restoring_partitions: AtomicU64,
+    last_commit_us: AtomicU64,
+    max_commit_us: AtomicU64,
+    lag: AtomicU64,
+    assigned_partitions: AtomicU64,
+}
+
+/// A snapshot of a flow's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlowMetrics {
+    /// Input records processed (committed or not).
+    pub records_in: u64,
+    /// Output records produced (journal records not included).
+    pub records_out: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Committed transactions.
+    pub transactions: u64,
+    /// Aborted transactions.
+    pub aborts: u64,
+    /// Journal records read by restores.
+    pub restored_records: u64,
+    /// Partitions being restored right now.
+    pub restoring_partitions: u64,
+    /// Latency of the last commit.
+    pub last_commit: Duration,
+    /// Highest commit latency seen.
+    pub max_commit: Duration,
+    /// Records behind the end of the assigned input partitions (as of the last fetch).
+    pub lag: u64,
+    /// Input partitions assigned to this instance.
+    pub assigned_partitions: u64,
+}
+
+impl Metrics {
+    fn snapshot(&self) -> FlowMetrics {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FlowMetrics {
+            records_in: l(&self.records_in),
+            records_out: l(&self.records_out),
+            dead_letters: l(&self.dead_letters),
+            transactions: l(&self.transactions),
+            aborts: l(&self.aborts),
+            restored_records: l(&self.restored_records),
+            restoring_partitions: l(&self.restoring_partitions),
+            last_commit: Duration::from_micros(l(&self.last_commit_us)),
+            max_commit: Duration::from_micros(l(&self.max_commit_us)),
+            lag: l(&self.lag),
+            assigned_partitions: l(&self.assigned_partitions),
+        }
+    }
+}
+
+const RUN: u8 = 0;
+const DRAIN: u8 = 1;
+const ABORT: u8 = 2;
+
+/// Asks a running flow to stop; cheap to clone (e.g. into a signal handler).
+#[derive(Debug, Clone)]
+pub struct FlowStopper(Arc<AtomicU8>);
+
+impl FlowStopper {
+    /// Stop polling, finish in-flight work, commit, leave the group.
+    pub fn drain(&self) {
+        let _ = self.0.compare_exchange(RUN, DRAIN, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Stop now: abort the open transaction (nothing since the last commit becomes visible).
+    pub fn abort(&self) {
+        self.0.store(ABORT, Ordering::SeqCst);
+    }
+}
+
+/// Controls a running flow.
+#[derive(Debug)]
+pub struct FlowControl {
+    stop: FlowStopper,
+    metrics: Arc<Metrics>,
+    done: oneshot::Receiver<Result<(), FlowError>>,
+}
+
+impl FlowControl {
+    /// A handle that can stop the flow from elsewhere.
+    pub fn stopper(&self) -> FlowStopper {
+        self.stop.clone()
+    }
+
+    /// The flow's counters now.
+    pub fn metrics(&self) -> FlowMetrics {
+        self.metrics.snapshot()
+    }
+
+    /// Waits until the flow stops; the error is what stopped it.
+    ///
+    /// # Errors
+    /// The [`FlowError`] that stopped the flow.
+    pub async fn wait(self) -> Result<(), FlowError> {
+        self.done.await.unwrap_or_else(|_| Err(FlowError::Crashed("the flow thread ended without a result".into())))
+    }
+
+    /// Stops polling, finishes in-flight work, commits the last transaction, leaves the group.
+    ///
+    /// # Errors
+    /// The error that stopped the flow, if it failed before or while draining.
+    pub async fn drain_and_shutdown(self) -> Result<(), FlowError> {
+        self.stop.drain();
+        self.wait().await
+    }
+
+    /// Stops at once, aborting the open transaction.
+    ///
+    /// # Errors
+    /// The error that stopped the flow before the abort, if any.
+    pub async fn abort(self) -> Result<(), FlowError> {
+        self.stop.abort();
+        match self.wait().await {
+            Err(FlowError::Aborted) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// Builds a flow around a stage. See the module docs.
+pub struct FlowBuilder<S: EventSourced> {
+    stage: S,
+    brokers: String,
+    group_id: String,
+    inputs: Vec<String>,
+    consumer: BTreeMap<String, String>,
+    producer: BTreeMap<String, String>,
+    transactional_id: Option<String>,
+    commit_interval: Duration,
+    journal_topic: Option<String>,
+    decoder: Option<Decoder<S>>,
+    outputs: Option<Outputs<S>>,
+    bad_input: Option<BadInput>,
+    codec: crate::Codec,
+}
+
+impl<S: EventSourced> fmt::Debug for FlowBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowBuilder")
+            .field("stage", &S::NAME)
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("inputs", &self.inputs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: EventSourced> FlowBuilder<S> {
+    /// A flow of `stage` reading `inputs` as consumer group `group_id` from `brokers`.
+    pub fn new(stage: S, brokers: impl Into<String>, group_id: impl Into<String>, inputs: &[&str]) -> Self {
+        Self {
+            stage,
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            transactional_id: None,
+            commit_interval: Duration::from_millis(100),
+            journal_topic: None,
+            decoder: None,
+            outputs: None,
+            bad_input: None,
+            codec: crate::Codec::Bincode,
+        }
+    }
+
+    /// Any librdkafka consumer property, passed through.
+    #[must_use]
+    pub fn consumer_property(mut self, key: &str, value: &str) -> Self {
+        self.consumer.insert(key.into(), value.into());
+        self
+    }
+
+    /// Any librdkafka producer property, passed through.
+    #[must_use]
+    pub fn producer_property(mut self, key: &str, value: &str) -> Self {
+        self.producer.insert(key.into(), value.into());
+        self
+    }
+
+    /// The producer's `transactional.id`: stable per instance, so a restarted instance fences its
+    /// zombie. Default: `eventstage-<group>-<random>`.
+    #[must_use]
+    pub fn transactional_id(mut self, id: impl Into<String>) -> Self {
+        self.transactional_id = Some(id.into());
+        self
+    }
+
+    /// How often a transaction commits. Default: 100 ms.
+    #[must_use]
+    pub fn commit_interval(mut self, every: Duration) -> Self {
+        self.commit_interval = every;
+        self
+    }
+
+    /// The journal topic. Default: `<stage name>-journal`.
+    #[must_use]
+    pub fn journal_topic(mut self, topic: impl Into<String>) -> Self {
+        self.journal_topic = Some(topic.into());
+        self
+    }
+
+    /// The decoder from input record to `(key, command)`. Required.
+    #[must_use]
+    pub fn decoder(
+        mut self,
+        decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command), String> + Send + 'static,
+    ) -> Self {
+        self.decoder = Some(Box::new(decode));
+        self
+    }
+
+    /// The output mapping. Default: no outputs.
+    #[must_use]
+    pub fn outputs(mut self, map: impl Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send + 'static) -> Self {
+        self.outputs = Some(Box::new(map));
+        self
+    }
+
+    /// What to do with bad input. Default: dead-letter to `<first input>.dlq`.
+    #[must_use]
+    pub fn bad_input(mut self, policy: BadInput) -> Self {
+        self.bad_input = Some(policy);
+        self
+    }
+
+    /// Codec of journal payloads. Default: bincode.
+    #[must_use]
+    pub fn codec(mut self, codec: crate::Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Starts the flow on a thread of its own and returns its control handle at once; setup errors
+    /// (unreachable broker after retries, a misconfigured journal topic) arrive through
+    /// [`FlowControl::wait`].
+    ///
+    /// # Errors
+    /// [`FlowError::Config`] when the builder lacks a decoder or inputs.
+    pub fn run(self) -> Result<FlowControl, FlowError> {
+        let decoder = self.decoder.ok_or_else(|| FlowError::Config("a decoder is required".into()))?;
+        let first = self.inputs.first().cloned().ok_or_else(|| FlowError::Config("no input topics".into()))?;
+        let mut common = ClientConfig::new();
+        common.set("bootstrap.servers", &self.brokers);
+        let mut consumer = common.clone();
+        consumer
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &self.consumer {
+            consumer.set(k, v);
+        }
+        let transactional_id = self
+            .transactional_id
+            .unwrap_or_else(|| format!("eventstage-{}-{:016x}", self.group_id, rand::random::<u64>()));
+        let mut producer = common.clone();
+        producer.set("transactional.id", &transactional_id).set("transaction.timeout.ms", "60000");
+        for (k, v) in &self.producer {
+            producer.set(k, v);
+        }
+        let stop = FlowStopper(Arc::new(AtomicU8::new(RUN)));
+        let metrics = Arc::new(Metrics::default());
+        let (tx, done) = oneshot::channel();
+        let settings = engine::Settings {
+            common,
+            consumer,
+            producer,
+            transactional_id,
+            inputs: self.inputs,
+            journal_topic: self.journal_topic.unwrap_or_else(|| format!("{}-journal", S::NAME)),
+            commit_interval: self.commit_interval,
+            bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),
+            codec: self.codec,
+        };
+        let outputs = self.outputs.unwrap_or_else(|| Box::new(|_| Vec::new()));
+        let parts = engine::Parts { stage: self.stage, decoder, outputs };
+        let (stop2, metrics2) = (stop.0.clone(), metrics.clone());
+        let spawned = std::thread::Builder::new().name(format!("eventstage-flow-{}", S::NAME)).spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine::run(settings, parts, stop2, metrics2)
+            }))
+            .unwrap_or_else(|_| Err(FlowError::Crashed("panic on the flow thread".into())));
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "flow stopped");
+            }
+            let _ = tx.send(result);
+        });
+        spawned.map_err(|e| FlowError::Config(format!("cannot start the flow thread: {e}")))?;
+        Ok(FlowControl { stop, metrics, done })
+    }
+}

@@ -1,0 +1,111 @@
+//! The bank stage as a Kafka flow, with a wire contract any Kafka client can drive:
+//!
+//! - input (`bank-commands`): key = account id (UTF-8), value = JSON
+//!   `{"id": "<command id>", "op": "open" | "deposit" | "withdraw" | "close", "amount": <u64>}`
+//!   (`amount` for deposit and withdraw only);
+//! - replies (`bank-replies`): key = account id, value = JSON
+//!   `{"id": "<command id>", "ok": <bool>, "balance": <u64 or null>, "error": <string or null>}`,
+//!   exactly one per command;
+//! - events (`bank-events`): key = account id, value = the event as JSON.
+
+use super::bank::{Bank, BankCommand, BankRejection};
+use crate::flow::{FlowBuilder, InputRecord, OutputRecord, Processed};
+use serde::{Deserialize, Serialize};
+
+/// A command on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireCommand {
+    /// Command id, echoed in the reply.
+    pub id: String,
+    /// `open`, `deposit`, `withdraw` or `close`.
+    pub op: String,
+    /// Amount of a deposit or withdrawal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<u64>,
+}
+
+/// A reply on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireReply {
+    /// The command id.
+    pub id: String,
+    /// Accepted.
+    pub ok: bool,
+    /// Balance after the command (the current one on rejection; null when the account is not open).
+    pub balance: Option<u64>,
+    /// The rejection, when not ok.
+    pub error: Option<String>,
+}
+
+/// Topic names of the bank flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BankTopics {
+    /// Commands in.
+    pub input: String,
+    /// Replies out.
+    pub replies: String,
+    /// Events out.
+    pub events: String,
+}
+
+impl Default for BankTopics {
+    fn default() -> Self {
+        Self { input: "bank-commands".into(), replies: "bank-replies".into(), events: "bank-events".into() }
+    }
+}
+
+/// Decodes a wire command.
+///
+/// # Errors
+/// A message naming what is wrong with the record.
+pub fn decode(input: &InputRecord) -> Result<(String, BankCommand), String> {
+    let key = input.key.as_deref().ok_or("the record has no key (the account id)")?;
+    let key = std::str::from_utf8(key).map_err(|_| "the key (account id) is not UTF-8".to_string())?;
+    let value = input.value.as_deref().ok_or("the record has no value")?;
+    let wire: WireCommand =
+        serde_json::from_slice(value).map_err(|e| format!("the value is not a bank command: {e}"))?;
+    let amount = || wire.amount.ok_or_else(|| format!("`{}` needs an amount", wire.op));
+    let command = match wire.op.as_str() {
+        "open" => BankCommand::Open,
+        "deposit" => BankCommand::Deposit(amount()?),
+        "withdraw" => BankCommand::Withdraw(amount()?),
+        "close" => BankCommand::Close,
+        other => return Err(format!("unknown op `{other}` (open, deposit, withdraw, close)")),
+    };
+    Ok((key.to_string(), command))
+}
+
+/// The reply and event records of one processed command.
+pub fn outputs(topics: &BankTopics, p: &Processed<'_, Bank>) -> Vec<OutputRecord> {
+    let id = p
+        .input
+        .value
+        .as_deref()
+        .and_then(|v| serde_json::from_slice::<WireCommand>(v).ok())
+        .map(|w| w.id)
+        .unwrap_or_default();
+    let reply = match p.outcome {
+        Ok(balance) => WireReply { id, ok: true, balance: Some(*balance), error: None },
+        Err(rejection) => WireReply {
+            id,
+            ok: false,
+            balance: p.state.open.then_some(p.state.balance),
+            error: Some(match rejection {
+                BankRejection::NotOpen => "account is not open".to_string(),
+                other => other.to_string(),
+            }),
+        },
+    };
+    let mut out =
+        vec![OutputRecord::new(&topics.replies, p.key.as_bytes(), serde_json::to_vec(&reply).unwrap_or_default())];
+    for e in p.events {
+        out.push(OutputRecord::new(&topics.events, p.key.as_bytes(), serde_json::to_vec(e).unwrap_or_default()));
+    }
+    out
+}
+
+/// The bank flow: a [`FlowBuilder`] with the wire decoder and outputs; add settings and `run()`.
+pub fn bank_flow(brokers: &str, group_id: &str, topics: BankTopics) -> FlowBuilder<Bank> {
+    let input = topics.input.clone();
+    FlowBuilder::new(Bank, brokers, group_id, &[input.as_str()]).decoder(decode).outputs(move |p| outputs(&topics, p))
+}

@@ -1,0 +1,302 @@
+//! Exactly-once flows against a real Kafka-protocol broker.
+
+use crate::runtime::model;
+use crate::util::broker::{brokers, create_topic, flush, producer, read_committed, send, unique, Rec};
+use eventstage::journal::KafkaJournal;
+use eventstage::stages::bank::{Account, BankCommand, BankRejection};
+use eventstage::stages::bank_flow::{bank_flow, BankTopics, WireCommand, WireReply};
+use eventstage::Codec;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Topics of one test.
+pub(crate) struct Setup {
+    pub brokers: String,
+    pub topics: BankTopics,
+    pub journal: String,
+    pub group: String,
+}
+
+pub(crate) async fn setup(partitions: i32) -> Setup {
+    let brokers = brokers();
+    let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
+    for t in [&topics.input, &topics.replies, &topics.events] {
+        create_topic(&brokers, t, partitions, &[]).await;
+    }
+    Setup { brokers, topics, journal: unique("journal"), group: unique("group") }
+}
+
+/// A generated workload: (account, command id, command) in send order.
+pub(crate) fn workload(n: usize, accounts: usize, seed: u64) -> Vec<(String, String, BankCommand)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let cmd = match rng.random_range(0..10) {
+                0 => BankCommand::Open,
+                1..=5 => BankCommand::Deposit(rng.random_range(1..100)),
+                6..=8 => BankCommand::Withdraw(rng.random_range(1..100)),
+                _ => BankCommand::Close,
+            };
+            (format!("acct-{}", rng.random_range(0..accounts)), format!("cmd-{i}"), cmd)
+        })
+        .collect()
+}
+
+pub(crate) fn wire(id: &str, cmd: BankCommand) -> Vec<u8> {
+    let (op, amount) = match cmd {
+        BankCommand::Open => ("open", None),
+        BankCommand::Deposit(a) => ("deposit", Some(a)),
+        BankCommand::Withdraw(a) => ("withdraw", Some(a)),
+        BankCommand::Close => ("close", None),
+    };
+    serde_json::to_vec(&WireCommand { id: id.into(), op: op.into(), amount }).unwrap()
+}
+
+pub(crate) fn feed(brokers: &str, topic: &str, cmds: &[(String, String, BankCommand)]) {
+    let p = producer(brokers);
+    for (key, id, cmd) in cmds {
+        send(&p, topic, key, &wire(id, *cmd));
+    }
+    flush(&p);
+}
+
+/// The replies the reference model expects, by command id, and the final state per account.
+pub(crate) fn expected(
+    cmds: &[(String, String, BankCommand)],
+) -> (HashMap<String, WireReply>, BTreeMap<String, Account>) {
+    let mut accounts: BTreeMap<String, Account> = BTreeMap::new();
+    let mut replies = HashMap::new();
+    for (key, id, cmd) in cmds {
+        let account = accounts.entry(key.clone()).or_default();
+        let reply = match model(account, *cmd) {
+            Ok(balance) => WireReply { id: id.clone(), ok: true, balance: Some(balance), error: None },
+            Err(rejection) => WireReply {
+                id: id.clone(),
+                ok: false,
+                balance: account.open.then_some(account.balance),
+                error: Some(match rejection {
+                    BankRejection::NotOpen => "account is not open".into(),
+                    other => other.to_string(),
+                }),
+            },
+        };
+        replies.insert(id.clone(), reply);
+    }
+    accounts.retain(|_, a| *a != Account::default());
+    (replies, accounts)
+}
+
+/// Reads replies until every command id has one, then checks: exactly one per id, each as expected.
+pub(crate) fn check_replies(s: &Setup, expected: &HashMap<String, WireReply>) -> Vec<Rec> {
+    let n = expected.len();
+    let recs = read_committed(&s.brokers, &s.topics.replies, |r| r.len() >= n, Duration::from_millis(1500));
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &recs {
+        let reply: WireReply = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        *seen.entry(reply.id.clone()).or_default() += 1;
+        assert_eq!(Some(&reply), expected.get(&reply.id), "reply to {}", reply.id);
+    }
+    let dupes: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(dupes.is_empty(), "duplicate replies: {dupes:?}");
+    assert_eq!(seen.len(), n, "one reply per command");
+    recs
+}
+
+/// The state per key in the journal topic, from the newest record of each key (what compaction keeps).
+pub(crate) fn journal_state(s: &Setup, partitions: i32) -> BTreeMap<String, Account> {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", &s.brokers);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let journal = rt.block_on(KafkaJournal::ensure(config, &s.journal, partitions)).unwrap();
+    let mut state = BTreeMap::new();
+    for p in 0..partitions {
+        for (k, entry) in journal.latest_per_key(p, Duration::from_secs(30)).unwrap() {
+            let env = entry.state.unwrap();
+            let account: Account = Codec::from_id(env.codec).unwrap().decode(&env.payload).unwrap();
+            state.insert(String::from_utf8(k).unwrap(), account);
+        }
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_flow_replies_exactly_once_and_the_journal_rebuilds_the_state() {
+    let s = setup(3).await;
+    let cmds = workload(600, 25, 1);
+    let (replies, accounts) = expected(&cmds);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .transactional_id(unique("txn"))
+        .run()
+        .unwrap();
+    tokio::task::spawn_blocking({
+        let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
+        move || feed(&b, &t, &c)
+    })
+    .await
+    .unwrap();
+    let check = tokio::task::spawn_blocking({
+        let s = Setup {
+            brokers: s.brokers.clone(),
+            topics: s.topics.clone(),
+            journal: s.journal.clone(),
+            group: s.group.clone(),
+        };
+        move || check_replies(&s, &replies)
+    });
+    check.await.unwrap();
+    let m = flow.metrics();
+    assert_eq!(m.records_in, 600);
+    assert!(m.transactions >= 1);
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 3)).await.unwrap(), accounts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_goes_to_the_dead_letter_topic_with_its_source() {
+    let s = setup(1).await;
+    let dlq = unique("dlq");
+    create_topic(&s.brokers, &dlq, 1, &[]).await;
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .bad_input(eventstage::flow::BadInput::DeadLetter(dlq.clone()))
+        .run()
+        .unwrap();
+    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
+    let dlq_recs = tokio::task::spawn_blocking(move || {
+        let p = producer(&b);
+        send(&p, &input, "acct-1", &wire("c1", BankCommand::Open));
+        send(&p, &input, "acct-1", b"{not json");
+        send(&p, &input, "acct-1", br#"{"id":"c3","op":"deposit"}"#);
+        send(&p, &input, "acct-1", &wire("c4", BankCommand::Deposit(5)));
+        flush(&p);
+        read_committed(&b, &dlq, |r| r.len() >= 2, Duration::from_millis(500))
+    })
+    .await
+    .unwrap();
+    assert_eq!(dlq_recs.len(), 2);
+    let h = |r: &Rec, k: &str| String::from_utf8(r.headers.iter().find(|(n, _)| n == k).unwrap().1.clone()).unwrap();
+    assert_eq!(dlq_recs[0].value.as_deref(), Some(&b"{not json"[..]));
+    assert_eq!(dlq_recs[0].key.as_deref(), Some(&b"acct-1"[..]));
+    assert_eq!(h(&dlq_recs[0], "eventstage.source.topic"), s.topics.input);
+    assert_eq!(h(&dlq_recs[0], "eventstage.source.partition"), "0");
+    assert_eq!(h(&dlq_recs[0], "eventstage.source.offset"), "1");
+    assert!(h(&dlq_recs[0], "eventstage.error").contains("not a bank command"));
+    assert!(h(&dlq_recs[1], "eventstage.error").contains("needs an amount"));
+    // The good records around them were processed: the partition is not blocked.
+    let replies = tokio::task::spawn_blocking({
+        let (b, t) = (s.brokers.clone(), s.topics.replies.clone());
+        move || read_committed(&b, &t, |r| r.len() >= 2, Duration::from_millis(300))
+    })
+    .await
+    .unwrap();
+    let last: WireReply = serde_json::from_slice(replies[1].value.as_deref().unwrap()).unwrap();
+    assert_eq!((last.id.as_str(), last.balance), ("c4", Some(5)));
+    assert_eq!(flow.metrics().dead_letters, 2);
+    flow.drain_and_shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_journal_topic_is_refused_with_the_fix() {
+    let s = setup(3).await;
+    create_topic(&s.brokers, &s.journal, 2, &[("cleanup.policy", "compact")]).await;
+    let err = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .run()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has 2 partitions, the input has 3"), "{err}");
+    let delete = unique("journal");
+    create_topic(&s.brokers, &delete, 3, &[("cleanup.policy", "delete")]).await;
+    let err = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&delete)
+        .run()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cleanup.policy=delete") && err.to_string().contains("compact"), "{err}");
+    let missing = BankTopics { input: unique("missing"), ..s.topics.clone() };
+    let err =
+        bank_flow(&s.brokers, &s.group, missing).journal_topic(&s.journal).run().unwrap().wait().await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_with_the_same_transactional_id_cannot_commit() {
+    let s = setup(2).await;
+    let txn = unique("txn");
+    let cmds = workload(400, 20, 3);
+    let (replies, accounts) = expected(&cmds);
+    let zombie = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .transactional_id(&txn)
+        .run()
+        .unwrap();
+    let (b, t, first) = (s.brokers.clone(), s.topics.input.clone(), cmds[..200].to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &first)).await.unwrap();
+    crate::util::wait_until("the first instance to commit", || {
+        zombie.metrics().records_in >= 200 && zombie.metrics().transactions > 0
+    })
+    .await;
+    // A new instance with the same transactional id takes over: the old one is now a zombie.
+    let successor = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .transactional_id(&txn)
+        .run()
+        .unwrap();
+    let (b, t, rest) = (s.brokers.clone(), s.topics.input.clone(), cmds[200..].to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &rest)).await.unwrap();
+    let err = tokio::time::timeout(crate::util::DEADLINE, zombie.wait()).await.expect("the zombie stops").unwrap_err();
+    assert!(matches!(err, eventstage::flow::FlowError::Fenced { .. }), "{err}");
+    let check = {
+        let s = Setup {
+            brokers: s.brokers.clone(),
+            topics: s.topics.clone(),
+            journal: s.journal.clone(),
+            group: s.group.clone(),
+        };
+        tokio::task::spawn_blocking(move || check_replies(&s, &replies))
+    };
+    check.await.unwrap();
+    successor.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_at_start_is_waited_for() {
+    use crate::util::broker::{free_port, wait_ready, LocalBroker};
+    let port = free_port();
+    let broker = LocalBroker::spawn(port, tempfile::tempdir().unwrap());
+    wait_ready(&broker.brokers);
+    let addr = broker.brokers.clone();
+    let s = {
+        let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
+        for t in [&topics.input, &topics.replies, &topics.events] {
+            create_topic(&addr, t, 1, &[]).await;
+        }
+        Setup { brokers: addr.clone(), topics, journal: unique("journal"), group: unique("group") }
+    };
+    let data = broker.stop();
+    // The broker is down: the flow starts anyway and keeps retrying.
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(flow.metrics().records_in, 0);
+    let _broker = LocalBroker::spawn(port, data);
+    wait_ready(&addr);
+    let cmds = workload(50, 5, 4);
+    let (replies, _) = expected(&cmds);
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    let s2 = Setup {
+        brokers: s.brokers.clone(),
+        topics: s.topics.clone(),
+        journal: s.journal.clone(),
+        group: s.group.clone(),
+    };
+    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    flow.drain_and_shutdown().await.unwrap();
+}
