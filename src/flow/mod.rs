@@ -260,6 +260,13 @@ impl FlowControl {
         self.done.await.unwrap_or_else(|_| Err(FlowError::Crashed("the flow thread ended without a result".into())))
     }
 
+    /// Waits until the flow stops; returns its result and its final counters.
+    pub async fn wait_with_metrics(self) -> (Result<(), FlowError>, FlowMetrics) {
+        let metrics = self.metrics.clone();
+        let result = self.wait().await;
+        (result, metrics.snapshot())
+    }
+
     /// Stops polling, finishes in-flight work, commits the last transaction, leaves the group.
     ///
     /// # Errors
@@ -422,7 +429,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             .transactional_id
             .unwrap_or_else(|| format!("eventstage-{}-{:016x}", self.group_id, rand::random::<u64>()));
         let mut producer = common.clone();
-        producer.set("transactional.id", &transactional_id).set("transaction.timeout.ms", "60000");
+        producer.set("transactional.id", &transactional_id).set("transaction.timeout.ms", "10000");
         for (k, v) in &self.producer {
             producer.set(k, v);
         }

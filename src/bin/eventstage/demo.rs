@@ -45,6 +45,8 @@ pub(crate) struct DemoArgs {
     /// Seed of the generated workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    #[command(flatten)]
+    flow: crate::flow_demo::FlowArgs,
 }
 
 fn command(rng: &mut StdRng) -> BankCommand {
@@ -61,6 +63,9 @@ fn plain(states: BTreeMap<String, Arc<Account>>) -> BTreeMap<String, Account> {
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.flow.brokers.is_some() {
+        return crate::flow_demo::run(args.flow).await;
+    }
     if args.accounts == 0 || args.tasks == 0 {
         bail!("--accounts and --tasks must be at least 1");
     }

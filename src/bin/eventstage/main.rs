@@ -2,6 +2,7 @@
 //! compiled in.
 
 mod demo;
+mod flow_demo;
 
 use clap::Parser;
 use eventstage::cli::{block_on_cli, init_tracing, run_journal, JournalArgs, Registry};
@@ -19,7 +20,8 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Run the bank stage on a sled journal under a generated load from many tasks, restart it, and
-    /// check that the replayed state equals the live state. Needs nothing external.
+    /// check that the replayed state equals the live state. Needs nothing external. With
+    /// `--brokers`, run the bank stage as an exactly-once Kafka flow instead, until Ctrl-C/SIGTERM.
     Demo(demo::DemoArgs),
     /// Inspect, verify, dump and replay journals.
     Journal(JournalArgs),

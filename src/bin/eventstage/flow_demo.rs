@@ -1,0 +1,119 @@
+//! `eventstage demo --brokers HOST:PORT`: the bank stage as an exactly-once Kafka flow.
+
+use anyhow::{bail, Context};
+use eventstage::flow::FlowMetrics;
+use eventstage::stages::bank_flow::{bank_flow, BankTopics};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Flow settings of the demo.
+#[derive(Debug, clap::Args)]
+pub(crate) struct FlowArgs {
+    /// Run the bank stage as an exactly-once flow against this Kafka cluster (`host:port,...`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) brokers: Option<String>,
+    /// Input topic (commands).
+    #[arg(long, default_value = "bank-commands")]
+    input: String,
+    /// Replies topic.
+    #[arg(long, default_value = "bank-replies")]
+    replies: String,
+    /// Events topic.
+    #[arg(long, default_value = "bank-events")]
+    events: String,
+    /// Consumer group.
+    #[arg(long, default_value = "eventstage-bank")]
+    group: String,
+    /// Journal: `kafka:TOPIC` (a compacted topic, created if missing).
+    #[arg(long, default_value = "kafka:bank-journal")]
+    journal: String,
+    /// How often a transaction commits.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    commit_interval: Duration,
+    /// The producer's transactional id (stable per instance). Default: eventstage-<group>-<host>.
+    #[arg(long)]
+    transactional_id: Option<String>,
+    /// Partitions of topics the demo creates when they are missing.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+}
+
+async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let created =
+        admin.create_topics(&new, &opts).await.with_context(|| format!("cannot reach the brokers at {brokers}"))?;
+    for r in created {
+        match r {
+            Ok(t) => println!("created topic {t} ({partitions} partitions)"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => bail!("cannot create topic {t}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+fn print_metrics(m: &FlowMetrics) {
+    println!(
+        "metrics:  {} records in, {} out, {} dead letters, {} transactions ({} aborted), last commit {:?}, max {:?}, {} journal records restored, lag {}",
+        m.records_in,
+        m.records_out,
+        m.dead_letters,
+        m.transactions,
+        m.aborts,
+        m.last_commit,
+        m.max_commit,
+        m.restored_records,
+        m.lag
+    );
+}
+
+pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
+    let Some(brokers) = args.brokers.clone() else { bail!("--brokers is required for the flow demo") };
+    let journal = match args.journal.split_once(':') {
+        Some(("kafka", topic)) if !topic.is_empty() => topic.to_string(),
+        Some(("sled", _)) => bail!("--journal sled:DIR is not available in flows yet; use --journal kafka:TOPIC"),
+        _ => bail!("--journal must be kafka:TOPIC (got `{}`)", args.journal),
+    };
+    ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions).await?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let txn = args.transactional_id.clone().unwrap_or_else(|| format!("eventstage-{}-{host}", args.group));
+    let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
+    let flow = bank_flow(&brokers, &args.group, topics)
+        .journal_topic(&journal)
+        .transactional_id(&txn)
+        .commit_interval(args.commit_interval)
+        // A restarted instance (same transactional id) takes its old place in the group at once.
+        .consumer_property("group.instance.id", &txn)
+        .consumer_property("session.timeout.ms", "10000")
+        .run()?;
+    println!(
+        "flow running: {} -> {} / {}, journal {journal}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
+        args.input, args.replies, args.events, args.group
+    );
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let stopper = flow.stopper();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    let mut done = std::pin::pin!(flow.wait_with_metrics());
+    loop {
+        tokio::select! {
+            r = &mut done => {
+                let (result, metrics) = r;
+                print_metrics(&metrics);
+                result?;
+                println!("flow stopped after draining");
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = tokio::signal::ctrl_c() => { println!("draining..."); stopper.drain(); }
+            _ = term.recv() => { println!("draining..."); stopper.drain(); }
+            _ = ticker.tick() => {}
+        }
+    }
+}
