@@ -366,3 +366,107 @@ async fn crash_loop_with_the_kafka_journal() {
     assert!(status.success() && rest.contains("flow stopped after draining"), "{status}: {rest}");
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
 }
+
+fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread::JoinHandle<()> {
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.to_vec());
+    std::thread::spawn(move || {
+        for chunk in c.chunks(50) {
+            feed(&b, &t, chunk);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+fn clone_setup(s: &Setup) -> Setup {
+    Setup { brokers: s.brokers.clone(), topics: s.topics.clone(), journal: s.journal.clone(), group: s.group.clone() }
+}
+
+/// Invariant 5: a second instance joins mid-stream, then the first leaves; partitions (and their
+/// state) move twice, and still every command is answered exactly once, as the model says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalances_lose_and_duplicate_nothing() {
+    let s = setup(4).await;
+    let cmds = workload(1500, 40, 11);
+    let (replies, accounts) = expected(&cmds);
+    let start = |name: &str| {
+        bank_flow(&s.brokers, &s.group, s.topics.clone())
+            .journal_topic(&s.journal)
+            .transactional_id(unique(name))
+            .commit_interval(Duration::from_millis(50))
+            .consumer_property("session.timeout.ms", "6000")
+            .run()
+            .unwrap()
+    };
+    let first = start("first");
+    let feeder = feed_slowly(&s, &cmds[..1000]);
+    crate::util::wait_until("the first instance to process a third", || first.metrics().records_in >= 400).await;
+    let second = start("second");
+    crate::util::wait_until("the second instance to take partitions", || second.metrics().assigned_partitions > 0)
+        .await;
+    assert!(first.metrics().assigned_partitions < 4, "the partitions are split");
+    crate::util::wait_until("both to process more", || second.metrics().records_in >= 100).await;
+    first.drain_and_shutdown().await.unwrap();
+    feeder.join().unwrap();
+    feed_slowly(&s, &cmds[1000..]).join().unwrap();
+    let s2 = clone_setup(&s);
+    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    let m = second.metrics();
+    assert_eq!(m.assigned_partitions, 4, "the survivor owns everything");
+    assert!(m.restored_records > 0, "it restored the partitions it took over from the journal");
+    second.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts);
+}
+
+/// A journal compacted down to the newest record per key (what log compaction leaves) restores the
+/// same state: a flow restarted on a compacted copy continues exactly as the model says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_journal_restores_the_same_state() {
+    let s = setup(2).await;
+    let cmds = workload(800, 15, 21);
+    let (first_half, second_half) = cmds.split_at(400);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), first_half.to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    let (replies, _) = expected(first_half);
+    let s2 = clone_setup(&s);
+    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    flow.drain_and_shutdown().await.unwrap();
+
+    // The compacted view: the newest record of each key, written to a new compacted topic.
+    let compacted = unique("compacted");
+    create_topic(&s.brokers, &compacted, 2, &[("cleanup.policy", "compact")]).await;
+    let (b, from, to) = (s.brokers.clone(), s.journal.clone(), compacted.clone());
+    let copied = tokio::task::spawn_blocking(move || {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &b);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let journal = rt.block_on(KafkaJournal::ensure(config, &from, 2)).unwrap();
+        let p = producer(&b);
+        let mut n = 0;
+        for part in 0..2 {
+            for (k, entry) in journal.latest_per_key(part, Duration::from_secs(30)).unwrap() {
+                use rdkafka::producer::BaseRecord;
+                let v = entry.encode();
+                p.send(BaseRecord::to(&to).partition(part).key(&k).payload(&v)).unwrap();
+                n += 1;
+            }
+        }
+        flush(&p);
+        n
+    })
+    .await
+    .unwrap();
+    assert!(copied > 0 && copied <= 15);
+
+    // Same group (its committed offsets continue), journal = the compacted copy.
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&compacted).run().unwrap();
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), second_half.to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    let (all_replies, accounts) = expected(&cmds);
+    let s2 = clone_setup(&s);
+    tokio::task::spawn_blocking(move || check_replies(&s2, &all_replies)).await.unwrap();
+    assert_eq!(flow.metrics().restored_records, copied as u64);
+    flow.drain_and_shutdown().await.unwrap();
+    let s3 = Setup { journal: compacted, ..s };
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s3, 2)).await.unwrap(), accounts);
+}
