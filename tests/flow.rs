@@ -307,10 +307,24 @@ async fn a_broker_down_at_start_is_waited_for() {
 /// journal rebuilds the model's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_with_the_kafka_journal() {
+    crash_loop(false).await;
+}
+
+/// The same with the sled journal: positions stored with the events, outputs produced again from
+/// the outbox after a crash between the sled write and the Kafka commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_with_the_sled_journal() {
+    crash_loop(true).await;
+}
+
+async fn crash_loop(sled: bool) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let s = setup(4).await;
     let txn = unique("txn");
+    let sled_dir = tempfile::tempdir().unwrap();
+    let journal =
+        if sled { format!("sled:{}", sled_dir.path().join("j").display()) } else { format!("kafka:{}", s.journal) };
     let cmds = workload(3000, 60, 7);
     let (replies, accounts) = expected(&cmds);
     let seed: u64 = rand::random();
@@ -328,7 +342,7 @@ async fn crash_loop_with_the_kafka_journal() {
         let mut c = crate::util::eventstage()
             .args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
             .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", &txn])
-            .args(["--journal", &format!("kafka:{}", s.journal), "--commit-interval", "50ms", "--partitions", "4"])
+            .args(["--journal", &journal, "--commit-interval", "50ms", "--partitions", "4"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -364,7 +378,31 @@ async fn crash_loop_with_the_kafka_journal() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert!(status.success() && rest.contains("flow stopped after draining"), "{status}: {rest}");
-    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
+    if sled {
+        assert_eq!(sled_state(&sled_dir.path().join("j"), 4).await, accounts, "seed {seed}");
+    } else {
+        assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
+    }
+}
+
+/// The state per key in a flow's sled journal (all partitions), rebuilt by replaying the events.
+async fn sled_state(dir: &std::path::Path, partitions: i32) -> BTreeMap<String, Account> {
+    use eventstage::journal::{EventQuery, Progress, SledStore};
+    let store = SledStore::open(dir).unwrap();
+    let mut state = BTreeMap::new();
+    for p in 0..partitions {
+        let journal = store.existing_journal(&format!("bank/p{p}")).unwrap();
+        for (k, (account, _)) in
+            eventstage::rebuild::<eventstage::stages::bank::Bank, _>(&journal, EventQuery::all(), &Progress::none())
+                .await
+                .unwrap()
+        {
+            if account != Account::default() {
+                state.insert(k, account);
+            }
+        }
+    }
+    state
 }
 
 fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread::JoinHandle<()> {
@@ -469,4 +507,44 @@ async fn a_compacted_journal_restores_the_same_state() {
     flow.drain_and_shutdown().await.unwrap();
     let s3 = Setup { journal: compacted, ..s };
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s3, 2)).await.unwrap(), accounts);
+}
+
+/// The window the outbox exists for, hit on purpose: the process dies right after a sled write and
+/// before the Kafka commit. The restarted flow does not apply those inputs again and produces their
+/// outputs from the outbox: still exactly one reply per command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_sled_write_and_the_kafka_commit_is_repaired_from_the_outbox() {
+    use std::process::Stdio;
+    let s = setup(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = format!("sled:{}", dir.path().join("j").display());
+    let cmds = workload(400, 10, 31);
+    let (replies, accounts) = expected(&cmds);
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    let run = |crash: Option<&str>| {
+        let mut cmd = crate::util::eventstage();
+        cmd.args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
+            .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", "outbox-test"])
+            .args(["--journal", &journal, "--commit-interval", "20ms", "--partitions", "2"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(n) = crash {
+            cmd.env("EVENTSTAGE_CRASH_AFTER_SLED_WRITES", n);
+        }
+        cmd.spawn().unwrap()
+    };
+    let crashed = run(Some("1")).wait_with_output().unwrap();
+    assert!(!crashed.status.success(), "the fault injection aborts the process");
+    assert!(String::from_utf8_lossy(&crashed.stderr).contains("aborting after sled write 1"));
+    let survivor = run(None);
+    let s2 = clone_setup(&s);
+    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    std::process::Command::new("kill").args(["-TERM", &survivor.id().to_string()]).status().unwrap();
+    let out = survivor.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("producing their outputs again from the outbox"), "the outbox path ran: {log}");
+    assert_eq!(sled_state(&dir.path().join("j"), 2).await, accounts);
 }

@@ -88,6 +88,9 @@ pub trait Journal: Send + Sync + 'static {
     /// The last stored source position of every `(topic, partition)`.
     fn positions(&self) -> impl Future<Output = Result<Vec<SourcePosition>>> + Send;
 
+    /// The metadata value stored under `key` by [`Batch::meta`], if any.
+    fn meta(&self, key: &[u8]) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
+
     /// Counts and sizes.
     fn stats(&self) -> impl Future<Output = Result<JournalStats>> + Send;
 

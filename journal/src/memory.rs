@@ -24,6 +24,7 @@ struct Inner {
     events: BTreeMap<Vec<u8>, Vec<(Envelope, u64)>>,
     snapshots: BTreeMap<Vec<u8>, SnapshotRecord>,
     positions: BTreeMap<(String, i32), i64>,
+    meta: BTreeMap<Vec<u8>, Vec<u8>>,
     batches: u64,
 }
 
@@ -95,6 +96,12 @@ impl Journal for MemoryJournal {
         for p in batch.positions {
             inner.positions.insert((p.topic, p.partition), p.next_offset);
         }
+        for (k, v) in batch.meta {
+            match v {
+                Some(v) => inner.meta.insert(k, v),
+                None => inner.meta.remove(&k),
+            };
+        }
         inner.batches += 1;
         Ok(Committed { batch: inner.batches })
     }
@@ -156,6 +163,10 @@ impl Journal for MemoryJournal {
                 next_offset: *off,
             })
             .collect())
+    }
+
+    async fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().meta.get(key).cloned())
     }
 
     async fn stats(&self) -> Result<JournalStats> {

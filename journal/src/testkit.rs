@@ -60,6 +60,7 @@ pub async fn conformance<J: Journal, F: Future<Output = J>>(mut make: impl FnMut
     sequence_conflicts_write_nothing(&make().await).await;
     snapshots_and_recovery(&make().await).await;
     positions(&make().await).await;
+    meta(&make().await).await;
     long_histories_stream_in_chunks(&make().await).await;
 }
 
@@ -181,6 +182,20 @@ async fn positions<J: Journal>(j: &J) {
         .await
         .expect("append");
     assert_eq!(j.positions().await.expect("positions"), vec![pos("in", 0, 11), pos("in", 1, 5)]);
+}
+
+async fn meta<J: Journal>(j: &J) {
+    assert_eq!(j.meta(b"outbox").await.expect("meta"), None);
+    let put = |v: Option<&[u8]>| Batch { meta: vec![(b"outbox".to_vec(), v.map(<[u8]>::to_vec))], ..Batch::default() };
+    j.append(put(Some(b"one"))).await.expect("append");
+    j.append(put(Some(b"two"))).await.expect("append");
+    assert_eq!(j.meta(b"outbox").await.expect("meta"), Some(b"two".to_vec()));
+    j.append(put(None)).await.expect("append");
+    assert_eq!(j.meta(b"outbox").await.expect("meta"), None);
+    // A refused batch does not write its metadata either.
+    let bad = Batch { events: vec![event(b"k", 5, b"gap", 1)], ..put(Some(b"three")) };
+    assert!(j.append(bad).await.is_err());
+    assert_eq!(j.meta(b"outbox").await.expect("meta"), None);
 }
 
 async fn long_histories_stream_in_chunks<J: Journal>(j: &J) {

@@ -70,12 +70,16 @@ pub struct Batch {
     pub snapshots: Vec<SnapshotRecord>,
     /// Source positions covered by this batch; each replaces the previous one of its partition.
     pub positions: Vec<SourcePosition>,
+    /// Opaque metadata written atomically with the batch (`None` deletes the key). Flows keep their
+    /// outbox here: the outputs of the last batch, produced again if the process died before Kafka
+    /// committed them.
+    pub meta: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Batch {
     /// True when the batch writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.snapshots.is_empty() && self.positions.is_empty()
+        self.events.is_empty() && self.snapshots.is_empty() && self.positions.is_empty() && self.meta.is_empty()
     }
 }
 

@@ -1,11 +1,16 @@
 //! The flow thread: consumer, transactional producer and per-partition state, all on one thread.
 
-use super::{BadInput, Decoder, FlowError, InputRecord, Metrics, Outputs, Processed, ABORT, DRAIN};
+use super::sled_backend::SledBackend;
+use super::{
+    BadInput, Decoder, FlowError, FlowJournal, InputRecord, Metrics, OutputRecord, Outputs, Processed, ABORT, DRAIN,
+};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::replay::Entity;
 use crate::stage::{EntityKey, EventSourced};
-use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo};
+use eventstage_journal::{
+    printable_key, Envelope, EventRecord, JournalEntry, KafkaJournal, SeqNo, SnapshotRecord, SourcePosition,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
@@ -29,7 +34,8 @@ pub(super) struct Settings {
     pub(super) producer: ClientConfig,
     pub(super) transactional_id: String,
     pub(super) inputs: Vec<String>,
-    pub(super) journal_topic: String,
+    pub(super) journal: FlowJournal,
+    pub(super) snapshot_every: u64,
     pub(super) commit_interval: Duration,
     pub(super) bad_input: BadInput,
     pub(super) codec: Codec,
@@ -115,10 +121,21 @@ struct Offsets {
     next: i64,
 }
 
+enum Backend {
+    Kafka(KafkaJournal),
+    Sled(SledBackend),
+}
+
 struct Core<S: EventSourced> {
     parts: Parts<S>,
     producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-    journal: KafkaJournal,
+    backend: Backend,
+    rt: tokio::runtime::Runtime,
+    snapshot_every: u64,
+    /// Per input partition, offsets below this were applied already (sled positions ahead of Kafka).
+    applied_until: HashMap<(String, i32), i64>,
+    /// Seeks to do once librdkafka has made the assignment.
+    pending_seeks: Vec<(String, i32, i64)>,
     transactional_id: String,
     bad_input: BadInput,
     codec: Codec,
@@ -150,6 +167,21 @@ impl<S: EventSourced> ConsumerContext for FlowContext<S> {
             core.failure.get_or_insert(e);
         }
     }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut core = lock(&self.core);
+        if !matches!(rebalance, Rebalance::Assign(_)) || core.pending_seeks.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p, o) in std::mem::take(&mut core.pending_seeks) {
+            let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
+        }
+        // Only an optimisation: records below the sled positions are skipped anyway.
+        if let Err(e) = consumer.seek_partitions(tpl, TXN_TIMEOUT) {
+            tracing::warn!(error = %e, "seek past inputs applied before a crash failed; they are skipped as they arrive");
+        }
+    }
 }
 
 type FlowConsumer<S> = BaseConsumer<FlowContext<S>>;
@@ -171,7 +203,10 @@ impl<S: EventSourced> Core<S> {
                 continue;
             }
             self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
-            let restored = self.restore(p);
+            let restored = match self.backend {
+                Backend::Kafka(_) => self.restore(p),
+                Backend::Sled(_) => self.restore_sled(p),
+            };
             self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
             self.partitions.insert(p, restored?);
         }
@@ -180,8 +215,47 @@ impl<S: EventSourced> Core<S> {
         Ok(())
     }
 
+    /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
+    /// offsets (see `sled_backend`).
+    fn restore_sled(&mut self, p: i32) -> Result<PartitionState<S>, FlowError> {
+        let Backend::Sled(sled) = &mut self.backend else { return Err(FlowError::Config("not a sled journal".into())) };
+        let restored = sled.restore::<S>(&self.rt, p)?;
+        let dir = sled.dir().to_path_buf();
+        let stored: HashMap<(String, i32), i64> =
+            restored.positions.iter().map(|pos| ((pos.topic.clone(), pos.partition), pos.next_offset)).collect();
+        let mut ahead = false;
+        for ((topic, part), o) in self.offsets.iter_mut().filter(|((_, part), _)| *part == p) {
+            let sled_next = stored.get(&(topic.clone(), *part)).copied().unwrap_or(-1);
+            if sled_next < o.committed {
+                return Err(FlowError::Config(format!(
+                    "the sled journal at {} is behind the group's committed offset of {topic}[{part}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
+                    dir.display(),
+                    o.committed
+                )));
+            }
+            self.applied_until.insert((topic.clone(), *part), sled_next);
+            if sled_next > o.committed {
+                tracing::warn!(topic = %topic, partition = part, kafka = o.committed, sled = sled_next,
+                    "inputs were applied before a crash but not committed to Kafka: producing their outputs again from the outbox");
+                o.next = sled_next;
+                self.pending_seeks.push((topic.clone(), *part, sled_next));
+                ahead = true;
+            }
+        }
+        if ahead {
+            self.dirty = true;
+            for o in &restored.outbox {
+                self.emit(p, o)?;
+            }
+        }
+        Ok(PartitionState { committed: restored.entities, overlay: HashMap::new() })
+    }
+
     fn restore(&self, p: i32) -> Result<PartitionState<S>, FlowError> {
-        let latest = self.journal.latest_per_key(p, RESTORE_STALL)?;
+        let Backend::Kafka(journal) = &self.backend else {
+            return Err(FlowError::Config("not a Kafka journal".into()));
+        };
+        let latest = journal.latest_per_key(p, RESTORE_STALL)?;
         let records = latest.len() as u64;
         let mut committed = HashMap::with_capacity(latest.len());
         for (raw, entry) in latest {
@@ -217,6 +291,14 @@ impl<S: EventSourced> Core<S> {
         }
         let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
         self.partitions.retain(|p, _| still.contains(p));
+        self.applied_until.retain(|(_, p), _| still.contains(p));
+        if let Backend::Sled(sled) = &mut self.backend {
+            for el in tpl.elements() {
+                if !still.contains(&el.partition()) {
+                    sled.release(el.partition());
+                }
+            }
+        }
         self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
         tracing::info!(partitions = tpl.count(), "revoked");
         committed
@@ -255,6 +337,23 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
+    /// Produces an output record of partition `p`'s transaction (and keeps it in the sled outbox).
+    fn emit(&mut self, p: i32, o: &OutputRecord) -> Result<(), FlowError> {
+        let mut headers = None;
+        if !o.headers.is_empty() {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in &o.headers {
+                h = h.insert(Header { key: k, value: Some(v.as_slice()) });
+            }
+            headers = Some(h);
+        }
+        self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)?;
+        if let Backend::Sled(sled) = &mut self.backend {
+            sled.stage_output(p, o);
+        }
+        Ok(())
+    }
+
     /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
     fn producer_error(&self, context: String, e: KafkaError) -> FlowError {
         let fenced = classify(&e) == TxnFailure::Fenced
@@ -283,19 +382,18 @@ impl<S: EventSourced> Core<S> {
             }),
             BadInput::DeadLetter(dlq) => {
                 tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, "bad input record");
-                let headers = OwnedHeaders::new()
-                    .insert(Header { key: "eventstage.source.topic", value: Some(input.topic.as_bytes()) })
-                    .insert(Header {
-                        key: "eventstage.source.partition",
-                        value: Some(input.partition.to_string().as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "eventstage.source.offset",
-                        value: Some(input.offset.to_string().as_bytes()),
-                    })
-                    .insert(Header { key: "eventstage.error", value: Some(reason.as_bytes()) });
-                let dlq = dlq.clone();
-                self.produce(&dlq, None, input.key.as_deref(), input.value.as_deref(), Some(headers))?;
+                let record = OutputRecord {
+                    topic: dlq.clone(),
+                    key: input.key.clone(),
+                    value: input.value.clone(),
+                    headers: vec![
+                        ("eventstage.source.topic".into(), input.topic.as_bytes().to_vec()),
+                        ("eventstage.source.partition".into(), input.partition.to_string().into_bytes()),
+                        ("eventstage.source.offset".into(), input.offset.to_string().into_bytes()),
+                        ("eventstage.error".into(), reason.into_bytes()),
+                    ],
+                };
+                self.emit(input.partition, &record)?;
                 self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -310,6 +408,10 @@ impl<S: EventSourced> Core<S> {
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().map(<[u8]>::to_vec),
         };
+        if self.applied_until.get(&(input.topic.clone(), input.partition)).is_some_and(|&until| input.offset < until) {
+            // Applied before a crash (sled positions); its outputs were produced again from the outbox.
+            return Ok(());
+        }
         let Some(offsets) = self.offsets.get_mut(&(input.topic.clone(), input.partition)) else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
@@ -368,13 +470,30 @@ impl<S: EventSourced> Core<S> {
             }
             let seq = SeqNo(entity.seq.0 + events.len() as u64);
             let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, ts, enc(self.codec.encode(state))?);
-            let entry = JournalEntry { last_seq: seq, events: envelopes, state: Some(snapshot) };
-            let raw_key = key.to_bytes();
-            let journal_topic = self.journal.topic().to_string();
-            if S::is_deleted(state) {
-                self.produce(&journal_topic, Some(p), Some(&raw_key), None, None)?;
-            } else {
-                self.produce(&journal_topic, Some(p), Some(&raw_key), Some(&entry.encode()), None)?;
+            let raw_key = key.to_bytes().into_owned();
+            match &mut self.backend {
+                Backend::Kafka(journal) => {
+                    let entry = JournalEntry { last_seq: seq, events: envelopes, state: Some(snapshot) };
+                    let journal_topic = journal.topic().to_string();
+                    let value = (!S::is_deleted(state)).then(|| entry.encode());
+                    self.produce(&journal_topic, Some(p), Some(&raw_key), value.as_deref(), None)?;
+                }
+                Backend::Sled(sled) => {
+                    let first = entity.seq.0 + 1;
+                    let records = envelopes
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, envelope)| EventRecord {
+                            key: raw_key.clone(),
+                            seq: SeqNo(first + i as u64),
+                            envelope,
+                        })
+                        .collect();
+                    let every = self.snapshot_every;
+                    let due = every > 0 && seq.0 / every > entity.seq.0 / every;
+                    let snap = due.then(|| SnapshotRecord { key: raw_key.clone(), seq, envelope: snapshot });
+                    sled.stage(p, records, snap);
+                }
             }
         }
         let outputs = (self.parts.outputs)(&Processed {
@@ -385,20 +504,12 @@ impl<S: EventSourced> Core<S> {
             state: state_ref,
         });
         for o in &outputs {
-            let mut headers = None;
-            if !o.headers.is_empty() {
-                let mut h = OwnedHeaders::new();
-                for (k, v) in &o.headers {
-                    h = h.insert(Header { key: k, value: Some(v.as_slice()) });
-                }
-                headers = Some(h);
-            }
-            self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)?;
+            self.emit(p, o)?;
         }
         self.metrics.records_out.fetch_add(outputs.len() as u64, Ordering::Relaxed);
         if let Some(state) = new_state {
             let seq = SeqNo(entity.seq.0 + events.len() as u64);
-            let entity = if S::is_deleted(&state) {
+            let entity = if S::is_deleted(&state) && matches!(self.backend, Backend::Kafka(_)) {
                 Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO }
             } else {
                 Entity { state: Arc::new(state), seq }
@@ -421,6 +532,28 @@ impl<S: EventSourced> Core<S> {
         for ((topic, p), o) in &self.offsets {
             if o.next > o.committed && o.next >= 0 {
                 tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
+            }
+        }
+        // With sled, sled is the state of record: write events, positions and outbox first.
+        let mut sled_written = false;
+        if let Backend::Sled(sled) = &mut self.backend {
+            let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
+            for ((topic, p), o) in &self.offsets {
+                if o.next > o.committed && o.next >= 0 {
+                    positions.entry(*p).or_default().push(SourcePosition {
+                        topic: topic.clone(),
+                        partition: *p,
+                        next_offset: o.next,
+                    });
+                }
+            }
+            // A failed sled write stops the flow: the restart recovers from whatever sled holds.
+            sled.write::<S>(&self.rt, positions)?;
+            sled_written = true;
+            crash_point_after_sled_write();
+            for part in self.partitions.values_mut() {
+                let overlay = std::mem::take(&mut part.overlay);
+                part.committed.extend(overlay);
             }
         }
         let mut attempt = 0;
@@ -459,6 +592,14 @@ impl<S: EventSourced> Core<S> {
                     return Err(FlowError::Fenced { transactional_id: self.transactional_id.clone() })
                 }
                 TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
+                TxnFailure::Abort | TxnFailure::Retry if sled_written => {
+                    tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
+                    self.redo_outbox(consumer, &tpl)?;
+                    for o in self.offsets.values_mut() {
+                        o.committed = o.next;
+                    }
+                    self.dirty = false;
+                }
                 TxnFailure::Abort | TxnFailure::Retry => {
                     tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
                     self.abort_and_rewind(consumer)?;
@@ -468,6 +609,49 @@ impl<S: EventSourced> Core<S> {
         self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
     }
 
+    /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
+    /// and try again with the outbox until it does (or the producer is fenced).
+    fn redo_outbox(&mut self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> Result<(), FlowError> {
+        let Backend::Sled(sled) = &self.backend else { return Ok(()) };
+        let outbox = sled.written().to_vec();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            self.producer
+                .abort_transaction(TXN_TIMEOUT)
+                .map_err(|e| self.producer_error("abort transaction".into(), e))?;
+            self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
+            self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))?;
+            for o in &outbox {
+                let mut headers = None;
+                if !o.headers.is_empty() {
+                    let mut h = OwnedHeaders::new();
+                    for (k, v) in &o.headers {
+                        h = h.insert(Header { key: k, value: Some(v.as_slice()) });
+                    }
+                    headers = Some(h);
+                }
+                self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)?;
+            }
+            let r = match consumer.group_metadata() {
+                Some(gm) if offsets.count() > 0 => self.producer.send_offsets_to_transaction(offsets, &gm, TXN_TIMEOUT),
+                _ => Ok(()),
+            }
+            .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT));
+            match r {
+                Ok(()) => {
+                    self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(self.producer_error("commit outbox".into(), e)),
+            }
+        }
+    }
+
     fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
         if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
             return Err(self.producer_error("abort transaction".into(), e));
@@ -475,6 +659,9 @@ impl<S: EventSourced> Core<S> {
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
         for part in self.partitions.values_mut() {
             part.overlay.clear();
+        }
+        if let Backend::Sled(sled) = &mut self.backend {
+            sled.discard();
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), o) in self.offsets.iter_mut() {
@@ -498,6 +685,22 @@ impl<S: EventSourced> Core<S> {
             }
         }
         self.metrics.lag.store(lag, Ordering::Relaxed);
+    }
+}
+
+/// Fault injection for the crash tests: with `EVENTSTAGE_CRASH_AFTER_SLED_WRITES=n` in the
+/// environment, the process aborts right after its n-th sled write, before the Kafka commit: the
+/// window the outbox exists for. Unset, this costs one atomic load per commit.
+fn crash_point_after_sled_write() {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let limit =
+        LIMIT.get_or_init(|| std::env::var("EVENTSTAGE_CRASH_AFTER_SLED_WRITES").ok().and_then(|v| v.parse().ok()));
+    if let Some(limit) = limit {
+        if WRITES.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+            eprintln!("EVENTSTAGE_CRASH_AFTER_SLED_WRITES: aborting after sled write {limit}");
+            std::process::abort();
+        }
     }
 }
 
@@ -540,7 +743,13 @@ pub(super) fn run<S: EventSourced>(
         .enable_all()
         .build()
         .map_err(|e| FlowError::Config(e.to_string()))?;
-    let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), &settings.journal_topic, partitions))?;
+    let (backend, journal_name) = match &settings.journal {
+        FlowJournal::Kafka(topic) => (
+            Backend::Kafka(rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?),
+            topic.clone(),
+        ),
+        FlowJournal::Sled(dir) => (Backend::Sled(SledBackend::open(dir)?), format!("sled:{}", dir.display())),
+    };
     let producer: ThreadedProducer<_> = settings.producer.create().map_err(|e| kafka("producer", e))?;
     with_backoff(
         "initializing transactions",
@@ -552,7 +761,11 @@ pub(super) fn run<S: EventSourced>(
     let core = Arc::new(Mutex::new(Core {
         parts,
         producer,
-        journal,
+        backend,
+        rt,
+        snapshot_every: settings.snapshot_every,
+        applied_until: HashMap::new(),
+        pending_seeks: Vec::new(),
         transactional_id: settings.transactional_id.clone(),
         bad_input: settings.bad_input.clone(),
         codec: settings.codec,
@@ -566,7 +779,7 @@ pub(super) fn run<S: EventSourced>(
         settings.consumer.create_with_context(FlowContext { core: core.clone() }).map_err(|e| kafka("consumer", e))?;
     let topics: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
-    tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %settings.journal_topic, transactional_id = %settings.transactional_id, "flow running");
+    tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %journal_name, transactional_id = %settings.transactional_id, "flow running");
 
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();

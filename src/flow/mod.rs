@@ -22,6 +22,7 @@
 //!   the tokio runtime; [`FlowControl`] is async.
 
 mod engine;
+mod sled_backend;
 
 use crate::stage::EventSourced;
 use rdkafka::ClientConfig;
@@ -48,7 +49,7 @@ pub struct InputRecord {
 }
 
 /// A record to produce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputRecord {
     /// Destination topic.
     pub topic: String,
@@ -92,6 +93,18 @@ pub type Decoder<S> =
     Box<dyn Fn(&InputRecord) -> Result<(<S as EventSourced>::Key, <S as EventSourced>::Command), String> + Send>;
 /// Maps an outcome to zero, one or many output records.
 pub type Outputs<S> = Box<dyn Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send>;
+
+/// Where a flow keeps its entities' events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlowJournal {
+    /// A compacted Kafka topic (created if missing): state follows partitions across instances.
+    Kafka(String),
+    /// A local sled store: events and consumed positions in one write, plus an outbox. The store is
+    /// local to one instance, so partitions must not move to other instances (run one instance, or
+    /// one per fixed set of partitions).
+    Sled(std::path::PathBuf),
+}
 
 /// What to do with an input record that does not decode (or whose handler panics).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,7 +312,8 @@ pub struct FlowBuilder<S: EventSourced> {
     producer: BTreeMap<String, String>,
     transactional_id: Option<String>,
     commit_interval: Duration,
-    journal_topic: Option<String>,
+    journal: Option<FlowJournal>,
+    snapshot_every: u64,
     decoder: Option<Decoder<S>>,
     outputs: Option<Outputs<S>>,
     bad_input: Option<BadInput>,
@@ -329,7 +343,8 @@ impl<S: EventSourced> FlowBuilder<S> {
             producer: BTreeMap::new(),
             transactional_id: None,
             commit_interval: Duration::from_millis(100),
-            journal_topic: None,
+            journal: None,
+            snapshot_every: 100,
             decoder: None,
             outputs: None,
             bad_input: None,
@@ -366,10 +381,24 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
-    /// The journal topic. Default: `<stage name>-journal`.
+    /// The Kafka journal topic. Default: `<stage name>-journal`.
     #[must_use]
     pub fn journal_topic(mut self, topic: impl Into<String>) -> Self {
-        self.journal_topic = Some(topic.into());
+        self.journal = Some(FlowJournal::Kafka(topic.into()));
+        self
+    }
+
+    /// Journal in a local sled store at `dir` instead of Kafka (see [`FlowJournal::Sled`]).
+    #[must_use]
+    pub fn sled_journal(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.journal = Some(FlowJournal::Sled(dir.into()));
+        self
+    }
+
+    /// With the sled journal: a snapshot of a key every this many events (0: none). Default: 100.
+    #[must_use]
+    pub fn snapshot_every(mut self, n: u64) -> Self {
+        self.snapshot_every = n;
         self
     }
 
@@ -442,7 +471,8 @@ impl<S: EventSourced> FlowBuilder<S> {
             producer,
             transactional_id,
             inputs: self.inputs,
-            journal_topic: self.journal_topic.unwrap_or_else(|| format!("{}-journal", S::NAME)),
+            journal: self.journal.unwrap_or_else(|| FlowJournal::Kafka(format!("{}-journal", S::NAME))),
+            snapshot_every: self.snapshot_every,
             commit_interval: self.commit_interval,
             bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),
             codec: self.codec,

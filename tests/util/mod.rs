@@ -103,6 +103,9 @@ impl<J: Journal + Clone> Journal for Gated<J> {
     fn positions(&self) -> impl Future<Output = Result<Vec<SourcePosition>, JournalError>> + Send {
         self.inner.positions()
     }
+    fn meta(&self, key: &[u8]) -> impl Future<Output = Result<Option<Vec<u8>>, JournalError>> + Send {
+        self.inner.meta(key)
+    }
     fn stats(&self) -> impl Future<Output = Result<JournalStats, JournalError>> + Send {
         self.inner.stats()
     }

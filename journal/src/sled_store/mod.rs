@@ -50,6 +50,7 @@ const E: u8 = b'e';
 const K: u8 = b'k';
 const S: u8 = b's';
 const P: u8 = b'p';
+const X: u8 = b'x';
 const BATCH_KEY: &[u8] = b"mbatch";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -225,6 +226,13 @@ impl JournalInner {
         }
         for p in &batch.positions {
             writes.insert(position_key(&p.topic, p.partition), &p.next_offset.to_be_bytes());
+        }
+        for (k, v) in &batch.meta {
+            let key = prefixed_key(X, k);
+            match v {
+                Some(v) => writes.insert(key, v.as_slice()),
+                None => writes.remove(key),
+            }
         }
         let number = *last_batch + 1;
         writes.insert(BATCH_KEY, &number.to_be_bytes());
@@ -442,6 +450,11 @@ impl Journal for SledJournal {
 
     fn positions(&self) -> impl std::future::Future<Output = Result<Vec<SourcePosition>>> + Send {
         self.spawn(JournalInner::positions_blocking)
+    }
+
+    fn meta(&self, key: &[u8]) -> impl std::future::Future<Output = Result<Option<Vec<u8>>>> + Send {
+        let key = prefixed_key(X, key);
+        self.spawn(move |j| Ok(j.tree.get(&key).map_err(|e| j.storage(e))?.map(|v| v.to_vec())))
     }
 
     fn stats(&self) -> impl std::future::Future<Output = Result<JournalStats>> + Send {

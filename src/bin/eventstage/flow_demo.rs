@@ -28,7 +28,8 @@ pub(crate) struct FlowArgs {
     /// Consumer group.
     #[arg(long, default_value = "eventstage-bank")]
     group: String,
-    /// Journal: `kafka:TOPIC` (a compacted topic, created if missing).
+    /// Journal: `kafka:TOPIC` (a compacted topic, created if missing) or `sled:DIR` (a local store
+    /// with the consumed positions and an outbox; one instance only).
     #[arg(long, default_value = "kafka:bank-journal")]
     journal: String,
     /// How often a transaction commits.
@@ -77,16 +78,21 @@ fn print_metrics(m: &FlowMetrics) {
 pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let Some(brokers) = args.brokers.clone() else { bail!("--brokers is required for the flow demo") };
     let journal = match args.journal.split_once(':') {
-        Some(("kafka", topic)) if !topic.is_empty() => topic.to_string(),
-        Some(("sled", _)) => bail!("--journal sled:DIR is not available in flows yet; use --journal kafka:TOPIC"),
-        _ => bail!("--journal must be kafka:TOPIC (got `{}`)", args.journal),
+        Some(("kafka", topic)) if !topic.is_empty() => eventstage::flow::FlowJournal::Kafka(topic.into()),
+        Some(("sled", dir)) if !dir.is_empty() => eventstage::flow::FlowJournal::Sled(dir.into()),
+        _ => bail!("--journal must be kafka:TOPIC or sled:DIR (got `{}`)", args.journal),
     };
     ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions).await?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     let txn = args.transactional_id.clone().unwrap_or_else(|| format!("eventstage-{}-{host}", args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
-    let flow = bank_flow(&brokers, &args.group, topics)
-        .journal_topic(&journal)
+    let flow = bank_flow(&brokers, &args.group, topics);
+    let flow = match &journal {
+        eventstage::flow::FlowJournal::Kafka(topic) => flow.journal_topic(topic),
+        eventstage::flow::FlowJournal::Sled(dir) => flow.sled_journal(dir),
+        other => bail!("unsupported journal {other:?}"),
+    };
+    let flow = flow
         .transactional_id(&txn)
         .commit_interval(args.commit_interval)
         // A restarted instance (same transactional id) takes its old place in the group at once.
@@ -94,8 +100,8 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
         .consumer_property("session.timeout.ms", "10000")
         .run()?;
     println!(
-        "flow running: {} -> {} / {}, journal {journal}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
-        args.input, args.replies, args.events, args.group
+        "flow running: {} -> {} / {}, journal {}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
+        args.input, args.replies, args.events, args.journal, args.group
     );
     std::io::Write::flush(&mut std::io::stdout())?;
     let stopper = flow.stopper();
