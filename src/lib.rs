@@ -7,6 +7,7 @@
 //! | [`EventSourced`], [`Effect`] | the stage API: command handler, event handler, upcasting |
 //! | [`StageRuntime`], [`StageHandle`] | the in-process runtime: group commit, back-pressure, queries |
 //! | [`rebuild`] | state at any point of a journal's history |
+//! | [`flow`] | exactly-once Kafka flows: consume → stage → produce in transactions (feature `kafka`) |
 //! | [`testkit`] | given / when / then tests for stages |
 //! | [`cli`] | the `eventstage` command line, for your own binary with your own stages |
 //! | [`journal`] | the bytes-level journal crate (`eventstage-journal`) re-exported |

@@ -20,10 +20,10 @@ use crate::error::{EnvelopeError, JournalError, Result};
 use crate::{CodecId, Envelope, RecordKind, SeqNo};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,20 @@ impl JournalEntry {
         Ok(Self { last_seq, events, state })
     }
 }
+
+/// The restore consumer's context: reaching the end of a partition is how a restore ends, not an
+/// error worth logging.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "journal restore consumer error");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
 
 /// What a restore read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -212,7 +226,8 @@ impl KafkaJournal {
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = config.create().map_err(|e| kafka_err(topic, "restore consumer", e))?;
+        let consumer: BaseConsumer<RestoreContext> =
+            config.create_with_context(RestoreContext).map_err(|e| kafka_err(topic, "restore consumer", e))?;
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, Duration::from_secs(30))
             .map_err(|e| kafka_err(topic, "watermarks", e))?;

@@ -1,11 +1,19 @@
 //! `eventstage demo --brokers HOST:PORT`: the bank stage as an exactly-once Kafka flow.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+#[cfg(feature = "kafka")]
+use anyhow::Context;
+#[cfg(feature = "kafka")]
 use eventstage::flow::FlowMetrics;
+#[cfg(feature = "kafka")]
 use eventstage::stages::bank_flow::{bank_flow, BankTopics};
+#[cfg(feature = "kafka")]
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+#[cfg(feature = "kafka")]
 use rdkafka::client::DefaultClientContext;
+#[cfg(feature = "kafka")]
 use rdkafka::types::RDKafkaErrorCode;
+#[cfg(feature = "kafka")]
 use rdkafka::ClientConfig;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -43,6 +51,12 @@ pub(crate) struct FlowArgs {
     partitions: i32,
 }
 
+#[cfg(not(feature = "kafka"))]
+pub(crate) async fn run(_args: FlowArgs) -> anyhow::Result<ExitCode> {
+    bail!("this eventstage was built without Kafka support; rebuild with `--features kafka` (a default feature)")
+}
+
+#[cfg(feature = "kafka")]
 async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new: Vec<NewTopic<'_>> =
@@ -60,6 +74,7 @@ async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyho
     Ok(())
 }
 
+#[cfg(feature = "kafka")]
 fn print_metrics(m: &FlowMetrics) {
     println!(
         "metrics:  {} records in, {} out, {} dead letters, {} transactions ({} aborted), last commit {:?}, max {:?}, {} journal records restored, lag {}",
@@ -75,6 +90,7 @@ fn print_metrics(m: &FlowMetrics) {
     );
 }
 
+#[cfg(feature = "kafka")]
 pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let Some(brokers) = args.brokers.clone() else { bail!("--brokers is required for the flow demo") };
     let journal = match args.journal.split_once(':') {
