@@ -419,8 +419,9 @@ fn clone_setup(s: &Setup) -> Setup {
     Setup { brokers: s.brokers.clone(), topics: s.topics.clone(), journal: s.journal.clone(), group: s.group.clone() }
 }
 
-/// Invariant 5: a second instance joins mid-stream, then the first leaves; partitions (and their
-/// state) move twice, and still every command is answered exactly once, as the model says.
+/// Invariant 5: a second instance joins mid-stream, then the first dies (aborting its open
+/// transaction); partitions (and their state) move twice, and still every command is answered
+/// exactly once, as the model says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalances_lose_and_duplicate_nothing() {
     let s = setup(4).await;
@@ -443,7 +444,7 @@ async fn rebalances_lose_and_duplicate_nothing() {
         .await;
     assert!(first.metrics().assigned_partitions < 4, "the partitions are split");
     crate::util::wait_until("both to process more", || second.metrics().records_in >= 100).await;
-    first.drain_and_shutdown().await.unwrap();
+    first.abort().await.unwrap();
     feeder.join().unwrap();
     feed_slowly(&s, &cmds[1000..]).join().unwrap();
     let s2 = clone_setup(&s);
@@ -547,4 +548,26 @@ async fn a_crash_between_the_sled_write_and_the_kafka_commit_is_repaired_from_th
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("producing their outputs again from the outbox"), "the outbox path ran: {log}");
     assert_eq!(sled_state(&dir.path().join("j"), 2).await, accounts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_can_stop_the_flow_instead() {
+    let s = setup(1).await;
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .bad_input(eventstage::flow::BadInput::Stop)
+        .run()
+        .unwrap();
+    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
+    tokio::task::spawn_blocking(move || {
+        let p = producer(&b);
+        send(&p, &input, "acct-1", &wire("c1", BankCommand::Open));
+        send(&p, &input, "acct-1", b"garbage");
+        flush(&p);
+    })
+    .await
+    .unwrap();
+    let err = tokio::time::timeout(crate::util::DEADLINE, flow.wait()).await.expect("the flow stops").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("{}[0]@1", s.topics.input)) && msg.contains("not a bank command"), "{msg}");
 }
