@@ -571,3 +571,36 @@ async fn bad_input_can_stop_the_flow_instead() {
     let msg = err.to_string();
     assert!(msg.contains(&format!("{}[0]@1", s.topics.input)) && msg.contains("not a bank command"), "{msg}");
 }
+
+/// The broker goes away mid-run and comes back: the flow retries, and every command is still
+/// answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_mid_run_loses_and_duplicates_nothing() {
+    use crate::util::broker::{free_port, wait_ready, LocalBroker};
+    let port = free_port();
+    let broker = LocalBroker::spawn(port, tempfile::tempdir().unwrap());
+    wait_ready(&broker.brokers);
+    let addr = broker.brokers.clone();
+    let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
+    for t in [&topics.input, &topics.replies, &topics.events] {
+        create_topic(&addr, t, 2, &[]).await;
+    }
+    let s = Setup { brokers: addr.clone(), topics, journal: unique("journal"), group: unique("group") };
+    let cmds = workload(300, 10, 41);
+    let (first, second) = cmds.split_at(150);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), first.to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    crate::util::wait_until("the first half to be processed", || flow.metrics().records_in >= 150).await;
+    let data = broker.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    let _broker = LocalBroker::spawn(port, data);
+    wait_ready(&addr);
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), second.to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    let (replies, accounts) = expected(&cmds);
+    let s2 = clone_setup(&s);
+    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}

@@ -142,6 +142,8 @@ struct Core<S: EventSourced> {
     partitions: BTreeMap<i32, PartitionState<S>>,
     offsets: BTreeMap<(String, i32), Offsets>,
     dirty: bool,
+    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
+    consecutive_aborts: u32,
     failure: Option<FlowError>,
     metrics: Arc<Metrics>,
 }
@@ -582,6 +584,7 @@ impl<S: EventSourced> Core<S> {
                     o.committed = o.next;
                 }
                 self.dirty = false;
+                self.consecutive_aborts = 0;
                 let us = started.elapsed().as_micros() as u64;
                 self.metrics.last_commit_us.store(us, Ordering::Relaxed);
                 self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
@@ -657,6 +660,16 @@ impl<S: EventSourced> Core<S> {
             return Err(self.producer_error("abort transaction".into(), e));
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_aborts += 1;
+        if self.consecutive_aborts > 1 {
+            let delay = Duration::from_millis(100 << self.consecutive_aborts.min(6)).min(Duration::from_secs(5));
+            tracing::error!(
+                aborts = self.consecutive_aborts,
+                retry_in_ms = delay.as_millis() as u64,
+                "transactions keep failing (is the broker down, or an output topic missing?); retrying"
+            );
+            std::thread::sleep(delay);
+        }
         for part in self.partitions.values_mut() {
             part.overlay.clear();
         }
@@ -772,6 +785,7 @@ pub(super) fn run<S: EventSourced>(
         partitions: BTreeMap::new(),
         offsets: BTreeMap::new(),
         dirty: false,
+        consecutive_aborts: 0,
         failure: None,
         metrics: metrics.clone(),
     }));
