@@ -103,7 +103,9 @@ struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
             tracing::error!(%error, reason, "journal restore consumer error");
         }
     }
@@ -206,7 +208,7 @@ impl KafkaJournal {
     /// records of open or aborted transactions are not read; the end is an offset, not a record, so a
     /// partition that ends with a transaction marker is read to its end too) and calls `on_record`
     /// with each key and entry (`None`: tombstone), oldest first. Blocking: call it off the async
-    /// runtime. `progress` is called with the number of records read.
+    /// runtime.
     ///
     /// # Errors
     /// Broker errors, a record that does not decode (named by partition and offset), or no progress
@@ -216,6 +218,21 @@ impl KafkaJournal {
         partition: i32,
         stall: Duration,
         mut on_record: impl FnMut(&[u8], Option<JournalEntry>),
+    ) -> Result<RestoreStats> {
+        self.restore_partitions(&[partition], stall, |_, key, entry| on_record(key, entry))
+    }
+
+    /// [`restore_partition`](Self::restore_partition) for several partitions at once, with one
+    /// consumer fetching them all in parallel; `on_record` also gets the partition. Records of one
+    /// partition arrive in order.
+    ///
+    /// # Errors
+    /// As [`restore_partition`](Self::restore_partition).
+    pub fn restore_partitions(
+        &self,
+        partitions: &[i32],
+        stall: Duration,
+        mut on_record: impl FnMut(i32, &[u8], Option<JournalEntry>),
     ) -> Result<RestoreStats> {
         let started = Instant::now();
         let topic = &self.topic;
@@ -228,49 +245,62 @@ impl KafkaJournal {
             .set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer<RestoreContext> =
             config.create_with_context(RestoreContext).map_err(|e| kafka_err(topic, "restore consumer", e))?;
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition, Duration::from_secs(30))
-            .map_err(|e| kafka_err(topic, "watermarks", e))?;
-        let mut stats = RestoreStats { end_offset: high, ..RestoreStats::default() };
-        if high <= low {
+        let mut stats = RestoreStats::default();
+        let mut tpl = TopicPartitionList::new();
+        // The end of each partition as of now; a partition is done when its position reaches it.
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        for &p in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(30))
+                .map_err(|e| kafka_err(topic, "watermarks", e))?;
+            stats.end_offset += high;
+            tracing::debug!(topic, partition = p, low, high, "journal partition to restore");
+            if high > low {
+                ends.insert(p, high);
+                tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| kafka_err(topic, "assign", e))?;
+            }
+        }
+        if ends.is_empty() {
             stats.elapsed = started.elapsed();
             return Ok(stats);
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Beginning).map_err(|e| kafka_err(topic, "assign", e))?;
         consumer.assign(&tpl).map_err(|e| kafka_err(topic, "assign", e))?;
         let mut last_progress = Instant::now();
-        loop {
+        while !ends.is_empty() {
             match consumer.poll(Duration::from_millis(200)) {
                 None => {
                     if last_progress.elapsed() > stall {
                         return Err(kafka_err(
                             topic,
                             &format!(
-                                "restore of partition {partition} stalled (no record for {stall:?}; end offset {high})"
+                                "restore stalled (no record for {stall:?}; partitions not done: {:?})",
+                                ends.keys()
                             ),
                             KafkaError::NoMessageReceived,
                         ));
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => return Err(kafka_err(topic, &format!("restore of partition {partition}"), e)),
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    ends.remove(&p);
+                }
+                Some(Err(e)) => return Err(kafka_err(topic, "restore", e)),
                 Some(Ok(msg)) => {
                     last_progress = Instant::now();
                     stats.records += 1;
+                    let p = msg.partition();
                     let key = msg.key().unwrap_or_default();
                     let entry = match msg.payload() {
                         None => None,
                         Some(v) => Some(JournalEntry::decode(v).map_err(|e| {
                             damaged(
                                 topic,
-                                format!("record at partition {partition} offset {} does not decode: {e}", msg.offset()),
+                                format!("record at partition {p} offset {} does not decode: {e}", msg.offset()),
                             )
                         })?),
                     };
-                    on_record(key, entry);
-                    if msg.offset() + 1 >= high {
-                        break;
+                    on_record(p, key, entry);
+                    if ends.get(&p).is_some_and(|&end| msg.offset() + 1 >= end) {
+                        ends.remove(&p);
                     }
                 }
             }
@@ -285,13 +315,29 @@ impl KafkaJournal {
     /// # Errors
     /// As [`KafkaJournal::restore_partition`].
     pub fn latest_per_key(&self, partition: i32, stall: Duration) -> Result<BTreeMap<Vec<u8>, JournalEntry>> {
-        let mut latest = BTreeMap::new();
-        self.restore_partition(partition, stall, |key, entry| match entry {
-            Some(e) => {
-                latest.insert(key.to_vec(), e);
-            }
-            None => {
-                latest.remove(key);
+        Ok(self.latest_per_key_of(&[partition], stall)?.remove(&partition).unwrap_or_default())
+    }
+
+    /// [`latest_per_key`](Self::latest_per_key) of several partitions, read in parallel.
+    ///
+    /// # Errors
+    /// As [`KafkaJournal::restore_partition`].
+    pub fn latest_per_key_of(
+        &self,
+        partitions: &[i32],
+        stall: Duration,
+    ) -> Result<BTreeMap<i32, BTreeMap<Vec<u8>, JournalEntry>>> {
+        let mut latest: BTreeMap<i32, BTreeMap<Vec<u8>, JournalEntry>> =
+            partitions.iter().map(|&p| (p, BTreeMap::new())).collect();
+        self.restore_partitions(partitions, stall, |p, key, entry| {
+            let keys = latest.entry(p).or_default();
+            match entry {
+                Some(e) => {
+                    keys.insert(key.to_vec(), e);
+                }
+                None => {
+                    keys.remove(key);
+                }
             }
         })?;
         Ok(latest)
