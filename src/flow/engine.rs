@@ -345,17 +345,19 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
+    /// Produces an output record, headers included.
+    fn produce_output(&self, o: &OutputRecord) -> Result<(), FlowError> {
+        let headers = (!o.headers.is_empty()).then(|| {
+            o.headers
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_slice()) }))
+        });
+        self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)
+    }
+
     /// Produces an output record of partition `p`'s transaction (and keeps it in the sled outbox).
     fn emit(&mut self, p: i32, o: &OutputRecord) -> Result<(), FlowError> {
-        let mut headers = None;
-        if !o.headers.is_empty() {
-            let mut h = OwnedHeaders::new();
-            for (k, v) in &o.headers {
-                h = h.insert(Header { key: k, value: Some(v.as_slice()) });
-            }
-            headers = Some(h);
-        }
-        self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)?;
+        self.produce_output(o)?;
         if let Backend::Sled(sled) = &mut self.backend {
             sled.stage_output(p, o);
         }
@@ -643,15 +645,7 @@ impl<S: EventSourced> Core<S> {
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
             self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))?;
             for o in &outbox {
-                let mut headers = None;
-                if !o.headers.is_empty() {
-                    let mut h = OwnedHeaders::new();
-                    for (k, v) in &o.headers {
-                        h = h.insert(Header { key: k, value: Some(v.as_slice()) });
-                    }
-                    headers = Some(h);
-                }
-                self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)?;
+                self.produce_output(o)?;
             }
             self.wait_for_deliveries();
             let r = match consumer.group_metadata() {
