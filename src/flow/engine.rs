@@ -41,6 +41,10 @@ pub(super) struct Settings {
     pub(super) codec: Codec,
 }
 
+mod txn;
+
+use txn::{classify, TxnFailure};
+
 pub(super) struct Parts<S: EventSourced> {
     pub(super) stage: S,
     pub(super) decoder: Decoder<S>,
@@ -78,31 +82,6 @@ fn with_backoff<T>(
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// How a transactional error must be handled.
-#[derive(Debug, PartialEq, Eq)]
-enum TxnFailure {
-    Fenced,
-    Fatal,
-    Abort,
-    Retry,
-}
-
-fn classify(e: &KafkaError) -> TxnFailure {
-    let code = e.rdkafka_error_code();
-    if matches!(
-        code,
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
-    ) {
-        return TxnFailure::Fenced;
-    }
-    match e {
-        KafkaError::Transaction(r) if r.is_fatal() => TxnFailure::Fatal,
-        KafkaError::Transaction(r) if r.txn_requires_abort() => TxnFailure::Abort,
-        KafkaError::Transaction(r) if r.is_retriable() => TxnFailure::Retry,
-        _ => TxnFailure::Abort,
     }
 }
 
@@ -531,177 +510,6 @@ impl<S: EventSourced> Core<S> {
         Ok(())
     }
 
-    /// Commits the open transaction with the consumed offsets and opens the next one. An abortable
-    /// failure aborts, rewinds and discards the transaction's state, and is not an error.
-    fn commit(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        if !self.dirty {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, p), o) in &self.offsets {
-            if o.next > o.committed && o.next >= 0 {
-                tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
-            }
-        }
-        // With sled, sled is the state of record: write events, positions and outbox first.
-        let mut sled_written = false;
-        if let Backend::Sled(sled) = &mut self.backend {
-            let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
-            for ((topic, p), o) in &self.offsets {
-                if o.next > o.committed && o.next >= 0 {
-                    positions.entry(*p).or_default().push(SourcePosition {
-                        topic: topic.clone(),
-                        partition: *p,
-                        next_offset: o.next,
-                    });
-                }
-            }
-            // A failed sled write stops the flow: the restart recovers from whatever sled holds.
-            sled.write::<S>(&self.rt, positions)?;
-            sled_written = true;
-            crash_point_after_sled_write();
-            for part in self.partitions.values_mut() {
-                let overlay = std::mem::take(&mut part.overlay);
-                part.committed.extend(overlay);
-            }
-        }
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            self.wait_for_deliveries();
-            let r = match consumer.group_metadata() {
-                Some(gm) if tpl.count() > 0 => self.producer.send_offsets_to_transaction(&tpl, &gm, TXN_TIMEOUT),
-                _ => Ok(()),
-            }
-            .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT));
-            match r {
-                Err(e) if classify(&e) == TxnFailure::Retry && attempt < 3 => {
-                    tracing::warn!(error = %e, attempt, "commit failed; retrying");
-                    std::thread::sleep(Duration::from_millis(100 * attempt.min(20)));
-                }
-                other => break other,
-            }
-        };
-        match result {
-            Ok(()) => {
-                for part in self.partitions.values_mut() {
-                    let overlay = std::mem::take(&mut part.overlay);
-                    part.committed.extend(overlay);
-                }
-                for o in self.offsets.values_mut() {
-                    o.committed = o.next;
-                }
-                self.dirty = false;
-                self.consecutive_aborts = 0;
-                let us = started.elapsed().as_micros() as u64;
-                self.metrics.last_commit_us.store(us, Ordering::Relaxed);
-                self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
-                self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => match classify(&e) {
-                TxnFailure::Fenced => {
-                    return Err(FlowError::Fenced { transactional_id: self.transactional_id.clone() })
-                }
-                TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
-                TxnFailure::Abort | TxnFailure::Retry if sled_written => {
-                    tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
-                    self.redo_outbox(consumer, &tpl)?;
-                    for o in self.offsets.values_mut() {
-                        o.committed = o.next;
-                    }
-                    self.dirty = false;
-                }
-                TxnFailure::Abort | TxnFailure::Retry => {
-                    tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
-                    self.abort_and_rewind(consumer)?;
-                }
-            },
-        }
-        self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
-    }
-
-    /// Waits until every produced record of the transaction is acknowledged. rdkafka's
-    /// `commit_transaction` flushes first, and with a `ThreadedProducer` its flush waits in 100 ms
-    /// polling steps while the background thread takes the delivery reports: waiting here in 1 ms
-    /// steps makes a commit cost milliseconds instead of 100 ms.
-    fn wait_for_deliveries(&self) {
-        let deadline = Instant::now() + TXN_TIMEOUT;
-        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
-    /// and try again with the outbox until it does (or the producer is fenced).
-    fn redo_outbox(&mut self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> Result<(), FlowError> {
-        let Backend::Sled(sled) = &self.backend else { return Ok(()) };
-        let outbox = sled.written().to_vec();
-        let mut delay = Duration::from_millis(100);
-        loop {
-            self.producer
-                .abort_transaction(TXN_TIMEOUT)
-                .map_err(|e| self.producer_error("abort transaction".into(), e))?;
-            self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))?;
-            for o in &outbox {
-                self.produce_output(o)?;
-            }
-            self.wait_for_deliveries();
-            let r = match consumer.group_metadata() {
-                Some(gm) if offsets.count() > 0 => self.producer.send_offsets_to_transaction(offsets, &gm, TXN_TIMEOUT),
-                _ => Ok(()),
-            }
-            .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT));
-            match r {
-                Ok(()) => {
-                    self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(self.producer_error("commit outbox".into(), e)),
-            }
-        }
-    }
-
-    fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
-            return Err(self.producer_error("abort transaction".into(), e));
-        }
-        self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-        self.consecutive_aborts += 1;
-        if self.consecutive_aborts > 1 {
-            let delay = Duration::from_millis(100 << self.consecutive_aborts.min(6)).min(Duration::from_secs(5));
-            tracing::error!(
-                aborts = self.consecutive_aborts,
-                retry_in_ms = delay.as_millis() as u64,
-                "transactions keep failing (is the broker down, or an output topic missing?); retrying"
-            );
-            std::thread::sleep(delay);
-        }
-        for part in self.partitions.values_mut() {
-            part.overlay.clear();
-        }
-        if let Backend::Sled(sled) = &mut self.backend {
-            sled.discard();
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, p), o) in self.offsets.iter_mut() {
-            o.next = o.committed;
-            let to = if o.committed >= 0 { Offset::Offset(o.committed) } else { Offset::Beginning };
-            tpl.add_partition_offset(topic, *p, to).map_err(|e| kafka("rewind", e))?;
-        }
-        self.dirty = false;
-        if tpl.count() > 0 {
-            consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
-        }
-        Ok(())
-    }
-
     /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
     fn update_lag(&self, consumer: &FlowConsumer<S>) {
         let mut lag = 0u64;
@@ -711,22 +519,6 @@ impl<S: EventSourced> Core<S> {
             }
         }
         self.metrics.lag.store(lag, Ordering::Relaxed);
-    }
-}
-
-/// Fault injection for the crash tests: with `EVENTSTAGE_CRASH_AFTER_SLED_WRITES=n` in the
-/// environment, the process aborts right after its n-th sled write, before the Kafka commit: the
-/// window the outbox exists for. Unset, this costs one atomic load per commit.
-fn crash_point_after_sled_write() {
-    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let limit =
-        LIMIT.get_or_init(|| std::env::var("EVENTSTAGE_CRASH_AFTER_SLED_WRITES").ok().and_then(|v| v.parse().ok()));
-    if let Some(limit) = limit {
-        if WRITES.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
-            eprintln!("EVENTSTAGE_CRASH_AFTER_SLED_WRITES: aborting after sled write {limit}");
-            std::process::abort();
-        }
     }
 }
 
