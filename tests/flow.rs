@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// Topics of one test.
+#[derive(Clone)]
 pub(crate) struct Setup {
     pub brokers: String,
     pub topics: BankTopics,
@@ -19,7 +20,12 @@ pub(crate) struct Setup {
 }
 
 pub(crate) async fn setup(partitions: i32) -> Setup {
-    let brokers = brokers();
+    setup_on(brokers(), partitions).await
+}
+
+/// Fresh topics of `partitions` partitions on the broker at `brokers`.
+pub(crate) async fn setup_on(brokers: String, partitions: i32) -> Setup {
+    crate::util::init_tracing();
     let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
     for t in [&topics.input, &topics.replies, &topics.events] {
         create_topic(&brokers, t, partitions, &[]).await;
@@ -130,22 +136,8 @@ async fn bank_flow_replies_exactly_once_and_the_journal_rebuilds_the_state() {
         .transactional_id(unique("txn"))
         .run()
         .unwrap();
-    tokio::task::spawn_blocking({
-        let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
-        move || feed(&b, &t, &c)
-    })
-    .await
-    .unwrap();
-    let check = tokio::task::spawn_blocking({
-        let s = Setup {
-            brokers: s.brokers.clone(),
-            topics: s.topics.clone(),
-            journal: s.journal.clone(),
-            group: s.group.clone(),
-        };
-        move || check_replies(&s, &replies)
-    });
-    check.await.unwrap();
+    feed_async(&s, &cmds).await;
+    await_replies(&s, replies).await;
     let m = flow.metrics();
     assert_eq!(m.records_in, 600);
     assert!(m.transactions >= 1);
@@ -236,32 +228,25 @@ async fn a_zombie_with_the_same_transactional_id_cannot_commit() {
         .transactional_id(&txn)
         .run()
         .unwrap();
-    let (b, t, first) = (s.brokers.clone(), s.topics.input.clone(), cmds[..200].to_vec());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &first)).await.unwrap();
+    feed_async(&s, &cmds[..200]).await;
     crate::util::wait_until("the first instance to commit", || {
         zombie.metrics().records_in >= 200 && zombie.metrics().transactions > 0
     })
     .await;
-    // A new instance with the same transactional id takes over: the old one is now a zombie.
+    // A new instance with the same transactional id takes over: the old one is now a zombie. Once
+    // the successor owns partitions, its producer has fenced the zombie's epoch and the group has
+    // split the two partitions: the zombie learns it is fenced at its next commit, which the rest
+    // of the input (spread over both partitions) brings.
     let successor = bank_flow(&s.brokers, &s.group, s.topics.clone())
         .journal_topic(&s.journal)
         .transactional_id(&txn)
         .run()
         .unwrap();
-    let (b, t, rest) = (s.brokers.clone(), s.topics.input.clone(), cmds[200..].to_vec());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &rest)).await.unwrap();
+    crate::util::wait_until("the successor to own partitions", || successor.metrics().assigned_partitions > 0).await;
+    feed_async(&s, &cmds[200..]).await;
     let err = tokio::time::timeout(crate::util::DEADLINE, zombie.wait()).await.expect("the zombie stops").unwrap_err();
     assert!(matches!(err, eventstage::flow::FlowError::Fenced { .. }), "{err}");
-    let check = {
-        let s = Setup {
-            brokers: s.brokers.clone(),
-            topics: s.topics.clone(),
-            journal: s.journal.clone(),
-            group: s.group.clone(),
-        };
-        tokio::task::spawn_blocking(move || check_replies(&s, &replies))
-    };
-    check.await.unwrap();
+    await_replies(&s, replies).await;
     successor.drain_and_shutdown().await.unwrap();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
@@ -273,13 +258,7 @@ async fn a_broker_down_at_start_is_waited_for() {
     let broker = LocalBroker::spawn(port, tempfile::tempdir().unwrap());
     wait_ready(&broker.brokers);
     let addr = broker.brokers.clone();
-    let s = {
-        let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
-        for t in [&topics.input, &topics.replies, &topics.events] {
-            create_topic(&addr, t, 1, &[]).await;
-        }
-        Setup { brokers: addr.clone(), topics, journal: unique("journal"), group: unique("group") }
-    };
+    let s = setup_on(addr.clone(), 1).await;
     let data = broker.stop();
     // The broker is down: the flow starts anyway and keeps retrying.
     let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
@@ -289,15 +268,8 @@ async fn a_broker_down_at_start_is_waited_for() {
     wait_ready(&addr);
     let cmds = workload(50, 5, 4);
     let (replies, _) = expected(&cmds);
-    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
-    let s2 = Setup {
-        brokers: s.brokers.clone(),
-        topics: s.topics.clone(),
-        journal: s.journal.clone(),
-        group: s.group.clone(),
-    };
-    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    feed_async(&s, &cmds).await;
+    await_replies(&s, replies).await;
     flow.drain_and_shutdown().await.unwrap();
 }
 
@@ -364,13 +336,7 @@ async fn crash_loop(sled: bool) {
     }
     feeder.join().unwrap();
     let (mut c, mut out) = child("final run");
-    let s2 = Setup {
-        brokers: s.brokers.clone(),
-        topics: s.topics.clone(),
-        journal: s.journal.clone(),
-        group: s.group.clone(),
-    };
-    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    await_replies(&s, replies).await;
     // A clean drain on SIGTERM.
     let pid = c.id().to_string();
     std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -405,6 +371,18 @@ async fn sled_state(dir: &std::path::Path, partitions: i32) -> BTreeMap<String, 
     state
 }
 
+/// Feeds `cmds` to the input topic from a blocking task.
+async fn feed_async(s: &Setup, cmds: &[(String, String, BankCommand)]) {
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.to_vec());
+    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+}
+
+/// [`check_replies`] from a blocking task.
+async fn await_replies(s: &Setup, replies: HashMap<String, WireReply>) -> Vec<Rec> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || check_replies(&s, &replies)).await.unwrap()
+}
+
 fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread::JoinHandle<()> {
     let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.to_vec());
     std::thread::spawn(move || {
@@ -413,10 +391,6 @@ fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread
             std::thread::sleep(Duration::from_millis(100));
         }
     })
-}
-
-fn clone_setup(s: &Setup) -> Setup {
-    Setup { brokers: s.brokers.clone(), topics: s.topics.clone(), journal: s.journal.clone(), group: s.group.clone() }
 }
 
 /// Invariant 5: a second instance joins mid-stream, then the first dies (aborting its open
@@ -447,8 +421,7 @@ async fn rebalances_lose_and_duplicate_nothing() {
     first.abort().await.unwrap();
     feeder.join().unwrap();
     feed_slowly(&s, &cmds[1000..]).join().unwrap();
-    let s2 = clone_setup(&s);
-    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    await_replies(&s, replies).await;
     let m = second.metrics();
     assert_eq!(m.assigned_partitions, 4, "the survivor owns everything");
     assert!(m.restored_records > 0, "it restored the partitions it took over from the journal");
@@ -464,11 +437,9 @@ async fn a_compacted_journal_restores_the_same_state() {
     let cmds = workload(800, 15, 21);
     let (first_half, second_half) = cmds.split_at(400);
     let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
-    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), first_half.to_vec());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    feed_async(&s, first_half).await;
     let (replies, _) = expected(first_half);
-    let s2 = clone_setup(&s);
-    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    await_replies(&s, replies).await;
     flow.drain_and_shutdown().await.unwrap();
 
     // The compacted view: the newest record of each key, written to a new compacted topic.
@@ -499,11 +470,9 @@ async fn a_compacted_journal_restores_the_same_state() {
 
     // Same group (its committed offsets continue), journal = the compacted copy.
     let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&compacted).run().unwrap();
-    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), second_half.to_vec());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    feed_async(&s, second_half).await;
     let (all_replies, accounts) = expected(&cmds);
-    let s2 = clone_setup(&s);
-    tokio::task::spawn_blocking(move || check_replies(&s2, &all_replies)).await.unwrap();
+    await_replies(&s, all_replies).await;
     assert_eq!(flow.metrics().restored_records, copied as u64);
     flow.drain_and_shutdown().await.unwrap();
     let s3 = Setup { journal: compacted, ..s };
@@ -521,8 +490,7 @@ async fn a_crash_between_the_sled_write_and_the_kafka_commit_is_repaired_from_th
     let journal = format!("sled:{}", dir.path().join("j").display());
     let cmds = workload(400, 10, 31);
     let (replies, accounts) = expected(&cmds);
-    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    feed_async(&s, &cmds).await;
     let run = |crash: Option<&str>| {
         let mut cmd = crate::util::eventstage();
         cmd.args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
@@ -540,8 +508,7 @@ async fn a_crash_between_the_sled_write_and_the_kafka_commit_is_repaired_from_th
     assert!(!crashed.status.success(), "the fault injection aborts the process");
     assert!(String::from_utf8_lossy(&crashed.stderr).contains("aborting after sled write 1"));
     let survivor = run(None);
-    let s2 = clone_setup(&s);
-    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    await_replies(&s, replies).await;
     std::process::Command::new("kill").args(["-TERM", &survivor.id().to_string()]).status().unwrap();
     let out = survivor.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -581,28 +548,20 @@ async fn a_broker_outage_mid_run_loses_and_duplicates_nothing() {
     let broker = LocalBroker::spawn(port, tempfile::tempdir().unwrap());
     wait_ready(&broker.brokers);
     let addr = broker.brokers.clone();
-    let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
-    for t in [&topics.input, &topics.replies, &topics.events] {
-        create_topic(&addr, t, 2, &[]).await;
-    }
-    let s = Setup { brokers: addr.clone(), topics, journal: unique("journal"), group: unique("group") };
+    let s = setup_on(addr.clone(), 2).await;
     let cmds = workload(300, 10, 41);
     let (first, second) = cmds.split_at(150);
     let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
-    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), first.to_vec());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    feed_async(&s, first).await;
     let (first_replies, _) = expected(first);
-    let s1 = clone_setup(&s);
-    tokio::task::spawn_blocking(move || check_replies(&s1, &first_replies)).await.unwrap();
+    await_replies(&s, first_replies).await;
     let data = broker.stop();
     std::thread::sleep(Duration::from_secs(2));
     let _broker = LocalBroker::spawn(port, data);
     wait_ready(&addr);
-    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), second.to_vec());
-    tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
+    feed_async(&s, second).await;
     let (replies, accounts) = expected(&cmds);
-    let s2 = clone_setup(&s);
-    tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
+    await_replies(&s, replies).await;
     flow.drain_and_shutdown().await.unwrap();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }

@@ -18,6 +18,17 @@ use tokio::sync::Semaphore;
 /// Upper bound of every wait in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// Sends the library's logs to the test's captured output (filter: `RUST_LOG`, default `warn`), so
+/// a failing test shows what the flow said.
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
 /// Polls `cond` until it holds; panics after [`DEADLINE`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
