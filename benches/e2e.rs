@@ -16,8 +16,10 @@
 //!    the producer's own thread serves, so a commit with records in flight takes ~100 ms more;
 //! 3. end-to-end latency (send → reply visible to a `read_committed` reader) with commands paced at
 //!    half of the flow's throughput from 1 (and, for reference, of both pass-throughs at that rate);
-//! 4. the restore rate of `KafkaJournal::restore_partition` over the journal written by 1, against
-//!    bare `read_committed` consumers reading the same topic to its end.
+//! 4. the restore rate of `KafkaJournal` over a journal topic of N records (written here the way a
+//!    flow writes them: the bank's key, its events and its state after them, over 1000 accounts;
+//!    the flow itself writes one record per key and commit interval, far fewer), against bare
+//!    `read_committed` consumers reading the same topic to its end.
 //!
 //! Throughputs are over the processing window (first input record consumed → last output visible),
 //! which the ratios use; the report also gives them including startup (group join, restore). The
@@ -113,26 +115,27 @@ fn run() -> Result<()> {
     let cmds = commands(n as usize, 7);
 
     progress(&format!(
-        "1+2/4 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries"
+        "1+2/4 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
     ));
-    let (mut flows, mut passes, mut drained) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut flows, mut passes, mut drained, mut doubled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        // The journal of the first flow run is kept for the restore measurement.
-        flows.push(flow_throughput(&rt, &broker, &cmds, round == 0)?);
-        passes.push(pass_through_throughput(&rt, &broker, &cmds, false)?);
-        drained.push(pass_through_throughput(&rt, &broker, &cmds, true)?);
+        flows.push(flow_throughput(&rt, &broker, &cmds)?);
+        passes.push(pass_through_throughput(&rt, &broker, &cmds, false, 1)?);
+        drained.push(pass_through_throughput(&rt, &broker, &cmds, true, 1)?);
+        doubled.push(pass_through_throughput(&rt, &broker, &cmds, true, 2)?);
         progress(&format!(
-            "    round {}: {:.0} / {:.0} / {:.0} records/s",
+            "    round {}: {:.0} / {:.0} / {:.0} / {:.0} records/s",
             round + 1,
             flows[round].run.window_rate(),
             passes[round].window_rate(),
-            drained[round].window_rate()
+            drained[round].window_rate(),
+            doubled[round].window_rate()
         ));
     }
-    let (journal, journal_records) = (flows[0].journal.clone(), flows[0].metrics.records_in);
     let flow = Rounds::of(flows, |f| f.run.window_rate());
     let pass = Rounds::of(passes, Run::window_rate);
     let pass_drained = Rounds::of(drained, Run::window_rate);
+    let pass_doubled = Rounds::of(doubled, Run::window_rate);
 
     let rate = 0.5 * flow.median.run.window_rate();
     progress(&format!("3/4 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
@@ -141,7 +144,9 @@ fn run() -> Result<()> {
     let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true)?;
 
     progress("4/4 journal restore rate");
-    let restore = restore_rates(&rt, b, &journal, journal_records)?;
+    let journal = unique("restore-journal");
+    write_journal(&rt, b, &journal, n)?;
+    let restore = restore_rates(&rt, b, &journal, n)?;
     let total = started.elapsed();
     let broker_rss = broker.rss_mib();
     drop(broker);
@@ -151,6 +156,7 @@ fn run() -> Result<()> {
         flow,
         pass,
         pass_drained,
+        pass_doubled,
         flow_latency,
         pass_latency,
         pass_drained_latency,
@@ -636,7 +642,6 @@ fn watch(
 
 struct FlowRun {
     run: Run,
-    journal: String,
     metrics: FlowMetrics,
 }
 
@@ -659,6 +664,20 @@ impl<T> Rounds<T> {
     }
 }
 
+/// The bank flow with the librdkafka properties of `EVENTSTAGE_E2E_FLOW_PRODUCER` and
+/// `EVENTSTAGE_E2E_FLOW_CONSUMER` (`key=value,key=value`), for tuning experiments.
+fn with_properties(
+    mut flow: eventstage::flow::FlowBuilder<eventstage::stages::bank::Bank>,
+) -> eventstage::flow::FlowBuilder<eventstage::stages::bank::Bank> {
+    for (var, producer) in [("EVENTSTAGE_E2E_FLOW_PRODUCER", true), ("EVENTSTAGE_E2E_FLOW_CONSUMER", false)] {
+        let props = std::env::var(var).unwrap_or_default();
+        for (k, v) in props.split(',').filter_map(|kv| kv.split_once('=')) {
+            flow = if producer { flow.producer_property(k, v) } else { flow.consumer_property(k, v) };
+        }
+    }
+    flow
+}
+
 fn stop_flow(rt: &tokio::runtime::Runtime, flow: FlowControl) -> Result<()> {
     let stopper = flow.stopper();
     match rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), flow.drain_and_shutdown()).await }) {
@@ -670,12 +689,7 @@ fn stop_flow(rt: &tokio::runtime::Runtime, flow: FlowControl) -> Result<()> {
     }
 }
 
-fn flow_throughput(
-    rt: &tokio::runtime::Runtime,
-    broker: &Broker,
-    cmds: &[(String, Vec<u8>)],
-    keep_journal: bool,
-) -> Result<FlowRun> {
+fn flow_throughput(rt: &tokio::runtime::Runtime, broker: &Broker, cmds: &[(String, Vec<u8>)]) -> Result<FlowRun> {
     let b = broker.brokers.as_str();
     let n = cmds.len() as u64;
     let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
@@ -685,7 +699,7 @@ fn flow_throughput(
     let reader = count_committed(b, &topics.replies, n);
 
     let start = Instant::now();
-    let flow = bank_flow(b, &unique("group"), topics.clone())
+    let flow = with_properties(bank_flow(b, &unique("group"), topics.clone()))
         .journal_topic(&journal)
         .transactional_id(unique("txn"))
         .commit_interval(COMMIT_INTERVAL)
@@ -702,11 +716,7 @@ fn flow_throughput(
         }
     };
     stop_flow(rt, flow)?;
-    let mut done_with = vec![topics.input.as_str(), &topics.replies, &topics.events];
-    if !keep_journal {
-        done_with.push(&journal);
-    }
-    delete_topics(rt, b, &done_with);
+    delete_topics(rt, b, &[topics.input.as_str(), &topics.replies, &topics.events, &journal]);
     let visible = read.done_at.ok_or_else(|| anyhow!("the reader finished without seeing all replies"))?;
     let first = w.first.unwrap_or(start);
     let run = Run {
@@ -724,7 +734,7 @@ fn flow_throughput(
         commit_max: metrics.max_commit,
         cores: w.cores(),
     };
-    Ok(FlowRun { run, journal, metrics })
+    Ok(FlowRun { run, metrics })
 }
 
 /// What a pass-through did.
@@ -747,6 +757,8 @@ struct PassThrough {
     output: String,
     n: Option<u64>,
     await_deliveries: bool,
+    /// Topics each input record is also produced to (besides `output`).
+    also: Vec<String>,
     deadline: Instant,
     /// Records consumed so far.
     consumed: Arc<AtomicU64>,
@@ -768,6 +780,7 @@ impl PassThrough {
             output: output.into(),
             n,
             await_deliveries,
+            also: Vec::new(),
             deadline,
             consumed: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
@@ -810,14 +823,16 @@ impl PassThrough {
             }
             match consumer.poll(Duration::from_millis(20)) {
                 Some(Ok(m)) => {
-                    let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output);
-                    if let Some(k) = m.key() {
-                        rec = rec.key(k);
+                    for topic in std::iter::once(output).chain(self.also.iter().map(String::as_str)) {
+                        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+                        if let Some(k) = m.key() {
+                            rec = rec.key(k);
+                        }
+                        if let Some(v) = m.payload() {
+                            rec = rec.payload(v);
+                        }
+                        send_record(&producer, rec).context("pass-through produce")?;
                     }
-                    if let Some(v) = m.payload() {
-                        rec = rec.payload(v);
-                    }
-                    send_record(&producer, rec).context("pass-through produce")?;
                     offsets.insert(m.partition(), m.offset() + 1);
                     consumed += 1;
                     self.consumed.store(consumed, Ordering::Relaxed);
@@ -860,16 +875,21 @@ fn pass_through_throughput(
     broker: &Broker,
     cmds: &[(String, Vec<u8>)],
     await_deliveries: bool,
+    outputs_per_input: usize,
 ) -> Result<Run> {
     let b = broker.brokers.as_str();
     let n = cmds.len() as u64;
     let (input, output) = (unique("pt-in"), unique("pt-out"));
-    create_topics(rt, b, &[&input, &output])?;
+    let also: Vec<String> = (1..outputs_per_input).map(|i| format!("{output}-{i}")).collect();
+    let mut topics = vec![input.as_str(), output.as_str()];
+    topics.extend(also.iter().map(String::as_str));
+    create_topics(rt, b, &topics)?;
     let feed = feed(b, &input, cmds)?;
     let reader = count_committed(b, &output, n);
     let start = Instant::now();
     let deadline = start + RUN_DEADLINE;
-    let pt = PassThrough::new(b, &input, &output, Some(n), await_deliveries, deadline);
+    let mut pt = PassThrough::new(b, &input, &output, Some(n), await_deliveries, deadline);
+    pt.also = also.clone();
     let consumed = pt.consumed.clone();
     let worker = pt.spawn()?;
     let w = watch(
@@ -883,7 +903,7 @@ fn pass_through_throughput(
     );
     let stats = join(worker)?;
     let read = join(reader.handle)?;
-    delete_topics(rt, b, &[&input, &output]);
+    delete_topics(rt, b, &topics);
     let visible = read.done_at.ok_or_else(|| anyhow!("the reader finished without seeing all records"))?;
     let first = w.first.unwrap_or(start);
     Ok(Run {
@@ -1049,7 +1069,7 @@ fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f64, secs: Du
     let topics = BankTopics { input: unique("lat-cmds"), replies: unique("lat-replies"), events: unique("lat-events") };
     create_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events])?;
     let journal = unique("lat-journal");
-    let flow = bank_flow(brokers, &unique("lat-group"), topics.clone())
+    let flow = with_properties(bank_flow(brokers, &unique("lat-group"), topics.clone()))
         .journal_topic(&journal)
         .transactional_id(unique("lat-txn"))
         .commit_interval(COMMIT_INTERVAL)
@@ -1198,6 +1218,44 @@ fn bare_read(brokers: &str, topic: &str, partitions: &[i32]) -> Result<u64> {
     Ok(records)
 }
 
+/// Writes `n` journal records as a flow writes them (per record: a `Deposited` event and the
+/// account's state after it), over [`ACCOUNTS`] keys, to a new journal topic.
+fn write_journal(rt: &tokio::runtime::Runtime, brokers: &str, topic: &str, n: u64) -> Result<()> {
+    use eventstage::journal::{Envelope, JournalEntry, SeqNo};
+    use eventstage::stages::bank::{Account, BankEvent};
+    use eventstage::{Codec, EventSourced};
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), KafkaJournal::ensure(config, topic, PARTITIONS)).await
+    })
+    .context("create the journal topic: timed out")??;
+    let codec = Codec::Bincode;
+    let p = producer(brokers, 5)?;
+    let mut accounts = vec![(0u64, Account { open: true, balance: 0 }); ACCOUNTS];
+    for i in 0..n {
+        let a = (i as usize * 7919) % ACCOUNTS;
+        let (seq, account) = &mut accounts[a];
+        *seq += 1;
+        account.balance += 10;
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let event = codec.encode(&BankEvent::Deposited { amount: 10 })?;
+        let entry = JournalEntry {
+            last_seq: SeqNo(*seq),
+            events: vec![Envelope::event(codec.id(), eventstage::stages::bank::Bank::EVENT_VERSION, ts, event)],
+            state: Some(Envelope::snapshot(
+                codec.id(),
+                eventstage::stages::bank::Bank::STATE_VERSION,
+                ts,
+                codec.encode(&*account)?,
+            )),
+        };
+        send(&p, topic, &format!("acct-{a:06}"), &entry.encode())?;
+    }
+    p.flush(Duration::from_secs(60)).context("flush the journal producer")?;
+    Ok(())
+}
+
 fn restore_rates(rt: &tokio::runtime::Runtime, brokers: &str, topic: &str, expected: u64) -> Result<Restore> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
@@ -1292,6 +1350,8 @@ struct Report {
     flow: Rounds<FlowRun>,
     pass: Rounds<Run>,
     pass_drained: Rounds<Run>,
+    /// Awaiting deliveries, two output records per input: the bank flow's output volume.
+    pass_doubled: Rounds<Run>,
     flow_latency: Latency,
     pass_latency: Latency,
     pass_drained_latency: Latency,
@@ -1398,9 +1458,19 @@ impl Report {
             pass_drained,
             self.pass_drained.rates(),
         );
+        Self::run(
+            "bare transactional pass-through, deliveries awaited, two output records per input (the flow's reply + event volume)",
+            "pass-through",
+            &self.pass_doubled.median,
+            self.pass_doubled.rates(),
+        );
         let r = ratio(flow, pass);
         println!("  ratio flow / pass-through (medians): {r:.2} (target >= 0.8: {})", verdict(r >= 0.8));
         println!("  ratio flow / pass-through awaiting deliveries (medians): {:.2}", ratio(flow, pass_drained));
+        println!(
+            "  ratio flow / pass-through with the flow's output volume (medians): {:.2}",
+            ratio(flow, &self.pass_doubled.median)
+        );
         println!();
         println!(
             "3. end-to-end latency, send -> output visible to read_committed, at 0.5 x {:.0} = {:.0} commands/s",

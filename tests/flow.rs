@@ -565,3 +565,49 @@ async fn a_broker_outage_mid_run_loses_and_duplicates_nothing() {
     flow.drain_and_shutdown().await.unwrap();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
+
+/// The Kafka journal writes one record per key and transaction (its events of the transaction and
+/// its state after them), and splits a hot key's events over records of at most 1000 events: the
+/// records of one key still hold every event once, in sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_records_are_written_per_key_and_transaction() {
+    let s = setup(1).await;
+    let mut cmds = vec![("hot".to_string(), "c-0".to_string(), BankCommand::Open)];
+    cmds.extend((1..2500).map(|i| ("hot".to_string(), format!("c-{i}"), BankCommand::Deposit(1))));
+    cmds.extend((0..20).map(|i| (format!("cold-{i}"), format!("o-{i}"), BankCommand::Open)));
+    let (replies, accounts) = expected(&cmds);
+    // One transaction for everything: the drain commits it.
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .commit_interval(Duration::from_secs(600))
+        .run()
+        .unwrap();
+    feed_async(&s, &cmds).await;
+    crate::util::wait_until("every command processed", || flow.metrics().records_in == cmds.len() as u64).await;
+    flow.drain_and_shutdown().await.unwrap();
+    await_replies(&s, replies).await;
+
+    let records = {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut config = rdkafka::ClientConfig::new();
+            config.set("bootstrap.servers", &s.brokers);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let journal = rt.block_on(KafkaJournal::ensure(config, &s.journal, 1)).unwrap();
+            let mut records = Vec::new();
+            journal
+                .restore_partition(0, Duration::from_secs(30), |k, e| {
+                    records.push((String::from_utf8(k.to_vec()).unwrap(), e.unwrap()))
+                })
+                .unwrap();
+            records
+        })
+        .await
+        .unwrap()
+    };
+    let hot: Vec<_> = records.iter().filter(|(k, _)| k == "hot").map(|(_, e)| e).collect();
+    assert_eq!(hot.iter().map(|e| e.last_seq.0).collect::<Vec<_>>(), [1000, 2000, 2500]);
+    assert_eq!(hot.iter().map(|e| e.events.len()).collect::<Vec<_>>(), [1000, 1000, 500]);
+    assert_eq!(records.len(), 3 + 20, "one record per cold key");
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 1)).await.unwrap(), accounts);
+}

@@ -90,7 +90,22 @@ struct PartitionState<S: EventSourced> {
     committed: HashMap<S::Key, Entity<S>>,
     /// Changes of the open transaction.
     overlay: HashMap<S::Key, Entity<S>>,
+    /// Kafka journal: the events of the open transaction not yet in a journal record, per key. A
+    /// key's journal record is written once per transaction (at commit, with its state then), like
+    /// Kafka Streams' record cache in front of a changelog: a hot key costs one journal record per
+    /// commit interval, not one per command.
+    unjournaled: HashMap<S::Key, Vec<Envelope>>,
 }
+
+impl<S: EventSourced> PartitionState<S> {
+    fn new(committed: HashMap<S::Key, Entity<S>>) -> Self {
+        Self { committed, overlay: HashMap::new(), unjournaled: HashMap::new() }
+    }
+}
+
+/// A key's journal record is written before commit once it holds this many events (bounds the
+/// record size for a key that takes thousands of commands in one commit interval).
+const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
 
 #[derive(Debug, Clone, Copy)]
 struct Offsets {
@@ -238,7 +253,7 @@ impl<S: EventSourced> Core<S> {
                 self.emit(p, o)?;
             }
         }
-        Ok(PartitionState { committed: restored.entities, overlay: HashMap::new() })
+        Ok(PartitionState::new(restored.entities))
     }
 
     /// The state of partition `p` from the newest journal entry of each key.
@@ -267,7 +282,7 @@ impl<S: EventSourced> Core<S> {
         }
         self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
         tracing::info!(partition = p, keys = committed.len(), "restored partition state from the journal");
-        Ok(PartitionState { committed, overlay: HashMap::new() })
+        Ok(PartitionState::new(committed))
     }
 
     fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
@@ -389,6 +404,44 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
+    fn encode<T: serde::Serialize>(&self, key: &S::Key, value: &T) -> Result<Vec<u8>, FlowError> {
+        self.codec.encode(value).map_err(|source| {
+            Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into()
+        })
+    }
+
+    /// Produces one Kafka journal record: the key's `events` and its state after them (at `seq`).
+    fn write_journal_record(
+        &self,
+        p: i32,
+        key: &S::Key,
+        events: Vec<Envelope>,
+        seq: SeqNo,
+        state: &S::State,
+    ) -> Result<(), FlowError> {
+        let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
+        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, now_ms(), self.encode(key, state)?);
+        let entry = JournalEntry { last_seq: seq, events, state: Some(snapshot) };
+        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&entry.encode()), None)
+    }
+
+    /// Writes the open transaction's journal records (Kafka journal): one per key it changed.
+    fn flush_journal(&mut self) -> Result<(), FlowError> {
+        let dirty: Vec<i32> =
+            self.partitions.iter().filter(|(_, part)| !part.unjournaled.is_empty()).map(|(p, _)| *p).collect();
+        for p in dirty {
+            let keys =
+                self.partitions.get_mut(&p).map(|part| std::mem::take(&mut part.unjournaled)).unwrap_or_default();
+            for (key, events) in keys {
+                let Some(entity) = self.partitions.get(&p).and_then(|part| part.overlay.get(&key).cloned()) else {
+                    continue;
+                };
+                self.write_journal_record(p, &key, events, entity.seq, &entity.state)?;
+            }
+        }
+        Ok(())
+    }
+
     fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
         let input = InputRecord {
             topic: msg.topic().to_string(),
@@ -450,24 +503,42 @@ impl<S: EventSourced> Core<S> {
         let state_ref: &S::State = new_state.as_ref().unwrap_or(&entity.state);
         if let Some(state) = &new_state {
             let ts = now_ms();
-            let enc = |e: Result<Vec<u8>, crate::CodecError>| {
-                e.map_err(|source| Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source })
-            };
             let mut envelopes = Vec::with_capacity(events.len());
             for e in &events {
-                envelopes.push(Envelope::event(self.codec.id(), S::EVENT_VERSION, ts, enc(self.codec.encode(e))?));
+                envelopes.push(Envelope::event(self.codec.id(), S::EVENT_VERSION, ts, self.encode(&key, e)?));
             }
             let seq = SeqNo(entity.seq.0 + events.len() as u64);
-            let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, ts, enc(self.codec.encode(state))?);
-            let raw_key = key.to_bytes().into_owned();
             match &mut self.backend {
-                Backend::Kafka(journal) => {
-                    let entry = JournalEntry { last_seq: seq, events: envelopes, state: Some(snapshot) };
-                    let journal_topic = journal.topic().to_string();
-                    let value = (!S::is_deleted(state)).then(|| entry.encode());
-                    self.produce(&journal_topic, Some(p), Some(&raw_key), value.as_deref(), None)?;
+                Backend::Kafka(journal) if S::is_deleted(state) => {
+                    // A tombstone now: records of the key written later in this transaction (a new
+                    // entity under the same key) must come after it.
+                    let topic = journal.topic().to_string();
+                    if let Some(part) = self.partitions.get_mut(&p) {
+                        part.unjournaled.remove(&key);
+                    }
+                    self.produce(&topic, Some(p), Some(&key.to_bytes()), None, None)?;
                 }
-                Backend::Sled(sled) => {
+                Backend::Kafka(_) => {
+                    let pending = self.partitions.get_mut(&p).map_or(0, |part| {
+                        let pending = part.unjournaled.entry(key.clone()).or_default();
+                        pending.extend(envelopes);
+                        pending.len()
+                    });
+                    if pending >= MAX_EVENTS_PER_JOURNAL_RECORD {
+                        let events = self.partitions.get_mut(&p).and_then(|part| part.unjournaled.remove(&key));
+                        self.write_journal_record(p, &key, events.unwrap_or_default(), seq, state)?;
+                    }
+                }
+                Backend::Sled(_) => {
+                    let raw_key = key.to_bytes().into_owned();
+                    let every = self.snapshot_every;
+                    let snap = if every > 0 && seq.0 / every > entity.seq.0 / every {
+                        let envelope =
+                            Envelope::snapshot(self.codec.id(), S::STATE_VERSION, ts, self.encode(&key, state)?);
+                        Some(SnapshotRecord { key: raw_key.clone(), seq, envelope })
+                    } else {
+                        None
+                    };
                     let first = entity.seq.0 + 1;
                     let records = envelopes
                         .into_iter()
@@ -478,10 +549,9 @@ impl<S: EventSourced> Core<S> {
                             envelope,
                         })
                         .collect();
-                    let every = self.snapshot_every;
-                    let due = every > 0 && seq.0 / every > entity.seq.0 / every;
-                    let snap = due.then(|| SnapshotRecord { key: raw_key.clone(), seq, envelope: snapshot });
-                    sled.stage(p, records, snap);
+                    if let Backend::Sled(sled) = &mut self.backend {
+                        sled.stage(p, records, snap);
+                    }
                 }
             }
         }
