@@ -2,8 +2,10 @@
 //!
 //! A flow is Alpakka Kafka's `Transactional.source → flow → Transactional.sink` as one builder. One
 //! Kafka transaction per `commit_interval` holds the output records, the journal records (the
-//! [`KafkaJournal`](crate::journal::KafkaJournal): each carries the key's new events and its state
-//! after them) and the consumed offsets (`send_offsets_to_transaction` with the consumer group's
+//! [`KafkaJournal`](crate::journal::KafkaJournal): one per key the transaction changed, carrying
+//! the key's events of the transaction and its state after them, like the changelog behind Kafka
+//! Streams' record cache; a hot key's events are split over records of at most 1000 events) and
+//! the consumed offsets (`send_offsets_to_transaction` with the consumer group's
 //! metadata, KIP-447 style, so one transactional producer per instance is safe across rebalances).
 //! Consumers of the outputs and of the journal read with `isolation.level=read_committed`.
 //!
