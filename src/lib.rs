@@ -8,6 +8,7 @@
 //! | [`StageRuntime`], [`StageHandle`] | the in-process runtime: group commit, back-pressure, queries |
 //! | [`rebuild`] | state at any point of a journal's history |
 //! | [`flow`] | exactly-once Kafka flows: consume → stage → produce in transactions (feature `kafka`) |
+//! | [`table`] | KTable emulation: a compacted topic as a queryable local table (features `kafka`, `sled`) |
 //! | [`testkit`] | given / when / then tests for stages |
 //! | [`cli`] | the `eventstage` command line, for your own binary with your own stages |
 //! | [`journal`] | the bytes-level journal crate (`eventstage-journal`) re-exported |
@@ -31,6 +32,8 @@ mod replay;
 mod runtime;
 mod stage;
 pub mod stages;
+#[cfg(all(feature = "kafka", feature = "sled"))]
+pub mod table;
 pub mod testkit;
 
 pub use codec::{Codec, CodecError};

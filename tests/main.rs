@@ -6,3 +6,4 @@ mod cli;
 pub(crate) mod damage;
 mod flow;
 mod runtime;
+mod table;

@@ -1,0 +1,459 @@
+//! The follower thread: opens the topic, loads the store, then consumes and applies records in
+//! batches, publishing each batch to the readers and checkpointing the store.
+
+use super::store::{PendingRow, TableStore};
+use super::{BadRecords, Change, Counters, Decoder, Partitions, Rows, Shared, Slot, Status, TableBuilder, TableError};
+use arc_swap::ArcSwap;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, watch};
+
+/// Records applied (and published) together at most.
+const MAX_BATCH: usize = 10_000;
+/// Rows waiting for a checkpoint that force one before the interval.
+const MAX_PENDING_ROWS: usize = 200_000;
+/// How often a table of all partitions looks for new partitions.
+const METADATA_REFRESH: Duration = Duration::from_secs(30);
+/// With no record for this long, partitions that have records beyond their position are fetched
+/// again from their last record (see [`Follower::unstick`]).
+const STALL: Duration = Duration::from_secs(1);
+
+struct TableContext {
+    topic: String,
+}
+
+impl ClientContext for TableContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(topic = %self.topic, %error, reason, "table consumer error (the client retries)");
+        }
+    }
+}
+
+impl ConsumerContext for TableContext {}
+
+type TableConsumer = BaseConsumer<TableContext>;
+
+fn kafka(context: &str, e: KafkaError) -> TableError {
+    TableError::Kafka { context: context.into(), message: e.to_string() }
+}
+
+/// What [`start`] hands to the table: the shared state and the follower thread.
+pub(super) type Started<K, V> = (Arc<Shared<K, V>>, std::thread::JoinHandle<()>);
+
+/// Opens the table: metadata, store, assignment; starts the follower thread.
+pub(super) fn start<K, V>(b: TableBuilder<K, V>) -> Result<Started<K, V>, TableError>
+where
+    K: Ord + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &b.brokers)
+        .set("group.id", format!("eventstage-table-{}", b.topic))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("allow.auto.create.topics", "false");
+    for (k, v) in &b.properties {
+        config.set(k, v);
+    }
+    config.set("isolation.level", "read_committed");
+    let consumer: TableConsumer = config
+        .create_with_context(TableContext { topic: b.topic.clone() })
+        .map_err(|e| kafka("create the consumer", e))?;
+
+    let count = partition_count(&consumer, &b.brokers, &b.topic, b.timeout)?;
+    let partitions: Vec<i32> = match &b.partitions {
+        Partitions::All => (0..count).collect(),
+        Partitions::Only(ps) => {
+            if let Some(&p) = ps.iter().find(|&&p| p < 0 || p >= count) {
+                return Err(TableError::NoSuchPartition { topic: b.topic.clone(), partition: p, count });
+            }
+            ps.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
+        }
+    };
+
+    let store = b.store.as_deref().map(|dir| TableStore::open(dir, &b.topic)).transpose()?;
+    let checkpoints = store.as_ref().map(TableStore::offsets).transpose()?.unwrap_or_default();
+
+    // Where each partition starts and ends (as of now).
+    let mut tpl = TopicPartitionList::new();
+    let mut positions = BTreeMap::new();
+    let mut ends = BTreeMap::new();
+    let mut pending = BTreeSet::new();
+    for &p in &partitions {
+        let (low, high) =
+            consumer.fetch_watermarks(&b.topic, p, b.timeout).map_err(|e| kafka("read the partition ends", e))?;
+        let start = match checkpoints.get(&p) {
+            Some(&c) if c > high || c < low => {
+                return Err(TableError::StoreAhead {
+                    path: b.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    topic: b.topic.clone(),
+                    partition: p,
+                    checkpoint: c,
+                    low,
+                    high,
+                })
+            }
+            Some(&c) => c,
+            None => low,
+        };
+        tpl.add_partition_offset(&b.topic, p, Offset::Offset(start)).map_err(|e| kafka("assign", e))?;
+        positions.insert(p, start);
+        ends.insert(p, high);
+        if start < high {
+            pending.insert(p);
+        }
+    }
+
+    let counters = Counters::default();
+    let wanted: BTreeSet<i32> = partitions.iter().copied().collect();
+    let rows = match &store {
+        Some(store) => load(store, &b, &wanted, &counters)?,
+        None => Rows::new(),
+    };
+    consumer.assign(&tpl).map_err(|e| kafka("assign the partitions", e))?;
+
+    let status = if pending.is_empty() { Status::Following } else { Status::CatchingUp };
+    let shared = Arc::new(Shared {
+        topic: b.topic.clone(),
+        rows: ArcSwap::from_pointee(rows.clone()),
+        changes: broadcast::channel(b.watch_capacity).0,
+        status: watch::channel(status).0,
+        counters,
+        end_offsets: ends.clone(),
+        positions: Mutex::new(positions.clone()),
+        stop: AtomicBool::new(false),
+    });
+    tracing::info!(topic = %b.topic, partitions = ?partitions, loaded = rows.len(), from = ?positions, to = ?ends, "table opened");
+    let follower = Follower {
+        shared: shared.clone(),
+        keys: b.keys,
+        values: b.values,
+        bad_records: b.bad_records,
+        store,
+        rows,
+        pending_rows: HashMap::new(),
+        positions,
+        ends,
+        catching_up: pending,
+        unstuck: HashMap::new(),
+        follow_all: matches!(b.partitions, Partitions::All),
+        count,
+        checkpoint_interval: b.checkpoint_interval,
+        started: Instant::now(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("eventstage-table".into())
+        .spawn(move || follower.run(&consumer))
+        .map_err(|e| TableError::Kafka { context: "start the table thread".into(), message: e.to_string() })?;
+    Ok((shared, thread))
+}
+
+fn partition_count(consumer: &TableConsumer, brokers: &str, topic: &str, timeout: Duration) -> Result<i32, TableError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| TableError::Unreachable { brokers: brokers.into(), message: e.to_string() })?;
+    match md.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        _ => Err(TableError::MissingTopic { topic: topic.into(), brokers: brokers.into() }),
+    }
+}
+
+/// Decodes a record's key and value; `Err` says why it cannot be a row.
+fn decode<K, V>(
+    keys: &Decoder<K>,
+    values: &Decoder<V>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<(K, Option<V>), String> {
+    let key = key.ok_or_else(|| "the record has no key, so it cannot be a table row".to_string())?;
+    let key = keys.decode(key).map_err(|e| format!("key does not decode: {e}"))?;
+    let value = value.map(|v| values.decode(v).map_err(|e| format!("value does not decode: {e}"))).transpose()?;
+    Ok((key, value))
+}
+
+/// Loads the store's rows of the `wanted` partitions.
+fn load<K, V>(
+    store: &TableStore,
+    b: &TableBuilder<K, V>,
+    wanted: &BTreeSet<i32>,
+    counters: &Counters,
+) -> Result<Rows<K, V>, TableError>
+where
+    K: Ord + Clone,
+{
+    let mut rows = Rows::new();
+    let mut bytes = 0i64;
+    for row in store.rows() {
+        let (raw_key, partition, raw_value) = row?;
+        if !wanted.contains(&partition) {
+            continue;
+        }
+        match decode(&b.keys, &b.values, Some(&raw_key), Some(&raw_value)) {
+            Ok((key, Some(value))) => {
+                let size = (raw_key.len() + raw_value.len()) as u32;
+                bytes += i64::from(size);
+                rows.insert(key, Slot { value: Arc::new(value), partition, size });
+            }
+            Ok((_, None)) => {}
+            Err(reason) if b.bad_records == BadRecords::Stop => {
+                return Err(TableError::Store {
+                    path: b.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    message: format!("a stored row of partition {partition} does not decode ({reason}); the decoders changed since the store was written: delete the store to rebuild it"),
+                })
+            }
+            Err(reason) => {
+                counters.bad_records.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition, %reason, "stored row skipped");
+            }
+        }
+    }
+    counters.loaded_from_store.store(rows.len() as u64, Ordering::Relaxed);
+    counters.bytes.store(bytes, Ordering::Relaxed);
+    Ok(rows)
+}
+
+struct Follower<K, V> {
+    shared: Arc<Shared<K, V>>,
+    keys: Decoder<K>,
+    values: Decoder<V>,
+    bad_records: BadRecords,
+    store: Option<TableStore>,
+    /// The follower's working copy; each batch publishes a clone (O(1): the map is persistent).
+    rows: Rows<K, V>,
+    /// Rows changed since the last checkpoint, newest per key.
+    pending_rows: HashMap<Vec<u8>, PendingRow>,
+    positions: BTreeMap<i32, i64>,
+    ends: BTreeMap<i32, i64>,
+    /// Partitions not yet read up to their end as of open.
+    catching_up: BTreeSet<i32>,
+    /// Per partition, the (position, end offset) of the last re-fetch (see [`Follower::unstick`]).
+    unstuck: HashMap<i32, (i64, i64)>,
+    follow_all: bool,
+    count: i32,
+    checkpoint_interval: Duration,
+    started: Instant,
+}
+
+impl<K, V> Follower<K, V>
+where
+    K: Ord + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    fn run(mut self, consumer: &TableConsumer) {
+        let result = self.follow(consumer);
+        let checkpointed = self.checkpoint();
+        let status = match result.and(checkpointed) {
+            Ok(()) => Status::Closed,
+            Err(e) => {
+                tracing::error!(topic = %self.shared.topic, error = %e, "table stopped");
+                Status::Failed(e)
+            }
+        };
+        self.shared.status.send_replace(status);
+    }
+
+    fn follow(&mut self, consumer: &TableConsumer) -> Result<(), TableError> {
+        let mut last_checkpoint = Instant::now();
+        let mut last_refresh = Instant::now();
+        let mut last_record = Instant::now();
+        let mut last_stall_check = Instant::now();
+        let mut changes = Vec::new();
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let mut polled = 0;
+            let mut timeout = Duration::from_millis(100);
+            while polled < MAX_BATCH {
+                let Some(result) = consumer.poll(timeout) else { break };
+                timeout = Duration::ZERO;
+                polled += 1;
+                let applied = match result {
+                    Ok(msg) => {
+                        last_record = Instant::now();
+                        self.apply(&msg, &mut changes)
+                    }
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        self.reached_end(p);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.shared.topic, error = %e, "table consumer error (the client retries)");
+                        Ok(())
+                    }
+                };
+                if let Err(e) = applied {
+                    // What was applied before the failing record stays readable.
+                    self.publish(&mut changes);
+                    return Err(e);
+                }
+            }
+            if polled > 0 {
+                self.publish(&mut changes);
+            }
+            if last_record.elapsed() >= STALL && last_stall_check.elapsed() >= STALL {
+                self.unstick(consumer);
+                last_stall_check = Instant::now();
+            }
+            if self.pending_rows.len() >= MAX_PENDING_ROWS
+                || (!self.pending_rows.is_empty() && last_checkpoint.elapsed() >= self.checkpoint_interval)
+            {
+                self.checkpoint()?;
+                last_checkpoint = Instant::now();
+            }
+            if self.follow_all && last_refresh.elapsed() >= METADATA_REFRESH {
+                self.add_new_partitions(consumer);
+                last_refresh = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, msg: &BorrowedMessage<'_>, changes: &mut Vec<Change<K, V>>) -> Result<(), TableError> {
+        let (p, offset) = (msg.partition(), msg.offset());
+        if self.positions.get(&p).is_some_and(|&pos| offset < pos) {
+            return Ok(()); // read again by a re-fetch: applied already
+        }
+        let counters = &self.shared.counters;
+        counters.records_read.fetch_add(1, Ordering::Relaxed);
+        match decode(&self.keys, &self.values, msg.key(), msg.payload()) {
+            Ok((key, value)) => {
+                let raw_key = msg.key().unwrap_or_default();
+                let (old, new) = match value {
+                    None => {
+                        counters.tombstones.fetch_add(1, Ordering::Relaxed);
+                        (self.rows.remove(&key), None)
+                    }
+                    Some(value) => {
+                        let size = (raw_key.len() + msg.payload_len()) as u32;
+                        let slot = Slot { value: Arc::new(value), partition: p, size };
+                        let new = slot.value.clone();
+                        (self.rows.insert(key.clone(), slot), Some(new))
+                    }
+                };
+                let delta = new.as_ref().map_or(0, |_| i64::from((raw_key.len() + msg.payload_len()) as u32))
+                    - old.as_ref().map_or(0, |s| i64::from(s.size));
+                counters.bytes.fetch_add(delta, Ordering::Relaxed);
+                if self.store.is_some() {
+                    let row = msg.payload().map(|v| (p, v.to_vec()));
+                    self.pending_rows.insert(raw_key.to_vec(), row);
+                }
+                if self.shared.changes.receiver_count() > 0 {
+                    changes.push(Change { key, old: old.map(|s| s.value), new, partition: p, offset });
+                }
+            }
+            Err(reason) => match self.bad_records {
+                BadRecords::Stop => {
+                    return Err(TableError::BadRecord {
+                        topic: self.shared.topic.clone(),
+                        partition: p,
+                        offset,
+                        reason,
+                    })
+                }
+                BadRecords::Skip => {
+                    let n = counters.bad_records.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n <= 10 || n % 1000 == 0 {
+                        tracing::warn!(topic = %self.shared.topic, partition = p, offset, %reason, skipped = n, "record skipped");
+                    }
+                }
+            },
+        }
+        self.positions.insert(p, offset + 1);
+        if self.catching_up.contains(&p) && self.ends.get(&p).is_some_and(|&end| offset + 1 >= end) {
+            self.reached_end(p);
+        }
+        Ok(())
+    }
+
+    fn reached_end(&mut self, p: i32) {
+        if self.catching_up.remove(&p) && self.catching_up.is_empty() {
+            // Checkpoint before saying so: a restart right after catching up reads nothing again.
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(topic = %self.shared.topic, error = %e, "checkpoint after catching up failed");
+            }
+            tracing::info!(
+                topic = %self.shared.topic,
+                keys = self.rows.len(),
+                records = self.shared.counters.records_read.load(Ordering::Relaxed),
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "table caught up"
+            );
+            // Published first, so that a reader woken by caught_up() sees every row.
+            self.shared.rows.store(Arc::new(self.rows.clone()));
+            self.shared.status.send_replace(Status::Following);
+        }
+    }
+
+    /// Makes the applied records visible: the new map to readers, then the changes to watchers.
+    fn publish(&mut self, changes: &mut Vec<Change<K, V>>) {
+        self.shared.rows.store(Arc::new(self.rows.clone()));
+        *self.shared.positions.lock().unwrap_or_else(|p| p.into_inner()) = self.positions.clone();
+        for c in changes.drain(..) {
+            // An error only means that every watcher has gone.
+            let _ = self.shared.changes.send(c);
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), TableError> {
+        let Some(store) = &self.store else { return Ok(()) };
+        store.checkpoint(std::mem::take(&mut self.pending_rows), &self.positions)?;
+        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Some brokers (noida-db 0.2.3) never answer a read_committed fetch whose offset is a
+    /// transaction marker, even when committed records follow it. When nothing has arrived for a
+    /// while, a partition whose end lies beyond its position is fetched again from its last record
+    /// (which [`apply`](Self::apply) then skips), once per (position, end) pair.
+    fn unstick(&mut self, consumer: &TableConsumer) {
+        let topic = self.shared.topic.clone();
+        for (&p, &pos) in &self.positions {
+            let Ok((_, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(1)) else { continue };
+            if high <= pos || pos == 0 || self.unstuck.get(&p) == Some(&(pos, high)) {
+                continue;
+            }
+            self.unstuck.insert(p, (pos, high));
+            tracing::debug!(topic = %topic, partition = p, position = pos, end = high, "fetching again from the last record");
+            if let Err(e) = consumer.seek(&topic, p, Offset::Offset(pos - 1), Duration::from_secs(1)) {
+                tracing::debug!(topic = %topic, partition = p, error = %e, "re-fetch failed");
+            }
+        }
+    }
+
+    /// A table of all partitions also reads partitions added to the topic after it opened.
+    fn add_new_partitions(&mut self, consumer: &TableConsumer) {
+        let md = match consumer.fetch_metadata(Some(&self.shared.topic), Duration::from_secs(5)) {
+            Ok(md) => md,
+            Err(e) => {
+                tracing::debug!(topic = %self.shared.topic, error = %e, "metadata refresh failed");
+                return;
+            }
+        };
+        let Some(count) = md.topics().first().map(|t| t.partitions().len() as i32) else { return };
+        if count <= self.count {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in self.count..count {
+            if tpl.add_partition_offset(&self.shared.topic, p, Offset::Beginning).is_ok() {
+                self.positions.insert(p, 0);
+            }
+        }
+        match consumer.incremental_assign(&tpl) {
+            Ok(()) => {
+                tracing::info!(topic = %self.shared.topic, from = self.count, to = count, "following new partitions");
+                self.count = count;
+            }
+            Err(e) => tracing::warn!(topic = %self.shared.topic, error = %e, "could not follow new partitions"),
+        }
+    }
+}

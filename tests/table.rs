@@ -1,0 +1,243 @@
+//! KTable emulation against a real Kafka-protocol broker.
+
+use crate::util::broker::{brokers, create_topic, flush, producer, send, unique};
+use crate::util::{init_tracing, wait_until};
+use eventstage::table::{BadRecords, Decoder, Partitions, Table, TableError};
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+type Model = BTreeMap<String, String>;
+
+async fn compacted_topic(partitions: i32) -> (String, String) {
+    init_tracing();
+    let (b, topic) = (brokers(), unique("table"));
+    create_topic(&b, &topic, partitions, &[("cleanup.policy", "compact")]).await;
+    (b, topic)
+}
+
+fn tombstone(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str) {
+    while p.send::<str, [u8]>(BaseRecord::to(topic).key(key)).is_err() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Produces `n` random upserts and tombstones over `keys` keys and applies them to `model`
+/// (last write wins per key; a key's records share a partition, so their order is kept).
+fn random_writes(brokers: &str, topic: &str, n: usize, keys: usize, seed: u64, model: &mut Model) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let p = producer(brokers);
+    for i in 0..n {
+        let key = format!("k{:04}", rng.random_range(0..keys));
+        if rng.random_range(0..5) == 0 {
+            tombstone(&p, topic, &key);
+            model.remove(&key);
+        } else {
+            let value = format!("v{seed}-{i}");
+            send(&p, topic, &key, value.as_bytes());
+            model.insert(key, value);
+        }
+    }
+    flush(&p);
+}
+
+fn contents(table: &Table<String, String>) -> Model {
+    table.snapshot().iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+}
+
+async fn open(brokers: &str, topic: &str) -> Table<String, String> {
+    Table::builder(brokers, topic).keys(Decoder::utf8()).values(Decoder::utf8()).open().await.unwrap()
+}
+
+async fn writes(brokers: &str, topic: &str, n: usize, keys: usize, seed: u64, model: Model) -> Model {
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut model = model;
+        random_writes(&b, &t, n, keys, seed, &mut model);
+        model
+    })
+    .await
+    .unwrap()
+}
+
+/// The table equals a last-write-wins map after catching up and while following live writes, and
+/// its watch stream replays exactly the live changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_equals_the_last_write_wins_model() {
+    let (b, topic) = compacted_topic(3).await;
+    let model = writes(&b, &topic, 3000, 300, 1, Model::new()).await;
+    let table = open(&b, &topic).await;
+    tokio::time::timeout(crate::util::DEADLINE, table.caught_up()).await.expect("catches up").unwrap();
+    assert_eq!(contents(&table), model, "after catching up");
+    let stats = table.stats();
+    assert_eq!(stats.records_read, 3000);
+    assert_eq!(stats.keys as usize, model.len());
+    assert!(stats.tombstones > 0 && stats.caught_up);
+
+    // Live: watch from a snapshot, then apply the changes to it.
+    let mut replayed: Model = contents(&table);
+    let mut changes = Box::pin(table.watch());
+    let model = writes(&b, &topic, 2000, 300, 2, model).await;
+    wait_until("the table to follow the live writes", || contents(&table) == model).await;
+    let mut seen = 0;
+    while seen < 2000 {
+        let change = tokio::time::timeout(crate::util::DEADLINE, changes.next()).await.expect("a change").unwrap();
+        let change = change.expect("no lag at this rate");
+        assert_eq!(replayed.get(&change.key).map(String::as_str), change.old.as_deref().map(String::as_str));
+        match change.new {
+            Some(v) => replayed.insert(change.key, v.to_string()),
+            None => replayed.remove(&change.key),
+        };
+        seen += 1;
+    }
+    assert_eq!(replayed, model, "the watch stream replays the live changes");
+
+    // Lookups, ranges and prefixes on a snapshot.
+    let snap = table.snapshot();
+    let some = model.keys().nth(model.len() / 2).unwrap();
+    assert_eq!(table.get(some.as_str()).as_deref(), model.get(some));
+    assert!(!table.contains_key("no such key"));
+    let range: Vec<_> = snap.range("k0100".to_string().."k0200".to_string()).map(|(k, _)| k.clone()).collect();
+    let expect: Vec<_> = model.range("k0100".to_string().."k0200".to_string()).map(|(k, _)| k.clone()).collect();
+    assert_eq!(range, expect);
+    let prefixed: Vec<_> = snap.prefix("k01").map(|(k, _)| k.clone()).collect();
+    assert_eq!(prefixed, model.keys().filter(|k| k.starts_with("k01")).cloned().collect::<Vec<_>>());
+    table.close().await.unwrap();
+}
+
+/// A restart from the local store reads only the records written after its last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_the_store_reads_only_the_tail() {
+    let (b, topic) = compacted_topic(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let model = writes(&b, &topic, 2000, 200, 3, Model::new()).await;
+    let open_stored =
+        || Table::builder(&b, &topic).keys(Decoder::utf8()).values(Decoder::utf8()).store(dir.path()).open();
+    let table = open_stored().await.unwrap();
+    table.caught_up().await.unwrap();
+    assert_eq!(contents(&table), model);
+    assert_eq!(table.stats().records_read, 2000);
+    table.close().await.unwrap();
+
+    let stored = model.len() as u64;
+    let model = writes(&b, &topic, 150, 200, 4, model).await;
+    let table = open_stored().await.unwrap();
+    assert_eq!(table.stats().loaded_from_store, stored, "rows come from the store");
+    table.caught_up().await.unwrap();
+    assert_eq!(table.stats().records_read, 150, "only the tail is read");
+    assert_eq!(contents(&table), model);
+    table.close().await.unwrap();
+
+    // The same store for another topic is refused.
+    let err = Table::builder(&b, unique("other")).store(dir.path()).open().await.unwrap_err();
+    assert!(matches!(err, TableError::MissingTopic { .. }), "{err}");
+    let (_, other) = compacted_topic(1).await;
+    let err = Table::builder(&b, &other).store(dir.path()).open().await.unwrap_err();
+    assert!(matches!(err, TableError::StoreMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("use another store directory"), "{err}");
+}
+
+fn transactional(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("transactional.id", unique("table-txn"))
+        .create()
+        .unwrap();
+    p.init_transactions(Duration::from_secs(30)).unwrap();
+    p
+}
+
+/// Records of aborted transactions never reach the table, whether it reads them while catching
+/// up or while following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactional_writes_never_appear() {
+    let (b, topic) = compacted_topic(2).await;
+    let write = |aborted: &'static str, committed: &'static str| {
+        let (b, topic) = (b.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let p = transactional(&b);
+            for (value, commit) in [(aborted, false), (committed, true)] {
+                p.begin_transaction().unwrap();
+                for i in 0..50 {
+                    send(&p, &topic, &format!("k{i}"), value.as_bytes());
+                }
+                if commit {
+                    p.commit_transaction(Duration::from_secs(30)).unwrap();
+                } else {
+                    p.flush(Duration::from_secs(30)).unwrap();
+                    p.abort_transaction(Duration::from_secs(30)).unwrap();
+                }
+            }
+        })
+    };
+    write("aborted-1", "committed-1").await.unwrap();
+    let table = open(&b, &topic).await;
+    table.caught_up().await.unwrap();
+    assert_eq!(table.len(), 50);
+    assert!(table.snapshot().iter().all(|(_, v)| v.as_str() == "committed-1"));
+
+    let mut changes = Box::pin(table.watch());
+    write("aborted-2", "committed-2").await.unwrap();
+    wait_until("the committed values", || table.snapshot().iter().all(|(_, v)| v.as_str() == "committed-2")).await;
+    for _ in 0..50 {
+        let c = changes.next().await.unwrap().unwrap();
+        assert_eq!(c.new.as_deref().map(String::as_str), Some("committed-2"), "only committed values are applied");
+    }
+    table.close().await.unwrap();
+}
+
+/// A record that does not decode is skipped and counted, or stops the table, by policy; either
+/// way it never silently disappears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_counted_or_stop_the_table() {
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Limit {
+        max: u64,
+    }
+    let (b, topic) = compacted_topic(1).await;
+    let p = producer(&b);
+    send(&p, &topic, "a", br#"{"max": 1}"#);
+    send(&p, &topic, "b", b"not json");
+    send(&p, &topic, "c", br#"{"max": 3}"#);
+    flush(&p);
+
+    let skipping = Table::builder(&b, &topic).keys(Decoder::utf8()).values(Decoder::<Limit>::json()).open().await;
+    let skipping = skipping.unwrap();
+    skipping.caught_up().await.unwrap();
+    assert_eq!(skipping.len(), 2);
+    assert_eq!(skipping.get("c").as_deref(), Some(&Limit { max: 3 }));
+    assert_eq!(skipping.stats().bad_records, 1);
+    skipping.close().await.unwrap();
+
+    let stopping = Table::builder(&b, &topic)
+        .keys(Decoder::utf8())
+        .values(Decoder::<Limit>::json())
+        .bad_records(BadRecords::Stop)
+        .open()
+        .await
+        .unwrap();
+    let err = stopping.caught_up().await.unwrap_err();
+    match &err {
+        TableError::BadRecord { partition: 0, offset: 1, reason, .. } => assert!(reason.contains("json"), "{reason}"),
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(stopping.get("a").as_deref(), Some(&Limit { max: 1 }), "what came before is still served");
+    assert!(stopping.get("c").is_none());
+}
+
+/// Clear errors for an unreachable cluster, a missing topic and a missing partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_and_missing_topics_are_named() {
+    let (b, topic) = compacted_topic(2).await;
+    let err = Table::builder(&b, unique("missing")).open().await.unwrap_err();
+    assert!(matches!(err, TableError::MissingTopic { .. }) && err.to_string().contains("does not exist"), "{err}");
+    let err = Table::builder(&b, &topic).partitions(Partitions::Only(vec![0, 5])).open().await.unwrap_err();
+    assert_eq!(err, TableError::NoSuchPartition { topic: topic.clone(), partition: 5, count: 2 });
+    let port = crate::util::broker::free_port();
+    let err =
+        Table::builder(format!("127.0.0.1:{port}"), &topic).timeout(Duration::from_secs(2)).open().await.unwrap_err();
+    assert!(matches!(err, TableError::Unreachable { .. }) && err.to_string().contains("--brokers"), "{err}");
+}
