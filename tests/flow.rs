@@ -372,13 +372,13 @@ async fn sled_state(dir: &std::path::Path, partitions: i32) -> BTreeMap<String, 
 }
 
 /// Feeds `cmds` to the input topic from a blocking task.
-async fn feed_async(s: &Setup, cmds: &[(String, String, BankCommand)]) {
+pub(crate) async fn feed_async(s: &Setup, cmds: &[(String, String, BankCommand)]) {
     let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.to_vec());
     tokio::task::spawn_blocking(move || feed(&b, &t, &c)).await.unwrap();
 }
 
 /// [`check_replies`] from a blocking task.
-async fn await_replies(s: &Setup, replies: HashMap<String, WireReply>) -> Vec<Rec> {
+pub(crate) async fn await_replies(s: &Setup, replies: HashMap<String, WireReply>) -> Vec<Rec> {
     let s = s.clone();
     tokio::task::spawn_blocking(move || check_replies(&s, &replies)).await.unwrap()
 }

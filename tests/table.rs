@@ -241,3 +241,95 @@ async fn unreachable_brokers_and_missing_topics_are_named() {
         Table::builder(format!("127.0.0.1:{port}"), &topic).timeout(Duration::from_secs(2)).open().await.unwrap_err();
     assert!(matches!(err, TableError::Unreachable { .. }) && err.to_string().contains("--brokers"), "{err}");
 }
+
+/// `eventstage table dump|get|stats` on a plain topic (with a reused store) and on a bank flow's
+/// Kafka journal (rebuilt state per key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_dumps_gets_and_counts_tables() {
+    use crate::util::run_cli;
+    let (b, topic) = compacted_topic(2).await;
+    let p = producer(&b);
+    send(&p, &topic, "alice", br#"{"limit": 100}"#);
+    send(&p, &topic, "bob", br#"{"limit": 5}"#);
+    send(&p, &topic, "carol", br#"{"limit": 7}"#);
+    tombstone(&p, &topic, "carol");
+    send(&p, &topic, "bob", br#"{"limit": 50}"#);
+    flush(&p);
+    let store = tempfile::tempdir().unwrap();
+    let store_arg = store.path().join("t").display().to_string();
+    let base = ["--brokers", b.as_str(), "--topic", topic.as_str()];
+    let cli = |args: &[&str]| {
+        let mut all = vec!["table"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&base);
+        run_cli(&all)
+    };
+
+    let (code, out, err) = cli(&["dump", "--format", "json", "--value-format", "json", "--store", &store_arg]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        rows,
+        [
+            serde_json::json!({"key": "alice", "value": {"limit": 100}}),
+            serde_json::json!({"key": "bob", "value": {"limit": 50}})
+        ]
+    );
+    let (code, out, _) = cli(&["get", "bob"]);
+    assert_eq!((code, out.trim()), (0, r#"bob  {"limit": 50}"#));
+    let (code, _, err) = cli(&["get", "carol"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`carol` is not in topic"), "{err}");
+    let (code, out, _) = cli(&["get", "626f62", "--key-format", "hex", "--value-format", "base64"]);
+    assert_eq!((code, out.trim()), (0, "626f62  eyJsaW1pdCI6IDUwfQ=="));
+
+    // Stats, reusing the store: nothing new to read.
+    let (code, out, err) = cli(&["stats", "--format", "json", "--store", &store_arg]);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(stats["keys"], 2);
+    assert_eq!(stats["records_read"], 0, "the store had everything");
+    assert_eq!(stats["loaded_from_store"], 2);
+    let (code, out, _) = cli(&["stats"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("tombstones seen    1") && out.contains("records read       5"), "{out}");
+
+    // A value that is not JSON: counted and skipped, or an error naming where it is.
+    send(&p, &topic, "dave", b"{not json");
+    flush(&p);
+    let (code, out, err) = cli(&["stats", "--value-format", "json", "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#""bad_records":1"#) && err.contains("skipped"), "{out}\n{err}");
+    let (code, _, err) = cli(&["dump", "--value-format", "json", "--on-bad-record", "stop"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("partition ") && err.contains("offset ") && err.contains("not JSON"), "{err}");
+
+    // Wrong flags and a missing topic.
+    let (code, _, err) = run_cli(&["table", "dump", "--topic", &topic]);
+    assert!(code == 2 && err.contains("--brokers"), "{err}");
+    let (code, _, err) = run_cli(&["table", "dump", "--brokers", &b, "--topic", "no-such-topic-here"]);
+    assert!(code == 2 && err.contains("does not exist"), "{err}");
+
+    // A bank flow's Kafka journal, with the bank stage: the state per account.
+    let s = crate::flow::setup(1).await;
+    let cmds = crate::flow::workload(200, 8, 77);
+    let (replies, accounts) = crate::flow::expected(&cmds);
+    let flow = eventstage::stages::bank_flow::bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .run()
+        .unwrap();
+    crate::flow::feed_async(&s, &cmds).await;
+    crate::flow::await_replies(&s, replies).await;
+    flow.drain_and_shutdown().await.unwrap();
+    let (code, out, err) =
+        run_cli(&["table", "dump", "--brokers", &b, "--topic", &s.journal, "--stage", "bank", "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let states: BTreeMap<String, eventstage::stages::bank::Account> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["key"].as_str().unwrap().to_string(), serde_json::from_value(v["value"]["state"].clone()).unwrap())
+        })
+        .collect();
+    assert_eq!(states, accounts);
+}

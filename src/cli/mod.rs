@@ -1,5 +1,5 @@
 //! The `eventstage` command line, as a library: your own binary registers its stages and gets the
-//! same journal commands.
+//! same journal (and table) commands.
 //!
 //! ```no_run
 //! use eventstage::stages::bank::Bank;
@@ -11,9 +11,13 @@
 
 mod journal;
 mod registry;
+#[cfg(all(feature = "kafka", feature = "sled"))]
+mod table;
 
 pub use journal::{run_journal, JournalArgs, JournalCommand};
 pub use registry::{ErasedStage, RebuiltEntity, Registry, StageCodecs};
+#[cfg(all(feature = "kafka", feature = "sled"))]
+pub use table::{run_table, DataFormat, OnBad, TableArgs, TableCommand};
 
 use crate::stage::EventSourced;
 use clap::{Parser, ValueEnum};
@@ -47,6 +51,9 @@ struct Args {
 enum Top {
     /// Inspect, verify, dump and replay journals.
     Journal(JournalArgs),
+    /// Materialize a compacted topic as a table and print it.
+    #[cfg(all(feature = "kafka", feature = "sled"))]
+    Table(TableArgs),
 }
 
 impl Cli {
@@ -79,8 +86,11 @@ impl Cli {
             Ok(a) => a,
             Err(e) => e.exit(),
         };
-        let Top::Journal(j) = args.command;
-        block_on_cli(run_journal(&self.registry, j))
+        match args.command {
+            Top::Journal(j) => block_on_cli(run_journal(&self.registry, j)),
+            #[cfg(all(feature = "kafka", feature = "sled"))]
+            Top::Table(t) => block_on_cli(run_table(&self.registry, t)),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use crate::replay::{decode_event, rebuild};
 use crate::stage::{EntityKey, EventSourced};
-use eventstage_journal::{printable_key, EventQuery, EventRecord, Progress, SledJournal};
+use eventstage_journal::{printable_key, Envelope, EventQuery, EventRecord, Progress, SledJournal};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +21,11 @@ pub trait ErasedStage: Send + Sync {
     /// # Errors
     /// When the payload does not decode.
     fn event_json(&self, rec: &EventRecord) -> anyhow::Result<serde_json::Value>;
+    /// Decodes a state snapshot (as the Kafka journal stores it with each record) into JSON.
+    ///
+    /// # Errors
+    /// When the payload does not decode or is of another state version.
+    fn state_json(&self, envelope: &Envelope) -> anyhow::Result<serde_json::Value>;
     /// Rebuilds every key matching `query` from events.
     fn rebuild<'a>(
         &'a self,
@@ -49,6 +54,19 @@ where
 
     fn event_json(&self, rec: &EventRecord) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::to_value(decode_event::<S>(rec)?)?)
+    }
+
+    fn state_json(&self, envelope: &Envelope) -> anyhow::Result<serde_json::Value> {
+        if envelope.type_version != S::STATE_VERSION {
+            anyhow::bail!(
+                "state version {} of stage `{}` is not the version this binary knows ({})",
+                envelope.type_version,
+                S::NAME,
+                S::STATE_VERSION
+            );
+        }
+        let state: S::State = crate::Codec::from_id(envelope.codec)?.decode(&envelope.payload)?;
+        Ok(serde_json::to_value(state)?)
     }
 
     fn rebuild<'a>(

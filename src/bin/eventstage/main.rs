@@ -6,6 +6,8 @@ mod flow_demo;
 
 use clap::Parser;
 use eventstage::cli::{block_on_cli, init_tracing, run_journal, JournalArgs, Registry};
+#[cfg(all(feature = "kafka", feature = "sled"))]
+use eventstage::cli::{run_table, TableArgs};
 use eventstage::stages::{bank::Bank, inventory::Inventory};
 use std::process::ExitCode;
 
@@ -25,6 +27,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Inspect, verify, dump and replay journals.
     Journal(JournalArgs),
+    /// Materialize a compacted topic as a table and print it: `dump`, `get KEY`, `stats`. With
+    /// `--stage NAME` the topic is an eventstage Kafka journal and each key's state is printed.
+    #[cfg(all(feature = "kafka", feature = "sled"))]
+    Table(TableArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,5 +42,7 @@ fn main() -> ExitCode {
     match args.command {
         Command::Demo(d) => block_on_cli(demo::run(d)),
         Command::Journal(j) => block_on_cli(run_journal(&registry, j)),
+        #[cfg(all(feature = "kafka", feature = "sled"))]
+        Command::Table(t) => block_on_cli(run_table(&registry, t)),
     }
 }
