@@ -333,3 +333,74 @@ async fn the_cli_dumps_gets_and_counts_tables() {
         .collect();
     assert_eq!(states, accounts);
 }
+
+/// A stream-table join inside an exactly-once flow: the bank flow consults a limits table for
+/// every withdrawal, and a limit changed in the topic applies to the commands processed after the
+/// table has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bank_flow_joins_a_limits_table() {
+    use eventstage::stages::bank::BankCommand::{Deposit, Open, Withdraw};
+    use eventstage::stages::bank_flow::{bank_flow_with_limits, WireReply};
+    let s = crate::flow::setup(2).await;
+    let (b, limits_topic) = compacted_topic(1).await;
+    let p = producer(&b);
+    send(&p, &limits_topic, "acct-0", b"50");
+    send(&p, &limits_topic, "acct-1", b"10");
+    flush(&p);
+    let limits = Table::builder(&b, &limits_topic).keys(Decoder::utf8()).values(Decoder::<u64>::json()).open().await;
+    let limits = limits.unwrap();
+    limits.caught_up().await.unwrap();
+    let flow =
+        bank_flow_with_limits(&s.brokers, &s.group, s.topics.clone(), limits.clone()).journal_topic(&s.journal).run();
+    let flow = flow.unwrap();
+
+    let cmd = |i: usize, account: &str, c| (account.to_string(), format!("c{i}"), c);
+    let reply = |i: usize, ok: bool, balance: u64, error: Option<&str>| WireReply {
+        id: format!("c{i}"),
+        ok,
+        balance: Some(balance),
+        error: error.map(str::to_string),
+    };
+    let first = vec![
+        cmd(0, "acct-0", Open),
+        cmd(1, "acct-1", Open),
+        cmd(2, "acct-2", Open),
+        cmd(3, "acct-0", Deposit(100)),
+        cmd(4, "acct-1", Deposit(100)),
+        cmd(5, "acct-2", Deposit(100)),
+        cmd(6, "acct-0", Withdraw(60)),
+        cmd(7, "acct-1", Withdraw(60)),
+        cmd(8, "acct-2", Withdraw(60)),
+    ];
+    let mut expected: std::collections::HashMap<String, WireReply> = [
+        reply(0, true, 0, None),
+        reply(1, true, 0, None),
+        reply(2, true, 0, None),
+        reply(3, true, 100, None),
+        reply(4, true, 100, None),
+        reply(5, true, 100, None),
+        reply(6, false, 100, Some("withdrawal of 60 is over the account's limit of 50")),
+        reply(7, false, 100, Some("withdrawal of 60 is over the account's limit of 10")),
+        reply(8, true, 40, None),
+    ]
+    .into_iter()
+    .map(|r| (r.id.clone(), r))
+    .collect();
+    crate::flow::feed_async(&s, &first).await;
+    crate::flow::await_replies(&s, expected.clone()).await;
+
+    // Raise acct-0's limit, drop acct-1's; once the table has both, withdraw again.
+    send(&p, &limits_topic, "acct-0", b"100");
+    tombstone(&p, &limits_topic, "acct-1");
+    flush(&p);
+    wait_until("the table to have the new limits", || {
+        limits.get("acct-0").as_deref() == Some(&100) && !limits.contains_key("acct-1")
+    })
+    .await;
+    let second = vec![cmd(9, "acct-0", Withdraw(60)), cmd(10, "acct-1", Withdraw(60))];
+    expected.extend([reply(9, true, 40, None), reply(10, true, 40, None)].into_iter().map(|r| (r.id.clone(), r)));
+    crate::flow::feed_async(&s, &second).await;
+    crate::flow::await_replies(&s, expected).await;
+    flow.drain_and_shutdown().await.unwrap();
+    limits.close().await.unwrap();
+}

@@ -3,6 +3,10 @@
 //! Rules: open on an open account, anything but open on an account that is not open, a withdrawal
 //! beyond the balance, a deposit that would overflow, and closing with a non-zero balance are
 //! rejected. Replies carry the balance after the command.
+//!
+//! [`LimitedBank`] is the same bank whose commands arrive enriched with the account's withdrawal
+//! limit (a stream-table join: the bank flow looks the limit up in a compacted `limits` topic
+//! materialized as a [`Table`](crate::table::Table)); it writes the same journal as [`Bank`].
 
 use crate::stage::{Effect, EventSourced};
 use serde::{Deserialize, Serialize};
@@ -78,6 +82,63 @@ pub enum BankRejection {
     /// A deposit that would overflow the balance.
     #[error("deposit would overflow the balance")]
     Overflow,
+    /// A withdrawal over the account's limit ([`LimitedBank`]).
+    #[error("withdrawal of {requested} is over the account's limit of {limit}")]
+    OverLimit {
+        /// The limit.
+        limit: u64,
+        /// Requested amount.
+        requested: u64,
+    },
+}
+
+/// What the bank decided: events, and whether the reply is the balance before them (fixed) or
+/// after them.
+struct Decision {
+    events: Vec<BankEvent>,
+    reply: Option<u64>,
+}
+
+impl Decision {
+    fn effect<S>(self) -> Effect<S>
+    where
+        S: EventSourced<Event = BankEvent, State = Account, Reply = u64>,
+    {
+        let persist = Effect::persist(self.events);
+        match self.reply {
+            Some(balance) => persist.reply(balance),
+            None => persist.then_reply(|a: &Account| a.balance),
+        }
+    }
+}
+
+fn decide(account: &Account, command: BankCommand) -> Result<Decision, BankRejection> {
+    use BankCommand::*;
+    let after = |event| Ok(Decision { events: vec![event], reply: None });
+    match command {
+        Open if account.open => Err(BankRejection::AlreadyOpen),
+        Open => Ok(Decision { events: vec![BankEvent::Opened], reply: Some(account.balance) }),
+        _ if !account.open => Err(BankRejection::NotOpen),
+        Deposit(amount) => {
+            account.balance.checked_add(amount).ok_or(BankRejection::Overflow)?;
+            after(BankEvent::Deposited { amount })
+        }
+        Withdraw(amount) if amount > account.balance => {
+            Err(BankRejection::InsufficientFunds { balance: account.balance, requested: amount })
+        }
+        Withdraw(amount) => after(BankEvent::Withdrawn { amount }),
+        Close if account.balance != 0 => Err(BankRejection::NonZeroBalance { balance: account.balance }),
+        Close => Ok(Decision { events: vec![BankEvent::Closed], reply: Some(0) }),
+    }
+}
+
+fn apply(account: &mut Account, event: &BankEvent) {
+    match event {
+        BankEvent::Opened => account.open = true,
+        BankEvent::Deposited { amount } => account.balance += amount,
+        BankEvent::Withdrawn { amount } => account.balance -= amount,
+        BankEvent::Closed => account.open = false,
+    }
 }
 
 impl EventSourced for Bank {
@@ -90,37 +151,57 @@ impl EventSourced for Bank {
     type Rejection = BankRejection;
 
     fn handle(&self, account: &Account, command: BankCommand) -> Result<Effect<Self>, BankRejection> {
-        use BankCommand::*;
-        match command {
-            Open if account.open => Err(BankRejection::AlreadyOpen),
-            Open => Ok(Effect::persist([BankEvent::Opened]).reply(account.balance)),
-            _ if !account.open => Err(BankRejection::NotOpen),
-            Deposit(amount) => {
-                account.balance.checked_add(amount).ok_or(BankRejection::Overflow)?;
-                Ok(Effect::persist([BankEvent::Deposited { amount }]).then_reply(|a: &Account| a.balance))
-            }
-            Withdraw(amount) if amount > account.balance => {
-                Err(BankRejection::InsufficientFunds { balance: account.balance, requested: amount })
-            }
-            Withdraw(amount) => {
-                Ok(Effect::persist([BankEvent::Withdrawn { amount }]).then_reply(|a: &Account| a.balance))
-            }
-            Close if account.balance != 0 => Err(BankRejection::NonZeroBalance { balance: account.balance }),
-            Close => Ok(Effect::persist([BankEvent::Closed]).reply(0)),
-        }
+        decide(account, command).map(Decision::effect)
     }
 
     fn apply(account: &mut Account, event: &BankEvent) {
-        match event {
-            BankEvent::Opened => account.open = true,
-            BankEvent::Deposited { amount } => account.balance += amount,
-            BankEvent::Withdrawn { amount } => account.balance -= amount,
-            BankEvent::Closed => account.open = false,
-        }
+        apply(account, event);
     }
 
     fn is_deleted(account: &Account) -> bool {
         !account.open && account.balance == 0
+    }
+}
+
+/// The bank with withdrawal limits: each command carries the account's current limit, looked up
+/// by whoever sends it (the bank flow joins a limits table). Same events, state and journal as
+/// [`Bank`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitedBank;
+
+/// A bank command enriched with the account's withdrawal limit (`None`: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limited {
+    /// The command.
+    pub command: BankCommand,
+    /// The largest withdrawal allowed, as the limits table said when the command was processed.
+    pub limit: Option<u64>,
+}
+
+impl EventSourced for LimitedBank {
+    const NAME: &'static str = "bank";
+    type Key = String;
+    type Command = Limited;
+    type Event = BankEvent;
+    type State = Account;
+    type Reply = u64;
+    type Rejection = BankRejection;
+
+    fn handle(&self, account: &Account, limited: Limited) -> Result<Effect<Self>, BankRejection> {
+        if let (BankCommand::Withdraw(requested), Some(limit)) = (limited.command, limited.limit) {
+            if account.open && requested > limit {
+                return Err(BankRejection::OverLimit { limit, requested });
+            }
+        }
+        decide(account, limited.command).map(Decision::effect)
+    }
+
+    fn apply(account: &mut Account, event: &BankEvent) {
+        apply(account, event);
+    }
+
+    fn is_deleted(account: &Account) -> bool {
+        Bank::is_deleted(account)
     }
 }
 
@@ -157,5 +238,18 @@ mod tests {
         funded.when(Withdraw(11)).then_rejected(BankRejection::InsufficientFunds { balance: 10, requested: 11 });
         funded.when(Close).then_rejected(BankRejection::NonZeroBalance { balance: 10 });
         funded.when(Deposit(u64::MAX)).then_rejected(BankRejection::Overflow);
+    }
+
+    #[test]
+    fn limits() {
+        let limited = |command, limit| Limited { command, limit };
+        let funded = StageTest::new(LimitedBank).given([Opened, Deposited { amount: 100 }]);
+        funded
+            .when(limited(Withdraw(60), Some(50)))
+            .then_rejected(BankRejection::OverLimit { limit: 50, requested: 60 });
+        funded.when(limited(Withdraw(50), Some(50))).then_events([Withdrawn { amount: 50 }]).then_reply(50);
+        funded.when(limited(Withdraw(100), None)).then_events([Withdrawn { amount: 100 }]).then_reply(0);
+        funded.when(limited(Deposit(500), Some(1))).then_events([Deposited { amount: 500 }]).then_reply(600);
+        StageTest::new(LimitedBank).when(limited(Withdraw(5), Some(1))).then_rejected(BankRejection::NotOpen);
     }
 }

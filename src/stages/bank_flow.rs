@@ -7,9 +7,14 @@
 //!   `{"id": "<command id>", "ok": <bool>, "balance": <u64 or null>, "error": <string or null>}`,
 //!   exactly one per command;
 //! - events (`bank-events`): key = account id, value = the event as JSON.
+//!
+//! [`bank_flow_with_limits`] adds a stream-table join: a compacted `limits` topic (key = account
+//! id, value = the largest withdrawal allowed, a JSON number) materialized as a
+//! [`Table`](crate::table::Table), consulted for every command as it is processed.
 
-use super::bank::{Bank, BankCommand, BankRejection};
+use super::bank::{Account, Bank, BankCommand, BankEvent, BankRejection};
 use crate::flow::{FlowBuilder, InputRecord, OutputRecord, Processed};
+use crate::stage::EventSourced;
 use serde::{Deserialize, Serialize};
 
 /// A command on the wire.
@@ -75,8 +80,11 @@ pub fn decode(input: &InputRecord) -> Result<(String, BankCommand), String> {
     Ok((key.to_string(), command))
 }
 
-/// The reply and event records of one processed command.
-pub fn outputs(topics: &BankTopics, p: &Processed<'_, Bank>) -> Vec<OutputRecord> {
+/// The reply and event records of one processed command (of [`Bank`] or a bank with its types).
+pub fn outputs<S>(topics: &BankTopics, p: &Processed<'_, S>) -> Vec<OutputRecord>
+where
+    S: EventSourced<Key = String, Event = BankEvent, State = Account, Reply = u64, Rejection = BankRejection>,
+{
     let id = p
         .input
         .value
@@ -108,4 +116,26 @@ pub fn outputs(topics: &BankTopics, p: &Processed<'_, Bank>) -> Vec<OutputRecord
 pub fn bank_flow(brokers: &str, group_id: &str, topics: BankTopics) -> FlowBuilder<Bank> {
     let input = topics.input.clone();
     FlowBuilder::new(Bank, brokers, group_id, &[input.as_str()]).decoder(decode).outputs(move |p| outputs(&topics, p))
+}
+
+/// The bank flow with withdrawal limits: every command is enriched with the account's current
+/// limit from `limits` (a table of the compacted limits topic: account id → JSON number) when the
+/// flow processes it, and a withdrawal over the limit is rejected. The join sees the table as it
+/// is at that moment; the events record what was decided, so replay never consults the table.
+#[cfg(feature = "sled")]
+pub fn bank_flow_with_limits(
+    brokers: &str,
+    group_id: &str,
+    topics: BankTopics,
+    limits: crate::table::Table<String, u64>,
+) -> FlowBuilder<super::bank::LimitedBank> {
+    use super::bank::{Limited, LimitedBank};
+    let input = topics.input.clone();
+    FlowBuilder::new(LimitedBank, brokers, group_id, &[input.as_str()])
+        .decoder(move |record| {
+            let (account, command) = decode(record)?;
+            let limit = limits.get(account.as_str()).map(|l| *l);
+            Ok((account, Limited { command, limit }))
+        })
+        .outputs(move |p| outputs(&topics, p))
 }

@@ -49,6 +49,10 @@ pub(crate) struct FlowArgs {
     /// Partitions of topics the demo creates when they are missing.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// Withdrawal limits: a compacted topic (key = account id, value = the largest withdrawal, a
+    /// JSON number) joined into every command; a withdrawal over the limit is rejected.
+    #[arg(long, value_name = "TOPIC")]
+    limits: Option<String>,
 }
 
 #[cfg(not(feature = "kafka"))]
@@ -90,6 +94,27 @@ fn print_metrics(m: &FlowMetrics) {
     );
 }
 
+/// The demo's journal, transactional id and group settings on a bank flow.
+#[cfg(feature = "kafka")]
+fn configure<S: eventstage::EventSourced>(
+    flow: eventstage::flow::FlowBuilder<S>,
+    journal: &eventstage::flow::FlowJournal,
+    txn: &str,
+    args: &FlowArgs,
+) -> anyhow::Result<eventstage::flow::FlowBuilder<S>> {
+    let flow = match journal {
+        eventstage::flow::FlowJournal::Kafka(topic) => flow.journal_topic(topic),
+        eventstage::flow::FlowJournal::Sled(dir) => flow.sled_journal(dir),
+        other => bail!("unsupported journal {other:?}"),
+    };
+    Ok(flow
+        .transactional_id(txn)
+        .commit_interval(args.commit_interval)
+        // A restarted instance (same transactional id) takes its old place in the group at once.
+        .consumer_property("group.instance.id", txn)
+        .consumer_property("session.timeout.ms", "10000"))
+}
+
 #[cfg(feature = "kafka")]
 pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let Some(brokers) = args.brokers.clone() else { bail!("--brokers is required for the flow demo") };
@@ -102,19 +127,24 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     let txn = args.transactional_id.clone().unwrap_or_else(|| format!("eventstage-{}-{host}", args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
-    let flow = bank_flow(&brokers, &args.group, topics);
-    let flow = match &journal {
-        eventstage::flow::FlowJournal::Kafka(topic) => flow.journal_topic(topic),
-        eventstage::flow::FlowJournal::Sled(dir) => flow.sled_journal(dir),
-        other => bail!("unsupported journal {other:?}"),
+    let flow = match &args.limits {
+        None => configure(bank_flow(&brokers, &args.group, topics), &journal, &txn, &args)?.run()?,
+        #[cfg(not(feature = "sled"))]
+        Some(_) => bail!("--limits needs the `sled` feature (a default feature)"),
+        #[cfg(feature = "sled")]
+        Some(limits) => {
+            let table = eventstage::table::Table::builder(&brokers, limits)
+                .keys(eventstage::table::Decoder::utf8())
+                .values(eventstage::table::Decoder::<u64>::json())
+                .open()
+                .await
+                .with_context(|| format!("opening the limits table `{limits}`"))?;
+            table.caught_up().await.with_context(|| format!("reading the limits table `{limits}`"))?;
+            println!("limits:   {} accounts with a withdrawal limit in `{limits}`", table.len());
+            let flow = eventstage::stages::bank_flow::bank_flow_with_limits(&brokers, &args.group, topics, table);
+            configure(flow, &journal, &txn, &args)?.run()?
+        }
     };
-    let flow = flow
-        .transactional_id(&txn)
-        .commit_interval(args.commit_interval)
-        // A restarted instance (same transactional id) takes its old place in the group at once.
-        .consumer_property("group.instance.id", &txn)
-        .consumer_property("session.timeout.ms", "10000")
-        .run()?;
     println!(
         "flow running: {} -> {} / {}, journal {}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
         args.input, args.replies, args.events, args.journal, args.group
