@@ -27,9 +27,15 @@
 //! commit interval a run of N = 100 000 lasts only a few commits. Topics are deleted once measured
 //! (the broker keeps everything in memory). CPU figures come from /proc (Linux; 100 ticks/s).
 //!
+//! 5. KTable emulation: see `e2e_table.rs` (materialization vs a bare consumer, `get` latency,
+//!    memory per key).
+//!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
+//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table` (only section 5),
 //! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
 //! through python3), `RUST_LOG` (tracing filter, default `warn`).
+
+mod e2e_table;
 
 use anyhow::{anyhow, bail, Context, Result};
 use eventstage::flow::{FlowControl, FlowMetrics};
@@ -112,10 +118,18 @@ fn run() -> Result<()> {
         "broker {b} ({}); N = {n}, {PARTITIONS} partitions, commit interval {COMMIT_INTERVAL:?}",
         if broker.own.is_some() { "noida-db started by this benchmark" } else { "EVENTSTAGE_TEST_BROKERS" }
     ));
+    let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
+    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("table") {
+        progress("5/5 table materialization and lookups (EVENTSTAGE_E2E_ONLY=table)");
+        let table = e2e_table::run(&rt, &broker, table_keys)?;
+        println!();
+        table.print();
+        return Ok(());
+    }
     let cmds = commands(n as usize, 7);
 
     progress(&format!(
-        "1+2/4 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
+        "1+2/5 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
     ));
     let (mut flows, mut passes, mut drained, mut doubled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -138,15 +152,17 @@ fn run() -> Result<()> {
     let pass_doubled = Rounds::of(doubled, Run::window_rate);
 
     let rate = 0.5 * flow.median.run.window_rate();
-    progress(&format!("3/4 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
+    progress(&format!("3/5 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
     let flow_latency = flow_latency(&rt, b, rate, latency_secs)?;
     let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false)?;
     let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true)?;
 
-    progress("4/4 journal restore rate");
+    progress("4/5 journal restore rate");
     let journal = unique("restore-journal");
     write_journal(&rt, b, &journal, n)?;
     let restore = restore_rates(&rt, b, &journal, n)?;
+    progress("5/5 table materialization and lookups");
+    let table = e2e_table::run(&rt, &broker, table_keys)?;
     let total = started.elapsed();
     let broker_rss = broker.rss_mib();
     drop(broker);
@@ -161,6 +177,7 @@ fn run() -> Result<()> {
         pass_latency,
         pass_drained_latency,
         restore,
+        table,
         total,
         broker_rss,
     };
@@ -1179,6 +1196,7 @@ fn bare_read(brokers: &str, topic: &str, partitions: &[i32]) -> Result<u64> {
     let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("bare"))
+        .set("receive.message.max.bytes", "2000000000")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
@@ -1356,6 +1374,7 @@ struct Report {
     pass_latency: Latency,
     pass_drained_latency: Latency,
     restore: Restore,
+    table: e2e_table::TableReport,
     total: Duration,
     broker_rss: Option<u64>,
 }
@@ -1509,6 +1528,8 @@ impl Report {
             rate(r.restore_all) / rate(r.bare),
             rate(r.restore) / rate(r.bare_sequential)
         );
+        println!();
+        self.table.print();
         println!();
         println!(
             "total benchmark time {}; broker resident memory at the end {}",

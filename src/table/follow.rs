@@ -51,7 +51,7 @@ pub(super) type Started<K, V> = (Arc<Shared<K, V>>, std::thread::JoinHandle<()>)
 /// Opens the table: metadata, store, assignment; starts the follower thread.
 pub(super) fn start<K, V>(b: TableBuilder<K, V>) -> Result<Started<K, V>, TableError>
 where
-    K: Ord + Clone + Send + Sync + 'static,
+    K: Ord + std::hash::Hash + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     let mut config = ClientConfig::new();
@@ -62,7 +62,11 @@ where
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false");
+        .set("allow.auto.create.topics", "false")
+        // Brokers that ignore fetch size limits (noida-db 0.2.3) answer a fetch with the whole
+        // backlog; a large table must still be readable. Kafka itself keeps responses within
+        // fetch.max.bytes, so this only raises a ceiling.
+        .set("receive.message.max.bytes", "2000000000");
     for (k, v) in &b.properties {
         config.set(k, v);
     }
@@ -124,9 +128,14 @@ where
     consumer.assign(&tpl).map_err(|e| kafka("assign the partitions", e))?;
 
     let status = if pending.is_empty() { Status::Following } else { Status::CatchingUp };
+    let index = dashmap::DashMap::with_capacity(rows.len());
+    for (k, slot) in rows.iter() {
+        index.insert(k.clone(), slot.clone());
+    }
     let shared = Arc::new(Shared {
         topic: b.topic.clone(),
         rows: ArcSwap::from_pointee(rows.clone()),
+        index,
         changes: broadcast::channel(b.watch_capacity).0,
         status: watch::channel(status).0,
         counters,
@@ -190,7 +199,7 @@ fn load<K, V>(
     counters: &Counters,
 ) -> Result<Rows<K, V>, TableError>
 where
-    K: Ord + Clone,
+    K: Ord + std::hash::Hash + Clone,
 {
     let mut rows = Rows::new();
     let mut bytes = 0i64;
@@ -247,7 +256,7 @@ struct Follower<K, V> {
 
 impl<K, V> Follower<K, V>
 where
-    K: Ord + Clone + Send + Sync + 'static,
+    K: Ord + std::hash::Hash + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     fn run(mut self, consumer: &TableConsumer) {
@@ -330,12 +339,14 @@ where
                 let (old, new) = match value {
                     None => {
                         counters.tombstones.fetch_add(1, Ordering::Relaxed);
+                        self.shared.index.remove(&key);
                         (self.rows.remove(&key), None)
                     }
                     Some(value) => {
                         let size = (raw_key.len() + msg.payload_len()) as u32;
                         let slot = Slot { value: Arc::new(value), partition: p, size };
                         let new = slot.value.clone();
+                        self.shared.index.insert(key.clone(), slot.clone());
                         (self.rows.insert(key.clone(), slot), Some(new))
                     }
                 };
@@ -367,7 +378,12 @@ where
                 }
             },
         }
-        self.positions.insert(p, offset + 1);
+        match self.positions.get_mut(&p) {
+            Some(pos) => *pos = offset + 1,
+            None => {
+                self.positions.insert(p, offset + 1);
+            }
+        }
         if self.catching_up.contains(&p) && self.ends.get(&p).is_some_and(|&end| offset + 1 >= end) {
             self.reached_end(p);
         }

@@ -1,5 +1,11 @@
-//! A table's local store: sled, holding the newest row per key and the consumed offsets, written
-//! together by one atomic `apply_batch`, so a restart reads only the topic's tail.
+//! A table's local store: sled, holding the newest row per key and the consumed offsets, so a
+//! restart reads only the topic's tail.
+//!
+//! A checkpoint writes the changed rows in batches of [`CHUNK`] and the offsets last, then flushes.
+//! A crash in between leaves rows newer than the stored offsets; the restart reads the topic again
+//! from those offsets and applies the same records in the same order, which ends in the same rows
+//! (last write wins is idempotent). So the store is never ahead of what a restart can repair.
+//! (One sled batch for a whole catch-up would pin sled's epoch and log for millions of writes.)
 //!
 //! ```text
 //! DIR/eventstage-table.json   identifies the directory: format version and topic
@@ -16,6 +22,8 @@ const MARKER: &str = "eventstage-table.json";
 const FORMAT_VERSION: u32 = 1;
 const OFFSET: u8 = b'o';
 const ROW: u8 = b'r';
+/// Rows per sled batch.
+const CHUNK: usize = 10_000;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Marker {
@@ -125,15 +133,21 @@ impl TableStore {
         })
     }
 
-    /// Writes `rows` and `offsets` in one atomic batch and flushes it to disk.
+    /// Writes `rows`, then `offsets`, and flushes them to disk (see the module docs).
     pub(super) fn checkpoint(
         &self,
         rows: HashMap<Vec<u8>, PendingRow>,
         offsets: &BTreeMap<i32, i64>,
     ) -> Result<(), TableError> {
         let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
         let mut key = Vec::new();
         for (k, row) in rows {
+            if in_batch == CHUNK {
+                self.tree.apply_batch(std::mem::take(&mut batch)).map_err(|e| self.storage(e))?;
+                in_batch = 0;
+            }
+            in_batch += 1;
             key.clear();
             key.push(ROW);
             key.extend_from_slice(&k);
