@@ -56,8 +56,8 @@ where
 {
     let mut config = ClientConfig::new();
     config
-        .set("bootstrap.servers", &b.brokers)
-        .set("group.id", format!("eventstage-table-{}", b.topic))
+        .set("bootstrap.servers", &b.settings.brokers)
+        .set("group.id", format!("eventstage-table-{}", b.settings.topic))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
@@ -67,26 +67,26 @@ where
         // backlog; a large table must still be readable. Kafka itself keeps responses within
         // fetch.max.bytes, so this only raises a ceiling.
         .set("receive.message.max.bytes", "2000000000");
-    for (k, v) in &b.properties {
+    for (k, v) in &b.settings.properties {
         config.set(k, v);
     }
     config.set("isolation.level", "read_committed");
     let consumer: TableConsumer = config
-        .create_with_context(TableContext { topic: b.topic.clone() })
+        .create_with_context(TableContext { topic: b.settings.topic.clone() })
         .map_err(|e| kafka("create the consumer", e))?;
 
-    let count = partition_count(&consumer, &b.brokers, &b.topic, b.timeout)?;
-    let partitions: Vec<i32> = match &b.partitions {
+    let count = partition_count(&consumer, &b.settings.brokers, &b.settings.topic, b.settings.timeout)?;
+    let partitions: Vec<i32> = match &b.settings.partitions {
         Partitions::All => (0..count).collect(),
         Partitions::Only(ps) => {
             if let Some(&p) = ps.iter().find(|&&p| p < 0 || p >= count) {
-                return Err(TableError::NoSuchPartition { topic: b.topic.clone(), partition: p, count });
+                return Err(TableError::NoSuchPartition { topic: b.settings.topic.clone(), partition: p, count });
             }
             ps.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
         }
     };
 
-    let store = b.store.as_deref().map(|dir| TableStore::open(dir, &b.topic)).transpose()?;
+    let store = b.settings.store.as_deref().map(|dir| TableStore::open(dir, &b.settings.topic)).transpose()?;
     let checkpoints = store.as_ref().map(TableStore::offsets).transpose()?.unwrap_or_default();
 
     // Where each partition starts and ends (as of now).
@@ -95,13 +95,14 @@ where
     let mut ends = BTreeMap::new();
     let mut pending = BTreeSet::new();
     for &p in &partitions {
-        let (low, high) =
-            consumer.fetch_watermarks(&b.topic, p, b.timeout).map_err(|e| kafka("read the partition ends", e))?;
+        let (low, high) = consumer
+            .fetch_watermarks(&b.settings.topic, p, b.settings.timeout)
+            .map_err(|e| kafka("read the partition ends", e))?;
         let start = match checkpoints.get(&p) {
             Some(&c) if c > high || c < low => {
                 return Err(TableError::StoreAhead {
-                    path: b.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
-                    topic: b.topic.clone(),
+                    path: b.settings.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    topic: b.settings.topic.clone(),
                     partition: p,
                     checkpoint: c,
                     low,
@@ -111,7 +112,7 @@ where
             Some(&c) => c,
             None => low,
         };
-        tpl.add_partition_offset(&b.topic, p, Offset::Offset(start)).map_err(|e| kafka("assign", e))?;
+        tpl.add_partition_offset(&b.settings.topic, p, Offset::Offset(start)).map_err(|e| kafka("assign", e))?;
         positions.insert(p, start);
         ends.insert(p, high);
         if start < high {
@@ -133,22 +134,22 @@ where
         index.insert(k.clone(), slot.clone());
     }
     let shared = Arc::new(Shared {
-        topic: b.topic.clone(),
+        topic: b.settings.topic.clone(),
         rows: ArcSwap::from_pointee(rows.clone()),
         index,
-        changes: broadcast::channel(b.watch_capacity).0,
+        changes: broadcast::channel(b.settings.watch_capacity).0,
         status: watch::channel(status).0,
         counters,
         end_offsets: ends.clone(),
         positions: Mutex::new(positions.clone()),
         stop: AtomicBool::new(false),
     });
-    tracing::info!(topic = %b.topic, partitions = ?partitions, loaded = rows.len(), from = ?positions, to = ?ends, "table opened");
+    tracing::info!(topic = %b.settings.topic, partitions = ?partitions, loaded = rows.len(), from = ?positions, to = ?ends, "table opened");
     let follower = Follower {
         shared: shared.clone(),
         keys: b.keys,
         values: b.values,
-        bad_records: b.bad_records,
+        bad_records: b.settings.bad_records,
         store,
         rows,
         pending_rows: HashMap::new(),
@@ -156,9 +157,9 @@ where
         ends,
         catching_up: pending,
         unstuck: HashMap::new(),
-        follow_all: matches!(b.partitions, Partitions::All),
+        follow_all: matches!(b.settings.partitions, Partitions::All),
         count,
-        checkpoint_interval: b.checkpoint_interval,
+        checkpoint_interval: b.settings.checkpoint_interval,
         started: Instant::now(),
     };
     let thread = std::thread::Builder::new()
@@ -215,9 +216,9 @@ where
                 rows.insert(key, Slot { value: Arc::new(value), partition, size });
             }
             Ok((_, None)) => {}
-            Err(reason) if b.bad_records == BadRecords::Stop => {
+            Err(reason) if b.settings.bad_records == BadRecords::Stop => {
                 return Err(TableError::Store {
-                    path: b.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    path: b.settings.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
                     message: format!("a stored row of partition {partition} does not decode ({reason}); the decoders changed since the store was written: delete the store to rebuild it"),
                 })
             }

@@ -336,17 +336,19 @@ impl Table<Vec<u8>, Vec<u8>> {
     /// bytes until [`TableBuilder::keys`] / [`TableBuilder::values`] say otherwise.
     pub fn builder(brokers: impl Into<String>, topic: impl Into<String>) -> TableBuilder<Vec<u8>, Vec<u8>> {
         TableBuilder {
-            brokers: brokers.into(),
-            topic: topic.into(),
+            settings: Settings {
+                brokers: brokers.into(),
+                topic: topic.into(),
+                partitions: Partitions::All,
+                store: None,
+                bad_records: BadRecords::Skip,
+                properties: Vec::new(),
+                checkpoint_interval: Duration::from_secs(1),
+                watch_capacity: 4096,
+                timeout: Duration::from_secs(30),
+            },
             keys: Decoder::bytes(),
             values: Decoder::bytes(),
-            partitions: Partitions::All,
-            store: None,
-            bad_records: BadRecords::Skip,
-            properties: Vec::new(),
-            checkpoint_interval: Duration::from_secs(1),
-            watch_capacity: 4096,
-            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -553,10 +555,16 @@ impl Prefix for [u8] {
 
 /// Configures and opens a [`Table`].
 pub struct TableBuilder<K, V> {
-    brokers: String,
-    topic: String,
+    settings: Settings,
     keys: Decoder<K>,
     values: Decoder<V>,
+}
+
+/// What a [`TableBuilder`] holds besides its decoders.
+#[derive(Debug)]
+struct Settings {
+    brokers: String,
+    topic: String,
     partitions: Partitions,
     store: Option<PathBuf>,
     bad_records: BadRecords,
@@ -569,12 +577,12 @@ pub struct TableBuilder<K, V> {
 impl<K, V> fmt::Debug for TableBuilder<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TableBuilder")
-            .field("brokers", &self.brokers)
-            .field("topic", &self.topic)
+            .field("brokers", &self.settings.brokers)
+            .field("topic", &self.settings.topic)
             .field("keys", &self.keys)
             .field("values", &self.values)
-            .field("partitions", &self.partitions)
-            .field("store", &self.store)
+            .field("partitions", &self.settings.partitions)
+            .field("store", &self.settings.store)
             .finish_non_exhaustive()
     }
 }
@@ -583,43 +591,19 @@ impl<K, V> TableBuilder<K, V> {
     /// The key decoder. Default: the raw bytes.
     #[must_use]
     pub fn keys<K2>(self, keys: Decoder<K2>) -> TableBuilder<K2, V> {
-        TableBuilder {
-            brokers: self.brokers,
-            topic: self.topic,
-            keys,
-            values: self.values,
-            partitions: self.partitions,
-            store: self.store,
-            bad_records: self.bad_records,
-            properties: self.properties,
-            checkpoint_interval: self.checkpoint_interval,
-            watch_capacity: self.watch_capacity,
-            timeout: self.timeout,
-        }
+        TableBuilder { settings: self.settings, keys, values: self.values }
     }
 
     /// The value decoder. Default: the raw bytes.
     #[must_use]
     pub fn values<V2>(self, values: Decoder<V2>) -> TableBuilder<K, V2> {
-        TableBuilder {
-            brokers: self.brokers,
-            topic: self.topic,
-            keys: self.keys,
-            values,
-            partitions: self.partitions,
-            store: self.store,
-            bad_records: self.bad_records,
-            properties: self.properties,
-            checkpoint_interval: self.checkpoint_interval,
-            watch_capacity: self.watch_capacity,
-            timeout: self.timeout,
-        }
+        TableBuilder { settings: self.settings, keys: self.keys, values }
     }
 
     /// Which partitions to read. Default: [`Partitions::All`].
     #[must_use]
     pub fn partitions(mut self, partitions: Partitions) -> Self {
-        self.partitions = partitions;
+        self.settings.partitions = partitions;
         self
     }
 
@@ -628,14 +612,14 @@ impl<K, V> TableBuilder<K, V> {
     /// the topic from the beginning).
     #[must_use]
     pub fn store(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.store = Some(dir.into());
+        self.settings.store = Some(dir.into());
         self
     }
 
     /// What to do with records that do not decode. Default: [`BadRecords::Skip`].
     #[must_use]
     pub fn bad_records(mut self, policy: BadRecords) -> Self {
-        self.bad_records = policy;
+        self.settings.bad_records = policy;
         self
     }
 
@@ -643,28 +627,28 @@ impl<K, V> TableBuilder<K, V> {
     /// `read_committed` and offsets are never committed to the cluster: the table keeps its own.
     #[must_use]
     pub fn consumer_property(mut self, key: &str, value: &str) -> Self {
-        self.properties.push((key.into(), value.into()));
+        self.settings.properties.push((key.into(), value.into()));
         self
     }
 
     /// How often the local store is checkpointed. Default: 1 s.
     #[must_use]
     pub fn checkpoint_interval(mut self, every: Duration) -> Self {
-        self.checkpoint_interval = every;
+        self.settings.checkpoint_interval = every;
         self
     }
 
     /// Changes a [`Table::watch`] stream may fall behind before it lags. Default: 4096.
     #[must_use]
     pub fn watch_capacity(mut self, n: usize) -> Self {
-        self.watch_capacity = n.max(1);
+        self.settings.watch_capacity = n.max(1);
         self
     }
 
     /// How long opening waits for the cluster. Default: 30 s.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.settings.timeout = timeout;
         self
     }
 }
