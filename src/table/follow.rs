@@ -22,8 +22,10 @@ const MAX_PENDING_ROWS: usize = 200_000;
 /// How often a table of all partitions looks for new partitions.
 const METADATA_REFRESH: Duration = Duration::from_secs(30);
 /// With no record for this long, partitions that have records beyond their position are fetched
-/// again from their last record (see [`Follower::unstick`]).
+/// again from their last record (see [`Follower::unstick`]); while nothing arrives, the check's
+/// interval doubles up to [`MAX_STALL_CHECK`], so a quiet table asks the broker rarely.
 const STALL: Duration = Duration::from_secs(1);
+const MAX_STALL_CHECK: Duration = Duration::from_secs(10);
 
 struct TableContext {
     topic: String,
@@ -157,6 +159,7 @@ where
         ends,
         catching_up: pending,
         unstuck: HashMap::new(),
+        caught_up_now: false,
         follow_all: matches!(b.settings.partitions, Partitions::All),
         count,
         checkpoint_interval: b.settings.checkpoint_interval,
@@ -213,7 +216,7 @@ where
             Ok((key, Some(value))) => {
                 let size = (raw_key.len() + raw_value.len()) as u32;
                 bytes += i64::from(size);
-                rows.insert(key, Slot { value: Arc::new(value), partition, size });
+                rows.insert(key, Slot { value: Arc::new(value), size });
             }
             Ok((_, None)) => {}
             Err(reason) if b.settings.bad_records == BadRecords::Stop => {
@@ -249,6 +252,8 @@ struct Follower<K, V> {
     catching_up: BTreeSet<i32>,
     /// Per partition, the (position, end offset) of the last re-fetch (see [`Follower::unstick`]).
     unstuck: HashMap<i32, (i64, i64)>,
+    /// The last partition reached its end in the batch being applied.
+    caught_up_now: bool,
     follow_all: bool,
     count: i32,
     checkpoint_interval: Duration,
@@ -278,6 +283,7 @@ where
         let mut last_refresh = Instant::now();
         let mut last_record = Instant::now();
         let mut last_stall_check = Instant::now();
+        let mut stall_check_every = STALL;
         let mut changes = Vec::new();
         while !self.shared.stop.load(Ordering::SeqCst) {
             let mut polled = 0;
@@ -289,6 +295,7 @@ where
                 let applied = match result {
                     Ok(msg) => {
                         last_record = Instant::now();
+                        stall_check_every = STALL;
                         self.apply(&msg, &mut changes)
                     }
                     Err(KafkaError::PartitionEOF(p)) => {
@@ -309,9 +316,13 @@ where
             if polled > 0 {
                 self.publish(&mut changes);
             }
-            if last_record.elapsed() >= STALL && last_stall_check.elapsed() >= STALL {
+            if self.caught_up_now {
+                self.announce_caught_up();
+            }
+            if last_record.elapsed() >= STALL && last_stall_check.elapsed() >= stall_check_every {
                 self.unstick(consumer);
                 last_stall_check = Instant::now();
+                stall_check_every = (stall_check_every * 2).min(MAX_STALL_CHECK);
             }
             if self.pending_rows.len() >= MAX_PENDING_ROWS
                 || (!self.pending_rows.is_empty() && last_checkpoint.elapsed() >= self.checkpoint_interval)
@@ -345,15 +356,16 @@ where
                     }
                     Some(value) => {
                         let size = (raw_key.len() + msg.payload_len()) as u32;
-                        let slot = Slot { value: Arc::new(value), partition: p, size };
+                        let slot = Slot { value: Arc::new(value), size };
+                        counters.bytes.fetch_add(i64::from(size), Ordering::Relaxed);
                         let new = slot.value.clone();
                         self.shared.index.insert(key.clone(), slot.clone());
                         (self.rows.insert(key.clone(), slot), Some(new))
                     }
                 };
-                let delta = new.as_ref().map_or(0, |_| i64::from((raw_key.len() + msg.payload_len()) as u32))
-                    - old.as_ref().map_or(0, |s| i64::from(s.size));
-                counters.bytes.fetch_add(delta, Ordering::Relaxed);
+                if let Some(old) = &old {
+                    counters.bytes.fetch_sub(i64::from(old.size), Ordering::Relaxed);
+                }
                 if self.store.is_some() {
                     let row = msg.payload().map(|v| (p, v.to_vec()));
                     self.pending_rows.insert(raw_key.to_vec(), row);
@@ -379,12 +391,7 @@ where
                 }
             },
         }
-        match self.positions.get_mut(&p) {
-            Some(pos) => *pos = offset + 1,
-            None => {
-                self.positions.insert(p, offset + 1);
-            }
-        }
+        self.positions.insert(p, offset + 1);
         if self.catching_up.contains(&p) && self.ends.get(&p).is_some_and(|&end| offset + 1 >= end) {
             self.reached_end(p);
         }
@@ -393,21 +400,25 @@ where
 
     fn reached_end(&mut self, p: i32) {
         if self.catching_up.remove(&p) && self.catching_up.is_empty() {
-            // Checkpoint before saying so: a restart right after catching up reads nothing again.
-            if let Err(e) = self.checkpoint() {
-                tracing::warn!(topic = %self.shared.topic, error = %e, "checkpoint after catching up failed");
-            }
-            tracing::info!(
-                topic = %self.shared.topic,
-                keys = self.rows.len(),
-                records = self.shared.counters.records_read.load(Ordering::Relaxed),
-                elapsed_ms = self.started.elapsed().as_millis() as u64,
-                "table caught up"
-            );
-            // Published first, so that a reader woken by caught_up() sees every row.
-            self.shared.rows.store(Arc::new(self.rows.clone()));
-            self.shared.status.send_replace(Status::Following);
+            // Announced once this batch is published, so a reader woken by caught_up() sees it.
+            self.caught_up_now = true;
         }
+    }
+
+    fn announce_caught_up(&mut self) {
+        self.caught_up_now = false;
+        // Checkpoint before saying so: a restart right after catching up reads nothing again.
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(topic = %self.shared.topic, error = %e, "checkpoint after catching up failed");
+        }
+        tracing::info!(
+            topic = %self.shared.topic,
+            keys = self.rows.len(),
+            records = self.shared.counters.records_read.load(Ordering::Relaxed),
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            "table caught up"
+        );
+        self.shared.status.send_replace(Status::Following);
     }
 
     /// Makes the applied records visible: the new map to readers, then the changes to watchers.

@@ -256,16 +256,15 @@ enum Status {
     Closed,
 }
 
-/// One row: the value and what the stats need of it.
+/// One row: the value and its size as read (for [`TableStats::bytes`]).
 struct Slot<V> {
     value: Arc<V>,
-    partition: i32,
     size: u32,
 }
 
 impl<V> Clone for Slot<V> {
     fn clone(&self) -> Self {
-        Self { value: self.value.clone(), partition: self.partition, size: self.size }
+        Self { value: self.value.clone(), size: self.size }
     }
 }
 
