@@ -1,10 +1,12 @@
 //! Rebuilding state from a journal: recovery on open (snapshots + tails) and point-in-time rebuilds
 //! for tools (events up to a sequence number or a time).
 
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecError};
 use crate::error::{Error, Result};
 use crate::stage::{EntityKey, EventSourced};
-use eventstage_journal::{printable_key, EventQuery, EventRecord, Journal, JournalError, Progress, Recovered, SeqNo};
+use eventstage_journal::{
+    printable_key, Envelope, EventQuery, EventRecord, Journal, JournalError, Progress, Recovered, SeqNo,
+};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +35,15 @@ pub struct RecoveryStats {
     pub events: u64,
     /// Wall time of the recovery.
     pub elapsed: Duration,
+}
+
+/// Decodes a state snapshot of stage `S` (as the Kafka journal stores one with each record); a
+/// snapshot of another state version is an error.
+pub(crate) fn decode_state<S: EventSourced>(env: &Envelope) -> std::result::Result<S::State, CodecError> {
+    if env.type_version != S::STATE_VERSION {
+        return Err(CodecError::UnknownVersion { found: env.type_version, current: S::STATE_VERSION });
+    }
+    Codec::from_id(env.codec).and_then(|c| c.decode(&env.payload))
 }
 
 /// Decodes one stored event of stage `S`.

@@ -1,7 +1,8 @@
 //! Stages known to the CLI, type-erased: decode their events to JSON and rebuild their state.
 
-use crate::replay::{decode_event, rebuild};
+use crate::replay::{decode_event, decode_state, rebuild};
 use crate::stage::{EntityKey, EventSourced};
+use anyhow::Context;
 use eventstage_journal::{printable_key, Envelope, EventQuery, EventRecord, Progress, SledJournal};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
@@ -57,15 +58,7 @@ where
     }
 
     fn state_json(&self, envelope: &Envelope) -> anyhow::Result<serde_json::Value> {
-        if envelope.type_version != S::STATE_VERSION {
-            anyhow::bail!(
-                "state version {} of stage `{}` is not the version this binary knows ({})",
-                envelope.type_version,
-                S::NAME,
-                S::STATE_VERSION
-            );
-        }
-        let state: S::State = crate::Codec::from_id(envelope.codec)?.decode(&envelope.payload)?;
+        let state = decode_state::<S>(envelope).with_context(|| format!("stage `{}`", S::NAME))?;
         Ok(serde_json::to_value(state)?)
     }
 
@@ -109,8 +102,13 @@ impl Registry {
     /// The stage that wrote journal `journal`: its name, or its name before a `/` (partitioned
     /// journals are named `stage/partition`).
     pub fn for_journal(&self, journal: &str) -> Option<&dyn ErasedStage> {
+        self.shared_for_journal(journal).map(|s| &**s)
+    }
+
+    /// [`for_journal`](Self::for_journal), as a handle that outlives the registry borrow.
+    pub fn shared_for_journal(&self, journal: &str) -> Option<&Arc<dyn ErasedStage>> {
         let stage = journal.split('/').next().unwrap_or(journal);
-        self.stages.get(stage).map(|s| &**s)
+        self.stages.get(stage)
     }
 
     /// Registered stage names, comma-separated.

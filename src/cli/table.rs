@@ -129,13 +129,11 @@ pub async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<E
     let key_format = args.key_format;
     let values = match &args.stage {
         Some(name) => {
-            let stage = registry.for_journal(name).map(|s| s.name()).with_context(|| {
+            let stage = registry.shared_for_journal(name).cloned().with_context(|| {
                 format!("no stage named `{name}` is compiled into this binary (known: {})", registry.names())
             })?;
-            let registry = registry.clone();
             Decoder::new("eventstage journal entry", move |b| {
                 let entry = JournalEntry::decode(b).map_err(|e| format!("not an eventstage journal record ({e})"))?;
-                let stage = registry.for_journal(stage).ok_or("stage vanished")?;
                 let state = match &entry.state {
                     Some(env) => stage.state_json(env).map_err(|e| format!("{e:#}"))?,
                     None => Value::Null,

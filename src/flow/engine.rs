@@ -6,7 +6,7 @@ use super::{
 };
 use crate::codec::Codec;
 use crate::error::Error;
-use crate::replay::Entity;
+use crate::replay::{decode_state, Entity};
 use crate::stage::{EntityKey, EventSourced};
 use eventstage_journal::{
     printable_key, Envelope, EventRecord, JournalEntry, KafkaJournal, SeqNo, SnapshotRecord, SourcePosition,
@@ -270,14 +270,7 @@ impl<S: EventSourced> Core<S> {
                 source,
             };
             let Some(env) = &entry.state else { continue };
-            if env.type_version != S::STATE_VERSION {
-                return Err(decode_err(crate::CodecError::UnknownVersion {
-                    found: env.type_version,
-                    current: S::STATE_VERSION,
-                })
-                .into());
-            }
-            let state: S::State = Codec::from_id(env.codec).and_then(|c| c.decode(&env.payload)).map_err(decode_err)?;
+            let state = decode_state::<S>(env).map_err(decode_err)?;
             committed.insert(key, Entity { state: Arc::new(state), seq: entry.last_seq });
         }
         self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
