@@ -41,8 +41,11 @@ pub(super) struct Settings {
     pub(super) codec: Codec,
 }
 
+mod journal;
+mod partitions;
 mod txn;
 
+use partitions::{FlowConsumer, FlowContext};
 use txn::{classify, TxnFailure};
 
 pub(super) struct Parts<S: EventSourced> {
@@ -103,10 +106,6 @@ impl<S: EventSourced> PartitionState<S> {
     }
 }
 
-/// A key's journal record is written before commit once it holds this many events (bounds the
-/// record size for a key that takes thousands of commands in one commit interval).
-const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
-
 #[derive(Debug, Clone, Copy)]
 struct Offsets {
     /// Committed next offset (-1: nothing committed yet; start from the beginning).
@@ -142,163 +141,7 @@ struct Core<S: EventSourced> {
     metrics: Arc<Metrics>,
 }
 
-struct FlowContext<S: EventSourced> {
-    core: Arc<Mutex<Core<S>>>,
-}
-
-impl<S: EventSourced> ClientContext for FlowContext<S> {}
-
-impl<S: EventSourced> ConsumerContext for FlowContext<S> {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let mut core = lock(&self.core);
-        let result = match rebalance {
-            Rebalance::Revoke(tpl) => core.on_revoke(consumer, tpl),
-            Rebalance::Assign(tpl) => core.on_assign(consumer, tpl),
-            Rebalance::Error(e) => {
-                tracing::warn!(error = %e, "rebalance error");
-                Ok(())
-            }
-        };
-        if let Err(e) = result {
-            core.failure.get_or_insert(e);
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let mut core = lock(&self.core);
-        if !matches!(rebalance, Rebalance::Assign(_)) || core.pending_seeks.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (topic, p, o) in std::mem::take(&mut core.pending_seeks) {
-            let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
-        }
-        // Only an optimisation: records below the sled positions are skipped anyway.
-        if let Err(e) = consumer.seek_partitions(tpl, TXN_TIMEOUT) {
-            tracing::warn!(error = %e, "seek past inputs applied before a crash failed; they are skipped as they arrive");
-        }
-    }
-}
-
-type FlowConsumer<S> = BaseConsumer<FlowContext<S>>;
-
 impl<S: EventSourced> Core<S> {
-    fn on_assign(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
-        let committed =
-            consumer.committed_offsets(tpl.clone(), TXN_TIMEOUT).map_err(|e| kafka("fetch committed offsets", e))?;
-        for el in committed.elements() {
-            let c = match el.offset() {
-                Offset::Offset(o) => o,
-                _ => -1,
-            };
-            self.offsets.insert((el.topic().to_string(), el.partition()), Offsets { committed: c, next: c });
-        }
-        let wanted: BTreeSet<i32> =
-            tpl.elements().iter().map(|e| e.partition()).filter(|p| !self.partitions.contains_key(p)).collect();
-        if let Backend::Kafka(journal) = &self.backend {
-            // One consumer reads every newly assigned journal partition in parallel.
-            let wanted: Vec<i32> = wanted.iter().copied().collect();
-            self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
-            let latest = journal.latest_per_key_of(&wanted, RESTORE_STALL);
-            self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
-            for (p, entries) in latest? {
-                let restored = self.restore_entries(p, entries)?;
-                self.partitions.insert(p, restored);
-            }
-        }
-        for p in wanted {
-            if self.partitions.contains_key(&p) {
-                continue;
-            }
-            self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
-            let restored = self.restore_sled(p);
-            self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
-            self.partitions.insert(p, restored?);
-        }
-        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
-        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "assigned and restored");
-        Ok(())
-    }
-
-    /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
-    /// offsets (see `sled_backend`).
-    fn restore_sled(&mut self, p: i32) -> Result<PartitionState<S>, FlowError> {
-        let Backend::Sled(sled) = &mut self.backend else { return Err(FlowError::Config("not a sled journal".into())) };
-        let restored = sled.restore::<S>(&self.rt, p)?;
-        let dir = sled.dir().to_path_buf();
-        let stored: HashMap<(String, i32), i64> =
-            restored.positions.iter().map(|pos| ((pos.topic.clone(), pos.partition), pos.next_offset)).collect();
-        let mut ahead = false;
-        for ((topic, part), o) in self.offsets.iter_mut().filter(|((_, part), _)| *part == p) {
-            let sled_next = stored.get(&(topic.clone(), *part)).copied().unwrap_or(-1);
-            if sled_next < o.committed {
-                return Err(FlowError::Config(format!(
-                    "the sled journal at {} is behind the group's committed offset of {topic}[{part}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
-                    dir.display(),
-                    o.committed
-                )));
-            }
-            self.applied_until.insert((topic.clone(), *part), sled_next);
-            if sled_next > o.committed {
-                tracing::warn!(topic = %topic, partition = part, kafka = o.committed, sled = sled_next,
-                    "inputs were applied before a crash but not committed to Kafka: producing their outputs again from the outbox");
-                o.next = sled_next;
-                self.pending_seeks.push((topic.clone(), *part, sled_next));
-                ahead = true;
-            }
-        }
-        if ahead {
-            self.dirty = true;
-            for o in &restored.outbox {
-                self.emit(p, o)?;
-            }
-        }
-        Ok(PartitionState::new(restored.entities))
-    }
-
-    /// The state of partition `p` from the newest journal entry of each key.
-    fn restore_entries(&self, p: i32, latest: BTreeMap<Vec<u8>, JournalEntry>) -> Result<PartitionState<S>, FlowError> {
-        let records = latest.len() as u64;
-        let mut committed = HashMap::with_capacity(latest.len());
-        for (raw, entry) in latest {
-            let key = S::Key::from_bytes(&raw)
-                .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
-            let decode_err = |source| Error::Decode {
-                stage: S::NAME.into(),
-                key: printable_key(&raw),
-                seq: entry.last_seq.0,
-                source,
-            };
-            let Some(env) = &entry.state else { continue };
-            let state = decode_state::<S>(env).map_err(decode_err)?;
-            committed.insert(key, Entity { state: Arc::new(state), seq: entry.last_seq });
-        }
-        self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
-        tracing::info!(partition = p, keys = committed.len(), "restored partition state from the journal");
-        Ok(PartitionState::new(committed))
-    }
-
-    fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
-        // Finish in-flight work: commit before the partitions go to another instance.
-        let committed = self.commit(consumer);
-        for el in tpl.elements() {
-            self.offsets.remove(&(el.topic().to_string(), el.partition()));
-        }
-        let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
-        self.partitions.retain(|p, _| still.contains(p));
-        self.applied_until.retain(|(_, p), _| still.contains(p));
-        if let Backend::Sled(sled) = &mut self.backend {
-            for el in tpl.elements() {
-                if !still.contains(&el.partition()) {
-                    sled.release(el.partition());
-                }
-            }
-        }
-        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
-        tracing::info!(partitions = tpl.count(), "revoked");
-        committed
-    }
-
     fn produce(
         &self,
         topic: &str,
@@ -397,44 +240,6 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    fn encode<T: serde::Serialize>(&self, key: &S::Key, value: &T) -> Result<Vec<u8>, FlowError> {
-        self.codec.encode(value).map_err(|source| {
-            Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into()
-        })
-    }
-
-    /// Produces one Kafka journal record: the key's `events` and its state after them (at `seq`).
-    fn write_journal_record(
-        &self,
-        p: i32,
-        key: &S::Key,
-        events: Vec<Envelope>,
-        seq: SeqNo,
-        state: &S::State,
-    ) -> Result<(), FlowError> {
-        let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
-        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, now_ms(), self.encode(key, state)?);
-        let entry = JournalEntry { last_seq: seq, events, state: Some(snapshot) };
-        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&entry.encode()), None)
-    }
-
-    /// Writes the open transaction's journal records (Kafka journal): one per key it changed.
-    fn flush_journal(&mut self) -> Result<(), FlowError> {
-        let dirty: Vec<i32> =
-            self.partitions.iter().filter(|(_, part)| !part.unjournaled.is_empty()).map(|(p, _)| *p).collect();
-        for p in dirty {
-            let keys =
-                self.partitions.get_mut(&p).map(|part| std::mem::take(&mut part.unjournaled)).unwrap_or_default();
-            for (key, events) in keys {
-                let Some(entity) = self.partitions.get(&p).and_then(|part| part.overlay.get(&key).cloned()) else {
-                    continue;
-                };
-                self.write_journal_record(p, &key, events, entity.seq, &entity.state)?;
-            }
-        }
-        Ok(())
-    }
-
     fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
         let input = InputRecord {
             topic: msg.topic().to_string(),
@@ -495,58 +300,7 @@ impl<S: EventSourced> Core<S> {
         };
         let state_ref: &S::State = new_state.as_ref().unwrap_or(&entity.state);
         if let Some(state) = &new_state {
-            let ts = now_ms();
-            let mut envelopes = Vec::with_capacity(events.len());
-            for e in &events {
-                envelopes.push(Envelope::event(self.codec.id(), S::EVENT_VERSION, ts, self.encode(&key, e)?));
-            }
-            let seq = SeqNo(entity.seq.0 + events.len() as u64);
-            match &mut self.backend {
-                Backend::Kafka(journal) if S::is_deleted(state) => {
-                    // A tombstone now: records of the key written later in this transaction (a new
-                    // entity under the same key) must come after it.
-                    let topic = journal.topic().to_string();
-                    if let Some(part) = self.partitions.get_mut(&p) {
-                        part.unjournaled.remove(&key);
-                    }
-                    self.produce(&topic, Some(p), Some(&key.to_bytes()), None, None)?;
-                }
-                Backend::Kafka(_) => {
-                    let pending = self.partitions.get_mut(&p).map_or(0, |part| {
-                        let pending = part.unjournaled.entry(key.clone()).or_default();
-                        pending.extend(envelopes);
-                        pending.len()
-                    });
-                    if pending >= MAX_EVENTS_PER_JOURNAL_RECORD {
-                        let events = self.partitions.get_mut(&p).and_then(|part| part.unjournaled.remove(&key));
-                        self.write_journal_record(p, &key, events.unwrap_or_default(), seq, state)?;
-                    }
-                }
-                Backend::Sled(_) => {
-                    let raw_key = key.to_bytes().into_owned();
-                    let every = self.snapshot_every;
-                    let snap = if every > 0 && seq.0 / every > entity.seq.0 / every {
-                        let envelope =
-                            Envelope::snapshot(self.codec.id(), S::STATE_VERSION, ts, self.encode(&key, state)?);
-                        Some(SnapshotRecord { key: raw_key.clone(), seq, envelope })
-                    } else {
-                        None
-                    };
-                    let first = entity.seq.0 + 1;
-                    let records = envelopes
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, envelope)| EventRecord {
-                            key: raw_key.clone(),
-                            seq: SeqNo(first + i as u64),
-                            envelope,
-                        })
-                        .collect();
-                    if let Backend::Sled(sled) = &mut self.backend {
-                        sled.stage(p, records, snap);
-                    }
-                }
-            }
+            self.journal(p, &key, entity.seq, &events, state)?;
         }
         let outputs = (self.parts.outputs)(&Processed {
             input: &input,

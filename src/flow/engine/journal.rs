@@ -1,0 +1,126 @@
+//! What the flow journals for each applied command. Kafka journal: one record per key and
+//! transaction, written at commit (a tombstone at once); sled journal: events and due snapshots
+//! staged for the transaction's sled write.
+
+use super::*;
+
+/// A key's journal record is written before commit once it holds this many events (bounds the
+/// record size for a key that takes thousands of commands in one commit interval).
+const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
+
+impl<S: EventSourced> Core<S> {
+    /// Journals `events`, which one command applied to `key` (at sequence `before`), leaving `state`.
+    pub(super) fn journal(
+        &mut self,
+        p: i32,
+        key: &S::Key,
+        before: SeqNo,
+        events: &[S::Event],
+        state: &S::State,
+    ) -> Result<(), FlowError> {
+        let ts = now_ms();
+        let envelopes = events
+            .iter()
+            .map(|e| Ok(Envelope::event(self.codec.id(), S::EVENT_VERSION, ts, self.encode(key, e)?)))
+            .collect::<Result<Vec<_>, FlowError>>()?;
+        if matches!(self.backend, Backend::Kafka(_)) {
+            self.journal_kafka(p, key, envelopes, SeqNo(before.0 + events.len() as u64), state)
+        } else {
+            self.stage_sled(p, key, envelopes, before, state, ts)
+        }
+    }
+
+    fn journal_kafka(
+        &mut self,
+        p: i32,
+        key: &S::Key,
+        envelopes: Vec<Envelope>,
+        seq: SeqNo,
+        state: &S::State,
+    ) -> Result<(), FlowError> {
+        let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
+        if S::is_deleted(state) {
+            // A tombstone now: records of the key written later in this transaction (a new
+            // entity under the same key) must come after it.
+            if let Some(part) = self.partitions.get_mut(&p) {
+                part.unjournaled.remove(key);
+            }
+            return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None, None);
+        }
+        let Some(part) = self.partitions.get_mut(&p) else { return Ok(()) };
+        let pending = part.unjournaled.entry(key.clone()).or_default();
+        pending.extend(envelopes);
+        if pending.len() < MAX_EVENTS_PER_JOURNAL_RECORD {
+            return Ok(());
+        }
+        let events = std::mem::take(pending);
+        part.unjournaled.remove(key);
+        self.write_journal_record(p, key, events, seq, state)
+    }
+
+    fn stage_sled(
+        &mut self,
+        p: i32,
+        key: &S::Key,
+        envelopes: Vec<Envelope>,
+        before: SeqNo,
+        state: &S::State,
+        ts: u64,
+    ) -> Result<(), FlowError> {
+        let seq = SeqNo(before.0 + envelopes.len() as u64);
+        let raw_key = key.to_bytes().into_owned();
+        let every = self.snapshot_every;
+        let snap = if every > 0 && seq.0 / every > before.0 / every {
+            let envelope = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, ts, self.encode(key, state)?);
+            Some(SnapshotRecord { key: raw_key.clone(), seq, envelope })
+        } else {
+            None
+        };
+        let records = (before.0 + 1..)
+            .zip(envelopes)
+            .map(|(n, envelope)| EventRecord { key: raw_key.clone(), seq: SeqNo(n), envelope })
+            .collect();
+        if let Backend::Sled(sled) = &mut self.backend {
+            sled.stage(p, records, snap);
+        }
+        Ok(())
+    }
+
+    fn encode<T: serde::Serialize>(&self, key: &S::Key, value: &T) -> Result<Vec<u8>, FlowError> {
+        self.codec.encode(value).map_err(|source| {
+            Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into()
+        })
+    }
+
+    /// Produces one Kafka journal record: the key's `events` and its state after them (at `seq`).
+    fn write_journal_record(
+        &self,
+        p: i32,
+        key: &S::Key,
+        events: Vec<Envelope>,
+        seq: SeqNo,
+        state: &S::State,
+    ) -> Result<(), FlowError> {
+        let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
+        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, now_ms(), self.encode(key, state)?);
+        let entry = JournalEntry { last_seq: seq, events, state: Some(snapshot) };
+        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&entry.encode()), None)
+    }
+
+    /// Writes the open transaction's journal records (Kafka journal): one per key it changed.
+    pub(super) fn flush_journal(&mut self) -> Result<(), FlowError> {
+        let dirty: Vec<i32> =
+            self.partitions.iter().filter(|(_, part)| !part.unjournaled.is_empty()).map(|(p, _)| *p).collect();
+        for p in dirty {
+            let keys =
+                self.partitions.get_mut(&p).map(|part| std::mem::take(&mut part.unjournaled)).unwrap_or_default();
+            for (key, events) in keys {
+                let Some(entity) = self.partitions.get(&p).and_then(|part| part.overlay.get(&key).cloned()) else {
+                    continue;
+                };
+                self.write_journal_record(p, &key, events, entity.seq, &entity.state)?;
+            }
+        }
+        Ok(())
+    }
+}

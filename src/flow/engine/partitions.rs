@@ -1,0 +1,163 @@
+//! State follows partitions: the consumer's rebalance callbacks restore a partition's state on
+//! assignment (from the Kafka journal, or from sled with its positions and outbox) and commit and
+//! release it on revocation.
+
+use super::*;
+
+pub(super) struct FlowContext<S: EventSourced> {
+    pub(super) core: Arc<Mutex<Core<S>>>,
+}
+
+impl<S: EventSourced> ClientContext for FlowContext<S> {}
+
+impl<S: EventSourced> ConsumerContext for FlowContext<S> {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut core = lock(&self.core);
+        let result = match rebalance {
+            Rebalance::Revoke(tpl) => core.on_revoke(consumer, tpl),
+            Rebalance::Assign(tpl) => core.on_assign(consumer, tpl),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            core.failure.get_or_insert(e);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut core = lock(&self.core);
+        if !matches!(rebalance, Rebalance::Assign(_)) || core.pending_seeks.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p, o) in std::mem::take(&mut core.pending_seeks) {
+            let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
+        }
+        // Only an optimisation: records below the sled positions are skipped anyway.
+        if let Err(e) = consumer.seek_partitions(tpl, TXN_TIMEOUT) {
+            tracing::warn!(error = %e, "seek past inputs applied before a crash failed; they are skipped as they arrive");
+        }
+    }
+}
+
+pub(super) type FlowConsumer<S> = BaseConsumer<FlowContext<S>>;
+
+impl<S: EventSourced> Core<S> {
+    fn on_assign(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
+        let committed =
+            consumer.committed_offsets(tpl.clone(), TXN_TIMEOUT).map_err(|e| kafka("fetch committed offsets", e))?;
+        for el in committed.elements() {
+            let c = match el.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            };
+            self.offsets.insert((el.topic().to_string(), el.partition()), Offsets { committed: c, next: c });
+        }
+        let wanted: BTreeSet<i32> =
+            tpl.elements().iter().map(|e| e.partition()).filter(|p| !self.partitions.contains_key(p)).collect();
+        if let Backend::Kafka(journal) = &self.backend {
+            // One consumer reads every newly assigned journal partition in parallel.
+            let wanted: Vec<i32> = wanted.iter().copied().collect();
+            self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
+            let latest = journal.latest_per_key_of(&wanted, RESTORE_STALL);
+            self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
+            for (p, entries) in latest? {
+                let restored = self.restore_entries(p, entries)?;
+                self.partitions.insert(p, restored);
+            }
+        }
+        for p in wanted {
+            if self.partitions.contains_key(&p) {
+                continue;
+            }
+            self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
+            let restored = self.restore_sled(p);
+            self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
+            self.partitions.insert(p, restored?);
+        }
+        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
+        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "assigned and restored");
+        Ok(())
+    }
+
+    /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
+    /// offsets (see `sled_backend`).
+    fn restore_sled(&mut self, p: i32) -> Result<PartitionState<S>, FlowError> {
+        let Backend::Sled(sled) = &mut self.backend else { return Err(FlowError::Config("not a sled journal".into())) };
+        let restored = sled.restore::<S>(&self.rt, p)?;
+        let dir = sled.dir().to_path_buf();
+        let stored: HashMap<(String, i32), i64> =
+            restored.positions.iter().map(|pos| ((pos.topic.clone(), pos.partition), pos.next_offset)).collect();
+        let mut ahead = false;
+        for ((topic, part), o) in self.offsets.iter_mut().filter(|((_, part), _)| *part == p) {
+            let sled_next = stored.get(&(topic.clone(), *part)).copied().unwrap_or(-1);
+            if sled_next < o.committed {
+                return Err(FlowError::Config(format!(
+                    "the sled journal at {} is behind the group's committed offset of {topic}[{part}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
+                    dir.display(),
+                    o.committed
+                )));
+            }
+            self.applied_until.insert((topic.clone(), *part), sled_next);
+            if sled_next > o.committed {
+                tracing::warn!(topic = %topic, partition = part, kafka = o.committed, sled = sled_next,
+                    "inputs were applied before a crash but not committed to Kafka: producing their outputs again from the outbox");
+                o.next = sled_next;
+                self.pending_seeks.push((topic.clone(), *part, sled_next));
+                ahead = true;
+            }
+        }
+        if ahead {
+            self.dirty = true;
+            for o in &restored.outbox {
+                self.emit(p, o)?;
+            }
+        }
+        Ok(PartitionState::new(restored.entities))
+    }
+
+    /// The state of partition `p` from the newest journal entry of each key.
+    fn restore_entries(&self, p: i32, latest: BTreeMap<Vec<u8>, JournalEntry>) -> Result<PartitionState<S>, FlowError> {
+        let records = latest.len() as u64;
+        let mut committed = HashMap::with_capacity(latest.len());
+        for (raw, entry) in latest {
+            let key = S::Key::from_bytes(&raw)
+                .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
+            let decode_err = |source| Error::Decode {
+                stage: S::NAME.into(),
+                key: printable_key(&raw),
+                seq: entry.last_seq.0,
+                source,
+            };
+            let Some(env) = &entry.state else { continue };
+            let state = decode_state::<S>(env).map_err(decode_err)?;
+            committed.insert(key, Entity { state: Arc::new(state), seq: entry.last_seq });
+        }
+        self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
+        tracing::info!(partition = p, keys = committed.len(), "restored partition state from the journal");
+        Ok(PartitionState::new(committed))
+    }
+
+    fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
+        // Finish in-flight work: commit before the partitions go to another instance.
+        let committed = self.commit(consumer);
+        for el in tpl.elements() {
+            self.offsets.remove(&(el.topic().to_string(), el.partition()));
+        }
+        let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
+        self.partitions.retain(|p, _| still.contains(p));
+        self.applied_until.retain(|(_, p), _| still.contains(p));
+        if let Backend::Sled(sled) = &mut self.backend {
+            for el in tpl.elements() {
+                if !still.contains(&el.partition()) {
+                    sled.release(el.partition());
+                }
+            }
+        }
+        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
+        tracing::info!(partitions = tpl.count(), "revoked");
+        committed
+    }
+}
