@@ -1,0 +1,50 @@
+//! CPU accounting from /proc.
+
+use super::*;
+
+/// utime + stime of a /proc `stat` file, in seconds.
+pub(crate) fn stat_cpu(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// CPU seconds of this process's threads whose `comm` is `name`.
+pub(crate) fn thread_cpu(name: &str) -> Option<f64> {
+    let mut total = None;
+    for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = e.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            *total.get_or_insert(0.0) += stat_cpu(&dir.join("stat").to_string_lossy()).unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// CPU seconds used so far by this process, by one of its threads, and by the broker.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Cpu {
+    pub(crate) process: Option<f64>,
+    pub(crate) worker: Option<f64>,
+    pub(crate) broker: Option<f64>,
+}
+
+impl Cpu {
+    pub(crate) fn now(broker: &Broker, worker: &str) -> Self {
+        Self { process: stat_cpu("/proc/self/stat"), worker: thread_cpu(worker), broker: broker.cpu() }
+    }
+
+    /// Cores used between `self` and `later` over `secs`.
+    pub(crate) fn cores(&self, later: &Self, secs: f64) -> Self {
+        let d = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
+        Self {
+            process: d(self.process, later.process),
+            worker: d(self.worker, later.worker),
+            broker: d(self.broker, later.broker),
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The workload, producing it, and reading outputs with read_committed.
+
+use super::*;
+
+pub(crate) fn account(i: usize) -> String {
+    format!("acct-{i:04}")
+}
+
+pub(crate) fn wire(id: String, op: &str, amount: Option<u64>) -> Vec<u8> {
+    serde_json::to_vec(&WireCommand { id, op: op.into(), amount }).unwrap_or_default()
+}
+
+/// `n` commands as (key, value): an `open` per account, then deposits to random accounts.
+pub(crate) fn commands(n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            if i < ACCOUNTS {
+                (account(i), wire(format!("open-{i}"), "open", None))
+            } else {
+                let key = account(rng.random_range(0..ACCOUNTS));
+                (key, wire(format!("cmd-{i}"), "deposit", Some(rng.random_range(1..100))))
+            }
+        })
+        .collect()
+}
+
+pub(crate) fn producer(brokers: &str, linger_ms: u32) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", linger_ms.to_string())
+        .create()?)
+}
+
+/// Sends one record, waiting while the producer's queue is full.
+pub(crate) fn send_record<'a>(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    mut rec: BaseRecord<'a, [u8], [u8]>,
+) -> Result<(), KafkaError> {
+    let end = Instant::now() + TXN_TIMEOUT;
+    loop {
+        match p.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) if Instant::now() < end => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+pub(crate) fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, value: &[u8]) -> Result<()> {
+    send_record(p, BaseRecord::to(topic).key(key.as_bytes()).payload(value))
+        .with_context(|| format!("produce to {topic}"))
+}
+
+/// Produces `cmds` to `topic` and waits until the broker has them all; returns the time taken.
+pub(crate) fn feed(brokers: &str, topic: &str, cmds: &[(String, Vec<u8>)]) -> Result<Duration> {
+    let started = Instant::now();
+    let p = producer(brokers, 5)?;
+    for (key, value) in cmds {
+        send(&p, topic, key, value)?;
+    }
+    p.flush(Duration::from_secs(60)).context("flush the input producer")?;
+    Ok(started.elapsed())
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ReadStats {
+    /// Distinct records read.
+    pub(crate) records: u64,
+    /// When `done` first held.
+    pub(crate) done_at: Option<Instant>,
+    /// Reconnects after a stall.
+    pub(crate) reconnects: u32,
+}
+
+/// Reads every partition of `topic` from the beginning with read_committed, calling `on_record`
+/// with each value once, until `done(records read)` holds (then reads on for `settle`, to catch
+/// duplicates) or `deadline` passes (an error).
+///
+/// noida-db 0.2.3 sometimes stops serving a read_committed consumer whose fetch position sits on a
+/// transaction marker, while a consumer reading from the start reads on (see tests/util/broker.rs):
+/// after [`READER_STALL`] without a record the reader reconnects from the start and skips what it
+/// has, and counts the reconnect.
+pub(crate) fn read_committed(
+    brokers: &str,
+    topic: &str,
+    deadline: Instant,
+    settle: Duration,
+    mut on_record: impl FnMut(&[u8]),
+    mut done: impl FnMut(u64) -> bool,
+) -> Result<ReadStats> {
+    let connect = || -> Result<BaseConsumer> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            // A reader measuring latency should not sit in the broker's fetch wait.
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    };
+    let mut positions: BTreeMap<i32, i64> = (0..PARTITIONS).map(|p| (p, 0)).collect();
+    let mut consumer = connect()?;
+    let mut stats = ReadStats::default();
+    let mut last_record = Instant::now();
+    loop {
+        let now = Instant::now();
+        match stats.done_at {
+            Some(at) if now >= at + settle => return Ok(stats),
+            Some(_) => {}
+            None => {
+                if done(stats.records) {
+                    stats.done_at = Some(now);
+                    continue;
+                }
+                if now >= deadline {
+                    bail!("timed out reading {topic}: {} records so far", stats.records);
+                }
+                if now - last_record > READER_STALL {
+                    consumer = connect()?;
+                    stats.reconnects += 1;
+                    last_record = now;
+                }
+            }
+        }
+        match consumer.poll(Duration::from_millis(5)) {
+            Some(Ok(m)) => {
+                last_record = Instant::now();
+                let pos = positions.entry(m.partition()).or_default();
+                if m.offset() < *pos {
+                    continue;
+                }
+                *pos = m.offset() + 1;
+                stats.records += 1;
+                on_record(m.payload().unwrap_or_default());
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "reader error"),
+            None => {}
+        }
+    }
+}
+
+/// A reader counting committed records on a thread of its own.
+pub(crate) struct Counter {
+    pub(crate) handle: JoinHandle<Result<ReadStats>>,
+    /// Records seen so far.
+    pub(crate) seen: Arc<AtomicU64>,
+}
+
+/// Counts committed records of `topic` on a thread of its own until `n` are visible.
+pub(crate) fn count_committed(brokers: &str, topic: &str, n: u64) -> Counter {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    let seen = Arc::new(AtomicU64::new(0));
+    let counted = seen.clone();
+    let handle = std::thread::spawn(move || {
+        let deadline = Instant::now() + RUN_DEADLINE;
+        read_committed(
+            &brokers,
+            &topic,
+            deadline,
+            Duration::from_millis(500),
+            |_| {},
+            |c| {
+                counted.store(c, Ordering::Relaxed);
+                c >= n
+            },
+        )
+    });
+    Counter { handle, seen }
+}
+
+pub(crate) fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
+    h.join().map_err(|_| anyhow!("a benchmark thread panicked"))?
+}

@@ -1,0 +1,201 @@
+//! End-to-end benchmark of the exactly-once Kafka flow against a real Kafka-protocol broker.
+//!
+//! `cargo bench --bench e2e` starts a noida-db broker of its own on a free port (stopped when this
+//! process exits, however it exits: a shell watchdog kills it when our end of its stdin closes), or
+//! uses the cluster named by `EVENTSTAGE_TEST_BROKERS=host:port`. Every measurement gets fresh topics
+//! (4 partitions), group ids and transactional ids; everything commits every 100 ms. It measures:
+//!
+//! 1. committed throughput of the bank flow: N commands (an `open` per account for 1000 accounts,
+//!    then deposits to random accounts) are produced to the input topic first, then the flow
+//!    starts; the clock stops when a `read_committed` reader has seen all N replies;
+//! 2. the same for a bare rdkafka transactional pass-through (`BaseConsumer`, read_committed, group
+//!    subscription → transactional `ThreadedProducer`, `send_offsets_to_transaction` +
+//!    `commit_transaction` every 100 ms, the same bytes to one output topic), and the ratio. A
+//!    second pass-through variant waits for its delivery reports before `commit_transaction`: with a
+//!    `ThreadedProducer`, rdkafka 0.39's `commit_transaction` flushes with `poll(100 ms)` on a queue
+//!    the producer's own thread serves, so a commit with records in flight takes ~100 ms more;
+//! 3. end-to-end latency (send → reply visible to a `read_committed` reader) with commands paced at
+//!    half of the flow's throughput from 1 (and, for reference, of both pass-throughs at that rate);
+//! 4. the restore rate of `KafkaJournal` over a journal topic of N records (written here the way a
+//!    flow writes them: the bank's key, its events and its state after them, over 1000 accounts;
+//!    the flow itself writes one record per key and commit interval, far fewer), against bare
+//!    `read_committed` consumers reading the same topic to its end.
+//!
+//! Throughputs are over the processing window (first input record consumed → last output visible),
+//! which the ratios use; the report also gives them including startup (group join, restore). The
+//! three throughput runs are repeated (interleaved) and the median round is reported: with a 100 ms
+//! commit interval a run of N = 100 000 lasts only a few commits. Topics are deleted once measured
+//! (the broker keeps everything in memory). CPU figures come from /proc (Linux; 100 ticks/s).
+//!
+//! 5. KTable emulation: see `table.rs` (materialization vs a bare consumer, `get` latency,
+//!    memory per key).
+//!
+//! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
+//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table` (only section 5),
+//! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
+//! through python3), `RUST_LOG` (tracing filter, default `warn`).
+
+mod broker;
+mod cpu;
+mod io;
+mod latency;
+mod report;
+mod restore;
+mod table;
+mod throughput;
+
+use broker::*;
+use cpu::*;
+use io::*;
+use latency::*;
+use report::*;
+use restore::*;
+use throughput::*;
+
+use anyhow::{anyhow, bail, Context, Result};
+use eventstage::flow::{FlowControl, FlowMetrics};
+use eventstage::journal::KafkaJournal;
+use eventstage::stages::bank_flow::{bank_flow, BankTopics, WireCommand};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const PARTITIONS: i32 = 4;
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+const ACCOUNTS: usize = 1000;
+/// Upper bound of one throughput run (producing the input excluded).
+const RUN_DEADLINE: Duration = Duration::from_secs(150);
+/// A read_committed reader that gets nothing for this long reconnects (see [`read_committed`]).
+const READER_STALL: Duration = Duration::from_secs(2);
+/// Timeout of librdkafka's transactional calls.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rounds of the restore comparison (the median is reported).
+const RESTORE_ROUNDS: usize = 3;
+/// `comm` of the flow's thread (its name `eventstage-flow-bank`, cut to 15 bytes by Linux).
+const FLOW_THREAD: &str = "eventstage-flow";
+/// `comm` of the pass-through's thread.
+const PASS_THREAD: &str = "e2e-passthrough";
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument that does not match this target skips it.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if !args.is_empty() && !args.iter().any(|a| "e2e".contains(a.as_str())) {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Err(e) = run() {
+        eprintln!("e2e benchmark failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn env_number(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().replace('_', "").parse().with_context(|| format!("{name}={v} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("[e2e] {what}");
+}
+
+fn run() -> Result<()> {
+    let n = env_number("EVENTSTAGE_E2E_RECORDS", 100_000)?.max(ACCOUNTS as u64 + 1);
+    let latency_secs = Duration::from_secs(env_number("EVENTSTAGE_E2E_LATENCY_SECS", 10)?.max(1));
+    let rounds = env_number("EVENTSTAGE_E2E_ROUNDS", 3)?.max(1) as usize;
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("build the tokio runtime")?;
+    let broker = Broker::start()?;
+    let b = broker.brokers.as_str();
+    progress(&format!(
+        "broker {b} ({}); N = {n}, {PARTITIONS} partitions, commit interval {COMMIT_INTERVAL:?}",
+        if broker.own.is_some() { "noida-db started by this benchmark" } else { "EVENTSTAGE_TEST_BROKERS" }
+    ));
+    let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
+    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("table") {
+        progress("5/5 table materialization and lookups (EVENTSTAGE_E2E_ONLY=table)");
+        let table = table::run(&rt, &broker, table_keys)?;
+        println!();
+        table.print();
+        return Ok(());
+    }
+    let cmds = commands(n as usize, 7);
+
+    progress(&format!(
+        "1+2/5 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
+    ));
+    let (mut flows, mut passes, mut drained, mut doubled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        flows.push(flow_throughput(&rt, &broker, &cmds)?);
+        passes.push(pass_through_throughput(&rt, &broker, &cmds, false, 1)?);
+        drained.push(pass_through_throughput(&rt, &broker, &cmds, true, 1)?);
+        doubled.push(pass_through_throughput(&rt, &broker, &cmds, true, 2)?);
+        progress(&format!(
+            "    round {}: {:.0} / {:.0} / {:.0} / {:.0} records/s",
+            round + 1,
+            flows[round].run.window_rate(),
+            passes[round].window_rate(),
+            drained[round].window_rate(),
+            doubled[round].window_rate()
+        ));
+    }
+    let flow = Rounds::of(flows, |f| f.run.window_rate());
+    let pass = Rounds::of(passes, Run::window_rate);
+    let pass_drained = Rounds::of(drained, Run::window_rate);
+    let pass_doubled = Rounds::of(doubled, Run::window_rate);
+
+    let rate = 0.5 * flow.median.run.window_rate();
+    progress(&format!("3/5 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
+    let flow_latency = flow_latency(&rt, b, rate, latency_secs)?;
+    let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false)?;
+    let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true)?;
+
+    progress("4/5 journal restore rate");
+    let journal = unique("restore-journal");
+    write_journal(&rt, b, &journal, n)?;
+    let restore = restore_rates(&rt, b, &journal, n)?;
+    progress("5/5 table materialization and lookups");
+    let table = table::run(&rt, &broker, table_keys)?;
+    let total = started.elapsed();
+    let broker_rss = broker.rss_mib();
+    drop(broker);
+
+    let report = Report {
+        n,
+        flow,
+        pass,
+        pass_drained,
+        pass_doubled,
+        flow_latency,
+        pass_latency,
+        pass_drained_latency,
+        restore,
+        table,
+        total,
+        broker_rss,
+    };
+    report.print();
+    Ok(())
+}
