@@ -7,7 +7,7 @@
 //! | [`EventSourced`], [`Effect`] | the stage API: command handler, event handler, upcasting |
 //! | [`StageRuntime`], [`StageHandle`] | the in-process runtime: group commit, back-pressure, queries |
 //! | [`rebuild`] | state at any point of a journal's history |
-//! | [`flow`] | exactly-once Kafka flows: consume → stage → produce in transactions (feature `kafka`) |
+//! | [`flow`] | Kafka flows: consume → stage → produce, exactly once (transactions) or at least once; async enrichment; rebalance listeners (feature `kafka`) |
 //! | [`table`] | KTable emulation: a compacted topic as a queryable local table (features `kafka`, `sled`) |
 //! | [`testkit`] | given / when / then tests for stages |
 //! | [`cli`] | the `eventstage` command line, for your own binary with your own stages |

@@ -5,5 +5,6 @@ mod util;
 mod cli;
 pub(crate) mod damage;
 mod flow;
+mod patterns;
 mod runtime;
 mod table;

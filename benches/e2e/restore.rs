@@ -111,6 +111,7 @@ pub(crate) fn write_journal(rt: &tokio::runtime::Runtime, brokers: &str, topic: 
                 ts,
                 codec.encode(&*account)?,
             )),
+            sources: Vec::new(),
         };
         send(&p, topic, &format!("acct-{a:06}"), &entry.encode())?;
     }

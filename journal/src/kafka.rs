@@ -11,13 +11,21 @@
 //! u32 LE   number of events n
 //! n times: u32 LE length, then an event envelope
 //! u32 LE   length of the state envelope (0: none), then the state (snapshot) envelope
+//! type version 2 only (at-least-once flows):
+//! u32 LE   number of input positions m
+//! m times: u16 LE topic length, topic (UTF-8), i32 LE partition, i64 LE next offset
 //! ```
+//!
+//! The input positions say which inputs the key's state already includes: an at-least-once flow
+//! writes its journal without transactions, so after a crash it sees inputs again whose events
+//! are journaled, and skips them (a redelivered input never applies its events twice). A record
+//! whose state is absent but that has positions marks a deleted entity.
 //!
 //! Writes happen inside the flow's Kafka transaction (see the `eventstage` crate), so the journal,
 //! the outputs and the consumed offsets commit atomically; restore reads with `read_committed`.
 
 use crate::error::{EnvelopeError, JournalError, Result};
-use crate::{CodecId, Envelope, RecordKind, SeqNo};
+use crate::{CodecId, Envelope, RecordKind, SeqNo, SourcePosition};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -36,6 +44,9 @@ pub struct JournalEntry {
     pub events: Vec<Envelope>,
     /// The key's state after the events, as a snapshot envelope.
     pub state: Option<Envelope>,
+    /// The inputs the state includes: per input topic partition, the next offset after the last
+    /// input applied to this key (written by at-least-once flows; empty otherwise).
+    pub sources: Vec<SourcePosition>,
 }
 
 fn kafka_err(topic: &str, what: &str, e: KafkaError) -> JournalError {
@@ -63,8 +74,21 @@ impl JournalEntry {
             }
             None => payload.extend_from_slice(&0u32.to_le_bytes()),
         }
+        let type_version = if self.sources.is_empty() {
+            1
+        } else {
+            payload.extend_from_slice(&(self.sources.len() as u32).to_le_bytes());
+            for s in &self.sources {
+                let topic = &s.topic.as_bytes()[..s.topic.len().min(u16::MAX as usize)];
+                payload.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+                payload.extend_from_slice(topic);
+                payload.extend_from_slice(&s.partition.to_le_bytes());
+                payload.extend_from_slice(&s.next_offset.to_le_bytes());
+            }
+            2
+        };
         let ts = self.events.last().or(self.state.as_ref()).map_or(0, |e| e.timestamp_ms);
-        Envelope { kind: RecordKind::Entry, codec: CodecId::RAW, type_version: 1, timestamp_ms: ts, payload }.encode()
+        Envelope { kind: RecordKind::Entry, codec: CodecId::RAW, type_version, timestamp_ms: ts, payload }.encode()
     }
 
     /// Decodes a record value.
@@ -93,7 +117,20 @@ impl JournalEntry {
         }
         let len = u32_at(take(4)?);
         let state = if len == 0 { None } else { Some(Envelope::decode(take(len)?)?) };
-        Ok(Self { last_seq, events, state })
+        let mut sources = Vec::new();
+        if outer.type_version >= 2 {
+            let m = u32_at(take(4)?);
+            for _ in 0..m {
+                let b = take(2)?;
+                let len = u16::from_le_bytes([b[0], b[1]]) as usize;
+                let topic = String::from_utf8_lossy(take(len)?).into_owned();
+                let b = take(4)?;
+                let partition = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let next_offset = i64::from_le_bytes(take(8)?.try_into().unwrap_or_default());
+                sources.push(SourcePosition { topic, partition, next_offset });
+            }
+        }
+        Ok(Self { last_seq, events, state, sources })
     }
 }
 
@@ -357,15 +394,22 @@ mod tests {
                 Envelope::event(CodecId::BINCODE, 1, 6, b"e7".to_vec()),
             ],
             state: Some(Envelope::snapshot(CodecId::BINCODE, 1, 6, b"state".to_vec())),
+            sources: Vec::new(),
         };
-        let bytes = entry.encode();
-        assert_eq!(JournalEntry::decode(&bytes).unwrap(), entry);
-        for i in 0..bytes.len() {
-            let mut d = bytes.clone();
-            d[i] ^= 1;
-            assert!(JournalEntry::decode(&d).is_err(), "flip at {i}");
+        let positioned = JournalEntry {
+            sources: vec![SourcePosition { topic: "cmds".into(), partition: 3, next_offset: 42 }],
+            ..entry.clone()
+        };
+        for entry in [entry, positioned] {
+            let bytes = entry.encode();
+            assert_eq!(JournalEntry::decode(&bytes).unwrap(), entry);
+            for i in 0..bytes.len() {
+                let mut d = bytes.clone();
+                d[i] ^= 1;
+                assert!(JournalEntry::decode(&d).is_err(), "flip at {i}");
+            }
         }
-        let empty = JournalEntry { last_seq: SeqNo(1), events: vec![], state: None };
+        let empty = JournalEntry { last_seq: SeqNo(1), events: vec![], state: None, sources: Vec::new() };
         assert_eq!(JournalEntry::decode(&empty.encode()).unwrap(), empty);
     }
 }

@@ -1,8 +1,10 @@
 //! The flow thread: consumer, transactional producer and per-partition state, all on one thread.
 
+use super::settings::{AsyncListener, EnrichFn, Enrichment, SyncListener};
 use super::sled_backend::SledBackend;
 use super::{
-    BadInput, Decoder, FlowError, FlowJournal, InputRecord, Metrics, OutputRecord, Outputs, Processed, ABORT, DRAIN,
+    BadInput, CommitterSettings, Decoder, EnrichSettings, FlowError, FlowJournal, Guarantee, InputRecord, Metrics,
+    OutputRecord, Outputs, Processed, RebalanceActions, RebalanceEvent, TopicPartition, ABORT, DRAIN,
 };
 use crate::codec::Codec;
 use crate::error::Error;
@@ -39,12 +41,18 @@ pub(super) struct Settings {
     pub(super) commit_interval: Duration,
     pub(super) bad_input: BadInput,
     pub(super) codec: Codec,
+    pub(super) guarantee: Guarantee,
+    pub(super) committer: CommitterSettings,
 }
 
+mod committer;
+mod enrich;
 mod journal;
 mod partitions;
 mod txn;
 
+use committer::{Committer, Deliveries, FlowProducerContext, Wait};
+use enrich::Pipeline;
 use partitions::{FlowConsumer, FlowContext};
 use txn::{classify, TxnFailure};
 
@@ -52,6 +60,32 @@ pub(super) struct Parts<S: EventSourced> {
     pub(super) stage: S,
     pub(super) decoder: Decoder<S>,
     pub(super) outputs: Outputs<S>,
+    pub(super) enrich: Option<Enrichment<S>>,
+    pub(super) on_rebalance: Option<SyncListener>,
+    pub(super) on_rebalance_async: Option<AsyncListener>,
+    pub(super) tasks: Option<Tasks>,
+}
+
+/// Where enrichment calls and async listeners run: the tokio runtime the flow was started from,
+/// or one of the flow's own.
+pub(super) struct Tasks {
+    handle: tokio::runtime::Handle,
+    _own: Option<tokio::runtime::Runtime>,
+}
+
+impl Tasks {
+    pub(super) fn current_or_own() -> Result<Self, FlowError> {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            return Ok(Self { handle, _own: None });
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("eventstage-flow-tasks")
+            .enable_all()
+            .build()
+            .map_err(|e| FlowError::Config(format!("cannot start the flow's task runtime: {e}")))?;
+        Ok(Self { handle: rt.handle().clone(), _own: Some(rt) })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,11 +132,40 @@ struct PartitionState<S: EventSourced> {
     /// Kafka Streams' record cache in front of a changelog: a hot key costs one journal record per
     /// commit interval, not one per command.
     unjournaled: HashMap<S::Key, Vec<Envelope>>,
+    /// Per key, the input positions its state includes (from journal records written by
+    /// at-least-once flows, and kept up to date by them): inputs below are not applied again.
+    applied: HashMap<S::Key, Vec<SourcePosition>>,
+    /// At-least-once: deletion markers (key, record value) of the batch, in order.
+    deferred: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<S: EventSourced> PartitionState<S> {
     fn new(committed: HashMap<S::Key, Entity<S>>) -> Self {
-        Self { committed, overlay: HashMap::new(), unjournaled: HashMap::new() }
+        Self {
+            committed,
+            overlay: HashMap::new(),
+            unjournaled: HashMap::new(),
+            applied: HashMap::new(),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Whether `key`'s state already includes the input at `offset` of `topic`.
+    fn includes(&self, key: &S::Key, topic: &str, offset: i64) -> bool {
+        !self.applied.is_empty()
+            && self.applied.get(key).is_some_and(|ps| ps.iter().any(|s| s.topic == topic && offset < s.next_offset))
+    }
+
+    /// Records that `key`'s state includes `input`.
+    fn note_applied(&mut self, key: &S::Key, input: &InputRecord) {
+        let positions = self.applied.entry(key.clone()).or_default();
+        let next_offset = input.offset + 1;
+        match positions.iter_mut().find(|s| s.topic == input.topic) {
+            Some(s) => s.next_offset = next_offset,
+            None => {
+                positions.push(SourcePosition { topic: input.topic.clone(), partition: input.partition, next_offset })
+            }
+        }
     }
 }
 
@@ -117,11 +180,21 @@ struct Offsets {
 enum Backend {
     Kafka(KafkaJournal),
     Sled(SledBackend),
+    None,
 }
 
 struct Core<S: EventSourced> {
     parts: Parts<S>,
-    producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    producer: ThreadedProducer<FlowProducerContext>,
+    deliveries: Arc<Deliveries>,
+    /// At-least-once: the batches on their way to an offset commit (`None`: exactly-once).
+    committer: Option<Committer>,
+    /// The batch produced records are counted under (at-least-once).
+    batch: u64,
+    /// Enrichment calls and the records waiting for them.
+    pipeline: Option<Pipeline<S>>,
+    /// Feeds the async rebalance listener's task.
+    rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
     backend: Backend,
     rt: tokio::runtime::Runtime,
     snapshot_every: u64,
@@ -151,8 +224,9 @@ impl<S: EventSourced> Core<S> {
         headers: Option<OwnedHeaders>,
     ) -> Result<(), FlowError> {
         let deadline = Instant::now() + TXN_TIMEOUT;
+        let batch = self.count_delivery();
         loop {
-            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, batch);
             if let Some(k) = key {
                 rec = rec.key(k);
             }
@@ -170,7 +244,10 @@ impl<S: EventSourced> Core<S> {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err((e, _)) => return Err(self.producer_error(format!("produce to {topic}"), e)),
+                Err((e, _)) => {
+                    self.uncount_delivery(batch);
+                    return Err(self.producer_error(format!("produce to {topic}"), e));
+                }
             }
         }
     }
@@ -188,7 +265,7 @@ impl<S: EventSourced> Core<S> {
     /// Produces an output record of partition `p`'s transaction (and keeps it in the sled outbox).
     fn emit(&mut self, p: i32, o: &OutputRecord) -> Result<(), FlowError> {
         self.produce_output(o)?;
-        if let Backend::Sled(sled) = &mut self.backend {
+        if let (Backend::Sled(sled), None) = (&mut self.backend, &self.committer) {
             sled.stage_output(p, o);
         }
         Ok(())
@@ -240,6 +317,7 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
+    /// Takes a consumed record: decodes it, then hands it to the enrichment pipeline or the stage.
     fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
         let input = InputRecord {
             topic: msg.topic().to_string(),
@@ -250,8 +328,19 @@ impl<S: EventSourced> Core<S> {
         };
         if self.applied_until.get(&(input.topic.clone(), input.partition)).is_some_and(|&until| input.offset < until) {
             // Applied before a crash (sled positions); its outputs were produced again from the outbox.
+            self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        let decoded = (self.parts.decoder)(&input);
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.submit(input, decoded, &self.metrics);
+            return Ok(());
+        }
+        self.handle(input, decoded)
+    }
+
+    /// Runs the stage on a decoded (and enriched) input record, in input order per partition.
+    fn handle(&mut self, input: InputRecord, decoded: Result<(S::Key, S::Command), String>) -> Result<(), FlowError> {
         let Some(offsets) = self.offsets.get_mut(&(input.topic.clone(), input.partition)) else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
@@ -259,7 +348,10 @@ impl<S: EventSourced> Core<S> {
         offsets.next = input.offset + 1;
         self.dirty = true;
         self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
-        let (key, command) = match (self.parts.decoder)(&input) {
+        if let Some(c) = &mut self.committer {
+            c.inputs += 1;
+        }
+        let (key, command) = match decoded {
             Ok(kc) => kc,
             Err(reason) => return self.dead_letter(&input, reason),
         };
@@ -267,6 +359,12 @@ impl<S: EventSourced> Core<S> {
         let Some(part) = self.partitions.get(&p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };
+        if part.includes(&key, &input.topic, input.offset) {
+            // Delivered again (at-least-once): its events are journaled and its outputs were
+            // acknowledged before they were.
+            self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let entity = part
             .overlay
             .get(&key)
@@ -300,6 +398,12 @@ impl<S: EventSourced> Core<S> {
         };
         let state_ref: &S::State = new_state.as_ref().unwrap_or(&entity.state);
         if let Some(state) = &new_state {
+            if self.committer.is_some() {
+                // Before journaling: a deletion's marker must include the deleting input.
+                if let Some(part) = self.partitions.get_mut(&p) {
+                    part.note_applied(&key, &input);
+                }
+            }
             self.journal(p, &key, entity.seq, &events, state)?;
         }
         let outputs = (self.parts.outputs)(&Processed {
@@ -384,18 +488,51 @@ pub(super) fn run<S: EventSourced>(
             topic.clone(),
         ),
         FlowJournal::Sled(dir) => (Backend::Sled(SledBackend::open(dir)?), format!("sled:{}", dir.display())),
+        FlowJournal::None => (Backend::None, "none".to_string()),
     };
-    let producer: ThreadedProducer<_> = settings.producer.create().map_err(|e| kafka("producer", e))?;
-    with_backoff(
-        "initializing transactions",
-        &stop,
-        || producer.init_transactions(TXN_TIMEOUT).map_err(|e| kafka("init transactions", e)),
-        |e| matches!(e, FlowError::Kafka { source, .. } if classify(source) != TxnFailure::Fatal && classify(source) != TxnFailure::Fenced),
-    )?;
-    producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
+    let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
+    let deliveries = Arc::new(Deliveries::new(at_least_once));
+    let producer: ThreadedProducer<_> = settings
+        .producer
+        .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
+        .map_err(|e| kafka("producer", e))?;
+    if !at_least_once {
+        with_backoff(
+            "initializing transactions",
+            &stop,
+            || producer.init_transactions(TXN_TIMEOUT).map_err(|e| kafka("init transactions", e)),
+            |e| matches!(e, FlowError::Kafka { source, .. } if classify(source) != TxnFailure::Fatal && classify(source) != TxnFailure::Fenced),
+        )?;
+        producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
+    }
+    let mut parts = parts;
+    let pipeline = match (parts.enrich.take(), &parts.tasks) {
+        (Some((settings, f)), Some(tasks)) => Some(Pipeline::new(settings, f, tasks.handle.clone())),
+        _ => None,
+    };
+    let rebalance_events = match (&parts.on_rebalance_async, &parts.tasks) {
+        (Some(listener), Some(tasks)) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let listener = listener.clone();
+            tasks.handle.spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    listener(event).await;
+                }
+            });
+            Some(tx)
+        }
+        _ => None,
+    };
+    let mut committer_settings = settings.committer;
+    committer_settings.max_interval.get_or_insert(settings.commit_interval);
     let core = Arc::new(Mutex::new(Core {
         parts,
         producer,
+        deliveries,
+        committer: at_least_once.then(|| Committer::new(committer_settings)),
+        batch: 0,
+        pipeline,
+        rebalance_events,
         backend,
         rt,
         snapshot_every: settings.snapshot_every,
@@ -417,20 +554,33 @@ pub(super) fn run<S: EventSourced>(
     consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
     tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %journal_name, transactional_id = %settings.transactional_id, "flow running");
 
+    let commit_every = committer_settings.max_interval.filter(|_| at_least_once).unwrap_or(settings.commit_interval);
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
     let result = loop {
         match stop.load(Ordering::SeqCst) {
             ABORT => {
                 let c = lock(&core);
-                let _ = c.producer.abort_transaction(TXN_TIMEOUT);
+                if c.committer.is_none() {
+                    let _ = c.producer.abort_transaction(TXN_TIMEOUT);
+                }
                 break Err(FlowError::Aborted);
             }
-            DRAIN => break lock(&core).commit(&consumer),
+            DRAIN => break lock(&core).finish(&consumer),
             _ => {}
         }
         // The lock is not held while polling: rebalance callbacks run inside poll and take it.
-        let polled = consumer.poll(Duration::from_millis(20));
+        // With enrichment, a full pipeline stops consumption (back-pressure) and a busy one is
+        // polled without waiting, so finished calls reach the stage at once.
+        let (room, busy) = {
+            let c = lock(&core);
+            c.pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()))
+        };
+        let polled = match (room, busy) {
+            (true, false) => consumer.poll(Duration::from_millis(20)),
+            (true, true) => consumer.poll(Duration::ZERO),
+            (false, _) => None,
+        };
         let mut c = lock(&core);
         if let Some(e) = c.failure.take() {
             break Err(e);
@@ -442,9 +592,19 @@ pub(super) fn run<S: EventSourced>(
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
-            None => {}
+            None => {
+                if busy {
+                    let metrics = c.metrics.clone();
+                    if let Some(p) = &mut c.pipeline {
+                        p.wait(Duration::from_millis(if room { 2 } else { 20 }), &metrics);
+                    }
+                }
+            }
         }
-        if last_commit.elapsed() >= settings.commit_interval {
+        if let Err(e) = c.run_pipeline().and_then(|()| c.advance(&consumer, Wait::No)) {
+            break Err(e);
+        }
+        if last_commit.elapsed() >= commit_every || c.committer.as_ref().is_some_and(Committer::due) {
             if let Err(e) = c.commit(&consumer) {
                 break Err(e);
             }

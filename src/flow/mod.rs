@@ -22,9 +22,28 @@
 //!   transaction; or, by policy, stops the flow.
 //! - **Threads.** The flow runs on a thread of its own, so librdkafka's blocking calls never block
 //!   the tokio runtime; [`FlowControl`] is async.
+//!
+//! The same builder runs the other patterns of Alpakka Kafka, on the same machinery:
+//!
+//! - **At least once** ([`Guarantee::AtLeastOnce`], [`CommitterSettings`]): no transactions; a batch's
+//!   journal is written once its outputs are acknowledged and its offsets are committed once its
+//!   journal is. Outputs may repeat after a crash; events are never applied twice (journal records
+//!   carry the input positions they include). [`consume`] is the consumer-only variant: an async
+//!   function per record, then the commit.
+//! - **Async enrichment** ([`FlowBuilder::enrich`], [`EnrichSettings`]): an async call per record
+//!   between the decoder and the stage, `parallelism` in flight at most, results in input order per
+//!   partition, retries with backoff, then the bad-input policy.
+//! - **Rebalance listeners** ([`FlowBuilder::on_rebalance`], [`FlowBuilder::on_rebalance_async`]):
+//!   a synchronous hook inside the rebalance (after the flow restored or committed the partitions,
+//!   before their state is released), and an async one fed in order without blocking the poll loop.
 
+mod consume;
 mod engine;
+mod settings;
 mod sled_backend;
+
+pub use consume::{consume, ConsumeBuilder};
+pub use settings::{CommitterSettings, EnrichSettings, Guarantee, RebalanceActions, RebalanceEvent, TopicPartition};
 
 use crate::stage::EventSourced;
 use rdkafka::ClientConfig;
@@ -106,6 +125,9 @@ pub enum FlowJournal {
     /// local to one instance, so partitions must not move to other instances (run one instance, or
     /// one per fixed set of partitions).
     Sled(std::path::PathBuf),
+    /// No journal: for stateless stages (`State = ()`) or state that may start empty after every
+    /// restart and rebalance.
+    None,
 }
 
 /// What to do with an input record that does not decode (or whose handler panics).
@@ -179,6 +201,9 @@ pub(crate) struct Metrics {
     max_commit_us: AtomicU64,
     lag: AtomicU64,
     assigned_partitions: AtomicU64,
+    skipped_redeliveries: AtomicU64,
+    enrich_in_flight: AtomicU64,
+    max_enrich_in_flight: AtomicU64,
 }
 
 /// A snapshot of a flow's counters.
@@ -191,7 +216,7 @@ pub struct FlowMetrics {
     pub records_out: u64,
     /// Records sent to the dead-letter topic.
     pub dead_letters: u64,
-    /// Committed transactions.
+    /// Committed transactions (exactly-once), or committed batches (at-least-once).
     pub transactions: u64,
     /// Aborted transactions.
     pub aborts: u64,
@@ -207,6 +232,12 @@ pub struct FlowMetrics {
     pub lag: u64,
     /// Input partitions assigned to this instance.
     pub assigned_partitions: u64,
+    /// Inputs delivered again whose events the journal already held (skipped, not applied twice).
+    pub skipped_redeliveries: u64,
+    /// Enrichment calls running now.
+    pub enrich_in_flight: u64,
+    /// Most enrichment calls ever running at once.
+    pub max_enrich_in_flight: u64,
 }
 
 impl Metrics {
@@ -224,6 +255,9 @@ impl Metrics {
             max_commit: Duration::from_micros(l(&self.max_commit_us)),
             lag: l(&self.lag),
             assigned_partitions: l(&self.assigned_partitions),
+            skipped_redeliveries: l(&self.skipped_redeliveries),
+            enrich_in_flight: l(&self.enrich_in_flight),
+            max_enrich_in_flight: l(&self.max_enrich_in_flight),
         }
     }
 }
@@ -320,6 +354,11 @@ pub struct FlowBuilder<S: EventSourced> {
     outputs: Option<Outputs<S>>,
     bad_input: Option<BadInput>,
     codec: crate::Codec,
+    guarantee: Guarantee,
+    committer: CommitterSettings,
+    enrich: Option<settings::Enrichment<S>>,
+    on_rebalance: Option<settings::SyncListener>,
+    on_rebalance_async: Option<settings::AsyncListener>,
 }
 
 impl<S: EventSourced> fmt::Debug for FlowBuilder<S> {
@@ -351,7 +390,72 @@ impl<S: EventSourced> FlowBuilder<S> {
             outputs: None,
             bad_input: None,
             codec: crate::Codec::Bincode,
+            guarantee: Guarantee::ExactlyOnce,
+            committer: CommitterSettings::default(),
+            enrich: None,
+            on_rebalance: None,
+            on_rebalance_async: None,
         }
+    }
+
+    /// Exactly-once (transactions, the default) or at-least-once (see [`Guarantee`]).
+    #[must_use]
+    pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
+        self.guarantee = guarantee;
+        self
+    }
+
+    /// How an at-least-once flow batches its offset commits.
+    #[must_use]
+    pub fn committer(mut self, settings: CommitterSettings) -> Self {
+        self.committer = settings;
+        self
+    }
+
+    /// Async enrichment between the decoder and the stage (Akka's `mapAsync(parallelism)`, the ask
+    /// pattern): `enrich(key, command)` may call a service, a database or an actor and returns the
+    /// command the stage handles. At most `settings.parallelism` calls run at once (the flow stops
+    /// consuming while that many records wait), and the stage sees each partition's records in
+    /// input order whatever order the calls finish in. A call that fails (or times out) is retried
+    /// with backoff; after the last attempt the record goes to the bad-input policy (dead letter,
+    /// or stop). The calls run on the tokio runtime `run()` is called from (or a runtime of the
+    /// flow's own outside one). Works under both guarantees: offsets only ever cover records the
+    /// stage handled.
+    #[must_use]
+    pub fn enrich<F, Fut>(mut self, settings: EnrichSettings, enrich: F) -> Self
+    where
+        S::Command: Clone,
+        F: Fn(S::Key, S::Command) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<S::Command, String>> + Send + 'static,
+    {
+        self.enrich = Some((settings, settings::retrying(settings, enrich)));
+        self
+    }
+
+    /// A synchronous rebalance listener, called on the flow's thread inside the rebalance: on
+    /// assignment once the partitions' state is restored and before any of their records is
+    /// processed (it may [`seek`](RebalanceActions::seek)); on revocation once the flow has
+    /// finished and committed their in-flight work, before their state is released; on loss after
+    /// their uncommitted work was dropped. Keep it short: the group waits for it.
+    #[must_use]
+    pub fn on_rebalance(
+        mut self,
+        listener: impl FnMut(&RebalanceEvent, &mut RebalanceActions<'_>) + Send + 'static,
+    ) -> Self {
+        self.on_rebalance = Some(Box::new(listener));
+        self
+    }
+
+    /// An async rebalance listener (the talk's actor-based listener): every event, in order, is
+    /// handed to `listener` on a task of its own, so it never blocks the consumer's poll loop.
+    #[must_use]
+    pub fn on_rebalance_async<F, Fut>(mut self, listener: F) -> Self
+    where
+        F: Fn(RebalanceEvent) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.on_rebalance_async = Some(Arc::new(move |e| Box::pin(listener(e)) as settings::BoxFuture<()>));
+        self
     }
 
     /// Any librdkafka consumer property, passed through.
@@ -460,7 +564,16 @@ impl<S: EventSourced> FlowBuilder<S> {
             .transactional_id
             .unwrap_or_else(|| format!("eventstage-{}-{:016x}", self.group_id, rand::random::<u64>()));
         let mut producer = common.clone();
-        producer.set("transactional.id", &transactional_id).set("transaction.timeout.ms", "10000");
+        match self.guarantee {
+            Guarantee::ExactlyOnce => {
+                producer.set("transactional.id", &transactional_id).set("transaction.timeout.ms", "10000");
+            }
+            // Idempotence keeps each partition's records in order across retries: a key's journal
+            // records must land in the order they were written.
+            Guarantee::AtLeastOnce => {
+                producer.set("enable.idempotence", "true");
+            }
+        }
         for (k, v) in &self.producer {
             producer.set(k, v);
         }
@@ -478,9 +591,29 @@ impl<S: EventSourced> FlowBuilder<S> {
             commit_interval: self.commit_interval,
             bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),
             codec: self.codec,
+            guarantee: self.guarantee,
+            committer: self.committer,
         };
         let outputs = self.outputs.unwrap_or_else(|| Box::new(|_| Vec::new()));
-        let parts = engine::Parts { stage: self.stage, decoder, outputs };
+        if self.committer.max_batch == 0 || self.committer.parallelism == 0 {
+            return Err(FlowError::Config("committer max_batch and parallelism must be at least 1".into()));
+        }
+        if self.enrich.as_ref().is_some_and(|(s, _)| s.parallelism == 0) {
+            return Err(FlowError::Config("enrichment parallelism must be at least 1".into()));
+        }
+        // Enrichment calls and async listeners run on the caller's tokio runtime, or on one of the
+        // flow's own when run() is called outside one.
+        let needs_runtime = self.enrich.is_some() || self.on_rebalance_async.is_some();
+        let tasks = if needs_runtime { Some(engine::Tasks::current_or_own()?) } else { None };
+        let parts = engine::Parts {
+            stage: self.stage,
+            decoder,
+            outputs,
+            enrich: self.enrich,
+            on_rebalance: self.on_rebalance,
+            on_rebalance_async: self.on_rebalance_async,
+            tasks,
+        };
         let (stop2, metrics2) = (stop.0.clone(), metrics.clone());
         let spawned = std::thread::Builder::new().name(format!("eventstage-flow-{}", S::NAME)).spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -40,6 +40,10 @@ pub(super) struct SledBackend {
     written: Vec<OutputRecord>,
 }
 
+/// What a batch will write, taken out of the backend (at-least-once: written once the batch's
+/// outputs are acknowledged, while later batches stage theirs).
+pub(super) type Staged = BTreeMap<i32, Pending>;
+
 /// A partition restored from sled.
 pub(super) struct Restored<S: EventSourced> {
     pub(super) entities: HashMap<S::Key, Entity<S>>,
@@ -125,9 +129,28 @@ impl SledBackend {
         rt: &tokio::runtime::Runtime,
         positions: BTreeMap<i32, Vec<SourcePosition>>,
     ) -> Result<(), FlowError> {
+        let staged = self.take_staged();
+        self.write_staged::<S>(rt, staged, positions)
+    }
+
+    /// Takes what the open batch staged.
+    pub(super) fn take_staged(&mut self) -> Staged {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Writes and fsyncs `staged` with `positions` (see [`write`](Self::write)).
+    pub(super) fn write_staged<S: EventSourced>(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        mut staged: Staged,
+        positions: BTreeMap<i32, Vec<SourcePosition>>,
+    ) -> Result<(), FlowError> {
         let mut written = Vec::new();
         for (p, positions) in positions {
-            let pending = self.pending.remove(&p).unwrap_or_default();
+            if !self.journals.contains_key(&p) && !staged.contains_key(&p) {
+                continue; // released since: the partition is another instance's now
+            }
+            let pending = staged.remove(&p).unwrap_or_default();
             let outbox = Codec::Bincode.encode(&pending.outbox).map_err(|source| crate::Error::Encode {
                 stage: S::NAME.into(),
                 key: format!("(outbox of partition {p})"),
@@ -146,7 +169,6 @@ impl SledBackend {
             })?;
             written.extend(pending.outbox);
         }
-        self.pending.clear();
         self.written = written;
         Ok(())
     }

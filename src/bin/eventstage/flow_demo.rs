@@ -21,7 +21,7 @@ use std::time::Duration;
 /// Flow settings of the demo.
 #[derive(Debug, clap::Args)]
 pub(crate) struct FlowArgs {
-    /// Run the bank stage as an exactly-once flow against this Kafka cluster (`host:port,...`).
+    /// Run the bank stage as a Kafka flow against this Kafka cluster (`host:port,...`).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) brokers: Option<String>,
     /// Input topic (commands).
@@ -40,9 +40,14 @@ pub(crate) struct FlowArgs {
     /// with the consumed positions and an outbox; one instance only).
     #[arg(long, default_value = "kafka:bank-journal")]
     journal: String,
-    /// How often a transaction commits.
+    /// How often a transaction commits (at-least-once: the longest a batch stays open).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
+    /// `exactly-once` (Kafka transactions) or `at-least-once` (no transactions: offsets committed
+    /// after the outputs and the journal are acknowledged; replies may repeat after a crash, events
+    /// are never applied twice).
+    #[arg(long, default_value = "exactly-once", value_parser = ["exactly-once", "at-least-once"])]
+    guarantee: String,
     /// The producer's transactional id (stable per instance). Default: eventstage-<group>-<host>.
     #[arg(long)]
     transactional_id: Option<String>,
@@ -107,7 +112,13 @@ fn configure<S: eventstage::EventSourced>(
         eventstage::flow::FlowJournal::Sled(dir) => flow.sled_journal(dir),
         other => bail!("unsupported journal {other:?}"),
     };
+    let guarantee = if args.guarantee == "at-least-once" {
+        eventstage::flow::Guarantee::AtLeastOnce
+    } else {
+        eventstage::flow::Guarantee::ExactlyOnce
+    };
     Ok(flow
+        .guarantee(guarantee)
         .transactional_id(txn)
         .commit_interval(args.commit_interval)
         // A restarted instance (same transactional id) takes its old place in the group at once.
@@ -146,8 +157,8 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
         }
     };
     println!(
-        "flow running: {} -> {} / {}, journal {}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
-        args.input, args.replies, args.events, args.journal, args.group
+        "flow running: {} -> {} / {}, {}, journal {}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
+        args.input, args.replies, args.events, args.guarantee, args.journal, args.group
     );
     std::io::Write::flush(&mut std::io::stdout())?;
     let stopper = flow.stopper();

@@ -8,6 +8,9 @@ use super::*;
 /// record size for a key that takes thousands of commands in one commit interval).
 const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
 
+/// A Kafka journal record to write: partition, key, value.
+pub(super) type JournalRecord = (i32, Vec<u8>, Vec<u8>);
+
 impl<S: EventSourced> Core<S> {
     /// Journals `events`, which one command applied to `key` (at sequence `before`), leaving `state`.
     pub(super) fn journal(
@@ -39,11 +42,19 @@ impl<S: EventSourced> Core<S> {
         state: &S::State,
     ) -> Result<(), FlowError> {
         let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
+        let at_least_once = self.committer.is_some();
         if S::is_deleted(state) {
-            // A tombstone now: records of the key written later in this transaction (a new
-            // entity under the same key) must come after it.
-            if let Some(part) = self.partitions.get_mut(&p) {
-                part.unjournaled.remove(key);
+            let Some(part) = self.partitions.get_mut(&p) else { return Ok(()) };
+            // Records of the key written later in this transaction or batch (a new entity under
+            // the same key) must come after the deletion.
+            part.unjournaled.remove(key);
+            if at_least_once {
+                // Not a tombstone: the deletion must keep the input positions it includes, so that
+                // the deleting input, delivered again, is skipped rather than handled again.
+                let sources = part.applied.get(key).cloned().unwrap_or_default();
+                let marker = JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources };
+                part.deferred.push((key.to_bytes().into_owned(), marker.encode()));
+                return Ok(());
             }
             return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None, None);
         }
@@ -51,6 +62,12 @@ impl<S: EventSourced> Core<S> {
         let pending = part.unjournaled.entry(key.clone()).or_default();
         pending.extend(envelopes);
         if pending.len() < MAX_EVENTS_PER_JOURNAL_RECORD {
+            return Ok(());
+        }
+        if let Some(committer) = &mut self.committer {
+            // At-least-once journals only after the batch's outputs are acknowledged: end the
+            // batch instead.
+            committer.full = true;
             return Ok(());
         }
         let events = std::mem::take(pending);
@@ -92,7 +109,21 @@ impl<S: EventSourced> Core<S> {
         })
     }
 
-    /// Produces one Kafka journal record: the key's `events` and its state after them (at `seq`).
+    /// A Kafka journal record's value: the key's `events`, its state after them (at `seq`) and the
+    /// input positions that state includes.
+    fn journal_value(
+        &self,
+        key: &S::Key,
+        events: Vec<Envelope>,
+        seq: SeqNo,
+        state: &S::State,
+        sources: Vec<SourcePosition>,
+    ) -> Result<Vec<u8>, FlowError> {
+        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, now_ms(), self.encode(key, state)?);
+        Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
+    }
+
+    /// Produces one Kafka journal record (exactly-once: no positions, the transaction has them).
     fn write_journal_record(
         &self,
         p: i32,
@@ -102,9 +133,35 @@ impl<S: EventSourced> Core<S> {
         state: &S::State,
     ) -> Result<(), FlowError> {
         let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
-        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, now_ms(), self.encode(key, state)?);
-        let entry = JournalEntry { last_seq: seq, events, state: Some(snapshot) };
-        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&entry.encode()), None)
+        let value = self.journal_value(key, events, seq, state, Vec::new())?;
+        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&value), None)
+    }
+
+    /// At-least-once: the batch's journal records (deletions in order, then one record per key
+    /// it changed, with the input positions the key's state includes), to write once the batch's
+    /// outputs are acknowledged.
+    pub(super) fn journal_records(&mut self) -> Result<Vec<JournalRecord>, FlowError> {
+        let mut records = Vec::new();
+        let dirty: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, part)| !part.unjournaled.is_empty() || !part.deferred.is_empty())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in dirty {
+            let Some(part) = self.partitions.get_mut(&p) else { continue };
+            let deferred = std::mem::take(&mut part.deferred);
+            let keys = std::mem::take(&mut part.unjournaled);
+            records.extend(deferred.into_iter().map(|(k, v)| (p, k, v)));
+            for (key, events) in keys {
+                let Some(part) = self.partitions.get(&p) else { continue };
+                let Some(entity) = part.overlay.get(&key) else { continue };
+                let sources = part.applied.get(&key).cloned().unwrap_or_default();
+                let value = self.journal_value(&key, events, entity.seq, &entity.state, sources)?;
+                records.push((p, key.to_bytes().into_owned(), value));
+            }
+        }
+        Ok(records)
     }
 
     /// Writes the open transaction's journal records (Kafka journal): one per key it changed.

@@ -11,6 +11,13 @@ pub(super) struct FlowContext<S: EventSourced> {
 impl<S: EventSourced> ClientContext for FlowContext<S> {}
 
 impl<S: EventSourced> ConsumerContext for FlowContext<S> {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        // At-least-once commits are asynchronous; a failed one is superseded by the next.
+        if let Err(e) = result {
+            tracing::warn!(error = %e, partitions = offsets.count(), "offset commit failed; the next commit covers it");
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut core = lock(&self.core);
         let result = match rebalance {
@@ -44,6 +51,10 @@ impl<S: EventSourced> ConsumerContext for FlowContext<S> {
 
 pub(super) type FlowConsumer<S> = BaseConsumer<FlowContext<S>>;
 
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements().iter().map(|e| TopicPartition { topic: e.topic().to_string(), partition: e.partition() }).collect()
+}
+
 impl<S: EventSourced> Core<S> {
     fn on_assign(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
         let committed =
@@ -72,6 +83,10 @@ impl<S: EventSourced> Core<S> {
             if self.partitions.contains_key(&p) {
                 continue;
             }
+            if matches!(self.backend, Backend::None) {
+                self.partitions.insert(p, PartitionState::new(HashMap::new()));
+                continue;
+            }
             self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
             let restored = self.restore_sled(p);
             self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
@@ -79,7 +94,30 @@ impl<S: EventSourced> Core<S> {
         }
         self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
         tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "assigned and restored");
+        self.notify(RebalanceEvent::Assigned(topic_partitions(tpl)));
         Ok(())
+    }
+
+    /// Tells the listeners: the synchronous one now (its seeks are done once librdkafka has made
+    /// the assignment), the async one through its task.
+    fn notify(&mut self, event: RebalanceEvent) {
+        if let Some(listener) = &mut self.parts.on_rebalance {
+            let committed = self
+                .offsets
+                .iter()
+                .map(|((topic, partition), o)| {
+                    (TopicPartition { topic: topic.clone(), partition: *partition }, o.committed)
+                })
+                .collect();
+            let mut actions = RebalanceActions { committed, seeks: &mut self.pending_seeks };
+            let ran = catch_unwind(AssertUnwindSafe(|| listener(&event, &mut actions)));
+            if ran.is_err() {
+                tracing::error!(?event, "the rebalance listener panicked; going on");
+            }
+        }
+        if let Some(tx) = &self.rebalance_events {
+            let _ = tx.send(event);
+        }
     }
 
     /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
@@ -122,6 +160,7 @@ impl<S: EventSourced> Core<S> {
     fn restore_entries(&self, p: i32, latest: BTreeMap<Vec<u8>, JournalEntry>) -> Result<PartitionState<S>, FlowError> {
         let records = latest.len() as u64;
         let mut committed = HashMap::with_capacity(latest.len());
+        let mut applied = HashMap::new();
         for (raw, entry) in latest {
             let key = S::Key::from_bytes(&raw)
                 .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
@@ -131,18 +170,59 @@ impl<S: EventSourced> Core<S> {
                 seq: entry.last_seq.0,
                 source,
             };
+            if !entry.sources.is_empty() {
+                applied.insert(key.clone(), entry.sources);
+            }
             let Some(env) = &entry.state else { continue };
             let state = decode_state::<S>(env).map_err(decode_err)?;
             committed.insert(key, Entity { state: Arc::new(state), seq: entry.last_seq });
         }
         self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
         tracing::info!(partition = p, keys = committed.len(), "restored partition state from the journal");
-        Ok(PartitionState::new(committed))
+        let mut restored = PartitionState::new(committed);
+        restored.applied = applied;
+        Ok(restored)
     }
 
     fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
-        // Finish in-flight work: commit before the partitions go to another instance.
-        let committed = self.commit(consumer);
+        let lost = consumer.assignment_lost();
+        let committed = if lost {
+            // Another instance may own them already: nothing of the open work may commit.
+            tracing::warn!(partitions = tpl.count(), "partitions lost (session expired?): dropping uncommitted work");
+            if let Some(pipeline) = &mut self.pipeline {
+                pipeline.clear();
+            }
+            if self.committer.is_some() {
+                // Journal records already handed to the producer land before any restore reads
+                // the journal again (ours on reassignment, or the new owner's).
+                if let Err(e) = self.producer.flush(TXN_TIMEOUT) {
+                    tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
+                }
+                self.drop_batches();
+                for part in self.partitions.values_mut() {
+                    part.overlay.clear();
+                    part.unjournaled.clear();
+                    part.deferred.clear();
+                }
+                Ok(())
+            } else {
+                let aborted = self.abort_and_rewind(consumer).or_else(|e| match e {
+                    FlowError::Fenced { .. } => Err(e),
+                    other => {
+                        tracing::warn!(error = %other, "aborting the lost partitions' transaction failed");
+                        Ok(())
+                    }
+                });
+                aborted.and_then(|()| {
+                    self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
+                })
+            }
+        } else {
+            // Finish in-flight work: commit before the partitions go to another instance.
+            self.finish(consumer)
+        };
+        let event = if lost { RebalanceEvent::Lost } else { RebalanceEvent::Revoked };
+        self.notify(event(topic_partitions(tpl)));
         for el in tpl.elements() {
             self.offsets.remove(&(el.topic().to_string(), el.partition()));
         }

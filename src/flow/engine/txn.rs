@@ -32,6 +32,9 @@ impl<S: EventSourced> Core<S> {
     /// Commits the open transaction with the consumed offsets and opens the next one. An abortable
     /// failure aborts, rewinds and discards the transaction's state, and is not an error.
     pub(super) fn commit(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        if self.committer.is_some() {
+            return self.end_batch(consumer);
+        }
         if !self.dirty {
             return Ok(());
         }
@@ -114,6 +117,13 @@ impl<S: EventSourced> Core<S> {
         self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
     }
 
+    /// Finishes in-flight work and commits it: before a revocation and on shutdown.
+    pub(super) fn finish(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        self.drain_pipeline()?;
+        self.commit(consumer)?;
+        self.advance(consumer, committer::Wait::UntilAtMost(0))
+    }
+
     /// Adds the consumed `offsets` to the open transaction and commits it.
     ///
     /// The offsets go first, so that their round trip overlaps the delivery of the transaction's
@@ -183,6 +193,9 @@ impl<S: EventSourced> Core<S> {
         }
         if let Backend::Sled(sled) = &mut self.backend {
             sled.discard();
+        }
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.clear();
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), o) in self.offsets.iter_mut() {

@@ -1,0 +1,253 @@
+//! The at-least-once side of the flow (Alpakka Kafka's `Committer.sink`): batches of inputs whose
+//! outputs are produced without a transaction; a batch's journal is written once its outputs are
+//! acknowledged, and its offsets are committed once its journal is.
+//!
+//! That order is what makes at-least-once safe for persistent stages. A crash before a batch's
+//! journal is written delivers its inputs again and they are handled again against the same
+//! state: same outputs again, events applied once. A crash after it delivers inputs whose events
+//! are journaled: every journal record carries the input positions its state includes, so those
+//! inputs are skipped (their outputs were acknowledged before the journal was written).
+
+use super::*;
+use crate::flow::CommitterSettings;
+use rdkafka::consumer::CommitMode;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use std::collections::VecDeque;
+use std::sync::Condvar;
+
+/// Acknowledgements outstanding per batch, filled in by the producer's delivery callback.
+#[derive(Default)]
+pub(super) struct Deliveries {
+    counting: bool,
+    state: Mutex<DeliveryState>,
+    acked: Condvar,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    outstanding: HashMap<usize, u64>,
+    failure: Option<(String, KafkaError)>,
+}
+
+impl Deliveries {
+    pub(super) fn new(counting: bool) -> Self {
+        Self { counting, ..Self::default() }
+    }
+
+    fn add(&self, batch: usize) {
+        if self.counting {
+            *lock(&self.state).outstanding.entry(batch).or_default() += 1;
+        }
+    }
+
+    fn done(&self, batch: usize) {
+        if !self.counting {
+            return;
+        }
+        let mut state = lock(&self.state);
+        if let Some(n) = state.outstanding.get_mut(&batch) {
+            *n -= 1;
+            if *n == 0 {
+                state.outstanding.remove(&batch);
+            }
+        }
+        self.acked.notify_all();
+    }
+
+    /// Waits up to `timeout` for `batch` to be acknowledged; `Ok(true)` once it is.
+    fn wait(&self, batch: usize, timeout: Duration) -> Result<bool, FlowError> {
+        let state = lock(&self.state);
+        let (state, _) = self
+            .acked
+            .wait_timeout_while(state, timeout, |s| s.failure.is_none() && s.outstanding.contains_key(&batch))
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((topic, e)) = &state.failure {
+            return Err(kafka(format!("delivery to {topic} failed (its input offsets stay uncommitted)"), e.clone()));
+        }
+        Ok(!state.outstanding.contains_key(&batch))
+    }
+}
+
+/// The producer's context: counts acknowledgements per batch (at-least-once).
+pub(super) struct FlowProducerContext {
+    pub(super) deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for FlowProducerContext {}
+
+impl ProducerContext for FlowProducerContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
+        if let Err((e, msg)) = result {
+            if self.deliveries.counting {
+                lock(&self.deliveries.state).failure.get_or_insert_with(|| (msg.topic().to_string(), e.clone()));
+            }
+        }
+        self.deliveries.done(batch);
+    }
+}
+
+impl<S: EventSourced> Core<S> {
+    /// Counts a record about to be produced under the batch being filled.
+    pub(super) fn count_delivery(&self) -> usize {
+        let batch = self.batch as usize;
+        self.deliveries.add(batch);
+        batch
+    }
+
+    /// A produce the client refused: it will never be acknowledged.
+    pub(super) fn uncount_delivery(&self, batch: usize) {
+        self.deliveries.done(batch);
+    }
+}
+
+/// What a batch writes to the journal once its outputs are acknowledged.
+enum JournalWork {
+    /// Kafka journal records: (partition, key, value).
+    Kafka(Vec<super::journal::JournalRecord>),
+    /// One sled write per partition with the batch's events and positions.
+    Sled(super::super::sled_backend::Staged, BTreeMap<i32, Vec<SourcePosition>>),
+    None,
+}
+
+struct PendingBatch {
+    id: u64,
+    offsets: TopicPartitionList,
+    journal: Option<JournalWork>,
+}
+
+/// Batches on their way to an offset commit, oldest first.
+pub(super) struct Committer {
+    pub(super) settings: CommitterSettings,
+    queue: VecDeque<PendingBatch>,
+    /// Inputs in the batch being filled.
+    pub(super) inputs: usize,
+    /// The batch being filled must end now (a key holds the most events a journal record takes).
+    pub(super) full: bool,
+}
+
+impl Committer {
+    pub(super) fn new(settings: CommitterSettings) -> Self {
+        Self { settings, queue: VecDeque::new(), inputs: 0, full: false }
+    }
+
+    pub(super) fn due(&self) -> bool {
+        self.full || self.inputs >= self.settings.max_batch
+    }
+}
+
+/// How long `advance` may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// Not at all: move along what is acknowledged already.
+    No,
+    /// Until at most this many batches are pending.
+    UntilAtMost(usize),
+}
+
+impl<S: EventSourced> Core<S> {
+    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
+    /// records wait for its outputs' acknowledgements, then its offsets are committed.
+    pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        let Some(committer) = &mut self.committer else { return Ok(()) };
+        committer.inputs = 0;
+        committer.full = false;
+        if self.dirty {
+            let mut offsets = TopicPartitionList::new();
+            let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
+            for ((topic, p), o) in self.offsets.iter_mut() {
+                if o.next > o.committed && o.next >= 0 {
+                    offsets.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
+                    positions.entry(*p).or_default().push(SourcePosition {
+                        topic: topic.clone(),
+                        partition: *p,
+                        next_offset: o.next,
+                    });
+                    // Handed to the committer: the next batch starts here.
+                    o.committed = o.next;
+                }
+            }
+            let journal = match &mut self.backend {
+                Backend::Kafka(_) => JournalWork::Kafka(self.journal_records()?),
+                Backend::Sled(sled) => JournalWork::Sled(sled.take_staged(), positions),
+                Backend::None => JournalWork::None,
+            };
+            for part in self.partitions.values_mut() {
+                let overlay = std::mem::take(&mut part.overlay);
+                part.committed.extend(overlay);
+            }
+            self.dirty = false;
+            if let Some(committer) = &mut self.committer {
+                committer.queue.push_back(PendingBatch { id: self.batch, offsets, journal: Some(journal) });
+            }
+            self.batch += 1;
+        }
+        let parallelism = self.committer.as_ref().map_or(1, |c| c.settings.parallelism);
+        self.advance(consumer, Wait::UntilAtMost(parallelism))
+    }
+
+    /// Moves pending batches along, oldest first: journal once the outputs are acknowledged,
+    /// commit once the journal is.
+    pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
+        let deadline = Instant::now() + TXN_TIMEOUT;
+        loop {
+            let Some(committer) = &mut self.committer else { return Ok(()) };
+            let pending = committer.queue.len();
+            let Some(front) = committer.queue.front_mut() else { return Ok(()) };
+            let blocking = matches!(wait, Wait::UntilAtMost(n) if pending > n);
+            let id = front.id;
+            let step = if blocking { Duration::from_millis(50) } else { Duration::ZERO };
+            if !self.deliveries.wait(id as usize, step)? {
+                if !blocking {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    tracing::warn!(batch = id, "outputs still unacknowledged after {TXN_TIMEOUT:?}; waiting on");
+                }
+                continue;
+            }
+            if let Some(journal) = front.journal.take() {
+                self.write_batch_journal(id, journal)?;
+                continue;
+            }
+            let Some(done) = self.committer.as_mut().and_then(|c| c.queue.pop_front()) else { return Ok(()) };
+            if done.offsets.count() > 0 {
+                // The last commit before a revocation or shutdown is synchronous; the others
+                // overlap with processing (a failed one is superseded by the next).
+                let mode = if wait == Wait::UntilAtMost(0) { CommitMode::Sync } else { CommitMode::Async };
+                consumer.commit(&done.offsets, mode).map_err(|e| kafka("commit offsets", e))?;
+            }
+            self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes a batch's journal: its records are counted under the batch, so the offsets wait for
+    /// them too.
+    fn write_batch_journal(&mut self, id: u64, journal: JournalWork) -> Result<(), FlowError> {
+        match journal {
+            JournalWork::Kafka(records) => {
+                let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
+                let topic = journal.topic().to_string();
+                let filling = std::mem::replace(&mut self.batch, id);
+                let sent =
+                    records.iter().try_for_each(|(p, k, v)| self.produce(&topic, Some(*p), Some(k), Some(v), None));
+                self.batch = filling;
+                sent
+            }
+            JournalWork::Sled(staged, positions) => {
+                let Backend::Sled(sled) = &mut self.backend else { return Ok(()) };
+                sled.write_staged::<S>(&self.rt, staged, positions)
+            }
+            JournalWork::None => Ok(()),
+        }
+    }
+
+    /// Forgets batches whose partitions were lost: their offsets cannot be committed any more and
+    /// their journal must not land after the new owner restored.
+    pub(super) fn drop_batches(&mut self) {
+        if let Some(c) = &mut self.committer {
+            c.queue.clear();
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! What a flow promises and how it batches: the delivery guarantee, the at-least-once committer,
+//! async enrichment and rebalance listeners.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed future, as the flow stores user functions.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a flow promises about each input record's effects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Guarantee {
+    /// One Kafka transaction per commit interval holds the outputs, the journal records and the
+    /// consumed offsets: `read_committed` consumers see every input's outputs exactly once.
+    #[default]
+    ExactlyOnce,
+    /// Alpakka Kafka's committable source → process → `Committer.sink`: no transactions. Outputs
+    /// are produced as inputs are processed; the journal is written once a batch's outputs are
+    /// acknowledged, and the batch's offsets are committed once its journal records are. A crash
+    /// loses nothing but may deliver inputs again: their outputs can appear more than once, while
+    /// their events are never applied twice (every journal record carries the input positions
+    /// it includes, so a redelivered input whose events are journaled is skipped). Cheaper than
+    /// transactions, and outputs are visible at once (any isolation level).
+    AtLeastOnce,
+}
+
+/// How an at-least-once flow commits offsets (Alpakka Kafka's `CommitterSettings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitterSettings {
+    /// A batch ends after this many input records. Default: 1000.
+    pub max_batch: usize,
+    /// ... or after this long. Default: the flow's commit interval (100 ms).
+    pub max_interval: Option<Duration>,
+    /// Batches that may wait for their acknowledgements and offset commit at the same time while
+    /// processing goes on; more make the flow wait (back-pressure). Default: 4.
+    pub parallelism: usize,
+}
+
+impl Default for CommitterSettings {
+    fn default() -> Self {
+        Self { max_batch: 1000, max_interval: None, parallelism: 4 }
+    }
+}
+
+/// How [`FlowBuilder::enrich`](super::FlowBuilder::enrich) calls its async function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnrichSettings {
+    /// Calls in flight at most (Akka's `mapAsync(parallelism)`); results are used in input order per
+    /// partition, and the flow stops consuming while this many records wait. Default: 16.
+    pub parallelism: usize,
+    /// Attempts per record before the flow's bad-input policy takes it (dead letter or stop).
+    /// Default: 3.
+    pub attempts: u32,
+    /// Wait before the second attempt; doubles per attempt, up to `max_backoff`. Default: 100 ms.
+    pub backoff: Duration,
+    /// Longest wait between attempts. Default: 5 s.
+    pub max_backoff: Duration,
+    /// An attempt that takes longer fails. Default: 30 s.
+    pub timeout: Duration,
+}
+
+impl Default for EnrichSettings {
+    fn default() -> Self {
+        Self {
+            parallelism: 16,
+            attempts: 3,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl EnrichSettings {
+    /// Default settings with `parallelism` calls in flight.
+    pub fn parallelism(parallelism: usize) -> Self {
+        Self { parallelism, ..Self::default() }
+    }
+}
+
+/// The enrichment step, type-erased: retries and timeouts included.
+pub(crate) type EnrichFn<K, C> = Arc<dyn Fn(K, C) -> BoxFuture<Result<C, String>> + Send + Sync>;
+
+/// An enrichment step with its settings.
+pub(crate) type Enrichment<S> =
+    (EnrichSettings, EnrichFn<<S as crate::EventSourced>::Key, <S as crate::EventSourced>::Command>);
+
+/// Wraps a user's enrichment function with the timeout and retry policy of `settings`.
+pub(crate) fn retrying<K, C, F, Fut>(settings: EnrichSettings, f: F) -> EnrichFn<K, C>
+where
+    K: Clone + Send + 'static,
+    C: Clone + Send + 'static,
+    F: Fn(K, C) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<C, String>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Arc::new(move |key: K, command: C| {
+        let f = f.clone();
+        Box::pin(async move {
+            let mut delay = settings.backoff;
+            let mut attempt = 1;
+            loop {
+                let error = match tokio::time::timeout(settings.timeout, f(key.clone(), command.clone())).await {
+                    Ok(Ok(enriched)) => return Ok(enriched),
+                    Ok(Err(e)) => e,
+                    Err(_) => format!("timed out after {:?}", settings.timeout),
+                };
+                if attempt >= settings.attempts.max(1) {
+                    return Err(format!("enrichment failed after {attempt} attempts: {error}"));
+                }
+                tracing::warn!(attempt, %error, retry_in_ms = delay.as_millis() as u64, "enrichment failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(settings.max_backoff);
+                attempt += 1;
+            }
+        }) as BoxFuture<Result<C, String>>
+    })
+}
+
+/// A topic partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicPartition {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+}
+
+/// A change of the partitions a flow instance owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RebalanceEvent {
+    /// These partitions are now this instance's; their state is restored.
+    Assigned(Vec<TopicPartition>),
+    /// These partitions go to another instance; everything consumed from them is committed.
+    Revoked(Vec<TopicPartition>),
+    /// These partitions were taken away without a revocation (the session expired): nothing
+    /// since the last commit was committed, and their state was dropped.
+    Lost(Vec<TopicPartition>),
+}
+
+impl RebalanceEvent {
+    /// The partitions concerned.
+    pub fn partitions(&self) -> &[TopicPartition] {
+        match self {
+            Self::Assigned(p) | Self::Revoked(p) | Self::Lost(p) => p,
+        }
+    }
+}
+
+/// What a synchronous rebalance listener may do while the rebalance waits for it.
+#[derive(Debug)]
+pub struct RebalanceActions<'a> {
+    pub(crate) committed: Vec<(TopicPartition, i64)>,
+    pub(crate) seeks: &'a mut Vec<(String, i32, i64)>,
+}
+
+impl RebalanceActions<'_> {
+    /// The group's committed offset of a partition this instance owns (the next offset to read;
+    /// `None` when nothing was committed yet or the partition is not owned).
+    pub fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.committed
+            .iter()
+            .find(|(tp, _)| tp.topic == topic && tp.partition == partition)
+            .map(|(_, o)| *o)
+            .filter(|o| *o >= 0)
+    }
+
+    /// On assignment: start reading `topic[partition]` at `offset` instead of the committed offset.
+    /// With a journal, inputs before the journal's state are then skipped only if the journal says
+    /// so (sled positions, at-least-once positions); seeking backwards under exactly-once applies
+    /// inputs again: the caller owns that choice.
+    pub fn seek(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.seeks.push((topic.to_string(), partition, offset));
+    }
+}
+
+/// A synchronous listener: runs on the flow's thread inside the rebalance. On assignment after
+/// the partitions' state is restored (and before any of their records is processed); on
+/// revocation after the flow finished and committed their in-flight work and before their state
+/// is released.
+pub(crate) type SyncListener = Box<dyn FnMut(&RebalanceEvent, &mut RebalanceActions<'_>) + Send>;
+/// An async listener: gets every event in order on a task of its own, never blocking the poll loop.
+pub(crate) type AsyncListener = Arc<dyn Fn(RebalanceEvent) -> BoxFuture<()> + Send + Sync>;
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
