@@ -29,9 +29,12 @@
 //!
 //! 5. KTable emulation: see `table.rs` (materialization vs a bare consumer, `get` latency,
 //!    memory per key).
+//! 6. at-least-once vs exactly-once bank flow, and async enrichment with 1 and 16 calls in flight:
+//!    see `patterns.rs`.
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
-//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table` (only section 5),
+//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns` (only section 5
+//! or 6),
 //! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
 //! through python3), `RUST_LOG` (tracing filter, default `warn`).
 
@@ -39,6 +42,7 @@ mod broker;
 mod cpu;
 mod io;
 mod latency;
+mod patterns;
 mod report;
 mod restore;
 mod table;
@@ -53,7 +57,7 @@ use restore::*;
 use throughput::*;
 
 use anyhow::{anyhow, bail, Context, Result};
-use eventstage::flow::{FlowControl, FlowMetrics};
+use eventstage::flow::{FlowControl, FlowMetrics, Guarantee};
 use eventstage::journal::KafkaJournal;
 use eventstage::stages::bank_flow::{bank_flow, BankTopics, WireCommand};
 use rand::rngs::StdRng;
@@ -135,20 +139,27 @@ fn run() -> Result<()> {
     ));
     let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
     if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("table") {
-        progress("5/5 table materialization and lookups (EVENTSTAGE_E2E_ONLY=table)");
+        progress("5/6 table materialization and lookups (EVENTSTAGE_E2E_ONLY=table)");
         let table = table::run(&rt, &broker, table_keys)?;
         println!();
         table.print();
         return Ok(());
     }
     let cmds = commands(n as usize, 7);
+    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("patterns") {
+        progress("6/6 at-least-once vs exactly-once, enrichment (EVENTSTAGE_E2E_ONLY=patterns)");
+        let patterns = patterns::run(&rt, &broker, &cmds, rounds)?;
+        println!();
+        patterns.print();
+        return Ok(());
+    }
 
     progress(&format!(
-        "1+2/5 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
+        "1+2/6 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
     ));
     let (mut flows, mut passes, mut drained, mut doubled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        flows.push(flow_throughput(&rt, &broker, &cmds)?);
+        flows.push(flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce)?);
         passes.push(pass_through_throughput(&rt, &broker, &cmds, false, 1)?);
         drained.push(pass_through_throughput(&rt, &broker, &cmds, true, 1)?);
         doubled.push(pass_through_throughput(&rt, &broker, &cmds, true, 2)?);
@@ -167,17 +178,19 @@ fn run() -> Result<()> {
     let pass_doubled = Rounds::of(doubled, Run::window_rate);
 
     let rate = 0.5 * flow.median.run.window_rate();
-    progress(&format!("3/5 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
+    progress(&format!("3/6 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
     let flow_latency = flow_latency(&rt, b, rate, latency_secs)?;
     let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false)?;
     let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true)?;
 
-    progress("4/5 journal restore rate");
+    progress("4/6 journal restore rate");
     let journal = unique("restore-journal");
     write_journal(&rt, b, &journal, n)?;
     let restore = restore_rates(&rt, b, &journal, n)?;
-    progress("5/5 table materialization and lookups");
+    progress("5/6 table materialization and lookups");
     let table = table::run(&rt, &broker, table_keys)?;
+    progress("6/6 at-least-once vs exactly-once, enrichment");
+    let patterns = patterns::run(&rt, &broker, &cmds, rounds)?;
     let total = started.elapsed();
     let broker_rss = broker.rss_mib();
     drop(broker);
@@ -193,6 +206,7 @@ fn run() -> Result<()> {
         pass_drained_latency,
         restore,
         table,
+        patterns,
         total,
         broker_rss,
     };

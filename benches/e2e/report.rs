@@ -34,6 +34,7 @@ pub(crate) struct Report {
     pub(crate) pass_drained_latency: Latency,
     pub(crate) restore: Restore,
     pub(crate) table: table::TableReport,
+    pub(crate) patterns: patterns::PatternsReport,
     pub(crate) total: Duration,
     pub(crate) broker_rss: Option<u64>,
 }
@@ -189,6 +190,8 @@ impl Report {
         );
         println!();
         self.table.print();
+        println!();
+        self.patterns.print();
         println!();
         println!(
             "total benchmark time {}; broker resident memory at the end {}",

@@ -141,6 +141,18 @@ pub(crate) fn flow_throughput(
     rt: &tokio::runtime::Runtime,
     broker: &Broker,
     cmds: &[(String, Vec<u8>)],
+    guarantee: Guarantee,
+) -> Result<FlowRun> {
+    flow_run(rt, broker, cmds, |b, topics| with_properties(bank_flow(b, &unique("group"), topics)).guarantee(guarantee))
+}
+
+/// Feeds `cmds` to fresh topics, runs the flow `make` builds on them until a `read_committed`
+/// reader has seen a reply to each, and drains it.
+pub(crate) fn flow_run<S: eventstage::EventSourced>(
+    rt: &tokio::runtime::Runtime,
+    broker: &Broker,
+    cmds: &[(String, Vec<u8>)],
+    make: impl FnOnce(&str, BankTopics) -> eventstage::flow::FlowBuilder<S>,
 ) -> Result<FlowRun> {
     let b = broker.brokers.as_str();
     let n = cmds.len() as u64;
@@ -151,12 +163,15 @@ pub(crate) fn flow_throughput(
     let reader = count_committed(b, &topics.replies, n);
 
     let start = Instant::now();
-    let flow = with_properties(bank_flow(b, &unique("group"), topics.clone()))
-        .journal_topic(&journal)
-        .transactional_id(unique("txn"))
-        .commit_interval(COMMIT_INTERVAL)
-        .run()
-        .context("start the flow")?;
+    // Inside the runtime: enrichment calls run on it.
+    let flow = rt.block_on(async {
+        make(b, topics.clone())
+            .journal_topic(&journal)
+            .transactional_id(unique("txn"))
+            .commit_interval(COMMIT_INTERVAL)
+            .run()
+    });
+    let flow = flow.context("start the flow")?;
     let deadline = start + RUN_DEADLINE + Duration::from_secs(5);
     let w = watch(broker, FLOW_THREAD, n, deadline, &reader, || flow.metrics().records_in, || false);
     let metrics = flow.metrics();
