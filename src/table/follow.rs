@@ -11,6 +11,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The index is sized up front for at most this many keys.
+const MAX_PRESIZED_KEYS: usize = 1 << 22;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
@@ -131,7 +134,11 @@ where
     consumer.assign(&tpl).map_err(|e| kafka("assign the partitions", e))?;
 
     let status = if pending.is_empty() { Status::Following } else { Status::CatchingUp };
-    let index = dashmap::DashMap::with_capacity(rows.len());
+    // Sized for the records to read (an upper bound of the keys, capped): growing a hash map of a
+    // million keys rehashes every key several times on the catch-up path.
+    let to_read: i64 = ends.iter().map(|(p, &high)| high - positions.get(p).copied().unwrap_or(high)).sum();
+    let capacity = rows.len() + (to_read.max(0) as usize).min(MAX_PRESIZED_KEYS);
+    let index = dashmap::DashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new());
     for (k, slot) in rows.iter() {
         index.insert(k.clone(), slot.clone());
     }

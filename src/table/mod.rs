@@ -290,7 +290,8 @@ struct Shared<K, V> {
     // The point-lookup index, updated per record. A B-tree lookup of heap-allocated keys costs a
     // cache miss per comparison (over 2 µs at 10^6 keys); a sharded hash map costs a few, and its
     // shard locks are held for one insert, so a reader never waits long.
-    index: dashmap::DashMap<K, Slot<V>>,
+    // ahash: SipHash (the std default) costs a noticeable share of each record's work here.
+    index: dashmap::DashMap<K, Slot<V>, ahash::RandomState>,
     changes: broadcast::Sender<Change<K, V>>,
     status: watch::Sender<Status>,
     counters: Counters,
