@@ -25,6 +25,43 @@ pub(crate) fn thread_cpu(name: &str) -> Option<f64> {
     total
 }
 
+/// CPU seconds used so far by each thread name of this process (threads of one name summed).
+pub(crate) fn threads() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    for e in dir.flatten() {
+        let dir = e.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim_end().to_string();
+        *out.entry(comm).or_default() += stat_cpu(&dir.join("stat").to_string_lossy()).unwrap_or(0.0);
+    }
+    out
+}
+
+/// With `EVENTSTAGE_E2E_THREADS` set, prints the cores each thread name used between two
+/// [`threads`] snapshots taken `secs` apart, and the CPU microseconds per record.
+pub(crate) fn print_threads(
+    what: &str,
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    secs: f64,
+    n: u64,
+) {
+    if std::env::var_os("EVENTSTAGE_E2E_THREADS").is_none() {
+        return;
+    }
+    let mut used: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = used.iter().map(|(_, v)| v).sum();
+    eprintln!("[e2e] threads of {what}: {:.1} µs CPU per record in this process", total * 1e6 / n as f64);
+    for (name, cpu) in used.iter().take(12) {
+        eprintln!("[e2e]     {name:<18} {:.2} cores  {:.2} µs/record", cpu / secs, cpu * 1e6 / n as f64);
+    }
+}
+
 /// CPU seconds used so far by this process, by one of its threads, and by the broker.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Cpu {

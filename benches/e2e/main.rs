@@ -33,8 +33,9 @@
 //!    see `patterns.rs`.
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
-//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns` (only section 5
-//! or 6),
+//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns|throughput`
+//! (only section 5, 6, or the flow against the volume-matched pass-through), `EVENTSTAGE_E2E_THREADS`
+//! (print the CPU each thread used per record),
 //! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
 //! through python3), `RUST_LOG` (tracing filter, default `warn`).
 
@@ -146,6 +147,17 @@ fn run() -> Result<()> {
         return Ok(());
     }
     let cmds = commands(n as usize, 7);
+    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("throughput") {
+        progress("1+2/6 throughput only (EVENTSTAGE_E2E_ONLY=throughput)");
+        for _ in 0..rounds {
+            let flow = flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce)?;
+            Report::run("bank flow", "flow", &flow.run, String::new());
+            let pass = pass_through_throughput(&rt, &broker, &cmds, true, 2)?;
+            Report::run("pass-through, deliveries awaited, 2 outputs per input", "pass-through", &pass, String::new());
+            println!("  ratio {:.2}", flow.run.window_rate() / pass.window_rate());
+        }
+        return Ok(());
+    }
     if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("patterns") {
         progress("6/6 at-least-once vs exactly-once, enrichment (EVENTSTAGE_E2E_ONLY=patterns)");
         let patterns = patterns::run(&rt, &broker, &cmds, rounds)?;

@@ -44,6 +44,8 @@ impl Run {
 /// Samples the consumed count every millisecond until the reader has seen `n` records: when the
 /// first and the last input record were consumed, and the CPU used from the first record on.
 pub(crate) struct Window {
+    /// Per thread name CPU seconds at the first record and when all were consumed.
+    pub(crate) threads: (BTreeMap<String, f64>, BTreeMap<String, f64>),
     pub(crate) first: Option<Instant>,
     pub(crate) processed: Option<Instant>,
     pub(crate) cpu_first: Cpu,
@@ -52,6 +54,14 @@ pub(crate) struct Window {
 }
 
 impl Window {
+    /// See [`print_threads`].
+    pub(crate) fn print_threads(&self, what: &str, n: u64) {
+        if let (Some(first), Some(processed)) = (self.first, self.processed) {
+            let secs = processed.saturating_duration_since(first).as_secs_f64();
+            print_threads(what, &self.threads.0, &self.threads.1, secs, n);
+        }
+    }
+
     /// Cores used from the first record to the end of the window.
     pub(crate) fn cores(&self) -> Cpu {
         let secs = self.first.map_or(0.0, |f| self.end.saturating_duration_since(f).as_secs_f64());
@@ -69,6 +79,7 @@ pub(crate) fn watch(
     stopped: impl Fn() -> bool,
 ) -> Window {
     let (mut first, mut processed, mut cpu_first) = (None, None, Cpu::default());
+    let (mut threads_first, mut threads_processed) = (BTreeMap::new(), BTreeMap::new());
     while reader.seen.load(Ordering::Relaxed) < n
         && !reader.handle.is_finished()
         && !stopped()
@@ -79,13 +90,22 @@ pub(crate) fn watch(
         if c > 0 && first.is_none() {
             first = Some(now);
             cpu_first = Cpu::now(broker, worker);
+            threads_first = threads();
         }
         if c >= n && processed.is_none() {
             processed = Some(now);
+            threads_processed = threads();
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    Window { first, processed, cpu_first, cpu_end: Cpu::now(broker, worker), end: Instant::now() }
+    Window {
+        threads: (threads_first, threads_processed),
+        first,
+        processed,
+        cpu_first,
+        cpu_end: Cpu::now(broker, worker),
+        end: Instant::now(),
+    }
 }
 
 pub(crate) struct FlowRun {
@@ -174,6 +194,7 @@ pub(crate) fn flow_run<S: eventstage::EventSourced>(
     let flow = flow.context("start the flow")?;
     let deadline = start + RUN_DEADLINE + Duration::from_secs(5);
     let w = watch(broker, FLOW_THREAD, n, deadline, &reader, || flow.metrics().records_in, || false);
+    w.print_threads("the flow", n);
     let metrics = flow.metrics();
     let read = match join(reader.handle) {
         Ok(r) => r,
@@ -368,6 +389,7 @@ pub(crate) fn pass_through_throughput(
         || consumed.load(Ordering::Relaxed),
         || worker.is_finished() && consumed.load(Ordering::Relaxed) < n,
     );
+    w.print_threads(&format!("the pass-through ({outputs_per_input} outputs per input)"), n);
     let stats = join(worker)?;
     let read = join(reader.handle)?;
     delete_topics(rt, b, &topics);

@@ -122,30 +122,33 @@ fn with_backoff<T>(
     }
 }
 
+/// Per-key maps of the flow's state: ahash, as SipHash is a visible share of each record's work.
+type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 struct PartitionState<S: EventSourced> {
     /// State as of the last committed transaction.
-    committed: HashMap<S::Key, Entity<S>>,
+    committed: KeyMap<S::Key, Entity<S>>,
     /// Changes of the open transaction.
-    overlay: HashMap<S::Key, Entity<S>>,
+    overlay: KeyMap<S::Key, Entity<S>>,
     /// Kafka journal: the events of the open transaction not yet in a journal record, per key. A
     /// key's journal record is written once per transaction (at commit, with its state then), like
     /// Kafka Streams' record cache in front of a changelog: a hot key costs one journal record per
     /// commit interval, not one per command.
-    unjournaled: HashMap<S::Key, Vec<Envelope>>,
+    unjournaled: KeyMap<S::Key, Vec<Envelope>>,
     /// Per key, the input positions its state includes (from journal records written by
     /// at-least-once flows, and kept up to date by them): inputs below are not applied again.
-    applied: HashMap<S::Key, Vec<SourcePosition>>,
+    applied: KeyMap<S::Key, Vec<SourcePosition>>,
     /// At-least-once: deletion markers (key, record value) of the batch, in order.
     deferred: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<S: EventSourced> PartitionState<S> {
-    fn new(committed: HashMap<S::Key, Entity<S>>) -> Self {
+    fn new(committed: KeyMap<S::Key, Entity<S>>) -> Self {
         Self {
             committed,
-            overlay: HashMap::new(),
-            unjournaled: HashMap::new(),
-            applied: HashMap::new(),
+            overlay: KeyMap::default(),
+            unjournaled: KeyMap::default(),
+            applied: KeyMap::default(),
             deferred: Vec::new(),
         }
     }
@@ -326,7 +329,12 @@ impl<S: EventSourced> Core<S> {
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().map(<[u8]>::to_vec),
         };
-        if self.applied_until.get(&(input.topic.clone(), input.partition)).is_some_and(|&until| input.offset < until) {
+        if !self.applied_until.is_empty()
+            && self
+                .applied_until
+                .get(&(input.topic.clone(), input.partition))
+                .is_some_and(|&until| input.offset < until)
+        {
             // Applied before a crash (sled positions); its outputs were produced again from the outbox.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -340,8 +348,16 @@ impl<S: EventSourced> Core<S> {
     }
 
     /// Runs the stage on a decoded (and enriched) input record, in input order per partition.
-    fn handle(&mut self, input: InputRecord, decoded: Result<(S::Key, S::Command), String>) -> Result<(), FlowError> {
-        let Some(offsets) = self.offsets.get_mut(&(input.topic.clone(), input.partition)) else {
+    fn handle(
+        &mut self,
+        mut input: InputRecord,
+        decoded: Result<(S::Key, S::Command), String>,
+    ) -> Result<(), FlowError> {
+        // The lookup key borrows the record's topic for a moment instead of copying it.
+        let tp = (std::mem::take(&mut input.topic), input.partition);
+        let offsets = self.offsets.get_mut(&tp);
+        input.topic = tp.0;
+        let Some(offsets) = offsets else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
         };

@@ -59,6 +59,34 @@ impl Default for BankTopics {
     }
 }
 
+/// A wire command as read, borrowing from the record (no allocation per field).
+#[derive(Deserialize)]
+struct WireCommandRef<'a> {
+    /// Required, like every wire command's id; read by the output mapping.
+    #[serde(borrow, rename = "id")]
+    _id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    op: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    amount: Option<u64>,
+}
+
+/// The command id of a wire command, borrowed when it has no escapes.
+#[derive(Deserialize)]
+struct WireId<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// A reply as written (the same JSON as [`WireReply`], without owning the id).
+#[derive(Serialize)]
+struct WireReplyRef<'a> {
+    id: &'a str,
+    ok: bool,
+    balance: Option<u64>,
+    error: Option<String>,
+}
+
 /// Decodes a wire command.
 ///
 /// # Errors
@@ -67,10 +95,10 @@ pub fn decode(input: &InputRecord) -> Result<(String, BankCommand), String> {
     let key = input.key.as_deref().ok_or("the record has no key (the account id)")?;
     let key = std::str::from_utf8(key).map_err(|_| "the key (account id) is not UTF-8".to_string())?;
     let value = input.value.as_deref().ok_or("the record has no value")?;
-    let wire: WireCommand =
+    let wire: WireCommandRef<'_> =
         serde_json::from_slice(value).map_err(|e| format!("the value is not a bank command: {e}"))?;
     let amount = || wire.amount.ok_or_else(|| format!("`{}` needs an amount", wire.op));
-    let command = match wire.op.as_str() {
+    let command = match wire.op.as_ref() {
         "open" => BankCommand::Open,
         "deposit" => BankCommand::Deposit(amount()?),
         "withdraw" => BankCommand::Withdraw(amount()?),
@@ -85,16 +113,11 @@ pub fn outputs<S>(topics: &BankTopics, p: &Processed<'_, S>) -> Vec<OutputRecord
 where
     S: EventSourced<Key = String, Event = BankEvent, State = Account, Reply = u64, Rejection = BankRejection>,
 {
-    let id = p
-        .input
-        .value
-        .as_deref()
-        .and_then(|v| serde_json::from_slice::<WireCommand>(v).ok())
-        .map(|w| w.id)
-        .unwrap_or_default();
+    let id = p.input.value.as_deref().and_then(|v| serde_json::from_slice::<WireId<'_>>(v).ok()).map(|w| w.id);
+    let id = id.as_deref().unwrap_or_default();
     let reply = match p.outcome {
-        Ok(balance) => WireReply { id, ok: true, balance: Some(*balance), error: None },
-        Err(rejection) => WireReply {
+        Ok(balance) => WireReplyRef { id, ok: true, balance: Some(*balance), error: None },
+        Err(rejection) => WireReplyRef {
             id,
             ok: false,
             balance: p.state.open.then_some(p.state.balance),
@@ -104,8 +127,8 @@ where
             }),
         },
     };
-    let mut out =
-        vec![OutputRecord::new(&topics.replies, p.key.as_bytes(), serde_json::to_vec(&reply).unwrap_or_default())];
+    let mut out = Vec::with_capacity(1 + p.events.len());
+    out.push(OutputRecord::new(&topics.replies, p.key.as_bytes(), serde_json::to_vec(&reply).unwrap_or_default()));
     for e in p.events {
         out.push(OutputRecord::new(&topics.events, p.key.as_bytes(), serde_json::to_vec(e).unwrap_or_default()));
     }

@@ -59,7 +59,11 @@ impl<S: EventSourced> Core<S> {
             return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None, None);
         }
         let Some(part) = self.partitions.get_mut(&p) else { return Ok(()) };
-        let pending = part.unjournaled.entry(key.clone()).or_default();
+        // get_mut first: the key is cloned only when the transaction first changes it.
+        if !part.unjournaled.contains_key(key) {
+            part.unjournaled.insert(key.clone(), Vec::new());
+        }
+        let Some(pending) = part.unjournaled.get_mut(key) else { return Ok(()) };
         pending.extend(envelopes);
         if pending.len() < MAX_EVENTS_PER_JOURNAL_RECORD {
             return Ok(());

@@ -84,7 +84,7 @@ impl<S: EventSourced> Core<S> {
                 continue;
             }
             if matches!(self.backend, Backend::None) {
-                self.partitions.insert(p, PartitionState::new(HashMap::new()));
+                self.partitions.insert(p, PartitionState::new(KeyMap::default()));
                 continue;
             }
             self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
@@ -153,14 +153,14 @@ impl<S: EventSourced> Core<S> {
                 self.emit(p, o)?;
             }
         }
-        Ok(PartitionState::new(restored.entities))
+        Ok(PartitionState::new(restored.entities.into_iter().collect()))
     }
 
     /// The state of partition `p` from the newest journal entry of each key.
     fn restore_entries(&self, p: i32, latest: BTreeMap<Vec<u8>, JournalEntry>) -> Result<PartitionState<S>, FlowError> {
         let records = latest.len() as u64;
-        let mut committed = HashMap::with_capacity(latest.len());
-        let mut applied = HashMap::new();
+        let mut committed = KeyMap::with_capacity_and_hasher(latest.len(), ahash::RandomState::new());
+        let mut applied = KeyMap::default();
         for (raw, entry) in latest {
             let key = S::Key::from_bytes(&raw)
                 .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
