@@ -37,7 +37,7 @@ impl EventSourced for Sink {
 pub fn consume(brokers: impl Into<String>, group_id: impl Into<String>, inputs: &[&str]) -> ConsumeBuilder {
     let flow = FlowBuilder::new(Sink, brokers, group_id, inputs)
         .guarantee(Guarantee::AtLeastOnce)
-        .sled_or_none()
+        .without_journal()
         .decoder(|r: &InputRecord| Ok((r.key.clone().unwrap_or_default(), r.clone())));
     ConsumeBuilder { flow, settings: EnrichSettings::parallelism(1) }
 }
@@ -58,7 +58,7 @@ pub struct ConsumeBuilder {
 }
 
 impl FlowBuilder<Sink> {
-    fn sled_or_none(mut self) -> Self {
+    fn without_journal(mut self) -> Self {
         self.journal = Some(FlowJournal::None);
         self
     }
