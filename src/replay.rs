@@ -107,7 +107,7 @@ impl<S: EventSourced> Folder<S> {
             self.skipping = Some(snap.key.clone());
             return Ok(());
         }
-        let state = Codec::from_id(env.codec).and_then(|c| c.decode(&env.payload)).map_err(|source| Error::Decode {
+        let state = decode_state::<S>(env).map_err(|source| Error::Decode {
             stage: S::NAME.into(),
             key: printable_key(&snap.key),
             seq: snap.seq.0,

@@ -119,6 +119,14 @@ async fn enrichment_composes_with_an_at_least_once_stage() {
     enrichment_keeps_order(Guarantee::AtLeastOnce).await;
 }
 
+/// The records of dead-letter topic `dlq`, once it has at least one (and a moment more for any other).
+async fn dead_letters(brokers: &str, dlq: &str) -> Vec<crate::util::broker::Rec> {
+    let (b, d) = (brokers.to_string(), dlq.to_string());
+    tokio::task::spawn_blocking(move || read_committed(&b, &d, |r| !r.is_empty(), Duration::from_millis(300)))
+        .await
+        .unwrap()
+}
+
 /// A command whose enrichment keeps failing goes to the dead-letter topic after its attempts,
 /// with the error; the commands around it are handled in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,11 +165,7 @@ async fn enrichment_failures_follow_the_bad_input_policy() {
     replies.remove("2");
     let s2 = s.clone();
     tokio::task::spawn_blocking(move || check_replies(&s2, &replies)).await.unwrap();
-    let (b, d) = (s.brokers.clone(), dlq.clone());
-    let dead =
-        tokio::task::spawn_blocking(move || read_committed(&b, &d, |r| !r.is_empty(), Duration::from_millis(300)))
-            .await
-            .unwrap();
+    let dead = dead_letters(&s.brokers, &dlq).await;
     assert_eq!(dead.len(), 1);
     let error = dead[0].headers.iter().find(|(k, _)| k == "eventstage.error").map(|(_, v)| v.clone()).unwrap();
     let error = String::from_utf8(error).unwrap();
@@ -322,11 +326,7 @@ async fn consume_processes_each_record_then_commits() {
     let expected: Vec<String> = (300..350).map(|i| format!("v{i}")).collect();
     assert_eq!(second_seen.iter().collect::<BTreeSet<_>>(), expected.iter().collect(), "only the uncommitted");
 
-    let (b, d) = (brokers.clone(), dlq.clone());
-    let dead =
-        tokio::task::spawn_blocking(move || read_committed(&b, &d, |r| !r.is_empty(), Duration::from_millis(300)))
-            .await
-            .unwrap();
+    let dead = dead_letters(&brokers, &dlq).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].value.as_deref(), Some(&b"v13"[..]));
 }

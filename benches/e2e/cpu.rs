@@ -37,8 +37,13 @@ pub(crate) fn threads() -> BTreeMap<String, f64> {
     out
 }
 
-/// With `EVENTSTAGE_E2E_THREADS` set, prints the cores each thread name used between two
-/// [`threads`] snapshots taken `secs` apart, and the CPU microseconds per record.
+/// Whether `EVENTSTAGE_E2E_THREADS` asks for the CPU of each thread.
+pub(crate) fn per_thread() -> bool {
+    std::env::var_os("EVENTSTAGE_E2E_THREADS").is_some()
+}
+
+/// Prints the cores each thread name used between two [`threads`] snapshots taken `secs` apart,
+/// and the CPU microseconds per record.
 pub(crate) fn print_threads(
     what: &str,
     before: &BTreeMap<String, f64>,
@@ -46,9 +51,6 @@ pub(crate) fn print_threads(
     secs: f64,
     n: u64,
 ) {
-    if std::env::var_os("EVENTSTAGE_E2E_THREADS").is_none() {
-        return;
-    }
     let mut used: Vec<(String, f64)> = after
         .iter()
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))

@@ -28,6 +28,33 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// A run's timing from its processing window and its reader (no transaction figures yet).
+    pub(crate) fn timed(
+        n: u64,
+        feed: Duration,
+        start: Instant,
+        w: &Window,
+        read: &ReadStats,
+        what: &str,
+    ) -> Result<Self> {
+        let visible = read.done_at.ok_or_else(|| anyhow!("the reader finished without seeing all {what}"))?;
+        Ok(Self {
+            n,
+            feed,
+            start,
+            first: w.first.unwrap_or(start),
+            processed: w.processed.unwrap_or(visible),
+            visible,
+            read: read.records,
+            reconnects: read.reconnects,
+            transactions: 0,
+            aborts: 0,
+            commit_mean: None,
+            commit_max: Duration::ZERO,
+            cores: w.cores(),
+        })
+    }
+
     pub(crate) fn window(&self) -> Duration {
         self.visible.saturating_duration_since(self.first)
     }
@@ -54,9 +81,9 @@ pub(crate) struct Window {
 }
 
 impl Window {
-    /// See [`print_threads`].
+    /// See [`print_threads`]; with `EVENTSTAGE_E2E_THREADS` only.
     pub(crate) fn print_threads(&self, what: &str, n: u64) {
-        if let (Some(first), Some(processed)) = (self.first, self.processed) {
+        if let (true, Some(first), Some(processed)) = (per_thread(), self.first, self.processed) {
             let secs = processed.saturating_duration_since(first).as_secs_f64();
             print_threads(what, &self.threads.0, &self.threads.1, secs, n);
         }
@@ -80,6 +107,7 @@ pub(crate) fn watch(
 ) -> Window {
     let (mut first, mut processed, mut cpu_first) = (None, None, Cpu::default());
     let (mut threads_first, mut threads_processed) = (BTreeMap::new(), BTreeMap::new());
+    let per_thread = per_thread();
     while reader.seen.load(Ordering::Relaxed) < n
         && !reader.handle.is_finished()
         && !stopped()
@@ -90,11 +118,15 @@ pub(crate) fn watch(
         if c > 0 && first.is_none() {
             first = Some(now);
             cpu_first = Cpu::now(broker, worker);
-            threads_first = threads();
+            if per_thread {
+                threads_first = threads();
+            }
         }
         if c >= n && processed.is_none() {
             processed = Some(now);
-            threads_processed = threads();
+            if per_thread {
+                threads_processed = threads();
+            }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -205,22 +237,11 @@ pub(crate) fn flow_run<S: eventstage::EventSourced>(
     };
     stop_flow(rt, flow)?;
     delete_topics(rt, b, &[topics.input.as_str(), &topics.replies, &topics.events, &journal]);
-    let visible = read.done_at.ok_or_else(|| anyhow!("the reader finished without seeing all replies"))?;
-    let first = w.first.unwrap_or(start);
     let run = Run {
-        n,
-        feed,
-        start,
-        first,
-        processed: w.processed.unwrap_or(visible),
-        visible,
-        read: read.records,
-        reconnects: read.reconnects,
         transactions: metrics.transactions,
         aborts: metrics.aborts,
-        commit_mean: None,
         commit_max: metrics.max_commit,
-        cores: w.cores(),
+        ..Run::timed(n, feed, start, &w, &read, "replies")?
     };
     Ok(FlowRun { run, metrics })
 }
@@ -393,28 +414,19 @@ pub(crate) fn pass_through_throughput(
     let stats = join(worker)?;
     let read = join(reader.handle)?;
     delete_topics(rt, b, &topics);
-    let visible = read.done_at.ok_or_else(|| anyhow!("the reader finished without seeing all records"))?;
-    let first = w.first.unwrap_or(start);
+    let run = Run::timed(n, feed, start, &w, &read, "records")?;
     Ok(Run {
-        n,
-        feed,
-        start,
-        first,
-        processed: w.processed.unwrap_or(visible),
-        visible,
-        read: read.records,
-        reconnects: read.reconnects,
         transactions: stats.transactions,
-        aborts: 0,
         commit_mean: (stats.transactions > 0).then(|| stats.commit_total / stats.transactions as u32),
         commit_max: stats.commit_max,
         cores: Cpu {
             // The pass-through thread is gone by the end of the window: use its own last reading.
             worker: match (w.cpu_first.worker, stats.exit) {
-                (Some(a), Some((at, b))) => Some((b - a) / at.saturating_duration_since(first).as_secs_f64()),
+                (Some(a), Some((at, b))) => Some((b - a) / at.saturating_duration_since(run.first).as_secs_f64()),
                 _ => None,
             },
-            ..w.cores()
+            ..run.cores
         },
+        ..run
     })
 }

@@ -37,7 +37,7 @@ impl EventSourced for Sink {
 pub fn consume(brokers: impl Into<String>, group_id: impl Into<String>, inputs: &[&str]) -> ConsumeBuilder {
     let flow = FlowBuilder::new(Sink, brokers, group_id, inputs)
         .guarantee(Guarantee::AtLeastOnce)
-        .without_journal()
+        .journal(FlowJournal::None)
         .decoder(|r: &InputRecord| Ok((r.key.clone().unwrap_or_default(), r.clone())));
     ConsumeBuilder { flow, settings: EnrichSettings::parallelism(1) }
 }
@@ -55,13 +55,6 @@ pub fn consume(brokers: impl Into<String>, group_id: impl Into<String>, inputs: 
 pub struct ConsumeBuilder {
     flow: FlowBuilder<Sink>,
     settings: EnrichSettings,
-}
-
-impl FlowBuilder<Sink> {
-    fn without_journal(mut self) -> Self {
-        self.journal = Some(FlowJournal::None);
-        self
-    }
 }
 
 impl ConsumeBuilder {

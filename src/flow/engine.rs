@@ -122,7 +122,7 @@ fn with_backoff<T>(
     }
 }
 
-/// Per-key maps of the flow's state: ahash, as SipHash is a visible share of each record's work.
+/// Per-key maps of the flow's state (ahash: cheaper than SipHash for short keys).
 type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 struct PartitionState<S: EventSourced> {
@@ -155,8 +155,7 @@ impl<S: EventSourced> PartitionState<S> {
 
     /// Whether `key`'s state already includes the input at `offset` of `topic`.
     fn includes(&self, key: &S::Key, topic: &str, offset: i64) -> bool {
-        !self.applied.is_empty()
-            && self.applied.get(key).is_some_and(|ps| ps.iter().any(|s| s.topic == topic && offset < s.next_offset))
+        self.applied.get(key).is_some_and(|ps| ps.iter().any(|s| s.topic == topic && offset < s.next_offset))
     }
 
     /// Records that `key`'s state includes `input`.
@@ -192,8 +191,6 @@ struct Core<S: EventSourced> {
     deliveries: Arc<Deliveries>,
     /// At-least-once: the batches on their way to an offset commit (`None`: exactly-once).
     committer: Option<Committer>,
-    /// The batch produced records are counted under (at-least-once).
-    batch: u64,
     /// Enrichment calls and the records waiting for them.
     pipeline: Option<Pipeline<S>>,
     /// Feeds the async rebalance listener's task.
@@ -218,6 +215,7 @@ struct Core<S: EventSourced> {
 }
 
 impl<S: EventSourced> Core<S> {
+    /// Produces a record of the batch being filled (at-least-once; exactly-once has no batches).
     fn produce(
         &self,
         topic: &str,
@@ -226,8 +224,22 @@ impl<S: EventSourced> Core<S> {
         value: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
     ) -> Result<(), FlowError> {
+        let batch = self.committer.as_ref().map_or(0, Committer::filling);
+        self.produce_in(batch, topic, partition, key, value, headers)
+    }
+
+    /// Produces a record whose acknowledgement counts for `batch`.
+    fn produce_in(
+        &self,
+        batch: usize,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<(), FlowError> {
         let deadline = Instant::now() + TXN_TIMEOUT;
-        let batch = self.count_delivery();
+        self.deliveries.add(batch);
         loop {
             let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, batch);
             if let Some(k) = key {
@@ -248,7 +260,8 @@ impl<S: EventSourced> Core<S> {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err((e, _)) => {
-                    self.uncount_delivery(batch);
+                    // Refused by the client: it will never be acknowledged.
+                    self.deliveries.done(batch);
                     return Err(self.producer_error(format!("produce to {topic}"), e));
                 }
             }
@@ -539,14 +552,11 @@ pub(super) fn run<S: EventSourced>(
         }
         _ => None,
     };
-    let mut committer_settings = settings.committer;
-    committer_settings.max_interval.get_or_insert(settings.commit_interval);
     let core = Arc::new(Mutex::new(Core {
         parts,
         producer,
         deliveries,
-        committer: at_least_once.then(|| Committer::new(committer_settings)),
-        batch: 0,
+        committer: at_least_once.then(|| Committer::new(settings.committer)),
         pipeline,
         rebalance_events,
         backend,
@@ -570,7 +580,10 @@ pub(super) fn run<S: EventSourced>(
     consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
     tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %journal_name, transactional_id = %settings.transactional_id, "flow running");
 
-    let commit_every = committer_settings.max_interval.filter(|_| at_least_once).unwrap_or(settings.commit_interval);
+    let commit_every = match settings.committer.max_interval {
+        Some(interval) if at_least_once => interval,
+        _ => settings.commit_interval,
+    };
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
     let result = loop {
@@ -609,11 +622,8 @@ pub(super) fn run<S: EventSourced>(
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             None => {
-                if busy {
-                    let metrics = c.metrics.clone();
-                    if let Some(p) = &mut c.pipeline {
-                        p.wait(Duration::from_millis(if room { 2 } else { 20 }), &metrics);
-                    }
+                if let (true, Core { pipeline: Some(p), metrics, .. }) = (busy, &mut *c) {
+                    p.wait(Duration::from_millis(if room { 2 } else { 20 }), metrics);
                 }
             }
         }

@@ -494,6 +494,14 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
+    /// Where the flow keeps its entities' events (see [`FlowJournal`]). Default: the Kafka topic
+    /// `<stage name>-journal`.
+    #[must_use]
+    pub fn journal(mut self, journal: FlowJournal) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
     /// Journal in a local sled store at `dir` instead of Kafka (see [`FlowJournal::Sled`]).
     #[must_use]
     pub fn sled_journal(mut self, dir: impl Into<std::path::PathBuf>) -> Self {

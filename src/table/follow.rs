@@ -11,12 +11,12 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-/// The index is sized up front for at most this many keys.
-const MAX_PRESIZED_KEYS: usize = 1 << 22;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
+
+/// The index is sized up front for at most this many keys.
+const MAX_PRESIZED_KEYS: usize = 1 << 22;
 
 /// Records applied (and published) together at most.
 const MAX_BATCH: usize = 10_000;

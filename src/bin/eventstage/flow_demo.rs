@@ -106,24 +106,19 @@ fn configure<S: eventstage::EventSourced>(
     journal: &eventstage::flow::FlowJournal,
     txn: &str,
     args: &FlowArgs,
-) -> anyhow::Result<eventstage::flow::FlowBuilder<S>> {
-    let flow = match journal {
-        eventstage::flow::FlowJournal::Kafka(topic) => flow.journal_topic(topic),
-        eventstage::flow::FlowJournal::Sled(dir) => flow.sled_journal(dir),
-        other => bail!("unsupported journal {other:?}"),
-    };
+) -> eventstage::flow::FlowBuilder<S> {
     let guarantee = if args.guarantee == "at-least-once" {
         eventstage::flow::Guarantee::AtLeastOnce
     } else {
         eventstage::flow::Guarantee::ExactlyOnce
     };
-    Ok(flow
+    flow.journal(journal.clone())
         .guarantee(guarantee)
         .transactional_id(txn)
         .commit_interval(args.commit_interval)
         // A restarted instance (same transactional id) takes its old place in the group at once.
         .consumer_property("group.instance.id", txn)
-        .consumer_property("session.timeout.ms", "10000"))
+        .consumer_property("session.timeout.ms", "10000")
 }
 
 #[cfg(feature = "kafka")]
@@ -139,7 +134,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let txn = args.transactional_id.clone().unwrap_or_else(|| format!("eventstage-{}-{host}", args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
     let flow = match &args.limits {
-        None => configure(bank_flow(&brokers, &args.group, topics), &journal, &txn, &args)?.run()?,
+        None => configure(bank_flow(&brokers, &args.group, topics), &journal, &txn, &args).run()?,
         #[cfg(not(feature = "sled"))]
         Some(_) => bail!("--limits needs the `sled` feature (a default feature)"),
         #[cfg(feature = "sled")]
@@ -153,7 +148,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
             table.caught_up().await.with_context(|| format!("reading the limits table `{limits}`"))?;
             println!("limits:   {} accounts with a withdrawal limit in `{limits}`", table.len());
             let flow = eventstage::stages::bank_flow::bank_flow_with_limits(&brokers, &args.group, topics, table);
-            configure(flow, &journal, &txn, &args)?.run()?
+            configure(flow, &journal, &txn, &args).run()?
         }
     };
     println!(

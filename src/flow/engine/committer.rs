@@ -34,13 +34,13 @@ impl Deliveries {
         Self { counting, ..Self::default() }
     }
 
-    fn add(&self, batch: usize) {
+    pub(super) fn add(&self, batch: usize) {
         if self.counting {
             *lock(&self.state).outstanding.entry(batch).or_default() += 1;
         }
     }
 
-    fn done(&self, batch: usize) {
+    pub(super) fn done(&self, batch: usize) {
         if !self.counting {
             return;
         }
@@ -88,20 +88,6 @@ impl ProducerContext for FlowProducerContext {
     }
 }
 
-impl<S: EventSourced> Core<S> {
-    /// Counts a record about to be produced under the batch being filled.
-    pub(super) fn count_delivery(&self) -> usize {
-        let batch = self.batch as usize;
-        self.deliveries.add(batch);
-        batch
-    }
-
-    /// A produce the client refused: it will never be acknowledged.
-    pub(super) fn uncount_delivery(&self, batch: usize) {
-        self.deliveries.done(batch);
-    }
-}
-
 /// What a batch writes to the journal once its outputs are acknowledged.
 enum JournalWork {
     /// Kafka journal records: (partition, key, value).
@@ -112,7 +98,7 @@ enum JournalWork {
 }
 
 struct PendingBatch {
-    id: u64,
+    id: usize,
     offsets: TopicPartitionList,
     journal: Option<JournalWork>,
 }
@@ -121,6 +107,8 @@ struct PendingBatch {
 pub(super) struct Committer {
     pub(super) settings: CommitterSettings,
     queue: VecDeque<PendingBatch>,
+    /// The batch being filled: its records' acknowledgements are counted under this id.
+    filling: usize,
     /// Inputs in the batch being filled.
     pub(super) inputs: usize,
     /// The batch being filled must end now (a key holds the most events a journal record takes).
@@ -129,7 +117,11 @@ pub(super) struct Committer {
 
 impl Committer {
     pub(super) fn new(settings: CommitterSettings) -> Self {
-        Self { settings, queue: VecDeque::new(), inputs: 0, full: false }
+        Self { settings, queue: VecDeque::new(), filling: 0, inputs: 0, full: false }
+    }
+
+    pub(super) fn filling(&self) -> usize {
+        self.filling
     }
 
     pub(super) fn due(&self) -> bool {
@@ -154,34 +146,22 @@ impl<S: EventSourced> Core<S> {
         committer.inputs = 0;
         committer.full = false;
         if self.dirty {
-            let mut offsets = TopicPartitionList::new();
-            let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
-            for ((topic, p), o) in self.offsets.iter_mut() {
-                if o.next > o.committed && o.next >= 0 {
-                    offsets.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
-                    positions.entry(*p).or_default().push(SourcePosition {
-                        topic: topic.clone(),
-                        partition: *p,
-                        next_offset: o.next,
-                    });
-                    // Handed to the committer: the next batch starts here.
-                    o.committed = o.next;
-                }
+            let (offsets, positions) = self.pending_offsets()?;
+            for o in self.offsets.values_mut() {
+                // Handed to the committer: the next batch starts here.
+                o.committed = o.next;
             }
             let journal = match &mut self.backend {
-                Backend::Kafka(_) => JournalWork::Kafka(self.journal_records()?),
+                Backend::Kafka(_) => JournalWork::Kafka(self.journal_records(true)?),
                 Backend::Sled(sled) => JournalWork::Sled(sled.take_staged(), positions),
                 Backend::None => JournalWork::None,
             };
-            for part in self.partitions.values_mut() {
-                let overlay = std::mem::take(&mut part.overlay);
-                part.committed.extend(overlay);
-            }
+            self.settle_overlays();
             self.dirty = false;
             if let Some(committer) = &mut self.committer {
-                committer.queue.push_back(PendingBatch { id: self.batch, offsets, journal: Some(journal) });
+                committer.queue.push_back(PendingBatch { id: committer.filling, offsets, journal: Some(journal) });
+                committer.filling += 1;
             }
-            self.batch += 1;
         }
         let parallelism = self.committer.as_ref().map_or(1, |c| c.settings.parallelism);
         self.advance(consumer, Wait::UntilAtMost(parallelism))
@@ -190,7 +170,7 @@ impl<S: EventSourced> Core<S> {
     /// Moves pending batches along, oldest first: journal once the outputs are acknowledged,
     /// commit once the journal is.
     pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
-        let deadline = Instant::now() + TXN_TIMEOUT;
+        let mut deadline = Instant::now() + TXN_TIMEOUT;
         loop {
             let Some(committer) = &mut self.committer else { return Ok(()) };
             let pending = committer.queue.len();
@@ -198,12 +178,13 @@ impl<S: EventSourced> Core<S> {
             let blocking = matches!(wait, Wait::UntilAtMost(n) if pending > n);
             let id = front.id;
             let step = if blocking { Duration::from_millis(50) } else { Duration::ZERO };
-            if !self.deliveries.wait(id as usize, step)? {
+            if !self.deliveries.wait(id, step)? {
                 if !blocking {
                     return Ok(());
                 }
                 if Instant::now() > deadline {
                     tracing::warn!(batch = id, "outputs still unacknowledged after {TXN_TIMEOUT:?}; waiting on");
+                    deadline = Instant::now() + TXN_TIMEOUT;
                 }
                 continue;
             }
@@ -224,16 +205,12 @@ impl<S: EventSourced> Core<S> {
 
     /// Writes a batch's journal: its records are counted under the batch, so the offsets wait for
     /// them too.
-    fn write_batch_journal(&mut self, id: u64, journal: JournalWork) -> Result<(), FlowError> {
+    fn write_batch_journal(&mut self, id: usize, journal: JournalWork) -> Result<(), FlowError> {
         match journal {
             JournalWork::Kafka(records) => {
                 let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
-                let topic = journal.topic().to_string();
-                let filling = std::mem::replace(&mut self.batch, id);
-                let sent =
-                    records.iter().try_for_each(|(p, k, v)| self.produce(&topic, Some(*p), Some(k), Some(v), None));
-                self.batch = filling;
-                sent
+                let topic = journal.topic();
+                records.iter().try_for_each(|(p, k, v)| self.produce_in(id, topic, Some(*p), Some(k), Some(v), None))
             }
             JournalWork::Sled(staged, positions) => {
                 let Backend::Sled(sled) = &mut self.backend else { return Ok(()) };

@@ -21,6 +21,9 @@ impl<S: EventSourced> Core<S> {
         events: &[S::Event],
         state: &S::State,
     ) -> Result<(), FlowError> {
+        if matches!(self.backend, Backend::None) {
+            return Ok(());
+        }
         let ts = now_ms();
         let envelopes = events
             .iter()
@@ -59,11 +62,7 @@ impl<S: EventSourced> Core<S> {
             return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None, None);
         }
         let Some(part) = self.partitions.get_mut(&p) else { return Ok(()) };
-        // get_mut first: the key is cloned only when the transaction first changes it.
-        if !part.unjournaled.contains_key(key) {
-            part.unjournaled.insert(key.clone(), Vec::new());
-        }
-        let Some(pending) = part.unjournaled.get_mut(key) else { return Ok(()) };
+        let pending = part.unjournaled.entry(key.clone()).or_default();
         pending.extend(envelopes);
         if pending.len() < MAX_EVENTS_PER_JOURNAL_RECORD {
             return Ok(());
@@ -141,10 +140,11 @@ impl<S: EventSourced> Core<S> {
         self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&value), None)
     }
 
-    /// At-least-once: the batch's journal records (deletions in order, then one record per key
-    /// it changed, with the input positions the key's state includes), to write once the batch's
-    /// outputs are acknowledged.
-    pub(super) fn journal_records(&mut self) -> Result<Vec<JournalRecord>, FlowError> {
+    /// The open transaction's or batch's journal records: deletion markers in order (at-least-once),
+    /// then one record per key it changed, with its state now and, `with_sources`, the input
+    /// positions that state includes (at-least-once; exactly-once records leave them to the
+    /// transaction).
+    pub(super) fn journal_records(&mut self, with_sources: bool) -> Result<Vec<JournalRecord>, FlowError> {
         let mut records = Vec::new();
         let dirty: Vec<i32> = self
             .partitions
@@ -160,7 +160,8 @@ impl<S: EventSourced> Core<S> {
             for (key, events) in keys {
                 let Some(part) = self.partitions.get(&p) else { continue };
                 let Some(entity) = part.overlay.get(&key) else { continue };
-                let sources = part.applied.get(&key).cloned().unwrap_or_default();
+                let sources =
+                    if with_sources { part.applied.get(&key).cloned().unwrap_or_default() } else { Vec::new() };
                 let value = self.journal_value(&key, events, entity.seq, &entity.state, sources)?;
                 records.push((p, key.to_bytes().into_owned(), value));
             }
@@ -170,18 +171,8 @@ impl<S: EventSourced> Core<S> {
 
     /// Writes the open transaction's journal records (Kafka journal): one per key it changed.
     pub(super) fn flush_journal(&mut self) -> Result<(), FlowError> {
-        let dirty: Vec<i32> =
-            self.partitions.iter().filter(|(_, part)| !part.unjournaled.is_empty()).map(|(p, _)| *p).collect();
-        for p in dirty {
-            let keys =
-                self.partitions.get_mut(&p).map(|part| std::mem::take(&mut part.unjournaled)).unwrap_or_default();
-            for (key, events) in keys {
-                let Some(entity) = self.partitions.get(&p).and_then(|part| part.overlay.get(&key).cloned()) else {
-                    continue;
-                };
-                self.write_journal_record(p, &key, events, entity.seq, &entity.state)?;
-            }
-        }
-        Ok(())
+        let records = self.journal_records(false)?;
+        let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
+        records.iter().try_for_each(|(p, k, v)| self.produce(journal.topic(), Some(*p), Some(k), Some(v), None))
     }
 }

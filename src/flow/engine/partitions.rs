@@ -66,31 +66,38 @@ impl<S: EventSourced> Core<S> {
             };
             self.offsets.insert((el.topic().to_string(), el.partition()), Offsets { committed: c, next: c });
         }
-        let wanted: BTreeSet<i32> =
-            tpl.elements().iter().map(|e| e.partition()).filter(|p| !self.partitions.contains_key(p)).collect();
-        if let Backend::Kafka(journal) = &self.backend {
-            // One consumer reads every newly assigned journal partition in parallel.
-            let wanted: Vec<i32> = wanted.iter().copied().collect();
-            self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
-            let latest = journal.latest_per_key_of(&wanted, RESTORE_STALL);
-            self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
-            for (p, entries) in latest? {
-                let restored = self.restore_entries(p, entries)?;
-                self.partitions.insert(p, restored);
+        let wanted: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .filter(|p| !self.partitions.contains_key(p))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        match &self.backend {
+            Backend::Kafka(journal) => {
+                // One consumer reads every newly assigned journal partition in parallel.
+                self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
+                let latest = journal.latest_per_key_of(&wanted, RESTORE_STALL);
+                self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
+                for (p, entries) in latest? {
+                    let restored = self.restore_entries(p, entries)?;
+                    self.partitions.insert(p, restored);
+                }
             }
-        }
-        for p in wanted {
-            if self.partitions.contains_key(&p) {
-                continue;
+            Backend::Sled(_) => {
+                for p in wanted {
+                    self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
+                    let restored = self.restore_sled(p);
+                    self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
+                    self.partitions.insert(p, restored?);
+                }
             }
-            if matches!(self.backend, Backend::None) {
-                self.partitions.insert(p, PartitionState::new(KeyMap::default()));
-                continue;
+            Backend::None => {
+                for p in wanted {
+                    self.partitions.insert(p, PartitionState::new(KeyMap::default()));
+                }
             }
-            self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
-            let restored = self.restore_sled(p);
-            self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
-            self.partitions.insert(p, restored?);
         }
         self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
         tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "assigned and restored");
@@ -189,9 +196,6 @@ impl<S: EventSourced> Core<S> {
         let committed = if lost {
             // Another instance may own them already: nothing of the open work may commit.
             tracing::warn!(partitions = tpl.count(), "partitions lost (session expired?): dropping uncommitted work");
-            if let Some(pipeline) = &mut self.pipeline {
-                pipeline.clear();
-            }
             if self.committer.is_some() {
                 // Journal records already handed to the producer land before any restore reads
                 // the journal again (ours on reassignment, or the new owner's).
@@ -199,11 +203,7 @@ impl<S: EventSourced> Core<S> {
                     tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
                 }
                 self.drop_batches();
-                for part in self.partitions.values_mut() {
-                    part.overlay.clear();
-                    part.unjournaled.clear();
-                    part.deferred.clear();
-                }
+                self.discard_open_work();
                 Ok(())
             } else {
                 let aborted = self.abort_and_rewind(consumer).or_else(|e| match e {

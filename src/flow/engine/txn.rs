@@ -39,34 +39,16 @@ impl<S: EventSourced> Core<S> {
             return Ok(());
         }
         let started = Instant::now();
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, p), o) in &self.offsets {
-            if o.next > o.committed && o.next >= 0 {
-                tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
-            }
-        }
+        let (tpl, positions) = self.pending_offsets()?;
         self.flush_journal()?;
         // With sled, sled is the state of record: write events, positions and outbox first.
         let mut sled_written = false;
         if let Backend::Sled(sled) = &mut self.backend {
-            let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
-            for ((topic, p), o) in &self.offsets {
-                if o.next > o.committed && o.next >= 0 {
-                    positions.entry(*p).or_default().push(SourcePosition {
-                        topic: topic.clone(),
-                        partition: *p,
-                        next_offset: o.next,
-                    });
-                }
-            }
             // A failed sled write stops the flow: the restart recovers from whatever sled holds.
             sled.write::<S>(&self.rt, positions)?;
             sled_written = true;
             crash_point_after_sled_write();
-            for part in self.partitions.values_mut() {
-                let overlay = std::mem::take(&mut part.overlay);
-                part.committed.extend(overlay);
-            }
+            self.settle_overlays();
         }
         let mut attempt = 0;
         let result = loop {
@@ -81,10 +63,7 @@ impl<S: EventSourced> Core<S> {
         };
         match result {
             Ok(()) => {
-                for part in self.partitions.values_mut() {
-                    let overlay = std::mem::take(&mut part.overlay);
-                    part.committed.extend(overlay);
-                }
+                self.settle_overlays();
                 for o in self.offsets.values_mut() {
                     o.committed = o.next;
                 }
@@ -115,6 +94,50 @@ impl<S: EventSourced> Core<S> {
             },
         }
         self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
+    }
+
+    /// The offsets consumed since the last commit, for the consumer group and (per partition) as
+    /// the journal's source positions.
+    pub(super) fn pending_offsets(
+        &self,
+    ) -> Result<(TopicPartitionList, BTreeMap<i32, Vec<SourcePosition>>), FlowError> {
+        let mut tpl = TopicPartitionList::new();
+        let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
+        for ((topic, p), o) in &self.offsets {
+            if o.next > o.committed && o.next >= 0 {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
+                positions.entry(*p).or_default().push(SourcePosition {
+                    topic: topic.clone(),
+                    partition: *p,
+                    next_offset: o.next,
+                });
+            }
+        }
+        Ok((tpl, positions))
+    }
+
+    /// The open transaction's (or batch's) state becomes the state of record.
+    pub(super) fn settle_overlays(&mut self) {
+        for part in self.partitions.values_mut() {
+            let overlay = std::mem::take(&mut part.overlay);
+            part.committed.extend(overlay);
+        }
+    }
+
+    /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
+    /// written, sled writes not yet made, records waiting for enrichment.
+    pub(super) fn discard_open_work(&mut self) {
+        for part in self.partitions.values_mut() {
+            part.overlay.clear();
+            part.unjournaled.clear();
+            part.deferred.clear();
+        }
+        if let Backend::Sled(sled) = &mut self.backend {
+            sled.discard();
+        }
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.clear();
+        }
     }
 
     /// Finishes in-flight work and commits it: before a revocation and on shutdown.
@@ -187,16 +210,7 @@ impl<S: EventSourced> Core<S> {
             );
             std::thread::sleep(delay);
         }
-        for part in self.partitions.values_mut() {
-            part.overlay.clear();
-            part.unjournaled.clear();
-        }
-        if let Backend::Sled(sled) = &mut self.backend {
-            sled.discard();
-        }
-        if let Some(pipeline) = &mut self.pipeline {
-            pipeline.clear();
-        }
+        self.discard_open_work();
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), o) in self.offsets.iter_mut() {
             o.next = o.committed;
