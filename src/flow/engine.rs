@@ -61,7 +61,7 @@ pub(super) struct Parts<S: EventSourced> {
     pub(super) decoder: Decoder<S>,
     pub(super) outputs: Outputs<S>,
     pub(super) enrich: Option<Enrichment<S>>,
-    pub(super) on_rebalance: Option<SyncListener>,
+    pub(super) on_rebalance: Vec<SyncListener>,
     pub(super) on_rebalance_async: Option<AsyncListener>,
     pub(super) tasks: Option<Tasks>,
 }

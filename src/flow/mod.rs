@@ -357,7 +357,7 @@ pub struct FlowBuilder<S: EventSourced> {
     guarantee: Guarantee,
     committer: CommitterSettings,
     enrich: Option<settings::Enrichment<S>>,
-    on_rebalance: Option<settings::SyncListener>,
+    on_rebalance: Vec<settings::SyncListener>,
     on_rebalance_async: Option<settings::AsyncListener>,
 }
 
@@ -393,7 +393,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             guarantee: Guarantee::ExactlyOnce,
             committer: CommitterSettings::default(),
             enrich: None,
-            on_rebalance: None,
+            on_rebalance: Vec::new(),
             on_rebalance_async: None,
         }
     }
@@ -436,13 +436,14 @@ impl<S: EventSourced> FlowBuilder<S> {
     /// assignment once the partitions' state is restored and before any of their records is
     /// processed (it may [`seek`](RebalanceActions::seek)); on revocation once the flow has
     /// finished and committed their in-flight work, before their state is released; on loss after
-    /// their uncommitted work was dropped. Keep it short: the group waits for it.
+    /// their uncommitted work was dropped. Keep it short: the group waits for it. Each call adds
+    /// a listener; they run in the order they were added.
     #[must_use]
     pub fn on_rebalance(
         mut self,
         listener: impl FnMut(&RebalanceEvent, &mut RebalanceActions<'_>) + Send + 'static,
     ) -> Self {
-        self.on_rebalance = Some(Box::new(listener));
+        self.on_rebalance.push(Box::new(listener));
         self
     }
 

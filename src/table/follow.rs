@@ -2,7 +2,10 @@
 //! batches, publishing each batch to the readers and checkpointing the store.
 
 use super::store::{PendingRow, TableStore};
-use super::{BadRecords, Change, Counters, Decoder, Partitions, Rows, Shared, Slot, Status, TableBuilder, TableError};
+use super::{
+    BadRecords, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
+    TableError,
+};
 use arc_swap::ArcSwap;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -89,89 +92,54 @@ where
             }
             ps.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
         }
+        Partitions::Assigned => Vec::new(),
     };
 
     let store = b.settings.store.as_deref().map(|dir| TableStore::open(dir, &b.settings.topic)).transpose()?;
-    let checkpoints = store.as_ref().map(TableStore::offsets).transpose()?.unwrap_or_default();
-
-    // Where each partition starts and ends (as of now).
-    let mut tpl = TopicPartitionList::new();
-    let mut positions = BTreeMap::new();
-    let mut ends = BTreeMap::new();
-    let mut pending = BTreeSet::new();
-    for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&b.settings.topic, p, b.settings.timeout)
-            .map_err(|e| kafka("read the partition ends", e))?;
-        let start = match checkpoints.get(&p) {
-            Some(&c) if c > high || c < low => {
-                return Err(TableError::StoreAhead {
-                    path: b.settings.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
-                    topic: b.settings.topic.clone(),
-                    partition: p,
-                    checkpoint: c,
-                    low,
-                    high,
-                })
-            }
-            Some(&c) => c,
-            None => low,
-        };
-        tpl.add_partition_offset(&b.settings.topic, p, Offset::Offset(start)).map_err(|e| kafka("assign", e))?;
-        positions.insert(p, start);
-        ends.insert(p, high);
-        if start < high {
-            pending.insert(p);
-        }
-    }
-
-    let counters = Counters::default();
-    let wanted: BTreeSet<i32> = partitions.iter().copied().collect();
-    let rows = match &store {
-        Some(store) => load(store, &b, &wanted, &counters)?,
-        None => Rows::new(),
-    };
-    consumer.assign(&tpl).map_err(|e| kafka("assign the partitions", e))?;
-
-    let status = if pending.is_empty() { Status::Following } else { Status::CatchingUp };
-    // Sized for the records to read (an upper bound of the keys, capped): growing a hash map of a
-    // million keys rehashes every key several times on the catch-up path.
-    let to_read: i64 = ends.iter().map(|(p, &high)| high - positions.get(p).copied().unwrap_or(high)).sum();
-    let capacity = rows.len() + (to_read.max(0) as usize).min(MAX_PRESIZED_KEYS);
-    let index = dashmap::DashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new());
-    for (k, slot) in rows.iter() {
-        index.insert(k.clone(), slot.clone());
-    }
+    let marks = watermarks(&consumer, &b.settings.topic, &partitions, b.settings.timeout)?;
+    // Sized for the records in the topic (an upper bound of its keys, capped): growing a hash map
+    // of a million keys rehashes every key several times on the catch-up path.
+    let records: i64 = marks.values().map(|(low, high)| high - low).sum();
+    let capacity = (records.max(0) as usize).min(MAX_PRESIZED_KEYS);
+    let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         topic: b.settings.topic.clone(),
-        rows: ArcSwap::from_pointee(rows.clone()),
-        index,
+        rows: ArcSwap::from_pointee(Rows::new()),
+        index: dashmap::DashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
         changes: broadcast::channel(b.settings.watch_capacity).0,
-        status: watch::channel(status).0,
-        counters,
-        end_offsets: ends.clone(),
-        positions: Mutex::new(positions.clone()),
+        status: watch::channel(Status::CatchingUp).0,
+        counters: Counters::default(),
+        progress: Mutex::new(Default::default()),
+        commands,
         stop: AtomicBool::new(false),
     });
-    tracing::info!(topic = %b.settings.topic, partitions = ?partitions, loaded = rows.len(), from = ?positions, to = ?ends, "table opened");
-    let follower = Follower {
+    let mut follower = Follower {
         shared: shared.clone(),
         keys: b.keys,
         values: b.values,
         bad_records: b.settings.bad_records,
         store,
-        rows,
+        rows: Rows::new(),
         pending_rows: HashMap::new(),
-        positions,
-        ends,
-        catching_up: pending,
+        positions: BTreeMap::new(),
+        ends: BTreeMap::new(),
+        catching_up: BTreeSet::new(),
         unstuck: HashMap::new(),
         caught_up_now: false,
         follow_all: matches!(b.settings.partitions, Partitions::All),
         count,
         checkpoint_interval: b.settings.checkpoint_interval,
+        timeout: b.settings.timeout,
+        commands: commands_rx,
+        waiters: Vec::new(),
         started: Instant::now(),
     };
+    follower.read(&consumer, &marks)?;
+    follower.publish(&mut Vec::new());
+    if follower.catching_up.is_empty() {
+        shared.status.send_replace(Status::Following);
+    }
+    tracing::info!(topic = %shared.topic, ?partitions, loaded = follower.rows.len(), from = ?follower.positions, to = ?follower.ends, "table opened");
     let thread = std::thread::Builder::new()
         .name("eventstage-table".into())
         .spawn(move || follower.run(&consumer))
@@ -189,6 +157,23 @@ fn partition_count(consumer: &TableConsumer, brokers: &str, topic: &str, timeout
     }
 }
 
+/// The first and end offsets of each of `partitions`, as of now.
+fn watermarks(
+    consumer: &TableConsumer,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> Result<BTreeMap<i32, (i64, i64)>, TableError> {
+    partitions
+        .iter()
+        .map(|&p| {
+            let marks =
+                consumer.fetch_watermarks(topic, p, timeout).map_err(|e| kafka("read the partition ends", e))?;
+            Ok((p, marks))
+        })
+        .collect()
+}
+
 /// Decodes a record's key and value; `Err` says why it cannot be a row.
 fn decode<K, V>(
     keys: &Decoder<K>,
@@ -202,33 +187,38 @@ fn decode<K, V>(
     Ok((key, value))
 }
 
-/// Loads the store's rows of the `wanted` partitions.
+/// Rows read back from the store.
+type Loaded<K, V> = Vec<(K, Slot<V>)>;
+
+/// The store's rows of the `wanted` partitions, and their bytes.
 fn load<K, V>(
     store: &TableStore,
-    b: &TableBuilder<K, V>,
+    keys: &Decoder<K>,
+    values: &Decoder<V>,
+    bad_records: BadRecords,
     wanted: &BTreeSet<i32>,
     counters: &Counters,
-) -> Result<Rows<K, V>, TableError>
-where
-    K: Ord + std::hash::Hash + Clone,
-{
-    let mut rows = Rows::new();
+) -> Result<(Loaded<K, V>, i64), TableError> {
+    let mut rows = Vec::new();
     let mut bytes = 0i64;
+    if wanted.is_empty() {
+        return Ok((rows, bytes));
+    }
     for row in store.rows() {
         let (raw_key, partition, raw_value) = row?;
         if !wanted.contains(&partition) {
             continue;
         }
-        match decode(&b.keys, &b.values, Some(&raw_key), Some(&raw_value)) {
+        match decode(keys, values, Some(&raw_key), Some(&raw_value)) {
             Ok((key, Some(value))) => {
                 let size = (raw_key.len() + raw_value.len()) as u32;
                 bytes += i64::from(size);
-                rows.insert(key, Slot { value: Arc::new(value), size });
+                rows.push((key, Slot { value: Arc::new(value), size, partition }));
             }
             Ok((_, None)) => {}
-            Err(reason) if b.settings.bad_records == BadRecords::Stop => {
+            Err(reason) if bad_records == BadRecords::Stop => {
                 return Err(TableError::Store {
-                    path: b.settings.store.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    path: store.path(),
                     message: format!("a stored row of partition {partition} does not decode ({reason}); the decoders changed since the store was written: delete the store to rebuild it"),
                 })
             }
@@ -238,10 +228,11 @@ where
             }
         }
     }
-    counters.loaded_from_store.store(rows.len() as u64, Ordering::Relaxed);
-    counters.bytes.store(bytes, Ordering::Relaxed);
-    Ok(rows)
+    Ok((rows, bytes))
 }
+
+/// Someone waiting for partitions to be caught up (see [`Table::assign`](super::Table::assign)).
+type Waiter = (BTreeSet<i32>, std::sync::mpsc::Sender<Result<(), TableError>>);
 
 struct Follower<K, V> {
     shared: Arc<Shared<K, V>>,
@@ -264,6 +255,10 @@ struct Follower<K, V> {
     follow_all: bool,
     count: i32,
     checkpoint_interval: Duration,
+    timeout: Duration,
+    commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    /// Replies owed once their partitions are caught up.
+    waiters: Vec<Waiter>,
     started: Instant,
 }
 
@@ -293,6 +288,9 @@ where
         let mut stall_check_every = STALL;
         let mut changes = Vec::new();
         while !self.shared.stop.load(Ordering::SeqCst) {
+            while let Ok(command) = self.commands.try_recv() {
+                self.command(consumer, command, &mut changes)?;
+            }
             let mut polled = 0;
             let mut timeout = Duration::from_millis(100);
             while polled < MAX_BATCH {
@@ -326,6 +324,7 @@ where
             if self.caught_up_now {
                 self.announce_caught_up();
             }
+            self.wake_waiters();
             if last_record.elapsed() >= STALL && last_stall_check.elapsed() >= stall_check_every {
                 self.unstick(consumer);
                 last_stall_check = Instant::now();
@@ -363,7 +362,7 @@ where
                     }
                     Some(value) => {
                         let size = (raw_key.len() + msg.payload_len()) as u32;
-                        let slot = Slot { value: Arc::new(value), size };
+                        let slot = Slot { value: Arc::new(value), size, partition: p };
                         counters.bytes.fetch_add(i64::from(size), Ordering::Relaxed);
                         let new = slot.value.clone();
                         self.shared.index.insert(key.clone(), slot.clone());
@@ -405,6 +404,137 @@ where
         Ok(())
     }
 
+    /// Starts reading the partitions of `marks` (their first and end offsets): loads their rows
+    /// from the store, then assigns them to the consumer from the store's checkpoint (or their
+    /// first offset).
+    fn read(&mut self, consumer: &TableConsumer, marks: &BTreeMap<i32, (i64, i64)>) -> Result<(), TableError> {
+        let topic = self.shared.topic.clone();
+        let checkpoints = self.store.as_ref().map(TableStore::offsets).transpose()?.unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        let mut starts = BTreeMap::new();
+        for (&p, &(low, high)) in marks {
+            let start = match checkpoints.get(&p) {
+                Some(&c) if c > high || c < low => {
+                    let path = self.store.as_ref().map(TableStore::path).unwrap_or_default();
+                    return Err(TableError::StoreAhead { path, topic, partition: p, checkpoint: c, low, high });
+                }
+                Some(&c) => c,
+                None => low,
+            };
+            tpl.add_partition_offset(&topic, p, Offset::Offset(start)).map_err(|e| kafka("assign", e))?;
+            starts.insert(p, start);
+        }
+        if let Some(store) = &self.store {
+            let wanted = marks.keys().copied().collect();
+            let counters = &self.shared.counters;
+            let (rows, bytes) = load(store, &self.keys, &self.values, self.bad_records, &wanted, counters)?;
+            counters.loaded_from_store.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+            for (key, slot) in rows {
+                self.shared.index.insert(key.clone(), slot.clone());
+                self.rows.insert(key, slot);
+            }
+        }
+        consumer.incremental_assign(&tpl).map_err(|e| kafka("assign the partitions", e))?;
+        for (&p, &(_, high)) in marks {
+            self.positions.insert(p, starts[&p]);
+            self.ends.insert(p, high);
+            if starts[&p] < high {
+                self.catching_up.insert(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out an [`assign`](super::Table::assign) or [`revoke`](super::Table::revoke). Only a
+    /// failing store stops the table; other errors go to the caller.
+    fn command(
+        &mut self,
+        consumer: &TableConsumer,
+        command: Command,
+        changes: &mut Vec<Change<K, V>>,
+    ) -> Result<(), TableError> {
+        match command {
+            Command::Assign(partitions, reply) => {
+                let new: Vec<i32> = partitions.into_iter().filter(|p| !self.positions.contains_key(p)).collect();
+                let read = match new.iter().find(|&&p| p < 0 || p >= self.count) {
+                    Some(&partition) => Err(TableError::NoSuchPartition {
+                        topic: self.shared.topic.clone(),
+                        partition,
+                        count: self.count,
+                    }),
+                    None => watermarks(consumer, &self.shared.topic, &new, self.timeout)
+                        .and_then(|marks| self.read(consumer, &marks)),
+                };
+                match read {
+                    Ok(()) => {
+                        tracing::info!(topic = %self.shared.topic, partitions = ?new, "table reads assigned partitions");
+                        self.publish(changes);
+                        self.waiters.push((new.into_iter().collect(), reply));
+                    }
+                    Err(e @ TableError::Store { .. }) => {
+                        let _ = reply.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Revoke(partitions, reply) => {
+                let gone: BTreeSet<i32> = partitions.into_iter().filter(|p| self.positions.contains_key(p)).collect();
+                let revoked = self.revoke(consumer, &gone);
+                self.publish(changes);
+                let _ = reply.send(revoked.clone());
+                revoked?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops reading `gone` and drops their rows, after a checkpoint that keeps them in the store.
+    fn revoke(&mut self, consumer: &TableConsumer, gone: &BTreeSet<i32>) -> Result<(), TableError> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        let mut tpl = TopicPartitionList::new();
+        for &p in gone {
+            tpl.add_partition(&self.shared.topic, p);
+            self.reached_end(p);
+            self.positions.remove(&p);
+            self.ends.remove(&p);
+            self.unstuck.remove(&p);
+        }
+        if let Err(e) = consumer.incremental_unassign(&tpl) {
+            tracing::warn!(topic = %self.shared.topic, error = %e, "could not unassign revoked partitions");
+        }
+        let dropped: Vec<K> =
+            self.rows.iter().filter(|(_, slot)| gone.contains(&slot.partition)).map(|(k, _)| k.clone()).collect();
+        let mut bytes = 0;
+        for key in &dropped {
+            if let Some(slot) = self.rows.remove(key) {
+                bytes += i64::from(slot.size);
+            }
+            self.shared.index.remove(key);
+        }
+        self.shared.counters.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        tracing::info!(topic = %self.shared.topic, partitions = ?gone, rows = dropped.len(), "table dropped revoked partitions");
+        Ok(())
+    }
+
+    /// Replies to those waiting for partitions that are now caught up.
+    fn wake_waiters(&mut self) {
+        let catching_up = &self.catching_up;
+        self.waiters.retain(|(partitions, reply)| {
+            let done = partitions.is_disjoint(catching_up);
+            if done {
+                let _ = reply.send(Ok(()));
+            }
+            !done
+        });
+    }
+
     fn reached_end(&mut self, p: i32) {
         if self.catching_up.remove(&p) && self.catching_up.is_empty() {
             // Announced once this batch is published, so a reader woken by caught_up() sees it.
@@ -431,7 +561,8 @@ where
     /// Makes the applied records visible: the new map to readers, then the changes to watchers.
     fn publish(&mut self, changes: &mut Vec<Change<K, V>>) {
         self.shared.rows.store(Arc::new(self.rows.clone()));
-        *self.shared.positions.lock().unwrap_or_else(|p| p.into_inner()) = self.positions.clone();
+        *self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()) =
+            Progress { positions: self.positions.clone(), ends: self.ends.clone() };
         for c in changes.drain(..) {
             // An error only means that every watcher has gone.
             let _ = self.shared.changes.send(c);

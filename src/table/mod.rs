@@ -37,6 +37,9 @@
 //!   handler (the bank flow's withdrawal limits do). The command sees the table
 //!   as of the moment it is processed; the events it persists record what it decided, so replay
 //!   never consults the table again.
+//! - **Global or co-partitioned.** [`Partitions::All`] reads every partition on every instance;
+//!   [`Partitions::Assigned`] with [`Table::follow_assignment`] reads only the partitions the
+//!   instance's flow owns, and each new partition is caught up before the flow processes it.
 
 mod decode;
 mod follow;
@@ -174,8 +177,12 @@ pub enum Partitions {
     /// All of them, including partitions added later (a global table).
     #[default]
     All,
-    /// Only these (a table co-partitioned with the partitions this instance owns).
+    /// Only these (a table co-partitioned with a fixed set of partitions).
     Only(Vec<i32>),
+    /// None at open: the table reads the partitions given to [`Table::assign`] and drops those
+    /// taken back by [`Table::revoke`]. A table co-partitioned with a flow follows the flow's
+    /// assignment through [`Table::follow_assignment`].
+    Assigned,
 }
 
 /// A change the table applied, as [`Table::watch`] delivers it.
@@ -237,7 +244,8 @@ pub struct TableStats {
     pub tombstones: u64,
     /// Records skipped because they did not decode (policy [`BadRecords::Skip`]).
     pub bad_records: u64,
-    /// End offset of each partition when the table was opened (what [`Table::caught_up`] waits for).
+    /// End offset of each partition read when the table started reading it (what
+    /// [`Table::caught_up`] and [`Table::assign`] wait for).
     pub end_offsets: BTreeMap<i32, i64>,
     /// Next offset to read, per partition.
     pub positions: BTreeMap<i32, i64>,
@@ -256,16 +264,33 @@ enum Status {
     Closed,
 }
 
-/// One row: the value and its size as read (for [`TableStats::bytes`]).
+/// One row: the value, its size as read (for [`TableStats::bytes`]) and its partition (to drop
+/// the rows of a revoked partition).
 struct Slot<V> {
     value: Arc<V>,
     size: u32,
+    partition: i32,
 }
 
 impl<V> Clone for Slot<V> {
     fn clone(&self) -> Self {
-        Self { value: self.value.clone(), size: self.size }
+        Self { value: self.value.clone(), size: self.size, partition: self.partition }
     }
+}
+
+/// A change of the partitions a table reads, sent to its follower thread.
+enum Command {
+    /// Read these too; the reply comes once they are caught up (or why they cannot be read).
+    Assign(Vec<i32>, std::sync::mpsc::Sender<Result<(), TableError>>),
+    /// Stop reading these and drop their rows; the reply comes once they are gone.
+    Revoke(Vec<i32>, std::sync::mpsc::Sender<Result<(), TableError>>),
+}
+
+/// Per partition: the next offset to read, and the end offset when the table started reading it.
+#[derive(Default, Clone)]
+struct Progress {
+    positions: BTreeMap<i32, i64>,
+    ends: BTreeMap<i32, i64>,
 }
 
 /// The rows in key order: a persistent map, so a clone is O(1) and shares all nodes.
@@ -295,9 +320,9 @@ struct Shared<K, V> {
     changes: broadcast::Sender<Change<K, V>>,
     status: watch::Sender<Status>,
     counters: Counters,
-    end_offsets: BTreeMap<i32, i64>,
     // Written by the follower after each batch, read by `stats()`: a mutex is fine off the hot path.
-    positions: Mutex<BTreeMap<i32, i64>>,
+    progress: Mutex<Progress>,
+    commands: tokio::sync::mpsc::UnboundedSender<Command>,
     stop: AtomicBool,
 }
 
@@ -445,6 +470,7 @@ where
     pub fn stats(&self) -> TableStats {
         let s = self.shared();
         let c = &s.counters;
+        let progress = s.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
         TableStats {
             keys: s.index.len() as u64,
             bytes: c.bytes.load(Ordering::Relaxed).max(0) as u64,
@@ -452,11 +478,102 @@ where
             loaded_from_store: c.loaded_from_store.load(Ordering::Relaxed),
             tombstones: c.tombstones.load(Ordering::Relaxed),
             bad_records: c.bad_records.load(Ordering::Relaxed),
-            end_offsets: s.end_offsets.clone(),
-            positions: s.positions.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            end_offsets: progress.ends,
+            positions: progress.positions,
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             caught_up: matches!(*s.status.borrow(), Status::Following),
         }
+    }
+
+    /// Starts reading `partitions` too (those already read are left as they are): their rows come
+    /// from the local store, if any, and then from the topic after the store's checkpoint.
+    /// Resolves once they are read up to their end offsets as of this call, so a join that runs
+    /// after it sees every row committed before the assignment.
+    ///
+    /// # Errors
+    /// A partition the topic does not have, a store that is ahead of the topic, a failed table,
+    /// or [`TableError::Closed`].
+    pub async fn assign(&self, partitions: &[i32]) -> Result<(), TableError> {
+        let rx = self.send(partitions, Command::Assign)?;
+        let replied = tokio::task::spawn_blocking(move || rx.recv()).await;
+        self.reply(replied.ok().and_then(Result::ok))
+    }
+
+    /// Stops reading `partitions` and drops their rows (a checkpoint keeps them in the local
+    /// store, so a later [`assign`](Self::assign) reads only the tail). [`watch`](Self::watch)
+    /// reports changes read from the topic, not rows dropped this way.
+    ///
+    /// # Errors
+    /// A failed checkpoint, a failed table, or [`TableError::Closed`].
+    pub async fn revoke(&self, partitions: &[i32]) -> Result<(), TableError> {
+        let rx = self.send(partitions, Command::Revoke)?;
+        let replied = tokio::task::spawn_blocking(move || rx.recv()).await;
+        self.reply(replied.ok().and_then(Result::ok))
+    }
+
+    /// A synchronous rebalance listener ([`FlowBuilder::on_rebalance`](crate::flow::FlowBuilder::on_rebalance))
+    /// that makes this table read the partitions the flow owns of `input_topic`, for a table
+    /// co-partitioned with it: same partition count and the same partitioner, so that a key's
+    /// table row and its commands share a partition number (Kafka Streams' co-partitioning rule).
+    /// Open the table with [`Partitions::Assigned`].
+    ///
+    /// On assignment it blocks the flow until the table has read the new partitions to their end
+    /// (logging while it waits), so the first command of a partition already sees every row
+    /// committed before the assignment. On revocation or loss the table drops those partitions.
+    pub fn follow_assignment(
+        &self,
+        input_topic: &str,
+    ) -> impl FnMut(&crate::flow::RebalanceEvent, &mut crate::flow::RebalanceActions<'_>) + Send + 'static {
+        use crate::flow::RebalanceEvent;
+        let (table, input) = (self.clone(), input_topic.to_string());
+        move |event, _| {
+            let partitions: Vec<i32> =
+                event.partitions().iter().filter(|tp| tp.topic == input).map(|tp| tp.partition).collect();
+            if partitions.is_empty() {
+                return;
+            }
+            let (what, command): (_, fn(_, _) -> Command) = match event {
+                RebalanceEvent::Assigned(_) => ("read", Command::Assign),
+                RebalanceEvent::Revoked(_) | RebalanceEvent::Lost(_) => ("drop", Command::Revoke),
+            };
+            let replied = table.send(&partitions, command).and_then(|rx| {
+                let started = std::time::Instant::now();
+                loop {
+                    match rx.recv_timeout(Duration::from_secs(10)) {
+                        Ok(r) => return table.reply(Some(r)),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
+                            topic = %table.topic(),
+                            ?partitions,
+                            waited_s = started.elapsed().as_secs(),
+                            "the flow waits for the table to catch up on its new partitions"
+                        ),
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return table.reply(None),
+                    }
+                }
+            });
+            if let Err(e) = replied {
+                tracing::error!(topic = %table.topic(), ?partitions, error = %e, "the table could not {what} the flow's partitions");
+            }
+        }
+    }
+
+    fn send(
+        &self,
+        partitions: &[i32],
+        command: fn(Vec<i32>, std::sync::mpsc::Sender<Result<(), TableError>>) -> Command,
+    ) -> Result<std::sync::mpsc::Receiver<Result<(), TableError>>, TableError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared().commands.send(command(partitions.to_vec(), tx)).map_err(|_| self.stopped())?;
+        Ok(rx)
+    }
+
+    /// The follower's reply; none means it stopped before replying.
+    fn reply(&self, reply: Option<Result<(), TableError>>) -> Result<(), TableError> {
+        reply.unwrap_or_else(|| Err(self.stopped()))
+    }
+
+    fn stopped(&self) -> TableError {
+        self.error().unwrap_or(TableError::Closed)
     }
 
     /// Stops following the topic, writes a last checkpoint and waits for the follower thread.

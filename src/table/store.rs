@@ -94,6 +94,11 @@ impl TableStore {
         Ok(Self { path: path.to_path_buf(), tree, db })
     }
 
+    /// The store's directory, for messages.
+    pub(super) fn path(&self) -> String {
+        self.path.display().to_string()
+    }
+
     fn storage(&self, e: impl std::fmt::Display) -> TableError {
         TableError::Store { path: self.path.display().to_string(), message: e.to_string() }
     }

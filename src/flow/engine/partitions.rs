@@ -105,10 +105,10 @@ impl<S: EventSourced> Core<S> {
         Ok(())
     }
 
-    /// Tells the listeners: the synchronous one now (its seeks are done once librdkafka has made
-    /// the assignment), the async one through its task.
+    /// Tells the listeners: the synchronous ones now, in the order they were added (their seeks
+    /// are done once librdkafka has made the assignment), the async one through its task.
     fn notify(&mut self, event: RebalanceEvent) {
-        if let Some(listener) = &mut self.parts.on_rebalance {
+        for listener in &mut self.parts.on_rebalance {
             let committed = self
                 .offsets
                 .iter()
