@@ -1,7 +1,7 @@
 //! The follower thread: opens the topic, loads the store, then consumes and applies records in
 //! batches, publishing each batch to the readers and checkpointing the store.
 
-use super::store::{PendingRow, TableStore};
+use super::store::{PendingRow, TableStore, Writer};
 use super::{
     BadRecords, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
     TableError,
@@ -25,6 +25,8 @@ const MAX_PRESIZED_KEYS: usize = 1 << 22;
 const MAX_BATCH: usize = 10_000;
 /// Rows waiting for a checkpoint that force one before the interval.
 const MAX_PENDING_ROWS: usize = 200_000;
+/// Rows waiting while a checkpoint is being written that make reading wait for it (memory bound).
+const MAX_WAITING_ROWS: usize = 1_000_000;
 /// How often a table of all partitions looks for new partitions.
 const METADATA_REFRESH: Duration = Duration::from_secs(30);
 /// With no record for this long, partitions that have records beyond their position are fetched
@@ -113,12 +115,14 @@ where
         commands,
         stop: AtomicBool::new(false),
     });
+    let writer = store.clone().map(Writer::start).transpose()?;
     let mut follower = Follower {
         shared: shared.clone(),
         keys: b.keys,
         values: b.values,
         bad_records: b.settings.bad_records,
         store,
+        writer,
         rows: Rows::new(),
         pending_rows: HashMap::new(),
         positions: BTreeMap::new(),
@@ -240,6 +244,8 @@ struct Follower<K, V> {
     values: Decoder<V>,
     bad_records: BadRecords,
     store: Option<TableStore>,
+    /// Writes the store's checkpoints in the background.
+    writer: Option<Writer>,
     /// The follower's working copy; each batch publishes a clone (O(1): the map is persistent).
     rows: Rows<K, V>,
     /// Rows changed since the last checkpoint, newest per key.
@@ -269,7 +275,7 @@ where
 {
     fn run(mut self, consumer: &TableConsumer) {
         let result = self.follow(consumer);
-        let checkpointed = self.checkpoint();
+        let checkpointed = self.checkpoint(true).map(drop);
         let status = match result.and(checkpointed) {
             Ok(()) => Status::Closed,
             Err(e) => {
@@ -333,8 +339,11 @@ where
             if self.pending_rows.len() >= MAX_PENDING_ROWS
                 || (!self.pending_rows.is_empty() && last_checkpoint.elapsed() >= self.checkpoint_interval)
             {
-                self.checkpoint()?;
-                last_checkpoint = Instant::now();
+                if self.checkpoint(false)? {
+                    last_checkpoint = Instant::now();
+                }
+            } else {
+                self.collect_checkpoint(false)?;
             }
             if self.follow_all && last_refresh.elapsed() >= METADATA_REFRESH {
                 self.add_new_partitions(consumer);
@@ -409,6 +418,7 @@ where
     /// first offset).
     fn read(&mut self, consumer: &TableConsumer, marks: &BTreeMap<i32, (i64, i64)>) -> Result<(), TableError> {
         let topic = self.shared.topic.clone();
+        self.collect_checkpoint(true)?; // the store's offsets and rows as of its last checkpoint
         let checkpoints = self.store.as_ref().map(TableStore::offsets).transpose()?.unwrap_or_default();
         let mut tpl = TopicPartitionList::new();
         let mut starts = BTreeMap::new();
@@ -497,7 +507,7 @@ where
         if gone.is_empty() {
             return Ok(());
         }
-        self.checkpoint()?;
+        self.checkpoint(true)?;
         let mut tpl = TopicPartitionList::new();
         for &p in gone {
             tpl.add_partition(&self.shared.topic, p);
@@ -544,8 +554,9 @@ where
 
     fn announce_caught_up(&mut self) {
         self.caught_up_now = false;
-        // Checkpoint before saying so: a restart right after catching up reads nothing again.
-        if let Err(e) = self.checkpoint() {
+        // A checkpoint starts now (in the background: readers need not wait for the store), so a
+        // restart soon after reads little again.
+        if let Err(e) = self.checkpoint(false) {
             tracing::warn!(topic = %self.shared.topic, error = %e, "checkpoint after catching up failed");
         }
         tracing::info!(
@@ -569,11 +580,40 @@ where
         }
     }
 
-    fn checkpoint(&mut self) -> Result<(), TableError> {
-        let Some(store) = &self.store else { return Ok(()) };
-        store.checkpoint(std::mem::take(&mut self.pending_rows), &self.positions)?;
-        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+    /// Hands the rows changed since the last checkpoint and the positions to the store's writer.
+    /// `durable`: waits until they are on disk. Otherwise, while a checkpoint is being written the
+    /// rows keep collecting (newest per key) for the next one, unless there are too many of them.
+    /// Returns whether a checkpoint was started.
+    fn checkpoint(&mut self, durable: bool) -> Result<bool, TableError> {
+        let wait = durable || self.pending_rows.len() >= MAX_WAITING_ROWS;
+        self.collect_checkpoint(wait)?;
+        let Some(writer) = &mut self.writer else { return Ok(false) };
+        if writer.busy() {
+            return Ok(false);
+        }
+        writer.submit(std::mem::take(&mut self.pending_rows), self.positions.clone())?;
+        if durable {
+            self.collect_checkpoint(true)?;
+        }
+        Ok(true)
+    }
+
+    /// Counts the checkpoint being written if it has finished (`wait`: waits for it); its error
+    /// stops the table.
+    fn collect_checkpoint(&mut self, wait: bool) -> Result<(), TableError> {
+        let Some(writer) = &mut self.writer else { return Ok(()) };
+        let path = || self.store.as_ref().map(TableStore::path).unwrap_or_default();
+        match writer.collect(wait) {
+            Ok(true) => {
+                self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(TableError::Store { path: p, message }) if p.is_empty() => {
+                Err(TableError::Store { path: path(), message })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Some brokers (noida-db 0.2.3) never answer a read_committed fetch whose offset is a

@@ -34,6 +34,7 @@ struct Marker {
 /// A row to write at the next checkpoint: `Some((partition, value))`, or `None` to delete the key.
 pub(super) type PendingRow = Option<(i32, Vec<u8>)>;
 
+#[derive(Clone)]
 pub(super) struct TableStore {
     path: PathBuf,
     tree: sled::Tree,
@@ -174,5 +175,92 @@ impl TableStore {
         self.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(())
+    }
+}
+
+/// A checkpoint to write: the changed rows and the offsets they reach.
+type Job = (HashMap<Vec<u8>, PendingRow>, BTreeMap<i32, i64>);
+
+/// Writes checkpoints on a thread of its own, one at a time, so that reading the topic never
+/// waits for sled (a sled insert costs several µs; reading a record, well under one).
+pub(super) struct Writer {
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<Result<(), TableError>>,
+    busy: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: String,
+}
+
+impl Writer {
+    pub(super) fn start(store: TableStore) -> Result<Self, TableError> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(1);
+        let (tx, done) = std::sync::mpsc::channel();
+        let path = store.path();
+        let thread = std::thread::Builder::new()
+            .name("eventstage-table-store".into())
+            .spawn(move || {
+                for (rows, offsets) in rx {
+                    if tx.send(store.checkpoint(rows, &offsets)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| TableError::Store {
+                path: path.clone(),
+                message: format!("cannot start the store thread: {e}"),
+            })?;
+        Ok(Self { jobs: Some(jobs), done, busy: false, thread: Some(thread), path })
+    }
+
+    /// True while a checkpoint is being written.
+    pub(super) fn busy(&self) -> bool {
+        self.busy
+    }
+
+    /// Collects the checkpoint being written if it has finished (`wait`: waits for it). Returns
+    /// whether one finished.
+    pub(super) fn collect(&mut self, wait: bool) -> Result<bool, TableError> {
+        if !self.busy {
+            return Ok(false);
+        }
+        let finished = if wait { self.done.recv().ok() } else { self.done.try_recv().ok() };
+        match finished {
+            Some(result) => {
+                self.busy = false;
+                result.map(|()| true)
+            }
+            None if wait => Err(self.gone()),
+            None => Ok(false),
+        }
+    }
+
+    /// Starts writing a checkpoint; the previous one must have been collected.
+    pub(super) fn submit(
+        &mut self,
+        rows: HashMap<Vec<u8>, PendingRow>,
+        offsets: BTreeMap<i32, i64>,
+    ) -> Result<(), TableError> {
+        debug_assert!(!self.busy, "one checkpoint at a time");
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send((rows, offsets)));
+        match sent {
+            Some(Ok(())) => {
+                self.busy = true;
+                Ok(())
+            }
+            _ => Err(self.gone()),
+        }
+    }
+
+    fn gone(&self) -> TableError {
+        TableError::Store { path: self.path.clone(), message: "the store thread stopped".into() }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
