@@ -4,6 +4,12 @@
 mod demo;
 mod flow_demo;
 
+// glibc's malloc slows down badly on the allocation patterns of large tables and sled's recovery
+// (reopening a table store of 500 000 rows: 6.5 s with it, 1.8 s with mimalloc).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use eventstage::cli::{block_on_cli, init_tracing, run_journal, JournalArgs, Registry};
 #[cfg(all(feature = "kafka", feature = "sled"))]
