@@ -495,11 +495,17 @@ async fn an_assigned_table_reads_only_its_partitions() {
     table.close().await.unwrap();
 }
 
-/// A bank flow instance joining its own limits table, co-partitioned with the flow's commands.
+/// Partitions a flow was given before its table had read them to their end.
+type Early = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A bank flow instance joining its own limits table, co-partitioned with the flow's commands. A
+/// second listener, called after the table's, records any assigned partition the table has not
+/// yet read to its end (the flow would process its commands next).
 async fn limited_instance(
     s: &crate::flow::Setup,
     limits_topic: &str,
     name: &str,
+    early: &Early,
 ) -> (Table<String, u64>, eventstage::flow::FlowControl) {
     let table = Table::builder(&s.brokers, limits_topic)
         .keys(Decoder::utf8())
@@ -508,6 +514,20 @@ async fn limited_instance(
         .open()
         .await
         .unwrap();
+    let check = {
+        let (table, early) = (table.clone(), early.clone());
+        move |event: &eventstage::flow::RebalanceEvent, _: &mut eventstage::flow::RebalanceActions<'_>| {
+            if let eventstage::flow::RebalanceEvent::Assigned(tps) = event {
+                let stats = table.stats();
+                for tp in tps {
+                    let (pos, end) = (stats.positions.get(&tp.partition), stats.end_offsets.get(&tp.partition));
+                    if pos.is_none() || pos < end {
+                        early.lock().unwrap().push(format!("{tp}: read up to {pos:?} of {end:?}"));
+                    }
+                }
+            }
+        }
+    };
     let flow =
         eventstage::stages::bank_flow::bank_flow_with_limits(&s.brokers, &s.group, s.topics.clone(), table.clone())
             .journal_topic(&s.journal)
@@ -515,6 +535,7 @@ async fn limited_instance(
             .commit_interval(Duration::from_millis(50))
             .consumer_property("session.timeout.ms", "6000")
             .on_rebalance(table.follow_assignment(&s.topics.input))
+            .on_rebalance(check)
             .run()
             .unwrap();
     (table, flow)
@@ -573,13 +594,13 @@ async fn a_co_partitioned_table_follows_the_flows_partitions() {
             .collect()
     };
 
-    let (table_a, first) = limited_instance(&s, &limits_topic, "first").await;
-    // The listener runs right after the flow counts its partitions.
+    let early = Early::default();
+    let (table_a, first) = limited_instance(&s, &limits_topic, "first", &early).await;
+    // The listeners run right after the flow counts its partitions.
     crate::util::wait_until("the first instance and its table to own every partition", || {
-        first.metrics().assigned_partitions == 4 && owned(&table_a).len() == 4
+        first.metrics().assigned_partitions == 4 && owned(&table_a).len() == 4 && table_a.len() == accounts
     })
     .await;
-    assert_eq!(table_a.len(), accounts, "every limit is in the table before the first command");
     let mut opening: Vec<(usize, BankCommand)> = (0..accounts).map(|i| (i, BankCommand::Open)).collect();
     opening.extend((0..accounts).map(|i| (i, BankCommand::Deposit(1000))));
     opening.extend(withdrawals(1000));
@@ -587,7 +608,7 @@ async fn a_co_partitioned_table_follows_the_flows_partitions() {
     crate::flow::feed_async(&s, &cmds).await;
     crate::flow::await_replies(&s, replies).await;
 
-    let (table_b, second) = limited_instance(&s, &limits_topic, "second").await;
+    let (table_b, second) = limited_instance(&s, &limits_topic, "second", &early).await;
     crate::util::wait_until("the two instances to split the partitions", || {
         let (a, b) = (first.metrics().assigned_partitions, second.metrics().assigned_partitions);
         a > 0 && b > 0 && a + b == 4 && owned(&table_a).len() as u64 == a && owned(&table_b).len() as u64 == b
@@ -606,14 +627,15 @@ async fn a_co_partitioned_table_follows_the_flows_partitions() {
 
     second.drain_and_shutdown().await.unwrap();
     crate::util::wait_until("the first to own everything again", || {
-        first.metrics().assigned_partitions == 4 && owned(&table_a).len() == 4
+        first.metrics().assigned_partitions == 4 && owned(&table_a).len() == 4 && table_a.len() == accounts
     })
     .await;
-    assert_eq!(table_a.len(), accounts);
     let (cmds, replies) = round(withdrawals(2));
     crate::flow::feed_async(&s, &cmds).await;
     crate::flow::await_replies(&s, replies).await;
     first.drain_and_shutdown().await.unwrap();
+    let early = early.lock().unwrap().clone();
+    assert!(early.is_empty(), "the flow got partitions before its table had read them: {early:?}");
     table_a.close().await.unwrap();
     table_b.close().await.unwrap();
 }
