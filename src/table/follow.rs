@@ -1,6 +1,7 @@
 //! The follower thread: opens the topic, loads the store, then consumes and applies records in
 //! batches, publishing each batch to the readers and checkpointing the store.
 
+use super::assignment::Reply;
 use super::store::{PendingRow, TableStore, Writer};
 use super::{
     BadRecords, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
@@ -241,7 +242,7 @@ fn load<K, V>(
 }
 
 /// Someone waiting for partitions to be caught up (see [`Table::assign`](super::Table::assign)).
-type Waiter = (BTreeSet<i32>, std::sync::mpsc::Sender<Result<(), TableError>>);
+type Waiter = (BTreeSet<i32>, Reply);
 
 struct Follower<K, V> {
     shared: Arc<Shared<K, V>>,
@@ -625,18 +626,10 @@ where
     /// stops the table.
     fn collect_checkpoint(&mut self, wait: bool) -> Result<(), TableError> {
         let Some(writer) = &mut self.writer else { return Ok(()) };
-        let path = || self.store.as_ref().map(TableStore::path).unwrap_or_default();
-        match writer.collect(wait) {
-            Ok(true) => {
-                self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(false) => Ok(()),
-            Err(TableError::Store { path: p, message }) if p.is_empty() => {
-                Err(TableError::Store { path: path(), message })
-            }
-            Err(e) => Err(e),
+        if writer.collect(wait)? {
+            self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
     }
 
     /// Some brokers (noida-db 0.2.3) never answer a read_committed fetch whose offset is a

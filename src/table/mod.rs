@@ -41,11 +41,19 @@
 //!   [`Partitions::Assigned`] with [`Table::follow_assignment`] reads only the partitions the
 //!   instance's flow owns, and each new partition is caught up before the flow processes it.
 
+mod assignment;
+mod builder;
 mod decode;
+mod error;
 mod follow;
+mod snapshot;
 mod store;
 
+use assignment::Command;
+pub use builder::TableBuilder;
 pub use decode::Decoder;
+pub use error::TableError;
+pub use snapshot::{Prefix, TableSnapshot};
 
 use arc_swap::ArcSwap;
 use futures::{Stream, StreamExt};
@@ -53,112 +61,9 @@ use imbl::OrdMap;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::Hash;
-use std::ops::RangeBounds;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::{broadcast, watch};
-
-/// Why a table cannot be opened or stopped following its topic.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TableError {
-    /// No broker answered.
-    #[error("cannot reach the Kafka cluster at {brokers}: {message}; check the broker addresses (--brokers) and that the cluster is up")]
-    Unreachable {
-        /// The bootstrap servers.
-        brokers: String,
-        /// The client's message.
-        message: String,
-    },
-    /// The topic does not exist.
-    #[error(
-        "topic `{topic}` does not exist on {brokers}; create it (cleanup.policy=compact) or check the name (--topic)"
-    )]
-    MissingTopic {
-        /// Topic.
-        topic: String,
-        /// The bootstrap servers.
-        brokers: String,
-    },
-    /// A requested partition does not exist.
-    #[error("topic `{topic}` has {count} partitions; partition {partition} does not exist")]
-    NoSuchPartition {
-        /// Topic.
-        topic: String,
-        /// Partition asked for.
-        partition: i32,
-        /// Partitions the topic has.
-        count: i32,
-    },
-    /// The local store belongs to another topic.
-    #[error("the table store at {path} holds topic `{found}`, not `{expected}`: use another store directory for `{expected}`, or delete this one to rebuild it")]
-    StoreMismatch {
-        /// Store directory.
-        path: String,
-        /// Its topic.
-        found: String,
-        /// The topic asked for.
-        expected: String,
-    },
-    /// The local store is behind the topic's start or past its end: the topic was recreated or
-    /// truncated since the checkpoint.
-    #[error("the table store at {path} read topic `{topic}` partition {partition} up to offset {checkpoint}, but the topic now holds offsets {low}..{high}: the topic was recreated or truncated; delete the store directory to rebuild it")]
-    StoreAhead {
-        /// Store directory.
-        path: String,
-        /// Topic.
-        topic: String,
-        /// Partition.
-        partition: i32,
-        /// Checkpointed next offset.
-        checkpoint: i64,
-        /// The partition's first offset.
-        low: i64,
-        /// The partition's end offset.
-        high: i64,
-    },
-    /// The directory is not a table store.
-    #[error("{path} is not an eventstage table store ({why}); give an empty or new directory")]
-    NotAStore {
-        /// Directory.
-        path: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// The local store failed.
-    #[error("table store at {path}: {message}")]
-    Store {
-        /// Store directory.
-        path: String,
-        /// What failed.
-        message: String,
-    },
-    /// A record did not decode and the policy is [`BadRecords::Stop`].
-    #[error("topic `{topic}` partition {partition} offset {offset}: {reason}; the table stopped before this record (policy: stop); fix the producer or open the table with BadRecords::Skip")]
-    BadRecord {
-        /// Topic.
-        topic: String,
-        /// Partition.
-        partition: i32,
-        /// Offset.
-        offset: i64,
-        /// Why it does not decode.
-        reason: String,
-    },
-    /// Kafka failed in a way retrying does not fix.
-    #[error("kafka: {context}: {message}")]
-    Kafka {
-        /// What the table was doing.
-        context: String,
-        /// The client's message.
-        message: String,
-    },
-    /// The table was closed.
-    #[error("the table was closed")]
-    Closed,
-}
 
 /// What to do with a record whose key or value does not decode (or that has no key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -278,14 +183,6 @@ impl<V> Clone for Slot<V> {
     }
 }
 
-/// A change of the partitions a table reads, sent to its follower thread.
-enum Command {
-    /// Read these too; the reply comes once they are caught up (or why they cannot be read).
-    Assign(Vec<i32>, std::sync::mpsc::Sender<Result<(), TableError>>),
-    /// Stop reading these and drop their rows; the reply comes once they are gone.
-    Revoke(Vec<i32>, std::sync::mpsc::Sender<Result<(), TableError>>),
-}
-
 /// Per partition: the next offset to read, and the end offset when the table started reading it.
 #[derive(Default, Clone)]
 struct Progress {
@@ -353,28 +250,6 @@ impl<K, V> Clone for Table<K, V> {
 impl<K, V> fmt::Debug for Table<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Table").field("topic", &self.owner.shared.topic).finish_non_exhaustive()
-    }
-}
-
-impl Table<Vec<u8>, Vec<u8>> {
-    /// A builder for a table of `topic` on the cluster at `brokers`, with keys and values as raw
-    /// bytes until [`TableBuilder::keys`] / [`TableBuilder::values`] say otherwise.
-    pub fn builder(brokers: impl Into<String>, topic: impl Into<String>) -> TableBuilder<Vec<u8>, Vec<u8>> {
-        TableBuilder {
-            settings: Settings {
-                brokers: brokers.into(),
-                topic: topic.into(),
-                partitions: Partitions::All,
-                store: None,
-                bad_records: BadRecords::Skip,
-                properties: Vec::new(),
-                checkpoint_interval: Duration::from_secs(1),
-                watch_capacity: 4096,
-                timeout: Duration::from_secs(30),
-            },
-            keys: Decoder::bytes(),
-            values: Decoder::bytes(),
-        }
     }
 }
 
@@ -485,97 +360,6 @@ where
         }
     }
 
-    /// Starts reading `partitions` too (those already read are left as they are): their rows come
-    /// from the local store, if any, and then from the topic after the store's checkpoint.
-    /// Resolves once they are read up to their end offsets as of this call, so a join that runs
-    /// after it sees every row committed before the assignment.
-    ///
-    /// # Errors
-    /// A partition the topic does not have, a store that is ahead of the topic, a failed table,
-    /// or [`TableError::Closed`].
-    pub async fn assign(&self, partitions: &[i32]) -> Result<(), TableError> {
-        let rx = self.send(partitions, Command::Assign)?;
-        let replied = tokio::task::spawn_blocking(move || rx.recv()).await;
-        self.reply(replied.ok().and_then(Result::ok))
-    }
-
-    /// Stops reading `partitions` and drops their rows (a checkpoint keeps them in the local
-    /// store, so a later [`assign`](Self::assign) reads only the tail). [`watch`](Self::watch)
-    /// reports changes read from the topic, not rows dropped this way.
-    ///
-    /// # Errors
-    /// A failed checkpoint, a failed table, or [`TableError::Closed`].
-    pub async fn revoke(&self, partitions: &[i32]) -> Result<(), TableError> {
-        let rx = self.send(partitions, Command::Revoke)?;
-        let replied = tokio::task::spawn_blocking(move || rx.recv()).await;
-        self.reply(replied.ok().and_then(Result::ok))
-    }
-
-    /// A synchronous rebalance listener ([`FlowBuilder::on_rebalance`](crate::flow::FlowBuilder::on_rebalance))
-    /// that makes this table read the partitions the flow owns of `input_topic`, for a table
-    /// co-partitioned with it: same partition count and the same partitioner, so that a key's
-    /// table row and its commands share a partition number (Kafka Streams' co-partitioning rule).
-    /// Open the table with [`Partitions::Assigned`].
-    ///
-    /// On assignment it blocks the flow until the table has read the new partitions to their end
-    /// (logging while it waits), so the first command of a partition already sees every row
-    /// committed before the assignment. On revocation or loss the table drops those partitions.
-    pub fn follow_assignment(
-        &self,
-        input_topic: &str,
-    ) -> impl FnMut(&crate::flow::RebalanceEvent, &mut crate::flow::RebalanceActions<'_>) + Send + 'static {
-        use crate::flow::RebalanceEvent;
-        let (table, input) = (self.clone(), input_topic.to_string());
-        move |event, _| {
-            let partitions: Vec<i32> =
-                event.partitions().iter().filter(|tp| tp.topic == input).map(|tp| tp.partition).collect();
-            if partitions.is_empty() {
-                return;
-            }
-            let (what, command): (_, fn(_, _) -> Command) = match event {
-                RebalanceEvent::Assigned(_) => ("read", Command::Assign),
-                RebalanceEvent::Revoked(_) | RebalanceEvent::Lost(_) => ("drop", Command::Revoke),
-            };
-            let replied = table.send(&partitions, command).and_then(|rx| {
-                let started = std::time::Instant::now();
-                loop {
-                    match rx.recv_timeout(Duration::from_secs(10)) {
-                        Ok(r) => return table.reply(Some(r)),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
-                            topic = %table.topic(),
-                            ?partitions,
-                            waited_s = started.elapsed().as_secs(),
-                            "the flow waits for the table to catch up on its new partitions"
-                        ),
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return table.reply(None),
-                    }
-                }
-            });
-            if let Err(e) = replied {
-                tracing::error!(topic = %table.topic(), ?partitions, error = %e, "the table could not {what} the flow's partitions");
-            }
-        }
-    }
-
-    fn send(
-        &self,
-        partitions: &[i32],
-        command: fn(Vec<i32>, std::sync::mpsc::Sender<Result<(), TableError>>) -> Command,
-    ) -> Result<std::sync::mpsc::Receiver<Result<(), TableError>>, TableError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.shared().commands.send(command(partitions.to_vec(), tx)).map_err(|_| self.stopped())?;
-        Ok(rx)
-    }
-
-    /// The follower's reply; none means it stopped before replying.
-    fn reply(&self, reply: Option<Result<(), TableError>>) -> Result<(), TableError> {
-        reply.unwrap_or_else(|| Err(self.stopped()))
-    }
-
-    fn stopped(&self) -> TableError {
-        self.error().unwrap_or(TableError::Closed)
-    }
-
     /// Stops following the topic, writes a last checkpoint and waits for the follower thread.
     /// Other clones keep serving the rows read so far. (Dropping the last clone stops the
     /// follower too, without waiting for it.)
@@ -589,204 +373,5 @@ where
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         self.error().map_or(Ok(()), Err)
-    }
-}
-
-/// A consistent view of a table at one moment (see [`Table::snapshot`]).
-pub struct TableSnapshot<K, V> {
-    rows: Arc<Rows<K, V>>,
-}
-
-impl<K, V> fmt::Debug for TableSnapshot<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TableSnapshot").field("keys", &self.rows.len()).finish()
-    }
-}
-
-impl<K: Ord + Hash + Clone, V> TableSnapshot<K, V> {
-    /// The value of `key` (a B-tree lookup: prefer [`Table::get`] for point lookups).
-    pub fn get<Q>(&self, key: &Q) -> Option<&Arc<V>>
-    where
-        Q: Ord + ?Sized,
-        K: std::borrow::Borrow<Q>,
-    {
-        self.rows.get(key).map(|s| &s.value)
-    }
-
-    /// Keys in the snapshot.
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// True when the snapshot has no keys.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
-    /// Every row in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &Arc<V>)> + '_ {
-        self.rows.iter().map(|(k, s)| (k, &s.value))
-    }
-
-    /// The rows with keys in `range`, in key order.
-    pub fn range<Q, R>(&self, range: R) -> impl Iterator<Item = (&K, &Arc<V>)> + '_
-    where
-        R: RangeBounds<Q>,
-        Q: Ord + ?Sized,
-        K: std::borrow::Borrow<Q>,
-    {
-        self.rows.range(range).map(|(k, s)| (k, &s.value))
-    }
-
-    /// The rows whose key starts with `prefix`, in key order (for `String` keys pass a `&str`,
-    /// for `Vec<u8>` keys a `&[u8]`).
-    pub fn prefix<'a, Q>(&'a self, prefix: &'a Q) -> impl Iterator<Item = (&'a K, &'a Arc<V>)> + 'a
-    where
-        Q: Prefix + ?Sized,
-        K: std::borrow::Borrow<Q>,
-    {
-        self.rows
-            .range::<_, Q>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-            .take_while(move |(k, _)| k.borrow().has_prefix(prefix))
-            .map(|(k, s)| (k, &s.value))
-    }
-}
-
-/// Key types with prefixes: `str` and `[u8]`.
-pub trait Prefix: Ord {
-    /// True when `self` starts with `prefix`.
-    fn has_prefix(&self, prefix: &Self) -> bool;
-}
-
-impl Prefix for str {
-    fn has_prefix(&self, prefix: &Self) -> bool {
-        self.starts_with(prefix)
-    }
-}
-
-impl Prefix for [u8] {
-    fn has_prefix(&self, prefix: &Self) -> bool {
-        self.starts_with(prefix)
-    }
-}
-
-/// Configures and opens a [`Table`].
-pub struct TableBuilder<K, V> {
-    settings: Settings,
-    keys: Decoder<K>,
-    values: Decoder<V>,
-}
-
-/// What a [`TableBuilder`] holds besides its decoders.
-#[derive(Debug)]
-struct Settings {
-    brokers: String,
-    topic: String,
-    partitions: Partitions,
-    store: Option<PathBuf>,
-    bad_records: BadRecords,
-    properties: Vec<(String, String)>,
-    checkpoint_interval: Duration,
-    watch_capacity: usize,
-    timeout: Duration,
-}
-
-impl<K, V> fmt::Debug for TableBuilder<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TableBuilder")
-            .field("brokers", &self.settings.brokers)
-            .field("topic", &self.settings.topic)
-            .field("keys", &self.keys)
-            .field("values", &self.values)
-            .field("partitions", &self.settings.partitions)
-            .field("store", &self.settings.store)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<K, V> TableBuilder<K, V> {
-    /// The key decoder. Default: the raw bytes.
-    #[must_use]
-    pub fn keys<K2>(self, keys: Decoder<K2>) -> TableBuilder<K2, V> {
-        TableBuilder { settings: self.settings, keys, values: self.values }
-    }
-
-    /// The value decoder. Default: the raw bytes.
-    #[must_use]
-    pub fn values<V2>(self, values: Decoder<V2>) -> TableBuilder<K, V2> {
-        TableBuilder { settings: self.settings, keys: self.keys, values }
-    }
-
-    /// Which partitions to read. Default: [`Partitions::All`].
-    #[must_use]
-    pub fn partitions(mut self, partitions: Partitions) -> Self {
-        self.settings.partitions = partitions;
-        self
-    }
-
-    /// Keeps the table in a local store at `dir` (created if missing), so that a restart reads
-    /// only the records after the last checkpoint. Default: none (memory only; every open reads
-    /// the topic from the beginning).
-    #[must_use]
-    pub fn store(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.settings.store = Some(dir.into());
-        self
-    }
-
-    /// What to do with records that do not decode. Default: [`BadRecords::Skip`].
-    #[must_use]
-    pub fn bad_records(mut self, policy: BadRecords) -> Self {
-        self.settings.bad_records = policy;
-        self
-    }
-
-    /// A librdkafka consumer property (e.g. security settings). `isolation.level` stays
-    /// `read_committed` and offsets are never committed to the cluster: the table keeps its own.
-    #[must_use]
-    pub fn consumer_property(mut self, key: &str, value: &str) -> Self {
-        self.settings.properties.push((key.into(), value.into()));
-        self
-    }
-
-    /// How often the local store is checkpointed. Default: 1 s.
-    #[must_use]
-    pub fn checkpoint_interval(mut self, every: Duration) -> Self {
-        self.settings.checkpoint_interval = every;
-        self
-    }
-
-    /// Changes a [`Table::watch`] stream may fall behind before it lags. Default: 4096.
-    #[must_use]
-    pub fn watch_capacity(mut self, n: usize) -> Self {
-        self.settings.watch_capacity = n.max(1);
-        self
-    }
-
-    /// How long opening waits for the cluster. Default: 30 s.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.settings.timeout = timeout;
-        self
-    }
-}
-
-impl<K, V> TableBuilder<K, V>
-where
-    K: Ord + Hash + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-{
-    /// Connects, loads the local store (if any) and starts following the topic. Returns at once
-    /// after that; [`Table::caught_up`] tells when the table has read the topic to its end.
-    ///
-    /// # Errors
-    /// An unreachable cluster, a missing topic or partition, a store of another topic (or
-    /// otherwise unusable), or a bad record in the store under [`BadRecords::Stop`].
-    pub async fn open(self) -> Result<Table<K, V>, TableError> {
-        let handle = tokio::task::spawn_blocking(move || follow::start(self));
-        let (shared, thread) = handle.await.map_err(|e| TableError::Kafka {
-            context: "open the table".into(),
-            message: format!("the opening task failed: {e}"),
-        })??;
-        Ok(Table { owner: Arc::new(Owner { shared, thread: Mutex::new(Some(thread)) }) })
     }
 }
