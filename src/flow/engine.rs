@@ -27,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Timeout of one blocking transactional call.
 const TXN_TIMEOUT: Duration = Duration::from_secs(10);
+/// While records keep coming, the flow loop reads the clock (is a commit due?) once per this many.
+const CLOCK_EVERY: u32 = 32;
 /// A restore that reads nothing for this long fails.
 const RESTORE_STALL: Duration = Duration::from_secs(60);
 
@@ -46,12 +48,14 @@ pub(super) struct Settings {
 }
 
 mod committer;
+mod emitter;
 mod enrich;
 mod journal;
 mod partitions;
 mod txn;
 
 use committer::{Committer, Deliveries, FlowProducerContext, Wait};
+use emitter::{Emitter, Outcome, Sink};
 use enrich::Pipeline;
 use partitions::{FlowConsumer, FlowContext};
 use txn::{classify, TxnFailure};
@@ -59,7 +63,6 @@ use txn::{classify, TxnFailure};
 pub(super) struct Parts<S: EventSourced> {
     pub(super) stage: S,
     pub(super) decoder: Decoder<S>,
-    pub(super) outputs: Outputs<S>,
     pub(super) enrich: Option<Enrichment<S>>,
     pub(super) on_rebalance: Vec<SyncListener>,
     pub(super) on_rebalance_async: Option<AsyncListener>,
@@ -187,8 +190,10 @@ enum Backend {
 
 struct Core<S: EventSourced> {
     parts: Parts<S>,
-    producer: ThreadedProducer<FlowProducerContext>,
-    deliveries: Arc<Deliveries>,
+    /// The transactional producer.
+    sink: Arc<Sink>,
+    /// Output records: mapped and produced on a thread of their own.
+    emitter: Emitter<S>,
     /// At-least-once: the batches on their way to an offset commit (`None`: exactly-once).
     committer: Option<Committer>,
     /// Enrichment calls and the records waiting for them.
@@ -215,94 +220,44 @@ struct Core<S: EventSourced> {
 }
 
 impl<S: EventSourced> Core<S> {
-    /// Produces a record of the batch being filled (at-least-once; exactly-once has no batches).
+    /// The at-least-once batch being filled (exactly-once has no batches: 0).
+    fn batch(&self) -> usize {
+        self.committer.as_ref().map_or(0, Committer::filling)
+    }
+
+    /// Produces a record of the batch being filled from the flow thread (journal records).
     fn produce(
         &self,
         topic: &str,
         partition: Option<i32>,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
     ) -> Result<(), FlowError> {
-        let batch = self.committer.as_ref().map_or(0, Committer::filling);
-        self.produce_in(batch, topic, partition, key, value, headers)
+        self.sink.produce(self.batch(), topic, partition, key, value, None)
     }
 
-    /// Produces a record whose acknowledgement counts for `batch`.
-    fn produce_in(
-        &self,
-        batch: usize,
-        topic: &str,
-        partition: Option<i32>,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-    ) -> Result<(), FlowError> {
-        let deadline = Instant::now() + TXN_TIMEOUT;
-        self.deliveries.add(batch);
-        loop {
-            let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, batch);
-            if let Some(k) = key {
-                rec = rec.key(k);
-            }
-            if let Some(v) = value {
-                rec = rec.payload(v);
-            }
-            if let Some(p) = partition {
-                rec = rec.partition(p);
-            }
-            if let Some(h) = headers.clone() {
-                rec = rec.headers(h);
-            }
-            match self.producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => {
-                    // Refused by the client: it will never be acknowledged.
-                    self.deliveries.done(batch);
-                    return Err(self.producer_error(format!("produce to {topic}"), e));
-                }
-            }
-        }
+    /// Queues a record of partition `p`'s transaction for the emitter (which keeps it for the sled
+    /// outbox).
+    fn emit(&mut self, p: i32, o: OutputRecord) -> Result<(), FlowError> {
+        let batch = self.batch();
+        self.emitter.record(batch, p, o)
     }
 
-    /// Produces an output record, headers included.
-    fn produce_output(&self, o: &OutputRecord) -> Result<(), FlowError> {
-        let headers = (!o.headers.is_empty()).then(|| {
-            o.headers
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_slice()) }))
-        });
-        self.produce(&o.topic, None, o.key.as_deref(), o.value.as_deref(), headers)
-    }
-
-    /// Produces an output record of partition `p`'s transaction (and keeps it in the sled outbox).
-    fn emit(&mut self, p: i32, o: &OutputRecord) -> Result<(), FlowError> {
-        self.produce_output(o)?;
+    /// Waits until the emitter has produced everything queued; with the sled journal (exactly
+    /// once), the records it produced go to the outbox.
+    fn flush_outputs(&mut self) -> Result<(), FlowError> {
+        let produced = self.emitter.flush()?;
         if let (Backend::Sled(sled), None) = (&mut self.backend, &self.committer) {
-            sled.stage_output(p, o);
+            for (p, o) in produced {
+                sled.stage_output(p, o);
+            }
         }
         Ok(())
     }
 
     /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
     fn producer_error(&self, context: String, e: KafkaError) -> FlowError {
-        let fenced = classify(&e) == TxnFailure::Fenced
-            || self.producer.client().fatal_error().is_some_and(|(code, _)| {
-                matches!(
-                    code,
-                    RDKafkaErrorCode::ProducerFenced
-                        | RDKafkaErrorCode::InvalidProducerEpoch
-                        | RDKafkaErrorCode::Fenced
-                )
-            });
-        if fenced {
-            FlowError::Fenced { transactional_id: self.transactional_id.clone() }
-        } else {
-            kafka(context, e)
-        }
+        self.sink.error(context, e)
     }
 
     fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
@@ -326,7 +281,7 @@ impl<S: EventSourced> Core<S> {
                         ("eventstage.error".into(), reason.into_bytes()),
                     ],
                 };
-                self.emit(input.partition, &record)?;
+                self.emit(input.partition, record)?;
                 self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -425,39 +380,36 @@ impl<S: EventSourced> Core<S> {
                 return self.dead_letter(&input, format!("handler panicked: {}", msg.unwrap_or_default()));
             }
         };
-        let state_ref: &S::State = new_state.as_ref().unwrap_or(&entity.state);
-        if let Some(state) = &new_state {
-            if self.committer.is_some() {
-                // Before journaling: a deletion's marker must include the deleting input.
-                if let Some(part) = self.partitions.get_mut(&p) {
-                    part.note_applied(&key, &input);
+        let state = match new_state {
+            None => entity.state,
+            Some(state) => {
+                if self.committer.is_some() {
+                    // Before journaling: a deletion's marker must include the deleting input.
+                    if let Some(part) = self.partitions.get_mut(&p) {
+                        part.note_applied(&key, &input);
+                    }
                 }
+                self.journal(p, &key, entity.seq, &events, &state)?;
+                let deleted = S::is_deleted(&state) && matches!(self.backend, Backend::Kafka(_));
+                let state = Arc::new(state);
+                let entity = if deleted {
+                    Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO }
+                } else {
+                    Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
+                };
+                if let Some(part) = self.partitions.get_mut(&p) {
+                    match part.overlay.get_mut(&key) {
+                        Some(slot) => *slot = entity,
+                        None => {
+                            part.overlay.insert(key.clone(), entity);
+                        }
+                    }
+                }
+                state
             }
-            self.journal(p, &key, entity.seq, &events, state)?;
-        }
-        let outputs = (self.parts.outputs)(&Processed {
-            input: &input,
-            key: &key,
-            events: &events,
-            outcome: &outcome,
-            state: state_ref,
-        });
-        for o in &outputs {
-            self.emit(p, o)?;
-        }
-        self.metrics.records_out.fetch_add(outputs.len() as u64, Ordering::Relaxed);
-        if let Some(state) = new_state {
-            let seq = SeqNo(entity.seq.0 + events.len() as u64);
-            let entity = if S::is_deleted(&state) && matches!(self.backend, Backend::Kafka(_)) {
-                Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO }
-            } else {
-                Entity { state: Arc::new(state), seq }
-            };
-            if let Some(part) = self.partitions.get_mut(&p) {
-                part.overlay.insert(key, entity);
-            }
-        }
-        Ok(())
+        };
+        let batch = self.batch();
+        self.emitter.outcome(batch, Outcome { input, key, events, outcome, state })
     }
 
     /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
@@ -497,6 +449,7 @@ fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Result<i32, Flo
 pub(super) fn run<S: EventSourced>(
     settings: Settings,
     parts: Parts<S>,
+    outputs: Outputs<S>,
     stop: Arc<AtomicU8>,
     metrics: Arc<Metrics>,
 ) -> Result<(), FlowError> {
@@ -552,10 +505,13 @@ pub(super) fn run<S: EventSourced>(
         }
         _ => None,
     };
+    let sink = Arc::new(Sink { producer, deliveries, transactional_id: settings.transactional_id.clone() });
+    let keep_outbox = matches!(backend, Backend::Sled(_)) && !at_least_once;
+    let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
-        producer,
-        deliveries,
+        sink,
+        emitter,
         committer: at_least_once.then(|| Committer::new(settings.committer)),
         pipeline,
         rebalance_events,
@@ -586,12 +542,13 @@ pub(super) fn run<S: EventSourced>(
     };
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
+    let mut polls = 0u32;
     let result = loop {
         match stop.load(Ordering::SeqCst) {
             ABORT => {
                 let c = lock(&core);
                 if c.committer.is_none() {
-                    let _ = c.producer.abort_transaction(TXN_TIMEOUT);
+                    let _ = c.sink.producer.abort_transaction(TXN_TIMEOUT);
                 }
                 break Err(FlowError::Aborted);
             }
@@ -606,10 +563,19 @@ pub(super) fn run<S: EventSourced>(
             c.pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()))
         };
         let polled = match (room, busy) {
-            (true, false) => consumer.poll(Duration::from_millis(20)),
+            // Without waiting first (no clock reads while records are queued); before waiting,
+            // the emitter gets what is collected, so outputs never wait for more input.
+            (true, false) => consumer.poll(Duration::ZERO).or_else(|| {
+                let handed = lock(&core).emitter.hand_off();
+                if let Err(e) = handed {
+                    lock(&core).failure.get_or_insert(e);
+                }
+                consumer.poll(Duration::from_millis(20))
+            }),
             (true, true) => consumer.poll(Duration::ZERO),
             (false, _) => None,
         };
+        let polled_none = polled.is_none();
         let mut c = lock(&core);
         if let Some(e) = c.failure.take() {
             break Err(e);
@@ -622,6 +588,9 @@ pub(super) fn run<S: EventSourced>(
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             None => {
+                if let Err(e) = c.emitter.hand_off() {
+                    break Err(e);
+                }
                 if let (true, Core { pipeline: Some(p), metrics, .. }) = (busy, &mut *c) {
                     p.wait(Duration::from_millis(if room { 2 } else { 20 }), metrics);
                 }
@@ -630,7 +599,10 @@ pub(super) fn run<S: EventSourced>(
         if let Err(e) = c.run_pipeline().and_then(|()| c.advance(&consumer, Wait::No)) {
             break Err(e);
         }
-        if last_commit.elapsed() >= commit_every || c.committer.as_ref().is_some_and(Committer::due) {
+        // The clock is read every CLOCK_EVERY records while records keep coming.
+        polls = polls.wrapping_add(1);
+        let check = polled_none || polls % CLOCK_EVERY == 0;
+        if (check && last_commit.elapsed() >= commit_every) || c.committer.as_ref().is_some_and(Committer::due) {
             if let Err(e) = c.commit(&consumer) {
                 break Err(e);
             }

@@ -617,7 +617,6 @@ impl<S: EventSourced> FlowBuilder<S> {
         let parts = engine::Parts {
             stage: self.stage,
             decoder,
-            outputs,
             enrich: self.enrich,
             on_rebalance: self.on_rebalance,
             on_rebalance_async: self.on_rebalance_async,
@@ -626,7 +625,7 @@ impl<S: EventSourced> FlowBuilder<S> {
         let (stop2, metrics2) = (stop.0.clone(), metrics.clone());
         let spawned = std::thread::Builder::new().name(format!("eventstage-flow-{}", S::NAME)).spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine::run(settings, parts, stop2, metrics2)
+                engine::run(settings, parts, outputs, stop2, metrics2)
             }))
             .unwrap_or_else(|_| Err(FlowError::Crashed("panic on the flow thread".into())));
             if let Err(e) = &result {

@@ -108,8 +108,8 @@ impl SledBackend {
         pending.snapshots.extend(snapshot);
     }
 
-    pub(super) fn stage_output(&mut self, p: i32, record: &OutputRecord) {
-        self.pending.entry(p).or_default().outbox.push(record.clone());
+    pub(super) fn stage_output(&mut self, p: i32, record: OutputRecord) {
+        self.pending.entry(p).or_default().outbox.push(record);
     }
 
     /// Forgets the open transaction (it was aborted before anything was written to sled).

@@ -142,6 +142,8 @@ impl<S: EventSourced> Core<S> {
     /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
     /// records wait for its outputs' acknowledgements, then its offsets are committed.
     pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        // The batch's outputs go to the emitter now; its deliveries count them until produced.
+        self.emitter.hand_off()?;
         let Some(committer) = &mut self.committer else { return Ok(()) };
         committer.inputs = 0;
         committer.full = false;
@@ -170,6 +172,9 @@ impl<S: EventSourced> Core<S> {
     /// Moves pending batches along, oldest first: journal once the outputs are acknowledged,
     /// commit once the journal is.
     pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
+        if self.committer.is_none() {
+            return Ok(());
+        }
         let mut deadline = Instant::now() + TXN_TIMEOUT;
         loop {
             let Some(committer) = &mut self.committer else { return Ok(()) };
@@ -178,7 +183,7 @@ impl<S: EventSourced> Core<S> {
             let blocking = matches!(wait, Wait::UntilAtMost(n) if pending > n);
             let id = front.id;
             let step = if blocking { Duration::from_millis(50) } else { Duration::ZERO };
-            if !self.deliveries.wait(id, step)? {
+            if !self.sink.deliveries.wait(id, step)? {
                 if !blocking {
                     return Ok(());
                 }
@@ -210,7 +215,7 @@ impl<S: EventSourced> Core<S> {
             JournalWork::Kafka(records) => {
                 let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
                 let topic = journal.topic();
-                records.iter().try_for_each(|(p, k, v)| self.produce_in(id, topic, Some(*p), Some(k), Some(v), None))
+                records.iter().try_for_each(|(p, k, v)| self.sink.produce(id, topic, Some(*p), Some(k), Some(v), None))
             }
             JournalWork::Sled(staged, positions) => {
                 let Backend::Sled(sled) = &mut self.backend else { return Ok(()) };

@@ -59,7 +59,7 @@ impl<S: EventSourced> Core<S> {
                 part.deferred.push((key.to_bytes().into_owned(), marker.encode()));
                 return Ok(());
             }
-            return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None, None);
+            return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None);
         }
         let Some(part) = self.partitions.get_mut(&p) else { return Ok(()) };
         let pending = part.unjournaled.entry(key.clone()).or_default();
@@ -137,7 +137,7 @@ impl<S: EventSourced> Core<S> {
     ) -> Result<(), FlowError> {
         let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
         let value = self.journal_value(key, events, seq, state, Vec::new())?;
-        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&value), None)
+        self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), Some(&value))
     }
 
     /// The open transaction's or batch's journal records: deletion markers in order (at-least-once),
@@ -173,6 +173,6 @@ impl<S: EventSourced> Core<S> {
     pub(super) fn flush_journal(&mut self) -> Result<(), FlowError> {
         let records = self.journal_records(false)?;
         let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
-        records.iter().try_for_each(|(p, k, v)| self.produce(journal.topic(), Some(*p), Some(k), Some(v), None))
+        records.iter().try_for_each(|(p, k, v)| self.produce(journal.topic(), Some(*p), Some(k), Some(v)))
     }
 }

@@ -156,7 +156,7 @@ impl<S: EventSourced> Core<S> {
         }
         if ahead {
             self.dirty = true;
-            for o in &restored.outbox {
+            for o in restored.outbox {
                 self.emit(p, o)?;
             }
         }
@@ -199,7 +199,10 @@ impl<S: EventSourced> Core<S> {
             if self.committer.is_some() {
                 // Journal records already handed to the producer land before any restore reads
                 // the journal again (ours on reassignment, or the new owner's).
-                if let Err(e) = self.producer.flush(TXN_TIMEOUT) {
+                if let Err(e) = self.emitter.flush() {
+                    tracing::warn!(error = %e, "producing outputs after losing partitions failed");
+                }
+                if let Err(e) = self.sink.producer.flush(TXN_TIMEOUT) {
                     tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
                 }
                 self.drop_batches();
@@ -214,7 +217,10 @@ impl<S: EventSourced> Core<S> {
                     }
                 });
                 aborted.and_then(|()| {
-                    self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
+                    self.sink
+                        .producer
+                        .begin_transaction()
+                        .map_err(|e| self.producer_error("begin transaction".into(), e))
                 })
             }
         } else {

@@ -39,6 +39,7 @@ impl<S: EventSourced> Core<S> {
             return Ok(());
         }
         let started = Instant::now();
+        self.flush_outputs()?;
         let (tpl, positions) = self.pending_offsets()?;
         self.flush_journal()?;
         // With sled, sled is the state of record: write events, positions and outbox first.
@@ -93,7 +94,7 @@ impl<S: EventSourced> Core<S> {
                 }
             },
         }
-        self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
+        self.sink.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
@@ -156,13 +157,13 @@ impl<S: EventSourced> Core<S> {
     /// 200 µs steps makes a commit cost milliseconds instead of 100 ms.
     fn finish_transaction(&self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> KafkaResult<()> {
         if let Some(gm) = consumer.group_metadata().filter(|_| offsets.count() > 0) {
-            self.producer.send_offsets_to_transaction(offsets, &gm, TXN_TIMEOUT)?;
+            self.sink.producer.send_offsets_to_transaction(offsets, &gm, TXN_TIMEOUT)?;
         }
         let deadline = Instant::now() + TXN_TIMEOUT;
-        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+        while self.sink.producer.in_flight_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.producer.commit_transaction(TXN_TIMEOUT)
+        self.sink.producer.commit_transaction(TXN_TIMEOUT)
     }
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
@@ -172,13 +173,14 @@ impl<S: EventSourced> Core<S> {
         let outbox = sled.written().to_vec();
         let mut delay = Duration::from_millis(100);
         loop {
-            self.producer
+            self.sink
+                .producer
                 .abort_transaction(TXN_TIMEOUT)
                 .map_err(|e| self.producer_error("abort transaction".into(), e))?;
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))?;
+            self.sink.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))?;
             for o in &outbox {
-                self.produce_output(o)?;
+                self.sink.produce_output(0, o)?;
             }
             match self.finish_transaction(consumer, offsets) {
                 Ok(()) => {
@@ -196,7 +198,13 @@ impl<S: EventSourced> Core<S> {
     }
 
     pub(super) fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
+        // Whatever the emitter still holds belongs to the transaction being aborted.
+        match self.emitter.flush() {
+            Err(e @ FlowError::Fenced { .. }) => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "producing the aborted transaction's outputs failed"),
+            Ok(_) => {}
+        }
+        if let Err(e) = self.sink.producer.abort_transaction(TXN_TIMEOUT) {
             return Err(self.producer_error("abort transaction".into(), e));
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
