@@ -33,8 +33,9 @@
 //!    see `patterns.rs`.
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
-//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns|throughput`
-//! (only section 5, 6, or the flow against the volume-matched pass-through), `EVENTSTAGE_E2E_THREADS`
+//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency`
+//! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
+//! it), `EVENTSTAGE_E2E_THREADS`
 //! (print the CPU each thread used per record),
 //! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
 //! through python3), `RUST_LOG` (tracing filter, default `warn`).
@@ -155,13 +156,21 @@ fn run() -> Result<()> {
     let cmds = commands(n as usize, 7);
     if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("throughput") {
         progress("1+2/6 throughput only (EVENTSTAGE_E2E_ONLY=throughput)");
-        for _ in 0..rounds {
-            let flow = flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce)?;
-            Report::run("bank flow", "flow", &flow.run, String::new());
-            let pass = pass_through_throughput(&rt, &broker, &cmds, true, 2)?;
-            Report::run("pass-through, deliveries awaited, 2 outputs per input", "pass-through", &pass, String::new());
-            println!("  ratio {:.2}", flow.run.window_rate() / pass.window_rate());
-        }
+        let throughput = Throughput::measure(&rt, &broker, &cmds, rounds)?;
+        println!();
+        throughput.print();
+        return Ok(());
+    }
+    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("latency") {
+        progress("1+3/6 the flow's throughput, then latency at half of it (EVENTSTAGE_E2E_ONLY=latency)");
+        let flows = (0..rounds)
+            .map(|_| flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce))
+            .collect::<Result<Vec<_>>>()?;
+        let flow = Rounds::of(flows, |f| f.run.window_rate());
+        let rate = 0.5 * flow.median.run.window_rate();
+        println!("  bank flow {} commands/s (median of {})", flow.rates(), rounds);
+        Report::latency("bank flow", &flow_latency(&rt, b, rate, latency_secs)?);
+        Report::latency("pass-through awaiting deliveries", &pass_through_latency(&rt, b, rate, latency_secs, true)?);
         return Ok(());
     }
     if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("patterns") {
@@ -175,27 +184,8 @@ fn run() -> Result<()> {
     progress(&format!(
         "1+2/6 throughput, {rounds} rounds of: bank flow, pass-through, pass-through awaiting deliveries, the same with 2 outputs per input"
     ));
-    let (mut flows, mut passes, mut drained, mut doubled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
-        flows.push(flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce)?);
-        passes.push(pass_through_throughput(&rt, &broker, &cmds, false, 1)?);
-        drained.push(pass_through_throughput(&rt, &broker, &cmds, true, 1)?);
-        doubled.push(pass_through_throughput(&rt, &broker, &cmds, true, 2)?);
-        progress(&format!(
-            "    round {}: {:.0} / {:.0} / {:.0} / {:.0} records/s",
-            round + 1,
-            flows[round].run.window_rate(),
-            passes[round].window_rate(),
-            drained[round].window_rate(),
-            doubled[round].window_rate()
-        ));
-    }
-    let flow = Rounds::of(flows, |f| f.run.window_rate());
-    let pass = Rounds::of(passes, Run::window_rate);
-    let pass_drained = Rounds::of(drained, Run::window_rate);
-    let pass_doubled = Rounds::of(doubled, Run::window_rate);
-
-    let rate = 0.5 * flow.median.run.window_rate();
+    let throughput = Throughput::measure(&rt, &broker, &cmds, rounds)?;
+    let rate = 0.5 * throughput.flow.median.run.window_rate();
     progress(&format!("3/6 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
     let flow_latency = flow_latency(&rt, b, rate, latency_secs)?;
     let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false)?;
@@ -215,10 +205,7 @@ fn run() -> Result<()> {
 
     let report = Report {
         n,
-        flow,
-        pass,
-        pass_drained,
-        pass_doubled,
+        throughput,
         flow_latency,
         pass_latency,
         pass_drained_latency,

@@ -24,11 +24,7 @@ pub(crate) fn cores(c: Option<f64>) -> String {
 
 pub(crate) struct Report {
     pub(crate) n: u64,
-    pub(crate) flow: Rounds<FlowRun>,
-    pub(crate) pass: Rounds<Run>,
-    pub(crate) pass_drained: Rounds<Run>,
-    /// Awaiting deliveries, two output records per input: the bank flow's output volume.
-    pub(crate) pass_doubled: Rounds<Run>,
+    pub(crate) throughput: Throughput,
     pub(crate) flow_latency: Latency,
     pub(crate) pass_latency: Latency,
     pub(crate) pass_drained_latency: Latency,
@@ -109,47 +105,14 @@ impl Report {
     }
 
     pub(crate) fn print(&self) {
-        let ratio = |a: &Run, b: &Run| a.window_rate() / b.window_rate();
         println!();
         println!(
             "eventstage end-to-end benchmark: N = {}, {PARTITIONS} partitions, commit interval {COMMIT_INTERVAL:?}",
             self.n
         );
         println!();
-        println!("1+2. committed throughput (all outputs visible to read_committed)");
-        let flow = &self.flow.median.run;
-        let (pass, pass_drained) = (&self.pass.median, &self.pass_drained.median);
-        Self::run("bank flow (per command: reply + event + journal record)", "flow", flow, self.flow.rates());
-        let m = &self.flow.median.metrics;
-        println!(
-            "    flow metrics: records_in {}, records_out {}, dead letters {}",
-            m.records_in, m.records_out, m.dead_letters
-        );
-        Self::run(
-            "bare transactional pass-through (one output record per input)",
-            "pass-through",
-            pass,
-            self.pass.rates(),
-        );
-        Self::run(
-            "bare transactional pass-through, delivery reports awaited before commit_transaction",
-            "pass-through",
-            pass_drained,
-            self.pass_drained.rates(),
-        );
-        Self::run(
-            "bare transactional pass-through, deliveries awaited, two output records per input (the flow's reply + event volume)",
-            "pass-through",
-            &self.pass_doubled.median,
-            self.pass_doubled.rates(),
-        );
-        let r = ratio(flow, pass);
-        println!("  ratio flow / pass-through (medians): {r:.2} (target >= 0.8: {})", verdict(r >= 0.8));
-        println!("  ratio flow / pass-through awaiting deliveries (medians): {:.2}", ratio(flow, pass_drained));
-        println!(
-            "  ratio flow / pass-through with the flow's output volume (medians): {:.2}",
-            ratio(flow, &self.pass_doubled.median)
-        );
+        self.throughput.print();
+        let flow = &self.throughput.flow.median.run;
         println!();
         println!(
             "3. end-to-end latency, send -> output visible to read_committed, at 0.5 x {:.0} = {:.0} commands/s",
@@ -197,6 +160,84 @@ impl Report {
             "total benchmark time {}; broker resident memory at the end {}",
             secs(self.total),
             self.broker_rss.map_or_else(|| "n/a".into(), |m| format!("{m} MiB"))
+        );
+    }
+}
+
+/// Sections 1 and 2: the bank flow and the three pass-throughs, in interleaved rounds.
+pub(crate) struct Throughput {
+    pub(crate) flow: Rounds<FlowRun>,
+    pub(crate) pass: Rounds<Run>,
+    pub(crate) pass_drained: Rounds<Run>,
+    /// Awaiting deliveries, two output records per input: the bank flow's output volume.
+    pub(crate) pass_doubled: Rounds<Run>,
+}
+
+impl Throughput {
+    pub(crate) fn measure(
+        rt: &tokio::runtime::Runtime,
+        broker: &Broker,
+        cmds: &[(String, Vec<u8>)],
+        rounds: usize,
+    ) -> Result<Self> {
+        let (mut flows, mut passes, mut drained, mut doubled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            flows.push(flow_throughput(rt, broker, cmds, Guarantee::ExactlyOnce)?);
+            passes.push(pass_through_throughput(rt, broker, cmds, false, 1)?);
+            drained.push(pass_through_throughput(rt, broker, cmds, true, 1)?);
+            doubled.push(pass_through_throughput(rt, broker, cmds, true, 2)?);
+            progress(&format!(
+                "    round {}: {:.0} / {:.0} / {:.0} / {:.0} records/s",
+                round + 1,
+                flows[round].run.window_rate(),
+                passes[round].window_rate(),
+                drained[round].window_rate(),
+                doubled[round].window_rate()
+            ));
+        }
+        Ok(Self {
+            flow: Rounds::of(flows, |f| f.run.window_rate()),
+            pass: Rounds::of(passes, Run::window_rate),
+            pass_drained: Rounds::of(drained, Run::window_rate),
+            pass_doubled: Rounds::of(doubled, Run::window_rate),
+        })
+    }
+
+    pub(crate) fn print(&self) {
+        let ratio = |a: &Run, b: &Run| a.window_rate() / b.window_rate();
+        println!("1+2. committed throughput (all outputs visible to read_committed)");
+        let flow = &self.flow.median.run;
+        let (pass, pass_drained) = (&self.pass.median, &self.pass_drained.median);
+        Report::run("bank flow (per command: reply + event + journal record)", "flow", flow, self.flow.rates());
+        let m = &self.flow.median.metrics;
+        println!(
+            "    flow metrics: records_in {}, records_out {}, dead letters {}",
+            m.records_in, m.records_out, m.dead_letters
+        );
+        Report::run(
+            "bare transactional pass-through (one output record per input)",
+            "pass-through",
+            pass,
+            self.pass.rates(),
+        );
+        Report::run(
+            "bare transactional pass-through, delivery reports awaited before commit_transaction",
+            "pass-through",
+            pass_drained,
+            self.pass_drained.rates(),
+        );
+        Report::run(
+            "bare transactional pass-through, deliveries awaited, two output records per input (the flow's reply + event volume)",
+            "pass-through",
+            &self.pass_doubled.median,
+            self.pass_doubled.rates(),
+        );
+        let r = ratio(flow, pass);
+        println!("  ratio flow / pass-through (medians): {r:.2} (target >= 0.8: {})", verdict(r >= 0.8));
+        println!("  ratio flow / pass-through awaiting deliveries (medians): {:.2}", ratio(flow, pass_drained));
+        println!(
+            "  ratio flow / pass-through with the flow's output volume (medians): {:.2}",
+            ratio(flow, &self.pass_doubled.median)
         );
     }
 }

@@ -73,6 +73,29 @@ impl CodecId {
     }
 }
 
+/// The header of an envelope: magic, format version, kind, codec, type version, timestamp,
+/// payload length, and the CRC-32 of those 20 bytes and the payload.
+///
+/// # Panics
+/// If the payload is 4 GiB or larger (the length field is 32 bits); the stage runtime rejects such
+/// payloads with an error before they get here.
+fn header(kind: RecordKind, codec: CodecId, type_version: u16, timestamp_ms: u64, payload: &[u8]) -> [u8; HEADER_LEN] {
+    let len = u32::try_from(payload.len()).expect("envelope payloads are limited to 4 GiB");
+    let mut h = [0u8; HEADER_LEN];
+    h[..2].copy_from_slice(&MAGIC);
+    h[2] = FORMAT_VERSION;
+    h[3] = kind as u8;
+    h[4] = codec.0;
+    h[6..8].copy_from_slice(&type_version.to_le_bytes());
+    h[8..16].copy_from_slice(&timestamp_ms.to_le_bytes());
+    h[16..20].copy_from_slice(&len.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..20]);
+    crc.update(payload);
+    h[20..].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
 /// A decoded envelope: metadata plus the payload bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
@@ -110,22 +133,20 @@ impl Envelope {
     /// If the payload is 4 GiB or larger (the length field is 32 bits); the stage runtime rejects
     /// such payloads with an error before they get here.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let len = u32::try_from(self.payload.len()).expect("envelope payloads are limited to 4 GiB");
-        let start = out.len();
         out.reserve(self.encoded_len());
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(self.kind as u8);
-        out.push(self.codec.0);
-        out.push(0);
-        out.extend_from_slice(&self.type_version.to_le_bytes());
-        out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&out[start..start + 20]);
-        crc.update(&self.payload);
-        out.extend_from_slice(&crc.finalize().to_le_bytes());
+        out.extend_from_slice(&header(self.kind, self.codec, self.type_version, self.timestamp_ms, &self.payload));
         out.extend_from_slice(&self.payload);
+    }
+
+    /// An envelope's encoding built in place: `buf` holds [`HEADER_LEN`] bytes of any value, then
+    /// the payload; the header is written over the first bytes (the payload is not copied).
+    ///
+    /// # Panics
+    /// If `buf` is shorter than [`HEADER_LEN`], or the payload is 4 GiB or larger.
+    pub fn seal(kind: RecordKind, codec: CodecId, type_version: u16, timestamp_ms: u64, mut buf: Vec<u8>) -> Vec<u8> {
+        let h = header(kind, codec, type_version, timestamp_ms, &buf[HEADER_LEN..]);
+        buf[..HEADER_LEN].copy_from_slice(&h);
+        buf
     }
 
     /// The encoded envelope.

@@ -24,6 +24,7 @@
 //! Writes happen inside the flow's Kafka transaction (see the `eventstage` crate), so the journal,
 //! the outputs and the consumed offsets commit atomically; restore reads with `read_committed`.
 
+use crate::envelope::HEADER_LEN;
 use crate::error::{EnvelopeError, JournalError, Result};
 use crate::{CodecId, Envelope, RecordKind, SeqNo, SourcePosition};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
@@ -60,7 +61,12 @@ fn damaged(topic: &str, what: String) -> JournalError {
 impl JournalEntry {
     /// The record value.
     pub fn encode(&self) -> Vec<u8> {
-        let mut payload = Vec::new();
+        let events: usize = self.events.iter().map(|e| 4 + e.encoded_len()).sum();
+        let state = 4 + self.state.as_ref().map_or(0, Envelope::encoded_len);
+        let sources: usize = self.sources.iter().map(|s| 14 + s.topic.len()).sum();
+        // The entry's own header is written over the first bytes once the payload is complete.
+        let mut payload = Vec::with_capacity(HEADER_LEN + 12 + events + state + 4 + sources);
+        payload.resize(HEADER_LEN, 0);
         payload.extend_from_slice(&self.last_seq.0.to_le_bytes());
         payload.extend_from_slice(&(self.events.len() as u32).to_le_bytes());
         for e in &self.events {
@@ -88,7 +94,7 @@ impl JournalEntry {
             2
         };
         let ts = self.events.last().or(self.state.as_ref()).map_or(0, |e| e.timestamp_ms);
-        Envelope { kind: RecordKind::Entry, codec: CodecId::RAW, type_version, timestamp_ms: ts, payload }.encode()
+        Envelope::seal(RecordKind::Entry, CodecId::RAW, type_version, ts, payload)
     }
 
     /// Decodes a record value.

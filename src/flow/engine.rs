@@ -213,6 +213,9 @@ struct Core<S: EventSourced> {
     partitions: BTreeMap<i32, PartitionState<S>>,
     offsets: BTreeMap<(String, i32), Offsets>,
     dirty: bool,
+    /// Wall clock (ms since the epoch) as of the flow loop's last look at the clock: the journal's
+    /// event timestamps (read every few records, not per record).
+    wall_ms: u64,
     /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
     consecutive_aborts: u32,
     failure: Option<FlowError>,
@@ -526,6 +529,7 @@ pub(super) fn run<S: EventSourced>(
         partitions: BTreeMap::new(),
         offsets: BTreeMap::new(),
         dirty: false,
+        wall_ms: now_ms(),
         consecutive_aborts: 0,
         failure: None,
         metrics: metrics.clone(),
@@ -562,10 +566,12 @@ pub(super) fn run<S: EventSourced>(
             let c = lock(&core);
             c.pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()))
         };
+        let mut waited = false;
         let polled = match (room, busy) {
             // Without waiting first (no clock reads while records are queued); before waiting,
             // the emitter gets what is collected, so outputs never wait for more input.
             (true, false) => consumer.poll(Duration::ZERO).or_else(|| {
+                waited = true;
                 let handed = lock(&core).emitter.hand_off();
                 if let Err(e) = handed {
                     lock(&core).failure.get_or_insert(e);
@@ -601,12 +607,18 @@ pub(super) fn run<S: EventSourced>(
         }
         // The clock is read every CLOCK_EVERY records while records keep coming.
         polls = polls.wrapping_add(1);
-        let check = polled_none || polls % CLOCK_EVERY == 0;
-        if (check && last_commit.elapsed() >= commit_every) || c.committer.as_ref().is_some_and(Committer::due) {
+        let now = (waited || polled_none || polls % CLOCK_EVERY == 0).then(|| {
+            c.wall_ms = now_ms();
+            Instant::now()
+        });
+        let due = now.is_some_and(|now| now.saturating_duration_since(last_commit) >= commit_every);
+        if due || c.committer.as_ref().is_some_and(Committer::due) {
+            // The next commit is due one interval after this one started (as Kafka Streams
+            // counts): a commit's own duration does not stretch the interval.
+            last_commit = now.unwrap_or_else(Instant::now);
             if let Err(e) = c.commit(&consumer) {
                 break Err(e);
             }
-            last_commit = Instant::now();
             if last_lag.elapsed() >= Duration::from_secs(5) {
                 c.update_lag(&consumer);
                 last_lag = Instant::now();

@@ -108,12 +108,27 @@ pub fn decode(input: &InputRecord) -> Result<(String, BankCommand), String> {
     Ok((key.to_string(), command))
 }
 
+/// The id of a wire command. Commands written as the contract shows them start with their id
+/// (`{"id":"...` with no escapes in it): that id is taken as it is, without parsing the rest again
+/// (the decoder has parsed it already). Any other layout is parsed in full.
+fn command_id(value: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    const PREFIX: &[u8] = br#"{"id":""#;
+    if let Some(rest) = value.strip_prefix(PREFIX) {
+        if let Some(end) = rest.iter().position(|&b| b == b'"' || b == b'\\') {
+            if rest[end] == b'"' {
+                return std::str::from_utf8(&rest[..end]).ok().map(std::borrow::Cow::Borrowed);
+            }
+        }
+    }
+    serde_json::from_slice::<WireId<'_>>(value).ok().map(|w| w.id)
+}
+
 /// The reply and event records of one processed command (of [`Bank`] or a bank with its types).
 pub fn outputs<S>(topics: &BankTopics, p: &Processed<'_, S>) -> Vec<OutputRecord>
 where
     S: EventSourced<Key = String, Event = BankEvent, State = Account, Reply = u64, Rejection = BankRejection>,
 {
-    let id = p.input.value.as_deref().and_then(|v| serde_json::from_slice::<WireId<'_>>(v).ok()).map(|w| w.id);
+    let id = p.input.value.as_deref().and_then(command_id);
     let id = id.as_deref().unwrap_or_default();
     let reply = match p.outcome {
         Ok(balance) => WireReplyRef { id, ok: true, balance: Some(*balance), error: None },
@@ -161,4 +176,24 @@ pub fn bank_flow_with_limits(
             Ok((account, Limited { command, limit }))
         })
         .outputs(move |p| outputs(&topics, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_id;
+
+    #[test]
+    fn the_command_id_is_read_in_any_layout() {
+        let cases: [(&[u8], Option<&str>); 6] = [
+            (br#"{"id":"c-1","op":"deposit","amount":5}"#, Some("c-1")),
+            (br#"{"op":"open","id":"c-2"}"#, Some("c-2")),
+            (br#"{ "id" : "c-3", "op":"open"}"#, Some("c-3")),
+            (br#"{"id":"c\"4","op":"open"}"#, Some("c\"4")),
+            (br#"{"id":"c\u00e95","op":"open"}"#, Some("c\u{e9}5")),
+            (b"not json", None),
+        ];
+        for (value, id) in cases {
+            assert_eq!(command_id(value).as_deref(), id, "{}", String::from_utf8_lossy(value));
+        }
+    }
 }

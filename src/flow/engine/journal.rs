@@ -24,7 +24,7 @@ impl<S: EventSourced> Core<S> {
         if matches!(self.backend, Backend::None) {
             return Ok(());
         }
-        let ts = now_ms();
+        let ts = self.wall_ms;
         let envelopes = events
             .iter()
             .map(|e| Ok(Envelope::event(self.codec.id(), S::EVENT_VERSION, ts, self.encode(key, e)?)))
