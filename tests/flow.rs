@@ -572,6 +572,36 @@ async fn bad_input_can_stop_the_flow_instead() {
     assert!(msg.contains(&format!("{}[0]@1", s.topics.input)) && msg.contains("not a bank command"), "{msg}");
 }
 
+/// A panic in the output mapping (which runs on the flow's emitter thread) stops the flow with an
+/// error that carries the panic's message, instead of hanging the flow thread's next commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_output_mapping_stops_the_flow_with_its_message() {
+    let s = setup(1).await;
+    let topics = s.topics.clone();
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .outputs(move |p| {
+            if p.input.value.as_deref().is_some_and(|v| v.windows(4).any(|w| w == b"boom")) {
+                panic!("no outputs for boom");
+            }
+            eventstage::stages::bank_flow::outputs(&topics, p)
+        })
+        .journal_topic(&s.journal)
+        .run()
+        .unwrap();
+    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
+    tokio::task::spawn_blocking(move || {
+        let p = producer(&b);
+        send(&p, &input, "acct-1", &wire("c1", BankCommand::Open));
+        send(&p, &input, "acct-1", &wire("boom", BankCommand::Deposit(5)));
+        flush(&p);
+    })
+    .await
+    .unwrap();
+    let err = tokio::time::timeout(crate::util::DEADLINE, flow.wait()).await.expect("the flow stops").unwrap_err();
+    assert!(matches!(err, eventstage::flow::FlowError::Crashed(_)), "{err:?}");
+    assert!(err.to_string().contains("output mapping panicked: no outputs for boom"), "{err}");
+}
+
 /// The broker goes away mid-run and comes back: the flow retries, and every command is still
 /// answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

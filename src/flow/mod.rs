@@ -21,7 +21,13 @@
 //!   topic with headers naming its source topic, partition, offset and the error, inside the same
 //!   transaction; or, by policy, stops the flow.
 //! - **Threads.** The flow runs on a thread of its own, so librdkafka's blocking calls never block
-//!   the tokio runtime; [`FlowControl`] is async.
+//!   the tokio runtime; [`FlowControl`] is async. The output mapping and the produce calls run on a
+//!   second thread (the emitter), in the order the flow thread handled the commands: a produce call
+//!   costs about as much as decoding and handling a command, so the two threads keep up with about
+//!   twice the input one would. Before every commit or abort the flow thread waits until the
+//!   emitter has produced everything it was given, so a transaction holds exactly the outputs of
+//!   the inputs it commits. A panic in the output mapping stops the flow with
+//!   [`FlowError::Crashed`].
 //!
 //! The same builder runs the other patterns of Alpakka Kafka, on the same machinery:
 //!
@@ -527,7 +533,8 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
-    /// The output mapping. Default: no outputs.
+    /// The output mapping. Default: no outputs. It runs on the flow's emitter thread, one
+    /// outcome after another in the order the commands were handled.
     #[must_use]
     pub fn outputs(mut self, map: impl Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send + 'static) -> Self {
         self.outputs = Some(Box::new(map));

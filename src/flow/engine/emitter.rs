@@ -251,18 +251,24 @@ impl<S: EventSourced> Worker<S> {
         while let Ok(message) = jobs.recv() {
             match message {
                 Message::Jobs(batch) => {
+                    // Counted once per hand-over: the flow thread writes its counters next to it.
+                    let mut records_out = 0;
                     for job in batch {
                         let id = match &job {
                             Job::Outcome(id, _) | Job::Record(id, _, _) => *id,
                         };
                         if failure.is_none() && !self.flags.stop.load(Ordering::Relaxed) {
-                            if let Err(e) = self.emit(job, &mut outbox) {
-                                self.flags.failed.store(true, Ordering::Relaxed);
-                                failure = Some(e);
+                            match self.emit(job, &mut outbox) {
+                                Ok(n) => records_out += n,
+                                Err(e) => {
+                                    self.flags.failed.store(true, Ordering::Relaxed);
+                                    failure = Some(e);
+                                }
                             }
                         }
                         self.sink.deliveries.done(id);
                     }
+                    self.metrics.records_out.fetch_add(records_out, Ordering::Relaxed);
                 }
                 Message::Flush(reply) => {
                     self.flags.failed.store(false, Ordering::Relaxed);
@@ -272,9 +278,11 @@ impl<S: EventSourced> Worker<S> {
         }
     }
 
-    fn emit(&self, job: Job<S>, outbox: &mut Vec<(i32, OutputRecord)>) -> Result<(), FlowError> {
-        let (batch, p, records) = match job {
-            Job::Record(batch, p, record) => (batch, p, vec![record]),
+    /// Produces a job's records: how many of them are output records (dead letters and outbox
+    /// records produced again are not counted).
+    fn emit(&self, job: Job<S>, outbox: &mut Vec<(i32, OutputRecord)>) -> Result<u64, FlowError> {
+        let (batch, p, records, outputs) = match job {
+            Job::Record(batch, p, record) => (batch, p, vec![record], 0),
             Job::Outcome(batch, o) => {
                 let processed = Processed {
                     input: &o.input,
@@ -291,8 +299,8 @@ impl<S: EventSourced> Worker<S> {
                         .unwrap_or_default();
                     FlowError::Crashed(format!("the output mapping panicked: {msg}"))
                 })?;
-                self.metrics.records_out.fetch_add(records.len() as u64, Ordering::Relaxed);
-                (batch, o.input.partition, records)
+                let n = records.len() as u64;
+                (batch, o.input.partition, records, n)
             }
         };
         for record in &records {
@@ -301,6 +309,6 @@ impl<S: EventSourced> Worker<S> {
         if self.keep_outbox {
             outbox.extend(records.into_iter().map(|r| (p, r)));
         }
-        Ok(())
+        Ok(outputs)
     }
 }

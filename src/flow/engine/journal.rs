@@ -62,9 +62,19 @@ impl<S: EventSourced> Core<S> {
             return self.produce(journal.topic(), Some(p), Some(&key.to_bytes()), None);
         }
         let Some(part) = self.partitions.get_mut(&p) else { return Ok(()) };
-        let pending = part.unjournaled.entry(key.clone()).or_default();
-        pending.extend(envelopes);
-        if pending.len() < MAX_EVENTS_PER_JOURNAL_RECORD {
+        // No copy of the key for a key already pending (the common case for a busy key).
+        let pending = match part.unjournaled.get_mut(key) {
+            Some(pending) => {
+                pending.extend(envelopes);
+                pending.len()
+            }
+            None => {
+                let n = envelopes.len();
+                part.unjournaled.insert(key.clone(), envelopes);
+                n
+            }
+        };
+        if pending < MAX_EVENTS_PER_JOURNAL_RECORD {
             return Ok(());
         }
         if let Some(committer) = &mut self.committer {
@@ -73,8 +83,7 @@ impl<S: EventSourced> Core<S> {
             committer.full = true;
             return Ok(());
         }
-        let events = std::mem::take(pending);
-        part.unjournaled.remove(key);
+        let events = part.unjournaled.remove(key).unwrap_or_default();
         self.write_journal_record(p, key, events, seq, state)
     }
 
