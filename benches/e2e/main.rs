@@ -35,8 +35,8 @@
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
-//! it), `EVENTSTAGE_E2E_THREADS`
-//! (print the CPU each thread used per record),
+//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
+//! each thread used per record),
 //! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
 //! through python3), `RUST_LOG` (tracing filter, default `warn`).
 
@@ -167,8 +167,9 @@ fn run() -> Result<()> {
             .map(|_| flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce))
             .collect::<Result<Vec<_>>>()?;
         let flow = Rounds::of(flows, |f| f.run.window_rate());
-        let rate = 0.5 * flow.median.run.window_rate();
-        println!("  bank flow {} commands/s (median of {})", flow.rates(), rounds);
+        let half = 0.5 * flow.median.run.window_rate();
+        let rate = env_number("EVENTSTAGE_E2E_LATENCY_RATE", half as u64)? as f64;
+        println!("  bank flow {} commands/s (median of {}); latency at {rate:.0}/s", flow.rates(), rounds);
         Report::latency("bank flow", &flow_latency(&rt, b, rate, latency_secs)?);
         Report::latency("pass-through awaiting deliveries", &pass_through_latency(&rt, b, rate, latency_secs, true)?);
         return Ok(());
