@@ -2,6 +2,7 @@
 
 use crate::runtime::model;
 use crate::util::broker::{brokers, create_topic, flush, producer, read_committed, send, unique, Rec};
+use eventstage::flow::FlowError;
 use eventstage::journal::KafkaJournal;
 use eventstage::stages::bank::{Account, BankCommand, BankRejection};
 use eventstage::stages::bank_flow::{bank_flow, BankTopics, WireCommand, WireReply};
@@ -550,6 +551,20 @@ async fn a_crash_between_the_sled_write_and_the_kafka_commit_is_repaired_from_th
     assert_eq!(sled_state(&dir.path().join("j"), 2).await, accounts);
 }
 
+/// Feeds an `open` of acct-1, then `second` for it, and returns the error that stops `flow`.
+async fn stops_at_second_command(s: &Setup, flow: eventstage::flow::FlowControl, second: Vec<u8>) -> FlowError {
+    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
+    tokio::task::spawn_blocking(move || {
+        let p = producer(&b);
+        send(&p, &input, "acct-1", &wire("c1", BankCommand::Open));
+        send(&p, &input, "acct-1", &second);
+        flush(&p);
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(crate::util::DEADLINE, flow.wait()).await.expect("the flow stops").unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_can_stop_the_flow_instead() {
     let s = setup(1).await;
@@ -558,16 +573,7 @@ async fn bad_input_can_stop_the_flow_instead() {
         .bad_input(eventstage::flow::BadInput::Stop)
         .run()
         .unwrap();
-    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
-    tokio::task::spawn_blocking(move || {
-        let p = producer(&b);
-        send(&p, &input, "acct-1", &wire("c1", BankCommand::Open));
-        send(&p, &input, "acct-1", b"garbage");
-        flush(&p);
-    })
-    .await
-    .unwrap();
-    let err = tokio::time::timeout(crate::util::DEADLINE, flow.wait()).await.expect("the flow stops").unwrap_err();
+    let err = stops_at_second_command(&s, flow, b"garbage".to_vec()).await;
     let msg = err.to_string();
     assert!(msg.contains(&format!("{}[0]@1", s.topics.input)) && msg.contains("not a bank command"), "{msg}");
 }
@@ -588,17 +594,8 @@ async fn a_panicking_output_mapping_stops_the_flow_with_its_message() {
         .journal_topic(&s.journal)
         .run()
         .unwrap();
-    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
-    tokio::task::spawn_blocking(move || {
-        let p = producer(&b);
-        send(&p, &input, "acct-1", &wire("c1", BankCommand::Open));
-        send(&p, &input, "acct-1", &wire("boom", BankCommand::Deposit(5)));
-        flush(&p);
-    })
-    .await
-    .unwrap();
-    let err = tokio::time::timeout(crate::util::DEADLINE, flow.wait()).await.expect("the flow stops").unwrap_err();
-    assert!(matches!(err, eventstage::flow::FlowError::Crashed(_)), "{err:?}");
+    let err = stops_at_second_command(&s, flow, wire("boom", BankCommand::Deposit(5))).await;
+    assert!(matches!(err, FlowError::Crashed(_)), "{err:?}");
     assert!(err.to_string().contains("output mapping panicked: no outputs for boom"), "{err}");
 }
 
