@@ -146,7 +146,8 @@ fn run() -> Result<()> {
         if broker.own.is_some() { "noida-db started by this benchmark" } else { "EVENTSTAGE_TEST_BROKERS" }
     ));
     let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
-    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("table") {
+    let only = std::env::var("EVENTSTAGE_E2E_ONLY").ok();
+    if only.as_deref() == Some("table") {
         progress("5/6 table materialization and lookups (EVENTSTAGE_E2E_ONLY=table)");
         let table = table::run(&rt, &broker, table_keys)?;
         println!();
@@ -154,14 +155,14 @@ fn run() -> Result<()> {
         return Ok(());
     }
     let cmds = commands(n as usize, 7);
-    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("throughput") {
+    if only.as_deref() == Some("throughput") {
         progress("1+2/6 throughput only (EVENTSTAGE_E2E_ONLY=throughput)");
         let throughput = Throughput::measure(&rt, &broker, &cmds, rounds)?;
         println!();
         throughput.print();
         return Ok(());
     }
-    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("latency") {
+    if only.as_deref() == Some("latency") {
         progress("1+3/6 the flow's throughput, then latency at half of it (EVENTSTAGE_E2E_ONLY=latency)");
         let flows = (0..rounds)
             .map(|_| flow_throughput(&rt, &broker, &cmds, Guarantee::ExactlyOnce))
@@ -174,7 +175,7 @@ fn run() -> Result<()> {
         Report::latency("pass-through awaiting deliveries", &pass_through_latency(&rt, b, rate, latency_secs, true)?);
         return Ok(());
     }
-    if std::env::var("EVENTSTAGE_E2E_ONLY").as_deref() == Ok("patterns") {
+    if only.as_deref() == Some("patterns") {
         progress("6/6 at-least-once vs exactly-once, enrichment (EVENTSTAGE_E2E_ONLY=patterns)");
         let patterns = patterns::run(&rt, &broker, &cmds, rounds)?;
         println!();

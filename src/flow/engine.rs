@@ -180,6 +180,20 @@ struct Offsets {
     committed: i64,
     /// Next offset to commit.
     next: i64,
+    /// Offsets below this were applied already (sled positions ahead of Kafka; -1: none).
+    applied_until: i64,
+}
+
+/// The offsets of `input`'s partition. The lookup borrows the record's topic for a moment
+/// instead of copying it.
+fn offsets_of<'a>(
+    offsets: &'a mut BTreeMap<(String, i32), Offsets>,
+    input: &mut InputRecord,
+) -> Option<&'a mut Offsets> {
+    let tp = (std::mem::take(&mut input.topic), input.partition);
+    let found = offsets.get_mut(&tp);
+    input.topic = tp.0;
+    found
 }
 
 enum Backend {
@@ -203,18 +217,16 @@ struct Core<S: EventSourced> {
     backend: Backend,
     rt: tokio::runtime::Runtime,
     snapshot_every: u64,
-    /// Per input partition, offsets below this were applied already (sled positions ahead of Kafka).
-    applied_until: HashMap<(String, i32), i64>,
     /// Seeks to do once librdkafka has made the assignment.
     pending_seeks: Vec<(String, i32, i64)>,
-    transactional_id: String,
     bad_input: BadInput,
     codec: Codec,
     partitions: BTreeMap<i32, PartitionState<S>>,
     offsets: BTreeMap<(String, i32), Offsets>,
     dirty: bool,
     /// Wall clock (ms since the epoch) as of the flow loop's last look at the clock: the journal's
-    /// event timestamps (read every few records, not per record).
+    /// timestamps, of events and of the snapshots in its records (read every few records, not per
+    /// record or per key).
     wall_ms: u64,
     /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
     consecutive_aborts: u32,
@@ -258,11 +270,6 @@ impl<S: EventSourced> Core<S> {
         Ok(())
     }
 
-    /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
-    fn producer_error(&self, context: String, e: KafkaError) -> FlowError {
-        self.sink.error(context, e)
-    }
-
     fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
         match &self.bad_input {
             BadInput::Stop => Err(FlowError::BadInput {
@@ -293,18 +300,16 @@ impl<S: EventSourced> Core<S> {
 
     /// Takes a consumed record: decodes it, then hands it to the enrichment pipeline or the stage.
     fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
-        let input = InputRecord {
+        let mut input = InputRecord {
             topic: msg.topic().to_string(),
             partition: msg.partition(),
             offset: msg.offset(),
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().map(<[u8]>::to_vec),
         };
-        if !self.applied_until.is_empty()
-            && self
-                .applied_until
-                .get(&(input.topic.clone(), input.partition))
-                .is_some_and(|&until| input.offset < until)
+        let offset = input.offset;
+        if matches!(self.backend, Backend::Sled(_))
+            && offsets_of(&mut self.offsets, &mut input).is_some_and(|o| offset < o.applied_until)
         {
             // Applied before a crash (sled positions); its outputs were produced again from the outbox.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
@@ -324,11 +329,7 @@ impl<S: EventSourced> Core<S> {
         mut input: InputRecord,
         decoded: Result<(S::Key, S::Command), String>,
     ) -> Result<(), FlowError> {
-        // The lookup key borrows the record's topic for a moment instead of copying it.
-        let tp = (std::mem::take(&mut input.topic), input.partition);
-        let offsets = self.offsets.get_mut(&tp);
-        input.topic = tp.0;
-        let Some(offsets) = offsets else {
+        let Some(offsets) = offsets_of(&mut self.offsets, &mut input) else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
         };
@@ -521,9 +522,7 @@ pub(super) fn run<S: EventSourced>(
         backend,
         rt,
         snapshot_every: settings.snapshot_every,
-        applied_until: HashMap::new(),
         pending_seeks: Vec::new(),
-        transactional_id: settings.transactional_id.clone(),
         bad_input: settings.bad_input.clone(),
         codec: settings.codec,
         partitions: BTreeMap::new(),
@@ -570,14 +569,17 @@ pub(super) fn run<S: EventSourced>(
         let polled = match (room, busy) {
             // Without waiting first (no clock reads while records are queued); before waiting,
             // the emitter gets what is collected, so outputs never wait for more input.
-            (true, false) => consumer.poll(Duration::ZERO).or_else(|| {
-                waited = true;
-                let handed = lock(&core).emitter.hand_off();
-                if let Err(e) = handed {
-                    lock(&core).failure.get_or_insert(e);
+            (true, false) => match consumer.poll(Duration::ZERO) {
+                None => {
+                    waited = true;
+                    let handed = lock(&core).emitter.hand_off();
+                    if let Err(e) = handed {
+                        break Err(e);
+                    }
+                    consumer.poll(Duration::from_millis(20))
                 }
-                consumer.poll(Duration::from_millis(20))
-            }),
+                polled => polled,
+            },
             (true, true) => consumer.poll(Duration::ZERO),
             (false, _) => None,
         };

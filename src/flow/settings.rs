@@ -155,7 +155,7 @@ impl RebalanceEvent {
 /// What a synchronous rebalance listener may do while the rebalance waits for it.
 #[derive(Debug)]
 pub struct RebalanceActions<'a> {
-    pub(crate) committed: Vec<(TopicPartition, i64)>,
+    pub(crate) committed: &'a [(TopicPartition, i64)],
     pub(crate) seeks: &'a mut Vec<(String, i32, i64)>,
 }
 

@@ -95,9 +95,7 @@ where
     let partitions: Vec<i32> = match &b.settings.partitions {
         Partitions::All => (0..count).collect(),
         Partitions::Only(ps) => {
-            if let Some(&p) = ps.iter().find(|&&p| p < 0 || p >= count) {
-                return Err(TableError::NoSuchPartition { topic: b.settings.topic.clone(), partition: p, count });
-            }
+            existing(&b.settings.topic, ps, count)?;
             ps.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
         }
         Partitions::Assigned => Vec::new(),
@@ -164,6 +162,14 @@ fn partition_count(consumer: &TableConsumer, brokers: &str, topic: &str, timeout
     match md.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
         _ => Err(TableError::MissingTopic { topic: topic.into(), brokers: brokers.into() }),
+    }
+}
+
+/// `Err` naming the first of `partitions` that a topic of `count` partitions does not have.
+fn existing(topic: &str, partitions: &[i32], count: i32) -> Result<(), TableError> {
+    match partitions.iter().find(|&&p| p < 0 || p >= count) {
+        Some(&partition) => Err(TableError::NoSuchPartition { topic: topic.into(), partition, count }),
+        None => Ok(()),
     }
 }
 
@@ -491,15 +497,9 @@ where
         match command {
             Command::Assign(partitions, reply) => {
                 let new: Vec<i32> = partitions.into_iter().filter(|p| !self.positions.contains_key(p)).collect();
-                let read = match new.iter().find(|&&p| p < 0 || p >= self.count) {
-                    Some(&partition) => Err(TableError::NoSuchPartition {
-                        topic: self.shared.topic.clone(),
-                        partition,
-                        count: self.count,
-                    }),
-                    None => watermarks(consumer, &self.shared.topic, &new, self.timeout)
-                        .and_then(|marks| self.read(consumer, &marks)),
-                };
+                let read = existing(&self.shared.topic, &new, self.count)
+                    .and_then(|()| watermarks(consumer, &self.shared.topic, &new, self.timeout))
+                    .and_then(|marks| self.read(consumer, &marks));
                 match read {
                     Ok(()) => {
                         tracing::info!(topic = %self.shared.topic, partitions = ?new, "table reads assigned partitions");

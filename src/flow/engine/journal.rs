@@ -131,7 +131,7 @@ impl<S: EventSourced> Core<S> {
         state: &S::State,
         sources: Vec<SourcePosition>,
     ) -> Result<Vec<u8>, FlowError> {
-        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, now_ms(), self.encode(key, state)?);
+        let snapshot = Envelope::snapshot(self.codec.id(), S::STATE_VERSION, self.wall_ms, self.encode(key, state)?);
         Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
     }
 

@@ -64,7 +64,9 @@ impl<S: EventSourced> Core<S> {
                 Offset::Offset(o) => o,
                 _ => -1,
             };
-            self.offsets.insert((el.topic().to_string(), el.partition()), Offsets { committed: c, next: c });
+            let tp = (el.topic().to_string(), el.partition());
+            let applied_until = self.offsets.get(&tp).map_or(-1, |o| o.applied_until);
+            self.offsets.insert(tp, Offsets { committed: c, next: c, applied_until });
         }
         let wanted: Vec<i32> = tpl
             .elements()
@@ -100,23 +102,24 @@ impl<S: EventSourced> Core<S> {
             }
         }
         self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
-        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "assigned and restored");
-        self.notify(RebalanceEvent::Assigned(topic_partitions(tpl)));
+        let assigned = topic_partitions(tpl);
+        tracing::info!(partitions = ?assigned, "assigned and restored");
+        self.notify(RebalanceEvent::Assigned(assigned));
         Ok(())
     }
 
     /// Tells the listeners: the synchronous ones now, in the order they were added (their seeks
     /// are done once librdkafka has made the assignment), the async one through its task.
     fn notify(&mut self, event: RebalanceEvent) {
+        let committed: Vec<(TopicPartition, i64)> = self
+            .offsets
+            .iter()
+            .map(|((topic, partition), o)| {
+                (TopicPartition { topic: topic.clone(), partition: *partition }, o.committed)
+            })
+            .collect();
         for listener in &mut self.parts.on_rebalance {
-            let committed = self
-                .offsets
-                .iter()
-                .map(|((topic, partition), o)| {
-                    (TopicPartition { topic: topic.clone(), partition: *partition }, o.committed)
-                })
-                .collect();
-            let mut actions = RebalanceActions { committed, seeks: &mut self.pending_seeks };
+            let mut actions = RebalanceActions { committed: &committed, seeks: &mut self.pending_seeks };
             let ran = catch_unwind(AssertUnwindSafe(|| listener(&event, &mut actions)));
             if ran.is_err() {
                 tracing::error!(?event, "the rebalance listener panicked; going on");
@@ -145,7 +148,7 @@ impl<S: EventSourced> Core<S> {
                     o.committed
                 )));
             }
-            self.applied_until.insert((topic.clone(), *part), sled_next);
+            o.applied_until = sled_next;
             if sled_next > o.committed {
                 tracing::warn!(topic = %topic, partition = part, kafka = o.committed, sled = sled_next,
                     "inputs were applied before a crash but not committed to Kafka: producing their outputs again from the outbox");
@@ -217,10 +220,7 @@ impl<S: EventSourced> Core<S> {
                     }
                 });
                 aborted.and_then(|()| {
-                    self.sink
-                        .producer
-                        .begin_transaction()
-                        .map_err(|e| self.producer_error("begin transaction".into(), e))
+                    self.sink.producer.begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
                 })
             }
         } else {
@@ -234,7 +234,6 @@ impl<S: EventSourced> Core<S> {
         }
         let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
         self.partitions.retain(|p, _| still.contains(p));
-        self.applied_until.retain(|(_, p), _| still.contains(p));
         if let Backend::Sled(sled) = &mut self.backend {
             for el in tpl.elements() {
                 if !still.contains(&el.partition()) {

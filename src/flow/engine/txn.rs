@@ -76,9 +76,7 @@ impl<S: EventSourced> Core<S> {
                 self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => match classify(&e) {
-                TxnFailure::Fenced => {
-                    return Err(FlowError::Fenced { transactional_id: self.transactional_id.clone() })
-                }
+                TxnFailure::Fenced => return Err(self.sink.error("commit transaction".into(), e)),
                 TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
                 TxnFailure::Abort | TxnFailure::Retry if sled_written => {
                     tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
@@ -94,7 +92,7 @@ impl<S: EventSourced> Core<S> {
                 }
             },
         }
-        self.sink.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))
+        self.sink.producer.begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
@@ -176,9 +174,9 @@ impl<S: EventSourced> Core<S> {
             self.sink
                 .producer
                 .abort_transaction(TXN_TIMEOUT)
-                .map_err(|e| self.producer_error("abort transaction".into(), e))?;
+                .map_err(|e| self.sink.error("abort transaction".into(), e))?;
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.sink.producer.begin_transaction().map_err(|e| self.producer_error("begin transaction".into(), e))?;
+            self.sink.producer.begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))?;
             for o in &outbox {
                 self.sink.produce_output(0, o)?;
             }
@@ -192,7 +190,7 @@ impl<S: EventSourced> Core<S> {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(self.producer_error("commit outbox".into(), e)),
+                Err(e) => return Err(self.sink.error("commit outbox".into(), e)),
             }
         }
     }
@@ -205,7 +203,7 @@ impl<S: EventSourced> Core<S> {
             Ok(_) => {}
         }
         if let Err(e) = self.sink.producer.abort_transaction(TXN_TIMEOUT) {
-            return Err(self.producer_error("abort transaction".into(), e));
+            return Err(self.sink.error("abort transaction".into(), e));
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
         self.consecutive_aborts += 1;
