@@ -274,18 +274,16 @@ async fn a_zombie_with_the_same_transactional_id_cannot_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_at_start_is_waited_for() {
-    use crate::util::broker::{free_port, wait_ready, LocalBroker};
-    let port = free_port();
-    let broker = LocalBroker::spawn(port, tempfile::tempdir().unwrap());
-    wait_ready(&broker.brokers);
-    let addr = broker.brokers.clone();
+    use crate::util::broker::{own_cluster, wait_ready, Settings};
+    let mut cluster = own_cluster(Settings::single());
+    let addr = cluster.bootstrap();
     let s = setup_on(addr.clone(), 1).await;
-    let data = broker.stop();
+    cluster.stop_node(0);
     // The broker is down: the flow starts anyway and keeps retrying.
     let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(flow.metrics().records_in, 0);
-    let _broker = LocalBroker::spawn(port, data);
+    cluster.restart_node(0).unwrap();
     wait_ready(&addr);
     let cmds = workload(50, 5, 4);
     let (replies, _) = expected(&cmds);
@@ -603,11 +601,9 @@ async fn a_panicking_output_mapping_stops_the_flow_with_its_message() {
 /// answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_mid_run_loses_and_duplicates_nothing() {
-    use crate::util::broker::{free_port, wait_ready, LocalBroker};
-    let port = free_port();
-    let broker = LocalBroker::spawn(port, tempfile::tempdir().unwrap());
-    wait_ready(&broker.brokers);
-    let addr = broker.brokers.clone();
+    use crate::util::broker::{own_cluster, wait_ready, Settings};
+    let mut cluster = own_cluster(Settings::single());
+    let addr = cluster.bootstrap();
     let s = setup_on(addr.clone(), 2).await;
     let cmds = workload(300, 10, 41);
     let (first, second) = cmds.split_at(150);
@@ -615,9 +611,9 @@ async fn a_broker_outage_mid_run_loses_and_duplicates_nothing() {
     feed_async(&s, first).await;
     let (first_replies, _) = expected(first);
     await_replies(&s, first_replies).await;
-    let data = broker.stop();
+    cluster.stop_node(0);
     std::thread::sleep(Duration::from_secs(2));
-    let _broker = LocalBroker::spawn(port, data);
+    cluster.restart_node(0).unwrap();
     wait_ready(&addr);
     feed_async(&s, second).await;
     let (replies, accounts) = expected(&cmds);

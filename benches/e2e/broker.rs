@@ -1,29 +1,13 @@
-//! The broker under test: ours (noida-db, started and stopped here) or EVENTSTAGE_TEST_BROKERS; topic admin.
+//! The broker under test: Apache Kafka started here (`eventstage-testkafka`, one node tuned for
+//! measurements, stopped when this process exits) or EVENTSTAGE_TEST_BROKERS; topic admin.
 
 use super::*;
+use eventstage_testkafka::{Cluster, Settings};
 
-/// The cluster under test: ours (a noida-db process) or the one named by `EVENTSTAGE_TEST_BROKERS`.
+/// The cluster under test: ours (one Apache Kafka node) or the one named by `EVENTSTAGE_TEST_BROKERS`.
 pub(crate) struct Broker {
     pub(crate) brokers: String,
-    pub(crate) own: Option<OwnBroker>,
-}
-
-pub(crate) struct OwnBroker {
-    pub(crate) child: Child,
-    /// The noida-db process (a child of `child`), once found.
-    pub(crate) pid: std::sync::OnceLock<Option<u32>>,
-    pub(crate) watchdog: Option<ChildStdin>,
-    pub(crate) _data: tempfile::TempDir,
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        // Closing the watchdog's stdin makes it kill the broker and wait for it.
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.flush();
-        }
-        let _ = self.child.wait();
-    }
+    pub(crate) own: Option<Cluster>,
 }
 
 impl Broker {
@@ -32,26 +16,9 @@ impl Broker {
             wait_ready(&b)?;
             return Ok(Self { brokers: b, own: None });
         }
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("find a free port")?.port();
-        let data = tempfile::tempdir().context("create the broker's data directory")?;
-        // `sh` runs the broker and waits for its stdin to close (this process exiting, or drop),
-        // then stops the broker: no broker outlives the benchmark.
-        let script = r#""$0" start --only kafka --host 127.0.0.1 --kafka-port "$1" --data-dir "$2" >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid; wait $pid"#;
-        let mut child = Command::new("sh")
-            .args(["-c", script])
-            .arg(noida_bin()?)
-            .arg(port.to_string())
-            .arg(data.path())
-            .stdin(Stdio::piped())
-            .spawn()
-            .context("start noida-db")?;
-        let watchdog = child.stdin.take();
-        let broker = Self {
-            brokers: format!("127.0.0.1:{port}"),
-            own: Some(OwnBroker { child, pid: Default::default(), watchdog, _data: data }),
-        };
-        wait_ready(&broker.brokers)?;
-        Ok(broker)
+        // Full JIT and a 2 GiB heap (the tests' quick start would cost throughput).
+        let cluster = Cluster::start(Settings::bench())?;
+        Ok(Self { brokers: cluster.bootstrap(), own: Some(cluster) })
     }
 
     /// CPU seconds the broker process used so far (our own broker on Linux only).
@@ -67,48 +34,14 @@ impl Broker {
         Some(kib / 1024)
     }
 
-    /// The broker's pid: the noida-db child of our watchdog shell.
+    /// The broker's JVM pid.
     pub(crate) fn pid(&self) -> Option<u32> {
-        let own = self.own.as_ref()?;
-        let sh = own.child.id();
-        *own.pid.get_or_init(|| {
-            std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-                let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
-                let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-                (ppid == sh && comm.starts_with("noida")).then_some(pid)
-            })
-        })
+        self.own.as_ref()?.pid(0)
     }
-}
-
-pub(crate) fn noida_bin() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("NOIDA_DB_BIN") {
-        return Ok(p.into());
-    }
-    let out = Command::new("python3")
-        .args(["-c", "import noida_db,os;print(os.path.join(os.path.dirname(noida_db.__file__),'noida-db'))"])
-        .output()
-        .context("run python3 to find noida-db")?;
-    if !out.status.success() {
-        bail!(
-            "noida-db is not installed: run `python3 -m pip install noida-db==0.2.3`, or set EVENTSTAGE_TEST_BROKERS"
-        );
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 pub(crate) fn wait_ready(brokers: &str) -> Result<()> {
-    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
-    let end = Instant::now() + Duration::from_secs(30);
-    while client.fetch_metadata(None, Duration::from_millis(500)).is_err() {
-        if Instant::now() >= end {
-            bail!("the broker at {brokers} did not come up within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    eventstage_testkafka::wait_ready(brokers, 1, Duration::from_secs(30))
 }
 
 pub(crate) fn unique(prefix: &str) -> String {
@@ -129,7 +62,7 @@ pub(crate) fn create_topics(rt: &tokio::runtime::Runtime, brokers: &str, topics:
     Ok(())
 }
 
-/// Deletes topics a measurement is done with (the broker keeps everything in memory); best effort.
+/// Deletes topics a measurement is done with (keeps the broker's disk and page cache small); best effort.
 pub(crate) fn delete_topics(rt: &tokio::runtime::Runtime, brokers: &str, topics: &[&str]) {
     let Ok(admin) = ClientConfig::new().set("bootstrap.servers", brokers).create::<AdminClient<DefaultClientContext>>()
     else {

@@ -1,8 +1,9 @@
 //! End-to-end benchmark of the exactly-once Kafka flow against a real Kafka-protocol broker.
 //!
-//! `cargo bench --bench e2e` starts a noida-db broker of its own on a free port (stopped when this
-//! process exits, however it exits: a shell watchdog kills it when our end of its stdin closes), or
-//! uses the cluster named by `EVENTSTAGE_TEST_BROKERS=host:port`. Every measurement gets fresh topics
+//! `cargo bench --bench e2e` starts an Apache Kafka broker of its own (one KRaft node on free ports,
+//! as the tests do but with full JIT and a 2 GiB heap; stopped when this process exits, however it
+//! exits: a shell watchdog kills it when our end of its stdin closes), or uses the cluster named by
+//! `EVENTSTAGE_TEST_BROKERS=host:port`. Every measurement gets fresh topics
 //! (4 partitions), group ids and transactional ids; everything commits every 100 ms. It measures:
 //!
 //! 1. committed throughput of the bank flow: N commands (an `open` per account for 1000 accounts,
@@ -25,7 +26,7 @@
 //! which the ratios use; the report also gives them including startup (group join, restore). The
 //! three throughput runs are repeated (interleaved) and the median round is reported: with a 100 ms
 //! commit interval a run of N = 100 000 lasts only a few commits. Topics are deleted once measured
-//! (the broker keeps everything in memory). CPU figures come from /proc (Linux; 100 ticks/s).
+//! (the broker's disk and page cache stay small). CPU figures come from /proc (Linux; 100 ticks/s).
 //!
 //! 5. KTable emulation: see `table.rs` (materialization vs a bare consumer, `get` latency,
 //!    memory per key).
@@ -37,8 +38,7 @@
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
 //! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record),
-//! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `NOIDA_DB_BIN` (the broker binary; default: found
-//! through python3), `RUST_LOG` (tracing filter, default `warn`).
+//! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `RUST_LOG` (tracing filter, default `warn`).
 
 // Allocation-heavy work (tables of a million rows, sled's recovery) runs several times faster
 // with mimalloc than with glibc's malloc, whose free lists fragment; applications choose their
@@ -78,10 +78,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -143,7 +139,7 @@ fn run() -> Result<()> {
     let b = broker.brokers.as_str();
     progress(&format!(
         "broker {b} ({}); N = {n}, {PARTITIONS} partitions, commit interval {COMMIT_INTERVAL:?}",
-        if broker.own.is_some() { "noida-db started by this benchmark" } else { "EVENTSTAGE_TEST_BROKERS" }
+        if broker.own.is_some() { "Apache Kafka started by this benchmark" } else { "EVENTSTAGE_TEST_BROKERS" }
     ));
     let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
     let only = std::env::var("EVENTSTAGE_E2E_ONLY").ok();

@@ -35,11 +35,6 @@ const MAX_PENDING_ROWS: usize = 200_000;
 const MAX_WAITING_ROWS: usize = 1_000_000;
 /// How often a table of all partitions looks for new partitions.
 const METADATA_REFRESH: Duration = Duration::from_secs(30);
-/// With no record for this long, partitions that have records beyond their position are fetched
-/// again from their last record (see [`Follower::unstick`]); while nothing arrives, the check's
-/// interval doubles up to [`MAX_STALL_CHECK`], so a quiet table asks the broker rarely.
-const STALL: Duration = Duration::from_secs(1);
-const MAX_STALL_CHECK: Duration = Duration::from_secs(10);
 
 struct TableContext {
     topic: String,
@@ -78,11 +73,7 @@ where
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false")
-        // Brokers that ignore fetch size limits (noida-db 0.2.3) answer a fetch with the whole
-        // backlog; a large table must still be readable. Kafka itself keeps responses within
-        // fetch.max.bytes, so this only raises a ceiling.
-        .set("receive.message.max.bytes", "2000000000");
+        .set("allow.auto.create.topics", "false");
     for (k, v) in &b.settings.properties {
         config.set(k, v);
     }
@@ -132,7 +123,6 @@ where
         positions: BTreeMap::new(),
         ends: BTreeMap::new(),
         catching_up: BTreeSet::new(),
-        unstuck: HashMap::new(),
         caught_up_now: false,
         follow_all: matches!(b.settings.partitions, Partitions::All),
         count,
@@ -266,8 +256,6 @@ struct Follower<K, V> {
     ends: BTreeMap<i32, i64>,
     /// Partitions not yet read up to their end as of open.
     catching_up: BTreeSet<i32>,
-    /// Per partition, the (position, end offset) of the last re-fetch (see [`Follower::unstick`]).
-    unstuck: HashMap<i32, (i64, i64)>,
     /// The last partition reached its end in the batch being applied.
     caught_up_now: bool,
     follow_all: bool,
@@ -301,27 +289,20 @@ where
     fn follow(&mut self, consumer: &TableConsumer) -> Result<(), TableError> {
         let mut last_checkpoint = Instant::now();
         let mut last_refresh = Instant::now();
-        let mut last_record = Instant::now();
-        let mut last_stall_check = Instant::now();
         let mut last_publish = Instant::now();
-        let mut stall_check_every = STALL;
         let mut changes = Vec::new();
         while !self.shared.stop.load(Ordering::SeqCst) {
             while let Ok(command) = self.commands.try_recv() {
                 self.command(consumer, command, &mut changes)?;
             }
             let mut polled = 0;
-            let mut records = 0;
             let mut timeout = Duration::from_millis(100);
             while polled < MAX_BATCH {
                 let Some(result) = consumer.poll(timeout) else { break };
                 timeout = Duration::ZERO;
                 polled += 1;
                 let applied = match result {
-                    Ok(msg) => {
-                        records += 1;
-                        self.apply(&msg, &mut changes)
-                    }
+                    Ok(msg) => self.apply(&msg, &mut changes),
                     Err(KafkaError::PartitionEOF(p)) => {
                         self.reached_end(p);
                         Ok(())
@@ -337,11 +318,6 @@ where
                     return Err(e);
                 }
             }
-            if records > 0 {
-                // Once per batch: reading the clock per record costs a noticeable share.
-                last_record = Instant::now();
-                stall_check_every = STALL;
-            }
             let behind = polled == MAX_BATCH && !self.caught_up_now;
             if polled > 0 && (!behind || last_publish.elapsed() >= PUBLISH_WHILE_BEHIND) {
                 self.publish(&mut changes);
@@ -351,11 +327,6 @@ where
                 self.announce_caught_up();
             }
             self.wake_waiters();
-            if last_record.elapsed() >= STALL && last_stall_check.elapsed() >= stall_check_every {
-                self.unstick(consumer);
-                last_stall_check = Instant::now();
-                stall_check_every = (stall_check_every * 2).min(MAX_STALL_CHECK);
-            }
             if self.pending_rows.len() >= MAX_PENDING_ROWS
                 || (!self.pending_rows.is_empty() && last_checkpoint.elapsed() >= self.checkpoint_interval)
             {
@@ -538,7 +509,6 @@ where
             self.reached_end(p);
             self.positions.remove(&p);
             self.ends.remove(&p);
-            self.unstuck.remove(&p);
         }
         if let Err(e) = consumer.incremental_unassign(&tpl) {
             tracing::warn!(topic = %self.shared.topic, error = %e, "could not unassign revoked partitions");
@@ -630,25 +600,6 @@ where
             self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
-    }
-
-    /// Some brokers (noida-db 0.2.3) never answer a read_committed fetch whose offset is a
-    /// transaction marker, even when committed records follow it. When nothing has arrived for a
-    /// while, a partition whose end lies beyond its position is fetched again from its last record
-    /// (which [`apply`](Self::apply) then skips), once per (position, end) pair.
-    fn unstick(&mut self, consumer: &TableConsumer) {
-        let topic = self.shared.topic.clone();
-        for (&p, &pos) in &self.positions {
-            let Ok((_, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(1)) else { continue };
-            if high <= pos || pos == 0 || self.unstuck.get(&p) == Some(&(pos, high)) {
-                continue;
-            }
-            self.unstuck.insert(p, (pos, high));
-            tracing::debug!(topic = %topic, partition = p, position = pos, end = high, "fetching again from the last record");
-            if let Err(e) = consumer.seek(&topic, p, Offset::Offset(pos - 1), Duration::from_secs(1)) {
-                tracing::debug!(topic = %topic, partition = p, error = %e, "re-fetch failed");
-            }
-        }
     }
 
     /// A table of all partitions also reads partitions added to the topic after it opened.
