@@ -415,7 +415,7 @@ pub(crate) async fn await_replies(s: &Setup, replies: HashMap<String, WireReply>
     tokio::task::spawn_blocking(move || check_replies(&s, &replies)).await.unwrap()
 }
 
-fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread::JoinHandle<()> {
+pub(crate) fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread::JoinHandle<()> {
     let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.to_vec());
     std::thread::spawn(move || {
         for chunk in c.chunks(50) {
@@ -430,17 +430,30 @@ fn feed_slowly(s: &Setup, cmds: &[(String, String, BankCommand)]) -> std::thread
 /// exactly once, as the model says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalances_lose_and_duplicate_nothing() {
+    rebalances(&[("session.timeout.ms", "6000")]).await;
+}
+
+/// The same with the consumer group protocol of KIP-848 (`group.protocol=consumer`): the broker
+/// assigns partitions incrementally, and the session timeout is the broker's
+/// (`group.consumer.session.timeout.ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalances_lose_and_duplicate_nothing_with_the_consumer_group_protocol() {
+    rebalances(&[("group.protocol", "consumer")]).await;
+}
+
+async fn rebalances(consumer: &[(&str, &str)]) {
     let s = setup(4).await;
     let cmds = workload(1500, 40, 11);
     let (replies, accounts) = expected(&cmds);
     let start = |name: &str| {
-        bank_flow(&s.brokers, &s.group, s.topics.clone())
+        let mut flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
             .journal_topic(&s.journal)
             .transactional_id(unique(name))
-            .commit_interval(Duration::from_millis(50))
-            .consumer_property("session.timeout.ms", "6000")
-            .run()
-            .unwrap()
+            .commit_interval(Duration::from_millis(50));
+        for (k, v) in consumer {
+            flow = flow.consumer_property(k, v);
+        }
+        flow.run().unwrap()
     };
     let first = start("first");
     let feeder = feed_slowly(&s, &cmds[..1000]);

@@ -5,6 +5,7 @@ mod util;
 mod cli;
 pub(crate) mod damage;
 mod flow;
+mod kafka;
 mod patterns;
 mod runtime;
 mod table;

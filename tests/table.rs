@@ -10,16 +10,16 @@ use rdkafka::ClientConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-type Model = BTreeMap<String, String>;
+pub(crate) type Model = BTreeMap<String, String>;
 
-async fn compacted_topic(partitions: i32) -> (String, String) {
+pub(crate) async fn compacted_topic(partitions: i32) -> (String, String) {
     init_tracing();
     let (b, topic) = (brokers(), unique("table"));
     create_topic(&b, &topic, partitions, &[("cleanup.policy", "compact")]).await;
     (b, topic)
 }
 
-fn tombstone(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str) {
+pub(crate) fn tombstone(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str) {
     while p.send::<str, [u8]>(BaseRecord::to(topic).key(key)).is_err() {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -27,7 +27,7 @@ fn tombstone(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &st
 
 /// Produces `n` random upserts and tombstones over `keys` keys and applies them to `model`
 /// (last write wins per key; a key's records share a partition, so their order is kept).
-fn random_writes(brokers: &str, topic: &str, n: usize, keys: usize, seed: u64, model: &mut Model) {
+pub(crate) fn random_writes(brokers: &str, topic: &str, n: usize, keys: usize, seed: u64, model: &mut Model) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let p = producer(brokers);
     for i in 0..n {
@@ -44,11 +44,11 @@ fn random_writes(brokers: &str, topic: &str, n: usize, keys: usize, seed: u64, m
     flush(&p);
 }
 
-fn contents(table: &Table<String, String>) -> Model {
+pub(crate) fn contents(table: &Table<String, String>) -> Model {
     table.snapshot().iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
 }
 
-async fn open(brokers: &str, topic: &str) -> Table<String, String> {
+pub(crate) async fn open(brokers: &str, topic: &str) -> Table<String, String> {
     Table::builder(brokers, topic).keys(Decoder::utf8()).values(Decoder::utf8()).open().await.unwrap()
 }
 

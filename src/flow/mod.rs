@@ -158,8 +158,11 @@ pub enum FlowError {
         /// The client's error.
         source: rdkafka::error::KafkaError,
     },
-    /// Another instance with the same transactional id took over: this one is a zombie.
-    #[error("fenced: another instance with transactional.id `{transactional_id}` took over; this instance committed nothing since its last commit and stopped")]
+    /// The broker refused this producer's epoch: another instance with the same transactional id
+    /// took over (this one is a zombie), or this one was paused past `transaction.timeout.ms` and
+    /// the broker aborted its transaction. Either way nothing after its last commit counts; restarting
+    /// it is safe (it fences any other instance with the id).
+    #[error("fenced: the broker refused this producer's epoch for transactional.id `{transactional_id}`: another instance with this id took over, or this one was paused longer than its transaction timeout and the broker aborted its transaction; this instance committed nothing since its last commit and stopped")]
     Fenced {
         /// The transactional id.
         transactional_id: String,

@@ -1,0 +1,526 @@
+//! What only a real Kafka cluster can prove: the log cleaner's compaction under the journal and a
+//! table, the broker aborting a transaction that outlived its timeout, a three-broker cluster losing
+//! the partition leader and the transaction coordinator, and a crash loop of two instances between
+//! which partitions move on every kill.
+
+use crate::flow::{await_replies, expected, feed_async, journal_state, setup, setup_on, wire, workload, Setup};
+use crate::util::broker::{brokers, create_topic, flush, own_cluster, producer, send, unique, Settings};
+use crate::util::DEADLINE;
+use eventstage::stages::bank_flow::bank_flow;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Topic settings that let the log cleaner work within about a second: segments roll 100 ms after
+/// their first record (on the next append), any dirty share is worth cleaning, tombstones go 100 ms
+/// after they were cleaned.
+const FAST_COMPACTION: &[(&str, &str)] = &[
+    ("cleanup.policy", "compact"),
+    ("segment.ms", "100"),
+    ("min.cleanable.dirty.ratio", "0.01"),
+    ("delete.retention.ms", "100"),
+];
+
+/// Creates a topic with [`FAST_COMPACTION`] that the cleaner leaves alone until
+/// [`allow_compaction`] (records younger than an hour are not compacted): the test can count what
+/// was written first.
+async fn compacted_later(brokers: &str, topic: &str, partitions: i32) {
+    let mut config = FAST_COMPACTION.to_vec();
+    config.push(("min.compaction.lag.ms", "3600000"));
+    create_topic(brokers, topic, partitions, &config).await;
+}
+
+/// Lets the log cleaner compact `topic` at once.
+async fn allow_compaction(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    // AlterConfigs replaces the topic's whole configuration: all of it again, with no lag.
+    let mut config = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (k, v) in FAST_COMPACTION {
+        config = config.set(k, v);
+    }
+    config = config.set("min.compaction.lag.ms", "0");
+    for r in admin.alter_configs([&config], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+/// The end offsets (high watermarks) of every partition of `topic`.
+fn end_offsets(brokers: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    (0..md.topics()[0].partitions().len() as i32)
+        .map(|p| (p, c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1))
+        .collect()
+}
+
+/// Reads `topic` from its start to its end (`isolation`: read_committed stops at the last stable
+/// offset) and returns the records read, in all and below `below` per partition, and whether every
+/// partition's position reached its high watermark (false: a transaction is still open).
+fn scan(brokers: &str, topic: &str, isolation: &str, below: &BTreeMap<i32, i64>) -> (usize, usize, bool) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("scan"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    let ends = end_offsets(brokers, topic);
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let (mut all, mut old) = (0, 0);
+    let mut at_end = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + DEADLINE;
+    while at_end.len() < ends.len() {
+        assert!(Instant::now() < deadline, "scanning {topic} timed out");
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                all += 1;
+                if m.offset() < below.get(&m.partition()).copied().unwrap_or(0) {
+                    old += 1;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            _ => {}
+        }
+    }
+    let positions = c.position().unwrap();
+    let reached = ends.iter().all(|(p, end)| match positions.find_partition(topic, *p).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => o >= *end,
+        _ => *end == 0,
+    });
+    (all, old, reached)
+}
+
+/// Polls `cond` on this thread every 200 ms until it holds; panics after `limit`.
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Feeds `cmds` in chunks of `chunk` every `every` on a thread of its own, until they are all sent
+/// or `stop` is set; returns how many it sent.
+fn feeder(
+    s: &Setup,
+    cmds: &[(String, String, eventstage::stages::bank::BankCommand)],
+    chunk: usize,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.to_vec());
+    std::thread::spawn(move || {
+        let p = producer(&b);
+        let mut sent = 0;
+        for part in c.chunks(chunk) {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            for (key, id, cmd) in part {
+                send(&p, &t, key, &wire(id, *cmd));
+            }
+            flush(&p);
+            sent += part.len();
+            std::thread::sleep(every);
+        }
+        sent
+    })
+}
+
+/// The log cleaner really compacts a flow's Kafka journal (superseded records disappear from the
+/// part of the log written before), and a new instance restored from the compacted journal goes on
+/// exactly as the reference model says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_cleaner_compacts_the_journal_and_a_flow_restores_the_model_from_it() {
+    let s = setup(2).await;
+    compacted_later(&s.brokers, &s.journal, 2).await;
+    let cmds = workload(4000, 15, 61);
+    let (replies, accounts) = expected(&cmds);
+    let start = || {
+        bank_flow(&s.brokers, &s.group, s.topics.clone())
+            .journal_topic(&s.journal)
+            .transactional_id(unique("txn"))
+            .commit_interval(Duration::from_millis(20))
+            .run()
+            .unwrap()
+    };
+    // Phase 1: many transactions, each writing a record per changed account.
+    let flow = start();
+    let first = feeder(&s, &cmds[..1000], 25, Duration::from_millis(50), Arc::default()).join().unwrap();
+    await_replies(&s, expected(&cmds[..first]).0).await;
+    flow.drain_and_shutdown().await.unwrap();
+    let (b, journal) = (s.brokers.clone(), s.journal.clone());
+    let (ends, written) = tokio::task::spawn_blocking(move || {
+        let ends = end_offsets(&b, &journal);
+        (ends.clone(), scan(&b, &journal, "read_committed", &ends).1)
+    })
+    .await
+    .unwrap();
+    assert!(written > 100, "phase 1 wrote {written} journal records");
+
+    // Phase 2: another instance keeps writing (an append after segment.ms rolls the segment, and only
+    // rolled segments are cleaned) until records written in phase 1 have been removed.
+    allow_compaction(&s.brokers, &s.journal).await;
+    let flow = start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let more = feeder(&s, &cmds[first..], 20, Duration::from_millis(150), stop.clone());
+    let (b, journal) = (s.brokers.clone(), s.journal.clone());
+    let left = tokio::task::spawn_blocking(move || {
+        let mut left = written;
+        wait_for("the log cleaner to compact the journal", DEADLINE * 2, || {
+            left = scan(&b, &journal, "read_committed", &ends).1;
+            left < written
+        });
+        left
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let second = first + more.join().unwrap();
+    assert!(left <= written / 2, "compaction left {left} of {written} records of phase 1");
+    flow.drain_and_shutdown().await.unwrap();
+
+    // Phase 3: a new instance restores every account from the compacted journal and goes on.
+    let flow = start();
+    feed_async(&s, &cmds[second..]).await;
+    await_replies(&s, replies).await;
+    assert!(flow.metrics().restored_records > 0);
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// A table over a topic the log cleaner has compacted (superseded values and tombstones removed)
+/// equals the last-write-wins model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_over_a_compacted_topic_equals_the_last_write_wins_model() {
+    use crate::table::{contents, open, random_writes, Model};
+    crate::util::init_tracing();
+    let (b, topic) = (brokers(), unique("compacted"));
+    compacted_later(&b, &topic, 2).await;
+    let (b2, t2) = (b.clone(), topic.clone());
+    let (model, ends) = tokio::task::spawn_blocking(move || {
+        let mut model = Model::new();
+        random_writes(&b2, &t2, 3000, 100, 1, &mut model);
+        let ends = end_offsets(&b2, &t2);
+        assert_eq!(scan(&b2, &t2, "read_committed", &ends).1, 3000);
+        (model, ends)
+    })
+    .await
+    .unwrap();
+    allow_compaction(&b, &topic).await;
+    let (b2, t2) = (b.clone(), topic.clone());
+    let (model, written) = tokio::task::spawn_blocking(move || {
+        let (mut model, before) = (model, 3000);
+        // More writes (part of the model too) roll the segments until the cleaner has removed
+        // records of the first 3000.
+        let mut seed = 2;
+        wait_for("the log cleaner to compact the topic", DEADLINE * 2, || {
+            random_writes(&b2, &t2, 20, 100, seed, &mut model);
+            seed += 1;
+            scan(&b2, &t2, "read_committed", &ends).1 < before / 2
+        });
+        (model, 3000 + 20 * (seed - 2))
+    })
+    .await
+    .unwrap();
+    let table = open(&b, &topic).await;
+    tokio::time::timeout(DEADLINE, table.caught_up()).await.expect("catches up").unwrap();
+    assert_eq!(contents(&table), model);
+    let read = table.stats().records_read;
+    assert!(read < written, "the table read the compacted topic ({read} of {written} records written)");
+}
+
+/// `eventstage demo` as a child process of the test.
+struct Demo {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    stderr: std::path::PathBuf,
+}
+
+impl Demo {
+    /// Starts the bank flow demo and waits until it runs.
+    fn start(s: &Setup, txn: &str, commit_interval: &str, logs: &std::path::Path) -> Self {
+        let stderr = logs.join(format!("{txn}-{}.log", rand::random::<u32>()));
+        let mut child = crate::util::eventstage()
+            .args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
+            .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", txn])
+            .args(["--journal", &format!("kafka:{}", s.journal), "--commit-interval", commit_interval])
+            .args(["--partitions", "4"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&stderr).unwrap()))
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("flow running") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the flow exited before running: {}", tail(&stderr));
+        }
+        Self { child, out, stderr }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    /// SIGKILL, and wait for it.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM: the flow drains and stops; returns what it printed.
+    fn drain(mut self) -> String {
+        self.signal("-TERM");
+        let status = self.child.wait().unwrap();
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).unwrap();
+        assert!(status.success() && rest.contains("flow stopped after draining"), "{status}: {rest}");
+        rest
+    }
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The flow's process is stopped (SIGSTOP) for longer than its transaction timeout (10 s), so the
+/// broker aborts its open transaction (and the group drops its member); after SIGCONT it must
+/// notice and recover, or stop and be restarted: either way every command gets exactly one correct
+/// reply and the journal equals the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_stopped_past_its_transaction_timeout_recovers_exactly_once() {
+    let s = setup(2).await;
+    let logs = tempfile::tempdir().unwrap();
+    let txn = unique("txn");
+    // More than the stop needs at this pace: the feeder stops once an open transaction was caught.
+    let cmds = workload(4000, 20, 71);
+    let (replies, accounts) = expected(&cmds);
+    let demo = Demo::start(&s, &txn, "2s", logs.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = feeder(&s, &cmds, 10, Duration::from_millis(50), stop.clone());
+    let (b, r) = (s.brokers.clone(), s.topics.replies.clone());
+    // Stopped until the broker has aborted its open transaction (read_committed reaches the end
+    // again), and replies of it were written (visible read_uncommitted, never committed). A stop that
+    // caught the flow between a commit and its next record aborts nothing: it is stopped again.
+    let demo = tokio::task::spawn_blocking(move || {
+        for attempt in 0.. {
+            assert!(attempt < 5, "never caught an open transaction");
+            // Input keeps arriving, so a transaction with replies in it is open nearly all the time.
+            wait_for(&format!("replies ({})", demo.stderr.display()), DEADLINE, || {
+                scan(&b, &r, "read_uncommitted", &BTreeMap::new()).0 > 0
+            });
+            demo.signal("-STOP");
+            eprintln!("stopped the flow (attempt {attempt})");
+            let stopped = Instant::now();
+            let mut committed = 0;
+            wait_for("the broker to abort the stopped flow's transaction", DEADLINE, || {
+                let (c, _, reached) = scan(&b, &r, "read_committed", &BTreeMap::new());
+                committed = c;
+                reached
+            });
+            let all = scan(&b, &r, "read_uncommitted", &BTreeMap::new()).0;
+            // Past the consumer's session timeout too (the demo's: 10 s).
+            let rest = Duration::from_secs(11).saturating_sub(stopped.elapsed());
+            std::thread::sleep(rest);
+            demo.signal("-CONT");
+            eprintln!("continued the flow: {all} replies written, {committed} committed");
+            if all > committed {
+                return demo;
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let sent = feeding.join().unwrap();
+    feed_async(&s, &cmds[sent..]).await;
+    // The flow may stop (fenced) rather than recover: a supervisor restarts it, as one would.
+    let watching = Arc::new(AtomicBool::new(true));
+    let restarts = Arc::new(AtomicUsize::new(0));
+    let supervisor = std::thread::spawn({
+        let (s, txn, logs, watching, restarts) =
+            (s.clone(), txn.clone(), logs.path().to_path_buf(), watching.clone(), restarts.clone());
+        move || {
+            let mut demo = demo;
+            while watching.load(Ordering::SeqCst) {
+                if let Some(status) = demo.child.try_wait().unwrap() {
+                    eprintln!("the flow exited with {status}: {}", tail(&demo.stderr));
+                    assert!(!status.success(), "a flow that stops on an error exits non-zero");
+                    restarts.fetch_add(1, Ordering::SeqCst);
+                    demo = Demo::start(&s, &txn, "2s", &logs);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            demo
+        }
+    });
+    await_replies(&s, replies).await;
+    watching.store(false, Ordering::SeqCst);
+    let demo = supervisor.join().unwrap();
+    let log = std::fs::read_to_string(&demo.stderr).unwrap_or_default();
+    let out = demo.drain();
+    let aborted: u64 = out
+        .split(" aborted)")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        restarts.load(Ordering::SeqCst) > 0 || aborted > 0,
+        "the flow noticed that its transaction was aborted: {out}\n{log}"
+    );
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// Kafka's transaction coordinator of `transactional_id`: the leader of its `__transaction_state`
+/// partition (Java's `String.hashCode`, made non-negative, modulo the partition count).
+fn coordinator(brokers: &str, transactional_id: &str) -> i32 {
+    let hash = transactional_id.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(i32::from(c as i16)));
+    let partitions = partition_count(brokers, "__transaction_state");
+    leader(brokers, "__transaction_state", (hash & 0x7fff_ffff) % partitions)
+}
+
+fn partition_count(brokers: &str, topic: &str) -> i32 {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap().topics()[0].partitions().len() as i32
+}
+
+/// The broker id leading `topic`'s `partition` (-1 while there is none).
+fn leader(brokers: &str, topic: &str, partition: i32) -> i32 {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    md.topics()[0].partitions().iter().find(|p| p.id() == partition).map_or(-1, |p| p.leader())
+}
+
+/// On three brokers (replication factor 3, min.insync.replicas 2), under a steady load, the broker
+/// leading an input partition and then the transaction coordinator are SIGKILLed and restarted:
+/// the flow recovers by itself, every command gets exactly one correct reply and the journal
+/// equals the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flow_survives_losing_the_partition_leader_and_the_transaction_coordinator() {
+    let mut cluster = own_cluster(Settings::three());
+    let s = setup_on(cluster.bootstrap(), 2).await;
+    let txn = unique("txn");
+    let cmds = workload(4000, 30, 81);
+    let (replies, accounts) = expected(&cmds);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .transactional_id(&txn)
+        .commit_interval(Duration::from_millis(100))
+        .run()
+        .unwrap();
+    let feeding = feeder(&s, &cmds, 20, Duration::from_millis(100), Arc::default());
+    let (b, input) = (s.brokers.clone(), s.topics.input.clone());
+    let victims =
+        [("the input's partition leader", input.clone(), 0), ("the transaction coordinator", String::new(), 0)];
+    for (what, topic, partition) in victims {
+        let b = b.clone();
+        let txn = txn.clone();
+        let id = tokio::task::spawn_blocking({
+            let b = b.clone();
+            move || if topic.is_empty() { coordinator(&b, &txn) } else { leader(&b, &topic, partition) }
+        })
+        .await
+        .unwrap();
+        let node = cluster.node_of_broker(id).unwrap_or_else(|| panic!("{what} is broker {id}"));
+        let before = flow.metrics().records_in;
+        cluster.kill_node(node);
+        eprintln!("killed broker {id}, {what}, at {before} commands in");
+        // The flow goes on with the other two brokers...
+        crate::util::wait_until(&format!("progress without {what}"), || flow.metrics().records_in >= before + 200)
+            .await;
+        cluster.restart_node(node).unwrap();
+        let c = &cluster;
+        tokio::task::block_in_place(|| c.wait_ready().unwrap());
+    }
+    feeding.join().unwrap();
+    await_replies(&s, replies).await;
+    assert!(flow.metrics().transactions > 0);
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// The group's committed offsets of `topic`'s partitions.
+fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// Two instances of the bank flow in one group while a producer keeps writing; one of them is
+/// SIGKILLed at a random moment, the other takes its partitions (its committed offsets move on
+/// every partition while the victim is down), then the victim comes back and partitions move
+/// again; five rounds. Every command gets exactly one correct reply and the journal equals the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_of_two_instances_moves_partitions_and_loses_nothing() {
+    let s = setup(4).await;
+    let logs = tempfile::tempdir().unwrap();
+    // More than the rounds need at this pace: the feeder is stopped after the last round.
+    let cmds = workload(8000, 60, 91);
+    let (replies, accounts) = expected(&cmds);
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let slots = [unique("txn-a"), unique("txn-b")];
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = feeder(&s, &cmds, 20, Duration::from_millis(200), stop.clone());
+    let mut demos: Vec<Option<Demo>> = slots.iter().map(|t| Some(Demo::start(&s, t, "50ms", logs.path()))).collect();
+    for round in 0..5 {
+        let victim = round % 2;
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..2000)));
+        demos[victim].take().unwrap().kill();
+        let (b, g, t) = (s.brokers.clone(), s.group.clone(), s.topics.input.clone());
+        tokio::task::spawn_blocking(move || {
+            let at_kill = committed(&b, &g, &t, 4);
+            // The survivor owns every partition once its session with the victim's has expired.
+            wait_for(
+                &format!("round {round} (seed {seed}): the survivor to commit on every partition"),
+                DEADLINE * 2,
+                || committed(&b, &g, &t, 4).iter().zip(&at_kill).all(|(now, then)| now > then),
+            );
+        })
+        .await
+        .unwrap();
+        demos[victim] = Some(Demo::start(&s, &slots[victim], "50ms", logs.path()));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = feeding.join().unwrap();
+    feed_async(&s, &cmds[sent..]).await;
+    await_replies(&s, replies).await;
+    for demo in demos.into_iter().flatten() {
+        demo.drain();
+    }
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
+}
