@@ -465,8 +465,12 @@ async fn the_flow_survives_losing_the_partition_leader_and_the_transaction_coord
         // The flow goes on with the other two brokers...
         progress(&flow, before + 200, &format!("progress without {what}")).await;
         cluster.restart_node(node).unwrap();
+        // ...and, as in a rolling restart, the next broker dies only once this one is back in sync.
         let c = &cluster;
-        tokio::task::block_in_place(|| c.wait_ready().unwrap());
+        tokio::task::block_in_place(|| {
+            c.wait_ready().unwrap();
+            c.wait_in_sync(DEADLINE * 2).unwrap();
+        });
     }
     feeding.join().unwrap();
     await_replies(&s, replies).await;

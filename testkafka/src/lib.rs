@@ -247,14 +247,27 @@ struct Process {
     pid: u32,
 }
 
+/// How [`Process::stop`] ends a node.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGTERM (a controlled shutdown; SIGKILL 10 s later if it hangs); the data stays.
+    Clean,
+    /// SIGKILL; the data stays.
+    Kill,
+    /// SIGKILL, and the node's data is removed.
+    Discard,
+}
+
 impl Process {
-    /// Closes the watchdog's stdin and waits for it: it stops the JVM with SIGTERM (a controlled
-    /// shutdown; SIGKILL 10 s later if it hangs) or, `kill`, with SIGKILL at once.
-    fn stop(mut self, kill: bool) {
+    /// Closes the watchdog's stdin (with its orders) and waits until it has stopped the JVM.
+    fn stop(mut self, how: Stop) {
         if let Some(mut stdin) = self.stdin.take() {
-            if kill {
-                let _ = writeln!(stdin, "kill");
-            }
+            let orders = match how {
+                Stop::Clean => "term\nkeep\n",
+                Stop::Kill => "kill\nkeep\n",
+                Stop::Discard => "",
+            };
+            let _ = stdin.write_all(orders.as_bytes());
         }
         let _ = self.watchdog.wait();
     }
@@ -338,14 +351,14 @@ impl Cluster {
     /// Stops node `i` cleanly (SIGTERM, controlled shutdown) and waits for its JVM to exit. Its data stays.
     pub fn stop_node(&mut self, i: usize) {
         if let Some(p) = self.nodes[i].process.take() {
-            p.stop(false);
+            p.stop(Stop::Clean);
         }
     }
 
     /// Kills node `i` with SIGKILL (no shutdown at all) and waits for its JVM to be gone. Its data stays.
     pub fn kill_node(&mut self, i: usize) {
         if let Some(p) = self.nodes[i].process.take() {
-            p.stop(true);
+            p.stop(Stop::Kill);
         }
     }
 
@@ -376,14 +389,45 @@ impl Cluster {
         })
     }
 
+    /// Waits until every replica of every partition is in sync (no under-replicated partition),
+    /// as an operator waits between the steps of a rolling restart: a broker that was just
+    /// restarted answers metadata long before it has caught up and rejoined the ISRs.
+    pub fn wait_in_sync(&self, deadline: Duration) -> Result<()> {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("log_level", "0")
+            .create()
+            .context("create a metadata client")?;
+        let end = Instant::now() + deadline;
+        loop {
+            let lagging: Vec<String> = match client.fetch_metadata(None, Duration::from_secs(2)) {
+                Ok(md) => md
+                    .topics()
+                    .iter()
+                    .flat_map(|t| {
+                        t.partitions()
+                            .iter()
+                            .filter(|p| p.leader() < 0 || p.isr().len() < p.replicas().len())
+                            .map(move |p| format!("{}[{}]", t.name(), p.id()))
+                    })
+                    .collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                bail!("partitions still under-replicated after {deadline:?}: {}", lagging.join(", "));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Keeps the cluster running until this process exits: then the watchdogs kill the nodes and
     /// remove their data.
     pub fn leak(mut self) {
-        let Some(dir) = self.dir.take().map(tempfile::TempDir::keep) else { return };
-        for n in &mut self.nodes {
-            if let Some(stdin) = n.process.as_mut().and_then(|p| p.stdin.as_mut()) {
-                let _ = writeln!(stdin, "kill\nremove {}", dir.display());
-            }
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
         }
         std::mem::forget(self);
     }
@@ -492,24 +536,32 @@ impl Cluster {
         }
         args.extend(["-cp".into(), jars.join("*").display().to_string(), "kafka.Kafka".into()]);
         args.push(node.dir.join("server.properties").display().to_string());
-        let script = r#"log="$1"; shift
+        // Orders on stdin, read once it closes: `term` (a controlled shutdown) or SIGKILL by
+        // default; `keep` keeps the node's data (a restart follows), otherwise it is removed, and
+        // the cluster's directory with the last node's. With no orders at all (this process died,
+        // however it died), the JVM is killed and its data removed.
+        let script = r#"log="$1"; dir="$2"; shift 2
 "$@" >>"$log" 2>&1 &
 pid=$!
 echo "$pid"
 orders=$(cat)
 case "$orders" in
-  *kill*) kill -KILL "$pid" 2>/dev/null ;;
-  *) kill -TERM "$pid" 2>/dev/null ;;
+  *term*) kill -TERM "$pid" 2>/dev/null ;;
+  *) kill -KILL "$pid" 2>/dev/null ;;
 esac
 ( sleep 10; kill -KILL "$pid" 2>/dev/null ) &
 killer=$!
 wait "$pid"
 kill "$killer" 2>/dev/null
-remove=$(printf '%s\n' "$orders" | sed -n 's/^remove //p')
-if [ -n "$remove" ]; then rm -rf "$remove"; fi"#;
+case "$orders" in
+  *keep*) ;;
+  *) rm -rf "$dir"; rmdir "$(dirname "$dir")" 2>/dev/null ;;
+esac
+exit 0"#;
         let mut watchdog = Command::new("sh")
             .args(["-c", script, "eventstage-kafka-watchdog"])
             .arg(node.dir.join("server.log"))
+            .arg(&node.dir)
             .arg(&java)
             .args(&args)
             .stdin(Stdio::piped())
@@ -529,11 +581,11 @@ if [ -n "$remove" ]; then rm -rf "$remove"; fi"#;
 }
 
 impl Drop for Cluster {
-    /// Kills every node (its data is about to be removed: a controlled shutdown would only cost time).
+    /// Kills every node and removes its data (a controlled shutdown would only cost time).
     fn drop(&mut self) {
         for n in &mut self.nodes {
             if let Some(p) = n.process.take() {
-                p.stop(true);
+                p.stop(Stop::Discard);
             }
         }
     }
