@@ -416,9 +416,9 @@ fn leader(brokers: &str, topic: &str, partition: i32) -> i32 {
 }
 
 /// Waits until `flow` has taken `records` inputs and committed a transaction since; three brokers
-/// on two cores move leaderships and coordinators slowly, hence twice the usual deadline.
+/// on two cores start, move leaderships and coordinators slowly, hence three times the usual deadline.
 async fn progress(flow: &eventstage::flow::FlowControl, records: u64, what: &str) {
-    let end = Instant::now() + DEADLINE * 2;
+    let end = Instant::now() + DEADLINE * 3;
     let commits = flow.metrics().transactions;
     while flow.metrics().records_in < records || flow.metrics().transactions <= commits {
         assert!(Instant::now() < end, "timed out waiting for {what}");

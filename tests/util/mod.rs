@@ -30,8 +30,13 @@ pub fn init_tracing() {
 }
 
 /// Polls `cond` until it holds; panics after [`DEADLINE`].
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, DEADLINE, cond).await;
+}
+
+/// Polls `cond` until it holds; panics after `limit`.
+pub async fn wait_until_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(1)).await;
