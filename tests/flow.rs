@@ -9,6 +9,8 @@ use eventstage::stages::bank_flow::{bank_flow, BankTopics, WireCommand, WireRepl
 use eventstage::Codec;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Stdio};
 use std::time::Duration;
 
 /// Topics of one test.
@@ -313,13 +315,14 @@ async fn crash_loop_with_the_sled_journal() {
 /// copy as the model says (a command handled twice would answer from a state that already
 /// includes it). Both: the journal's state equals the model (no event applied twice).
 pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let s = setup(4).await;
     let txn = unique("txn");
     let sled_dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
     let journal =
         if sled { format!("sled:{}", sled_dir.path().join("j").display()) } else { format!("kafka:{}", s.journal) };
+    let args: Vec<String> =
+        ["--journal", &journal, "--commit-interval", "50ms", "--guarantee", guarantee].map(String::from).to_vec();
     let cmds = workload(3000, 60, 7);
     let (replies, accounts) = expected(&cmds);
     let seed: u64 = rand::random();
@@ -333,36 +336,13 @@ pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
             }
         }
     });
-    let child = |rounds: &str| {
-        let mut c = crate::util::eventstage()
-            .args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
-            .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", &txn])
-            .args(["--journal", &journal, "--commit-interval", "50ms", "--partitions", "4"])
-            .args(["--guarantee", guarantee])
-            .env("RUST_LOG", std::env::var("EVENTSTAGE_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .stderr(match std::env::var_os("EVENTSTAGE_CHILD_STDERR") {
-                Some(path) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()),
-                None => Stdio::null(),
-            })
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(c.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.starts_with("flow running") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "{rounds}: the flow exited before running");
-        }
-        (c, out)
-    };
-    for round in 0..10 {
-        let (mut c, _out) = child(&format!("round {round} (seed {seed})"));
+    for _ in 0..10 {
+        let demo = Demo::start(&s, &txn, &args, logs.path());
         std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
-        c.kill().unwrap(); // SIGKILL
-        c.wait().unwrap();
+        demo.kill();
     }
     feeder.join().unwrap();
-    let (mut c, mut out) = child("final run");
+    let demo = Demo::start(&s, &txn, &args, logs.path());
     if guarantee == "at-least-once" {
         let s = s.clone();
         tokio::task::spawn_blocking(move || check_replies_at_least_once(&s, &replies)).await.unwrap();
@@ -370,17 +350,72 @@ pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
         await_replies(&s, replies).await;
     }
     // A clean drain on SIGTERM.
-    let pid = c.id().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = c.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert!(status.success() && rest.contains("flow stopped after draining"), "{status}: {rest}");
+    demo.drain();
     if sled {
         assert_eq!(sled_state(&sled_dir.path().join("j"), 4).await, accounts, "seed {seed}");
     } else {
         assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
     }
+}
+
+/// `eventstage demo` as a child process of the test.
+pub(crate) struct Demo {
+    pub(crate) child: Child,
+    out: BufReader<ChildStdout>,
+    /// Where its stderr (logs) goes.
+    pub(crate) stderr: std::path::PathBuf,
+}
+
+impl Demo {
+    /// Starts the bank flow demo (on `s`'s topics and group, with `args`; its log in `logs`) and
+    /// waits until it runs.
+    pub(crate) fn start(s: &Setup, txn: &str, args: &[String], logs: &std::path::Path) -> Self {
+        let stderr = logs.join(format!("{txn}-{}.log", rand::random::<u32>()));
+        let mut child = crate::util::eventstage()
+            .args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
+            .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", txn])
+            .args(["--partitions", "4"])
+            .args(args)
+            .env("RUST_LOG", std::env::var("EVENTSTAGE_CHILD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&stderr).unwrap()))
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("flow running") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the flow exited before running: {}", tail(&stderr));
+        }
+        Self { child, out, stderr }
+    }
+
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    /// SIGKILL, and wait for it.
+    pub(crate) fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM: the flow drains and stops; returns what it printed.
+    pub(crate) fn drain(mut self) -> String {
+        self.signal("-TERM");
+        let status = self.child.wait().unwrap();
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).unwrap();
+        assert!(status.success() && rest.contains("flow stopped after draining"), "{status}: {rest}");
+        rest
+    }
+}
+
+pub(crate) fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// The state per key in a flow's sled journal (all partitions), rebuilt by replaying the events.

@@ -3,7 +3,9 @@
 //! the partition leader and the transaction coordinator, and a crash loop of two instances between
 //! which partitions move on every kill.
 
-use crate::flow::{await_replies, expected, feed_async, journal_state, setup, setup_on, wire, workload, Setup};
+use crate::flow::{
+    await_replies, expected, feed_async, journal_state, setup, setup_on, tail, wire, workload, Demo, Setup,
+};
 use crate::util::broker::{brokers, create_topic, flush, own_cluster, producer, send, unique, Settings};
 use crate::util::DEADLINE;
 use eventstage::stages::bank_flow::bank_flow;
@@ -13,8 +15,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -247,62 +247,9 @@ async fn a_table_over_a_compacted_topic_equals_the_last_write_wins_model() {
     assert!(read < written, "the table read the compacted topic ({read} of {written} records written)");
 }
 
-/// `eventstage demo` as a child process of the test.
-struct Demo {
-    child: Child,
-    out: BufReader<ChildStdout>,
-    stderr: std::path::PathBuf,
-}
-
-impl Demo {
-    /// Starts the bank flow demo and waits until it runs.
-    fn start(s: &Setup, txn: &str, commit_interval: &str, logs: &std::path::Path) -> Self {
-        let stderr = logs.join(format!("{txn}-{}.log", rand::random::<u32>()));
-        let mut child = crate::util::eventstage()
-            .args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
-            .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", txn])
-            .args(["--journal", &format!("kafka:{}", s.journal), "--commit-interval", commit_interval])
-            .args(["--partitions", "4"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&stderr).unwrap()))
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.starts_with("flow running") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "the flow exited before running: {}", tail(&stderr));
-        }
-        Self { child, out, stderr }
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().to_string();
-        assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());
-    }
-
-    /// SIGKILL, and wait for it.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM: the flow drains and stops; returns what it printed.
-    fn drain(mut self) -> String {
-        self.signal("-TERM");
-        let status = self.child.wait().unwrap();
-        let mut rest = String::new();
-        self.out.read_to_string(&mut rest).unwrap();
-        assert!(status.success() && rest.contains("flow stopped after draining"), "{status}: {rest}");
-        rest
-    }
-}
-
-fn tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+/// `eventstage demo` arguments: the Kafka journal of `s`, this commit interval.
+fn kafka_journal(s: &Setup, commit_interval: &str) -> Vec<String> {
+    ["--journal", &format!("kafka:{}", s.journal), "--commit-interval", commit_interval].map(String::from).to_vec()
 }
 
 /// The flow's process is stopped (SIGSTOP) for longer than its transaction timeout (10 s), so the
@@ -317,7 +264,7 @@ async fn a_flow_stopped_past_its_transaction_timeout_recovers_exactly_once() {
     // More than the stop needs at this pace: the feeder stops once an open transaction was caught.
     let cmds = workload(4000, 20, 71);
     let (replies, accounts) = expected(&cmds);
-    let demo = Demo::start(&s, &txn, "2s", logs.path());
+    let demo = Demo::start(&s, &txn, &kafka_journal(&s, "2s"), logs.path());
     let stop = Arc::new(AtomicBool::new(false));
     let feeding = feeder(&s, &cmds, 10, Duration::from_millis(50), stop.clone());
     let (b, r) = (s.brokers.clone(), s.topics.replies.clone());
@@ -370,7 +317,7 @@ async fn a_flow_stopped_past_its_transaction_timeout_recovers_exactly_once() {
                     eprintln!("the flow exited with {status}: {}", tail(&demo.stderr));
                     assert!(!status.success(), "a flow that stops on an error exits non-zero");
                     restarts.fetch_add(1, Ordering::SeqCst);
-                    demo = Demo::start(&s, &txn, "2s", &logs);
+                    demo = Demo::start(&s, &txn, &kafka_journal(&s, "2s"), &logs);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -521,7 +468,8 @@ async fn a_crash_loop_of_two_instances_moves_partitions_and_loses_nothing() {
     let slots = [unique("txn-a"), unique("txn-b")];
     let stop = Arc::new(AtomicBool::new(false));
     let feeding = feeder(&s, &cmds, 20, Duration::from_millis(200), stop.clone());
-    let mut demos: Vec<Option<Demo>> = slots.iter().map(|t| Some(Demo::start(&s, t, "50ms", logs.path()))).collect();
+    let mut demos: Vec<Option<Demo>> =
+        slots.iter().map(|t| Some(Demo::start(&s, t, &kafka_journal(&s, "50ms"), logs.path()))).collect();
     for round in 0..5 {
         let victim = round % 2;
         std::thread::sleep(Duration::from_millis(rng.random_range(200..2000)));
@@ -543,7 +491,7 @@ async fn a_crash_loop_of_two_instances_moves_partitions_and_loses_nothing() {
         })
         .await
         .unwrap();
-        demos[victim] = Some(Demo::start(&s, &slots[victim], "50ms", logs.path()));
+        demos[victim] = Some(Demo::start(&s, &slots[victim], &kafka_journal(&s, "50ms"), logs.path()));
     }
     stop.store(true, Ordering::SeqCst);
     let sent = feeding.join().unwrap();
