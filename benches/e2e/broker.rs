@@ -49,15 +49,59 @@ pub(crate) fn unique(prefix: &str) -> String {
 }
 
 pub(crate) fn create_topics(rt: &tokio::runtime::Runtime, brokers: &str, topics: &[&str]) -> Result<()> {
+    create_topics_with(rt, brokers, topics, &[])
+}
+
+/// Creates a flow's journal topic as `KafkaJournal::ensure` would (compacted, [`PARTITIONS`]
+/// partitions), before the flow starts; see [`create_topics_with`] for why.
+pub(crate) fn create_journal_topic(rt: &tokio::runtime::Runtime, brokers: &str, topic: &str) -> Result<()> {
+    create_topics_with(rt, brokers, &[topic], &[("cleanup.policy", "compact")])
+}
+
+/// Creates `topics` with [`PARTITIONS`] partitions and the topic configs `config`, then waits until
+/// the broker's metadata lists every partition of each with a leader. Kafka creates topics
+/// asynchronously: CreateTopics answers once the controller has the topic, and metadata can lack it
+/// for a moment after. `KafkaJournal::ensure` checks the partition count right after creating its
+/// topic and stops the flow when the topic is not listed yet ("the journal topic has 0
+/// partitions"), so the bench creates the journal topics itself, this way.
+pub(crate) fn create_topics_with(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    topics: &[&str],
+    config: &[(&str, &str)],
+) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
-    let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1))).collect();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| config.iter().fold(NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)), |n, (k, v)| n.set(k, v)))
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(60), admin.create_topics(&new, &opts)).await })
         .context("create topics: timed out")??;
     for r in results {
         r.map_err(|(t, code)| anyhow!("create topic {t}: {code}"))?;
+    }
+    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let end = Instant::now() + Duration::from_secs(30);
+    for topic in topics {
+        loop {
+            let ready = client.fetch_metadata(Some(topic), Duration::from_secs(5)).is_ok_and(|md| {
+                md.topics().iter().any(|t| {
+                    t.name() == *topic
+                        && t.error().is_none()
+                        && t.partitions().len() == PARTITIONS as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            });
+            if ready {
+                break;
+            }
+            if Instant::now() >= end {
+                bail!("topic {topic} was created but is not in the broker's metadata with {PARTITIONS} partitions after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     Ok(())
 }

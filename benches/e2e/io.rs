@@ -69,22 +69,15 @@ pub(crate) fn feed(brokers: &str, topic: &str, cmds: &[(String, Vec<u8>)]) -> Re
 
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ReadStats {
-    /// Distinct records read.
+    /// Records read (all of them: a duplicate in the topic is counted again).
     pub(crate) records: u64,
     /// When `done` first held.
     pub(crate) done_at: Option<Instant>,
-    /// Reconnects after a stall.
-    pub(crate) reconnects: u32,
 }
 
 /// Reads every partition of `topic` from the beginning with read_committed, calling `on_record`
-/// with each value once, until `done(records read)` holds (then reads on for `settle`, to catch
+/// with each value, until `done(records read)` holds (then reads on for `settle`, to catch
 /// duplicates) or `deadline` passes (an error).
-///
-/// noida-db 0.2.3 sometimes stops serving a read_committed consumer whose fetch position sits on a
-/// transaction marker, while a consumer reading from the start reads on (see tests/util/broker.rs):
-/// after [`READER_STALL`] without a record the reader reconnects from the start and skips what it
-/// has, and counts the reconnect.
 pub(crate) fn read_committed(
     brokers: &str,
     topic: &str,
@@ -93,27 +86,21 @@ pub(crate) fn read_committed(
     mut on_record: impl FnMut(&[u8]),
     mut done: impl FnMut(u64) -> bool,
 ) -> Result<ReadStats> {
-    let connect = || -> Result<BaseConsumer> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", unique("reader"))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            // A reader measuring latency should not sit in the broker's fetch wait.
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
-        Ok(consumer)
-    };
-    let mut positions: BTreeMap<i32, i64> = (0..PARTITIONS).map(|p| (p, 0)).collect();
-    let mut consumer = connect()?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        // A reader measuring latency should not sit in the broker's fetch wait.
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
     let mut stats = ReadStats::default();
-    let mut last_record = Instant::now();
     loop {
         let now = Instant::now();
         match stats.done_at {
@@ -127,21 +114,10 @@ pub(crate) fn read_committed(
                 if now >= deadline {
                     bail!("timed out reading {topic}: {} records so far", stats.records);
                 }
-                if now - last_record > READER_STALL {
-                    consumer = connect()?;
-                    stats.reconnects += 1;
-                    last_record = now;
-                }
             }
         }
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(m)) => {
-                last_record = Instant::now();
-                let pos = positions.entry(m.partition()).or_default();
-                if m.offset() < *pos {
-                    continue;
-                }
-                *pos = m.offset() + 1;
                 stats.records += 1;
                 on_record(m.payload().unwrap_or_default());
             }

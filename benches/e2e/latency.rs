@@ -17,7 +17,6 @@ pub(crate) struct Latency {
     pub(crate) achieved_rate: f64,
     /// End-to-end latencies in microseconds, sorted.
     pub(crate) micros: Vec<u64>,
-    pub(crate) reconnects: u32,
     pub(crate) transactions: u64,
     pub(crate) aborts: u64,
     /// Commit latencies seen (the flow: sampled from its metrics), sorted.
@@ -38,10 +37,9 @@ impl Latency {
     }
 }
 
-/// Measured while pacing: end-to-end latencies (sorted, µs), reader reconnects, achieved rate.
+/// Measured while pacing: end-to-end latencies (sorted, µs) and the achieved rate.
 pub(crate) struct Paced {
     pub(crate) micros: Vec<u64>,
-    pub(crate) reconnects: u32,
     pub(crate) achieved: f64,
 }
 
@@ -63,9 +61,9 @@ pub(crate) fn paced(
         let (brokers, topic) = (brokers.to_string(), output.to_string());
         let (seen, expected) = (seen.clone(), expected.clone());
         let deadline = Instant::now() + secs + RUN_DEADLINE;
-        std::thread::spawn(move || -> Result<(Vec<u64>, u32)> {
+        std::thread::spawn(move || -> Result<Vec<u64>> {
             let mut micros = Vec::new();
-            let stats = read_committed(
+            read_committed(
                 &brokers,
                 &topic,
                 deadline,
@@ -81,10 +79,10 @@ pub(crate) fn paced(
                 |c| c >= expected.load(Ordering::Relaxed),
             )?;
             micros.sort_unstable();
-            Ok((micros, stats.reconnects))
+            Ok(micros)
         })
     };
-    let fail = |what: String, reader: JoinHandle<Result<(Vec<u64>, u32)>>, expected: &AtomicU64| {
+    let fail = |what: String, reader: JoinHandle<Result<Vec<u64>>>, expected: &AtomicU64| {
         expected.store(0, Ordering::Relaxed);
         let r = join(reader).err();
         anyhow!("{what} (reader: {r:?})")
@@ -126,17 +124,18 @@ pub(crate) fn paced(
         tick()?;
         std::thread::sleep(Duration::from_millis(1));
     }
-    let (micros, reconnects) = join(reader)?;
+    let micros = join(reader)?;
     if micros.len() as u64 != total {
         bail!("{total} commands sent, {} timed outputs read", micros.len());
     }
-    Ok(Paced { micros, reconnects, achieved })
+    Ok(Paced { micros, achieved })
 }
 
 pub(crate) fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f64, secs: Duration) -> Result<Latency> {
     let topics = BankTopics { input: unique("lat-cmds"), replies: unique("lat-replies"), events: unique("lat-events") };
     create_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events])?;
     let journal = unique("lat-journal");
+    create_journal_topic(rt, brokers, &journal)?;
     let flow = with_properties(bank_flow(brokers, &unique("lat-group"), topics.clone()))
         .journal_topic(&journal)
         .transactional_id(unique("lat-txn"))
@@ -146,8 +145,22 @@ pub(crate) fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f6
     // The flow's metrics give the latency of its last commit: sample it at each new transaction.
     let mut commits = Vec::new();
     let mut transactions = 0;
+    // With EVENTSTAGE_E2E_TIMELINE, what the flow has consumed and committed, four times a second:
+    // shows whether it keeps up with the pace and how its transactions go.
+    let timeline = std::env::var_os("EVENTSTAGE_E2E_TIMELINE").is_some();
+    let (started, mut printed) = (Instant::now(), Instant::now());
     let result = paced(brokers, &topics.input, &topics.replies, rate, secs, || {
         let m = flow.metrics();
+        if timeline && printed.elapsed() >= Duration::from_millis(250) {
+            printed = Instant::now();
+            progress(&format!(
+                "    {:>6.2} s: {} commands consumed, {} transactions, last commit took {}",
+                started.elapsed().as_secs_f64(),
+                m.records_in,
+                m.transactions,
+                ms(m.last_commit)
+            ));
+        }
         if m.transactions != transactions {
             transactions = m.transactions;
             commits.push(m.last_commit);
@@ -164,7 +177,6 @@ pub(crate) fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f6
         target_rate: rate,
         achieved_rate: paced.achieved,
         micros: paced.micros,
-        reconnects: paced.reconnects,
         transactions: metrics.transactions,
         aborts: metrics.aborts,
         commits,
@@ -198,7 +210,6 @@ pub(crate) fn pass_through_latency(
         target_rate: rate,
         achieved_rate: paced.achieved,
         micros: paced.micros,
-        reconnects: paced.reconnects,
         transactions: stats.transactions,
         aborts: 0,
         commits: Vec::new(),

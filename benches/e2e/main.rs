@@ -25,7 +25,9 @@
 //! Throughputs are over the processing window (first input record consumed → last output visible),
 //! which the ratios use; the report also gives them including startup (group join, restore). The
 //! three throughput runs are repeated (interleaved) and the median round is reported: with a 100 ms
-//! commit interval a run of N = 100 000 lasts only a few commits. Topics are deleted once measured
+//! commit interval a run of N = 100 000 lasts only a few commits. Before any of it (except with
+//! `EVENTSTAGE_E2E_ONLY=table`), one run of the flow and of a pass-through warms the broker up
+//! (internal topics, JIT) and is not counted. Topics are deleted once measured
 //! (the broker's disk and page cache stay small). CPU figures come from /proc (Linux; 100 ticks/s).
 //!
 //! 5. KTable emulation: see `table.rs` (materialization vs a bare consumer, `get` latency,
@@ -37,7 +39,11 @@
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
 //! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
-//! each thread used per record),
+//! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
+//! 3 four times a second: consumed commands, transactions, last commit latency),
+//! `EVENTSTAGE_E2E_FLOW_PRODUCER` / `EVENTSTAGE_E2E_FLOW_CONSUMER` (librdkafka properties for the
+//! bank flow's producer / consumer, `key=value,key=value`, for tuning experiments),
+//! `EVENTSTAGE_E2E_TABLE_CONSUMER` (the same for the table's consumer in section 5),
 //! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `RUST_LOG` (tracing filter, default `warn`).
 
 // Allocation-heavy work (tables of a million rows, sled's recovery) runs several times faster
@@ -88,8 +94,6 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 const ACCOUNTS: usize = 1000;
 /// Upper bound of one throughput run (producing the input excluded).
 const RUN_DEADLINE: Duration = Duration::from_secs(150);
-/// A read_committed reader that gets nothing for this long reconnects (see [`read_committed`]).
-const READER_STALL: Duration = Duration::from_secs(2);
 /// Timeout of librdkafka's transactional calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rounds of the restore comparison (the median is reported).
@@ -151,6 +155,8 @@ fn run() -> Result<()> {
         return Ok(());
     }
     let cmds = commands(n as usize, 7);
+    progress("warm-up of the broker: one run of the bank flow and of a pass-through, not counted");
+    warm_up(&rt, &broker, &cmds)?;
     if only.as_deref() == Some("throughput") {
         progress("1+2/6 throughput only (EVENTSTAGE_E2E_ONLY=throughput)");
         let throughput = Throughput::measure(&rt, &broker, &cmds, rounds)?;

@@ -60,12 +60,11 @@ impl Report {
             ms(r.commit_max)
         );
         println!(
-            "    cores used: {worker} thread {}, whole bench process {}, broker {}; reader saw {} records ({} reconnects); input produced in {}",
+            "    cores used: {worker} thread {}, whole bench process {}, broker {}; reader saw {} records; input produced in {}",
             cores(r.cores.worker),
             cores(r.cores.process),
             cores(r.cores.broker),
             r.read,
-            r.reconnects,
             secs(r.feed)
         );
     }
@@ -94,13 +93,12 @@ impl Report {
             )
         };
         println!(
-            "    {} outputs at {:.0}/s (target {:.0}/s); {} transactions ({} aborted){commits}; reader reconnects {}",
+            "    {} outputs at {:.0}/s (target {:.0}/s); {} transactions ({} aborted){commits}",
             l.micros.len(),
             l.achieved_rate,
             l.target_rate,
             l.transactions,
-            l.aborts,
-            l.reconnects
+            l.aborts
         );
     }
 

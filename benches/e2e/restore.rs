@@ -40,7 +40,6 @@ pub(crate) fn bare_read(brokers: &str, topic: &str, partitions: &[i32]) -> Resul
     let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("bare"))
-        .set("receive.message.max.bytes", "2000000000")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
@@ -86,12 +85,7 @@ pub(crate) fn write_journal(rt: &tokio::runtime::Runtime, brokers: &str, topic: 
     use eventstage::journal::{Envelope, JournalEntry, SeqNo};
     use eventstage::stages::bank::{Account, BankEvent};
     use eventstage::{Codec, EventSourced};
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(60), KafkaJournal::ensure(config, topic, PARTITIONS)).await
-    })
-    .context("create the journal topic: timed out")??;
+    create_journal_topic(rt, brokers, topic)?;
     let codec = Codec::Bincode;
     let p = producer(brokers, 5)?;
     let mut accounts = vec![(0u64, Account { open: true, balance: 0 }); ACCOUNTS];

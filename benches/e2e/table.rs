@@ -50,6 +50,12 @@ async fn materialize(
 ) -> Result<(Duration, Table<String, Vec<u8>>)> {
     let started = Instant::now();
     let mut builder = Table::builder(brokers, topic).keys(Decoder::utf8());
+    // `EVENTSTAGE_E2E_TABLE_CONSUMER=key=value,key=value`: librdkafka properties for the table's
+    // consumer, for tuning experiments (the bare consumer keeps librdkafka's defaults).
+    let props = std::env::var("EVENTSTAGE_E2E_TABLE_CONSUMER").unwrap_or_default();
+    for (k, v) in props.split(',').filter_map(|kv| kv.split_once('=')) {
+        builder = builder.consumer_property(k, v);
+    }
     if let Some(dir) = store {
         builder = builder.store(dir);
     }
