@@ -239,12 +239,28 @@ impl KafkaJournal {
         self.partitions
     }
 
+    /// The topic's partition count, once the cluster's metadata lists it with a leader for every
+    /// partition. Kafka creates topics asynchronously: CreateTopics answers once the controller
+    /// has the topic, and a broker's metadata can lack it (or its leaders) for a moment after, so a
+    /// topic just created (or confirmed to exist) is looked up again until it shows, for up to 30 s.
     fn partition_count(&self) -> Result<i32> {
         let consumer: BaseConsumer = self.config.create().map_err(|e| kafka_err(&self.topic, "consumer", e))?;
-        let md = consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(30))
-            .map_err(|e| kafka_err(&self.topic, "metadata", e))?;
-        Ok(md.topics().iter().find(|t| t.name() == self.topic).map_or(0, |t| t.partitions().len() as i32))
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = consumer
+                .fetch_metadata(Some(&self.topic), Duration::from_secs(30))
+                .map_err(|e| kafka_err(&self.topic, "metadata", e))?;
+            let found = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == self.topic && t.error().is_none())
+                .filter(|t| t.partitions().iter().all(|p| p.leader() >= 0))
+                .map_or(0, |t| t.partitions().len() as i32);
+            if found > 0 || std::time::Instant::now() >= deadline {
+                return Ok(found);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Reads partition `partition` from its start up to its end **as of now** (the last stable offset:

@@ -615,12 +615,18 @@ pub(super) fn run<S: EventSourced>(
         });
         let due = now.is_some_and(|now| now.saturating_duration_since(last_commit) >= commit_every);
         if due || c.committer.as_ref().is_some_and(Committer::due) {
-            // The next commit is due one interval after this one started (as Kafka Streams
-            // counts): a commit's own duration does not stretch the interval.
-            last_commit = now.unwrap_or_else(Instant::now);
+            let started = now.unwrap_or_else(Instant::now);
             if let Err(e) = c.commit(&consumer) {
                 break Err(e);
             }
+            // The next commit is due one interval after this one started (as Kafka Streams
+            // counts: a commit's own duration does not stretch the interval), but no sooner than
+            // half an interval after it finished. The loop does not consume while it commits, so
+            // after a commit slower than the interval the next one would be due at once, after
+            // CLOCK_EVERY records: on Apache Kafka, where a commit can take 100+ ms, the flow fell
+            // into committing every 32 commands (~300/s) while its backlog grew.
+            let finished = Instant::now();
+            last_commit = finished.checked_sub(commit_every / 2).map_or(started, |f| f.max(started));
             if last_lag.elapsed() >= Duration::from_secs(5) {
                 c.update_lag(&consumer);
                 last_lag = Instant::now();
