@@ -272,8 +272,9 @@ async fn a_flow_stopped_past_its_transaction_timeout_recovers_exactly_once() {
     let s = setup(2).await;
     let logs = tempfile::tempdir().unwrap();
     let txn = unique("txn");
-    // More than the stop needs at this pace: the feeder stops once an open transaction was caught.
-    let cmds = workload(4000, 20, 71);
+    // More than the stops need at this pace (a minute of input: every attempt must find input
+    // arriving); the feeder stops once an open transaction was caught, the rest is fed at once.
+    let cmds = workload(12000, 20, 71);
     let (replies, accounts) = expected(&cmds);
     let demo = Demo::start(&s, &txn, &kafka_journal(&s, "2s"), logs.path());
     let stop = Arc::new(AtomicBool::new(false));
