@@ -3,9 +3,8 @@
 //! the partition leader and the transaction coordinator, and a crash loop of two instances between
 //! which partitions move on every kill.
 
-use crate::flow::{
-    await_replies, expected, feed_async, journal_state, setup, setup_on, tail, wire, workload, Demo, Setup,
-};
+use crate::crash::{tail, Demo};
+use crate::flow::{await_replies, expected, feed_async, journal_state, setup, setup_on, wire, workload, Setup};
 use crate::util::broker::{brokers, create_topic, flush, own_cluster, producer, send, unique, Settings};
 use crate::util::DEADLINE;
 use eventstage::stages::bank_flow::bank_flow;

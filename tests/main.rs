@@ -3,6 +3,7 @@
 mod util;
 
 mod cli;
+mod crash;
 pub(crate) mod damage;
 mod flow;
 mod kafka;

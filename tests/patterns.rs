@@ -1,7 +1,8 @@
 //! At-least-once flows, async enrichment and rebalance listeners against a real broker.
 
+use crate::crash::crash_loop;
 use crate::flow::{
-    check_replies, check_replies_at_least_once, crash_loop, expected, feed_async, journal_state, setup, workload, Setup,
+    check_replies, check_replies_at_least_once, expected, feed_async, journal_state, setup, workload, Setup,
 };
 use crate::util::broker::{create_topic, flush, producer, read_committed, send, unique};
 use eventstage::flow::{
