@@ -509,7 +509,7 @@ pub(super) fn run<S: EventSourced>(
         }
         _ => None,
     };
-    let sink = Arc::new(Sink { producer, deliveries, transactional_id: settings.transactional_id.clone() });
+    let sink = Arc::new(Sink::new(producer, settings.producer.clone(), deliveries, settings.transactional_id.clone()));
     let keep_outbox = matches!(backend, Backend::Sled(_)) && !at_least_once;
     let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
@@ -551,7 +551,7 @@ pub(super) fn run<S: EventSourced>(
             ABORT => {
                 let c = lock(&core);
                 if c.committer.is_none() {
-                    let _ = c.sink.producer.abort_transaction(TXN_TIMEOUT);
+                    let _ = c.sink.producer().abort_transaction(TXN_TIMEOUT);
                 }
                 break Err(FlowError::Aborted);
             }

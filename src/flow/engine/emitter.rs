@@ -15,6 +15,9 @@
 //! batch is never taken as acknowledged while its outputs are still on their way to the producer.
 
 use super::*;
+use arc_swap::ArcSwap;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaResult;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
@@ -25,14 +28,97 @@ const HANDOFF: usize = 64;
 const QUEUED_HANDOFFS: usize = 64;
 
 /// The transactional producer, shared by the flow thread (journal records, transactions) and the
-/// emitter thread (output records).
+/// emitter thread (output records). It can be replaced by a new one of the same transactional id
+/// while the flow runs (see [`Sink::send_offsets`]).
 pub(super) struct Sink {
-    pub(super) producer: ThreadedProducer<FlowProducerContext>,
+    producer: ArcSwap<ThreadedProducer<FlowProducerContext>>,
+    /// The producer's configuration, for a replacement.
+    config: ClientConfig,
     pub(super) deliveries: Arc<Deliveries>,
     pub(super) transactional_id: String,
 }
 
+/// How long a replacement producer may take to fence the old one and open its first transaction.
+const REPLACEMENT_DEADLINE: Duration = Duration::from_secs(60);
+/// How much longer than its own timeout `send_offsets_to_transaction` may take before the producer
+/// is taken as wedged.
+const SEND_OFFSETS_GRACE: Duration = Duration::from_secs(5);
+
 impl Sink {
+    pub(super) fn new(
+        producer: ThreadedProducer<FlowProducerContext>,
+        config: ClientConfig,
+        deliveries: Arc<Deliveries>,
+        transactional_id: String,
+    ) -> Self {
+        Self { producer: ArcSwap::from_pointee(producer), config, deliveries, transactional_id }
+    }
+
+    /// The current producer.
+    pub(super) fn producer(&self) -> arc_swap::Guard<Arc<ThreadedProducer<FlowProducerContext>>> {
+        self.producer.load()
+    }
+
+    /// Adds the consumed `offsets` of `group` to the open transaction.
+    ///
+    /// librdkafka's `send_offsets_to_transaction` waits without a deadline for its request to the
+    /// group coordinator (its timeout is never checked: librdkafka issue #5456), and after the
+    /// coordinator's broker dies and leaves the cluster's metadata, librdkafka no longer looks for
+    /// the new coordinator (issue #5511): on Apache Kafka the flow stopped for good, silently. So the
+    /// call runs on a thread of its own; past its timeout and a grace, the producer is taken as
+    /// wedged and replaced by a new one of the same transactional id. The new one fences the old
+    /// (whose open transaction the coordinator aborts) and opens a transaction, and the call fails
+    /// as an abortable error: the caller aborts, rewinds and processes the inputs again. The old
+    /// producer is released by its thread if librdkafka ever returns.
+    pub(super) fn send_offsets(&self, offsets: &TopicPartitionList, group: ConsumerGroupMetadata) -> KafkaResult<()> {
+        let producer = self.producer.load_full();
+        let offsets = offsets.clone();
+        let (done, result) = sync_channel(1);
+        let call = std::thread::Builder::new().name("eventstage-txn-offsets".into()).spawn(move || {
+            let _ = done.send(producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT));
+        });
+        if let Err(e) = call {
+            // Out of threads: the transaction aborts and its inputs are processed again.
+            tracing::error!(error = %e, "cannot start a thread for send_offsets_to_transaction");
+            return Err(KafkaError::Global(RDKafkaErrorCode::Fail));
+        }
+        match result.recv_timeout(TXN_TIMEOUT + SEND_OFFSETS_GRACE) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(
+                    waited_s = (TXN_TIMEOUT + SEND_OFFSETS_GRACE).as_secs(),
+                    transactional_id = %self.transactional_id,
+                    "librdkafka's send_offsets_to_transaction did not return (its group coordinator request waits without a deadline after a broker loss: librdkafka #5456, #5511); replacing the transactional producer"
+                );
+                self.replace_producer()?;
+                Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut))
+            }
+        }
+    }
+
+    /// Replaces the producer with a new one of the same transactional id, in a transaction.
+    fn replace_producer(&self) -> KafkaResult<()> {
+        let producer: ThreadedProducer<_> =
+            self.config.create_with_context(FlowProducerContext { deliveries: self.deliveries.clone() })?;
+        let deadline = Instant::now() + REPLACEMENT_DEADLINE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match producer.init_transactions(TXN_TIMEOUT) {
+                Ok(()) => break,
+                Err(e) if classify(&e) == TxnFailure::Retry && Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %e, "the replacement producer's init_transactions failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        producer.begin_transaction()?;
+        self.producer.store(Arc::new(producer));
+        tracing::info!(transactional_id = %self.transactional_id, "the transactional producer was replaced");
+        Ok(())
+    }
+
     /// Produces a record whose acknowledgement counts for `batch` (at-least-once; exactly-once has
     /// no batches), waiting while librdkafka's queue is full.
     pub(super) fn produce(
@@ -60,7 +146,7 @@ impl Sink {
             if let Some(h) = headers {
                 rec = rec.headers(h.clone());
             }
-            match self.producer.send(rec) {
+            match self.producer().send(rec) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
                     if Instant::now() < *deadline.get_or_insert_with(|| Instant::now() + TXN_TIMEOUT) =>
@@ -89,7 +175,7 @@ impl Sink {
     /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
     pub(super) fn error(&self, context: String, e: KafkaError) -> FlowError {
         let fenced = classify(&e) == TxnFailure::Fenced
-            || self.producer.client().fatal_error().is_some_and(|(code, _)| {
+            || self.producer().client().fatal_error().is_some_and(|(code, _)| {
                 matches!(
                     code,
                     RDKafkaErrorCode::ProducerFenced

@@ -205,7 +205,7 @@ impl<S: EventSourced> Core<S> {
                 if let Err(e) = self.emitter.flush() {
                     tracing::warn!(error = %e, "producing outputs after losing partitions failed");
                 }
-                if let Err(e) = self.sink.producer.flush(TXN_TIMEOUT) {
+                if let Err(e) = self.sink.producer().flush(TXN_TIMEOUT) {
                     tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
                 }
                 self.drop_batches();
@@ -220,7 +220,7 @@ impl<S: EventSourced> Core<S> {
                     }
                 });
                 aborted.and_then(|()| {
-                    self.sink.producer.begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
+                    self.sink.producer().begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
                 })
             }
         } else {

@@ -92,7 +92,7 @@ impl<S: EventSourced> Core<S> {
                 }
             },
         }
-        self.sink.producer.begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
+        self.sink.producer().begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
@@ -155,13 +155,13 @@ impl<S: EventSourced> Core<S> {
     /// 200 µs steps makes a commit cost milliseconds instead of 100 ms.
     fn finish_transaction(&self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> KafkaResult<()> {
         if let Some(gm) = consumer.group_metadata().filter(|_| offsets.count() > 0) {
-            self.sink.producer.send_offsets_to_transaction(offsets, &gm, TXN_TIMEOUT)?;
+            self.sink.send_offsets(offsets, gm)?;
         }
         let deadline = Instant::now() + TXN_TIMEOUT;
-        while self.sink.producer.in_flight_count() > 0 && Instant::now() < deadline {
+        while self.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.sink.producer.commit_transaction(TXN_TIMEOUT)
+        self.sink.producer().commit_transaction(TXN_TIMEOUT)
     }
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
@@ -172,11 +172,11 @@ impl<S: EventSourced> Core<S> {
         let mut delay = Duration::from_millis(100);
         loop {
             self.sink
-                .producer
+                .producer()
                 .abort_transaction(TXN_TIMEOUT)
                 .map_err(|e| self.sink.error("abort transaction".into(), e))?;
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.sink.producer.begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))?;
+            self.sink.producer().begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))?;
             for o in &outbox {
                 self.sink.produce_output(0, o)?;
             }
@@ -202,7 +202,7 @@ impl<S: EventSourced> Core<S> {
             Err(e) => tracing::warn!(error = %e, "producing the aborted transaction's outputs failed"),
             Ok(_) => {}
         }
-        if let Err(e) = self.sink.producer.abort_transaction(TXN_TIMEOUT) {
+        if let Err(e) = self.sink.producer().abort_transaction(TXN_TIMEOUT) {
             return Err(self.sink.error("abort transaction".into(), e));
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
