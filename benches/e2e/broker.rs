@@ -53,7 +53,8 @@ pub(crate) fn create_topics(rt: &tokio::runtime::Runtime, brokers: &str, topics:
 }
 
 /// Creates a flow's journal topic as `KafkaJournal::ensure` would (compacted, [`PARTITIONS`]
-/// partitions), before the flow starts; see [`create_topics_with`] for why.
+/// partitions), before the flow starts: like the other topics of a run, its creation is not part of
+/// the figures measured from the flow's start.
 pub(crate) fn create_journal_topic(rt: &tokio::runtime::Runtime, brokers: &str, topic: &str) -> Result<()> {
     create_topics_with(rt, brokers, &[topic], &[("cleanup.policy", "compact")])
 }
@@ -61,9 +62,7 @@ pub(crate) fn create_journal_topic(rt: &tokio::runtime::Runtime, brokers: &str, 
 /// Creates `topics` with [`PARTITIONS`] partitions and the topic configs `config`, then waits until
 /// the broker's metadata lists every partition of each with a leader. Kafka creates topics
 /// asynchronously: CreateTopics answers once the controller has the topic, and metadata can lack it
-/// for a moment after. `KafkaJournal::ensure` checks the partition count right after creating its
-/// topic and stops the flow when the topic is not listed yet ("the journal topic has 0
-/// partitions"), so the bench creates the journal topics itself, this way.
+/// for a moment after.
 pub(crate) fn create_topics_with(
     rt: &tokio::runtime::Runtime,
     brokers: &str,

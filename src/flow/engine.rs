@@ -572,10 +572,11 @@ pub(super) fn run<S: EventSourced>(
             (true, false) => match consumer.poll(Duration::ZERO) {
                 None => {
                     waited = true;
-                    let handed = lock(&core).emitter.hand_off();
-                    if let Err(e) = handed {
+                    let mut c = lock(&core);
+                    if let Err(e) = c.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
                         break Err(e);
                     }
+                    drop(c);
                     consumer.poll(Duration::from_millis(20))
                 }
                 polled => polled,
@@ -585,18 +586,23 @@ pub(super) fn run<S: EventSourced>(
         };
         let polled_none = polled.is_none();
         let mut c = lock(&core);
+        // A fence of a timed-out transaction is recovered from wherever it surfaces (see
+        // `Core::recover`); every other error stops the flow.
         if let Some(e) = c.failure.take() {
-            break Err(e);
+            if let Err(e) = c.recover(&consumer, e) {
+                break Err(e);
+            }
         }
         match polled {
             Some(Ok(msg)) => {
-                if let Err(e) = c.process(&msg) {
+                // After a recovery the consumer was rewound: the record comes again.
+                if let Err(e) = c.process(&msg).or_else(|e| c.recover(&consumer, e)) {
                     break Err(e);
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             None => {
-                if let Err(e) = c.emitter.hand_off() {
+                if let Err(e) = c.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
                     break Err(e);
                 }
                 if let (true, Core { pipeline: Some(p), metrics, .. }) = (busy, &mut *c) {
@@ -604,7 +610,9 @@ pub(super) fn run<S: EventSourced>(
                 }
             }
         }
-        if let Err(e) = c.run_pipeline().and_then(|()| c.advance(&consumer, Wait::No)) {
+        if let Err(e) =
+            c.run_pipeline().and_then(|()| c.advance(&consumer, Wait::No)).or_else(|e| c.recover(&consumer, e))
+        {
             break Err(e);
         }
         // The clock is read every CLOCK_EVERY records while records keep coming.
@@ -616,7 +624,7 @@ pub(super) fn run<S: EventSourced>(
         let due = now.is_some_and(|now| now.saturating_duration_since(last_commit) >= commit_every);
         if due || c.committer.as_ref().is_some_and(Committer::due) {
             let started = now.unwrap_or_else(Instant::now);
-            if let Err(e) = c.commit(&consumer) {
+            if let Err(e) = c.commit(&consumer).or_else(|e| c.recover(&consumer, e)) {
                 break Err(e);
             }
             // The next commit is due one interval after this one started (as Kafka Streams

@@ -15,8 +15,12 @@
 //!   and releases the state.
 //! - **Failures.** A transaction that must abort is aborted, the consumer rewinds to the last
 //!   committed offsets and the in-memory state of the transaction is discarded, then processing goes
-//!   on. Fencing (a newer instance with the same `transactional.id`) stops the flow with
-//!   [`FlowError::Fenced`] and commits nothing. A broker that is down is retried with backoff.
+//!   on. Fencing by a newer instance with the same `transactional.id` stops the flow with
+//!   [`FlowError::Fenced`] and commits nothing. A fence of a transaction open longer than
+//!   `transaction.timeout.ms` (the broker timed it out: the flow was paused, or a commit outlasted a
+//!   coordinator's move) is an abort: the flow replaces its producer, rewinds and goes on. So is a
+//!   librdkafka call that does not return (`send_offsets_to_transaction` after the group
+//!   coordinator's broker died). A broker that is down is retried with backoff.
 //! - **Bad input.** A record the decoder rejects (or whose handler panics) goes to the dead-letter
 //!   topic with headers naming its source topic, partition, offset and the error, inside the same
 //!   transaction; or, by policy, stops the flow.
@@ -158,11 +162,13 @@ pub enum FlowError {
         /// The client's error.
         source: rdkafka::error::KafkaError,
     },
-    /// The broker refused this producer's epoch: another instance with the same transactional id
-    /// took over (this one is a zombie), or this one was paused past `transaction.timeout.ms` and
-    /// the broker aborted its transaction. Either way nothing after its last commit counts; restarting
-    /// it is safe (it fences any other instance with the id).
-    #[error("fenced: the broker refused this producer's epoch for transactional.id `{transactional_id}`: another instance with this id took over, or this one was paused longer than its transaction timeout and the broker aborted its transaction; this instance committed nothing since its last commit and stopped")]
+    /// The broker refused this producer's epoch while its transaction was younger than
+    /// `transaction.timeout.ms`: another instance with the same transactional id took over (this
+    /// one is a zombie). Nothing after its last commit counts; restarting it is safe (it fences any
+    /// other instance with the id), but two instances sharing an id keep fencing each other. (A
+    /// fence of a transaction older than the timeout is the broker's timeout: the flow recovers
+    /// from it by itself.)
+    #[error("fenced: the broker refused this producer's epoch for transactional.id `{transactional_id}`: another instance with this id took over (give each instance its own id); this instance committed nothing since its last commit and stopped")]
     Fenced {
         /// The transactional id.
         transactional_id: String,

@@ -36,6 +36,14 @@ pub(super) struct Sink {
     config: ClientConfig,
     pub(super) deliveries: Arc<Deliveries>,
     pub(super) transactional_id: String,
+    /// The producer's `transaction.timeout.ms` (None: not transactional).
+    txn_timeout: Option<Duration>,
+    /// When the open transaction's first record (or its offsets) went to the producer: where the
+    /// coordinator's clock for the transaction timeout starts, at the earliest. None while nothing
+    /// was sent in it (an idle flow's open transaction is not one the broker knows).
+    opened: Mutex<Option<Instant>>,
+    /// `opened` is set (the check on every produce call).
+    sent: AtomicBool,
 }
 
 /// How long a replacement producer may take to fence the old one and open its first transaction.
@@ -51,7 +59,54 @@ impl Sink {
         deliveries: Arc<Deliveries>,
         transactional_id: String,
     ) -> Self {
-        Self { producer: ArcSwap::from_pointee(producer), config, deliveries, transactional_id }
+        let transactional = config.get("transactional.id").is_some();
+        // librdkafka's default, as for the broker's limit, is a minute.
+        let txn_timeout = transactional.then(|| {
+            let ms = config.get("transaction.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(60_000);
+            Duration::from_millis(ms)
+        });
+        Self {
+            producer: ArcSwap::from_pointee(producer),
+            config,
+            deliveries,
+            transactional_id,
+            txn_timeout,
+            opened: Mutex::new(None),
+            sent: AtomicBool::new(false),
+        }
+    }
+
+    /// The producer has a transactional id.
+    pub(super) fn is_transactional(&self) -> bool {
+        self.txn_timeout.is_some()
+    }
+
+    /// Begins a transaction.
+    pub(super) fn begin(&self) -> Result<(), FlowError> {
+        self.producer().begin_transaction().map_err(|e| self.error("begin transaction".into(), e))?;
+        self.reset_opened();
+        Ok(())
+    }
+
+    fn reset_opened(&self) {
+        *lock(&self.opened) = None;
+        self.sent.store(false, Ordering::Relaxed);
+    }
+
+    /// Marks the open transaction as sent to (from now on, known by) the broker.
+    fn sending(&self) {
+        if !self.sent.load(Ordering::Relaxed) {
+            lock(&self.opened).get_or_insert_with(Instant::now);
+            self.sent.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the open transaction has been open, when that is longer than the transaction
+    /// timeout: the broker aborts such a transaction and fences its producer's epoch, so a fence
+    /// then says the broker timed it out, not that another instance took over.
+    pub(super) fn expired(&self) -> Option<Duration> {
+        let open = lock(&self.opened).as_ref().map(Instant::elapsed)?;
+        self.txn_timeout.filter(|t| open >= *t).map(|_| open)
     }
 
     /// The current producer.
@@ -71,6 +126,7 @@ impl Sink {
     /// as an abortable error: the caller aborts, rewinds and processes the inputs again. The old
     /// producer is released by its thread if librdkafka ever returns.
     pub(super) fn send_offsets(&self, offsets: &TopicPartitionList, group: ConsumerGroupMetadata) -> KafkaResult<()> {
+        self.sending();
         let producer = self.producer.load_full();
         let offsets = offsets.clone();
         let (done, result) = sync_channel(1);
@@ -97,7 +153,7 @@ impl Sink {
     }
 
     /// Replaces the producer with a new one of the same transactional id, in a transaction.
-    fn replace_producer(&self) -> KafkaResult<()> {
+    pub(super) fn replace_producer(&self) -> KafkaResult<()> {
         let producer: ThreadedProducer<_> =
             self.config.create_with_context(FlowProducerContext { deliveries: self.deliveries.clone() })?;
         let deadline = Instant::now() + REPLACEMENT_DEADLINE;
@@ -114,6 +170,7 @@ impl Sink {
             }
         }
         producer.begin_transaction()?;
+        self.reset_opened();
         self.producer.store(Arc::new(producer));
         tracing::info!(transactional_id = %self.transactional_id, "the transactional producer was replaced");
         Ok(())
@@ -131,6 +188,7 @@ impl Sink {
         headers: Option<&OwnedHeaders>,
     ) -> Result<(), FlowError> {
         let mut deadline = None;
+        self.sending();
         self.deliveries.add(batch);
         loop {
             let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, batch);

@@ -219,9 +219,7 @@ impl<S: EventSourced> Core<S> {
                         Ok(())
                     }
                 });
-                aborted.and_then(|()| {
-                    self.sink.producer().begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
-                })
+                aborted.and_then(|()| self.sink.begin())
             }
         } else {
             // Finish in-flight work: commit before the partitions go to another instance.

@@ -76,6 +76,19 @@ impl<S: EventSourced> Core<S> {
                 self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => match classify(&e) {
+                TxnFailure::Fenced if self.sink.expired().is_some() => {
+                    // The broker timed the transaction out: as an abort, with a new producer.
+                    self.replace_expired(&e)?;
+                    if sled_written {
+                        self.redo_outbox(consumer, &tpl)?;
+                        for o in self.offsets.values_mut() {
+                            o.committed = o.next;
+                        }
+                        self.dirty = false;
+                    } else {
+                        self.abort_and_rewind(consumer)?;
+                    }
+                }
                 TxnFailure::Fenced => return Err(self.sink.error("commit transaction".into(), e)),
                 TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
                 TxnFailure::Abort | TxnFailure::Retry if sled_written => {
@@ -92,7 +105,7 @@ impl<S: EventSourced> Core<S> {
                 }
             },
         }
-        self.sink.producer().begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))
+        self.sink.begin()
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
@@ -176,7 +189,7 @@ impl<S: EventSourced> Core<S> {
                 .abort_transaction(TXN_TIMEOUT)
                 .map_err(|e| self.sink.error("abort transaction".into(), e))?;
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.sink.producer().begin_transaction().map_err(|e| self.sink.error("begin transaction".into(), e))?;
+            self.sink.begin()?;
             for o in &outbox {
                 self.sink.produce_output(0, o)?;
             }
@@ -193,6 +206,54 @@ impl<S: EventSourced> Core<S> {
                 Err(e) => return Err(self.sink.error("commit outbox".into(), e)),
             }
         }
+    }
+
+    /// A fence of a transaction open longer than its timeout: the broker aborted it (Kafka bumps
+    /// the producer's epoch when it times a transaction out), no other instance took over. Seen
+    /// when the flow was paused past the timeout, and when a commit outlasted it while the
+    /// transaction coordinator moved to another broker. The producer is replaced by a new one of
+    /// the same transactional id, in a transaction; the caller aborts (and rewinds, or produces
+    /// the sled outbox again).
+    fn replace_expired(&mut self, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
+        let open = self.sink.expired().unwrap_or_default();
+        tracing::warn!(
+            error = %cause,
+            open_ms = open.as_millis() as u64,
+            transactional_id = %self.sink.transactional_id,
+            "the broker aborted the open transaction after its timeout (transaction.timeout.ms) and fenced this producer; replacing the producer and processing again from the last commit"
+        );
+        // What the emitter still holds, and its failure, belong to the old producer.
+        let _ = self.emitter.flush();
+        self.sink.replace_producer().map_err(|e| self.sink.error("replace the timed-out producer".into(), e))
+    }
+
+    /// Recovers from a failed transaction wherever the failure surfaced (a produce call, a flush,
+    /// a rebalance callback): a fence of a timed-out transaction, or a produce call refused because
+    /// librdkafka put the transaction in an abortable state (records timed out, e.g. while the flow
+    /// was paused). The transaction is aborted, the consumer rewound and a new one begun. Any other
+    /// error is returned as it is.
+    pub(super) fn recover(&mut self, consumer: &FlowConsumer<S>, e: FlowError) -> Result<(), FlowError> {
+        let transactional = self.committer.is_none() && self.sink.is_transactional();
+        match &e {
+            FlowError::Fenced { .. } if self.sink.expired().is_some() => self.replace_expired(&e)?,
+            FlowError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. }
+                if transactional =>
+            {
+                tracing::warn!(error = %e, "the transaction failed; aborting, rewinding to the last committed offsets");
+                // The emitter's failure is this one.
+                let _ = self.emitter.flush();
+            }
+            _ => return Err(e),
+        }
+        match self.abort_and_rewind(consumer) {
+            // The abort found that the broker had timed the transaction out.
+            Err(fenced @ FlowError::Fenced { .. }) if self.sink.expired().is_some() => {
+                self.replace_expired(&fenced)?;
+                self.abort_and_rewind(consumer)?;
+            }
+            aborted => aborted?,
+        }
+        self.sink.begin()
     }
 
     pub(super) fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
