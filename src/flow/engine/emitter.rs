@@ -76,6 +76,11 @@ impl Sink {
         }
     }
 
+    /// A fenced or fatal error of a transaction open longer than its timeout (see `expired`).
+    pub(super) fn timed_out(&self, e: &KafkaError) -> bool {
+        matches!(classify(e), TxnFailure::Fenced | TxnFailure::Fatal) && self.expired().is_some()
+    }
+
     /// The producer has a transactional id.
     pub(super) fn is_transactional(&self) -> bool {
         self.txn_timeout.is_some()

@@ -76,7 +76,7 @@ impl<S: EventSourced> Core<S> {
                 self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => match classify(&e) {
-                TxnFailure::Fenced if self.sink.expired().is_some() => {
+                TxnFailure::Fenced | TxnFailure::Fatal if self.sink.timed_out(&e) => {
                     // The broker timed the transaction out: as an abort, with a new producer.
                     self.replace_expired(&e)?;
                     if sled_written {
@@ -184,10 +184,15 @@ impl<S: EventSourced> Core<S> {
         let outbox = sled.written().to_vec();
         let mut delay = Duration::from_millis(100);
         loop {
-            self.sink
-                .producer()
-                .abort_transaction(TXN_TIMEOUT)
-                .map_err(|e| self.sink.error("abort transaction".into(), e))?;
+            match self.sink.producer().abort_transaction(TXN_TIMEOUT) {
+                Ok(()) => {}
+                Err(e) if self.sink.timed_out(&e) => {
+                    // The new producer's (empty) transaction is aborted next time round.
+                    self.replace_expired(&e)?;
+                    continue;
+                }
+                Err(e) => return Err(self.sink.error("abort transaction".into(), e)),
+            }
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
             self.sink.begin()?;
             for o in &outbox {
@@ -198,6 +203,7 @@ impl<S: EventSourced> Core<S> {
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
+                Err(e) if self.sink.timed_out(&e) => self.replace_expired(&e)?,
                 Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
                     std::thread::sleep(delay);
@@ -208,12 +214,21 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    /// A fence of a transaction open longer than its timeout: the broker aborted it (Kafka bumps
-    /// the producer's epoch when it times a transaction out), no other instance took over. Seen
-    /// when the flow was paused past the timeout, and when a commit outlasted it while the
-    /// transaction coordinator moved to another broker. The producer is replaced by a new one of
-    /// the same transactional id, in a transaction; the caller aborts (and rewinds, or produces
-    /// the sled outbox again).
+    /// The error of a transaction open longer than its timeout, fenced or fatal: the broker
+    /// aborted it (Kafka bumps the producer's epoch when it times a transaction out; an abort that
+    /// comes after that can also be refused with INVALID_TXN_STATE), no other instance took over.
+    fn timed_out(&self, e: &FlowError) -> bool {
+        match e {
+            FlowError::Fenced { .. } => self.sink.expired().is_some(),
+            FlowError::Kafka { source, .. } => self.sink.timed_out(source),
+            _ => false,
+        }
+    }
+
+    /// Replaces the producer after [`Self::timed_out`]. Seen when the flow was paused past the
+    /// timeout, and when a commit outlasted it while the transaction coordinator moved to another
+    /// broker. The producer is replaced by a new one of the same transactional id, in a
+    /// transaction; the caller aborts (and rewinds, or produces the sled outbox again).
     fn replace_expired(&mut self, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
         let open = self.sink.expired().unwrap_or_default();
         tracing::warn!(
@@ -235,7 +250,7 @@ impl<S: EventSourced> Core<S> {
     pub(super) fn recover(&mut self, consumer: &FlowConsumer<S>, e: FlowError) -> Result<(), FlowError> {
         let transactional = self.committer.is_none() && self.sink.is_transactional();
         match &e {
-            FlowError::Fenced { .. } if self.sink.expired().is_some() => self.replace_expired(&e)?,
+            _ if self.timed_out(&e) => self.replace_expired(&e)?,
             FlowError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. }
                 if transactional =>
             {
@@ -247,7 +262,7 @@ impl<S: EventSourced> Core<S> {
         }
         match self.abort_and_rewind(consumer) {
             // The abort found that the broker had timed the transaction out.
-            Err(fenced @ FlowError::Fenced { .. }) if self.sink.expired().is_some() => {
+            Err(fenced) if self.timed_out(&fenced) => {
                 self.replace_expired(&fenced)?;
                 self.abort_and_rewind(consumer)?;
             }
