@@ -86,12 +86,7 @@ pub(crate) fn read_committed(
     mut on_record: impl FnMut(&[u8]),
     mut done: impl FnMut(u64) -> bool,
 ) -> Result<ReadStats> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
+    let consumer: BaseConsumer = eventstage_testkafka::read_committed_reader(brokers)
         // A reader measuring latency should not sit in the broker's fetch wait.
         .set("fetch.wait.max.ms", "10")
         .create()?;

@@ -88,6 +88,20 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind a free port")
 }
 
+/// The configuration of a consumer that reads what `read_committed` consumers see, from the
+/// beginning, in a group of its own (a random id) that commits nothing: how the tests and the bench
+/// read a flow's outputs.
+pub fn read_committed_reader(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{:016x}", rand::random::<u64>()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    config
+}
+
 /// Waits until `brokers` answers a metadata request listing at least `count` brokers.
 pub fn wait_ready(brokers: &str, count: usize, deadline: Duration) -> Result<()> {
     let client: BaseConsumer = ClientConfig::new()

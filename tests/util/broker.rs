@@ -82,14 +82,7 @@ pub struct Rec {
 /// Reads `topic` from the beginning with read_committed until `done(records)` holds (or panics at
 /// the deadline), then reads on for `settle` to catch duplicates.
 pub fn read_committed(brokers: &str, topic: &str, done: impl Fn(&[Rec]) -> bool, settle: Duration) -> Vec<Rec> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
+    let consumer: BaseConsumer = eventstage_testkafka::read_committed_reader(brokers).create().unwrap();
     let partitions =
         consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap().topics()[0].partitions().len();
     let mut tpl = TopicPartitionList::new();
