@@ -589,8 +589,10 @@ pub(super) fn run<S: EventSourced>(
         // A fence of a timed-out transaction is recovered from wherever it surfaces (see
         // `Core::recover`); every other error stops the flow.
         if let Some(e) = c.failure.take() {
-            if let Err(e) = c.recover(&consumer, e) {
-                break Err(e);
+            match c.recover(&consumer, e) {
+                // The consumer was rewound: a record polled before that comes again.
+                Ok(()) => continue,
+                Err(e) => break Err(e),
             }
         }
         match polled {
