@@ -102,8 +102,7 @@ impl Codec {
         let err = |message: String| CodecError::Serde { codec: self.name(), message };
         match self {
             Codec::Bincode => {
-                let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                    .map_err(|e| err(e.to_string()))?;
+                let (value, used) = decode_bincode(bytes).map_err(|e| err(e.to_string()))?;
                 if used != bytes.len() {
                     return Err(CodecError::Trailing { codec: self.name(), extra: bytes.len() - used });
                 }
@@ -112,6 +111,29 @@ impl Codec {
             Codec::Json => serde_json::from_slice(bytes).map_err(|e| err(e.to_string())),
         }
     }
+}
+
+/// bincode 2 decoding bounded by the bytes available.
+///
+/// bincode allocates a container's length as read, before reading its contents: a record of a few
+/// bytes with a string length of 2^40 made the process abort ("memory allocation of 1099511627776
+/// bytes failed"), one of 2^64-1 panicked ("capacity overflow"). bincode claims every allocation
+/// (and every primitive, at its size in memory) against the configuration's limit first. A valid
+/// value claims at most 16 bytes per encoded byte (a `u128` in a one-byte varint), so a limit of
+/// 16 times the input never refuses one, and a lying length becomes a decode error. bincode takes
+/// the limit as a constant: the input's size picks the smallest of a few.
+fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
+    let claims = bytes.len().saturating_mul(16).saturating_add(64);
+    macro_rules! within {
+        ($($shift:literal),*) => {$(
+            if claims <= 1usize << $shift {
+                let config = bincode::config::standard().with_limit::<{ 1usize << $shift }>();
+                return bincode::serde::decode_from_slice(bytes, config);
+            }
+        )*};
+    }
+    within!(12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38);
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<{ 1usize << 40 }>())
 }
 
 #[cfg(test)]
@@ -124,6 +146,42 @@ mod tests {
         A { x: u64, s: String },
         B(Vec<i32>),
         C,
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Stock {
+        on_hand: u64,
+        reservations: std::collections::BTreeMap<String, u64>,
+    }
+
+    #[test]
+    fn a_lying_length_is_a_decode_error_not_an_allocation() {
+        // on_hand 0, one reservation whose key claims 2^40 bytes (a 1 TiB allocation before).
+        let tib = hex::decode("0001fd0000000000010000").unwrap();
+        // ... and one claiming 2^64-1 bytes (a capacity overflow panic before).
+        let max = hex::decode("0001ffffffffffffffffff").unwrap();
+        // A byte vector and a sequence claiming 2^40 elements.
+        let bytes = hex::decode("fd0000000000010000").unwrap();
+        for input in [&tib, &max] {
+            let e = Codec::Bincode.decode::<Stock>(input).unwrap_err();
+            assert!(e.to_string().contains("bincode"), "{e}");
+        }
+        assert!(Codec::Bincode.decode::<Vec<u8>>(&bytes).is_err());
+        assert!(Codec::Bincode.decode::<Vec<u64>>(&bytes).is_err());
+        assert!(Codec::Bincode.decode::<String>(&bytes).is_err());
+    }
+
+    #[test]
+    fn values_claiming_the_most_per_byte_still_decode() {
+        // u128 zeros: one byte each, 16 bytes claimed each.
+        let zeros = vec![0u128; 100_000];
+        let bytes = Codec::Bincode.encode(&zeros).unwrap();
+        assert_eq!(Codec::Bincode.decode::<Vec<u128>>(&bytes).unwrap(), zeros);
+        let big = vec![7u8; 3 << 20];
+        let bytes = Codec::Bincode.encode(&big).unwrap();
+        assert_eq!(Codec::Bincode.decode::<Vec<u8>>(&bytes).unwrap(), big);
+        let stock = Stock { on_hand: 3, reservations: [("o-1".to_string(), 2)].into() };
+        assert_eq!(Codec::Bincode.decode::<Stock>(&Codec::Bincode.encode(&stock).unwrap()).unwrap(), stock);
     }
 
     proptest! {
