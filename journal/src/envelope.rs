@@ -6,7 +6,7 @@
 //!      2    1 format version   FORMAT_VERSION
 //!      3    1 kind             1 = event, 2 = snapshot, 3 = Kafka journal entry
 //!      4    1 codec id         0 = raw bytes, 1 = bincode 2, 2 = JSON, others: user codecs
-//!      5    1 reserved         0
+//!      5    1 reserved         0 (anything else is refused)
 //!      6    2 type version     u16 LE, the payload type's schema version (for upcasting)
 //!      8    8 timestamp        u64 LE, milliseconds since the Unix epoch
 //!     16    4 payload length   u32 LE
@@ -202,6 +202,10 @@ impl Envelope {
         if stored != computed {
             return Err(EnvelopeError::CrcMismatch { stored, computed });
         }
+        // Checked after the CRC: a damaged byte is reported as damage.
+        if bytes[5] != 0 {
+            return Err(EnvelopeError::Reserved { found: bytes[5] });
+        }
         Ok(Header {
             kind: RecordKind::from_byte(bytes[3])?,
             codec: CodecId(bytes[4]),
@@ -272,6 +276,28 @@ mod tests {
         let mut newer = bytes;
         newer[2] = FORMAT_VERSION + 1;
         assert!(matches!(Envelope::decode(&newer), Err(EnvelopeError::NewerFormat { .. })));
+    }
+
+    /// Re-seals `bytes` (an encoded envelope) with a correct CRC, as a writer would.
+    fn reseal(bytes: &mut [u8]) {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes[0..20]);
+        crc.update(&bytes[HEADER_LEN..]);
+        let sum = crc.finalize().to_le_bytes();
+        bytes[20..24].copy_from_slice(&sum);
+    }
+
+    #[test]
+    fn refuses_a_reserved_byte_other_than_zero_even_with_a_valid_crc() {
+        for found in [1u8, 0x80, 0xff] {
+            let mut bytes = sample().encode();
+            bytes[5] = found;
+            reseal(&mut bytes);
+            assert_eq!(Envelope::decode(&bytes), Err(EnvelopeError::Reserved { found }));
+        }
+        let mut bytes = sample().encode();
+        reseal(&mut bytes);
+        assert_eq!(Envelope::decode(&bytes).unwrap(), sample());
     }
 
     proptest! {

@@ -53,6 +53,13 @@ pub enum EnvelopeError {
     /// An unknown record kind.
     #[error("record has unknown kind {0}")]
     UnknownKind(u8),
+    /// The reserved header byte is not 0: a flag this build does not know (a newer writer, or bytes
+    /// that are not an eventstage record).
+    #[error("record sets the reserved header byte to {found:#04x} (this build reads only 0): written by a newer eventstage, or not by eventstage")]
+    Reserved {
+        /// The byte in the record.
+        found: u8,
+    },
 }
 
 /// Errors of journal operations.
