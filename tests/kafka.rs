@@ -463,6 +463,41 @@ async fn the_flow_survives_losing_the_partition_leader_and_both_coordinators() {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
 
+/// Under a steady load, the flow's only broker is SIGKILLed and restarted, twice: the flow heals in
+/// its own process (no supervisor: a new producer where librdkafka's one failed for good, aborts,
+/// rewinds), every command gets exactly one correct reply and the journal equals the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_heals_in_process_when_its_broker_is_killed_twice_under_load() {
+    let mut cluster = own_cluster(Settings::single());
+    let s = setup_on(cluster.bootstrap(), 2).await;
+    let cmds = workload(20000, 30, 91);
+    let (replies, accounts) = expected(&cmds);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .transactional_id(unique("txn"))
+        .commit_interval(Duration::from_millis(100))
+        .run()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = feeder(&s, &cmds, 20, Duration::from_millis(100), stop.clone());
+    progress(&flow, 200, "the flow to run").await;
+    for round in 1..=2 {
+        let before = flow.metrics().records_in;
+        cluster.kill_node(0);
+        eprintln!("killed the broker (round {round}) at {before} commands in");
+        cluster.restart_node(0).unwrap();
+        let c = &cluster;
+        tokio::task::block_in_place(|| c.wait_ready().unwrap());
+        progress(&flow, before + 200, &format!("progress after the broker's restart (round {round})")).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = feeding.join().unwrap();
+    feed_async(&s, &cmds[sent..]).await;
+    await_replies(&s, replies).await;
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
 /// The group's committed offsets of `topic`'s partitions (None: the coordinator did not answer in
 /// time, e.g. while it moves or loads).
 fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Option<Vec<i64>> {

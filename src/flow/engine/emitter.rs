@@ -44,7 +44,12 @@ pub(super) struct Sink {
     opened: Mutex<Option<Instant>>,
     /// `opened` is set (the check on every produce call).
     sent: AtomicBool,
+    /// Producers replaced since the last commit.
+    replaced: std::sync::atomic::AtomicU32,
 }
+
+/// Producer replacements in a row (no commit between them) after which a failure stops the flow.
+const MAX_REPLACEMENTS: u32 = 5;
 
 /// How long a replacement producer may take to fence the old one and open its first transaction.
 const REPLACEMENT_DEADLINE: Duration = Duration::from_secs(60);
@@ -73,12 +78,56 @@ impl Sink {
             txn_timeout,
             opened: Mutex::new(None),
             sent: AtomicBool::new(false),
+            replaced: Default::default(),
         }
     }
 
-    /// A fenced or fatal error of a transaction open longer than its timeout (see `expired`).
-    pub(super) fn timed_out(&self, e: &KafkaError) -> bool {
-        matches!(classify(e), TxnFailure::Fenced | TxnFailure::Fatal) && self.expired().is_some()
+    /// A producer failure that a new producer of the same transactional id heals, as long as
+    /// replacements do not keep failing ([`MAX_REPLACEMENTS`] without a commit between them):
+    /// - a fence of a transaction open longer than its timeout (see `expired`): the broker timed it
+    ///   out. A younger transaction's fence means that another instance took over: never healed;
+    /// - any other fatal error but a refused authorization: librdkafka's idempotence state broken
+    ///   by a broker restart ("sequence desynchronization"), or an abort refused with
+    ///   INVALID_TXN_STATE after the broker timed the transaction out.
+    pub(super) fn heals(&self, e: &KafkaError) -> bool {
+        if !self.is_transactional() || self.replaced.load(Ordering::Relaxed) >= MAX_REPLACEMENTS {
+            return false;
+        }
+        let code = match classify(e) {
+            TxnFailure::Fenced => return self.expired().is_some(),
+            TxnFailure::Fatal => e.rdkafka_error_code(),
+            // A produce call of a producer in a fatal state fails with `Fatal`; the state says why.
+            _ if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+                self.producer().client().fatal_error().map(|(code, _)| code)
+            }
+            _ => return false,
+        };
+        if matches!(
+            code,
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
+        ) {
+            return self.expired().is_some();
+        }
+        !matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed
+            )
+        )
+    }
+
+    /// A fence (as [`FlowError::Fenced`]) healed by a new producer: the broker timed the
+    /// transaction out.
+    pub(super) fn heals_fence(&self) -> bool {
+        self.replaced.load(Ordering::Relaxed) < MAX_REPLACEMENTS && self.expired().is_some()
+    }
+
+    /// A transaction committed: the replacements before it healed.
+    pub(super) fn committed(&self) {
+        self.replaced.store(0, Ordering::Relaxed);
     }
 
     /// The producer has a transactional id.
@@ -176,6 +225,7 @@ impl Sink {
         }
         producer.begin_transaction()?;
         self.reset_opened();
+        self.replaced.fetch_add(1, Ordering::Relaxed);
         self.producer.store(Arc::new(producer));
         tracing::info!(transactional_id = %self.transactional_id, "the transactional producer was replaced");
         Ok(())

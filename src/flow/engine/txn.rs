@@ -64,6 +64,7 @@ impl<S: EventSourced> Core<S> {
         };
         match result {
             Ok(()) => {
+                self.sink.committed();
                 self.settle_overlays();
                 for o in self.offsets.values_mut() {
                     o.committed = o.next;
@@ -76,7 +77,7 @@ impl<S: EventSourced> Core<S> {
                 self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => match classify(&e) {
-                TxnFailure::Fenced | TxnFailure::Fatal if self.sink.timed_out(&e) => {
+                TxnFailure::Fenced | TxnFailure::Fatal if self.sink.heals(&e) => {
                     // The broker timed the transaction out: as an abort, with a new producer.
                     self.replace_expired(&e)?;
                     if sled_written {
@@ -186,7 +187,7 @@ impl<S: EventSourced> Core<S> {
         loop {
             match self.sink.producer().abort_transaction(TXN_TIMEOUT) {
                 Ok(()) => {}
-                Err(e) if self.sink.timed_out(&e) => {
+                Err(e) if self.sink.heals(&e) => {
                     // The new producer's (empty) transaction is aborted next time round.
                     self.replace_expired(&e)?;
                     continue;
@@ -200,10 +201,11 @@ impl<S: EventSourced> Core<S> {
             }
             match self.finish_transaction(consumer, offsets) {
                 Ok(()) => {
+                    self.sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e) if self.sink.timed_out(&e) => self.replace_expired(&e)?,
+                Err(e) if self.sink.heals(&e) => self.replace_expired(&e)?,
                 Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
                     std::thread::sleep(delay);
@@ -214,32 +216,39 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    /// The error of a transaction open longer than its timeout, fenced or fatal: the broker
-    /// aborted it (Kafka bumps the producer's epoch when it times a transaction out; an abort that
-    /// comes after that can also be refused with INVALID_TXN_STATE), no other instance took over.
-    fn timed_out(&self, e: &FlowError) -> bool {
+    /// A failure a new producer heals (see `Sink::heals`): Kafka bumps the producer's epoch when
+    /// it times a transaction out (Kafka Streams recovers the same way from what it calls a
+    /// migrated task), and librdkafka's fatal states end with its producer.
+    fn heals(&self, e: &FlowError) -> bool {
         match e {
-            FlowError::Fenced { .. } => self.sink.expired().is_some(),
-            FlowError::Kafka { source, .. } => self.sink.timed_out(source),
+            FlowError::Fenced { .. } => self.sink.heals_fence(),
+            FlowError::Kafka { source, .. } => self.sink.heals(source),
             _ => false,
         }
     }
 
-    /// Replaces the producer after [`Self::timed_out`]. Seen when the flow was paused past the
-    /// timeout, and when a commit outlasted it while the transaction coordinator moved to another
-    /// broker. The producer is replaced by a new one of the same transactional id, in a
-    /// transaction; the caller aborts (and rewinds, or produces the sled outbox again).
+    /// Replaces the producer after [`Self::heals`]. Seen when the flow was paused past the
+    /// transaction timeout, when a commit outlasted it while the transaction coordinator moved to
+    /// another broker, and after a broker restart. The producer is replaced by a new one of the
+    /// same transactional id (which fences the old one), in a transaction; the caller aborts (and
+    /// rewinds, or produces the sled outbox again).
     fn replace_expired(&mut self, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
-        let open = self.sink.expired().unwrap_or_default();
-        tracing::warn!(
-            error = %cause,
-            open_ms = open.as_millis() as u64,
-            transactional_id = %self.sink.transactional_id,
-            "the broker aborted the open transaction after its timeout (transaction.timeout.ms) and fenced this producer; replacing the producer and processing again from the last commit"
-        );
+        match self.sink.expired() {
+            Some(open) => tracing::warn!(
+                error = %cause,
+                open_ms = open.as_millis() as u64,
+                transactional_id = %self.sink.transactional_id,
+                "the broker aborted the open transaction after its timeout (transaction.timeout.ms) and fenced this producer; replacing the producer and processing again from the last commit"
+            ),
+            None => tracing::warn!(
+                error = %cause,
+                transactional_id = %self.sink.transactional_id,
+                "the transactional producer failed for good; replacing it and processing again from the last commit"
+            ),
+        }
         // What the emitter still holds, and its failure, belong to the old producer.
         let _ = self.emitter.flush();
-        self.sink.replace_producer().map_err(|e| self.sink.error("replace the timed-out producer".into(), e))
+        self.sink.replace_producer().map_err(|e| self.sink.error("replace the failed producer".into(), e))
     }
 
     /// Recovers from a failed transaction wherever the failure surfaced (a produce call, a flush,
@@ -250,7 +259,7 @@ impl<S: EventSourced> Core<S> {
     pub(super) fn recover(&mut self, consumer: &FlowConsumer<S>, e: FlowError) -> Result<(), FlowError> {
         let transactional = self.committer.is_none() && self.sink.is_transactional();
         match &e {
-            _ if self.timed_out(&e) => self.replace_expired(&e)?,
+            _ if self.heals(&e) => self.replace_expired(&e)?,
             FlowError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. }
                 if transactional =>
             {
@@ -262,7 +271,7 @@ impl<S: EventSourced> Core<S> {
         }
         match self.abort_and_rewind(consumer) {
             // The abort found that the broker had timed the transaction out.
-            Err(fenced) if self.timed_out(&fenced) => {
+            Err(fenced) if self.heals(&fenced) => {
                 self.replace_expired(&fenced)?;
                 self.abort_and_rewind(consumer)?;
             }
