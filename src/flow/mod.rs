@@ -18,9 +18,11 @@
 //!   on. Fencing by a newer instance with the same `transactional.id` stops the flow with
 //!   [`FlowError::Fenced`] and commits nothing. A fence of a transaction open longer than
 //!   `transaction.timeout.ms` (the broker timed it out: the flow was paused, or a commit outlasted a
-//!   coordinator's move) is an abort: the flow replaces its producer, rewinds and goes on. So is a
+//!   coordinator's move) is an abort: the flow replaces its producer, rewinds and goes on. So are a
 //!   librdkafka call that does not return (`send_offsets_to_transaction` after the group
-//!   coordinator's broker died). A broker that is down is retried with backoff.
+//!   coordinator's broker died) and any other fatal producer error but a refused authorization, up
+//!   to five replacements without a commit between them. A broker that is down is retried with
+//!   backoff.
 //! - **Bad input.** A record the decoder rejects (or whose handler panics) goes to the dead-letter
 //!   topic with headers naming its source topic, partition, offset and the error, inside the same
 //!   transaction; or, by policy, stops the flow.
