@@ -82,13 +82,15 @@ pub(crate) struct Demo {
 }
 
 impl Demo {
-    /// Starts the bank flow demo (on `s`'s topics and group, with `args`; its log in `logs`) and
-    /// waits until it runs.
+    /// Starts the bank flow demo (on `s`'s topics and group, with transactional id `txn` (empty:
+    /// the default) and `args`; its log in `logs`) and waits until it runs.
     pub(crate) fn start(s: &Setup, txn: &str, args: &[String], logs: &std::path::Path) -> Self {
         let stderr = logs.join(format!("{txn}-{}.log", rand::random::<u32>()));
+        let id: &[&str] = if txn.is_empty() { &[] } else { &["--transactional-id", txn] };
         let mut child = crate::util::eventstage()
             .args(["demo", "--brokers", &s.brokers, "--input", &s.topics.input, "--replies", &s.topics.replies])
-            .args(["--events", &s.topics.events, "--group", &s.group, "--transactional-id", txn])
+            .args(["--events", &s.topics.events, "--group", &s.group])
+            .args(id)
             .args(["--partitions", "4"])
             .args(args)
             .env("RUST_LOG", std::env::var("EVENTSTAGE_CHILD_LOG").unwrap_or_else(|_| "info".into()))

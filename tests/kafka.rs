@@ -498,6 +498,40 @@ async fn a_flow_heals_in_process_when_its_broker_is_killed_twice_under_load() {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
 
+/// Two demo instances on one host with the default transactional id share the group's work: the
+/// default ids differ (host and process), so neither fences the other's producer or static
+/// membership; every command gets one reply and both drain and exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_default_ids_share_the_work() {
+    let s = setup(2).await;
+    let logs = tempfile::tempdir().unwrap();
+    let cmds = workload(400, 20, 17);
+    let (replies, accounts) = expected(&cmds);
+    let journal = kafka_journal(&s, "100ms");
+    let (a, b) = (Demo::start(&s, "", &journal, logs.path()), Demo::start(&s, "", &journal, logs.path()));
+    feed_async(&s, &cmds).await;
+    await_replies(&s, replies).await;
+    let id = |demo: &Demo| {
+        // Without the log's colour codes (written even to a file, for now).
+        let raw = std::fs::read_to_string(&demo.stderr).unwrap();
+        let mut log = String::with_capacity(raw.len());
+        let mut rest = raw.as_str();
+        while let Some(at) = rest.find('\x1b') {
+            log.push_str(&rest[..at]);
+            rest = rest[at..].split_once('m').map_or("", |(_, after)| after);
+        }
+        log.push_str(rest);
+        assert!(!log.to_lowercase().contains("fenced"), "{log}");
+        let id = log.split("transactional_id=").nth(1).and_then(|rest| rest.split_whitespace().next());
+        id.unwrap_or_else(|| panic!("the start-up line names the transactional id: {log}")).to_string()
+    };
+    let (id_a, id_b) = (id(&a), id(&b));
+    assert_ne!(id_a, id_b);
+    assert!(id_a.starts_with(&format!("{}-", s.group)) && id_a.ends_with(&format!("-{}", a.child.id())), "{id_a}");
+    let _ = (a.drain(), b.drain());
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
 /// The group's committed offsets of `topic`'s partitions (None: the coordinator did not answer in
 /// time, e.g. while it moves or loads).
 fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Option<Vec<i64>> {

@@ -48,7 +48,10 @@ pub(crate) struct FlowArgs {
     /// are never applied twice).
     #[arg(long, default_value = "exactly-once", value_parser = ["exactly-once", "at-least-once"])]
     guarantee: String,
-    /// The producer's transactional id (stable per instance). Default: eventstage-<group>-<host>.
+    /// The producer's transactional id, stable per instance: a restart with the same id fences its
+    /// predecessor and takes its place in the group at once (static membership). Two live instances
+    /// must not share one. Default: <group>-<host>-<pid>, unique per process, without static
+    /// membership.
     #[arg(long)]
     transactional_id: Option<String>,
     /// Partitions of topics the demo creates when they are missing.
@@ -112,13 +115,31 @@ fn configure<S: eventstage::EventSourced>(
     } else {
         eventstage::flow::Guarantee::ExactlyOnce
     };
-    flow.journal(journal.clone())
+    let flow = flow
+        .journal(journal.clone())
         .guarantee(guarantee)
         .transactional_id(txn)
         .commit_interval(args.commit_interval)
+        .consumer_property("session.timeout.ms", "10000");
+    if args.transactional_id.is_some() {
         // A restarted instance (same transactional id) takes its old place in the group at once.
-        .consumer_property("group.instance.id", txn)
-        .consumer_property("session.timeout.ms", "10000")
+        flow.consumer_property("group.instance.id", txn)
+    } else {
+        flow
+    }
+}
+
+/// The default transactional id: unique per host and process.
+#[cfg(feature = "kafka")]
+fn default_transactional_id(group: &str) -> String {
+    // $HOSTNAME is a shell variable, usually not exported: the kernel's name first.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "local".into());
+    format!("{group}-{host}-{}", std::process::id())
 }
 
 #[cfg(feature = "kafka")]
@@ -130,8 +151,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
         _ => bail!("--journal must be kafka:TOPIC or sled:DIR (got `{}`)", args.journal),
     };
     ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions).await?;
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    let txn = args.transactional_id.clone().unwrap_or_else(|| format!("eventstage-{}-{host}", args.group));
+    let txn = args.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
     let flow = match &args.limits {
         None => configure(bank_flow(&brokers, &args.group, topics), &journal, &txn, &args).run()?,
