@@ -400,6 +400,44 @@ async fn progress(flow: &eventstage::flow::FlowControl, records: u64, what: &str
     }
 }
 
+/// A bank flow (Kafka journal, 100 ms commits, transactional id `txn`) under a steady load of
+/// `cmds` (20 every 100 ms), running and committing: the outage tests' start.
+struct Loaded {
+    flow: eventstage::flow::FlowControl,
+    cmds: Vec<(String, String, eventstage::stages::bank::BankCommand)>,
+    stop: Arc<AtomicBool>,
+    feeding: std::thread::JoinHandle<usize>,
+}
+
+impl Loaded {
+    async fn start(s: &Setup, txn: &str, cmds: Vec<(String, String, eventstage::stages::bank::BankCommand)>) -> Self {
+        let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+            .journal_topic(&s.journal)
+            .transactional_id(txn)
+            .commit_interval(Duration::from_millis(100))
+            .run()
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let feeding = feeder(s, &cmds, 20, Duration::from_millis(100), stop.clone());
+        // Steady load first: the flow runs and commits before any broker dies.
+        progress(&flow, 200, "the flow to run").await;
+        Self { flow, cmds, stop, feeding }
+    }
+
+    /// Stops the steady load, feeds the rest at once, and checks: exactly one correct reply per
+    /// command, the flow drains without an error, the journal equals the model.
+    async fn finish(self, s: Setup) {
+        let (replies, accounts) = expected(&self.cmds);
+        self.stop.store(true, Ordering::SeqCst);
+        let sent = self.feeding.join().unwrap();
+        feed_async(&s, &self.cmds[sent..]).await;
+        await_replies(&s, replies).await;
+        assert!(self.flow.metrics().transactions > 0);
+        self.flow.drain_and_shutdown().await.unwrap();
+        assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+    }
+}
+
 /// On three brokers (replication factor 3, min.insync.replicas 2), under a steady load, the broker
 /// leading an input partition, then the transaction coordinator, then the group coordinator are
 /// SIGKILLed and restarted, one at a time: the flow recovers by itself, every command gets exactly
@@ -415,18 +453,8 @@ async fn the_flow_survives_losing_the_partition_leader_and_both_coordinators() {
     let txn = unique("txn");
     // More than the kills need at this pace: the feeder stops once they are done, the rest is fed
     // at once.
-    let cmds = workload(20000, 30, 81);
-    let (replies, accounts) = expected(&cmds);
-    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
-        .journal_topic(&s.journal)
-        .transactional_id(&txn)
-        .commit_interval(Duration::from_millis(100))
-        .run()
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let feeding = feeder(&s, &cmds, 20, Duration::from_millis(100), stop.clone());
-    // Steady load first: the flow runs and commits before any broker dies.
-    progress(&flow, 200, "the flow to run").await;
+    let loaded = Loaded::start(&s, &txn, workload(20000, 30, 81)).await;
+    let flow = &loaded.flow;
     let victims = [
         ("the input's partition leader", Victim::Leader(s.topics.input.clone())),
         ("the transaction coordinator", Victim::Coordinator("__transaction_state", txn.clone())),
@@ -445,7 +473,7 @@ async fn the_flow_survives_losing_the_partition_leader_and_both_coordinators() {
         cluster.kill_node(node);
         eprintln!("killed broker {id}, {what}, at {before} commands in");
         // The flow goes on with the other two brokers...
-        progress(&flow, before + 200, &format!("progress without {what}")).await;
+        progress(flow, before + 200, &format!("progress without {what}")).await;
         cluster.restart_node(node).unwrap();
         // ...and, as in a rolling restart, the next broker dies only once this one is back in sync.
         let c = &cluster;
@@ -454,13 +482,7 @@ async fn the_flow_survives_losing_the_partition_leader_and_both_coordinators() {
             c.wait_in_sync(DEADLINE * 2).unwrap();
         });
     }
-    stop.store(true, Ordering::SeqCst);
-    let sent = feeding.join().unwrap();
-    feed_async(&s, &cmds[sent..]).await;
-    await_replies(&s, replies).await;
-    assert!(flow.metrics().transactions > 0);
-    flow.drain_and_shutdown().await.unwrap();
-    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+    loaded.finish(s).await;
 }
 
 /// Under a steady load, the flow's only broker is SIGKILLed and restarted, twice: the flow heals in
@@ -470,17 +492,8 @@ async fn the_flow_survives_losing_the_partition_leader_and_both_coordinators() {
 async fn a_flow_heals_in_process_when_its_broker_is_killed_twice_under_load() {
     let mut cluster = own_cluster(Settings::single());
     let s = setup_on(cluster.bootstrap(), 2).await;
-    let cmds = workload(20000, 30, 91);
-    let (replies, accounts) = expected(&cmds);
-    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
-        .journal_topic(&s.journal)
-        .transactional_id(unique("txn"))
-        .commit_interval(Duration::from_millis(100))
-        .run()
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let feeding = feeder(&s, &cmds, 20, Duration::from_millis(100), stop.clone());
-    progress(&flow, 200, "the flow to run").await;
+    let loaded = Loaded::start(&s, &unique("txn"), workload(20000, 30, 91)).await;
+    let flow = &loaded.flow;
     for round in 1..=2 {
         let before = flow.metrics().records_in;
         cluster.kill_node(0);
@@ -488,14 +501,9 @@ async fn a_flow_heals_in_process_when_its_broker_is_killed_twice_under_load() {
         cluster.restart_node(0).unwrap();
         let c = &cluster;
         tokio::task::block_in_place(|| c.wait_ready().unwrap());
-        progress(&flow, before + 200, &format!("progress after the broker's restart (round {round})")).await;
+        progress(flow, before + 200, &format!("progress after the broker's restart (round {round})")).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    let sent = feeding.join().unwrap();
-    feed_async(&s, &cmds[sent..]).await;
-    await_replies(&s, replies).await;
-    flow.drain_and_shutdown().await.unwrap();
-    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+    loaded.finish(s).await;
 }
 
 /// Two demo instances on one host with the default transactional id share the group's work: the
