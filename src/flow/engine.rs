@@ -58,7 +58,7 @@ use committer::{Committer, Deliveries, FlowProducerContext, Wait};
 use emitter::{Emitter, Outcome, Sink};
 use enrich::Pipeline;
 use partitions::{FlowConsumer, FlowContext};
-use txn::{classify, TxnFailure};
+use txn::{classify, is_fence, TxnFailure};
 
 pub(super) struct Parts<S: EventSourced> {
     pub(super) stage: S,

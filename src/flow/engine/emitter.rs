@@ -102,10 +102,7 @@ impl Sink {
             }
             _ => return false,
         };
-        if matches!(
-            code,
-            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
-        ) {
+        if code.is_some_and(is_fence) {
             return self.expired().is_some();
         }
         !matches!(
@@ -288,14 +285,7 @@ impl Sink {
     /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
     pub(super) fn error(&self, context: String, e: KafkaError) -> FlowError {
         let fenced = classify(&e) == TxnFailure::Fenced
-            || self.producer().client().fatal_error().is_some_and(|(code, _)| {
-                matches!(
-                    code,
-                    RDKafkaErrorCode::ProducerFenced
-                        | RDKafkaErrorCode::InvalidProducerEpoch
-                        | RDKafkaErrorCode::Fenced
-                )
-            });
+            || self.producer().client().fatal_error().is_some_and(|(code, _)| is_fence(code));
         if fenced {
             FlowError::Fenced { transactional_id: self.transactional_id.clone() }
         } else {

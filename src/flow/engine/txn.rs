@@ -12,12 +12,13 @@ pub(super) enum TxnFailure {
     Retry,
 }
 
+/// A code saying that the broker refused this producer's epoch.
+pub(super) fn is_fence(code: RDKafkaErrorCode) -> bool {
+    matches!(code, RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
+}
+
 pub(super) fn classify(e: &KafkaError) -> TxnFailure {
-    let code = e.rdkafka_error_code();
-    if matches!(
-        code,
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
-    ) {
+    if e.rdkafka_error_code().is_some_and(is_fence) {
         return TxnFailure::Fenced;
     }
     match e {
@@ -77,36 +78,40 @@ impl<S: EventSourced> Core<S> {
                 self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => match classify(&e) {
-                TxnFailure::Fenced | TxnFailure::Fatal if self.sink.heals(&e) => {
-                    // The broker timed the transaction out: as an abort, with a new producer.
+                // Healed by a new producer, then handled as an abort.
+                _ if self.sink.heals(&e) => {
                     self.replace_expired(&e)?;
-                    if sled_written {
-                        self.redo_outbox(consumer, &tpl)?;
-                        for o in self.offsets.values_mut() {
-                            o.committed = o.next;
-                        }
-                        self.dirty = false;
-                    } else {
-                        self.abort_and_rewind(consumer)?;
-                    }
+                    self.after_abortable(consumer, &tpl, sled_written, &e)?;
                 }
                 TxnFailure::Fenced => return Err(self.sink.error("commit transaction".into(), e)),
                 TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
-                TxnFailure::Abort | TxnFailure::Retry if sled_written => {
-                    tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
-                    self.redo_outbox(consumer, &tpl)?;
-                    for o in self.offsets.values_mut() {
-                        o.committed = o.next;
-                    }
-                    self.dirty = false;
-                }
-                TxnFailure::Abort | TxnFailure::Retry => {
-                    tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
-                    self.abort_and_rewind(consumer)?;
-                }
+                TxnFailure::Abort | TxnFailure::Retry => self.after_abortable(consumer, &tpl, sled_written, &e)?,
             },
         }
         self.sink.begin()
+    }
+
+    /// After an abortable commit failure: with the sled write made, the same outputs and offsets
+    /// are committed again from the outbox; otherwise the transaction is aborted and rewound.
+    fn after_abortable(
+        &mut self,
+        consumer: &FlowConsumer<S>,
+        tpl: &TopicPartitionList,
+        sled_written: bool,
+        e: &KafkaError,
+    ) -> Result<(), FlowError> {
+        if sled_written {
+            tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
+            self.redo_outbox(consumer, tpl)?;
+            for o in self.offsets.values_mut() {
+                o.committed = o.next;
+            }
+            self.dirty = false;
+            Ok(())
+        } else {
+            tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
+            self.abort_and_rewind(consumer)
+        }
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
