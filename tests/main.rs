@@ -9,4 +9,5 @@ mod flow;
 mod kafka;
 mod patterns;
 mod runtime;
+mod store;
 mod table;

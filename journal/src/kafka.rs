@@ -293,6 +293,42 @@ impl KafkaJournal {
         stall: Duration,
         mut on_record: impl FnMut(i32, &[u8], Option<JournalEntry>),
     ) -> Result<RestoreStats> {
+        let from: Vec<(i32, i64)> = partitions.iter().map(|&p| (p, 0)).collect();
+        self.restore_partitions_from(&from, stall, |p, _, key, entry| on_record(p, key, entry))
+    }
+
+    /// The low and high watermarks (first offset, and the offset after the last record) of
+    /// `partitions`.
+    ///
+    /// # Errors
+    /// Broker errors.
+    pub fn watermarks(&self, partitions: &[i32]) -> Result<BTreeMap<i32, (i64, i64)>> {
+        let consumer: BaseConsumer<RestoreContext> =
+            self.config.create_with_context(RestoreContext).map_err(|e| kafka_err(&self.topic, "consumer", e))?;
+        partitions
+            .iter()
+            .map(|&p| {
+                let marks = consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(30))
+                    .map_err(|e| kafka_err(&self.topic, "watermarks", e))?;
+                Ok((p, marks))
+            })
+            .collect()
+    }
+
+    /// Reads each `(partition, offset)` of `from` from that offset up to the partition's end as of
+    /// now (see [`restore_partition`](Self::restore_partition)): the tail after a local
+    /// checkpoint. `on_record` gets the partition, the record's offset, its key and its entry. An
+    /// offset below the partition's start reads from its start.
+    ///
+    /// # Errors
+    /// As [`restore_partition`](Self::restore_partition).
+    pub fn restore_partitions_from(
+        &self,
+        from: &[(i32, i64)],
+        stall: Duration,
+        mut on_record: impl FnMut(i32, i64, &[u8], Option<JournalEntry>),
+    ) -> Result<RestoreStats> {
         let started = Instant::now();
         let topic = &self.topic;
         let mut config = self.config.clone();
@@ -301,22 +337,26 @@ impl KafkaJournal {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // A partition that ends in a transaction marker is done when a fetch comes back
+            // empty; the broker holds an empty fetch this long (default 500 ms, per restore).
+            .set("fetch.wait.max.ms", "10");
         let consumer: BaseConsumer<RestoreContext> =
             config.create_with_context(RestoreContext).map_err(|e| kafka_err(topic, "restore consumer", e))?;
         let mut stats = RestoreStats::default();
         let mut tpl = TopicPartitionList::new();
         // The end of each partition as of now; a partition is done when its position reaches it.
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-        for &p in partitions {
+        for &(p, start) in from {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(30))
                 .map_err(|e| kafka_err(topic, "watermarks", e))?;
             stats.end_offset += high;
-            tracing::debug!(topic, partition = p, low, high, "journal partition to restore");
-            if high > low {
+            let start = start.max(low);
+            tracing::debug!(topic, partition = p, low, high, start, "journal partition to restore");
+            if high > start {
                 ends.insert(p, high);
-                tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| kafka_err(topic, "assign", e))?;
+                tpl.add_partition_offset(topic, p, Offset::Offset(start)).map_err(|e| kafka_err(topic, "assign", e))?;
             }
         }
         if ends.is_empty() {
@@ -357,7 +397,7 @@ impl KafkaJournal {
                             )
                         })?),
                     };
-                    on_record(p, key, entry);
+                    on_record(p, msg.offset(), key, entry);
                     if ends.get(&p).is_some_and(|&end| msg.offset() + 1 >= end) {
                         ends.remove(&p);
                     }

@@ -1,5 +1,6 @@
 //! The flow thread: consumer, transactional producer and per-partition state, all on one thread.
 
+use super::checkpoint::Checkpoints;
 use super::settings::{AsyncListener, EnrichFn, Enrichment, SyncListener};
 use super::sled_backend::SledBackend;
 use super::{
@@ -39,6 +40,7 @@ pub(super) struct Settings {
     pub(super) transactional_id: String,
     pub(super) inputs: Vec<String>,
     pub(super) journal: FlowJournal,
+    pub(super) store: Option<super::checkpoint::StoreSettings>,
     pub(super) snapshot_every: u64,
     pub(super) commit_interval: Duration,
     pub(super) bad_input: BadInput,
@@ -215,6 +217,8 @@ struct Core<S: EventSourced> {
     /// Feeds the async rebalance listener's task.
     rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
     backend: Backend,
+    /// The local state store over the Kafka journal, if the flow has one.
+    checkpoints: Option<Checkpoints>,
     rt: tokio::runtime::Runtime,
     snapshot_every: u64,
     /// Seeks to do once librdkafka has made the assignment.
@@ -476,6 +480,12 @@ pub(super) fn run<S: EventSourced>(
         FlowJournal::Sled(dir) => (Backend::Sled(SledBackend::open(dir)?), format!("sled:{}", dir.display())),
         FlowJournal::None => (Backend::None, "none".to_string()),
     };
+    let checkpoints = match (&settings.store, &backend) {
+        (Some(store), Backend::Kafka(journal)) => {
+            Some(Checkpoints::start(store, journal, &settings.common, S::NAME, metrics.clone())?)
+        }
+        _ => None,
+    };
     let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
     let deliveries = Arc::new(Deliveries::new(at_least_once));
     let producer: ThreadedProducer<_> = settings
@@ -520,6 +530,7 @@ pub(super) fn run<S: EventSourced>(
         pipeline,
         rebalance_events,
         backend,
+        checkpoints,
         rt,
         snapshot_every: settings.snapshot_every,
         pending_seeks: Vec::new(),
@@ -647,6 +658,11 @@ pub(super) fn run<S: EventSourced>(
         // Leave the group now; the revoke callback finds nothing left to commit.
         consumer.unsubscribe();
         let _ = consumer.poll(Duration::from_millis(100));
+        // The local store reads the journal up to what this instance committed last.
+        let checkpoints = lock(&core).checkpoints.take();
+        if let Some(c) = checkpoints {
+            c.close();
+        }
     }
     drop(consumer);
     result

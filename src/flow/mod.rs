@@ -49,6 +49,7 @@
 //!   a synchronous hook inside the rebalance (after the flow restored or committed the partitions,
 //!   before their state is released), and an async one fed in order without blocking the poll loop.
 
+mod checkpoint;
 mod consume;
 mod engine;
 mod settings;
@@ -213,6 +214,8 @@ pub(crate) struct Metrics {
     transactions: AtomicU64,
     aborts: AtomicU64,
     restored_records: AtomicU64,
+    store_rows: AtomicU64,
+    store_dropped: AtomicU64,
     restoring_partitions: AtomicU64,
     last_commit_us: AtomicU64,
     max_commit_us: AtomicU64,
@@ -239,6 +242,11 @@ pub struct FlowMetrics {
     pub aborts: u64,
     /// Journal records read by restores.
     pub restored_records: u64,
+    /// Rows restores loaded from the local state store (see [`FlowBuilder::state_dir`]).
+    pub store_rows: u64,
+    /// Times the local state store, or a partition of it, was unusable (damaged, of another
+    /// journal, ahead of the journal) and was dropped and restored from the journal in full.
+    pub store_dropped: u64,
     /// Partitions being restored right now.
     pub restoring_partitions: u64,
     /// Latency of the last commit.
@@ -267,6 +275,8 @@ impl Metrics {
             transactions: l(&self.transactions),
             aborts: l(&self.aborts),
             restored_records: l(&self.restored_records),
+            store_rows: l(&self.store_rows),
+            store_dropped: l(&self.store_dropped),
             restoring_partitions: l(&self.restoring_partitions),
             last_commit: Duration::from_micros(l(&self.last_commit_us)),
             max_commit: Duration::from_micros(l(&self.max_commit_us)),
@@ -366,6 +376,9 @@ pub struct FlowBuilder<S: EventSourced> {
     transactional_id: Option<String>,
     commit_interval: Duration,
     journal: Option<FlowJournal>,
+    state_dir: Option<std::path::PathBuf>,
+    state_retention: Duration,
+    checkpoint_interval: Duration,
     snapshot_every: u64,
     decoder: Option<Decoder<S>>,
     outputs: Option<Outputs<S>>,
@@ -402,6 +415,9 @@ impl<S: EventSourced> FlowBuilder<S> {
             transactional_id: None,
             commit_interval: Duration::from_millis(100),
             journal: None,
+            state_dir: None,
+            state_retention: Duration::from_secs(24 * 3600),
+            checkpoint_interval: Duration::from_secs(1),
             snapshot_every: 100,
             decoder: None,
             outputs: None,
@@ -527,6 +543,35 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
+    /// With the Kafka journal: keep a local state store in `dir` (created if missing; one
+    /// directory per instance), a checkpoint of the journal, so that a restart or an assignment
+    /// reads only the journal's records after the checkpoint instead of the whole partition. The
+    /// compacted topic stays the state of record; the store holds committed state only, is written
+    /// off the flow thread, and a damaged or foreign store is dropped with a warning and restored
+    /// from the journal. Default: none (every assignment reads the journal partition in full).
+    #[must_use]
+    pub fn state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// With a [`state_dir`](Self::state_dir): how long the rows of a partition that went to
+    /// another instance stay in the local store (getting it back within that time reads only what
+    /// the other instance wrote). Default: 24 h.
+    #[must_use]
+    pub fn state_retention(mut self, keep: Duration) -> Self {
+        self.state_retention = keep;
+        self
+    }
+
+    /// With a [`state_dir`](Self::state_dir): how often the local store is checkpointed while the
+    /// journal changes. Default: 1 s.
+    #[must_use]
+    pub fn checkpoint_interval(mut self, every: Duration) -> Self {
+        self.checkpoint_interval = every;
+        self
+    }
+
     /// With the sled journal: a snapshot of a key every this many events (0: none). Default: 100.
     #[must_use]
     pub fn snapshot_every(mut self, n: u64) -> Self {
@@ -615,13 +660,27 @@ impl<S: EventSourced> FlowBuilder<S> {
         let stop = FlowStopper(Arc::new(AtomicU8::new(RUN)));
         let metrics = Arc::new(Metrics::default());
         let (tx, done) = oneshot::channel();
+        let journal = self.journal.unwrap_or_else(|| FlowJournal::Kafka(format!("{}-journal", S::NAME)));
+        let store = match (self.state_dir, &journal) {
+            (None, _) => None,
+            (Some(dir), FlowJournal::Kafka(_)) => {
+                Some(checkpoint::StoreSettings { dir, retention: self.state_retention, interval: self.checkpoint_interval })
+            }
+            (Some(dir), _) => {
+                return Err(FlowError::Config(format!(
+                    "a state directory ({}) keeps a local checkpoint of a Kafka journal; this flow has no Kafka journal (a sled journal is local already)",
+                    dir.display()
+                )))
+            }
+        };
         let settings = engine::Settings {
             common,
             consumer,
             producer,
             transactional_id,
             inputs: self.inputs,
-            journal: self.journal.unwrap_or_else(|| FlowJournal::Kafka(format!("{}-journal", S::NAME))),
+            journal,
+            store,
             snapshot_every: self.snapshot_every,
             commit_interval: self.commit_interval,
             bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),

@@ -40,6 +40,14 @@ pub(crate) struct FlowArgs {
     /// with the consumed positions and an outbox; one instance only).
     #[arg(long, default_value = "kafka:bank-journal")]
     journal: String,
+    /// With a Kafka journal: keep a local state store in DIR (one per instance), a checkpoint of
+    /// the journal, so that a restart or a partition taken over reads only the journal's records
+    /// after the checkpoint. A damaged or foreign store is dropped with a warning and rebuilt.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
+    /// With --state-dir: how often the local store is checkpointed while the journal changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    checkpoint_interval: Duration,
     /// How often a transaction commits (at-least-once: the longest a batch stays open).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
@@ -89,7 +97,7 @@ async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyho
 #[cfg(feature = "kafka")]
 fn print_metrics(m: &FlowMetrics) {
     println!(
-        "metrics:  {} records in, {} out, {} dead letters, {} transactions ({} aborted), last commit {:?}, max {:?}, {} journal records restored, lag {}",
+        "metrics:  {} records in, {} out, {} dead letters, {} transactions ({} aborted), last commit {:?}, max {:?}, {} journal records and {} local store rows restored, lag {}",
         m.records_in,
         m.records_out,
         m.dead_letters,
@@ -98,6 +106,7 @@ fn print_metrics(m: &FlowMetrics) {
         m.last_commit,
         m.max_commit,
         m.restored_records,
+        m.store_rows,
         m.lag
     );
 }
@@ -121,6 +130,10 @@ fn configure<S: eventstage::EventSourced>(
         .transactional_id(txn)
         .commit_interval(args.commit_interval)
         .consumer_property("session.timeout.ms", "10000");
+    let flow = match &args.state_dir {
+        Some(dir) => flow.state_dir(dir).checkpoint_interval(args.checkpoint_interval),
+        None => flow,
+    };
     if args.transactional_id.is_some() {
         // A restarted instance (same transactional id) takes its old place in the group at once.
         flow.consumer_property("group.instance.id", txn)

@@ -78,13 +78,15 @@ impl<S: EventSourced> Core<S> {
             .collect();
         match &self.backend {
             Backend::Kafka(journal) => {
-                // One consumer reads every newly assigned journal partition in parallel.
                 self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
-                let latest = journal.latest_per_key_of(&wanted, RESTORE_STALL);
+                let latest = self.latest_entries(journal, &wanted);
                 self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
                 for (p, entries) in latest? {
                     let restored = self.restore_entries(p, entries)?;
                     self.partitions.insert(p, restored);
+                }
+                if let Some(checkpoints) = &self.checkpoints {
+                    wanted.iter().for_each(|&p| checkpoints.follow(p));
                 }
             }
             Backend::Sled(_) => {
@@ -166,9 +168,48 @@ impl<S: EventSourced> Core<S> {
         Ok(PartitionState::new(restored.entities.into_iter().collect()))
     }
 
+    /// The newest journal entry per key of each partition of `wanted`: the local store's
+    /// checkpoint, if the flow has one, and the journal's records after it, read by one consumer
+    /// for all partitions in parallel.
+    fn latest_entries(
+        &self,
+        journal: &KafkaJournal,
+        wanted: &[i32],
+    ) -> Result<BTreeMap<i32, BTreeMap<Vec<u8>, JournalEntry>>, FlowError> {
+        let mut latest: BTreeMap<i32, BTreeMap<Vec<u8>, JournalEntry>> =
+            wanted.iter().map(|&p| (p, BTreeMap::new())).collect();
+        let mut from: Vec<(i32, i64)> = wanted.iter().map(|&p| (p, 0)).collect();
+        let mut stored = 0;
+        if let (Some(checkpoints), false) = (&self.checkpoints, wanted.is_empty()) {
+            let marks = journal.watermarks(wanted)?;
+            for (p, start) in &mut from {
+                let loaded = checkpoints.load(*p, marks.get(p).copied().unwrap_or_default())?;
+                stored += loaded.rows.len() as u64;
+                *start = loaded.from;
+                latest.insert(*p, loaded.rows);
+            }
+        }
+        let stats = journal.restore_partitions_from(&from, RESTORE_STALL, |p, _, key, entry| {
+            let keys = latest.entry(p).or_default();
+            match entry {
+                Some(e) => {
+                    keys.insert(key.to_vec(), e);
+                }
+                None => {
+                    keys.remove(key);
+                }
+            }
+        })?;
+        self.metrics.store_rows.fetch_add(stored, Ordering::Relaxed);
+        self.metrics.restored_records.fetch_add(stats.records, Ordering::Relaxed);
+        if !wanted.is_empty() {
+            tracing::info!(partitions = ?wanted, store_rows = stored, journal_records = stats.records, elapsed_ms = stats.elapsed.as_millis() as u64, "read partition state");
+        }
+        Ok(latest)
+    }
+
     /// The state of partition `p` from the newest journal entry of each key.
     fn restore_entries(&self, p: i32, latest: BTreeMap<Vec<u8>, JournalEntry>) -> Result<PartitionState<S>, FlowError> {
-        let records = latest.len() as u64;
         let mut committed = KeyMap::with_capacity_and_hasher(latest.len(), ahash::RandomState::new());
         let mut applied = KeyMap::default();
         for (raw, entry) in latest {
@@ -187,8 +228,7 @@ impl<S: EventSourced> Core<S> {
             let state = decode_state::<S>(env).map_err(decode_err)?;
             committed.insert(key, Entity { state: Arc::new(state), seq: entry.last_seq });
         }
-        self.metrics.restored_records.fetch_add(records, Ordering::Relaxed);
-        tracing::info!(partition = p, keys = committed.len(), "restored partition state from the journal");
+        tracing::info!(partition = p, keys = committed.len(), "restored partition state");
         let mut restored = PartitionState::new(committed);
         restored.applied = applied;
         Ok(restored)
@@ -232,11 +272,12 @@ impl<S: EventSourced> Core<S> {
         }
         let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
         self.partitions.retain(|p, _| still.contains(p));
-        if let Backend::Sled(sled) = &mut self.backend {
-            for el in tpl.elements() {
-                if !still.contains(&el.partition()) {
-                    sled.release(el.partition());
-                }
+        for el in tpl.elements().iter().filter(|el| !still.contains(&el.partition())) {
+            if let Backend::Sled(sled) = &mut self.backend {
+                sled.release(el.partition());
+            }
+            if let Some(checkpoints) = &self.checkpoints {
+                checkpoints.release(el.partition());
             }
         }
         self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);

@@ -1,0 +1,179 @@
+//! Flows with a local state store over the Kafka journal (`FlowBuilder::state_dir`): a restart
+//! and a partition that comes back read only the journal's records after the local checkpoint; a
+//! store that cannot be trusted is dropped and the state restored from the journal in full.
+
+use crate::flow::{await_replies, expected, feed_async, journal_state, setup, workload, Setup};
+use crate::util::broker::unique;
+use eventstage::flow::{FlowControl, FlowError};
+use eventstage::journal::KafkaJournal;
+use eventstage::stages::bank_flow::bank_flow;
+use std::path::Path;
+use std::time::Duration;
+
+fn start(s: &Setup, dir: &Path) -> FlowControl {
+    bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .state_dir(dir)
+        .checkpoint_interval(Duration::from_millis(200))
+        .transactional_id(unique("txn"))
+        .commit_interval(Duration::from_millis(50))
+        .run()
+        .unwrap()
+}
+
+/// Records in the journal topic now (every partition), as a restore from its start reads them.
+async fn journal_records(s: &Setup, partitions: i32) -> u64 {
+    let (brokers, topic) = (s.brokers.clone(), s.journal.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &brokers);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let journal = rt.block_on(KafkaJournal::ensure(config, &topic, partitions)).unwrap();
+        let all: Vec<i32> = (0..partitions).collect();
+        journal.restore_partitions(&all, Duration::from_secs(30), |_, _, _| {}).unwrap().records
+    })
+    .await
+    .unwrap()
+}
+
+/// A restart after a clean shutdown loads the local store and reads nothing from the journal; a
+/// flow without the store reads every journal record again. The state continues exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_only_the_journal_after_the_local_checkpoint() {
+    let s = setup(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cmds = workload(900, 50, 31);
+    let flow = start(&s, dir.path());
+    feed_async(&s, &cmds[..500]).await;
+    await_replies(&s, expected(&cmds[..500]).0).await;
+    flow.drain_and_shutdown().await.unwrap();
+
+    let flow = start(&s, dir.path());
+    feed_async(&s, &cmds[500..700]).await;
+    await_replies(&s, expected(&cmds[..700]).0).await;
+    let m = flow.metrics();
+    assert!(m.store_rows > 0, "the state came from the local store: {m:?}");
+    assert_eq!(m.restored_records, 0, "a clean shutdown leaves the checkpoint at the journal's end: {m:?}");
+    assert_eq!(m.store_dropped, 0);
+    flow.drain_and_shutdown().await.unwrap();
+
+    // Without the store, the whole journal is read again.
+    let total = journal_records(&s, 2).await;
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
+    feed_async(&s, &cmds[700..]).await;
+    let (replies, accounts) = expected(&cmds);
+    await_replies(&s, replies).await;
+    assert_eq!(flow.metrics().restored_records, total);
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// A partition moves A → B → A: when it comes back, A reads only journal records written after
+/// it gave the partition away (what B wrote, and A's last records before the move), not the
+/// partition's history; the state continues exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_comes_back_reads_only_what_the_other_instance_wrote() {
+    let s = setup(2).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cmds = workload(1500, 60, 32);
+    let a = start(&s, dir_a.path());
+    feed_async(&s, &cmds[..600]).await;
+    await_replies(&s, expected(&cmds[..600]).0).await;
+    let before_b = journal_records(&s, 2).await;
+
+    let b = start(&s, dir_b.path());
+    crate::util::wait_until("B to take a partition", || b.metrics().assigned_partitions == 1).await;
+    crate::util::wait_until("A to keep one", || a.metrics().assigned_partitions == 1).await;
+    feed_async(&s, &cmds[600..1000]).await;
+    await_replies(&s, expected(&cmds[..1000]).0).await;
+    assert!(b.metrics().records_in > 0, "B processed its partition");
+    let read_before = a.metrics().restored_records;
+    b.drain_and_shutdown().await.unwrap();
+    let after_b = journal_records(&s, 2).await;
+
+    crate::util::wait_until("A to own both partitions again", || a.metrics().assigned_partitions == 2).await;
+    feed_async(&s, &cmds[1000..]).await;
+    let (replies, accounts) = expected(&cmds);
+    await_replies(&s, replies).await;
+    let m = a.metrics();
+    let read_back = m.restored_records - read_before;
+    assert!(read_back > 0, "A read B's records: {m:?}");
+    assert!(
+        read_back <= after_b - before_b,
+        "A read {read_back} journal records when the partition came back; only {} were written after A gave it away (of {after_b}): {m:?}",
+        after_b - before_b
+    );
+    a.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// Edits the sled database of a state directory (the flow must not be running).
+fn edit_store(dir: &Path, edit: impl FnOnce(&sled::Db)) {
+    let db = sled::open(dir.join("sled")).unwrap();
+    edit(&db);
+    db.flush().unwrap();
+}
+
+/// A row that does not decode, a checkpoint ahead of the journal (its topic deleted and created
+/// again), and a store of another flow's journal: each is dropped with a warning and the state
+/// restored from the journal in full, and the flow answers exactly as the model says. A store
+/// another instance has open is refused with an error saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_local_store_is_dropped_and_restored_from_the_journal() {
+    let s = setup(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cmds = workload(800, 40, 33);
+    let flow = start(&s, dir.path());
+    feed_async(&s, &cmds[..400]).await;
+    await_replies(&s, expected(&cmds[..400]).0).await;
+
+    let other = start(&s, dir.path());
+    match tokio::time::timeout(crate::util::DEADLINE, other.wait()).await.expect("the second flow stops") {
+        Err(FlowError::Config(msg)) => assert!(msg.contains("another process"), "{msg}"),
+        other => panic!("a state directory in use is refused: {other:?}"),
+    }
+    flow.drain_and_shutdown().await.unwrap();
+
+    // A damaged row.
+    edit_store(dir.path(), |db| {
+        let rows = db.open_tree("p0").unwrap();
+        let (key, _) = rows.first().unwrap().expect("partition 0 has rows");
+        rows.insert(key, b"not a journal entry".to_vec()).unwrap();
+    });
+    let flow = start(&s, dir.path());
+    feed_async(&s, &cmds[400..550]).await;
+    await_replies(&s, expected(&cmds[..550]).0).await;
+    let m = flow.metrics();
+    assert_eq!(m.store_dropped, 1, "{m:?}");
+    assert!(m.restored_records > 0, "partition 0 was read from the journal: {m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+
+    // A checkpoint ahead of the journal's end.
+    edit_store(dir.path(), |db| {
+        let offsets = db.open_tree("offsets").unwrap();
+        let mut ahead = (1i64 << 40).to_be_bytes().to_vec();
+        ahead.extend_from_slice(&0u64.to_be_bytes());
+        offsets.insert(1i32.to_be_bytes(), ahead).unwrap();
+    });
+    let flow = start(&s, dir.path());
+    feed_async(&s, &cmds[550..700]).await;
+    let (replies, accounts) = expected(&cmds[..700]);
+    await_replies(&s, replies).await;
+    let m = flow.metrics();
+    assert_eq!(m.store_dropped, 1, "{m:?}");
+    assert!(m.restored_records > 0, "partition 1 was read from the journal: {m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+    let s1 = s.clone();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s1, 2)).await.unwrap(), accounts);
+
+    // The store of another flow's journal, used by a flow of new topics and journal.
+    let t = setup(2).await;
+    let flow = start(&t, dir.path());
+    feed_async(&t, &cmds[700..]).await;
+    let (replies, accounts) = expected(&cmds[700..]);
+    await_replies(&t, replies).await;
+    let m = flow.metrics();
+    assert_eq!((m.store_dropped, m.store_rows), (1, 0), "{m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&t, 2)).await.unwrap(), accounts);
+}
