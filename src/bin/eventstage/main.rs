@@ -30,7 +30,7 @@ enum Command {
     /// Run the bank stage on a sled journal under a generated load from many tasks, restart it, and
     /// check that the replayed state equals the live state. Needs nothing external. With
     /// `--brokers`, run the bank stage as an exactly-once Kafka flow instead, until Ctrl-C/SIGTERM.
-    Demo(demo::DemoArgs),
+    Demo(Box<demo::DemoArgs>),
     /// Inspect, verify, dump and replay journals.
     Journal(JournalArgs),
     /// Materialize a compacted topic as a table and print it: `dump`, `get KEY`, `stats`. With
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     registry.register::<Bank>();
     registry.register::<Inventory>();
     match args.command {
-        Command::Demo(d) => block_on_cli(demo::run(d)),
+        Command::Demo(d) => block_on_cli(demo::run(*d)),
         Command::Journal(j) => block_on_cli(run_journal(&registry, j)),
         #[cfg(all(feature = "kafka", feature = "sled"))]
         Command::Table(t) => block_on_cli(run_table(&registry, t)),
