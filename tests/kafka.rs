@@ -7,6 +7,7 @@ use crate::crash::{tail, Demo};
 use crate::flow::{await_replies, expected, feed_async, journal_state, setup, setup_on, wire, workload, Setup};
 use crate::util::broker::{brokers, create_topic, flush, own_cluster, producer, send, unique, Settings};
 use crate::util::DEADLINE;
+use eventstage::stages::bank::BankCommand;
 use eventstage::stages::bank_flow::bank_flow;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -569,21 +570,60 @@ fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Option
 /// Two instances of the bank flow in one group while a producer keeps writing; one of them is
 /// SIGKILLed at a random moment, the other takes its partitions (its committed offsets move on
 /// every partition while the victim is down), then the victim comes back and partitions move
-/// again; five rounds. Every command gets exactly one correct reply and the journal equals the model.
+/// again; five rounds, after a history of 3000 accounts. Every command gets exactly one correct
+/// reply and the journal equals the model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_of_two_instances_moves_partitions_and_loses_nothing() {
+    crash_loop_of_two(false).await;
+}
+
+/// The same with a local state store per instance (`--state-dir`): besides the above, the
+/// instances read only journal tails, far fewer records than restores of whole partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_of_two_instances_with_local_stores_reads_only_journal_tails() {
+    crash_loop_of_two(true).await;
+}
+
+/// Journal records (and local store rows) the drained demo restored, from its summary.
+fn restored(summary: &str) -> (u64, u64) {
+    let line = summary.lines().find(|l| l.starts_with("metrics:")).unwrap_or_default();
+    let before = |word: &str| -> u64 {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == word).unwrap_or_else(|| panic!("`{word}` in {summary}"));
+        words[at - 1].parse().unwrap()
+    };
+    (before("journal"), before("local"))
+}
+
+async fn crash_loop_of_two(stores: bool) {
     let s = setup(4).await;
     let logs = tempfile::tempdir().unwrap();
-    // More than the rounds need at this pace: the feeder is stopped after the last round.
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let args = |slot: usize| {
+        let mut args = kafka_journal(&s, "50ms");
+        if stores {
+            let dir = dirs[slot].path().display().to_string();
+            args.extend(["--state-dir".into(), dir, "--checkpoint-interval".into(), "200ms".into()]);
+        }
+        args
+    };
+    // A history of 3000 accounts first (a restore of whole partitions reads it), then more
+    // commands than the rounds need at this pace: the feeder is stopped after the last round.
+    let history: Vec<_> = (0..2000)
+        .flat_map(|i| [BankCommand::Open, BankCommand::Deposit(i % 100 + 1)].map(|c| (format!("hist-{i}"), c)))
+        .enumerate()
+        .map(|(n, (key, c))| (key, format!("hist-cmd-{n}"), c))
+        .collect();
     let cmds = workload(8000, 60, 91);
-    let (replies, accounts) = expected(&cmds);
+    let (replies, accounts) = expected(&[history.as_slice(), &cmds].concat());
+    feed_async(&s, &history).await;
     let seed: u64 = rand::random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let slots = [unique("txn-a"), unique("txn-b")];
     let stop = Arc::new(AtomicBool::new(false));
     let feeding = feeder(&s, &cmds, 20, Duration::from_millis(200), stop.clone());
     let mut demos: Vec<Option<Demo>> =
-        slots.iter().map(|t| Some(Demo::start(&s, t, &kafka_journal(&s, "50ms"), logs.path()))).collect();
+        (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args(slot), logs.path()))).collect();
     for round in 0..5 {
         let victim = round % 2;
         std::thread::sleep(Duration::from_millis(rng.random_range(200..2000)));
@@ -605,14 +645,22 @@ async fn a_crash_loop_of_two_instances_moves_partitions_and_loses_nothing() {
         })
         .await
         .unwrap();
-        demos[victim] = Some(Demo::start(&s, &slots[victim], &kafka_journal(&s, "50ms"), logs.path()));
+        demos[victim] = Some(Demo::start(&s, &slots[victim], &args(victim), logs.path()));
     }
     stop.store(true, Ordering::SeqCst);
     let sent = feeding.join().unwrap();
     feed_async(&s, &cmds[sent..]).await;
     await_replies(&s, replies).await;
-    for demo in demos.into_iter().flatten() {
-        demo.drain();
+    let summaries: Vec<String> = demos.into_iter().flatten().map(Demo::drain).collect();
+    // Every journal record, as a restore of all four partitions from their start reads them.
+    let all = crate::store::journal_records(&s, 4).await;
+    let (read, rows): (Vec<u64>, Vec<u64>) = summaries.iter().map(|s| restored(s)).unzip();
+    eprintln!("journal records {all}; the last instances read {read:?} from the journal, {rows:?} local rows");
+    if stores {
+        for (r, n) in read.iter().zip(&rows) {
+            assert!(*n > 0, "seed {seed}: an instance loaded its local store ({summaries:?})");
+            assert!(*r * 4 < all, "seed {seed}: an instance read {r} of {all} journal records: not just tails");
+        }
     }
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
 }

@@ -22,7 +22,7 @@ fn start(s: &Setup, dir: &Path) -> FlowControl {
 }
 
 /// Records in the journal topic now (every partition), as a restore from its start reads them.
-async fn journal_records(s: &Setup, partitions: i32) -> u64 {
+pub(crate) async fn journal_records(s: &Setup, partitions: i32) -> u64 {
     let (brokers, topic) = (s.brokers.clone(), s.journal.clone());
     tokio::task::spawn_blocking(move || {
         let mut config = rdkafka::ClientConfig::new();
