@@ -34,9 +34,14 @@
 //!    memory per key).
 //! 6. at-least-once vs exactly-once bank flow, and async enrichment with 1 and 16 calls in flight:
 //!    see `patterns.rs`.
+//! 7. restarts of a flow whose journal holds K keys, with and without the local state store, after
+//!    a clean drain and after SIGKILL: see `restart.rs`.
+//! 8. the bank flow's throughput by storage: Kafka journal, Kafka journal with a local state
+//!    store, sled journal: see `storage.rs`.
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
-//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency`
+//! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
 //! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
@@ -58,7 +63,9 @@ mod io;
 mod latency;
 mod patterns;
 mod report;
+mod restart;
 mod restore;
+mod storage;
 mod table;
 mod throughput;
 
@@ -147,6 +154,23 @@ fn run() -> Result<()> {
     ));
     let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
     let only = std::env::var("EVENTSTAGE_E2E_ONLY").ok();
+    let restart_keys: Vec<u64> = std::env::var("EVENTSTAGE_E2E_RESTART_KEYS")
+        .unwrap_or_else(|_| "100000,1000000".into())
+        .split(',')
+        .map(|k| {
+            k.trim()
+                .replace('_', "")
+                .parse()
+                .with_context(|| format!("EVENTSTAGE_E2E_RESTART_KEYS: `{k}` is not a number"))
+        })
+        .collect::<Result<_>>()?;
+    if only.as_deref() == Some("restart") {
+        progress("7/7 restart with and without the local store (EVENTSTAGE_E2E_ONLY=restart)");
+        let restarts = restart::run(&rt, b, &restart_keys)?;
+        println!();
+        restarts.print();
+        return Ok(());
+    }
     if only.as_deref() == Some("table") {
         progress("5/6 table materialization and lookups (EVENTSTAGE_E2E_ONLY=table)");
         let table = table::run(&rt, &broker, table_keys)?;
@@ -177,6 +201,13 @@ fn run() -> Result<()> {
         Report::latency("pass-through awaiting deliveries", &pass_through_latency(&rt, b, rate, latency_secs, true)?);
         return Ok(());
     }
+    if only.as_deref() == Some("storage") {
+        progress("8/8 throughput by storage (EVENTSTAGE_E2E_ONLY=storage)");
+        let storage = storage::run(&rt, &broker, &cmds, rounds)?;
+        println!();
+        storage.print();
+        return Ok(());
+    }
     if only.as_deref() == Some("patterns") {
         progress("6/6 at-least-once vs exactly-once, enrichment (EVENTSTAGE_E2E_ONLY=patterns)");
         let patterns = patterns::run(&rt, &broker, &cmds, rounds)?;
@@ -203,6 +234,9 @@ fn run() -> Result<()> {
     let table = table::run(&rt, &broker, table_keys)?;
     progress("6/6 at-least-once vs exactly-once, enrichment");
     let patterns = patterns::run(&rt, &broker, &cmds, rounds)?;
+    let restarts = restart::run(&rt, b, &restart_keys)?;
+    progress("8/8 throughput by storage");
+    let storage = storage::run(&rt, &broker, &cmds, rounds)?;
     let total = started.elapsed();
     let broker_rss = broker.rss_mib();
     drop(broker);
@@ -220,5 +254,7 @@ fn run() -> Result<()> {
         broker_rss,
     };
     report.print();
+    restarts.print();
+    storage.print();
     Ok(())
 }

@@ -22,7 +22,7 @@ pub(crate) fn enrichment(
     cmds: &[(String, Vec<u8>)],
     parallelism: usize,
 ) -> Result<Enrichment> {
-    let run = flow_run(rt, broker, cmds, |b, topics| {
+    let run = flow_run(rt, broker, cmds, |b, topics, journal| {
         let input = topics.input.clone();
         eventstage::flow::FlowBuilder::new(LimitedBank, b, unique("group"), &[input.as_str()])
             .decoder(|r| decode(r).map(|(account, command)| (account, Limited { command, limit: None })))
@@ -31,6 +31,7 @@ pub(crate) fn enrichment(
                 Ok(command)
             })
             .outputs(move |p| outputs(&topics, p))
+            .journal_topic(journal)
     })?;
     Ok(Enrichment { parallelism, run })
 }

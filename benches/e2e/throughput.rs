@@ -193,7 +193,9 @@ pub(crate) fn flow_throughput(
     cmds: &[(String, Vec<u8>)],
     guarantee: Guarantee,
 ) -> Result<FlowRun> {
-    flow_run(rt, broker, cmds, |b, topics| with_properties(bank_flow(b, &unique("group"), topics)).guarantee(guarantee))
+    flow_run(rt, broker, cmds, |b, topics, journal| {
+        with_properties(bank_flow(b, &unique("group"), topics)).guarantee(guarantee).journal_topic(journal)
+    })
 }
 
 /// One run of the bank flow and one of the pass-through awaiting deliveries, not counted: a fresh
@@ -211,13 +213,14 @@ pub(crate) fn warm_up(rt: &tokio::runtime::Runtime, broker: &Broker, cmds: &[(St
     Ok(())
 }
 
-/// Feeds `cmds` to fresh topics, runs the flow `make` builds on them until a `read_committed`
-/// reader has seen a reply to each, and drains it.
+/// Feeds `cmds` to fresh topics, runs the flow `make` builds on them (given the brokers, the
+/// topics and a fresh journal topic) until a `read_committed` reader has seen a reply to each,
+/// and drains it.
 pub(crate) fn flow_run<S: eventstage::EventSourced>(
     rt: &tokio::runtime::Runtime,
     broker: &Broker,
     cmds: &[(String, Vec<u8>)],
-    make: impl FnOnce(&str, BankTopics) -> eventstage::flow::FlowBuilder<S>,
+    make: impl FnOnce(&str, BankTopics, &str) -> eventstage::flow::FlowBuilder<S>,
 ) -> Result<FlowRun> {
     let b = broker.brokers.as_str();
     let n = cmds.len() as u64;
@@ -231,11 +234,7 @@ pub(crate) fn flow_run<S: eventstage::EventSourced>(
     let start = Instant::now();
     // Inside the runtime: enrichment calls run on it.
     let flow = rt.block_on(async {
-        make(b, topics.clone())
-            .journal_topic(&journal)
-            .transactional_id(unique("txn"))
-            .commit_interval(COMMIT_INTERVAL)
-            .run()
+        make(b, topics.clone(), &journal).transactional_id(unique("txn")).commit_interval(COMMIT_INTERVAL).run()
     });
     let flow = flow.context("start the flow")?;
     let deadline = start + RUN_DEADLINE + Duration::from_secs(5);

@@ -24,7 +24,7 @@
 //! ```
 
 use super::{FlowError, Metrics};
-use eventstage_journal::{JournalEntry, KafkaJournal};
+use eventstage_journal::KafkaJournal;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -55,6 +55,26 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Which journal partitions an instance keeps current in its local state store besides those it
+/// owns (standby replicas, see [`FlowBuilder::standby`](super::FlowBuilder::standby)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Standby {
+    /// None: a partition that goes to another instance is read up to the end of what was committed
+    /// before it went, then left. Getting it back reads what the other instance wrote since.
+    #[default]
+    None,
+    /// The partitions this instance owned before (in this process or, from its store, an earlier
+    /// one): followed on after they went, until the retention drops them. Getting one back, after
+    /// a rebalance or a crash of its new owner, reads almost nothing. Costs one journal reader and
+    /// the sled writes of those partitions.
+    Recent,
+    /// Every partition of the journal, from the start: any takeover reads almost nothing, at the
+    /// price of every instance reading and storing the whole journal (for small state, or few
+    /// instances).
+    All,
+}
+
 /// How the local state store is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct StoreSettings {
@@ -63,6 +83,7 @@ pub(super) struct StoreSettings {
     pub(super) retention: Duration,
     /// A checkpoint is written at least this often while the journal changes.
     pub(super) interval: Duration,
+    pub(super) standby: Standby,
 }
 
 /// The sled store of a flow's state directory.
@@ -74,12 +95,19 @@ struct LocalStore {
     metrics: Option<Arc<Metrics>>,
 }
 
-/// A partition's checkpoint as loaded for a restore.
+/// A partition's checkpoint, for a restore.
 pub(super) struct Loaded {
-    /// The newest entry per key as of the checkpoint (perhaps newer: see the module docs).
-    pub(super) rows: BTreeMap<Vec<u8>, JournalEntry>,
+    /// The newest entry per key as of the checkpoint (perhaps newer: see the module docs), read
+    /// when a key is first used (`None`: nothing stored).
+    pub(super) rows: Option<sled::Tree>,
     /// The journal offset to read the tail from.
     pub(super) from: i64,
+}
+
+impl Loaded {
+    fn empty() -> Self {
+        Self { rows: None, from: 0 }
+    }
 }
 
 fn config_err(dir: &Path, message: impl std::fmt::Display) -> FlowError {
@@ -175,6 +203,18 @@ impl LocalStore {
         }
     }
 
+    /// The partitions the store has a checkpoint of.
+    fn partitions(&self) -> Result<Vec<i32>, FlowError> {
+        let mut out = Vec::new();
+        for item in self.offsets.iter() {
+            let (k, _) = item.map_err(|e| self.storage(e))?;
+            if let Some(p) = k.as_ref().try_into().ok().map(i32::from_be_bytes) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// Drops partition `p`'s rows and checkpoint.
     fn clear(&self, p: i32) -> Result<(), FlowError> {
         self.offsets.remove(p.to_be_bytes()).map_err(|e| self.storage(e))?;
@@ -182,52 +222,28 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Loads partition `p`'s checkpoint for a restore; `marks` are the journal partition's low and
-    /// high watermarks now. Anything wrong with it is a warning and a full restore.
-    fn load(&self, topic: &str, p: i32, marks: (i64, i64)) -> Result<Loaded, FlowError> {
-        let dir = self.dir.display();
-        let full = |why: String| -> Result<Loaded, FlowError> {
-            tracing::warn!(dir = %dir, journal = topic, partition = p, "local state store: {why}; restoring the partition from the journal in full");
-            if let Some(m) = &self.metrics {
-                m.store_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            self.clear(p)?;
-            Ok(Loaded { rows: BTreeMap::new(), from: 0 })
-        };
+    /// Partition `p`'s checkpoint for a restore (`Err`: why it cannot be used); `marks` are the
+    /// journal partition's low and high watermarks now.
+    fn load(&self, p: i32, marks: (i64, i64)) -> Result<Result<Loaded, String>, FlowError> {
         let from = match self.position(p) {
-            Ok(None) => return Ok(Loaded { rows: BTreeMap::new(), from: 0 }),
+            Ok(None) => return Ok(Ok(Loaded::empty())),
             Ok(Some((from, _))) => from,
-            Err(why) => return full(why),
+            Err(why) => return Ok(Err(why)),
         };
         let (low, high) = marks;
         if from > high {
-            return full(format!(
+            return Ok(Err(format!(
                 "the checkpoint is at offset {from}, ahead of the journal's end ({high}): the topic was deleted and created again, or the store belongs to another cluster"
-            ));
+            )));
         }
         if from < low {
-            return full(format!(
+            return Ok(Err(format!(
                 "the checkpoint is at offset {from}, before the journal's start ({low}): records after it were deleted"
-            ));
+            )));
         }
-        let mut rows = BTreeMap::new();
-        // The offset was read before the rows: rows written since are newer, never older (see the
-        // module docs).
-        for item in self.rows(p)?.iter() {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            match JournalEntry::decode(&v) {
-                Ok(entry) => {
-                    rows.insert(k.to_vec(), entry);
-                }
-                Err(e) => {
-                    return full(format!(
-                        "the row of key {} does not decode ({e})",
-                        eventstage_journal::printable_key(&k)
-                    ))
-                }
-            }
-        }
-        Ok(Loaded { rows, from })
+        // The offset was read before the rows will be: rows written since are newer, never older
+        // (see the module docs).
+        Ok(Ok(Loaded { rows: Some(self.rows(p)?), from }))
     }
 
     /// Writes `rows` of partition `p`, then its checkpoint `next` (see the module docs).
@@ -268,9 +284,7 @@ impl LocalStore {
     fn expire(&self, retention: Duration) -> Result<(), FlowError> {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         let mut expired = Vec::new();
-        for item in self.offsets.iter() {
-            let (k, _) = item.map_err(|e| self.storage(e))?;
-            let Some(p) = k.as_ref().try_into().ok().map(i32::from_be_bytes) else { continue };
+        for p in self.partitions()? {
             if let Ok(Some((_, released))) = self.position(p) {
                 if released > 0 && released < cutoff {
                     expired.push(p);
@@ -297,18 +311,34 @@ fn remove_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 enum Command {
-    /// Keep partition `p`'s checkpoint current.
+    /// Keep partition `p`'s checkpoint current: it is assigned here.
     Follow(i32),
+    /// Keep partition `p`'s checkpoint current: a standby (it may be owned elsewhere).
+    Standby(i32),
     /// Partition `p` went to another instance: read it up to its end as of now, then let go.
     Release(i32),
     /// Read every followed partition up to its end as of now, write, and stop.
     Close(Sender<()>),
+    /// Write what was read, and stop (the flow failed or was aborted).
+    Quit,
+    /// Stop following partition `p` and drop its rows and checkpoint; answer when done.
+    Reset(i32, Sender<()>),
+}
+
+/// The partitions the flow owns (see [`Checkpoints::owned`]).
+type Owned = Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The local state store and its follower thread.
 pub(super) struct Checkpoints {
     store: LocalStore,
     topic: String,
+    /// The partitions this instance owns: their rows are read by the flow and never dropped
+    /// behind its back (the follower drops a partition only when asked, or one not owned).
+    owned: Owned,
     commands: Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -334,25 +364,60 @@ impl Checkpoints {
             .set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer = config.create().map_err(|e| kafka("checkpoint consumer", e))?;
         let (commands, rx) = std::sync::mpsc::channel();
+        let owned = Owned::default();
         let follower = Follower {
+            owned: owned.clone(),
             store: store.clone(),
             topic: journal.topic().to_string(),
             consumer,
             interval: settings.interval,
+            standby: settings.standby,
+            retention: settings.retention,
             partitions: BTreeMap::new(),
             pending: 0,
             last_write: Instant::now(),
         };
+        // Standbys from the start: every partition, or those this store kept after they went.
+        let standbys = match settings.standby {
+            Standby::All => (0..journal.partitions()).collect(),
+            Standby::Recent => store.partitions()?,
+            Standby::None => Vec::new(),
+        };
+        for p in standbys {
+            let _ = commands.send(Command::Standby(p));
+        }
         let thread = std::thread::Builder::new()
             .name("eventstage-checkpoint".into())
             .spawn(move || follower.run(&rx))
             .map_err(|e| config_err(&settings.dir, format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Self { store, topic: journal.topic().to_string(), commands, thread: Some(thread) })
+        Ok(Self { store, topic: journal.topic().to_string(), owned, commands, thread: Some(thread) })
     }
 
-    /// Loads partition `p`'s checkpoint for a restore (see [`LocalStore::load`]).
+    /// Partition `p`'s checkpoint, for a restore on its assignment (`marks`: the journal
+    /// partition's low and high watermarks now). A checkpoint that cannot be used is dropped with
+    /// a warning, and the partition is restored from the journal in full.
     pub(super) fn load(&self, p: i32, marks: (i64, i64)) -> Result<Loaded, FlowError> {
-        self.store.load(&self.topic, p, marks)
+        lock(&self.owned).insert(p);
+        match self.store.load(p, marks)? {
+            Ok(loaded) => Ok(loaded),
+            Err(why) => {
+                self.drop_partition(p, &why);
+                Ok(Loaded::empty())
+            }
+        }
+    }
+
+    /// Drops partition `p`'s rows and checkpoint because of `why` (the follower does it, so that
+    /// it does not write on top of the emptied partition), with a warning.
+    pub(super) fn drop_partition(&self, p: i32, why: &str) {
+        tracing::warn!(dir = %self.store.dir.display(), journal = %self.topic, partition = p, "local state store: {why}; restoring the partition from the journal in full");
+        if let Some(m) = &self.store.metrics {
+            m.store_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.commands.send(Command::Reset(p, tx)).is_ok() {
+            let _ = rx.recv_timeout(CLOSE_TIMEOUT);
+        }
     }
 
     /// Keeps partition `p`'s checkpoint current from now on.
@@ -363,6 +428,7 @@ impl Checkpoints {
     /// Partition `p` was revoked: its checkpoint is brought up to the end of what was committed,
     /// and kept (until the retention drops it).
     pub(super) fn release(&self, p: i32) {
+        lock(&self.owned).remove(&p);
         let _ = self.commands.send(Command::Release(p));
     }
 
@@ -372,10 +438,11 @@ impl Checkpoints {
         self.stop(true);
     }
 
-    fn stop(&mut self, wait: bool) {
+    fn stop(&mut self, catch_up: bool) {
         let Some(thread) = self.thread.take() else { return };
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.commands.send(Command::Close(tx)).is_ok() && wait {
+        let command = if catch_up { Command::Close(tx) } else { Command::Quit };
+        if self.commands.send(command).is_ok() && catch_up {
             let _ = rx.recv_timeout(CLOSE_TIMEOUT + Duration::from_secs(5));
         }
         let _ = thread.join();
@@ -383,6 +450,8 @@ impl Checkpoints {
 }
 
 impl Drop for Checkpoints {
+    /// Without [`close`](Self::close) (the flow failed or was aborted), the follower writes what it
+    /// has read and stops, without reading on to the journal's end.
     fn drop(&mut self) {
         self.stop(false);
     }
@@ -398,13 +467,19 @@ struct Followed {
     moved: bool,
     /// Released: let go once `next` reaches this offset.
     until: Option<i64>,
+    /// When the partition went to another instance (ms since the epoch; 0: owned, or a standby of
+    /// [`Standby::All`]).
+    released: u64,
 }
 
 struct Follower {
+    owned: Owned,
     store: LocalStore,
     topic: String,
     consumer: BaseConsumer,
     interval: Duration,
+    standby: Standby,
+    retention: Duration,
     partitions: BTreeMap<i32, Followed>,
     pending: usize,
     last_write: Instant,
@@ -422,20 +497,34 @@ impl Follower {
             // With nothing to read, wait for a command instead of polling.
             let wait = if self.partitions.is_empty() { Duration::from_millis(500) } else { Duration::ZERO };
             match commands.recv_timeout(wait) {
-                Ok(Command::Follow(p)) => self.follow(p)?,
-                Ok(Command::Release(p)) => {
-                    let end = self.end_of(p)?;
-                    if let Some(f) = self.partitions.get_mut(&p) {
-                        f.until = Some(end);
+                Ok(Command::Follow(p)) => self.follow(p, false)?,
+                Ok(Command::Standby(p)) => self.follow(p, true)?,
+                Ok(Command::Release(p)) => match self.standby {
+                    Standby::None => {
+                        let end = self.end_of(p)?;
+                        if let Some(f) = self.partitions.get_mut(&p) {
+                            f.until = Some(end);
+                        }
                     }
-                }
+                    Standby::Recent => {
+                        if let Some(f) = self.partitions.get_mut(&p) {
+                            f.released = now_ms();
+                            f.moved = true;
+                        }
+                    }
+                    Standby::All => {}
+                },
                 Ok(Command::Close(done)) => {
                     self.close()?;
                     let _ = done.send(());
                     return Ok(());
                 }
+                Ok(Command::Reset(p, done)) => {
+                    self.reset(p)?;
+                    let _ = done.send(());
+                }
+                Ok(Command::Quit) | Err(RecvTimeoutError::Disconnected) => return self.write(),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return self.write(),
             }
             if !self.partitions.is_empty() {
                 self.read(Duration::from_millis(100))?;
@@ -447,17 +536,42 @@ impl Follower {
         }
     }
 
-    fn follow(&mut self, p: i32) -> Result<(), FlowError> {
-        if let Some(f) = self.partitions.get_mut(&p) {
+    fn follow(&mut self, p: i32, standby: bool) -> Result<(), FlowError> {
+        if let (Some(f), false) = (self.partitions.get_mut(&p), standby) {
             f.until = None;
+            if f.released > 0 {
+                f.released = 0;
+                f.moved = true;
+            }
             return Ok(());
         }
-        let next = self.store.position(p).ok().flatten().map_or(0, |(o, _)| o);
+        if self.partitions.contains_key(&p) {
+            return Ok(());
+        }
+        let (next, released) = self.store.position(p).ok().flatten().unwrap_or_default();
+        // A standby of `Recent` counts as released (since it went, or since now) until it is
+        // assigned here.
+        let released = match (standby, self.standby) {
+            (true, Standby::Recent) if released > 0 => released,
+            (true, Standby::Recent) => now_ms(),
+            _ => 0,
+        };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Offset(next)).map_err(|e| kafka("checkpoint follower", e))?;
         self.consumer.incremental_assign(&tpl).map_err(|e| kafka("checkpoint follower assign", e))?;
-        self.partitions.insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None });
+        self.partitions.insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None, released });
         Ok(())
+    }
+
+    fn reset(&mut self, p: i32) -> Result<(), FlowError> {
+        if let Some(f) = self.partitions.remove(&p) {
+            self.pending = self.pending.saturating_sub(f.rows.len());
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, p);
+            self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+        }
+        self.store.clear(p)?;
+        self.store.flush()
     }
 
     fn end_of(&self, p: i32) -> Result<i64, FlowError> {
@@ -510,7 +624,7 @@ impl Follower {
             if !f.moved {
                 continue;
             }
-            let released = if f.until.is_some() { now_ms() } else { 0 };
+            let released = if f.until.is_some() { now_ms() } else { f.released };
             self.store.write(p, std::mem::take(&mut f.rows), f.next, released)?;
             f.moved = false;
             wrote = true;
@@ -523,11 +637,15 @@ impl Follower {
         Ok(())
     }
 
-    /// Stops following released partitions that reached their end.
+    /// Stops following released partitions that reached their end, and drops standbys released
+    /// longer than the retention.
     fn let_go(&mut self) -> Result<(), FlowError> {
+        let cutoff = now_ms().saturating_sub(self.retention.as_millis() as u64);
+        let expired: Vec<i32> =
+            self.partitions.iter().filter(|(_, f)| f.released > 0 && f.released < cutoff).map(|(p, _)| *p).collect();
         let done: Vec<i32> =
             self.partitions.iter().filter(|(_, f)| f.until.is_some_and(|end| f.next >= end)).map(|(p, _)| *p).collect();
-        if done.is_empty() {
+        if done.is_empty() && expired.is_empty() {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
@@ -537,6 +655,15 @@ impl Follower {
             }
             tpl.add_partition(&self.topic, p);
         }
+        let owned = self.owned.clone();
+        let owned = lock(&owned);
+        for &p in expired.iter().filter(|p| !owned.contains(p)) {
+            self.partitions.remove(&p);
+            tracing::info!(dir = %self.store.dir.display(), partition = p, "dropping the local rows of a standby partition released longer than the retention");
+            self.store.clear(p)?;
+            tpl.add_partition(&self.topic, p);
+        }
+        drop(owned);
         self.store.flush()?;
         self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
         Ok(())

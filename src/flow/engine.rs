@@ -145,6 +145,9 @@ struct PartitionState<S: EventSourced> {
     applied: KeyMap<S::Key, Vec<SourcePosition>>,
     /// At-least-once: deletion markers (key, record value) of the batch, in order.
     deferred: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The local state store's rows of the partition: a key's state is read from there when it
+    /// is first used (see `Core::fault_in`).
+    rows: Option<sled::Tree>,
 }
 
 impl<S: EventSourced> PartitionState<S> {
@@ -155,6 +158,7 @@ impl<S: EventSourced> PartitionState<S> {
             unjournaled: KeyMap::default(),
             applied: KeyMap::default(),
             deferred: Vec::new(),
+            rows: None,
         }
     }
 
@@ -348,6 +352,7 @@ impl<S: EventSourced> Core<S> {
             Err(reason) => return self.dead_letter(&input, reason),
         };
         let p = input.partition;
+        self.fault_in(p, &key)?;
         let Some(part) = self.partitions.get(&p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };

@@ -13,6 +13,18 @@
 //!   assignment the flow restores `p` from the journal (newest record per key, up to the partition's
 //!   end as of that moment) before processing it; on revocation it commits the in-flight transaction
 //!   and releases the state.
+//! - **Local state store** ([`FlowBuilder::state_dir`]). The compacted journal stays the state of
+//!   record; a local sled store is a checkpoint of it, like Kafka Streams' stores over their
+//!   changelogs. A follower thread reads the committed journal (`read_committed`, so never an
+//!   aborted transaction) and writes each key's newest entry and the journal offset the rows are
+//!   complete up to, off the flow thread. An assignment reads only the journal's records after the
+//!   checkpoint, and a key's state is read from the store when the key is first used, so a restart
+//!   or a takeover costs the tail, not the partition's history. A crash wipes nothing (the
+//!   checkpoint is older, the tail makes it current); a store that cannot be trusted (a row that
+//!   does not decode, a checkpoint ahead of the journal, a store of another journal or stage) is
+//!   dropped with a warning and the partition restored from the journal in full. Revoked
+//!   partitions' rows stay until [`FlowBuilder::state_retention`]; [`Standby`] replicas keep
+//!   partitions this instance does not own current, so taking them over reads almost nothing.
 //! - **Failures.** A transaction that must abort is aborted, the consumer rewinds to the last
 //!   committed offsets and the in-memory state of the transaction is discarded, then processing goes
 //!   on. Fencing by a newer instance with the same `transactional.id` stops the flow with
@@ -50,6 +62,7 @@
 //!   before their state is released), and an async one fed in order without blocking the poll loop.
 
 mod checkpoint;
+pub use checkpoint::Standby;
 mod consume;
 mod engine;
 mod settings;
@@ -379,6 +392,7 @@ pub struct FlowBuilder<S: EventSourced> {
     state_dir: Option<std::path::PathBuf>,
     state_retention: Duration,
     checkpoint_interval: Duration,
+    standby: Standby,
     snapshot_every: u64,
     decoder: Option<Decoder<S>>,
     outputs: Option<Outputs<S>>,
@@ -418,6 +432,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             state_dir: None,
             state_retention: Duration::from_secs(24 * 3600),
             checkpoint_interval: Duration::from_secs(1),
+            standby: Standby::None,
             snapshot_every: 100,
             decoder: None,
             outputs: None,
@@ -572,6 +587,15 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
+    /// With a [`state_dir`](Self::state_dir): which partitions besides its own this instance
+    /// keeps current in its local store, so that taking one over after a crash or a rebalance
+    /// reads almost nothing from the journal (see [`Standby`]). Default: [`Standby::None`].
+    #[must_use]
+    pub fn standby(mut self, standby: Standby) -> Self {
+        self.standby = standby;
+        self
+    }
+
     /// With the sled journal: a snapshot of a key every this many events (0: none). Default: 100.
     #[must_use]
     pub fn snapshot_every(mut self, n: u64) -> Self {
@@ -664,7 +688,12 @@ impl<S: EventSourced> FlowBuilder<S> {
         let store = match (self.state_dir, &journal) {
             (None, _) => None,
             (Some(dir), FlowJournal::Kafka(_)) => {
-                Some(checkpoint::StoreSettings { dir, retention: self.state_retention, interval: self.checkpoint_interval })
+                Some(checkpoint::StoreSettings {
+                dir,
+                retention: self.state_retention,
+                interval: self.checkpoint_interval,
+                standby: self.standby,
+            })
             }
             (Some(dir), _) => {
                 return Err(FlowError::Config(format!(

@@ -48,6 +48,11 @@ pub(crate) struct FlowArgs {
     /// With --state-dir: how often the local store is checkpointed while the journal changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     checkpoint_interval: Duration,
+    /// With --state-dir, standby replicas: `none` (only owned partitions), `recent` (partitions this
+    /// instance owned before stay current after they go) or `all` (every partition: any takeover
+    /// reads almost nothing; every instance reads the whole journal).
+    #[arg(long, default_value = "none", value_parser = ["none", "recent", "all"])]
+    standby: String,
     /// How often a transaction commits (at-least-once: the longest a batch stays open).
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
@@ -131,7 +136,13 @@ fn configure<S: eventstage::EventSourced>(
         .commit_interval(args.commit_interval)
         .consumer_property("session.timeout.ms", "10000");
     let flow = match &args.state_dir {
-        Some(dir) => flow.state_dir(dir).checkpoint_interval(args.checkpoint_interval),
+        Some(dir) => {
+            flow.state_dir(dir).checkpoint_interval(args.checkpoint_interval).standby(match args.standby.as_str() {
+                "all" => eventstage::flow::Standby::All,
+                "recent" => eventstage::flow::Standby::Recent,
+                _ => eventstage::flow::Standby::None,
+            })
+        }
         None => flow,
     };
     if args.transactional_id.is_some() {
