@@ -21,7 +21,19 @@ use eventstage_journal::{
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-const OUTBOX: &[u8] = b"flow/outbox";
+/// The outbox of the last write: the bincode of its records, in chunks of at most
+/// [`OUTBOX_CHUNK`] bytes under `flow/outbox/<i>` (i: u32 BE) and their count (u32 BE) under
+/// `flow/outbox.chunks`. As one value (the format before, still read), sled wrote a commit's
+/// outbox to a file of its own per partition and serialized it again whenever its node changed.
+const OUTBOX_CHUNKS: &[u8] = b"flow/outbox.chunks";
+const OUTBOX_LEGACY: &[u8] = b"flow/outbox";
+const OUTBOX_CHUNK: usize = 16 * 1024;
+
+fn outbox_chunk_key(i: u32) -> Vec<u8> {
+    let mut key = b"flow/outbox/".to_vec();
+    key.extend_from_slice(&i.to_be_bytes());
+    key
+}
 
 /// What one partition's open transaction will write.
 #[derive(Default)]
@@ -38,6 +50,9 @@ pub(super) struct SledBackend {
     pending: BTreeMap<i32, Pending>,
     /// The outbox of the last sled write, until Kafka commits it.
     written: Vec<OutputRecord>,
+    /// Per partition, the outbox chunks stored (those beyond a new outbox are deleted), and
+    /// whether the partition still holds an outbox in the format before.
+    chunks: BTreeMap<i32, (u32, bool)>,
 }
 
 /// What a batch will write, taken out of the backend (at-least-once: written once the batch's
@@ -59,6 +74,7 @@ impl SledBackend {
             journals: BTreeMap::new(),
             pending: BTreeMap::new(),
             written: Vec::new(),
+            chunks: BTreeMap::new(),
         })
     }
 
@@ -83,15 +99,41 @@ impl SledBackend {
         let journal = self.journal::<S>(p)?;
         let (map, stats) = rt.block_on(recover::<S, _>(&journal, &Progress::none()))?;
         let positions = rt.block_on(journal.positions())?;
-        let outbox = match rt.block_on(journal.meta(OUTBOX))? {
-            Some(bytes) => Codec::Bincode.decode(&bytes).map_err(|source| crate::Error::Decode {
-                stage: S::NAME.into(),
-                key: format!("(outbox of partition {p})"),
-                seq: 0,
-                source,
-            })?,
-            None => Vec::new(),
+        let decode_err = |source| crate::Error::Decode {
+            stage: S::NAME.into(),
+            key: format!("(outbox of partition {p})"),
+            seq: 0,
+            source,
         };
+        let legacy = rt.block_on(journal.meta(OUTBOX_LEGACY))?;
+        let count = match rt.block_on(journal.meta(OUTBOX_CHUNKS))? {
+            Some(b) => u32::from_be_bytes(b.as_slice().try_into().map_err(|_| {
+                FlowError::from(crate::Error::from(eventstage_journal::JournalError::Damaged {
+                    journal: format!("{}/p{p}", S::NAME),
+                    what: format!("the outbox chunk count has {} bytes, not 4", b.len()),
+                }))
+            })?),
+            None => 0,
+        };
+        let outbox = if count > 0 {
+            let mut bytes = Vec::new();
+            for i in 0..count {
+                let chunk = rt.block_on(journal.meta(&outbox_chunk_key(i)))?.ok_or_else(|| {
+                    FlowError::from(crate::Error::from(eventstage_journal::JournalError::Damaged {
+                        journal: format!("{}/p{p}", S::NAME),
+                        what: format!("outbox chunk {i} of {count} is missing"),
+                    }))
+                })?;
+                bytes.extend_from_slice(&chunk);
+            }
+            Codec::Bincode.decode(&bytes).map_err(decode_err)?
+        } else {
+            match &legacy {
+                Some(bytes) => Codec::Bincode.decode(bytes).map_err(decode_err)?,
+                None => Vec::new(),
+            }
+        };
+        self.chunks.insert(p, (count, legacy.is_some()));
         tracing::info!(
             partition = p,
             keys = stats.keys,
@@ -120,6 +162,7 @@ impl SledBackend {
     pub(super) fn release(&mut self, p: i32) {
         self.pending.remove(&p);
         self.journals.remove(&p);
+        self.chunks.remove(&p);
     }
 
     /// Writes and fsyncs every touched partition's batch (events, snapshots, positions, outbox).
@@ -146,6 +189,7 @@ impl SledBackend {
         positions: BTreeMap<i32, Vec<SourcePosition>>,
     ) -> Result<(), FlowError> {
         let mut written = Vec::new();
+        let mut appended = Vec::new();
         for (p, positions) in positions {
             if !self.journals.contains_key(&p) && !staged.contains_key(&p) {
                 continue; // released since: the partition is another instance's now
@@ -156,18 +200,29 @@ impl SledBackend {
                 key: format!("(outbox of partition {p})"),
                 source,
             })?;
-            let batch = Batch {
-                events: pending.events,
-                snapshots: pending.snapshots,
-                positions,
-                meta: vec![(OUTBOX.to_vec(), Some(outbox))],
-            };
+            let (before, legacy) = self.chunks.get(&p).copied().unwrap_or_default();
+            let mut meta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+            let mut count = 0u32;
+            for chunk in outbox.chunks(OUTBOX_CHUNK) {
+                meta.push((outbox_chunk_key(count), Some(chunk.to_vec())));
+                count += 1;
+            }
+            meta.extend((count..before).map(|i| (outbox_chunk_key(i), None)));
+            meta.push((OUTBOX_CHUNKS.to_vec(), Some(count.to_be_bytes().to_vec())));
+            if legacy {
+                meta.push((OUTBOX_LEGACY.to_vec(), None));
+            }
+            let batch = Batch { events: pending.events, snapshots: pending.snapshots, positions, meta };
             let journal = self.journal::<S>(p)?;
-            rt.block_on(async {
-                journal.append(batch).await?;
-                journal.flush().await
-            })?;
+            rt.block_on(journal.append(batch))?;
+            self.chunks.insert(p, (count, false));
+            appended.push(journal);
             written.extend(pending.outbox);
+        }
+        // One sled database under every partition: the first flush makes them all durable, the
+        // others find nothing left to write.
+        for journal in appended {
+            rt.block_on(journal.flush())?;
         }
         self.written = written;
         Ok(())
@@ -176,5 +231,67 @@ impl SledBackend {
     /// The outputs of the last write, for producing them again.
     pub(super) fn written(&self) -> &[OutputRecord] {
         &self.written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::bank::Bank;
+
+    fn records(n: usize) -> Vec<OutputRecord> {
+        (0..n).map(|i| OutputRecord::new("replies", format!("k{i}"), vec![7u8; 20])).collect()
+    }
+
+    fn reopened(dir: &Path, rt: &tokio::runtime::Runtime) -> (SledBackend, Vec<OutputRecord>) {
+        let mut backend = SledBackend::open(dir).unwrap();
+        let outbox = backend.restore::<Bank>(rt, 0).unwrap().outbox;
+        (backend, outbox)
+    }
+
+    fn write(backend: &mut SledBackend, rt: &tokio::runtime::Runtime, outbox: &[OutputRecord]) {
+        for o in outbox {
+            backend.stage_output(0, o.clone());
+        }
+        backend.write::<Bank>(rt, BTreeMap::from([(0, Vec::new())])).unwrap();
+    }
+
+    /// An outbox stored as one value (the format before) is read, and replaced by chunks; a
+    /// smaller outbox leaves no chunk of a bigger one behind.
+    #[test]
+    fn outboxes_are_chunked_and_the_format_before_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let journal = store.journal("bank/p0").unwrap();
+            let legacy = Codec::Bincode.encode(&records(3)).unwrap();
+            let batch = Batch { meta: vec![(OUTBOX_LEGACY.to_vec(), Some(legacy))], ..Batch::default() };
+            rt.block_on(journal.append(batch)).unwrap();
+            rt.block_on(journal.flush()).unwrap();
+        }
+        let (mut backend, outbox) = reopened(dir.path(), &rt);
+        assert_eq!(outbox, records(3));
+
+        let big = records(5000);
+        write(&mut backend, &rt, &big);
+        drop(backend);
+        let (mut backend, outbox) = reopened(dir.path(), &rt);
+        assert_eq!(outbox, big);
+        let journal = backend.journal::<Bank>(0).unwrap();
+        assert_eq!(rt.block_on(journal.meta(OUTBOX_LEGACY)).unwrap(), None, "the old value is gone");
+        let chunks = rt.block_on(journal.meta(OUTBOX_CHUNKS)).unwrap().unwrap();
+        let chunks = u32::from_be_bytes(chunks.try_into().unwrap());
+        assert!(chunks > 2, "{chunks} chunks");
+
+        write(&mut backend, &rt, &records(1));
+        drop((backend, journal));
+        let (backend, outbox) = reopened(dir.path(), &rt);
+        assert_eq!(outbox, records(1));
+        let mut backend = backend;
+        let journal = backend.journal::<Bank>(0).unwrap();
+        for i in 1..chunks {
+            assert_eq!(rt.block_on(journal.meta(&outbox_chunk_key(i))).unwrap(), None, "chunk {i} is gone");
+        }
     }
 }
