@@ -36,6 +36,10 @@ pub enum RecordKind {
     Snapshot = 2,
     /// A Kafka journal entry: a key's new events and its state after them.
     Entry = 3,
+    /// Consecutive events of one entity written in one batch, as one record (the sled journal's
+    /// grouped appends): `u64 LE` first seq, `u32 LE` count, then per event `u32 LE` length and
+    /// its event envelope.
+    Events = 4,
 }
 
 impl RecordKind {
@@ -44,6 +48,7 @@ impl RecordKind {
             1 => Ok(Self::Event),
             2 => Ok(Self::Snapshot),
             3 => Ok(Self::Entry),
+            4 => Ok(Self::Events),
             other => Err(EnvelopeError::UnknownKind(other)),
         }
     }

@@ -28,23 +28,37 @@ where
 pub(crate) struct Chunker<T, E> {
     tx: mpsc::Sender<Result<Vec<T>, E>>,
     buf: Vec<T>,
+    /// What the buffered items stand for (an item may expand into several for the reader).
+    weight: usize,
 }
 
 impl<T, E> Chunker<T, E> {
     pub(crate) fn new(tx: mpsc::Sender<Result<Vec<T>, E>>) -> Self {
-        Self { tx, buf: Vec::with_capacity(CHUNK) }
+        Self { tx, buf: Vec::with_capacity(CHUNK), weight: 0 }
     }
 
     /// Adds an item; sends a full chunk. False when the reader is gone.
     pub(crate) fn push(&mut self, item: T) -> bool {
+        self.push_weighted(item, 1)
+    }
+
+    /// Adds an item that stands for `weight` items (at most [`CHUNK`]) once decoded: a chunk never
+    /// stands for more than [`CHUNK`]. False when the reader is gone.
+    pub(crate) fn push_weighted(&mut self, item: T, weight: usize) -> bool {
+        let weight = weight.clamp(1, CHUNK);
+        if self.weight + weight > CHUNK && !self.buf.is_empty() && !self.send_buffered() {
+            return false;
+        }
         self.buf.push(item);
-        if self.buf.len() >= CHUNK {
+        self.weight += weight;
+        if self.weight >= CHUNK {
             return self.send_buffered();
         }
         true
     }
 
     fn send_buffered(&mut self) -> bool {
+        self.weight = 0;
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
         self.tx.blocking_send(Ok(chunk)).is_ok()
     }

@@ -214,7 +214,8 @@ impl SledBackend {
             }
             let batch = Batch { events: pending.events, snapshots: pending.snapshots, positions, meta };
             let journal = self.journal::<S>(p)?;
-            rt.block_on(journal.append(batch))?;
+            // One sled value per key and transaction (see `SledJournal::append_grouped`).
+            rt.block_on(journal.append_grouped(batch))?;
             self.chunks.insert(p, (count, false));
             appended.push(journal);
             written.extend(pending.outbox);

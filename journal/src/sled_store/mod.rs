@@ -12,7 +12,8 @@
 //! order-preserving key encoding of `keys.rs`:
 //!
 //! ```text
-//! e | key | seq (u64 BE)      -> event envelope
+//! e | key | seq (u64 BE)      -> event envelope, or (grouped appends) an `Events` record of the
+//!                                key's events up to this seq from the batch that wrote them
 //! k | key                     -> last seq of the key (u64 BE)      (head index: recovery seeks per key)
 //! s | key                     -> seq (u64 BE) | snapshot envelope   (latest snapshot only)
 //! p | topic | partition       -> next offset (i64 BE)
@@ -98,10 +99,68 @@ fn parse_position(storage_key: &[u8], value: &[u8]) -> Option<SourcePosition> {
     })
 }
 
-/// A record as read from sled; the reader decodes it.
+/// A record as read from sled; the reader decodes it. An event record's events before the seq it
+/// holds are skipped (the part of a group a snapshot already covers).
 enum Raw {
-    Event(sled::IVec, sled::IVec),
+    Event(sled::IVec, sled::IVec, u64),
     Snapshot(Vec<u8>, sled::IVec),
+}
+
+/// Events per grouped record at most: a long run of one key's events in a batch is split, so
+/// that a replay chunk of records never stands for more than `stream::CHUNK` events.
+const MAX_GROUP: usize = 256;
+
+/// How many events a stored event record holds, read from its header without checking it (a
+/// damaged record counts as one; decoding reports it).
+fn group_len(value: &[u8]) -> usize {
+    if value.get(3) != Some(&(RecordKind::Events as u8)) {
+        return 1;
+    }
+    let at = crate::HEADER_LEN + 8;
+    value.get(at..at + 4).and_then(|b| b.try_into().ok()).map_or(1, |b| u32::from_le_bytes(b) as usize)
+}
+
+/// The events of an `Events` record stored under `last`: (seq, envelope) in order.
+fn decode_group(value: &[u8], last: u64) -> std::result::Result<Vec<(u64, Envelope)>, String> {
+    let outer = Envelope::decode(value).map_err(|e| e.to_string())?;
+    let p = &outer.payload;
+    let first = p.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or("group header truncated")?;
+    let count = p.get(8..12).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).ok_or("group header truncated")?;
+    if count == 0 || first.checked_add(u64::from(count) - 1) != Some(last) {
+        return Err(format!("a group of {count} events from seq {first} stored under seq {last}"));
+    }
+    let mut at = 12usize;
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..u64::from(count) {
+        let len = p.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).ok_or("group truncated")?
+            as usize;
+        let bytes = p.get(at + 4..at + 4 + len).ok_or("group truncated")?;
+        let env = Envelope::decode(bytes).map_err(|e| format!("event {}: {e}", first + i))?;
+        if env.kind != RecordKind::Event {
+            return Err(format!("event {} of the group is not an event record", first + i));
+        }
+        out.push((first + i, env));
+        at += 4 + len;
+    }
+    if at != p.len() {
+        return Err(format!("{} bytes after the group's events", p.len() - at));
+    }
+    Ok(out)
+}
+
+/// An `Events` record of `events` (consecutive seqs from `first`).
+fn encode_group(first: u64, events: &[&EventRecord]) -> Vec<u8> {
+    let len: usize = events.iter().map(|e| 4 + e.envelope.encoded_len()).sum();
+    let mut payload = Vec::with_capacity(crate::HEADER_LEN + 12 + len);
+    payload.resize(crate::HEADER_LEN, 0);
+    payload.extend_from_slice(&first.to_le_bytes());
+    payload.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    for e in events {
+        payload.extend_from_slice(&(e.envelope.encoded_len() as u32).to_le_bytes());
+        e.envelope.encode_into(&mut payload);
+    }
+    let ts = events.last().map_or(0, |e| e.envelope.timestamp_ms);
+    Envelope::seal(RecordKind::Events, crate::CodecId::RAW, 1, ts, payload)
 }
 
 /// A journal in a [`SledStore`]. Cheap to clone; clones share everything.
@@ -146,6 +205,21 @@ impl SledJournal {
         SledStore { inner: self.inner.store.clone() }
     }
 
+    /// [`Journal::append`], storing each key's events of the batch as one record (of kind
+    /// [`RecordKind::Events`], under the key's last seq) instead of one record per event: a flow's
+    /// transaction writes one sled value per key it changed, not one per event. Readers see the
+    /// same events either way; `verify` checks a group's events one by one.
+    ///
+    /// # Errors
+    /// As [`Journal::append`].
+    pub async fn append_grouped(&self, batch: Batch) -> Result<Committed> {
+        self.spawn(move |j| {
+            j.store.require_version(2)?;
+            j.append_blocking(batch, true)
+        })
+        .await
+    }
+
     /// The sled tree holding this journal, for benchmarks comparing against raw sled iteration.
     pub fn sled_tree(&self) -> &sled::Tree {
         &self.inner.tree
@@ -180,11 +254,13 @@ impl JournalInner {
         }
     }
 
-    fn append_blocking(&self, batch: Batch) -> Result<Committed> {
+    fn append_blocking(&self, batch: Batch, grouped: bool) -> Result<Committed> {
         let mut last_batch = lock(&self.write);
         let mut next: HashMap<&[u8], u64> = HashMap::new();
         let mut writes = sled::Batch::default();
         let mut buf = Vec::new();
+        // Grouped: each key's events of the batch, written as one record once checked.
+        let mut groups: HashMap<&[u8], Vec<&EventRecord>> = HashMap::new();
         for ev in &batch.events {
             let expected = match next.get_mut(ev.key.as_slice()) {
                 Some(n) => n,
@@ -199,9 +275,20 @@ impl JournalInner {
                 });
             }
             *expected += 1;
+            if grouped {
+                groups.entry(&ev.key).or_default().push(ev);
+                continue;
+            }
             buf.clear();
             ev.envelope.encode_into(&mut buf);
             writes.insert(event_key(&ev.key, ev.seq.0), buf.as_slice());
+        }
+        for (key, events) in groups {
+            for run in events.chunks(MAX_GROUP) {
+                let (Some(first), Some(last)) = (run.first(), run.last()) else { continue };
+                let value = if run.len() == 1 { first.envelope.encode() } else { encode_group(first.seq.0, run) };
+                writes.insert(event_key(key, last.seq.0), value);
+            }
         }
         for snap in &batch.snapshots {
             let last = match next.get(snap.key.as_slice()) {
@@ -256,21 +343,29 @@ impl JournalInner {
         Ok(())
     }
 
-    fn decode_event(&self, storage_key: &[u8], value: &[u8]) -> Result<EventRecord> {
+    /// The events of one event record (one, or a group), from seq `from` on.
+    fn decode_events(&self, storage_key: &[u8], value: &[u8], from: u64) -> Result<Vec<EventRecord>> {
         let (key, seq) = parse_event_key(storage_key)
             .ok_or_else(|| self.damaged(format!("unparseable event key {}", printable_key(storage_key))))?;
-        let envelope = Envelope::decode(value).map_err(|source| JournalError::Corrupt {
-            journal: self.name.clone(),
-            key: printable_key(&key),
-            seq,
-            source,
-        })?;
+        let corrupt =
+            |source| JournalError::Corrupt { journal: self.name.clone(), key: printable_key(&key), seq, source };
+        let header = Envelope::check(value).map_err(corrupt)?;
+        if header.kind == RecordKind::Events {
+            let group = decode_group(value, seq)
+                .map_err(|what| self.damaged(format!("key {} seq {seq}: {what}", printable_key(&key))))?;
+            return Ok(group
+                .into_iter()
+                .filter(|(s, _)| *s >= from)
+                .map(|(s, envelope)| EventRecord { key: key.clone(), seq: SeqNo(s), envelope })
+                .collect());
+        }
+        let envelope = Envelope::decode(value).map_err(corrupt)?;
         if envelope.kind != RecordKind::Event {
             return Err(
                 self.damaged(format!("key {} seq {seq}: a snapshot record stored as an event", printable_key(&key)))
             );
         }
-        Ok(EventRecord { key, seq: SeqNo(seq), envelope })
+        Ok(if seq >= from { vec![EventRecord { key, seq: SeqNo(seq), envelope }] } else { Vec::new() })
     }
 
     fn decode_snapshot(&self, key: &[u8], value: &[u8]) -> Result<SnapshotRecord> {
@@ -287,11 +382,13 @@ impl JournalInner {
         Ok(SnapshotRecord { key: key.to_vec(), seq: SeqNo(seq), envelope })
     }
 
-    /// Sends the records of `range` undecoded; false when the reader went away.
-    fn send_raw(&self, range: sled::Iter, out: &mut Chunker<Raw, JournalError>) -> Result<bool> {
+    /// Sends the records of `range` undecoded (their events from seq `from` on); false when the
+    /// reader went away.
+    fn send_raw(&self, range: sled::Iter, from: u64, out: &mut Chunker<Raw, JournalError>) -> Result<bool> {
         for item in range {
             let (k, v) = item.map_err(|e| self.storage(e))?;
-            if !out.push(Raw::Event(k, v)) {
+            let weight = group_len(&v);
+            if !out.push_weighted(Raw::Event(k, v, from), weight) {
                 return Ok(false);
             }
         }
@@ -306,17 +403,19 @@ impl JournalInner {
                 if from > until {
                     return Ok(());
                 }
-                self.tree.range(event_key(key, from)..=event_key(key, until))
+                // A group holding `until` is stored under a later seq: the reader stops the key
+                // at `until`.
+                self.tree.range(event_key(key, from)..=event_key(key, u64::MAX))
             }
             None => self.tree.scan_prefix([E]),
         };
-        self.send_raw(range, out).map(|_| ())
+        self.send_raw(range, 0, out).map(|_| ())
     }
 
     fn recover_blocking(&self, out: &mut Chunker<Raw, JournalError>) -> Result<()> {
         let has_snapshots = self.tree.scan_prefix([S]).next().is_some();
         if !has_snapshots {
-            return self.send_raw(self.tree.scan_prefix([E]), out).map(|_| ());
+            return self.send_raw(self.tree.scan_prefix([E]), 0, out).map(|_| ());
         }
         // Snapshots exist: seek per key, so restart cost follows keys + tails, not total events.
         for item in self.tree.scan_prefix([K]) {
@@ -335,7 +434,9 @@ impl JournalInner {
             if from > last {
                 continue;
             }
-            if !self.send_raw(self.tree.range(event_key(&key, from)..=event_key(&key, last)), out)? {
+            // A group stored under `from` or later may begin before it: its events before `from`
+            // are in the snapshot.
+            if !self.send_raw(self.tree.range(event_key(&key, from)..=event_key(&key, last)), from, out)? {
                 return Ok(());
             }
         }
@@ -345,13 +446,16 @@ impl JournalInner {
     /// Decodes a chunk of raw records on the reader's side of the channel, so storage iteration and
     /// decoding (CRC, copies) run on two cores.
     fn decode_recovered(&self, chunk: Vec<Raw>) -> Result<Vec<Recovered>> {
-        chunk
-            .into_iter()
-            .map(|raw| match raw {
-                Raw::Event(k, v) => self.decode_event(&k, &v).map(Recovered::Event),
-                Raw::Snapshot(key, v) => self.decode_snapshot(&key, &v).map(Recovered::Snapshot),
-            })
-            .collect()
+        let mut out = Vec::with_capacity(chunk.len());
+        for raw in chunk {
+            match raw {
+                Raw::Event(k, v, from) => {
+                    out.extend(self.decode_events(&k, &v, from)?.into_iter().map(Recovered::Event))
+                }
+                Raw::Snapshot(key, v) => out.push(self.decode_snapshot(&key, &v).map(Recovered::Snapshot)?),
+            }
+        }
+        Ok(out)
     }
 
     fn positions_blocking(&self) -> Result<Vec<SourcePosition>> {
@@ -372,7 +476,13 @@ impl JournalInner {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             match k.first() {
                 Some(&E) => {
-                    stats.events += 1;
+                    stats.events += match Envelope::check(&v) {
+                        Ok(h) if h.kind == RecordKind::Events => v
+                            .get(crate::HEADER_LEN + 8..crate::HEADER_LEN + 12)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(1, |b| u64::from(u32::from_le_bytes(b))),
+                        _ => 1,
+                    };
                     stats.bytes += v.len() as u64;
                     if let Ok(h) = Envelope::check(&v) {
                         let t = h.timestamp_ms;
@@ -399,7 +509,7 @@ impl Journal for SledJournal {
     }
 
     fn append(&self, batch: Batch) -> impl std::future::Future<Output = Result<Committed>> + Send {
-        self.spawn(move |j| j.append_blocking(batch))
+        self.spawn(move |j| j.append_blocking(batch, false))
     }
 
     fn flush(&self) -> impl std::future::Future<Output = Result<()>> + Send {
@@ -421,16 +531,17 @@ impl Journal for SledJournal {
         .map(move |chunk: Result<Vec<Raw>>| {
             let mut events = Vec::new();
             for raw in chunk? {
-                let Raw::Event(k, v) = raw else { continue };
-                let ev = reader.decode_event(&k, &v)?;
-                if skip_key.as_deref() == Some(ev.key.as_slice()) || ev.seq < query.from_seq {
-                    continue;
+                let Raw::Event(k, v, from) = raw else { continue };
+                for ev in reader.decode_events(&k, &v, from)? {
+                    if skip_key.as_deref() == Some(ev.key.as_slice()) || ev.seq < query.from_seq {
+                        continue;
+                    }
+                    if query.is_past(ev.seq, ev.envelope.timestamp_ms) {
+                        skip_key = Some(ev.key);
+                        continue;
+                    }
+                    events.push(ev);
                 }
-                if query.is_past(ev.seq, ev.envelope.timestamp_ms) {
-                    skip_key = Some(ev.key);
-                    continue;
-                }
-                events.push(ev);
             }
             Ok(events)
         })

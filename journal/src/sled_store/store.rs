@@ -9,8 +9,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-/// The store format this build writes and reads.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+/// The store format this build writes and reads. 2: event records may be groups
+/// ([`RecordKind::Events`](crate::RecordKind::Events), written by
+/// [`SledJournal::append_grouped`](crate::SledJournal::append_grouped)); a store of format 1 is
+/// marked 2 when the first group is written to it, so that older builds refuse it instead of
+/// reading groups as damage.
+pub const STORE_FORMAT_VERSION: u32 = 2;
 const HEADER_FILE: &str = "eventstage-journal.json";
 
 fn hex(name: &str) -> String {
@@ -70,6 +74,7 @@ impl SledStoreBuilder {
         }
         let exists = path.is_dir();
         let empty = !exists || std::fs::read_dir(&path).map_err(|e| io(&path, e))?.next().is_none();
+        let mut found_version = STORE_FORMAT_VERSION;
         if header_path.is_file() {
             let text = std::fs::read_to_string(&header_path).map_err(|e| io(&header_path, e))?;
             let header: StoreHeader = serde_json::from_str(&text).map_err(|e| JournalError::NotAJournal {
@@ -89,6 +94,7 @@ impl SledStoreBuilder {
                     supported: STORE_FORMAT_VERSION,
                 });
             }
+            found_version = header.format_version;
         } else if empty && self.create {
             std::fs::create_dir_all(path.join("marks")).map_err(|e| io(&path, e))?;
             let header = StoreHeader { format: "eventstage-journal".into(), format_version: STORE_FORMAT_VERSION };
@@ -106,7 +112,12 @@ impl SledStoreBuilder {
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(None);
         let db = open_sled(&path, &config)?;
-        let inner = Arc::new(StoreInner { path, db, journals: Mutex::default() });
+        let inner = Arc::new(StoreInner {
+            path,
+            db,
+            journals: Mutex::default(),
+            format_version: std::sync::atomic::AtomicU32::new(found_version),
+        });
         if let Some(every) = self.flush_every {
             spawn_flusher(Arc::downgrade(&inner), every);
         }
@@ -189,9 +200,25 @@ pub(super) struct StoreInner {
     pub(super) db: sled::Db,
     // One JournalInner per name, so every handle shares the write lock and batch counter.
     journals: Mutex<HashMap<String, Weak<JournalInner>>>,
+    /// The format version its header says.
+    format_version: std::sync::atomic::AtomicU32,
 }
 
 impl StoreInner {
+    /// Marks the store as of format `version` at least (before writing what needs it).
+    pub(super) fn require_version(&self, version: u32) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.format_version.load(Ordering::Acquire) >= version {
+            return Ok(());
+        }
+        let header_path = self.path.join(HEADER_FILE);
+        let header = StoreHeader { format: "eventstage-journal".into(), format_version: version };
+        let text = serde_json::to_string_pretty(&header).unwrap_or_default();
+        std::fs::write(&header_path, text).map_err(|source| JournalError::Io { path: header_path, source })?;
+        self.format_version.fetch_max(version, Ordering::AcqRel);
+        Ok(())
+    }
+
     pub(super) fn live_journals(&self) -> Vec<Arc<JournalInner>> {
         lock(&self.journals).values().filter_map(Weak::upgrade).collect()
     }
