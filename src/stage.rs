@@ -112,6 +112,48 @@ pub(crate) enum Reply<S: EventSourced> {
     FromState(ReplyFn<S>),
 }
 
+/// What one command did: the events it persisted, its reply or rejection, and the state after the
+/// events (`None`: it persisted none, the state is unchanged).
+pub(crate) struct Executed<S: EventSourced> {
+    pub(crate) events: Vec<S::Event>,
+    pub(crate) outcome: Result<S::Reply, S::Rejection>,
+    pub(crate) state: Option<S::State>,
+}
+
+/// Runs one command against `state`, the one way the runtime, the flow and the testkit do: the
+/// command handler, then the event handler for each event on a copy of the state, then the reply
+/// from the state after them. A panic in either handler is caught and returned as its message.
+pub(crate) fn execute<S: EventSourced>(
+    stage: &S,
+    state: &S::State,
+    command: S::Command,
+) -> Result<Executed<S>, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match stage.handle(state, command) {
+        Err(rejection) => Executed { events: Vec::new(), outcome: Err(rejection), state: None },
+        Ok(effect) if effect.events.is_empty() => {
+            Executed { events: Vec::new(), outcome: Ok(effect.reply.resolve(state)), state: None }
+        }
+        Ok(effect) => {
+            let mut next = state.clone();
+            for e in &effect.events {
+                S::apply(&mut next, e);
+            }
+            let reply = effect.reply.resolve(&next);
+            Executed { events: effect.events, outcome: Ok(reply), state: Some(next) }
+        }
+    }))
+    .map_err(|panic| panic_message(&*panic))
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
 impl<S: EventSourced> Reply<S> {
     pub(crate) fn resolve(self, state: &S::State) -> S::Reply {
         match self {

@@ -72,23 +72,18 @@ where
     /// # Panics
     /// When an event does not survive a codec round trip.
     pub fn when(&self, command: S::Command) -> Then<S> {
-        match self.stage.handle(&self.state, command) {
-            Err(rejection) => Then { events: Vec::new(), outcome: Err(rejection), state: self.state.clone() },
-            Ok(effect) => {
-                let mut state = self.state.clone();
-                for e in &effect.events {
-                    for codec in [Codec::Bincode, Codec::Json] {
-                        let bytes = codec.encode(e).unwrap_or_else(|err| panic!("event {e:?} does not encode: {err}"));
-                        let back: S::Event =
-                            codec.decode(&bytes).unwrap_or_else(|err| panic!("event {e:?} does not decode: {err}"));
-                        assert_eq!(&back, e, "event changes through a {codec:?} round trip");
-                    }
-                    S::apply(&mut state, e);
-                }
-                let reply = effect.reply.resolve(&state);
-                Then { events: effect.events, outcome: Ok(reply), state }
+        let executed = crate::stage::execute(&self.stage, &self.state, command)
+            .unwrap_or_else(|message| panic!("the stage panicked: {message}"));
+        for e in &executed.events {
+            for codec in [Codec::Bincode, Codec::Json] {
+                let bytes = codec.encode(e).unwrap_or_else(|err| panic!("event {e:?} does not encode: {err}"));
+                let back: S::Event =
+                    codec.decode(&bytes).unwrap_or_else(|err| panic!("event {e:?} does not decode: {err}"));
+                assert_eq!(&back, e, "event changes through a {codec:?} round trip");
             }
         }
+        let state = executed.state.unwrap_or_else(|| self.state.clone());
+        Then { events: executed.events, outcome: executed.outcome, state }
     }
 }
 

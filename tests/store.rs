@@ -37,7 +37,8 @@ pub(crate) async fn journal_records(s: &Setup, partitions: i32) -> u64 {
 }
 
 /// A restart after a clean shutdown loads the local store and reads nothing from the journal; a
-/// flow without the store reads every journal record again. The state continues exactly.
+/// flow without the store reads every journal record again, and so does one whose retention
+/// dropped the rows of the partitions it had released. The state continues exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_reads_only_the_journal_after_the_local_checkpoint() {
     let s = setup(2).await;
@@ -60,10 +61,25 @@ async fn a_restart_reads_only_the_journal_after_the_local_checkpoint() {
     // Without the store, the whole journal is read again.
     let total = journal_records(&s, 2).await;
     let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
-    feed_async(&s, &cmds[700..]).await;
+    feed_async(&s, &cmds[700..800]).await;
+    await_replies(&s, expected(&cmds[..800]).0).await;
+    assert_eq!(flow.metrics().restored_records, total);
+    flow.drain_and_shutdown().await.unwrap();
+
+    // A clean shutdown released every partition; a retention of zero drops their rows at the
+    // next start, which reads the whole journal again.
+    let total = journal_records(&s, 2).await;
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .state_dir(dir.path())
+        .state_retention(Duration::ZERO)
+        .run()
+        .unwrap();
+    feed_async(&s, &cmds[800..]).await;
     let (replies, accounts) = expected(&cmds);
     await_replies(&s, replies).await;
-    assert_eq!(flow.metrics().restored_records, total);
+    let m = flow.metrics();
+    assert_eq!((m.restored_records, m.store_rows), (total, 0), "{m:?}");
     flow.drain_and_shutdown().await.unwrap();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }

@@ -359,7 +359,7 @@ impl Checkpoints {
         config
             .set("group.id", format!("eventstage-checkpoint-{}", journal.topic()))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
+            .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer = config.create().map_err(|e| kafka("checkpoint consumer", e))?;
@@ -467,9 +467,21 @@ struct Followed {
     moved: bool,
     /// Released: let go once `next` reaches this offset.
     until: Option<i64>,
+    /// The consumer reported the partition's end and no record since.
+    at_end: bool,
     /// When the partition went to another instance (ms since the epoch; 0: owned, or a standby of
     /// [`Standby::All`]).
     released: u64,
+}
+
+impl Followed {
+    /// Whether the partition was read up to `end` (an offset taken earlier). A partition ending
+    /// in a transaction marker is read to its end when the consumer reports the end with only that
+    /// one offset unread (librdkafka's position does not always move past a final marker). The
+    /// checkpoint stores `next` either way: letting go early only lengthens the next tail.
+    fn reached(&self, end: i64) -> bool {
+        self.next >= end || (self.at_end && self.next + 1 >= end)
+    }
 }
 
 struct Follower {
@@ -559,7 +571,8 @@ impl Follower {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Offset(next)).map_err(|e| kafka("checkpoint follower", e))?;
         self.consumer.incremental_assign(&tpl).map_err(|e| kafka("checkpoint follower assign", e))?;
-        self.partitions.insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None, released });
+        self.partitions
+            .insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None, at_end: false, released });
         Ok(())
     }
 
@@ -589,6 +602,12 @@ impl Follower {
             timeout = Duration::ZERO;
             let msg = match polled {
                 Ok(msg) => msg,
+                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                    if let Some(f) = self.partitions.get_mut(&p) {
+                        f.at_end = true;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "checkpoint follower: consumer error (librdkafka retries)");
                     continue;
@@ -597,6 +616,7 @@ impl Follower {
             let Some(f) = self.partitions.get_mut(&msg.partition()) else { continue };
             f.next = msg.offset() + 1;
             f.moved = true;
+            f.at_end = false;
             f.rows.insert(msg.key().unwrap_or_default().to_vec(), msg.payload().map(<[u8]>::to_vec));
             self.pending += 1;
             if self.pending >= MAX_PENDING {
@@ -643,8 +663,12 @@ impl Follower {
         let cutoff = now_ms().saturating_sub(self.retention.as_millis() as u64);
         let expired: Vec<i32> =
             self.partitions.iter().filter(|(_, f)| f.released > 0 && f.released < cutoff).map(|(p, _)| *p).collect();
-        let done: Vec<i32> =
-            self.partitions.iter().filter(|(_, f)| f.until.is_some_and(|end| f.next >= end)).map(|(p, _)| *p).collect();
+        let done: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, f)| f.until.is_some_and(|end| f.reached(end)))
+            .map(|(p, _)| *p)
+            .collect();
         if done.is_empty() && expired.is_empty() {
             return Ok(());
         }
@@ -676,13 +700,13 @@ impl Follower {
             ends.insert(p, self.end_of(p)?);
         }
         while Instant::now() < deadline
-            && ends.iter().any(|(p, end)| self.partitions.get(p).is_some_and(|f| f.next < *end))
+            && ends.iter().any(|(p, end)| self.partitions.get(p).is_some_and(|f| !f.reached(*end)))
         {
             self.read(Duration::from_millis(50))?;
         }
         let behind: Vec<i32> = ends
             .iter()
-            .filter(|(p, end)| self.partitions.get(p).is_some_and(|f| f.next < **end))
+            .filter(|(p, end)| self.partitions.get(p).is_some_and(|f| !f.reached(**end)))
             .map(|(p, _)| *p)
             .collect();
         if !behind.is_empty() {

@@ -368,30 +368,9 @@ impl<S: EventSourced> Core<S> {
             .or_else(|| part.committed.get(&key))
             .cloned()
             .unwrap_or_else(|| Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO });
-        let stage = &self.parts.stage;
-        let ran = catch_unwind(AssertUnwindSafe(|| match stage.handle(&entity.state, command) {
-            Err(rejection) => (Vec::new(), Err(rejection), None),
-            Ok(effect) => {
-                if effect.events.is_empty() {
-                    return (Vec::new(), Ok(effect.reply.resolve(&entity.state)), None);
-                }
-                let mut state = S::State::clone(&entity.state);
-                for e in &effect.events {
-                    S::apply(&mut state, e);
-                }
-                let reply = effect.reply.resolve(&state);
-                (effect.events, Ok(reply), Some(state))
-            }
-        }));
-        let (events, outcome, new_state) = match ran {
-            Ok(r) => r,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned());
-                return self.dead_letter(&input, format!("handler panicked: {}", msg.unwrap_or_default()));
-            }
+        let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
+            Ok(executed) => (executed.events, executed.outcome, executed.state),
+            Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),
         };
         let state = match new_state {
             None => entity.state,

@@ -29,14 +29,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".into())
-}
-
 /// A command's result waiting for its batch to commit.
 type Pending<S> = (oneshot::Sender<Outcome<S>>, Outcome<S>);
 
@@ -87,41 +79,32 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
         command: S::Command,
         now: u64,
     ) -> (Outcome<S>, Persisted<S>) {
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let effect = match self.stage.handle(&entity.state, command) {
-                Ok(effect) => effect,
-                Err(rejection) => return Ok((Ok(Err(rejection)), None)),
-            };
-            if effect.events.is_empty() {
-                return Ok((Ok(Ok(effect.reply.resolve(&entity.state))), None));
-            }
-            let mut state = S::State::clone(&entity.state);
-            let mut seq = entity.seq;
+        let panicked =
+            |message| Error::HandlerPanicked { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), message };
+        let executed = match crate::stage::execute(&self.stage, &entity.state, command) {
+            Ok(executed) => executed,
+            Err(message) => return (Err(panicked(message)), None),
+        };
+        let Some(state) = executed.state else { return (Ok(executed.outcome), None) };
+        // A user's Serialize may panic too: caught like the handlers.
+        let encoded = catch_unwind(AssertUnwindSafe(|| {
             let raw_key = key.to_bytes().into_owned();
-            let mut records = Vec::with_capacity(effect.events.len());
-            for event in &effect.events {
-                S::apply(&mut state, event);
+            let mut seq = entity.seq;
+            let mut records = Vec::with_capacity(executed.events.len());
+            for event in &executed.events {
                 seq = seq.next();
                 let payload = self.config.codec.encode(event)?;
                 let envelope = Envelope::event(self.config.codec.id(), S::EVENT_VERSION, now, payload);
                 records.push(EventRecord { key: raw_key.clone(), seq, envelope });
             }
-            let reply = effect.reply.resolve(&state);
-            Ok((Ok(Ok(reply)), Some((Entity { state: Arc::new(state), seq }, records))))
+            Ok((seq, records))
         }));
-        match result {
-            Ok(Ok(done)) => done,
+        match encoded {
+            Ok(Ok((seq, records))) => (Ok(executed.outcome), Some((Entity { state: Arc::new(state), seq }, records))),
             Ok(Err(source)) => {
                 (Err(Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }), None)
             }
-            Err(panic) => (
-                Err(Error::HandlerPanicked {
-                    stage: S::NAME.into(),
-                    key: printable_key(&key.to_bytes()),
-                    message: panic_message(&*panic),
-                }),
-                None,
-            ),
+            Err(panic) => (Err(panicked(crate::stage::panic_message(&*panic))), None),
         }
     }
 
