@@ -614,6 +614,15 @@ impl Follower {
                 }
             };
             let Some(f) = self.partitions.get_mut(&msg.partition()) else { continue };
+            if let Some(end) = f.until.filter(|end| msg.offset() >= *end) {
+                // Released, and read up to `end` (records come in order): what the new owner
+                // writes is not read (see `Standby::None`).
+                if f.next < end {
+                    f.next = end;
+                    f.moved = true;
+                }
+                continue;
+            }
             f.next = msg.offset() + 1;
             f.moved = true;
             f.at_end = false;
@@ -627,6 +636,7 @@ impl Follower {
         if let Ok(positions) = self.consumer.position() {
             for el in positions.elements() {
                 if let (Offset::Offset(o), Some(f)) = (el.offset(), self.partitions.get_mut(&el.partition())) {
+                    let o = f.until.map_or(o, |end| o.min(end));
                     if o > f.next {
                         f.next = o;
                         f.moved = true;
