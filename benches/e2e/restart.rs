@@ -6,7 +6,8 @@
 //! a probe command (a deposit to a key of the journal) is produced before each start, and the
 //! figure is the time from spawning the process to the probe's reply being visible to a
 //! `read_committed` reader, plus the journal records and local rows the process restored (from
-//! its summary after a drain). The reply's balance is checked: the state was restored.
+//! its summary after a drain), and the process's resident memory at that reply (with the store,
+//! only the keys used are in memory). The reply's balance is checked: the state was restored.
 //!
 //! Per K: a first start with an empty store (it reads the whole journal and fills the store),
 //! then a restart after a clean drain, a restart after SIGKILL (one checkpoint interval after its
@@ -26,6 +27,8 @@ pub(crate) struct RestartRow {
     pub(crate) to_reply: Duration,
     /// Journal records and local rows restored (`None`: killed before it could say).
     pub(crate) restored: Option<(u64, u64)>,
+    /// Resident memory of the flow process at its first reply, MiB.
+    pub(crate) rss_mib: Option<u64>,
 }
 
 pub(crate) struct Restarts {
@@ -37,13 +40,25 @@ impl Restarts {
         println!(
             "restart of the bank flow (eventstage demo) whose Kafka journal holds K keys: spawn -> first new reply"
         );
-        println!("  {:>9}  {:<38} {:>10} {:>16} {:>12}", "K", "start", "to reply", "journal records", "local rows");
+        println!(
+            "  {:>9}  {:<38} {:>10} {:>16} {:>12} {:>10}",
+            "K", "start", "to reply", "journal records", "local rows", "RSS"
+        );
         for r in &self.rows {
             let (records, rows) = match r.restored {
                 Some((records, rows)) => (records.to_string(), rows.to_string()),
                 None => ("(killed)".into(), "(killed)".into()),
             };
-            println!("  {:>9}  {:<38} {:>10} {:>16} {:>12}", r.keys, r.variant, ms(r.to_reply), records, rows);
+            let rss = r.rss_mib.map_or("-".into(), |m| format!("{m} MiB"));
+            println!(
+                "  {:>9}  {:<38} {:>10} {:>16} {:>12} {:>10}",
+                r.keys,
+                r.variant,
+                ms(r.to_reply),
+                records,
+                rows,
+                rss
+            );
         }
     }
 }
@@ -93,6 +108,14 @@ struct Demo {
 }
 
 impl Demo {
+    /// Resident memory of the process now, MiB.
+    fn rss_mib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib: u64 =
+            status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib / 1024)
+    }
+
     fn drain(mut self) -> Result<(u64, u64)> {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
@@ -200,28 +223,31 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, brokers: &str, sizes: &[u64]) ->
             txn: unique("rs-txn"),
             probes: 0,
         };
-        let mut row = |variant: &'static str, to_reply: Duration, restored: Option<(u64, u64)>| {
+        let mut row = |variant: &'static str, to_reply: Duration, demo: Demo| -> Result<()> {
+            let rss_mib = demo.rss_mib();
+            let restored = Some(demo.drain()?);
             progress(&format!(
-                "7/7 restart, {keys} keys, {variant}: {} to the first reply, restored {restored:?}",
+                "7/7 restart, {keys} keys, {variant}: {} to the first reply, restored {restored:?}, RSS {rss_mib:?} MiB",
                 ms(to_reply)
             ));
-            rows.push(RestartRow { keys, variant, to_reply, restored });
+            rows.push(RestartRow { keys, variant, to_reply, restored, rss_mib });
+            Ok(())
         };
 
         let (demo, took) = run.start(Some(dir.path()))?;
-        row("first start, empty store", took, Some(demo.drain()?));
+        row("first start, empty store", took, demo)?;
 
         let (demo, took) = run.start(Some(dir.path()))?;
-        row("store, after a clean drain", took, Some(demo.drain()?));
+        row("store, after a clean drain", took, demo)?;
 
         let (demo, _) = run.start(Some(dir.path()))?;
         std::thread::sleep(CHECKPOINT * 2);
         demo.kill()?;
         let (demo, took) = run.start(Some(dir.path()))?;
-        row("store, after SIGKILL", took, Some(demo.drain()?));
+        row("store, after SIGKILL", took, demo)?;
 
         let (demo, took) = run.start(None)?;
-        row("no store", took, Some(demo.drain()?));
+        row("no store", took, demo)?;
         delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
     }
     Ok(Restarts { rows })
