@@ -533,6 +533,46 @@ async fn two_instances_with_default_ids_share_the_work() {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
 
+/// Two instances given the same `--transactional-id` (so the same `group.instance.id`): the
+/// group coordinator fences the one that joined first, and it must stop by itself with an error
+/// naming the cause and a non-zero exit, instead of idling until a SIGTERM makes it exit 0. (The
+/// other may be fenced too: its producer, by the later `init_transactions`.) An instance with an
+/// id of its own then answers every command exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_fenced_by_another_with_its_id_exits_non_zero() {
+    let s = setup(2).await;
+    let logs = tempfile::tempdir().unwrap();
+    let txn = unique("txn-shared");
+    let journal = kafka_journal(&s, "100ms");
+    let a = Demo::start(&s, &txn, &journal, logs.path());
+    let b = Demo::start(&s, &txn, &journal, logs.path());
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let mut demos = [a, b];
+        let end = Instant::now() + DEADLINE * 2;
+        loop {
+            for demo in &mut demos {
+                if let Some(status) = demo.child.try_wait().unwrap() {
+                    return (status, plain_log(&demo.stderr));
+                }
+            }
+            assert!(Instant::now() < end, "a fenced instance exits by itself");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The other one is killed when `demos` is dropped.
+    })
+    .await
+    .unwrap();
+    assert!(!status.success(), "a fenced instance exits non-zero: {status}");
+    assert!(log.contains("group.instance.id"), "the error names the cause: {log}");
+    let c = Demo::start(&s, &unique("txn-own"), &journal, logs.path());
+    let cmds = workload(100, 10, 5);
+    let (replies, accounts) = expected(&cmds);
+    feed_async(&s, &cmds).await;
+    await_replies(&s, replies).await;
+    c.drain();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
 /// A demo's log, without its colour codes (written even to a file, for now).
 fn plain_log(path: &std::path::Path) -> String {
     let raw = std::fs::read_to_string(path).unwrap_or_default();

@@ -416,6 +416,20 @@ impl<S: EventSourced> Core<S> {
     }
 }
 
+/// The error of a fatal consumer error, with what to do about it.
+fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
+    let hint = match code {
+        RDKafkaErrorCode::FencedInstanceId => {
+            "another live instance joined the group with this instance's group.instance.id (the demo sets it to the --transactional-id): give every instance its own id"
+        }
+        RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::GroupAuthorizationFailed => {
+            "the consumer is not authorized: grant it read on the inputs and the group"
+        }
+        _ => "the consumer cannot go on; restart the flow",
+    };
+    kafka(format!("consumer (fatal): {hint}"), KafkaError::MessageConsumptionFatal(code))
+}
+
 fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Result<i32, FlowError> {
     let probe: BaseConsumer = common.create().map_err(|e| kafka("metadata client", e))?;
     let mut count = None;
@@ -597,6 +611,9 @@ pub(super) fn run<S: EventSourced>(
                     break Err(e);
                 }
             }
+            // A fatal consumer error ends the consumer for good (librdkafka retries nothing):
+            // the flow must stop, not idle as if healthy.
+            Some(Err(KafkaError::MessageConsumptionFatal(code))) => break Err(consumer_fatal(code)),
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             None => {
                 if let Err(e) = c.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
