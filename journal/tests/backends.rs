@@ -155,8 +155,18 @@ async fn grouped_events_read_back_event_by_event() {
     assert_eq!(report.events, 9);
     drop(j);
 
-    // Damage inside the group of `b` (stored under seq 3).
-    let db = sled::open(dir.path().join("sled")).unwrap();
+    // Damage inside the group of `b` (stored under seq 3). The dropped journal's last reader
+    // threads may hold sled's file lock for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let db = loop {
+        match sled::open(dir.path().join("sled")) {
+            Ok(db) => break db,
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("open the store's sled: {e}"),
+        }
+    };
     let tree = db.open_tree(db.tree_names().into_iter().find(|n| n.starts_with(b"journal:")).unwrap()).unwrap();
     let (k, mut v) = tree.scan_prefix(b"e").last().unwrap().map(|(k, v)| (k, v.to_vec())).unwrap();
     let at = v.len() - 3;
