@@ -93,15 +93,15 @@ impl Tasks {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn kafka(context: impl Into<String>, source: KafkaError) -> FlowError {
+pub(super) fn kafka(context: impl Into<String>, source: KafkaError) -> FlowError {
     FlowError::Kafka { context: context.into(), source }
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

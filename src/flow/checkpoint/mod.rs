@@ -1,0 +1,223 @@
+//! A local state store over the Kafka journal: per journal partition, the newest journal entry of
+//! each key and the journal offset the rows are complete up to. The compacted topic stays the
+//! state of record; the store is a checkpoint of it, so that a restart or an assignment reads only
+//! the journal's tail beyond the checkpoint instead of the whole partition.
+//!
+//! The store is written by a follower thread of its own that reads the journal partitions with
+//! `read_committed`: it only ever holds committed transactions, and the flow thread never waits for
+//! sled. Rows are written in chunks and a partition's offset last, then flushed. A crash in between
+//! leaves rows newer than the stored offset; a restore reads the journal again from that offset
+//! and applies the same records in the same order, which ends in the same state (the newest record
+//! per key wins), so the offset never runs ahead of the rows it describes. A SIGKILL wipes nothing:
+//! the checkpoint is older, and the tail makes it current.
+//!
+//! A store that is not what it claims to be is never trusted: a store of another journal topic or
+//! stage, one sled cannot open, a row that does not decode, or a checkpoint ahead of the topic (the
+//! topic was deleted and created again) drops the partition's rows (or the whole store) with a
+//! warning that names the cause, and the partition is restored from the journal in full.
+//!
+//! ```text
+//! DIR/eventstage-state.json   identifies the directory: format version, journal topic, stage
+//! DIR/sled/                   the sled database:
+//!     tree `offsets`: partition (i32 BE) -> next journal offset (i64 BE) | released at (u64 BE ms, 0: held)
+//!     tree `p<partition>`: entity key -> the key's newest journal record value
+//! ```
+
+mod follower;
+mod store;
+
+use super::engine::{kafka, lock};
+use super::{FlowError, Metrics};
+use eventstage_journal::KafkaJournal;
+use follower::Follower;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::ClientConfig;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+use store::LocalStore;
+
+/// How long closing the store waits for the follower to read the journal up to its end.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which journal partitions an instance keeps current in its local state store besides those it
+/// owns (standby replicas, see [`FlowBuilder::standby`](super::FlowBuilder::standby)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Standby {
+    /// None: a partition that goes to another instance is read up to the end of what was committed
+    /// before it went, then left. Getting it back reads what the other instance wrote since.
+    #[default]
+    None,
+    /// The partitions this instance owned before (in this process or, from its store, an earlier
+    /// one): followed on after they went, until the retention drops them. Getting one back, after
+    /// a rebalance or a crash of its new owner, reads almost nothing. Costs one journal reader and
+    /// the sled writes of those partitions.
+    Recent,
+    /// Every partition of the journal, from the start: any takeover reads almost nothing, at the
+    /// price of every instance reading and storing the whole journal (for small state, or few
+    /// instances).
+    All,
+}
+
+/// How the local state store is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct StoreSettings {
+    pub(super) dir: PathBuf,
+    /// Rows of partitions this instance no longer holds are dropped after this long.
+    pub(super) retention: Duration,
+    /// A checkpoint is written at least this often while the journal changes.
+    pub(super) interval: Duration,
+    pub(super) standby: Standby,
+}
+
+/// A partition's checkpoint, for a restore.
+pub(super) struct Loaded {
+    /// The newest entry per key as of the checkpoint (perhaps newer: see the module docs), read
+    /// when a key is first used (`None`: nothing stored).
+    pub(super) rows: Option<sled::Tree>,
+    /// The journal offset to read the tail from.
+    pub(super) from: i64,
+}
+
+impl Loaded {
+    fn empty() -> Self {
+        Self { rows: None, from: 0 }
+    }
+}
+
+fn config_err(dir: &Path, message: impl std::fmt::Display) -> FlowError {
+    FlowError::Config(format!("state directory {}: {message}", dir.display()))
+}
+
+enum Command {
+    /// Keep partition `p`'s checkpoint current: it is assigned here.
+    Follow(i32),
+    /// Keep partition `p`'s checkpoint current: a standby (it may be owned elsewhere).
+    Standby(i32),
+    /// Partition `p` went to another instance: read it up to its end as of now, then let go.
+    Release(i32),
+    /// Read every followed partition up to its end as of now, write, and stop.
+    Close(Sender<()>),
+    /// Write what was read, and stop (the flow failed or was aborted).
+    Quit,
+    /// Stop following partition `p` and drop its rows and checkpoint; answer when done.
+    Reset(i32, Sender<()>),
+}
+
+/// The partitions the flow owns (see [`Checkpoints::owned`]).
+type Owned = Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>;
+
+/// The local state store and its follower thread.
+pub(super) struct Checkpoints {
+    store: LocalStore,
+    topic: String,
+    /// The partitions this instance owns: their rows are read by the flow and never dropped
+    /// behind its back (the follower drops a partition only when asked, or one not owned).
+    owned: Owned,
+    commands: Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Checkpoints {
+    /// Opens the store in `settings.dir` and starts its follower.
+    pub(super) fn start(
+        settings: &StoreSettings,
+        journal: &KafkaJournal,
+        common: &ClientConfig,
+        stage: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, FlowError> {
+        let store = LocalStore::open(&settings.dir, journal.topic(), stage, &metrics)?;
+        store.expire(settings.retention)?;
+        let mut config = common.clone();
+        config
+            .set("group.id", format!("eventstage-checkpoint-{}", journal.topic()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer = config.create().map_err(|e| kafka("checkpoint consumer", e))?;
+        let (commands, rx) = std::sync::mpsc::channel();
+        let owned = Owned::default();
+        let follower = Follower::new(owned.clone(), store.clone(), journal.topic(), consumer, settings);
+        // Standbys from the start: every partition, or those this store kept after they went.
+        let standbys = match settings.standby {
+            Standby::All => (0..journal.partitions()).collect(),
+            Standby::Recent => store.partitions()?,
+            Standby::None => Vec::new(),
+        };
+        for p in standbys {
+            let _ = commands.send(Command::Standby(p));
+        }
+        let thread = std::thread::Builder::new()
+            .name("eventstage-checkpoint".into())
+            .spawn(move || follower.run(&rx))
+            .map_err(|e| config_err(&settings.dir, format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Self { store, topic: journal.topic().to_string(), owned, commands, thread: Some(thread), metrics })
+    }
+
+    /// Partition `p`'s checkpoint, for a restore on its assignment (`marks`: the journal
+    /// partition's low and high watermarks now). A checkpoint that cannot be used is dropped with
+    /// a warning, and the partition is restored from the journal in full.
+    pub(super) fn load(&self, p: i32, marks: (i64, i64)) -> Result<Loaded, FlowError> {
+        lock(&self.owned).insert(p);
+        match self.store.load(p, marks)? {
+            Ok(loaded) => Ok(loaded),
+            Err(why) => {
+                self.drop_partition(p, &why);
+                Ok(Loaded::empty())
+            }
+        }
+    }
+
+    /// Drops partition `p`'s rows and checkpoint because of `why` (the follower does it, so that
+    /// it does not write on top of the emptied partition), with a warning.
+    pub(super) fn drop_partition(&self, p: i32, why: &str) {
+        tracing::warn!(dir = %self.store.dir.display(), journal = %self.topic, partition = p, "local state store: {why}; restoring the partition from the journal in full");
+        self.metrics.store_dropped.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.commands.send(Command::Reset(p, tx)).is_ok() {
+            let _ = rx.recv_timeout(CLOSE_TIMEOUT);
+        }
+    }
+
+    /// Keeps partition `p`'s checkpoint current from now on.
+    pub(super) fn follow(&self, p: i32) {
+        let _ = self.commands.send(Command::Follow(p));
+    }
+
+    /// Partition `p` was revoked: its checkpoint is brought up to the end of what was committed,
+    /// and kept (until the retention drops it).
+    pub(super) fn release(&self, p: i32) {
+        lock(&self.owned).remove(&p);
+        let _ = self.commands.send(Command::Release(p));
+    }
+
+    /// Brings every checkpoint up to the journal's end and stops the follower (waits up to
+    /// [`CLOSE_TIMEOUT`]).
+    pub(super) fn close(mut self) {
+        self.stop(true);
+    }
+
+    fn stop(&mut self, catch_up: bool) {
+        let Some(thread) = self.thread.take() else { return };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let command = if catch_up { Command::Close(tx) } else { Command::Quit };
+        if self.commands.send(command).is_ok() && catch_up {
+            let _ = rx.recv_timeout(CLOSE_TIMEOUT + Duration::from_secs(5));
+        }
+        let _ = thread.join();
+    }
+}
+
+impl Drop for Checkpoints {
+    /// Without [`close`](Self::close) (the flow failed or was aborted), the follower writes what it
+    /// has read and stops, without reading on to the journal's end.
+    fn drop(&mut self) {
+        self.stop(false);
+    }
+}
