@@ -28,10 +28,7 @@ impl Broker {
 
     /// Resident memory of the broker process, in MiB.
     pub(crate) fn rss_mib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let kib: u64 =
-            status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some(kib / 1024)
+        rss_mib(self.pid()?)
     }
 
     /// The broker's JVM pid.
@@ -117,4 +114,12 @@ pub(crate) fn delete_topics(rt: &tokio::runtime::Runtime, brokers: &str, topics:
     if !matches!(deleted, Ok(Ok(_))) {
         tracing::debug!(?topics, "could not delete topics");
     }
+}
+
+/// Resident memory of process `pid`, in MiB (Linux).
+pub(crate) fn rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024)
 }

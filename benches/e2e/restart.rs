@@ -110,10 +110,7 @@ struct Demo {
 impl Demo {
     /// Resident memory of the process now, MiB.
     fn rss_mib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let kib: u64 =
-            status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some(kib / 1024)
+        rss_mib(self.child.id())
     }
 
     fn drain(mut self) -> Result<(u64, u64)> {
