@@ -140,21 +140,28 @@ impl JournalEntry {
     }
 }
 
-/// The restore consumer's context: reaching the end of a partition is how a restore ends, not an
-/// error worth logging.
-struct RestoreContext;
+/// The context of a consumer that reads journal partitions to their end (a restore, a checkpoint
+/// follower): reaching the end of a partition is how it knows where it is, not an error worth
+/// logging. Other client errors are logged with `what` the consumer is.
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderContext {
+    /// What the consumer is, for its log lines (e.g. "journal restore consumer").
+    pub what: &'static str,
+}
 
-impl ClientContext for RestoreContext {
+impl ClientContext for ReaderContext {
     fn error(&self, error: KafkaError, reason: &str) {
         let eof = matches!(error, KafkaError::PartitionEOF(_))
             || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
         if !eof {
-            tracing::error!(%error, reason, "journal restore consumer error");
+            tracing::error!(%error, reason, consumer = self.what, "Kafka client error");
         }
     }
 }
 
-impl ConsumerContext for RestoreContext {}
+impl ConsumerContext for ReaderContext {}
+
+const RESTORE: ReaderContext = ReaderContext { what: "journal restore consumer" };
 
 /// What a restore read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -303,8 +310,8 @@ impl KafkaJournal {
     /// # Errors
     /// Broker errors.
     pub fn watermarks(&self, partitions: &[i32]) -> Result<BTreeMap<i32, (i64, i64)>> {
-        let consumer: BaseConsumer<RestoreContext> =
-            self.config.create_with_context(RestoreContext).map_err(|e| kafka_err(&self.topic, "consumer", e))?;
+        let consumer: BaseConsumer<ReaderContext> =
+            self.config.create_with_context(RESTORE).map_err(|e| kafka_err(&self.topic, "consumer", e))?;
         partitions
             .iter()
             .map(|&p| {
@@ -341,8 +348,8 @@ impl KafkaJournal {
             // A partition that ends in a transaction marker is done when a fetch comes back
             // empty; the broker holds an empty fetch this long (default 500 ms, per restore).
             .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer<RestoreContext> =
-            config.create_with_context(RestoreContext).map_err(|e| kafka_err(topic, "restore consumer", e))?;
+        let consumer: BaseConsumer<ReaderContext> =
+            config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "restore consumer", e))?;
         let mut stats = RestoreStats::default();
         let mut tpl = TopicPartitionList::new();
         // The end of each partition as of now; a partition is done when its position reaches it.

@@ -5,11 +5,12 @@ use super::store::LocalStore;
 use super::{Command, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
 use crate::flow::engine::{kafka, lock, now_ms};
 use crate::flow::FlowError;
+use eventstage_journal::kafka::ReaderContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 /// The follower writes a checkpoint once this many changed rows are pending, whatever the interval.
@@ -46,7 +47,7 @@ pub(super) struct Follower {
     owned: Owned,
     store: LocalStore,
     topic: String,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     interval: Duration,
     standby: Standby,
     retention: Duration,
@@ -60,7 +61,7 @@ impl Follower {
         owned: Owned,
         store: LocalStore,
         topic: &str,
-        consumer: BaseConsumer,
+        consumer: BaseConsumer<ReaderContext>,
         settings: &StoreSettings,
     ) -> Self {
         Self {
@@ -85,37 +86,25 @@ impl Follower {
 
     fn follow_until_closed(&mut self, commands: &Receiver<Command>) -> Result<(), FlowError> {
         loop {
-            // With nothing to read, wait for a command instead of polling.
+            // With nothing to read, wait for a command instead of polling. Every queued command is
+            // handled before reading on, so that a released partition's end is taken when it is
+            // released, not after the new owner has written.
             let wait = if self.partitions.is_empty() { Duration::from_millis(500) } else { Duration::ZERO };
-            match commands.recv_timeout(wait) {
-                Ok(Command::Follow(p)) => self.follow(p, false)?,
-                Ok(Command::Standby(p)) => self.follow(p, true)?,
-                Ok(Command::Release(p)) => match self.standby {
-                    Standby::None => {
-                        let end = self.end_of(p)?;
-                        if let Some(f) = self.partitions.get_mut(&p) {
-                            f.until = Some(end);
+            let mut next = commands.recv_timeout(wait);
+            loop {
+                match next {
+                    Ok(command) => {
+                        if self.handle(command)? {
+                            return Ok(());
                         }
                     }
-                    Standby::Recent => {
-                        if let Some(f) = self.partitions.get_mut(&p) {
-                            f.released = now_ms();
-                            f.moved = true;
-                        }
-                    }
-                    Standby::All => {}
-                },
-                Ok(Command::Close(done)) => {
-                    self.close()?;
-                    let _ = done.send(());
-                    return Ok(());
+                    Err(RecvTimeoutError::Disconnected) => return self.write(),
+                    Err(RecvTimeoutError::Timeout) => break,
                 }
-                Ok(Command::Reset(p, done)) => {
-                    self.reset(p)?;
-                    let _ = done.send(());
-                }
-                Ok(Command::Quit) | Err(RecvTimeoutError::Disconnected) => return self.write(),
-                Err(RecvTimeoutError::Timeout) => {}
+                next = commands.try_recv().map_err(|e| match e {
+                    TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                });
             }
             if !self.partitions.is_empty() {
                 self.read(Duration::from_millis(100))?;
@@ -125,6 +114,45 @@ impl Follower {
             }
             self.let_go()?;
         }
+    }
+
+    /// Handles one command; true when the follower is to stop.
+    fn handle(&mut self, command: Command) -> Result<bool, FlowError> {
+        match command {
+            Command::Follow(p) => self.follow(p, false)?,
+            Command::Standby(p) => self.follow(p, true)?,
+            Command::Release(p) => match self.standby {
+                Standby::None => {
+                    let end = self.end_of(p)?;
+                    if let Some(f) = self.partitions.get_mut(&p) {
+                        f.until = Some(end);
+                        // The release time is written with the next checkpoint, moved or not.
+                        f.moved = true;
+                    }
+                }
+                Standby::Recent => {
+                    if let Some(f) = self.partitions.get_mut(&p) {
+                        f.released = now_ms();
+                        f.moved = true;
+                    }
+                }
+                Standby::All => {}
+            },
+            Command::Close(done) => {
+                self.close()?;
+                let _ = done.send(());
+                return Ok(true);
+            }
+            Command::Reset(p, done) => {
+                self.reset(p)?;
+                let _ = done.send(());
+            }
+            Command::Quit => {
+                self.write()?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn follow(&mut self, p: i32, standby: bool) -> Result<(), FlowError> {

@@ -28,6 +28,7 @@ mod store;
 
 use super::engine::{kafka, lock};
 use super::{FlowError, Metrics};
+use eventstage_journal::kafka::ReaderContext;
 use eventstage_journal::KafkaJournal;
 use follower::Follower;
 use rdkafka::consumer::BaseConsumer;
@@ -140,7 +141,9 @@ impl Checkpoints {
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = config.create().map_err(|e| kafka("checkpoint consumer", e))?;
+        let consumer: BaseConsumer<ReaderContext> = config
+            .create_with_context(ReaderContext { what: "checkpoint follower" })
+            .map_err(|e| kafka("checkpoint consumer", e))?;
         let (commands, rx) = std::sync::mpsc::channel();
         let owned = Owned::default();
         let follower = Follower::new(owned.clone(), store.clone(), journal.topic(), consumer, settings);
