@@ -24,6 +24,13 @@ impl<S: EventSourced> Clone for Entity<S> {
     }
 }
 
+impl<S: EventSourced> Default for Entity<S> {
+    /// An entity that never had an event: the default state at sequence 0.
+    fn default() -> Self {
+        Self { state: Arc::new(S::State::default()), seq: SeqNo::ZERO }
+    }
+}
+
 /// What a recovery read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecoveryStats {

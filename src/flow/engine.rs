@@ -8,12 +8,9 @@ use super::{
     OutputRecord, Outputs, Processed, RebalanceActions, RebalanceEvent, TopicPartition, ABORT, DRAIN,
 };
 use crate::codec::Codec;
-use crate::error::Error;
-use crate::replay::{decode_state, Entity};
-use crate::stage::{EntityKey, EventSourced};
-use eventstage_journal::{
-    printable_key, Envelope, EventRecord, JournalEntry, KafkaJournal, SeqNo, SnapshotRecord, SourcePosition,
-};
+use crate::replay::Entity;
+use crate::stage::EventSourced;
+use eventstage_journal::{KafkaJournal, SeqNo, SourcePosition};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
@@ -52,14 +49,19 @@ pub(super) struct Settings {
 mod committer;
 mod emitter;
 mod enrich;
-mod journal;
+mod kafka_storage;
 mod partitions;
+mod sled_storage;
+mod storage;
 mod txn;
 
 use committer::{Committer, Deliveries, FlowProducerContext, Wait};
 use emitter::{Emitter, Outcome, Sink};
 use enrich::Pipeline;
+use kafka_storage::KafkaStorage;
 use partitions::{FlowConsumer, FlowContext};
+use sled_storage::SledStorage;
+use storage::{Change, NoStorage, Out, Storage};
 use txn::{classify, is_fence, TxnFailure};
 
 pub(super) struct Parts<S: EventSourced> {
@@ -135,31 +137,20 @@ struct PartitionState<S: EventSourced> {
     committed: KeyMap<S::Key, Entity<S>>,
     /// Changes of the open transaction.
     overlay: KeyMap<S::Key, Entity<S>>,
-    /// Kafka journal: the events of the open transaction not yet in a journal record, per key. A
-    /// key's journal record is written once per transaction (at commit, with its state then), like
-    /// Kafka Streams' record cache in front of a changelog: a hot key costs one journal record per
-    /// commit interval, not one per command.
-    unjournaled: KeyMap<S::Key, Vec<Envelope>>,
     /// Per key, the input positions its state includes (from journal records written by
     /// at-least-once flows, and kept up to date by them): inputs below are not applied again.
     applied: KeyMap<S::Key, Vec<SourcePosition>>,
-    /// At-least-once: deletion markers (key, record value) of the batch, in order.
-    deferred: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The local state store's rows of the partition: a key's state is read from there when it
-    /// is first used (see `Core::fault_in`).
-    rows: Option<sled::Tree>,
+}
+
+impl<S: EventSourced> Default for PartitionState<S> {
+    fn default() -> Self {
+        Self::new(KeyMap::default())
+    }
 }
 
 impl<S: EventSourced> PartitionState<S> {
     fn new(committed: KeyMap<S::Key, Entity<S>>) -> Self {
-        Self {
-            committed,
-            overlay: KeyMap::default(),
-            unjournaled: KeyMap::default(),
-            applied: KeyMap::default(),
-            deferred: Vec::new(),
-            rows: None,
-        }
+        Self { committed, overlay: KeyMap::default(), applied: KeyMap::default() }
     }
 
     /// Whether `key`'s state already includes the input at `offset` of `topic`.
@@ -202,12 +193,6 @@ fn offsets_of<'a>(
     found
 }
 
-enum Backend {
-    Kafka(KafkaJournal),
-    Sled(SledBackend),
-    None,
-}
-
 struct Core<S: EventSourced> {
     parts: Parts<S>,
     /// The transactional producer.
@@ -220,15 +205,13 @@ struct Core<S: EventSourced> {
     pipeline: Option<Pipeline<S>>,
     /// Feeds the async rebalance listener's task.
     rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
-    backend: Backend,
-    /// The local state store over the Kafka journal, if the flow has one.
-    checkpoints: Option<Checkpoints>,
-    rt: tokio::runtime::Runtime,
-    snapshot_every: u64,
+    /// Where the state is restored from and journaled to.
+    storage: Box<dyn Storage<S>>,
+    /// The storage keeps input positions: inputs below them were applied before a crash.
+    skip_applied: bool,
     /// Seeks to do once librdkafka has made the assignment.
     pending_seeks: Vec<(String, i32, i64)>,
     bad_input: BadInput,
-    codec: Codec,
     partitions: BTreeMap<i32, PartitionState<S>>,
     offsets: BTreeMap<(String, i32), Offsets>,
     dirty: bool,
@@ -248,17 +231,6 @@ impl<S: EventSourced> Core<S> {
         self.committer.as_ref().map_or(0, Committer::filling)
     }
 
-    /// Produces a record of the batch being filled from the flow thread (journal records).
-    fn produce(
-        &self,
-        topic: &str,
-        partition: Option<i32>,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-    ) -> Result<(), FlowError> {
-        self.sink.produce(self.batch(), topic, partition, key, value, None)
-    }
-
     /// Queues a record of partition `p`'s transaction for the emitter (which keeps it for the sled
     /// outbox).
     fn emit(&mut self, p: i32, o: OutputRecord) -> Result<(), FlowError> {
@@ -269,11 +241,8 @@ impl<S: EventSourced> Core<S> {
     /// Waits until the emitter has produced everything queued; with the sled journal (exactly
     /// once), the records it produced go to the outbox.
     fn flush_outputs(&mut self) -> Result<(), FlowError> {
-        let produced = self.emitter.flush()?;
-        if let (Backend::Sled(sled), None) = (&mut self.backend, &self.committer) {
-            for (p, o) in produced {
-                sled.stage_output(p, o);
-            }
+        for (p, o) in self.emitter.flush()? {
+            self.storage.keep_output(p, o);
         }
         Ok(())
     }
@@ -316,9 +285,7 @@ impl<S: EventSourced> Core<S> {
             value: msg.payload().map(<[u8]>::to_vec),
         };
         let offset = input.offset;
-        if matches!(self.backend, Backend::Sled(_))
-            && offsets_of(&mut self.offsets, &mut input).is_some_and(|o| offset < o.applied_until)
-        {
+        if self.skip_applied && offsets_of(&mut self.offsets, &mut input).is_some_and(|o| offset < o.applied_until) {
             // Applied before a crash (sled positions); its outputs were produced again from the outbox.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -352,22 +319,17 @@ impl<S: EventSourced> Core<S> {
             Err(reason) => return self.dead_letter(&input, reason),
         };
         let p = input.partition;
-        self.fault_in(p, &key)?;
-        let Some(part) = self.partitions.get(&p) else {
+        let Some(part) = self.partitions.get_mut(&p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };
+        self.storage.fault_in(p, part, &key)?;
         if part.includes(&key, &input.topic, input.offset) {
             // Delivered again (at-least-once): its events are journaled and its outputs were
             // acknowledged before they were.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let entity = part
-            .overlay
-            .get(&key)
-            .or_else(|| part.committed.get(&key))
-            .cloned()
-            .unwrap_or_else(|| Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO });
+        let entity = part.overlay.get(&key).or_else(|| part.committed.get(&key)).cloned().unwrap_or_default();
         let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
             Ok(executed) => (executed.events, executed.outcome, executed.state),
             Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),
@@ -382,10 +344,10 @@ impl<S: EventSourced> Core<S> {
                     }
                 }
                 self.journal(p, &key, entity.seq, &events, &state)?;
-                let deleted = S::is_deleted(&state) && matches!(self.backend, Backend::Kafka(_));
+                let deleted = S::is_deleted(&state) && self.storage.forgets_deleted();
                 let state = Arc::new(state);
                 let entity = if deleted {
-                    Entity { state: Arc::new(S::State::default()), seq: SeqNo::ZERO }
+                    Entity::default()
                 } else {
                     Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
                 };
@@ -402,6 +364,27 @@ impl<S: EventSourced> Core<S> {
         };
         let batch = self.batch();
         self.emitter.outcome(batch, Outcome { input, key, events, outcome, state })
+    }
+
+    /// Records in the storage what one command changed: `events` applied to `key` (at sequence
+    /// `before`), leaving `state`.
+    fn journal(
+        &mut self,
+        p: i32,
+        key: &S::Key,
+        before: SeqNo,
+        events: &[S::Event],
+        state: &S::State,
+    ) -> Result<(), FlowError> {
+        let Some(part) = self.partitions.get(&p) else { return Ok(()) };
+        let out = Out { sink: &self.sink, batch: self.committer.as_ref().map_or(0, Committer::filling) };
+        let change = Change { p, key, before, events, state, ts: self.wall_ms };
+        if self.storage.record(change, part, out)? {
+            if let Some(committer) = &mut self.committer {
+                committer.full = true;
+            }
+        }
+        Ok(())
     }
 
     /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
@@ -470,21 +453,25 @@ pub(super) fn run<S: EventSourced>(
         .enable_all()
         .build()
         .map_err(|e| FlowError::Config(e.to_string()))?;
-    let (backend, journal_name) = match &settings.journal {
-        FlowJournal::Kafka(topic) => (
-            Backend::Kafka(rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?),
-            topic.clone(),
-        ),
-        FlowJournal::Sled(dir) => (Backend::Sled(SledBackend::open(dir)?), format!("sled:{}", dir.display())),
-        FlowJournal::None => (Backend::None, "none".to_string()),
-    };
-    let checkpoints = match (&settings.store, &backend) {
-        (Some(store), Backend::Kafka(journal)) => {
-            Some(Checkpoints::start(store, journal, &settings.common, S::NAME, metrics.clone())?)
-        }
-        _ => None,
-    };
     let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
+    let storage: Box<dyn Storage<S>> = match &settings.journal {
+        FlowJournal::Kafka(topic) => {
+            let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
+            let checkpoints = match &settings.store {
+                Some(store) => Some(Checkpoints::start(store, &journal, &settings.common, S::NAME, metrics.clone())?),
+                None => None,
+            };
+            Box::new(KafkaStorage::<S>::new(journal, checkpoints, settings.codec, at_least_once, metrics.clone()))
+        }
+        FlowJournal::Sled(dir) => Box::new(SledStorage::new(
+            SledBackend::open(dir)?,
+            rt,
+            settings.codec,
+            settings.snapshot_every,
+            metrics.clone(),
+        )),
+        FlowJournal::None => Box::new(NoStorage),
+    };
     let deliveries = Arc::new(Deliveries::new(at_least_once));
     let producer: ThreadedProducer<_> = settings
         .producer
@@ -518,7 +505,7 @@ pub(super) fn run<S: EventSourced>(
         _ => None,
     };
     let sink = Arc::new(Sink::new(producer, settings.producer.clone(), deliveries, settings.transactional_id.clone()));
-    let keep_outbox = matches!(backend, Backend::Sled(_)) && !at_least_once;
+    let keep_outbox = storage.keeps_outbox() && !at_least_once;
     let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
@@ -527,13 +514,10 @@ pub(super) fn run<S: EventSourced>(
         committer: at_least_once.then(|| Committer::new(settings.committer)),
         pipeline,
         rebalance_events,
-        backend,
-        checkpoints,
-        rt,
-        snapshot_every: settings.snapshot_every,
+        skip_applied: storage.stores_positions(),
+        storage,
         pending_seeks: Vec::new(),
         bad_input: settings.bad_input.clone(),
-        codec: settings.codec,
         partitions: BTreeMap::new(),
         offsets: BTreeMap::new(),
         dirty: false,
@@ -546,6 +530,7 @@ pub(super) fn run<S: EventSourced>(
         settings.consumer.create_with_context(FlowContext { core: core.clone() }).map_err(|e| kafka("consumer", e))?;
     let topics: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
+    let journal_name = lock(&core).storage.name();
     tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %journal_name, transactional_id = %settings.transactional_id, "flow running");
 
     let commit_every = match settings.committer.max_interval {
@@ -659,11 +644,7 @@ pub(super) fn run<S: EventSourced>(
         // Leave the group now; the revoke callback finds nothing left to commit.
         consumer.unsubscribe();
         let _ = consumer.poll(Duration::from_millis(100));
-        // The local store reads the journal up to what this instance committed last.
-        let checkpoints = lock(&core).checkpoints.take();
-        if let Some(c) = checkpoints {
-            c.close();
-        }
+        lock(&core).storage.close();
     }
     drop(consumer);
     result

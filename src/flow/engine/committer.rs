@@ -88,19 +88,11 @@ impl ProducerContext for FlowProducerContext {
     }
 }
 
-/// What a batch writes to the journal once its outputs are acknowledged.
-enum JournalWork {
-    /// Kafka journal records: (partition, key, value).
-    Kafka(Vec<super::journal::JournalRecord>),
-    /// One sled write per partition with the batch's events and positions.
-    Sled(super::super::sled_backend::Staged, BTreeMap<i32, Vec<SourcePosition>>),
-    None,
-}
-
 struct PendingBatch {
     id: usize,
     offsets: TopicPartitionList,
-    journal: Option<JournalWork>,
+    /// Whether the storage wrote the batch's journal.
+    journaled: bool,
 }
 
 /// Batches on their way to an offset commit, oldest first.
@@ -153,15 +145,12 @@ impl<S: EventSourced> Core<S> {
                 // Handed to the committer: the next batch starts here.
                 o.committed = o.next;
             }
-            let journal = match &mut self.backend {
-                Backend::Kafka(_) => JournalWork::Kafka(self.journal_records(true)?),
-                Backend::Sled(sled) => JournalWork::Sled(sled.take_staged(), positions),
-                Backend::None => JournalWork::None,
-            };
+            let id = self.batch();
+            self.storage.seal_batch(id, &self.partitions, positions)?;
             self.settle_overlays();
             self.dirty = false;
             if let Some(committer) = &mut self.committer {
-                committer.queue.push_back(PendingBatch { id: committer.filling, offsets, journal: Some(journal) });
+                committer.queue.push_back(PendingBatch { id, offsets, journaled: false });
                 committer.filling += 1;
             }
         }
@@ -193,8 +182,10 @@ impl<S: EventSourced> Core<S> {
                 }
                 continue;
             }
-            if let Some(journal) = front.journal.take() {
-                self.write_batch_journal(id, journal)?;
+            if !front.journaled {
+                // Its records are counted under the batch, so the offsets wait for them too.
+                front.journaled = true;
+                self.storage.write_batch(id, Out { sink: &self.sink, batch: id })?;
                 continue;
             }
             let Some(done) = self.committer.as_mut().and_then(|c| c.queue.pop_front()) else { return Ok(()) };
@@ -208,28 +199,12 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    /// Writes a batch's journal: its records are counted under the batch, so the offsets wait for
-    /// them too.
-    fn write_batch_journal(&mut self, id: usize, journal: JournalWork) -> Result<(), FlowError> {
-        match journal {
-            JournalWork::Kafka(records) => {
-                let Backend::Kafka(journal) = &self.backend else { return Ok(()) };
-                let topic = journal.topic();
-                records.iter().try_for_each(|(p, k, v)| self.sink.produce(id, topic, Some(*p), Some(k), Some(v), None))
-            }
-            JournalWork::Sled(staged, positions) => {
-                let Backend::Sled(sled) = &mut self.backend else { return Ok(()) };
-                sled.write_staged::<S>(&self.rt, staged, positions)
-            }
-            JournalWork::None => Ok(()),
-        }
-    }
-
     /// Forgets batches whose partitions were lost: their offsets cannot be committed any more and
     /// their journal must not land after the new owner restored.
     pub(super) fn drop_batches(&mut self) {
         if let Some(c) = &mut self.committer {
             c.queue.clear();
         }
+        self.storage.drop_batches();
     }
 }

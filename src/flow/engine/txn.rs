@@ -42,14 +42,10 @@ impl<S: EventSourced> Core<S> {
         let started = Instant::now();
         self.flush_outputs()?;
         let (tpl, positions) = self.pending_offsets()?;
-        self.flush_journal()?;
-        // With sled, sled is the state of record: write events, positions and outbox first.
-        let mut sled_written = false;
-        if let Backend::Sled(sled) = &mut self.backend {
-            // A failed sled write stops the flow: the restart recovers from whatever sled holds.
-            sled.write::<S>(&self.rt, positions)?;
-            sled_written = true;
-            crash_point_after_sled_write();
+        // A storage that is the state of record (sled) holds the transaction from here on.
+        let out = Out { sink: &self.sink, batch: 0 };
+        let sealed = self.storage.seal_transaction(&self.partitions, positions, out)?;
+        if sealed {
             self.settle_overlays();
         }
         let mut attempt = 0;
@@ -81,26 +77,27 @@ impl<S: EventSourced> Core<S> {
                 // Healed by a new producer, then handled as an abort.
                 _ if self.sink.heals(&e) => {
                     self.replace_expired(&e)?;
-                    self.after_abortable(consumer, &tpl, sled_written, &e)?;
+                    self.after_abortable(consumer, &tpl, sealed, &e)?;
                 }
                 TxnFailure::Fenced => return Err(self.sink.error("commit transaction".into(), e)),
                 TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
-                TxnFailure::Abort | TxnFailure::Retry => self.after_abortable(consumer, &tpl, sled_written, &e)?,
+                TxnFailure::Abort | TxnFailure::Retry => self.after_abortable(consumer, &tpl, sealed, &e)?,
             },
         }
         self.sink.begin()
     }
 
-    /// After an abortable commit failure: with the sled write made, the same outputs and offsets
-    /// are committed again from the outbox; otherwise the transaction is aborted and rewound.
+    /// After an abortable commit failure: with the transaction sealed in the storage of record
+    /// (sled), the same outputs and offsets are committed again from the outbox; otherwise the
+    /// transaction is aborted and rewound.
     fn after_abortable(
         &mut self,
         consumer: &FlowConsumer<S>,
         tpl: &TopicPartitionList,
-        sled_written: bool,
+        sealed: bool,
         e: &KafkaError,
     ) -> Result<(), FlowError> {
-        if sled_written {
+        if sealed {
             tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
             self.redo_outbox(consumer, tpl)?;
             for o in self.offsets.values_mut() {
@@ -147,12 +144,8 @@ impl<S: EventSourced> Core<S> {
     pub(super) fn discard_open_work(&mut self) {
         for part in self.partitions.values_mut() {
             part.overlay.clear();
-            part.unjournaled.clear();
-            part.deferred.clear();
         }
-        if let Backend::Sled(sled) = &mut self.backend {
-            sled.discard();
-        }
+        self.storage.discard();
         if let Some(pipeline) = &mut self.pipeline {
             pipeline.clear();
         }
@@ -186,8 +179,7 @@ impl<S: EventSourced> Core<S> {
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
     /// and try again with the outbox until it does (or the producer is fenced).
     fn redo_outbox(&mut self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> Result<(), FlowError> {
-        let Backend::Sled(sled) = &self.backend else { return Ok(()) };
-        let outbox = sled.written().to_vec();
+        let outbox = self.storage.outbox();
         let mut delay = Duration::from_millis(100);
         loop {
             match self.sink.producer().abort_transaction(TXN_TIMEOUT) {
@@ -318,21 +310,5 @@ impl<S: EventSourced> Core<S> {
             consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
         }
         Ok(())
-    }
-}
-
-/// Fault injection for the crash tests: with `EVENTSTAGE_CRASH_AFTER_SLED_WRITES=n` in the
-/// environment, the process aborts right after its n-th sled write, before the Kafka commit: the
-/// window the outbox exists for. Unset, this costs one atomic load per commit.
-fn crash_point_after_sled_write() {
-    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let limit =
-        LIMIT.get_or_init(|| std::env::var("EVENTSTAGE_CRASH_AFTER_SLED_WRITES").ok().and_then(|v| v.parse().ok()));
-    if let Some(limit) = limit {
-        if WRITES.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
-            eprintln!("EVENTSTAGE_CRASH_AFTER_SLED_WRITES: aborting after sled write {limit}");
-            std::process::abort();
-        }
     }
 }

@@ -1,0 +1,425 @@
+//! The Kafka journal as a flow's storage: a compacted topic with one record per key and
+//! transaction (a tombstone when the entity is deleted), written at commit like Kafka Streams'
+//! record cache in front of a changelog; with a local state store, partitions restore from its
+//! checkpoint and read only the journal's tail, and keys are read from the store when first used.
+
+use super::storage::{Change, Out, Positions, Restored, Restoring, Storage};
+use super::{KeyMap, PartitionState, RESTORE_STALL};
+use crate::codec::Codec;
+use crate::error::Error;
+use crate::flow::checkpoint::Checkpoints;
+use crate::flow::{FlowError, Metrics, OutputRecord};
+use crate::replay::{decode_state, Entity};
+use crate::stage::{EntityKey, EventSourced};
+use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo, SourcePosition};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A key's journal record is written before commit once it holds this many events (bounds the
+/// record size for a key that takes thousands of commands in one commit interval).
+const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
+
+/// A journal record to write: partition, key, value.
+type JournalRecord = (i32, Vec<u8>, Vec<u8>);
+
+/// Per partition, the newest journal entry per key read from the journal (`None`: deleted), and
+/// the local store's rows, if any.
+type Latest = BTreeMap<i32, (BTreeMap<Vec<u8>, Option<JournalEntry>>, Option<sled::Tree>)>;
+
+/// What a partition's open transaction or batch has not journaled yet.
+struct Unjournaled<S: EventSourced> {
+    /// Per key, the events not yet in a journal record: a key's record is written once per
+    /// transaction (at commit, with its state then), so a hot key costs one journal record per
+    /// commit interval, not one per command.
+    events: KeyMap<S::Key, Vec<Envelope>>,
+    /// At-least-once: deletion markers (key, record value), in order.
+    deletions: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl<S: EventSourced> Default for Unjournaled<S> {
+    fn default() -> Self {
+        Self { events: KeyMap::default(), deletions: Vec::new() }
+    }
+}
+
+pub(super) struct KafkaStorage<S: EventSourced> {
+    journal: KafkaJournal,
+    /// The local state store over the journal, if the flow has one.
+    checkpoints: Option<Checkpoints>,
+    codec: Codec,
+    at_least_once: bool,
+    metrics: Arc<Metrics>,
+    open: BTreeMap<i32, Unjournaled<S>>,
+    /// The local store's rows per partition: a key's state is read from there when first used.
+    rows: BTreeMap<i32, sled::Tree>,
+    /// At-least-once: the journal records of sealed batches, oldest first.
+    batches: VecDeque<(usize, Vec<JournalRecord>)>,
+    /// The journal's timestamp of the last change (snapshots in records are stamped with it).
+    last_ts: u64,
+}
+
+impl<S: EventSourced> KafkaStorage<S> {
+    pub(super) fn new(
+        journal: KafkaJournal,
+        checkpoints: Option<Checkpoints>,
+        codec: Codec,
+        at_least_once: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            journal,
+            checkpoints,
+            codec,
+            at_least_once,
+            metrics,
+            open: BTreeMap::new(),
+            rows: BTreeMap::new(),
+            batches: VecDeque::new(),
+            last_ts: 0,
+        }
+    }
+
+    /// A journal record's value: the key's `events`, its state after them (at `seq`) and the input
+    /// positions that state includes.
+    fn journal_value(
+        &self,
+        key: &S::Key,
+        events: Vec<Envelope>,
+        seq: SeqNo,
+        state: &S::State,
+        sources: Vec<SourcePosition>,
+    ) -> Result<Vec<u8>, FlowError> {
+        let snapshot = Envelope::snapshot(
+            self.codec.id(),
+            S::STATE_VERSION,
+            self.last_ts,
+            encode::<S, _>(self.codec, key, state)?,
+        );
+        Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
+    }
+
+    /// The open transaction's or batch's journal records: deletion markers in order (at-least-once),
+    /// then one record per key it changed, with its state now (in `parts`) and, `with_sources`,
+    /// the input positions that state includes (at-least-once; exactly-once records leave them to
+    /// the transaction).
+    fn journal_records(
+        &mut self,
+        parts: &BTreeMap<i32, PartitionState<S>>,
+        with_sources: bool,
+    ) -> Result<Vec<JournalRecord>, FlowError> {
+        let mut records = Vec::new();
+        for (p, open) in std::mem::take(&mut self.open) {
+            records.extend(open.deletions.into_iter().map(|(k, v)| (p, k, v)));
+            let Some(part) = parts.get(&p) else { continue };
+            for (key, events) in open.events {
+                let Some(entity) = part.overlay.get(&key) else { continue };
+                let sources =
+                    if with_sources { part.applied.get(&key).cloned().unwrap_or_default() } else { Vec::new() };
+                let value = self.journal_value(&key, events, entity.seq, &entity.state, sources)?;
+                records.push((p, key.to_bytes().into_owned(), value));
+            }
+        }
+        Ok(records)
+    }
+
+    /// The newest journal entry per key (`None`: deleted) of each partition of `wanted` and, if
+    /// the flow has a local store and `use_store`, its rows of the partition: the journal's
+    /// records after the store's checkpoint (or all of them), read by one consumer for all
+    /// partitions in parallel.
+    fn latest_entries(&self, wanted: &[i32], use_store: bool) -> Result<Latest, FlowError> {
+        let mut latest: Latest = wanted.iter().map(|&p| (p, (BTreeMap::new(), None))).collect();
+        let mut from: Vec<(i32, i64)> = wanted.iter().map(|&p| (p, 0)).collect();
+        if let (Some(checkpoints), false, true) = (&self.checkpoints, wanted.is_empty(), use_store) {
+            let marks = self.journal.watermarks(wanted)?;
+            for (p, start) in &mut from {
+                let loaded = checkpoints.load(*p, marks.get(p).copied().unwrap_or_default())?;
+                *start = loaded.from;
+                latest.insert(*p, (BTreeMap::new(), loaded.rows));
+            }
+        }
+        let stats = self.journal.restore_partitions_from(&from, RESTORE_STALL, |p, _, key, entry| {
+            latest.entry(p).or_default().0.insert(key.to_vec(), entry);
+        })?;
+        self.metrics.restored_records.fetch_add(stats.records, Ordering::Relaxed);
+        if !wanted.is_empty() {
+            tracing::info!(partitions = ?wanted, journal_records = stats.records, elapsed_ms = stats.elapsed.as_millis() as u64, "read the journal");
+        }
+        Ok(latest)
+    }
+
+    /// Drops partition `p`'s local store (`why` it cannot be used) and restores the partition's
+    /// committed state from the journal in full, keeping the open transaction's changes.
+    fn restore_in_full(&mut self, p: i32, part: &mut PartitionState<S>, why: &str) -> Result<(), FlowError> {
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.drop_partition(p, why);
+        }
+        self.rows.remove(&p);
+        let (entries, _) = self.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
+        let mut restored = restore_entries::<S>(p, entries, false)?;
+        for (key, sources) in std::mem::take(&mut part.applied) {
+            if part.overlay.contains_key(&key) {
+                restored.applied.insert(key, sources);
+            }
+        }
+        part.committed = restored.committed;
+        part.applied = restored.applied;
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.follow(p);
+        }
+        Ok(())
+    }
+}
+
+impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
+    fn name(&self) -> String {
+        let store = if self.checkpoints.is_some() { " (with a local state store)" } else { "" };
+        format!("kafka:{}{store}", self.journal.topic())
+    }
+
+    fn stores_positions(&self) -> bool {
+        false
+    }
+
+    fn keeps_outbox(&self) -> bool {
+        false
+    }
+
+    fn forgets_deleted(&self) -> bool {
+        true
+    }
+
+    fn restore(&mut self, wanted: &[i32], _: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
+        self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        let latest = self.latest_entries(wanted, true);
+        self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
+        let mut restored = Vec::new();
+        for (p, (entries, rows)) in latest? {
+            let state = restore_entries::<S>(p, entries, rows.is_some())?;
+            if let Some(rows) = rows {
+                self.rows.insert(p, rows);
+            }
+            restored.push((p, Restored { state, redo: None }));
+        }
+        if let Some(checkpoints) = &self.checkpoints {
+            wanted.iter().for_each(|&p| checkpoints.follow(p));
+        }
+        Ok(restored)
+    }
+
+    /// Reads `key`'s state from the local store, the first time it is used. A row that cannot be
+    /// read drops the partition's store and restores it from the journal in full.
+    fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError> {
+        let Some(rows) = self.rows.get(&p) else { return Ok(()) };
+        if part.overlay.contains_key(key) || part.committed.contains_key(key) {
+            return Ok(());
+        }
+        let raw = key.to_bytes();
+        let entry = match rows.get(raw.as_ref()) {
+            Ok(None) => None,
+            Ok(Some(v)) => match JournalEntry::decode(&v) {
+                Ok(entry) => Some(entry),
+                Err(e) => {
+                    let why = format!("the row of key {} does not decode ({e})", printable_key(&raw));
+                    return self.restore_in_full(p, part, &why);
+                }
+            },
+            Err(e) => return self.restore_in_full(p, part, &format!("sled: {e}")),
+        };
+        self.metrics.store_rows.fetch_add(u64::from(entry.is_some()), Ordering::Relaxed);
+        let found = match entry {
+            Some(entry) => entity_of::<S>(&raw, entry)?,
+            None => None,
+        };
+        // A key without a row is remembered too (as the default state): it is not looked up again.
+        let (entity, sources) = found.unwrap_or_else(|| (Entity::default(), Vec::new()));
+        if !sources.is_empty() {
+            part.applied.insert(key.clone(), sources);
+        }
+        part.committed.insert(key.clone(), entity);
+        Ok(())
+    }
+
+    fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<bool, FlowError> {
+        self.last_ts = c.ts;
+        let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
+        let open = self.open.entry(c.p).or_default();
+        if S::is_deleted(c.state) {
+            // Records of the key written later in this transaction or batch (a new entity under
+            // the same key) must come after the deletion.
+            open.events.remove(c.key);
+            if self.at_least_once {
+                // Not a tombstone: the deletion must keep the input positions it includes, so that
+                // the deleting input, delivered again, is skipped rather than handled again.
+                let sources = part.applied.get(c.key).cloned().unwrap_or_default();
+                let marker = JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources };
+                open.deletions.push((c.key.to_bytes().into_owned(), marker.encode()));
+                return Ok(false);
+            }
+            out.produce(self.journal.topic(), c.p, &c.key.to_bytes(), None)?;
+            return Ok(false);
+        }
+        // No copy of the key for a key already pending (the common case for a busy key).
+        let pending = match open.events.get_mut(c.key) {
+            Some(pending) => {
+                pending.extend(envelopes);
+                pending.len()
+            }
+            None => {
+                let n = envelopes.len();
+                open.events.insert(c.key.clone(), envelopes);
+                n
+            }
+        };
+        if pending < MAX_EVENTS_PER_JOURNAL_RECORD {
+            return Ok(false);
+        }
+        if self.at_least_once {
+            // At-least-once journals only after the batch's outputs are acknowledged: the batch
+            // ends instead.
+            return Ok(true);
+        }
+        let events = open.events.remove(c.key).unwrap_or_default();
+        let seq = SeqNo(c.before.0 + c.events.len() as u64);
+        let value = self.journal_value(c.key, events, seq, c.state, Vec::new())?;
+        out.produce(self.journal.topic(), c.p, &c.key.to_bytes(), Some(&value))?;
+        Ok(false)
+    }
+
+    fn keep_output(&mut self, _: i32, _: OutputRecord) {}
+
+    /// Writes one journal record per key the transaction changed (without input positions: the
+    /// transaction commits the offsets); the transaction commits them with the outputs.
+    fn seal_transaction(
+        &mut self,
+        parts: &BTreeMap<i32, PartitionState<S>>,
+        _: Positions,
+        out: Out<'_>,
+    ) -> Result<bool, FlowError> {
+        let topic = self.journal.topic().to_string();
+        for (p, k, v) in self.journal_records(parts, false)? {
+            out.produce(&topic, p, &k, Some(&v))?;
+        }
+        Ok(false)
+    }
+
+    fn outbox(&self) -> Vec<OutputRecord> {
+        Vec::new()
+    }
+
+    fn seal_batch(
+        &mut self,
+        id: usize,
+        parts: &BTreeMap<i32, PartitionState<S>>,
+        _: Positions,
+    ) -> Result<(), FlowError> {
+        let records = self.journal_records(parts, true)?;
+        self.batches.push_back((id, records));
+        Ok(())
+    }
+
+    /// Produces the batch's journal records, counted under the batch: its offsets wait for them.
+    fn write_batch(&mut self, id: usize, out: Out<'_>) -> Result<(), FlowError> {
+        let Some((sealed, records)) = self.batches.pop_front() else { return Ok(()) };
+        debug_assert_eq!(sealed, id, "batches are written in the order they were sealed");
+        let topic = self.journal.topic();
+        records.iter().try_for_each(|(p, k, v)| out.produce(topic, *p, k, Some(v)))
+    }
+
+    fn drop_batches(&mut self) {
+        self.batches.clear();
+    }
+
+    fn discard(&mut self) {
+        self.open.clear();
+    }
+
+    fn release(&mut self, p: i32) {
+        self.open.remove(&p);
+        self.rows.remove(&p);
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.release(p);
+        }
+    }
+
+    /// The local store reads the journal up to what this instance committed last.
+    fn close(&mut self) {
+        if let Some(checkpoints) = self.checkpoints.take() {
+            checkpoints.close();
+        }
+    }
+}
+
+/// Encodes `value` (of `key`) with the flow's codec.
+pub(super) fn encode<S: EventSourced, T: serde::Serialize>(
+    codec: Codec,
+    key: &S::Key,
+    value: &T,
+) -> Result<Vec<u8>, FlowError> {
+    codec
+        .encode(value)
+        .map_err(|source| Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into())
+}
+
+/// The journal envelopes of `events` of `key`, stamped `ts`.
+pub(super) fn encode_events<S: EventSourced>(
+    codec: Codec,
+    key: &S::Key,
+    events: &[S::Event],
+    ts: u64,
+) -> Result<Vec<Envelope>, FlowError> {
+    events
+        .iter()
+        .map(|e| Ok(Envelope::event(codec.id(), S::EVENT_VERSION, ts, encode::<S, _>(codec, key, e)?)))
+        .collect()
+}
+
+/// A key's entity and the input positions its state includes.
+type Found<S> = (Entity<S>, Vec<SourcePosition>);
+
+/// A key's entity and the input positions its state includes, from its journal entry (`None`:
+/// an at-least-once deletion marker, without state).
+fn entity_of<S: EventSourced>(raw: &[u8], entry: JournalEntry) -> Result<Option<Found<S>>, FlowError> {
+    let Some(env) = &entry.state else { return Ok(None) };
+    let state = decode_state::<S>(env).map_err(|source| Error::Decode {
+        stage: S::NAME.into(),
+        key: printable_key(raw),
+        seq: entry.last_seq.0,
+        source,
+    })?;
+    Ok(Some((Entity { state: Arc::new(state), seq: entry.last_seq }, entry.sources)))
+}
+
+/// The state of partition `p` from the newest journal entry of each key (`None`: deleted), on top
+/// of the local store's rows if it has them (read as keys are first used).
+fn restore_entries<S: EventSourced>(
+    p: i32,
+    latest: BTreeMap<Vec<u8>, Option<JournalEntry>>,
+    has_rows: bool,
+) -> Result<PartitionState<S>, FlowError> {
+    let mut committed = KeyMap::with_capacity_and_hasher(latest.len(), ahash::RandomState::new());
+    let mut applied = KeyMap::default();
+    for (raw, entry) in latest {
+        let key = S::Key::from_bytes(&raw)
+            .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
+        match entry {
+            Some(entry) => {
+                if let Some((entity, sources)) = entity_of::<S>(&raw, entry)? {
+                    committed.insert(key.clone(), entity);
+                    if !sources.is_empty() {
+                        applied.insert(key, sources);
+                    }
+                }
+            }
+            // Deleted after the store's checkpoint: its row there is older.
+            None if has_rows => {
+                committed.insert(key, Entity::default());
+            }
+            None => {}
+        }
+    }
+    tracing::info!(partition = p, keys = committed.len(), local_store = has_rows, "restored partition state");
+    let mut restored = PartitionState::new(committed);
+    restored.applied = applied;
+    Ok(restored)
+}

@@ -1,0 +1,197 @@
+//! Where a flow keeps its state: one contract for the engine, three implementations.
+//!
+//! - [`KafkaStorage`](super::kafka_storage::KafkaStorage): the Kafka journal (a compacted topic,
+//!   one record per key and transaction), with or without the local state store over it;
+//! - [`SledStorage`](super::sled_storage::SledStorage): the sled journal of one instance, with
+//!   the input positions and the outbox of each commit;
+//! - [`NoStorage`]: in memory only (stateless stages, tests).
+//!
+//! The engine calls the same steps whatever the storage: restore the partitions it is assigned,
+//! read a key's state when first used, record what a command changed, seal a transaction (exactly
+//! once) or a batch (at least once), and release the partitions it loses.
+
+use super::emitter::Sink;
+use super::{Offsets, PartitionState};
+use crate::flow::{FlowError, OutputRecord};
+use crate::stage::EventSourced;
+use eventstage_journal::{SeqNo, SourcePosition};
+use std::collections::BTreeMap;
+
+/// Produces a storage's Kafka records (journal records) in the open transaction or, at least
+/// once, counted under the batch being filled.
+#[derive(Clone, Copy)]
+pub(super) struct Out<'a> {
+    pub(super) sink: &'a Sink,
+    pub(super) batch: usize,
+}
+
+impl Out<'_> {
+    pub(super) fn produce(&self, topic: &str, p: i32, key: &[u8], value: Option<&[u8]>) -> Result<(), FlowError> {
+        self.sink.produce(self.batch, topic, Some(p), Some(key), value, None)
+    }
+}
+
+/// What one command changed: it applied `events` to `key` (at sequence `before`) in partition `p`,
+/// leaving `state`; `ts` is the journal's timestamp (ms since the epoch).
+pub(super) struct Change<'a, S: EventSourced> {
+    pub(super) p: i32,
+    pub(super) key: &'a S::Key,
+    pub(super) before: SeqNo,
+    pub(super) events: &'a [S::Event],
+    pub(super) state: &'a S::State,
+    pub(super) ts: u64,
+}
+
+/// The engine's consumer positions while a storage restores partitions: a storage that keeps
+/// input positions of its own (sled) reconciles them with the group's committed offsets.
+pub(super) struct Restoring<'a> {
+    pub(super) offsets: &'a mut BTreeMap<(String, i32), Offsets>,
+    /// Seeks to make once librdkafka has made the assignment.
+    pub(super) seeks: &'a mut Vec<(String, i32, i64)>,
+}
+
+/// A restored partition.
+pub(super) struct Restored<S: EventSourced> {
+    pub(super) state: PartitionState<S>,
+    /// Inputs were applied before a crash but their transaction did not commit in Kafka (sled):
+    /// the outputs to produce again, and the consumed offsets must be committed again.
+    pub(super) redo: Option<Vec<OutputRecord>>,
+}
+
+/// The journal positions of a transaction or batch: per partition, the next input offsets.
+pub(super) type Positions = BTreeMap<i32, Vec<SourcePosition>>;
+
+/// How a flow's state is restored, recorded and sealed (see the module documentation).
+pub(super) trait Storage<S: EventSourced>: Send {
+    /// What the flow's start-up line calls it.
+    fn name(&self) -> String;
+
+    /// Whether input positions stored with the state can be ahead of the group's committed offsets
+    /// (inputs below them were applied and are skipped when they come again).
+    fn stores_positions(&self) -> bool;
+
+    /// Whether the outputs of an exactly-once transaction are kept with its state (the outbox) and
+    /// handed over with [`keep_output`](Self::keep_output).
+    fn keeps_outbox(&self) -> bool;
+
+    /// Whether an entity whose state says it is deleted is forgotten (a journal tombstone: it
+    /// starts again from the default state and sequence 0), rather than kept with its events.
+    fn forgets_deleted(&self) -> bool;
+
+    /// Restores the committed state of partitions `wanted`.
+    fn restore(&mut self, wanted: &[i32], at: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError>;
+
+    /// Makes `key`'s committed state part of `part` before the key is first used (a storage that
+    /// restores partitions in full has nothing to do).
+    fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError>;
+
+    /// Records what one command changed (`part`: its partition's state before the change). Returns
+    /// true when the at-least-once batch being filled must end now.
+    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<bool, FlowError>;
+
+    /// Keeps an output record of the open transaction with its state (see
+    /// [`keeps_outbox`](Self::keeps_outbox)).
+    fn keep_output(&mut self, p: i32, record: OutputRecord);
+
+    /// Exactly-once, before the Kafka commit: writes what the open transaction changed (`parts`:
+    /// the partitions' state with the transaction's changes; `positions`: the offsets it consumed
+    /// up to). Returns true when the storage is the state of record and holds the transaction now:
+    /// the Kafka transaction must then commit the same outputs (see [`outbox`](Self::outbox)).
+    fn seal_transaction(
+        &mut self,
+        parts: &BTreeMap<i32, PartitionState<S>>,
+        positions: Positions,
+        out: Out<'_>,
+    ) -> Result<bool, FlowError>;
+
+    /// The outputs of the last sealed transaction, to produce again after a failed Kafka commit.
+    fn outbox(&self) -> Vec<OutputRecord>;
+
+    /// At-least-once: takes what batch `id` changed; it is written by
+    /// [`write_batch`](Self::write_batch) once the batch's outputs are acknowledged.
+    fn seal_batch(
+        &mut self,
+        id: usize,
+        parts: &BTreeMap<i32, PartitionState<S>>,
+        positions: Positions,
+    ) -> Result<(), FlowError>;
+
+    /// Writes the oldest sealed batch, `id`.
+    fn write_batch(&mut self, id: usize, out: Out<'_>) -> Result<(), FlowError>;
+
+    /// Forgets the sealed batches not written yet (their partitions were lost).
+    fn drop_batches(&mut self);
+
+    /// Forgets what the open transaction or batch recorded (it was aborted).
+    fn discard(&mut self);
+
+    /// Partition `p` went to another instance.
+    fn release(&mut self, p: i32);
+
+    /// The flow stopped cleanly: anything kept beside the journal is brought up to date.
+    fn close(&mut self);
+}
+
+/// No storage: state lives in memory only and starts empty.
+pub(super) struct NoStorage;
+
+impl<S: EventSourced> Storage<S> for NoStorage {
+    fn name(&self) -> String {
+        "none".into()
+    }
+
+    fn stores_positions(&self) -> bool {
+        false
+    }
+
+    fn keeps_outbox(&self) -> bool {
+        false
+    }
+
+    fn forgets_deleted(&self) -> bool {
+        false
+    }
+
+    fn restore(&mut self, wanted: &[i32], _: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
+        Ok(wanted.iter().map(|&p| (p, Restored { state: PartitionState::default(), redo: None })).collect())
+    }
+
+    fn fault_in(&mut self, _: i32, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
+        Ok(())
+    }
+
+    fn record(&mut self, _: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<bool, FlowError> {
+        Ok(false)
+    }
+
+    fn keep_output(&mut self, _: i32, _: OutputRecord) {}
+
+    fn seal_transaction(
+        &mut self,
+        _: &BTreeMap<i32, PartitionState<S>>,
+        _: Positions,
+        _: Out<'_>,
+    ) -> Result<bool, FlowError> {
+        Ok(false)
+    }
+
+    fn outbox(&self) -> Vec<OutputRecord> {
+        Vec::new()
+    }
+
+    fn seal_batch(&mut self, _: usize, _: &BTreeMap<i32, PartitionState<S>>, _: Positions) -> Result<(), FlowError> {
+        Ok(())
+    }
+
+    fn write_batch(&mut self, _: usize, _: Out<'_>) -> Result<(), FlowError> {
+        Ok(())
+    }
+
+    fn drop_batches(&mut self) {}
+
+    fn discard(&mut self) {}
+
+    fn release(&mut self, _: i32) {}
+
+    fn close(&mut self) {}
+}
