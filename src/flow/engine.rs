@@ -193,34 +193,101 @@ fn offsets_of<'a>(
     found
 }
 
-struct Core<S: EventSourced> {
-    parts: Parts<S>,
+/// The two delivery guarantees, each with its own committer.
+enum Delivery {
+    /// Exactly-once: the open Kafka transaction holds the outputs, the journal records and the
+    /// consumed offsets, and commits or aborts them as one (see `txn`).
+    Transactions(Transactions),
+    /// At-least-once (Alpakka Kafka's `Committer.sink`): batches whose offsets are committed once
+    /// their outputs are acknowledged and their journal is written (see `committer`).
+    Batches(Committer),
+}
+
+/// The exactly-once committer's own state.
+#[derive(Default)]
+struct Transactions {
+    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
+    consecutive_aborts: u32,
+}
+
+impl Delivery {
+    /// The batch being filled, whose records' acknowledgements are counted under it (exactly-once
+    /// has no batches: 0).
+    fn batch(&self) -> usize {
+        match self {
+            Self::Transactions(_) => 0,
+            Self::Batches(c) => c.filling(),
+        }
+    }
+
+    /// Whether records of the open work are produced outside a transaction.
+    fn is_at_least_once(&self) -> bool {
+        matches!(self, Self::Batches(_))
+    }
+
+    /// Whether the batch being filled must end now (a transaction ends on the commit interval).
+    fn due(&self) -> bool {
+        match self {
+            Self::Transactions(_) => false,
+            Self::Batches(c) => c.due(),
+        }
+    }
+
+    /// One more input in the open transaction or batch.
+    fn count_input(&mut self) {
+        match self {
+            Self::Transactions(_) => {}
+            Self::Batches(c) => c.inputs += 1,
+        }
+    }
+
+    /// The storage asks for the open batch to end (a transaction writes the record at once).
+    fn end_soon(&mut self) {
+        match self {
+            Self::Transactions(_) => {}
+            Self::Batches(c) => c.full = true,
+        }
+    }
+}
+
+/// The partitions this instance owns: their state and their consumer offsets.
+struct Assigned<S: EventSourced> {
+    partitions: BTreeMap<i32, PartitionState<S>>,
+    offsets: BTreeMap<(String, i32), Offsets>,
+    /// Seeks to do once librdkafka has made the assignment.
+    pending_seeks: Vec<(String, i32, i64)>,
+    /// Inputs were consumed since the last commit.
+    dirty: bool,
+}
+
+/// The open transaction or batch: where its records go and how it commits.
+struct Txn<S: EventSourced> {
     /// The transactional producer.
     sink: Arc<Sink>,
     /// Output records: mapped and produced on a thread of their own.
     emitter: Emitter<S>,
-    /// At-least-once: the batches on their way to an offset commit (`None`: exactly-once).
-    committer: Option<Committer>,
-    /// Enrichment calls and the records waiting for them.
-    pipeline: Option<Pipeline<S>>,
-    /// Feeds the async rebalance listener's task.
-    rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
+    /// How the flow delivers: transactions, or batches on their way to an offset commit.
+    delivery: Delivery,
+}
+
+/// The flow thread's state, shared with the consumer's rebalance callbacks.
+struct Core<S: EventSourced> {
+    parts: Parts<S>,
+    assigned: Assigned<S>,
+    txn: Txn<S>,
     /// Where the state is restored from and journaled to.
     storage: Box<dyn Storage<S>>,
     /// The storage keeps input positions: inputs below them were applied before a crash.
     skip_applied: bool,
-    /// Seeks to do once librdkafka has made the assignment.
-    pending_seeks: Vec<(String, i32, i64)>,
+    /// Enrichment calls and the records waiting for them.
+    pipeline: Option<Pipeline<S>>,
+    /// Feeds the async rebalance listener's task.
+    rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
     bad_input: BadInput,
-    partitions: BTreeMap<i32, PartitionState<S>>,
-    offsets: BTreeMap<(String, i32), Offsets>,
-    dirty: bool,
     /// Wall clock (ms since the epoch) as of the flow loop's last look at the clock: the journal's
     /// timestamps, of events and of the snapshots in its records (read every few records, not per
     /// record or per key).
     wall_ms: u64,
-    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
-    consecutive_aborts: u32,
     failure: Option<FlowError>,
     metrics: Arc<Metrics>,
 }
@@ -228,20 +295,20 @@ struct Core<S: EventSourced> {
 impl<S: EventSourced> Core<S> {
     /// The at-least-once batch being filled (exactly-once has no batches: 0).
     fn batch(&self) -> usize {
-        self.committer.as_ref().map_or(0, Committer::filling)
+        self.txn.delivery.batch()
     }
 
     /// Queues a record of partition `p`'s transaction for the emitter (which keeps it for the sled
     /// outbox).
     fn emit(&mut self, p: i32, o: OutputRecord) -> Result<(), FlowError> {
         let batch = self.batch();
-        self.emitter.record(batch, p, o)
+        self.txn.emitter.record(batch, p, o)
     }
 
     /// Waits until the emitter has produced everything queued; with the sled journal (exactly
     /// once), the records it produced go to the outbox.
     fn flush_outputs(&mut self) -> Result<(), FlowError> {
-        for (p, o) in self.emitter.flush()? {
+        for (p, o) in self.txn.emitter.flush()? {
             self.storage.keep_output(p, o);
         }
         Ok(())
@@ -285,7 +352,9 @@ impl<S: EventSourced> Core<S> {
             value: msg.payload().map(<[u8]>::to_vec),
         };
         let offset = input.offset;
-        if self.skip_applied && offsets_of(&mut self.offsets, &mut input).is_some_and(|o| offset < o.applied_until) {
+        if self.skip_applied
+            && offsets_of(&mut self.assigned.offsets, &mut input).is_some_and(|o| offset < o.applied_until)
+        {
             // Applied before a crash (sled positions); its outputs were produced again from the outbox.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -304,22 +373,20 @@ impl<S: EventSourced> Core<S> {
         mut input: InputRecord,
         decoded: Result<(S::Key, S::Command), String>,
     ) -> Result<(), FlowError> {
-        let Some(offsets) = offsets_of(&mut self.offsets, &mut input) else {
+        let Some(offsets) = offsets_of(&mut self.assigned.offsets, &mut input) else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
         };
         offsets.next = input.offset + 1;
-        self.dirty = true;
+        self.assigned.dirty = true;
         self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = &mut self.committer {
-            c.inputs += 1;
-        }
+        self.txn.delivery.count_input();
         let (key, command) = match decoded {
             Ok(kc) => kc,
             Err(reason) => return self.dead_letter(&input, reason),
         };
         let p = input.partition;
-        let Some(part) = self.partitions.get_mut(&p) else {
+        let Some(part) = self.assigned.partitions.get_mut(&p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };
         self.storage.fault_in(p, part, &key)?;
@@ -337,9 +404,9 @@ impl<S: EventSourced> Core<S> {
         let state = match new_state {
             None => entity.state,
             Some(state) => {
-                if self.committer.is_some() {
+                if self.txn.delivery.is_at_least_once() {
                     // Before journaling: a deletion's marker must include the deleting input.
-                    if let Some(part) = self.partitions.get_mut(&p) {
+                    if let Some(part) = self.assigned.partitions.get_mut(&p) {
                         part.note_applied(&key, &input);
                     }
                 }
@@ -351,7 +418,7 @@ impl<S: EventSourced> Core<S> {
                 } else {
                     Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
                 };
-                if let Some(part) = self.partitions.get_mut(&p) {
+                if let Some(part) = self.assigned.partitions.get_mut(&p) {
                     match part.overlay.get_mut(&key) {
                         Some(slot) => *slot = entity,
                         None => {
@@ -363,7 +430,7 @@ impl<S: EventSourced> Core<S> {
             }
         };
         let batch = self.batch();
-        self.emitter.outcome(batch, Outcome { input, key, events, outcome, state })
+        self.txn.emitter.outcome(batch, Outcome { input, key, events, outcome, state })
     }
 
     /// Records in the storage what one command changed: `events` applied to `key` (at sequence
@@ -376,13 +443,11 @@ impl<S: EventSourced> Core<S> {
         events: &[S::Event],
         state: &S::State,
     ) -> Result<(), FlowError> {
-        let Some(part) = self.partitions.get(&p) else { return Ok(()) };
-        let out = Out { sink: &self.sink, batch: self.committer.as_ref().map_or(0, Committer::filling) };
+        let Some(part) = self.assigned.partitions.get(&p) else { return Ok(()) };
+        let out = Out { sink: &self.txn.sink, batch: self.txn.delivery.batch() };
         let change = Change { p, key, before, events, state, ts: self.wall_ms };
         if self.storage.record(change, part, out)? {
-            if let Some(committer) = &mut self.committer {
-                committer.full = true;
-            }
+            self.txn.delivery.end_soon();
         }
         Ok(())
     }
@@ -390,7 +455,7 @@ impl<S: EventSourced> Core<S> {
     /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
     fn update_lag(&self, consumer: &FlowConsumer<S>) {
         let mut lag = 0u64;
-        for ((topic, p), o) in &self.offsets {
+        for ((topic, p), o) in &self.assigned.offsets {
             if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
                 lag += (high - o.next.max(0)).max(0) as u64;
             }
@@ -509,20 +574,27 @@ pub(super) fn run<S: EventSourced>(
     let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
-        sink,
-        emitter,
-        committer: at_least_once.then(|| Committer::new(settings.committer)),
-        pipeline,
-        rebalance_events,
+        assigned: Assigned {
+            partitions: BTreeMap::new(),
+            offsets: BTreeMap::new(),
+            pending_seeks: Vec::new(),
+            dirty: false,
+        },
+        txn: Txn {
+            sink,
+            emitter,
+            delivery: if at_least_once {
+                Delivery::Batches(Committer::new(settings.committer))
+            } else {
+                Delivery::Transactions(Transactions::default())
+            },
+        },
         skip_applied: storage.stores_positions(),
         storage,
-        pending_seeks: Vec::new(),
+        pipeline,
+        rebalance_events,
         bad_input: settings.bad_input.clone(),
-        partitions: BTreeMap::new(),
-        offsets: BTreeMap::new(),
-        dirty: false,
         wall_ms: now_ms(),
-        consecutive_aborts: 0,
         failure: None,
         metrics: metrics.clone(),
     }));
@@ -544,8 +616,8 @@ pub(super) fn run<S: EventSourced>(
         match stop.load(Ordering::SeqCst) {
             ABORT => {
                 let c = lock(&core);
-                if c.committer.is_none() {
-                    let _ = c.sink.producer().abort_transaction(TXN_TIMEOUT);
+                if !c.txn.delivery.is_at_least_once() {
+                    let _ = c.txn.sink.producer().abort_transaction(TXN_TIMEOUT);
                 }
                 break Err(FlowError::Aborted);
             }
@@ -567,7 +639,7 @@ pub(super) fn run<S: EventSourced>(
                 None => {
                     waited = true;
                     let mut c = lock(&core);
-                    if let Err(e) = c.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
+                    if let Err(e) = c.txn.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
                         break Err(e);
                     }
                     drop(c);
@@ -601,7 +673,7 @@ pub(super) fn run<S: EventSourced>(
             Some(Err(KafkaError::MessageConsumptionFatal(code))) => break Err(consumer_fatal(code)),
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             None => {
-                if let Err(e) = c.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
+                if let Err(e) = c.txn.emitter.hand_off().or_else(|e| c.recover(&consumer, e)) {
                     break Err(e);
                 }
                 if let (true, Core { pipeline: Some(p), metrics, .. }) = (busy, &mut *c) {
@@ -621,7 +693,7 @@ pub(super) fn run<S: EventSourced>(
             Instant::now()
         });
         let due = now.is_some_and(|now| now.saturating_duration_since(last_commit) >= commit_every);
-        if due || c.committer.as_ref().is_some_and(Committer::due) {
+        if due || c.txn.delivery.due() {
             let started = now.unwrap_or_else(Instant::now);
             if let Err(e) = c.commit(&consumer).or_else(|e| c.recover(&consumer, e)) {
                 break Err(e);

@@ -130,49 +130,38 @@ pub(super) enum Wait {
     UntilAtMost(usize),
 }
 
-impl<S: EventSourced> Core<S> {
-    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
-    /// records wait for its outputs' acknowledgements, then its offsets are committed.
-    pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        // The batch's outputs go to the emitter now; its deliveries count them until produced.
-        self.emitter.hand_off()?;
-        let Some(committer) = &mut self.committer else { return Ok(()) };
-        committer.inputs = 0;
-        committer.full = false;
-        if self.dirty {
-            let (offsets, positions) = self.pending_offsets()?;
-            for o in self.offsets.values_mut() {
-                // Handed to the committer: the next batch starts here.
-                o.committed = o.next;
-            }
-            let id = self.batch();
-            self.storage.seal_batch(id, &self.partitions, positions)?;
-            self.settle_overlays();
-            self.dirty = false;
-            if let Some(committer) = &mut self.committer {
-                committer.queue.push_back(PendingBatch { id, offsets, journaled: false });
-                committer.filling += 1;
-            }
+impl Committer {
+    /// Starts filling the next batch, the batch filled so far (`offsets`: what it consumed up to)
+    /// on its way; returns its id.
+    fn seal(&mut self, offsets: Option<TopicPartitionList>) -> usize {
+        let id = self.filling;
+        self.inputs = 0;
+        self.full = false;
+        if let Some(offsets) = offsets {
+            self.queue.push_back(PendingBatch { id, offsets, journaled: false });
+            self.filling += 1;
         }
-        let parallelism = self.committer.as_ref().map_or(1, |c| c.settings.parallelism);
-        self.advance(consumer, Wait::UntilAtMost(parallelism))
+        id
     }
 
-    /// Moves pending batches along, oldest first: journal once the outputs are acknowledged,
-    /// commit once the journal is.
-    pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
-        if self.committer.is_none() {
-            return Ok(());
-        }
+    /// Moves pending batches along, oldest first: their journal is written (by `storage`) once
+    /// their outputs are acknowledged, their offsets committed once the journal is.
+    fn advance<S: EventSourced>(
+        &mut self,
+        sink: &Sink,
+        storage: &mut dyn Storage<S>,
+        consumer: &FlowConsumer<S>,
+        metrics: &Metrics,
+        wait: Wait,
+    ) -> Result<(), FlowError> {
         let mut deadline = Instant::now() + TXN_TIMEOUT;
         loop {
-            let Some(committer) = &mut self.committer else { return Ok(()) };
-            let pending = committer.queue.len();
-            let Some(front) = committer.queue.front_mut() else { return Ok(()) };
+            let pending = self.queue.len();
+            let Some(front) = self.queue.front_mut() else { return Ok(()) };
             let blocking = matches!(wait, Wait::UntilAtMost(n) if pending > n);
             let id = front.id;
             let step = if blocking { Duration::from_millis(50) } else { Duration::ZERO };
-            if !self.sink.deliveries.wait(id, step)? {
+            if !sink.deliveries.wait(id, step)? {
                 if !blocking {
                     return Ok(());
                 }
@@ -185,24 +174,63 @@ impl<S: EventSourced> Core<S> {
             if !front.journaled {
                 // Its records are counted under the batch, so the offsets wait for them too.
                 front.journaled = true;
-                self.storage.write_batch(id, Out { sink: &self.sink, batch: id })?;
+                storage.write_batch(id, Out { sink, batch: id })?;
                 continue;
             }
-            let Some(done) = self.committer.as_mut().and_then(|c| c.queue.pop_front()) else { return Ok(()) };
+            let Some(done) = self.queue.pop_front() else { return Ok(()) };
             if done.offsets.count() > 0 {
                 // The last commit before a revocation or shutdown is synchronous; the others
                 // overlap with processing (a failed one is superseded by the next).
                 let mode = if wait == Wait::UntilAtMost(0) { CommitMode::Sync } else { CommitMode::Async };
                 consumer.commit(&done.offsets, mode).map_err(|e| kafka("commit offsets", e))?;
             }
-            self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
+            metrics.transactions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S: EventSourced> Core<S> {
+    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
+    /// records wait for its outputs' acknowledgements, then its offsets are committed.
+    pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        // The batch's outputs go to the emitter now; its deliveries count them until produced.
+        self.txn.emitter.hand_off()?;
+        let sealed = if self.assigned.dirty {
+            let (offsets, positions) = self.pending_offsets()?;
+            for o in self.assigned.offsets.values_mut() {
+                // Handed to the committer: the next batch starts here.
+                o.committed = o.next;
+            }
+            self.storage.seal_batch(self.txn.delivery.batch(), &self.assigned.partitions, positions)?;
+            self.settle_overlays();
+            self.assigned.dirty = false;
+            Some(offsets)
+        } else {
+            None
+        };
+        let parallelism = match &mut self.txn.delivery {
+            Delivery::Batches(c) => {
+                c.seal(sealed);
+                c.settings.parallelism
+            }
+            Delivery::Transactions(_) => 1,
+        };
+        self.advance(consumer, Wait::UntilAtMost(parallelism))
+    }
+
+    /// Moves pending at-least-once batches along (see `Committer::advance`); a transaction has
+    /// nothing pending after its commit.
+    pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
+        match &mut self.txn.delivery {
+            Delivery::Batches(c) => c.advance(&self.txn.sink, &mut *self.storage, consumer, &self.metrics, wait),
+            Delivery::Transactions(_) => Ok(()),
         }
     }
 
     /// Forgets batches whose partitions were lost: their offsets cannot be committed any more and
     /// their journal must not land after the new owner restored.
     pub(super) fn drop_batches(&mut self) {
-        if let Some(c) = &mut self.committer {
+        if let Delivery::Batches(c) = &mut self.txn.delivery {
             c.queue.clear();
         }
         self.storage.drop_batches();

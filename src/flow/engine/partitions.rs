@@ -36,11 +36,11 @@ impl<S: EventSourced> ConsumerContext for FlowContext<S> {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut core = lock(&self.core);
-        if !matches!(rebalance, Rebalance::Assign(_)) || core.pending_seeks.is_empty() {
+        if !matches!(rebalance, Rebalance::Assign(_)) || core.assigned.pending_seeks.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (topic, p, o) in std::mem::take(&mut core.pending_seeks) {
+        for (topic, p, o) in std::mem::take(&mut core.assigned.pending_seeks) {
             let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
         }
         // Only an optimisation: records below the sled positions are skipped anyway.
@@ -66,29 +66,29 @@ impl<S: EventSourced> Core<S> {
                 _ => -1,
             };
             let tp = (el.topic().to_string(), el.partition());
-            let applied_until = self.offsets.get(&tp).map_or(-1, |o| o.applied_until);
-            self.offsets.insert(tp, Offsets { committed: c, next: c, applied_until });
+            let applied_until = self.assigned.offsets.get(&tp).map_or(-1, |o| o.applied_until);
+            self.assigned.offsets.insert(tp, Offsets { committed: c, next: c, applied_until });
         }
         let wanted: Vec<i32> = tpl
             .elements()
             .iter()
             .map(|e| e.partition())
-            .filter(|p| !self.partitions.contains_key(p))
+            .filter(|p| !self.assigned.partitions.contains_key(p))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let at = Restoring { offsets: &mut self.offsets, seeks: &mut self.pending_seeks };
+        let at = Restoring { offsets: &mut self.assigned.offsets, seeks: &mut self.assigned.pending_seeks };
         for (p, restored) in self.storage.restore(&wanted, at)? {
-            self.partitions.insert(p, restored.state);
+            self.assigned.partitions.insert(p, restored.state);
             if let Some(outbox) = restored.redo {
                 // Committed again with the offsets the storage holds, and the outputs again.
-                self.dirty = true;
+                self.assigned.dirty = true;
                 for o in outbox {
                     self.emit(p, o)?;
                 }
             }
         }
-        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
+        self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
         let assigned = topic_partitions(tpl);
         tracing::info!(partitions = ?assigned, "assigned and restored");
         self.notify(RebalanceEvent::Assigned(assigned));
@@ -99,6 +99,7 @@ impl<S: EventSourced> Core<S> {
     /// are done once librdkafka has made the assignment), the async one through its task.
     fn notify(&mut self, event: RebalanceEvent) {
         let committed: Vec<(TopicPartition, i64)> = self
+            .assigned
             .offsets
             .iter()
             .map(|((topic, partition), o)| {
@@ -106,7 +107,7 @@ impl<S: EventSourced> Core<S> {
             })
             .collect();
         for listener in &mut self.parts.on_rebalance {
-            let mut actions = RebalanceActions { committed: &committed, seeks: &mut self.pending_seeks };
+            let mut actions = RebalanceActions { committed: &committed, seeks: &mut self.assigned.pending_seeks };
             let ran = catch_unwind(AssertUnwindSafe(|| listener(&event, &mut actions)));
             if ran.is_err() {
                 tracing::error!(?event, "the rebalance listener panicked; going on");
@@ -122,13 +123,13 @@ impl<S: EventSourced> Core<S> {
         let committed = if lost {
             // Another instance may own them already: nothing of the open work may commit.
             tracing::warn!(partitions = tpl.count(), "partitions lost (session expired?): dropping uncommitted work");
-            if self.committer.is_some() {
+            if self.txn.delivery.is_at_least_once() {
                 // Journal records already handed to the producer land before any restore reads
                 // the journal again (ours on reassignment, or the new owner's).
-                if let Err(e) = self.emitter.flush() {
+                if let Err(e) = self.txn.emitter.flush() {
                     tracing::warn!(error = %e, "producing outputs after losing partitions failed");
                 }
-                if let Err(e) = self.sink.producer().flush(TXN_TIMEOUT) {
+                if let Err(e) = self.txn.sink.producer().flush(TXN_TIMEOUT) {
                     tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
                 }
                 self.drop_batches();
@@ -142,7 +143,7 @@ impl<S: EventSourced> Core<S> {
                         Ok(())
                     }
                 });
-                aborted.and_then(|()| self.sink.begin())
+                aborted.and_then(|()| self.txn.sink.begin())
             }
         } else {
             // Finish in-flight work: commit before the partitions go to another instance.
@@ -151,14 +152,14 @@ impl<S: EventSourced> Core<S> {
         let event = if lost { RebalanceEvent::Lost } else { RebalanceEvent::Revoked };
         self.notify(event(topic_partitions(tpl)));
         for el in tpl.elements() {
-            self.offsets.remove(&(el.topic().to_string(), el.partition()));
+            self.assigned.offsets.remove(&(el.topic().to_string(), el.partition()));
         }
-        let still: BTreeSet<i32> = self.offsets.keys().map(|(_, p)| *p).collect();
-        self.partitions.retain(|p, _| still.contains(p));
+        let still: BTreeSet<i32> = self.assigned.offsets.keys().map(|(_, p)| *p).collect();
+        self.assigned.partitions.retain(|p, _| still.contains(p));
         for el in tpl.elements().iter().filter(|el| !still.contains(&el.partition())) {
             self.storage.release(el.partition());
         }
-        self.metrics.assigned_partitions.store(self.offsets.len() as u64, Ordering::Relaxed);
+        self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
         tracing::info!(partitions = tpl.count(), "revoked");
         committed
     }

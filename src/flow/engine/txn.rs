@@ -30,21 +30,27 @@ pub(super) fn classify(e: &KafkaError) -> TxnFailure {
 }
 
 impl<S: EventSourced> Core<S> {
+    /// Commits what the flow did since the last commit: the open transaction, or the batch being
+    /// filled (which goes on its way to an offset commit).
+    pub(super) fn commit(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        match self.txn.delivery {
+            Delivery::Transactions(_) => self.commit_transaction(consumer),
+            Delivery::Batches(_) => self.end_batch(consumer),
+        }
+    }
+
     /// Commits the open transaction with the consumed offsets and opens the next one. An abortable
     /// failure aborts, rewinds and discards the transaction's state, and is not an error.
-    pub(super) fn commit(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        if self.committer.is_some() {
-            return self.end_batch(consumer);
-        }
-        if !self.dirty {
+    fn commit_transaction(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        if !self.assigned.dirty {
             return Ok(());
         }
         let started = Instant::now();
         self.flush_outputs()?;
         let (tpl, positions) = self.pending_offsets()?;
         // A storage that is the state of record (sled) holds the transaction from here on.
-        let out = Out { sink: &self.sink, batch: 0 };
-        let sealed = self.storage.seal_transaction(&self.partitions, positions, out)?;
+        let out = Out { sink: &self.txn.sink, batch: 0 };
+        let sealed = self.storage.seal_transaction(&self.assigned.partitions, positions, out)?;
         if sealed {
             self.settle_overlays();
         }
@@ -61,13 +67,15 @@ impl<S: EventSourced> Core<S> {
         };
         match result {
             Ok(()) => {
-                self.sink.committed();
+                self.txn.sink.committed();
                 self.settle_overlays();
-                for o in self.offsets.values_mut() {
+                for o in self.assigned.offsets.values_mut() {
                     o.committed = o.next;
                 }
-                self.dirty = false;
-                self.consecutive_aborts = 0;
+                self.assigned.dirty = false;
+                if let Delivery::Transactions(t) = &mut self.txn.delivery {
+                    t.consecutive_aborts = 0;
+                }
                 let us = started.elapsed().as_micros() as u64;
                 self.metrics.last_commit_us.store(us, Ordering::Relaxed);
                 self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
@@ -75,16 +83,16 @@ impl<S: EventSourced> Core<S> {
             }
             Err(e) => match classify(&e) {
                 // Healed by a new producer, then handled as an abort.
-                _ if self.sink.heals(&e) => {
+                _ if self.txn.sink.heals(&e) => {
                     self.replace_expired(&e)?;
                     self.after_abortable(consumer, &tpl, sealed, &e)?;
                 }
-                TxnFailure::Fenced => return Err(self.sink.error("commit transaction".into(), e)),
+                TxnFailure::Fenced => return Err(self.txn.sink.error("commit transaction".into(), e)),
                 TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
                 TxnFailure::Abort | TxnFailure::Retry => self.after_abortable(consumer, &tpl, sealed, &e)?,
             },
         }
-        self.sink.begin()
+        self.txn.sink.begin()
     }
 
     /// After an abortable commit failure: with the transaction sealed in the storage of record
@@ -100,10 +108,10 @@ impl<S: EventSourced> Core<S> {
         if sealed {
             tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
             self.redo_outbox(consumer, tpl)?;
-            for o in self.offsets.values_mut() {
+            for o in self.assigned.offsets.values_mut() {
                 o.committed = o.next;
             }
-            self.dirty = false;
+            self.assigned.dirty = false;
             Ok(())
         } else {
             tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
@@ -118,7 +126,7 @@ impl<S: EventSourced> Core<S> {
     ) -> Result<(TopicPartitionList, BTreeMap<i32, Vec<SourcePosition>>), FlowError> {
         let mut tpl = TopicPartitionList::new();
         let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
-        for ((topic, p), o) in &self.offsets {
+        for ((topic, p), o) in &self.assigned.offsets {
             if o.next > o.committed && o.next >= 0 {
                 tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
                 positions.entry(*p).or_default().push(SourcePosition {
@@ -133,7 +141,7 @@ impl<S: EventSourced> Core<S> {
 
     /// The open transaction's (or batch's) state becomes the state of record.
     pub(super) fn settle_overlays(&mut self) {
-        for part in self.partitions.values_mut() {
+        for part in self.assigned.partitions.values_mut() {
             let overlay = std::mem::take(&mut part.overlay);
             part.committed.extend(overlay);
         }
@@ -142,7 +150,7 @@ impl<S: EventSourced> Core<S> {
     /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
     /// written, sled writes not yet made, records waiting for enrichment.
     pub(super) fn discard_open_work(&mut self) {
-        for part in self.partitions.values_mut() {
+        for part in self.assigned.partitions.values_mut() {
             part.overlay.clear();
         }
         self.storage.discard();
@@ -167,13 +175,13 @@ impl<S: EventSourced> Core<S> {
     /// 200 µs steps makes a commit cost milliseconds instead of 100 ms.
     fn finish_transaction(&self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> KafkaResult<()> {
         if let Some(gm) = consumer.group_metadata().filter(|_| offsets.count() > 0) {
-            self.sink.send_offsets(offsets, gm)?;
+            self.txn.sink.send_offsets(offsets, gm)?;
         }
         let deadline = Instant::now() + TXN_TIMEOUT;
-        while self.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
+        while self.txn.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.sink.producer().commit_transaction(TXN_TIMEOUT)
+        self.txn.sink.producer().commit_transaction(TXN_TIMEOUT)
     }
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
@@ -182,33 +190,33 @@ impl<S: EventSourced> Core<S> {
         let outbox = self.storage.outbox();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.sink.producer().abort_transaction(TXN_TIMEOUT) {
+            match self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
                 Ok(()) => {}
-                Err(e) if self.sink.heals(&e) => {
+                Err(e) if self.txn.sink.heals(&e) => {
                     // The new producer's (empty) transaction is aborted next time round.
                     self.replace_expired(&e)?;
                     continue;
                 }
-                Err(e) => return Err(self.sink.error("abort transaction".into(), e)),
+                Err(e) => return Err(self.txn.sink.error("abort transaction".into(), e)),
             }
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.sink.begin()?;
+            self.txn.sink.begin()?;
             for o in &outbox {
-                self.sink.produce_output(0, o)?;
+                self.txn.sink.produce_output(0, o)?;
             }
             match self.finish_transaction(consumer, offsets) {
                 Ok(()) => {
-                    self.sink.committed();
+                    self.txn.sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e) if self.sink.heals(&e) => self.replace_expired(&e)?,
+                Err(e) if self.txn.sink.heals(&e) => self.replace_expired(&e)?,
                 Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(self.sink.error("commit outbox".into(), e)),
+                Err(e) => return Err(self.txn.sink.error("commit outbox".into(), e)),
             }
         }
     }
@@ -218,8 +226,8 @@ impl<S: EventSourced> Core<S> {
     /// migrated task), and librdkafka's fatal states end with its producer.
     fn heals(&self, e: &FlowError) -> bool {
         match e {
-            FlowError::Fenced { .. } => self.sink.heals_fence(),
-            FlowError::Kafka { source, .. } => self.sink.heals(source),
+            FlowError::Fenced { .. } => self.txn.sink.heals_fence(),
+            FlowError::Kafka { source, .. } => self.txn.sink.heals(source),
             _ => false,
         }
     }
@@ -230,22 +238,22 @@ impl<S: EventSourced> Core<S> {
     /// same transactional id (which fences the old one), in a transaction; the caller aborts (and
     /// rewinds, or produces the sled outbox again).
     fn replace_expired(&mut self, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
-        match self.sink.expired() {
+        match self.txn.sink.expired() {
             Some(open) => tracing::warn!(
                 error = %cause,
                 open_ms = open.as_millis() as u64,
-                transactional_id = %self.sink.transactional_id,
+                transactional_id = %self.txn.sink.transactional_id,
                 "the broker aborted the open transaction after its timeout (transaction.timeout.ms) and fenced this producer; replacing the producer and processing again from the last commit"
             ),
             None => tracing::warn!(
                 error = %cause,
-                transactional_id = %self.sink.transactional_id,
+                transactional_id = %self.txn.sink.transactional_id,
                 "the transactional producer failed for good; replacing it and processing again from the last commit"
             ),
         }
         // What the emitter still holds, and its failure, belong to the old producer.
-        let _ = self.emitter.flush();
-        self.sink.replace_producer().map_err(|e| self.sink.error("replace the failed producer".into(), e))
+        let _ = self.txn.emitter.flush();
+        self.txn.sink.replace_producer().map_err(|e| self.txn.sink.error("replace the failed producer".into(), e))
     }
 
     /// Recovers from a failed transaction wherever the failure surfaced (a produce call, a flush,
@@ -254,7 +262,7 @@ impl<S: EventSourced> Core<S> {
     /// was paused). The transaction is aborted, the consumer rewound and a new one begun. Any other
     /// error is returned as it is.
     pub(super) fn recover(&mut self, consumer: &FlowConsumer<S>, e: FlowError) -> Result<(), FlowError> {
-        let transactional = self.committer.is_none() && self.sink.is_transactional();
+        let transactional = !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional();
         match &e {
             _ if self.heals(&e) => self.replace_expired(&e)?,
             FlowError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. }
@@ -262,7 +270,7 @@ impl<S: EventSourced> Core<S> {
             {
                 tracing::warn!(error = %e, "the transaction failed; aborting, rewinding to the last committed offsets");
                 // The emitter's failure is this one.
-                let _ = self.emitter.flush();
+                let _ = self.txn.emitter.flush();
             }
             _ => return Err(e),
         }
@@ -274,25 +282,31 @@ impl<S: EventSourced> Core<S> {
             }
             aborted => aborted?,
         }
-        self.sink.begin()
+        self.txn.sink.begin()
     }
 
     pub(super) fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
         // Whatever the emitter still holds belongs to the transaction being aborted.
-        match self.emitter.flush() {
+        match self.txn.emitter.flush() {
             Err(e @ FlowError::Fenced { .. }) => return Err(e),
             Err(e) => tracing::warn!(error = %e, "producing the aborted transaction's outputs failed"),
             Ok(_) => {}
         }
-        if let Err(e) = self.sink.producer().abort_transaction(TXN_TIMEOUT) {
-            return Err(self.sink.error("abort transaction".into(), e));
+        if let Err(e) = self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
+            return Err(self.txn.sink.error("abort transaction".into(), e));
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-        self.consecutive_aborts += 1;
-        if self.consecutive_aborts > 1 {
-            let delay = Duration::from_millis(100 << self.consecutive_aborts.min(6)).min(Duration::from_secs(5));
+        let aborts = match &mut self.txn.delivery {
+            Delivery::Transactions(t) => {
+                t.consecutive_aborts += 1;
+                t.consecutive_aborts
+            }
+            Delivery::Batches(_) => 1,
+        };
+        if aborts > 1 {
+            let delay = Duration::from_millis(100 << aborts.min(6)).min(Duration::from_secs(5));
             tracing::error!(
-                aborts = self.consecutive_aborts,
+                aborts,
                 retry_in_ms = delay.as_millis() as u64,
                 "transactions keep failing (is the broker down, or an output topic missing?); retrying"
             );
@@ -300,12 +314,12 @@ impl<S: EventSourced> Core<S> {
         }
         self.discard_open_work();
         let mut tpl = TopicPartitionList::new();
-        for ((topic, p), o) in self.offsets.iter_mut() {
+        for ((topic, p), o) in self.assigned.offsets.iter_mut() {
             o.next = o.committed;
             let to = if o.committed >= 0 { Offset::Offset(o.committed) } else { Offset::Beginning };
             tpl.add_partition_offset(topic, *p, to).map_err(|e| kafka("rewind", e))?;
         }
-        self.dirty = false;
+        self.assigned.dirty = false;
         if tpl.count() > 0 {
             consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
         }
