@@ -121,9 +121,12 @@ impl Follower {
         match command {
             Command::Follow(p) => self.follow(p, false)?,
             Command::Standby(p) => self.follow(p, true)?,
-            Command::Release(p) => match self.standby {
+            Command::Release(p, end) => match self.standby {
                 Standby::None => {
-                    let end = self.end_of(p)?;
+                    let end = match end {
+                        Some(end) => end,
+                        None => self.end_of(p)?,
+                    };
                     if let Some(f) = self.partitions.get_mut(&p) {
                         f.until = Some(end);
                         // The release time is written with the next checkpoint, moved or not.
@@ -202,10 +205,13 @@ impl Follower {
         Ok(high)
     }
 
-    /// Reads what arrives within `wait`, then whatever is ready at once.
+    /// Reads what arrives within `wait`, then whatever is ready at once, for at most `wait` more
+    /// (commands are not left waiting while records keep coming).
     fn read(&mut self, wait: Duration) -> Result<(), FlowError> {
         let mut timeout = wait;
-        while let Some(polled) = self.consumer.poll(timeout) {
+        let deadline = Instant::now() + wait * 2;
+        while Instant::now() < deadline {
+            let Some(polled) = self.consumer.poll(timeout) else { break };
             timeout = Duration::ZERO;
             let msg = match polled {
                 Ok(msg) => msg,

@@ -31,7 +31,7 @@ use super::{FlowError, Metrics};
 use eventstage_journal::kafka::ReaderContext;
 use eventstage_journal::KafkaJournal;
 use follower::Follower;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -98,8 +98,9 @@ enum Command {
     Follow(i32),
     /// Keep partition `p`'s checkpoint current: a standby (it may be owned elsewhere).
     Standby(i32),
-    /// Partition `p` went to another instance: read it up to its end as of now, then let go.
-    Release(i32),
+    /// Partition `p` went to another instance: read it up to its end when it went (taken on the
+    /// flow thread; `None`: it could not be, take it now), then let go.
+    Release(i32, Option<i64>),
     /// Read every followed partition up to its end as of now, write, and stop.
     Close(Sender<()>),
     /// Write what was read, and stop (the flow failed or was aborted).
@@ -121,6 +122,9 @@ pub(super) struct Checkpoints {
     commands: Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     metrics: Arc<Metrics>,
+    standby: Standby,
+    /// Asks for a released partition's end offset.
+    marks: BaseConsumer<ReaderContext>,
 }
 
 impl Checkpoints {
@@ -160,7 +164,19 @@ impl Checkpoints {
             .name("eventstage-checkpoint".into())
             .spawn(move || follower.run(&rx))
             .map_err(|e| config_err(&settings.dir, format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Self { store, topic: journal.topic().to_string(), owned, commands, thread: Some(thread), metrics })
+        let marks = common
+            .create_with_context(ReaderContext { what: "checkpoint watermarks" })
+            .map_err(|e| kafka("checkpoint watermarks client", e))?;
+        Ok(Self {
+            store,
+            topic: journal.topic().to_string(),
+            owned,
+            commands,
+            thread: Some(thread),
+            metrics,
+            standby: settings.standby,
+            marks,
+        })
     }
 
     /// Partition `p`'s checkpoint, for a restore on its assignment (`marks`: the journal
@@ -197,7 +213,20 @@ impl Checkpoints {
     /// and kept (until the retention drops it).
     pub(super) fn release(&self, p: i32) {
         lock(&self.owned).remove(&p);
-        let _ = self.commands.send(Command::Release(p));
+        // Without standbys the follower stops at the partition's end as of now (this instance's
+        // last commit), taken here: the follower may be busy reading, and by the time it asked,
+        // the new owner could have written.
+        let end = match self.standby {
+            Standby::None => match self.marks.fetch_watermarks(&self.topic, p, Duration::from_secs(5)) {
+                Ok((_, high)) => Some(high),
+                Err(e) => {
+                    tracing::warn!(error = %e, journal = %self.topic, partition = p, "cannot read the end of a released journal partition; the local store follows it a little longer");
+                    None
+                }
+            },
+            Standby::Recent | Standby::All => None,
+        };
+        let _ = self.commands.send(Command::Release(p, end));
     }
 
     /// Brings every checkpoint up to the journal's end and stops the follower (waits up to
