@@ -16,6 +16,8 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::future::Future;
 
+pub mod fuzz;
+
 /// An event record with a raw payload.
 pub fn event(key: &[u8], seq: u64, payload: &[u8], timestamp_ms: u64) -> EventRecord {
     EventRecord {
