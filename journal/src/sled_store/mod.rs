@@ -130,7 +130,8 @@ fn decode_group(value: &[u8], last: u64) -> std::result::Result<Vec<(u64, Envelo
         return Err(format!("a group of {count} events from seq {first} stored under seq {last}"));
     }
     let mut at = 12usize;
-    let mut out = Vec::with_capacity(count as usize);
+    // The count is read from the record: a damaged (or re-sealed) one may claim 2^32 events.
+    let mut out = Vec::with_capacity((count as usize).min(MAX_GROUP));
     for i in 0..u64::from(count) {
         let len = p.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).ok_or("group truncated")?
             as usize;
@@ -426,7 +427,8 @@ impl JournalInner {
                 .ok_or_else(|| self.damaged(format!("head of key {} is not 8 bytes", printable_key(&key))))?;
             let mut from = 1;
             if let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? {
-                from = snap.get(..8).and_then(be_u64).map_or(1, |seq| seq + 1);
+                // Saturating: the seq is read from the record (a damaged one may say u64::MAX).
+                from = snap.get(..8).and_then(be_u64).map_or(1, |seq| seq.saturating_add(1));
                 if !out.push(Raw::Snapshot(key.clone(), snap)) {
                     return Ok(());
                 }

@@ -76,8 +76,9 @@ impl SledStoreBuilder {
         let empty = !exists || std::fs::read_dir(&path).map_err(|e| io(&path, e))?.next().is_none();
         let mut found_version = STORE_FORMAT_VERSION;
         if header_path.is_file() {
-            let text = std::fs::read_to_string(&header_path).map_err(|e| io(&header_path, e))?;
-            let header: StoreHeader = serde_json::from_str(&text).map_err(|e| JournalError::NotAJournal {
+            // Bytes, not a string: a header that is not UTF-8 is not a journal header (not an I/O error).
+            let text = std::fs::read(&header_path).map_err(|e| io(&header_path, e))?;
+            let header: StoreHeader = serde_json::from_slice(&text).map_err(|e| JournalError::NotAJournal {
                 path: path.clone(),
                 why: format!("{HEADER_FILE} is not a journal header: {e}"),
             })?;
