@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 pub(crate) mod damage;
 mod flow;
+mod fuzz;
 mod kafka;
 mod patterns;
 mod runtime;
