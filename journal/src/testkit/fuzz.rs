@@ -14,7 +14,9 @@
 //! - a case that runs longer than [`CASE_LIMIT`] fails the test with the input (a hang), instead
 //!   of blocking CI;
 //! - with [`Tracking`] as the test binary's global allocator, a case that asks for one allocation
-//!   above [`ALLOC_LIMIT`] fails (a length read from the input and allocated);
+//!   above [`ALLOC_LIMIT`] fails (a length read from the input and allocated); one the machine
+//!   cannot serve at all aborts the test binary ("memory allocation of N bytes failed"), which
+//!   fails too, without the input;
 //! - inputs are at most [`MAX_INPUT`] bytes.
 //!
 //! ```no_run
