@@ -7,6 +7,7 @@ mod crash;
 pub(crate) mod damage;
 mod flow;
 mod fuzz;
+mod journal_kafka;
 mod kafka;
 mod patterns;
 mod runtime;

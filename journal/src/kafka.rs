@@ -163,6 +163,10 @@ impl ConsumerContext for ReaderContext {}
 
 const RESTORE: ReaderContext = ReaderContext { what: "journal restore consumer" };
 
+/// How long a restore waits for a journal partition's open transactions to end (see
+/// [`KafkaJournal::restore_partitions_from`]).
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// What a restore read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreStats {
@@ -273,8 +277,9 @@ impl KafkaJournal {
     /// Reads partition `partition` from its start up to its end **as of now** (the last stable offset:
     /// records of open or aborted transactions are not read; the end is an offset, not a record, so a
     /// partition that ends with a transaction marker is read to its end too) and calls `on_record`
-    /// with each key and entry (`None`: tombstone), oldest first. Blocking: call it off the async
-    /// runtime.
+    /// with each key and entry (`None`: tombstone), oldest first. A transaction committed just
+    /// before (its markers on their way) is waited for, for up to 2 s, so that a restore right after
+    /// another instance's last commit reads it. Blocking: call it off the async runtime.
     ///
     /// # Errors
     /// Broker errors, a record that does not decode (named by partition and offset), or no progress
@@ -354,10 +359,10 @@ impl KafkaJournal {
         let mut tpl = TopicPartitionList::new();
         // The end of each partition as of now; a partition is done when its position reaches it.
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        let partitions: Vec<i32> = from.iter().map(|(p, _)| *p).collect();
+        let stable = self.stable_ends(&consumer, &partitions)?;
         for &(p, start) in from {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(30))
-                .map_err(|e| kafka_err(topic, "watermarks", e))?;
+            let (low, high) = stable.get(&p).copied().unwrap_or_default();
             stats.end_offset += high;
             let start = start.max(low);
             tracing::debug!(topic, partition = p, low, high, start, "journal partition to restore");
@@ -413,6 +418,50 @@ impl KafkaJournal {
         }
         stats.elapsed = started.elapsed();
         Ok(stats)
+    }
+
+    /// The low watermark and the last stable offset of each partition, once the partitions'
+    /// transactions have ended (the last stable offset reached the high watermark), waiting up to
+    /// [`SETTLE`]. A transaction's commit returns before its markers are written: a restore right
+    /// after another instance committed (on a rebalance) would otherwise end before that
+    /// instance's last transaction and miss it. A transaction still open after [`SETTLE`] (its
+    /// producer died in it: it stays open until its timeout) is not waited for.
+    fn stable_ends(
+        &self,
+        committed: &BaseConsumer<ReaderContext>,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, (i64, i64)>> {
+        let topic = &self.topic;
+        let mut config = self.config.clone();
+        config.set("isolation.level", "read_uncommitted");
+        let all: BaseConsumer<ReaderContext> =
+            config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "watermarks consumer", e))?;
+        let marks = |consumer: &BaseConsumer<ReaderContext>, p: i32| {
+            consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| kafka_err(topic, "watermarks", e))
+        };
+        let deadline = Instant::now() + SETTLE;
+        let mut ends = BTreeMap::new();
+        let mut open: Vec<i32> = partitions.to_vec();
+        loop {
+            let mut still = Vec::new();
+            for p in open {
+                let (low, stable) = marks(committed, p)?;
+                let (_, high) = marks(&all, p)?;
+                ends.insert(p, (low, stable));
+                if stable < high {
+                    still.push(p);
+                }
+            }
+            if still.is_empty() {
+                return Ok(ends);
+            }
+            if Instant::now() >= deadline {
+                tracing::info!(topic, partitions = ?still, "journal partitions hold a transaction still open after {SETTLE:?} (its producer died in it?); restoring up to their last stable offset");
+                return Ok(ends);
+            }
+            open = still;
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The newest entry per key of a partition: exactly what compaction leaves. Tombstoned keys are
