@@ -12,11 +12,19 @@
 //! Per K: a first start with an empty store (it reads the whole journal and fills the store),
 //! then a restart after a clean drain, a restart after SIGKILL (one checkpoint interval after its
 //! probe's reply), and a start without the store.
+//!
+//! Takeover: two instances A and B with local stores share the group (the largest K); A is
+//! SIGKILLed, and B takes A's partitions once A's session times out (the demo's 10 s). The figures
+//! are the time from the kill to the replies of probes to every partition, and B's restore of the
+//! partitions it took over (journal records read and time, from B's log), with `--standby none`
+//! (B reads A's partitions from the journal) and `--standby all` (B's store followed them).
 
 use super::*;
 use eventstage::stages::bank_flow::WireReply;
+use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 /// The demo's checkpoint interval here.
 const CHECKPOINT: Duration = Duration::from_secs(1);
@@ -33,6 +41,7 @@ pub(crate) struct RestartRow {
 
 pub(crate) struct Restarts {
     pub(crate) rows: Vec<RestartRow>,
+    pub(crate) takeovers: Vec<TakeoverRow>,
 }
 
 impl Restarts {
@@ -59,6 +68,19 @@ impl Restarts {
                 rows,
                 rss
             );
+        }
+        println!();
+        println!("takeover after SIGKILL of one of two instances with local stores (session timeout 10 s)");
+        println!(
+            "  {:>9}  {:<10} {:>16} {:>16} {:>14}",
+            "K", "--standby", "kill -> replies", "journal records", "restore"
+        );
+        for t in &self.takeovers {
+            let (records, took) = match t.restore {
+                Some((records, took)) => (records.to_string(), ms(took)),
+                None => ("?".into(), "?".into()),
+            };
+            println!("  {:>9}  {:<10} {:>16} {:>16} {:>14}", t.keys, t.standby, ms(t.to_replies), records, took);
         }
     }
 }
@@ -105,6 +127,8 @@ struct Run<'a> {
 struct Demo {
     child: Child,
     out: BufReader<ChildStdout>,
+    /// Its log lines (stderr), when captured.
+    log: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl Demo {
@@ -153,28 +177,65 @@ impl Run<'_> {
     fn start(&mut self, dir: Option<&std::path::Path>) -> Result<(Demo, Duration)> {
         self.probes += 1;
         let id = format!("probe-{}", self.probes);
+        self.probe(&[(id.clone(), key(1))])?;
+        let started = Instant::now();
+        let demo = self.spawn(dir, &self.txn, &[], false)?;
+        self.await_replies(&[(id, 10 + self.probes)])?;
+        Ok((demo, started.elapsed()))
+    }
+
+    /// Produces a deposit of 1 to each `(id, key)`.
+    fn probe(&self, probes: &[(String, String)]) -> Result<()> {
         let p = producer(self.brokers, 0)?;
-        send(&p, &self.topics.input, &key(1), &wire(id.clone(), "deposit", Some(1)))?;
-        p.flush(Duration::from_secs(30)).context("flush the probe")?;
+        for (id, key) in probes {
+            send(&p, &self.topics.input, key, &wire(id.clone(), "deposit", Some(1)))?;
+        }
+        p.flush(Duration::from_secs(30)).context("flush the probes")
+    }
+
+    /// Starts the demo with transactional id `txn`, the local store in `dir` (if any) and `extra`
+    /// arguments; `log`: its stderr is captured (with the local store's restores at INFO).
+    fn spawn(&self, dir: Option<&std::path::Path>, txn: &str, extra: &[&str], log: bool) -> Result<Demo> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventstage"));
         cmd.args(["demo", "--brokers", self.brokers, "--input", &self.topics.input])
             .args(["--replies", &self.topics.replies, "--events", &self.topics.events, "--group", &self.group])
-            .args(["--journal", &format!("kafka:{}", self.journal), "--transactional-id", &self.txn])
+            .args(["--journal", &format!("kafka:{}", self.journal), "--transactional-id", txn])
             .args(["--partitions", &PARTITIONS.to_string()])
-            .args(["--checkpoint-interval", &format!("{}ms", CHECKPOINT.as_millis())]);
+            .args(["--checkpoint-interval", &format!("{}ms", CHECKPOINT.as_millis())])
+            .args(extra);
         if let Some(dir) = dir {
             cmd.arg("--state-dir").arg(dir);
         }
-        let started = Instant::now();
+        let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let level = if log { format!("{level},eventstage::flow::engine::kafka_storage=info") } else { level };
         let mut child = cmd
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .context("start eventstage demo")?;
         let out = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
-        let demo = Demo { child, out };
-        let reply = std::cell::RefCell::new(None);
+        let log = match child.stderr.take() {
+            Some(err) => {
+                let lines = Arc::new(Mutex::new(Vec::new()));
+                let sink = lines.clone();
+                std::thread::spawn(move || {
+                    use std::io::BufRead;
+                    for line in BufReader::new(err).lines().map_while(std::io::Result::ok) {
+                        sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    }
+                });
+                Some(lines)
+            }
+            None => None,
+        };
+        Ok(Demo { child, out, log })
+    }
+
+    /// Waits until the reply to each `(id, balance)` is visible and says that balance.
+    fn await_replies(&self, expected: &[(String, u64)]) -> Result<()> {
+        let wanted: HashMap<&str, u64> = expected.iter().map(|(id, b)| (id.as_str(), *b)).collect();
+        let replies = std::cell::RefCell::new(HashMap::new());
         read_committed(
             self.brokers,
             &self.topics.replies,
@@ -182,24 +243,112 @@ impl Run<'_> {
             Duration::ZERO,
             |v| {
                 if let Ok(r) = serde_json::from_slice::<WireReply>(v) {
-                    if r.id == id {
-                        *reply.borrow_mut() = Some(r);
+                    if wanted.contains_key(r.id.as_str()) {
+                        replies.borrow_mut().insert(r.id.clone(), r.balance);
                     }
                 }
             },
-            |_| reply.borrow().is_some(),
+            |_| replies.borrow().len() == wanted.len(),
         )?;
-        let took = started.elapsed();
-        let r = reply.into_inner().ok_or_else(|| anyhow!("no reply to {id}"))?;
-        if r.balance != Some(10 + self.probes) {
-            bail!(
-                "the reply to {id} says balance {:?}, not {}: the state was not restored",
-                r.balance,
-                10 + self.probes
-            );
+        for (id, balance) in replies.into_inner() {
+            if balance != Some(wanted[id.as_str()]) {
+                bail!(
+                    "the reply to {id} says balance {balance:?}, not {}: the state was not restored",
+                    wanted[id.as_str()]
+                );
+            }
         }
-        Ok((demo, took))
+        Ok(())
     }
+}
+
+pub(crate) struct TakeoverRow {
+    pub(crate) keys: u64,
+    pub(crate) standby: &'static str,
+    /// From A's SIGKILL to the replies of probes to every partition.
+    pub(crate) to_replies: Duration,
+    /// B's restore when it took A's partitions: journal records read and time.
+    pub(crate) restore: Option<(u64, Duration)>,
+}
+
+/// The last restore in a demo's log: journal records read and time.
+fn last_restore(log: &[String]) -> Option<(u64, Duration)> {
+    let plain = |line: &str| {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    log.iter()
+        .rev()
+        .map(|l| plain(l))
+        .find(|l| l.contains("read the journal"))
+        .and_then(|l| Some((field(&l, "journal_records")?, Duration::from_millis(field(&l, "elapsed_ms")?))))
+}
+
+/// One takeover (see the module documentation) with `--standby standby`.
+pub(crate) fn takeover(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    keys: u64,
+    standby: &'static str,
+) -> Result<TakeoverRow> {
+    let topics = BankTopics { input: unique("to-cmds"), replies: unique("to-replies"), events: unique("to-events") };
+    create_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events])?;
+    let journal = unique("to-journal");
+    progress(&format!("7/7 takeover: writing a journal of {keys} keys"));
+    write_keys(rt, brokers, &journal, keys)?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let mut run = Run {
+        brokers,
+        topics: topics.clone(),
+        journal: journal.clone(),
+        group: unique("to-group"),
+        txn: unique("to-txn-a"),
+        probes: 0,
+    };
+    let args = ["--standby", standby];
+    let (a, _) = {
+        run.probes += 1;
+        let id = format!("probe-{}", run.probes);
+        run.probe(&[(id.clone(), key(1))])?;
+        let started = Instant::now();
+        let a = run.spawn(Some(dir_a.path()), &run.txn, &args, false)?;
+        run.await_replies(&[(id, 11)])?;
+        (a, started.elapsed())
+    };
+    // B joins; both serve once probes to keys of every partition are answered.
+    let b = run.spawn(Some(dir_b.path()), &unique("to-txn-b"), &args, true)?;
+    let joined: Vec<(String, String)> = (200..216).map(|i| (format!("join-{i}"), key(i))).collect();
+    run.probe(&joined)?;
+    run.await_replies(&joined.iter().map(|(id, _)| (id.clone(), 11)).collect::<Vec<_>>())?;
+    // Standbys follow the partitions they do not own in the background: give them time to reach
+    // the journal's end (B's log has no line for it; a bench, not a test, may wait).
+    std::thread::sleep(CHECKPOINT * 2 + Duration::from_millis(keys / 100));
+    let killed = Instant::now();
+    a.kill()?;
+    let probes: Vec<(String, String)> = (100..116).map(|i| (format!("takeover-{i}"), key(i))).collect();
+    run.probe(&probes)?;
+    run.await_replies(&probes.iter().map(|(id, _)| (id.clone(), 11)).collect::<Vec<_>>())?;
+    let to_replies = killed.elapsed();
+    let restore = b.log.as_ref().and_then(|log| last_restore(&log.lock().unwrap_or_else(|p| p.into_inner())));
+    b.drain()?;
+    progress(&format!(
+        "7/7 takeover, {keys} keys, --standby {standby}: {} from SIGKILL to the replies, B's restore {restore:?}",
+        ms(to_replies)
+    ));
+    delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
+    Ok(TakeoverRow { keys, standby, to_replies, restore })
 }
 
 pub(crate) fn run(rt: &tokio::runtime::Runtime, brokers: &str, sizes: &[u64]) -> Result<Restarts> {
@@ -247,5 +396,11 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, brokers: &str, sizes: &[u64]) ->
         row("no store", took, demo)?;
         delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
     }
-    Ok(Restarts { rows })
+    let mut takeovers = Vec::new();
+    if let Some(&keys) = sizes.iter().max() {
+        for standby in ["none", "all"] {
+            takeovers.push(takeover(rt, brokers, keys, standby)?);
+        }
+    }
+    Ok(Restarts { rows, takeovers })
 }
