@@ -166,6 +166,58 @@ async fn bank_flow_replies_exactly_once_and_the_journal_rebuilds_the_state() {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 3)).await.unwrap(), accounts);
 }
 
+/// A Kafka journal belongs to the group that first ran on it: a flow of another group on the same
+/// journal and inputs is refused (it would start from its own offsets and apply every past command
+/// again on top of the journal's state); one told to take the journal over continues from its state
+/// and the previous group's offsets (no command applied twice), and the previous group is refused
+/// from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_belongs_to_one_group_unless_taken_over() {
+    let s = setup(2).await;
+    let cmds = workload(300, 20, 5);
+    let start = |group: &str, take_over: bool| {
+        let flow =
+            bank_flow(&s.brokers, group, s.topics.clone()).journal_topic(&s.journal).transactional_id(unique("txn"));
+        let flow = if take_over { flow.take_over_journal() } else { flow };
+        flow.run().unwrap()
+    };
+    let refused = |result: Result<(), FlowError>, owner: &str, group: &str| match result {
+        Err(e @ FlowError::Journal(_)) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&s.journal) && msg.contains(owner) && msg.contains(group), "{msg}");
+            assert!(msg.contains("take the journal over"), "the error says what to do: {msg}");
+        }
+        other => panic!("a journal of group {owner} is refused to group {group}: {other:?}"),
+    };
+    let (first, second) = (unique("group"), unique("group"));
+    let flow = start(&first, false);
+    feed_async(&s, &cmds[..150]).await;
+    await_replies(&s, expected(&cmds[..150]).0).await;
+    flow.drain_and_shutdown().await.unwrap();
+
+    let other = start(&second, false);
+    refused(tokio::time::timeout(crate::util::DEADLINE, other.wait()).await.expect("refused at once"), &first, &second);
+
+    let flow = start(&second, true);
+    feed_async(&s, &cmds[150..]).await;
+    let (replies, accounts) = expected(&cmds);
+    await_replies(&s, replies).await;
+    assert_eq!(flow.metrics().records_in, 150, "the new group starts where the previous one committed");
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(
+        tokio::task::spawn_blocking({
+            let s = s.clone();
+            move || journal_state(&s, 2)
+        })
+        .await
+        .unwrap(),
+        accounts
+    );
+
+    let old = start(&first, false);
+    refused(tokio::time::timeout(crate::util::DEADLINE, old.wait()).await.expect("refused at once"), &second, &first);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_goes_to_the_dead_letter_topic_with_its_source() {
     let s = setup(1).await;

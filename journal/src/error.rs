@@ -130,6 +130,18 @@ pub enum JournalError {
         /// Newest this build reads.
         supported: u32,
     },
+    /// A Kafka journal another consumer group owns (see `KafkaJournal::claim`).
+    #[error("the journal topic `{journal}` belongs to consumer group `{owner}` (recorded in the topic `{registry}`); this flow's group is `{group}`. Two applications on one journal apply each other's inputs on top of each other's state: give this flow a journal of its own (the default is named after the group), or, if group `{group}` replaces `{owner}`, take the journal over (FlowBuilder::take_over_journal, `eventstage demo --take-over-journal`): it continues from the journal's state and from `{owner}`'s committed input offsets")]
+    Foreign {
+        /// The journal topic.
+        journal: String,
+        /// The group that owns it.
+        owner: String,
+        /// The group that opened it.
+        group: String,
+        /// The topic recording the owners.
+        registry: String,
+    },
     /// No journal of that name in the store.
     #[error("no journal named `{name}` at {path}; journals there: {available}")]
     UnknownJournal {

@@ -167,6 +167,25 @@ const RESTORE: ReaderContext = ReaderContext { what: "journal restore consumer" 
 /// [`KafkaJournal::restore_partitions_from`]).
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// The compacted topic recording which consumer group owns each Kafka journal: key = the journal
+/// topic, value = the group id (UTF-8), the newest record per key wins.
+pub const OWNERS_TOPIC: &str = "eventstage-journal-owners";
+
+/// What [`KafkaJournal::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No group owned the journal (a new journal, or one written before owners were recorded): it
+    /// is this group's now.
+    New,
+    /// The journal is this group's already.
+    Owned,
+    /// The journal was group `from`'s; this group took it over.
+    TakenOver {
+        /// The group that owned it before.
+        from: String,
+    },
+}
+
 /// What a restore read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreStats {
@@ -238,6 +257,109 @@ impl KafkaJournal {
             }
         }
         Ok(journal)
+    }
+
+    /// Records that consumer group `group` owns this journal, in [`OWNERS_TOPIC`] (created if
+    /// missing). A journal of another group is refused ([`JournalError::Foreign`]) unless
+    /// `take_over`: then it becomes `group`'s and the previous owner is returned, so that the
+    /// caller can carry its committed input offsets over. It reads the registry with a blocking
+    /// consumer (a few round trips).
+    ///
+    /// # Errors
+    /// [`JournalError::Foreign`], or broker errors.
+    pub async fn claim(&self, group: &str, take_over: bool) -> Result<Claim> {
+        let registry = OWNERS_TOPIC;
+        let admin: AdminClient<DefaultClientContext> =
+            self.config.create().map_err(|e| kafka_err(registry, "admin client", e))?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let new = NewTopic::new(registry, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+        let created = admin.create_topics(&[new], &opts).await.map_err(|e| kafka_err(registry, "create topic", e))?;
+        for r in created {
+            match r {
+                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(kafka_err(registry, "create topic", KafkaError::AdminOp(code))),
+            }
+        }
+        let owner = self.owner()?;
+        let claim = match owner {
+            Some(owner) if owner == group => return Ok(Claim::Owned),
+            Some(owner) if !take_over => {
+                return Err(JournalError::Foreign {
+                    journal: self.topic.clone(),
+                    owner,
+                    group: group.into(),
+                    registry: registry.into(),
+                })
+            }
+            Some(from) => Claim::TakenOver { from },
+            None => Claim::New,
+        };
+        let producer: rdkafka::producer::BaseProducer = self
+            .config
+            .clone()
+            .set("enable.idempotence", "true")
+            .create()
+            .map_err(|e| kafka_err(registry, "producer", e))?;
+        producer
+            .send(rdkafka::producer::BaseRecord::to(registry).key(&self.topic).payload(group))
+            .map_err(|(e, _)| kafka_err(registry, "record the journal's owner", e))?;
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
+            .map_err(|e| kafka_err(registry, "record the journal's owner", e))?;
+        // Two groups claiming at once: the record written last wins, and the other is refused.
+        match self.owner()? {
+            Some(owner) if owner != group => Err(JournalError::Foreign {
+                journal: self.topic.clone(),
+                owner,
+                group: group.into(),
+                registry: registry.into(),
+            }),
+            _ => Ok(claim),
+        }
+    }
+
+    /// The group [`OWNERS_TOPIC`] records for this journal (`None`: none).
+    ///
+    /// # Errors
+    /// Broker errors (a missing registry topic is an error: [`claim`](Self::claim) creates it).
+    pub fn owner(&self) -> Result<Option<String>> {
+        let registry = OWNERS_TOPIC;
+        let mut config = self.config.clone();
+        config
+            .set("group.id", "eventstage-journal-owners")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10");
+        let consumer: BaseConsumer<ReaderContext> =
+            config.create_with_context(RESTORE).map_err(|e| kafka_err(registry, "consumer", e))?;
+        let (low, high) = consumer
+            .fetch_watermarks(registry, 0, Duration::from_secs(30))
+            .map_err(|e| kafka_err(registry, "watermarks", e))?;
+        if high <= low {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(registry, 0, Offset::Offset(low)).map_err(|e| kafka_err(registry, "assign", e))?;
+        consumer.assign(&tpl).map_err(|e| kafka_err(registry, "assign", e))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut owner = None;
+        loop {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(msg)) => {
+                    if msg.key() == Some(self.topic.as_bytes()) {
+                        owner = msg.payload().map(|v| String::from_utf8_lossy(v).into_owned());
+                    }
+                    if msg.offset() + 1 >= high {
+                        return Ok(owner);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(owner),
+                Some(Err(e)) => return Err(kafka_err(registry, "read", e)),
+                None if Instant::now() > deadline => {
+                    return Err(kafka_err(registry, "read (no record for 30 s)", KafkaError::NoMessageReceived))
+                }
+                None => {}
+            }
+        }
     }
 
     /// The topic.

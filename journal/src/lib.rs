@@ -46,7 +46,7 @@ pub use crate::sled_store::{SledJournal, SledStore, SledStoreBuilder, STORE_FORM
 pub use envelope::{CodecId, Envelope, Header, RecordKind, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use error::{EnvelopeError, JournalError, Result};
 #[cfg(feature = "kafka")]
-pub use kafka::{JournalEntry, KafkaJournal, RestoreStats};
+pub use kafka::{Claim, JournalEntry, KafkaJournal, RestoreStats};
 pub use keys::printable_key;
 pub use memory::MemoryJournal;
 pub use types::{

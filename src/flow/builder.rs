@@ -13,6 +13,7 @@ pub struct FlowBuilder<S: EventSourced> {
     transactional_id: Option<String>,
     commit_interval: Duration,
     journal: Option<FlowJournal>,
+    take_over_journal: bool,
     state_dir: Option<std::path::PathBuf>,
     state_retention: Duration,
     checkpoint_interval: Duration,
@@ -53,6 +54,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             transactional_id: None,
             commit_interval: Duration::from_millis(100),
             journal: None,
+            take_over_journal: false,
             state_dir: None,
             state_retention: Duration::from_secs(24 * 3600),
             checkpoint_interval: Duration::from_secs(1),
@@ -160,7 +162,8 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
-    /// The Kafka journal topic. Default: `<stage name>-journal`.
+    /// The Kafka journal topic. Default: `<group id>-<stage name>-journal`: a journal belongs to
+    /// one consumer group (see [`take_over_journal`](Self::take_over_journal)).
     #[must_use]
     pub fn journal_topic(mut self, topic: impl Into<String>) -> Self {
         self.journal = Some(FlowJournal::Kafka(topic.into()));
@@ -168,10 +171,24 @@ impl<S: EventSourced> FlowBuilder<S> {
     }
 
     /// Where the flow keeps its entities' events (see [`FlowJournal`]). Default: the Kafka topic
-    /// `<stage name>-journal`.
+    /// `<group id>-<stage name>-journal`.
     #[must_use]
     pub fn journal(mut self, journal: FlowJournal) -> Self {
         self.journal = Some(journal);
+        self
+    }
+
+    /// This flow's group takes over a Kafka journal another group owns. A Kafka journal belongs to
+    /// the consumer group that first ran on it (recorded in the compacted topic
+    /// `eventstage-journal-owners`); a flow of another group is refused with
+    /// [`FlowError::Journal`], because it would read the inputs from its own offsets and apply
+    /// commands the journal's state includes already. Taking over makes the journal this group's:
+    /// the flow continues from the journal's state, and the previous owner's committed input
+    /// offsets are copied to this group where it has none, so that no input is applied twice.
+    /// The previous group is refused from then on.
+    #[must_use]
+    pub fn take_over_journal(mut self) -> Self {
+        self.take_over_journal = true;
         self
     }
 
@@ -308,7 +325,8 @@ impl<S: EventSourced> FlowBuilder<S> {
         let stop = FlowStopper(Arc::new(AtomicU8::new(RUN)));
         let metrics = Arc::new(Metrics::default());
         let (tx, done) = oneshot::channel();
-        let journal = self.journal.unwrap_or_else(|| FlowJournal::Kafka(format!("{}-journal", S::NAME)));
+        let journal =
+            self.journal.unwrap_or_else(|| FlowJournal::Kafka(format!("{}-{}-journal", self.group_id, S::NAME)));
         let store = match (self.state_dir, &journal) {
             (None, _) => None,
             (Some(dir), FlowJournal::Kafka(_)) => {
@@ -333,6 +351,8 @@ impl<S: EventSourced> FlowBuilder<S> {
             transactional_id,
             inputs: self.inputs,
             journal,
+            group: self.group_id.clone(),
+            take_over_journal: self.take_over_journal,
             store,
             snapshot_every: self.snapshot_every,
             commit_interval: self.commit_interval,

@@ -10,7 +10,8 @@ use super::{
 use crate::codec::Codec;
 use crate::replay::Entity;
 use crate::stage::EventSourced;
-use eventstage_journal::{KafkaJournal, SeqNo, SourcePosition};
+use eventstage_journal::kafka::OWNERS_TOPIC;
+use eventstage_journal::{Claim, KafkaJournal, SeqNo, SourcePosition};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
@@ -37,6 +38,9 @@ pub(super) struct Settings {
     pub(super) transactional_id: String,
     pub(super) inputs: Vec<String>,
     pub(super) journal: FlowJournal,
+    /// The consumer group, which owns the Kafka journal.
+    pub(super) group: String,
+    pub(super) take_over_journal: bool,
     pub(super) store: Option<super::checkpoint::StoreSettings>,
     pub(super) snapshot_every: u64,
     pub(super) commit_interval: Duration,
@@ -478,6 +482,53 @@ fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
     kafka(format!("consumer (fatal): {hint}"), KafkaError::MessageConsumptionFatal(code))
 }
 
+/// Copies group `from`'s committed offsets of the inputs to group `to` where `to` has none: a
+/// group taking a journal over goes on where the journal's state is.
+fn carry_offsets_over(
+    common: &ClientConfig,
+    from: &str,
+    to: &str,
+    inputs: &[String],
+    partitions: i32,
+) -> Result<(), FlowError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in inputs {
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+    }
+    let group = |id: &str| -> Result<BaseConsumer, FlowError> {
+        common
+            .clone()
+            .set("group.id", id)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| kafka("offsets client", e))
+    };
+    let old = group(from)?
+        .committed_offsets(tpl.clone(), TXN_TIMEOUT)
+        .map_err(|e| kafka(format!("committed offsets of group {from}"), e))?;
+    let new = group(to)?;
+    let mine =
+        new.committed_offsets(tpl, TXN_TIMEOUT).map_err(|e| kafka(format!("committed offsets of group {to}"), e))?;
+    let mut carried = TopicPartitionList::new();
+    for el in old.elements() {
+        let unset =
+            mine.find_partition(el.topic(), el.partition()).is_none_or(|m| !matches!(m.offset(), Offset::Offset(_)));
+        if let (Offset::Offset(o), true) = (el.offset(), unset) {
+            carried
+                .add_partition_offset(el.topic(), el.partition(), Offset::Offset(o))
+                .map_err(|e| kafka("offsets", e))?;
+        }
+    }
+    if carried.count() > 0 {
+        new.commit(&carried, rdkafka::consumer::CommitMode::Sync)
+            .map_err(|e| kafka(format!("commit the offsets carried over to group {to}"), e))?;
+    }
+    tracing::info!(from, to, partitions = carried.count(), "carried the previous owner's committed input offsets over");
+    Ok(())
+}
+
 fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Result<i32, FlowError> {
     let probe: BaseConsumer = common.create().map_err(|e| kafka("metadata client", e))?;
     let mut count = None;
@@ -522,6 +573,16 @@ pub(super) fn run<S: EventSourced>(
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(topic) => {
             let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
+            match rt.block_on(journal.claim(&settings.group, settings.take_over_journal))? {
+                Claim::New => {
+                    tracing::info!(journal = %topic, group = %settings.group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
+                }
+                Claim::Owned => {}
+                Claim::TakenOver { from } => {
+                    tracing::warn!(journal = %topic, group = %settings.group, previous = %from, "took the journal over from another group");
+                    carry_offsets_over(&settings.common, &from, &settings.group, &settings.inputs, partitions)?;
+                }
+            }
             let checkpoints = match &settings.store {
                 Some(store) => Some(Checkpoints::start(store, &journal, &settings.common, S::NAME, metrics.clone())?),
                 None => None,

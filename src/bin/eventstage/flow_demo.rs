@@ -36,10 +36,15 @@ pub(crate) struct FlowArgs {
     /// Consumer group.
     #[arg(long, default_value = "eventstage-bank")]
     group: String,
-    /// Journal: `kafka:TOPIC` (a compacted topic, created if missing) or `sled:DIR` (a local store
-    /// with the consumed positions and an outbox; one instance only).
-    #[arg(long, default_value = "kafka:bank-journal")]
-    journal: String,
+    /// Journal: `kafka:TOPIC` (a compacted topic, created if missing; it belongs to the group that
+    /// first runs on it) or `sled:DIR` (a local store with the consumed positions and an outbox;
+    /// one instance only). Default: kafka:<group>-journal.
+    #[arg(long)]
+    journal: Option<String>,
+    /// Take over a Kafka journal another group owns: continue from its state and from that
+    /// group's committed input offsets (the other group is refused from then on).
+    #[arg(long)]
+    take_over_journal: bool,
     /// With a Kafka journal: keep a local state store in DIR (one per instance), a checkpoint of
     /// the journal, so that a restart or a partition taken over reads only the journal's records
     /// after the checkpoint. A damaged or foreign store is dropped with a warning and rebuilt.
@@ -129,6 +134,7 @@ fn configure<S: eventstage::EventSourced>(
     } else {
         eventstage::flow::Guarantee::ExactlyOnce
     };
+    let flow = if args.take_over_journal { flow.take_over_journal() } else { flow };
     let flow = flow
         .journal(journal.clone())
         .guarantee(guarantee)
@@ -169,11 +175,15 @@ fn default_transactional_id(group: &str) -> String {
 #[cfg(feature = "kafka")]
 pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let Some(brokers) = args.brokers.clone() else { bail!("--brokers is required for the flow demo") };
-    let journal = match args.journal.split_once(':') {
+    let journal_arg = args.journal.clone().unwrap_or_else(|| format!("kafka:{}-journal", args.group));
+    let journal = match journal_arg.split_once(':') {
         Some(("kafka", topic)) if !topic.is_empty() => eventstage::flow::FlowJournal::Kafka(topic.into()),
         Some(("sled", dir)) if !dir.is_empty() => eventstage::flow::FlowJournal::Sled(dir.into()),
-        _ => bail!("--journal must be kafka:TOPIC or sled:DIR (got `{}`)", args.journal),
+        _ => bail!("--journal must be kafka:TOPIC or sled:DIR (got `{journal_arg}`)"),
     };
+    if args.take_over_journal && !matches!(journal, eventstage::flow::FlowJournal::Kafka(_)) {
+        bail!("--take-over-journal applies to a Kafka journal (--journal kafka:TOPIC); a sled journal belongs to its directory");
+    }
     ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions).await?;
     let txn = args.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
@@ -197,7 +207,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     };
     println!(
         "flow running: {} -> {} / {}, {}, journal {}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
-        args.input, args.replies, args.events, args.guarantee, args.journal, args.group
+        args.input, args.replies, args.events, args.guarantee, journal_arg, args.group
     );
     std::io::Write::flush(&mut std::io::stdout())?;
     let stopper = flow.stopper();
