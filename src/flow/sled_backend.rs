@@ -165,15 +165,28 @@ impl SledBackend {
         self.chunks.remove(&p);
     }
 
-    /// Writes and fsyncs every touched partition's batch (events, snapshots, positions, outbox).
-    /// `positions` holds the positions to store per partition.
-    pub(super) fn write<S: EventSourced>(
+    /// Writes every touched partition's batch (events, snapshots, positions, outbox) with
+    /// `positions` (the positions to store per partition), without waiting for the disk: the
+    /// caller makes it durable with
+    /// [`flush_in_background`](Self::flush_in_background) and waits for that before anything
+    /// depends on it.
+    pub(super) fn write_unflushed<S: EventSourced>(
         &mut self,
         rt: &tokio::runtime::Runtime,
         positions: BTreeMap<i32, Vec<SourcePosition>>,
     ) -> Result<(), FlowError> {
         let staged = self.take_staged();
-        self.write_staged::<S>(rt, staged, positions)
+        self.write_staged::<S>(rt, staged, positions, false)
+    }
+
+    /// Makes everything written so far durable (one fsync of the sled database) on a thread of
+    /// its own.
+    pub(super) fn flush_in_background(&self) -> Result<std::thread::JoinHandle<Result<(), FlowError>>, FlowError> {
+        let store = self.store.clone();
+        std::thread::Builder::new()
+            .name("eventstage-sled-flush".into())
+            .spawn(move || store.flush().map_err(FlowError::from))
+            .map_err(|e| FlowError::Config(format!("cannot start the sled flush thread: {e}")))
     }
 
     /// Takes what the open batch staged.
@@ -181,12 +194,14 @@ impl SledBackend {
         std::mem::take(&mut self.pending)
     }
 
-    /// Writes and fsyncs `staged` with `positions` (see [`write`](Self::write)).
+    /// Writes `staged` with `positions` (see [`write_unflushed`](Self::write_unflushed)), and
+    /// fsyncs it if `flush`.
     pub(super) fn write_staged<S: EventSourced>(
         &mut self,
         rt: &tokio::runtime::Runtime,
         mut staged: Staged,
         positions: BTreeMap<i32, Vec<SourcePosition>>,
+        flush: bool,
     ) -> Result<(), FlowError> {
         let mut written = Vec::new();
         let mut appended = Vec::new();
@@ -222,7 +237,7 @@ impl SledBackend {
         }
         // One sled database under every partition: the first flush makes them all durable, the
         // others find nothing left to write.
-        for journal in appended {
+        for journal in appended.into_iter().filter(|_| flush) {
             rt.block_on(journal.flush())?;
         }
         self.written = written;
@@ -254,7 +269,8 @@ mod tests {
         for o in outbox {
             backend.stage_output(0, o.clone());
         }
-        backend.write::<Bank>(rt, BTreeMap::from([(0, Vec::new())])).unwrap();
+        let staged = backend.take_staged();
+        backend.write_staged::<Bank>(rt, staged, BTreeMap::from([(0, Vec::new())]), true).unwrap();
     }
 
     /// An outbox stored as one value (the format before) is read, and replaced by chunks; a

@@ -303,6 +303,11 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         Ok(false)
     }
 
+    /// The journal records are part of the transaction: nothing to wait for.
+    fn durable(&mut self) -> Result<(), FlowError> {
+        Ok(())
+    }
+
     fn outbox(&self) -> Vec<OutputRecord> {
         Vec::new()
     }

@@ -24,6 +24,8 @@ pub(super) struct SledStorage {
     metrics: Arc<Metrics>,
     /// At-least-once: what sealed batches will write, oldest first.
     batches: VecDeque<(usize, Staged, Positions)>,
+    /// Exactly-once: the fsync of the sealed transaction, running until the Kafka commit.
+    flushing: Option<std::thread::JoinHandle<Result<(), FlowError>>>,
 }
 
 impl SledStorage {
@@ -34,7 +36,7 @@ impl SledStorage {
         snapshot_every: u64,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { backend, rt, codec, snapshot_every, metrics, batches: VecDeque::new() }
+        Self { backend, rt, codec, snapshot_every, metrics, batches: VecDeque::new(), flushing: None }
     }
 
     /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
@@ -131,18 +133,27 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         self.backend.stage_output(p, record);
     }
 
-    /// sled is the state of record: the transaction's events, positions and outbox are written and
-    /// fsynced before the Kafka commit. A failed write stops the flow: the restart recovers from
-    /// whatever sled holds.
+    /// sled is the state of record: the transaction's events, positions and outbox are written,
+    /// and fsynced on a thread of their own while the transaction's offsets travel and its last
+    /// records are acknowledged; [`durable`](Storage::durable) waits for it before the Kafka
+    /// commit. A failed write stops the flow: the restart recovers from whatever sled holds.
     fn seal_transaction(
         &mut self,
         _: &BTreeMap<i32, PartitionState<S>>,
         positions: Positions,
         _: Out<'_>,
     ) -> Result<bool, FlowError> {
-        self.backend.write::<S>(&self.rt, positions)?;
-        crash_point_after_sled_write();
+        Storage::<S>::durable(self)?;
+        self.backend.write_unflushed::<S>(&self.rt, positions)?;
+        self.flushing = Some(self.backend.flush_in_background()?);
         Ok(true)
+    }
+
+    fn durable(&mut self) -> Result<(), FlowError> {
+        let Some(flushing) = self.flushing.take() else { return Ok(()) };
+        flushing.join().map_err(|_| FlowError::Crashed("the sled flush thread panicked".into()))??;
+        crash_point_after_sled_write();
+        Ok(())
     }
 
     fn outbox(&self) -> Vec<OutputRecord> {
@@ -163,7 +174,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
     fn write_batch(&mut self, id: usize, _: Out<'_>) -> Result<(), FlowError> {
         let Some((sealed, staged, positions)) = self.batches.pop_front() else { return Ok(()) };
         debug_assert_eq!(sealed, id, "batches are written in the order they were sealed");
-        self.backend.write_staged::<S>(&self.rt, staged, positions)
+        self.backend.write_staged::<S>(&self.rt, staged, positions, true)
     }
 
     fn drop_batches(&mut self) {

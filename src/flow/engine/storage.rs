@@ -104,6 +104,11 @@ pub(super) trait Storage<S: EventSourced>: Send {
         out: Out<'_>,
     ) -> Result<bool, FlowError>;
 
+    /// Exactly-once, right before the Kafka commit: returns once what
+    /// [`seal_transaction`](Self::seal_transaction) wrote is durable (the sled journal's fsync
+    /// runs while the transaction's offsets travel and its last records are acknowledged).
+    fn durable(&mut self) -> Result<(), FlowError>;
+
     /// The outputs of the last sealed transaction, to produce again after a failed Kafka commit.
     fn outbox(&self) -> Vec<OutputRecord>;
 
@@ -173,6 +178,10 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         _: Out<'_>,
     ) -> Result<bool, FlowError> {
         Ok(false)
+    }
+
+    fn durable(&mut self) -> Result<(), FlowError> {
+        Ok(())
     }
 
     fn outbox(&self) -> Vec<OutputRecord> {

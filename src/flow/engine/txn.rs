@@ -57,7 +57,7 @@ impl<S: EventSourced> Core<S> {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match self.finish_transaction(consumer, &tpl) {
+            match self.finish_transaction(consumer, &tpl)? {
                 Err(e) if classify(&e) == TxnFailure::Retry && attempt < 3 => {
                     tracing::warn!(error = %e, attempt, "commit failed; retrying");
                     std::thread::sleep(Duration::from_millis(100 * attempt.min(20)));
@@ -172,16 +172,24 @@ impl<S: EventSourced> Core<S> {
     /// last records. Then it waits until every produced record is acknowledged: rdkafka's
     /// `commit_transaction` flushes first, and with a `ThreadedProducer` its flush waits in 100 ms
     /// polling steps while the background thread takes the delivery reports; waiting here in
-    /// 200 µs steps makes a commit cost milliseconds instead of 100 ms.
-    fn finish_transaction(&self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> KafkaResult<()> {
-        if let Some(gm) = consumer.group_metadata().filter(|_| offsets.count() > 0) {
-            self.txn.sink.send_offsets(offsets, gm)?;
-        }
+    /// 200 µs steps makes a commit cost milliseconds instead of 100 ms. The storage's write of the
+    /// transaction (sled's fsync) runs meanwhile and is durable before the commit; its failure
+    /// stops the flow (the outer error).
+    fn finish_transaction(
+        &mut self,
+        consumer: &FlowConsumer<S>,
+        offsets: &TopicPartitionList,
+    ) -> Result<KafkaResult<()>, FlowError> {
+        let sent = match consumer.group_metadata().filter(|_| offsets.count() > 0) {
+            Some(gm) => self.txn.sink.send_offsets(offsets, gm),
+            None => Ok(()),
+        };
         let deadline = Instant::now() + TXN_TIMEOUT;
         while self.txn.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.txn.sink.producer().commit_transaction(TXN_TIMEOUT)
+        self.storage.durable()?;
+        Ok(sent.and_then(|()| self.txn.sink.producer().commit_transaction(TXN_TIMEOUT)))
     }
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
@@ -204,7 +212,7 @@ impl<S: EventSourced> Core<S> {
             for o in &outbox {
                 self.txn.sink.produce_output(0, o)?;
             }
-            match self.finish_transaction(consumer, offsets) {
+            match self.finish_transaction(consumer, offsets)? {
                 Ok(()) => {
                     self.txn.sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
