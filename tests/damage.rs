@@ -233,8 +233,31 @@ async fn damaged_sled_files_never_panic_or_shorten_history() {
             }
             other => panic!("{what}: exit {other} (a crash?): {err}"),
         }
+        // `verify` reports what it finds, on stdout as JSON, and exits 1 for damage (0: none).
+        let (verify, out, err) =
+            run_cli(&["journal", "verify", "--journal", copy.to_str().unwrap(), "--format", "json"]);
+        let reports: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let problems = reports.iter().map(|r| r["problems"].as_array().map_or(0, Vec::len)).sum::<usize>();
+        match verify {
+            0 => assert!(code == 0 && !reports.is_empty() && problems == 0, "{what}: verify ok: {out} {err}"),
+            1 => assert!(problems > 0, "{what}: verify lists the damage: {out} {err}"),
+            other => panic!("{what}: verify exits {other}, not 0 or 1: {out} {err}"),
+        }
+        assert!(!(code == 2 && verify == 0), "{what}: damage that stops a replay is found by verify");
     }
     assert!(refused >= 3, "the damage cases that hit data are refused ({refused})");
+
+    // sled lost every file, the commit marks remain: the journal lost committed batches (not "a
+    // store with no journals").
+    let copy = dir.path().join("lost-everything");
+    copy_dir(&path, &copy);
+    std::fs::remove_dir_all(copy.join("sled")).unwrap();
+    let (code, _, err) = run_cli(&["journal", "dump", "--journal", copy.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("lost committed batches"), "{err}");
+    let (code, out, _) = run_cli(&["journal", "verify", "--journal", copy.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing"), "{out}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use super::{progress_bar, Format};
 use anyhow::{bail, Context};
 use base64::Engine;
 use eventstage_journal::{
-    printable_key, EventQuery, EventRecord, Journal, JournalStats, Progress, SeqNo, SledJournal, SledStore,
+    printable_key, EventQuery, EventRecord, Journal, JournalStats, Problem, Progress, SeqNo, SledJournal, SledStore,
     VerifyReport,
 };
 use futures::StreamExt;
@@ -94,12 +94,33 @@ impl PointArgs {
 /// Anything that stops the command: the message names the thing and the fix.
 pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Result<ExitCode> {
     let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
-    let store = tokio::task::spawn_blocking({
+    let opened = tokio::task::spawn_blocking({
         let path = path.clone();
         move || SledStore::builder(path).create(false).flush_every(None).open()
     })
-    .await?
-    .with_context(|| format!("cannot open journal {}", path.display()))?;
+    .await?;
+    let store = match opened {
+        // A store sled cannot read at all is damage, which `verify` reports (exit 1), not an error.
+        Err(e) if unreadable_store(&e) && matches!(args.command, JournalCommand::Verify) => {
+            let report = VerifyReport {
+                name: path.display().to_string(),
+                problems: vec![Problem {
+                    key: None,
+                    seq: None,
+                    what: format!(
+                        "the store cannot be opened, nothing in it can be read: {}; restore it from a backup",
+                        unreadable(&e)
+                    ),
+                }],
+                ..VerifyReport::default()
+            };
+            let mut out = std::io::stdout().lock();
+            print_report(&mut out, args.format, &report)?;
+            out.flush()?;
+            return Ok(ExitCode::from(1));
+        }
+        opened => opened.with_context(|| format!("cannot open journal {}", path.display()))?,
+    };
     let names = match &args.stage {
         Some(name) => vec![name.clone()],
         None => store.journal_names(),
@@ -187,6 +208,27 @@ fn print_stats(out: &mut impl Write, format: Format, s: &JournalStats, disk: u64
     Ok(())
 }
 
+/// Whether a store failed to open because of what its files hold (damage), not because of the path
+/// or the permissions.
+fn unreadable_store(e: &eventstage_journal::JournalError) -> bool {
+    use eventstage_journal::JournalError;
+    match e {
+        JournalError::Storage { .. } => true,
+        JournalError::Io { source, .. } => {
+            matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData)
+        }
+        other => other.is_damage(),
+    }
+}
+
+/// What is wrong with a store that does not open, without the advice to run `verify` (this is it).
+fn unreadable(e: &eventstage_journal::JournalError) -> String {
+    match e {
+        eventstage_journal::JournalError::Damaged { what, .. } => what.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn print_report(out: &mut impl Write, format: Format, r: &VerifyReport) -> anyhow::Result<()> {
     match format {
         Format::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
@@ -263,11 +305,29 @@ async fn dump(
     }
     let bar = progress_bar(&format!("dumping {}", journal.name()));
     let mut stream = std::pin::pin!(journal.events(point.query()));
+    let (mut printed, mut last): (u64, Option<(Vec<u8>, u64)>) = (0, None);
+    // A dump that fails midway has printed part of the journal: say how far it got.
+    let how_far = |printed: u64, last: &Option<(Vec<u8>, u64)>| {
+        match last {
+        Some((key, seq)) => format!(
+            "journal `{}`: the dump stopped after {printed} events (the last printed: key {} seq {seq}); the events printed before are correct, the rest was not read",
+            journal.name(),
+            printable_key(key)
+        ),
+        None => format!("journal `{}`: the dump stopped before its first event", journal.name()),
+    }
+    };
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
+        let chunk = chunk.with_context(|| how_far(printed, &last))?;
         bar.inc(chunk.len() as u64);
         for e in &chunk {
-            writeln!(out, "{}", event_line(format, stage, journal.name(), e)?)?;
+            writeln!(
+                out,
+                "{}",
+                event_line(format, stage, journal.name(), e).with_context(|| how_far(printed, &last))?
+            )?;
+            printed += 1;
+            last = Some((e.key.clone(), e.seq.0));
         }
     }
     bar.finish_and_clear();

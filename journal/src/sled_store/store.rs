@@ -21,6 +21,17 @@ fn hex(name: &str) -> String {
     name.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The journal name of a commit mark's file name (`None`: not one [`hex`] wrote).
+fn unhex(file: &str) -> Option<String> {
+    let digits = file.strip_suffix(".mark")?;
+    if digits.len() % 2 != 0 || !digits.is_ascii() {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..digits.len()).step_by(2).map(|i| u8::from_str_radix(&digits[i..i + 2], 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoreHeader {
     format: String,
@@ -165,9 +176,14 @@ fn open_sled(path: &Path, config: &sled::Config) -> Result<sled::Db> {
 pub(super) fn storage_error(path: &Path, e: sled::Error) -> JournalError {
     match e {
         sled::Error::Io(source) => JournalError::Io { path: path.to_path_buf(), source },
-        sled::Error::Corruption { .. } => {
-            JournalError::Damaged { journal: path.display().to_string(), what: format!("sled reports {e}") }
-        }
+        // sled's own text ends in a backtrace placeholder ("... backtrace ()").
+        sled::Error::Corruption { at, .. } => JournalError::Damaged {
+            journal: path.display().to_string(),
+            what: match at {
+                Some(at) => format!("sled found corrupted data in its files (at {at:?})"),
+                None => "sled found corrupted data in its files".into(),
+            },
+        },
         other => JournalError::Storage { path: path.to_path_buf(), message: other.to_string() },
     }
 }
@@ -249,7 +265,8 @@ impl SledStore {
         &self.inner.path
     }
 
-    /// The names of the journals in the store.
+    /// The names of the journals in the store, and of those its commit marks say it held (a journal
+    /// sled lost: opening it reports [`JournalError::MissingBatches`]).
     pub fn journal_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .inner
@@ -258,6 +275,15 @@ impl SledStore {
             .iter()
             .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix(TREE_PREFIX).map(str::to_owned))
             .collect();
+        // Journals whose commit marks say they committed batches, even if sled lost them: opening
+        // one reports the missing batches instead of the store looking empty.
+        let marks = std::fs::read_dir(self.inner.path.join("marks")).into_iter().flatten().flatten();
+        for entry in marks {
+            let Some(name) = entry.file_name().to_str().and_then(unhex) else { continue };
+            if !names.contains(&name) && read_mark(&entry.path()).ok().flatten().is_some_and(|m| m > 0) {
+                names.push(name);
+            }
+        }
         names.sort();
         names
     }
