@@ -247,6 +247,20 @@ async fn damaged_sled_files_never_panic_or_shorten_history() {
     }
     assert!(refused >= 3, "the damage cases that hit data are refused ({refused})");
 
+    // The commit marks are gone: verify says so (sled dropping a log tail could not be detected),
+    // unless told they are known to be gone; reading works, with a warning.
+    let copy = dir.path().join("no-marks");
+    copy_dir(&path, &copy);
+    std::fs::remove_dir_all(copy.join("marks")).unwrap();
+    let (code, out, _) = run_cli(&["journal", "verify", "--journal", copy.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("commit mark is missing"), "{out}");
+    let (code, out, _) = run_cli(&["journal", "verify", "--journal", copy.to_str().unwrap(), "--mark-lost"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = run_cli(&["journal", "stats", "--journal", copy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("commit mark is missing"), "a warning on stderr: {err}");
+
     // sled lost every file, the commit marks remain: the journal lost committed batches (not "a
     // store with no journals").
     let copy = dir.path().join("lost-everything");

@@ -27,6 +27,10 @@ pub struct JournalArgs {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// The journals' commit marks are known to be gone (a copy without its `marks` directory):
+    /// `verify` does not report them missing, and opening does not warn.
+    #[arg(long, global = true)]
+    mark_lost: bool,
     #[command(subcommand)]
     command: JournalCommand,
 }
@@ -96,7 +100,8 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
     let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
     let opened = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || SledStore::builder(path).create(false).flush_every(None).open()
+        let mark_lost = args.mark_lost;
+        move || SledStore::builder(path).create(false).flush_every(None).mark_lost(mark_lost).open()
     })
     .await?;
     let store = match opened {

@@ -182,6 +182,8 @@ struct JournalInner {
     mark: Mutex<MarkFile>,
     /// The commit mark as found on open.
     marked: u64,
+    /// The journal held batches but no commit mark on open.
+    mark_missing: bool,
 }
 
 impl Drop for JournalInner {

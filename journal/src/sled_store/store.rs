@@ -45,6 +45,7 @@ pub struct SledStoreBuilder {
     create: bool,
     cache_capacity: u64,
     flush_every: Option<Duration>,
+    mark_lost: bool,
 }
 
 impl SledStoreBuilder {
@@ -67,6 +68,17 @@ impl SledStoreBuilder {
     #[must_use]
     pub fn flush_every(mut self, every: Option<Duration>) -> Self {
         self.flush_every = every;
+        self
+    }
+
+    /// The commit marks of journals with committed batches are known to be gone (a store copied
+    /// without its `marks` directory): [`Journal::verify`](crate::Journal::verify) does not report
+    /// their absence. Without it, a journal that holds batches but has no mark is reported by
+    /// `verify` and warned about on open: sled dropping a log tail could no longer be detected.
+    /// Default: false.
+    #[must_use]
+    pub fn mark_lost(mut self, lost: bool) -> Self {
+        self.mark_lost = lost;
         self
     }
 
@@ -129,6 +141,7 @@ impl SledStoreBuilder {
             db,
             journals: Mutex::default(),
             format_version: std::sync::atomic::AtomicU32::new(found_version),
+            mark_lost: self.mark_lost,
         });
         if let Some(every) = self.flush_every {
             spawn_flusher(Arc::downgrade(&inner), every);
@@ -219,6 +232,8 @@ pub(super) struct StoreInner {
     journals: Mutex<HashMap<String, Weak<JournalInner>>>,
     /// The format version its header says.
     format_version: std::sync::atomic::AtomicU32,
+    /// See [`SledStoreBuilder::mark_lost`].
+    pub(super) mark_lost: bool,
 }
 
 impl StoreInner {
@@ -249,6 +264,7 @@ impl SledStore {
             create: true,
             cache_capacity: 256 << 20,
             flush_every: Some(Duration::from_millis(200)),
+            mark_lost: false,
         }
     }
 
@@ -321,7 +337,8 @@ impl SledStore {
         let tree_name = format!("{TREE_PREFIX}{name}");
         let mark_path = self.inner.path.join("marks").join(format!("{}.mark", hex(name)));
         let exists = self.inner.db.tree_names().iter().any(|n| n.as_ref() == tree_name.as_bytes());
-        let marked = read_mark(&mark_path)?.unwrap_or(0);
+        let mark = read_mark(&mark_path)?;
+        let marked = mark.unwrap_or(0);
         if !exists && !create && marked == 0 {
             let available = self.journal_names().join(", ");
             return Err(JournalError::UnknownJournal {
@@ -343,6 +360,11 @@ impl SledStore {
         if check_mark && marked > found {
             return Err(JournalError::MissingBatches { journal: name.into(), path: path.clone(), marked, found });
         }
+        let mark_missing = mark.is_none() && found > 0;
+        if mark_missing && !self.inner.mark_lost {
+            tracing::warn!(journal = name, path = %path.display(), batches = found, mark = %mark_path.display(),
+                "the journal holds committed batches but its commit mark is missing: batches sled loses can no longer be detected; restore the marks directory from the same backup, or accept it (`journal verify --mark-lost`); the mark is written again with the next batch");
+        }
         let inner = Arc::new(JournalInner {
             name: name.into(),
             store: self.inner.clone(),
@@ -352,6 +374,7 @@ impl SledStore {
             durable: AtomicU64::new(found.min(marked.max(found))),
             mark: Mutex::new(MarkFile::new(mark_path, marked)),
             marked,
+            mark_missing,
         });
         journals.insert(name.into(), Arc::downgrade(&inner));
         Ok(SledJournal { inner })

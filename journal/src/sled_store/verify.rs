@@ -155,6 +155,11 @@ impl JournalInner {
                 self.marked
             )));
         }
+        if self.mark_missing && !self.store.mark_lost {
+            problems.push(Problem::general(format!(
+                "the commit mark is missing although the journal holds {found} committed batches: batches sled loses can no longer be detected; restore the marks directory from the same backup, or pass --mark-lost if you know it is gone"
+            )));
+        }
         progress.report(report.records);
         report.problems = problems.finish();
         Ok(report)
