@@ -274,6 +274,64 @@ async fn damaged_sled_files_never_panic_or_shorten_history() {
     assert!(out.contains("missing"), "{out}");
 }
 
+/// Sets every file and directory under `dir` read-only (or back to writable).
+fn set_readonly(dir: &Path, readonly: bool) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            set_readonly(&path, readonly);
+        }
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(readonly);
+        std::fs::set_permissions(&path, perms).unwrap();
+    }
+    let mut perms = std::fs::metadata(dir).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(readonly);
+    std::fs::set_permissions(dir, perms).unwrap();
+}
+
+/// Every file under `dir` with its size and modification time.
+fn files(dir: &Path) -> BTreeMap<std::path::PathBuf, (u64, std::time::SystemTime)> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files(&path));
+        } else {
+            let m = std::fs::metadata(&path).unwrap();
+            found.insert(path, (m.len(), m.modified().unwrap()));
+        }
+    }
+    found
+}
+
+/// A write-protected journal (a backup, another user's files) is inspected through a copy: every
+/// command works and nothing of it is written.
+#[tokio::test]
+async fn a_write_protected_journal_is_inspected_without_writing() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("j");
+    bank_journal(&path, 200, 6).await;
+    set_readonly(&path, true);
+    let before = files(&path);
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["journal", "stats", "--journal", p],
+        vec!["journal", "verify", "--journal", p],
+        vec!["journal", "dump", "--journal", p, "--format", "json"],
+        vec!["journal", "replay", "--journal", p],
+    ] {
+        let (code, out, err) = run_cli(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(!out.is_empty(), "{args:?}");
+        assert!(err.contains("write-protected: inspecting a copy"), "{args:?}: {err}");
+    }
+    assert_eq!(files(&path), before, "nothing of a write-protected journal is written");
+    set_readonly(&path, false);
+}
+
 #[test]
 fn bad_paths_names_and_flags_get_clear_errors() {
     let dir = TempDir::new().unwrap();

@@ -98,8 +98,20 @@ impl PointArgs {
 /// Anything that stops the command: the message names the thing and the fix.
 pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Result<ExitCode> {
     let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
+    // sled opens its files for writing: a write-protected store (a backup, another user's files)
+    // is inspected through a private copy, and never written.
+    let copy = if write_protected(&path) {
+        let tmp = tempfile::tempdir().context("cannot create a temporary directory for a copy of the journal")?;
+        let target = tmp.path().join("journal");
+        copy_tree(&path, &target)
+            .with_context(|| format!("cannot copy the write-protected journal {}", path.display()))?;
+        eprintln!("{} is write-protected: inspecting a copy of it", path.display());
+        Some((tmp, target))
+    } else {
+        None
+    };
     let opened = tokio::task::spawn_blocking({
-        let path = path.clone();
+        let path = copy.as_ref().map_or_else(|| path.clone(), |(_, target)| target.clone());
         let mark_lost = args.mark_lost;
         move || SledStore::builder(path).create(false).flush_every(None).mark_lost(mark_lost).open()
     })
@@ -208,6 +220,32 @@ fn print_stats(out: &mut impl Write, format: Format, s: &JournalStats, disk: u64
                 writeln!(out, "position     {}[{}] next offset {}", p.topic, p.partition, p.next_offset)?;
             }
             writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the store at `path`, or the files sled writes on open, are write-protected.
+fn write_protected(path: &std::path::Path) -> bool {
+    [path.to_path_buf(), path.join("sled"), path.join("sled").join("db"), path.join("marks")]
+        .iter()
+        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().readonly()))
+}
+
+/// Copies the directory tree `from` to `to` (files and directories; the copies are writable).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            let mut perms = std::fs::metadata(&target)?.permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(&target, perms)?;
         }
     }
     Ok(())
