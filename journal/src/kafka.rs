@@ -323,14 +323,7 @@ impl KafkaJournal {
     /// Broker errors (a missing registry topic is an error: [`claim`](Self::claim) creates it).
     pub fn owner(&self) -> Result<Option<String>> {
         let registry = OWNERS_TOPIC;
-        let mut config = self.config.clone();
-        config
-            .set("group.id", "eventstage-journal-owners")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer<ReaderContext> =
-            config.create_with_context(RESTORE).map_err(|e| kafka_err(registry, "consumer", e))?;
+        let consumer = self.reader(registry, "eventstage-journal-owners")?;
         let (low, high) = consumer
             .fetch_watermarks(registry, 0, Duration::from_secs(30))
             .map_err(|e| kafka_err(registry, "watermarks", e))?;
@@ -465,18 +458,7 @@ impl KafkaJournal {
     ) -> Result<RestoreStats> {
         let started = Instant::now();
         let topic = &self.topic;
-        let mut config = self.config.clone();
-        config
-            .set("group.id", format!("eventstage-restore-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            // A partition that ends in a transaction marker is done when a fetch comes back
-            // empty; the broker holds an empty fetch this long (default 500 ms, per restore).
-            .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer<ReaderContext> =
-            config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "restore consumer", e))?;
+        let consumer = self.reader(topic, &format!("eventstage-restore-{topic}"))?;
         let mut stats = RestoreStats::default();
         let mut tpl = TopicPartitionList::new();
         // The end of each partition as of now; a partition is done when its position reaches it.
@@ -540,6 +522,22 @@ impl KafkaJournal {
         }
         stats.elapsed = started.elapsed();
         Ok(stats)
+    }
+
+    /// A consumer reading `topic` to its end with `read_committed` (assigned, never subscribed:
+    /// `group` only names it), which reports the end of each partition.
+    fn reader(&self, topic: &str, group: &str) -> Result<BaseConsumer<ReaderContext>> {
+        let mut config = self.config.clone();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            // A partition that ends in a transaction marker is done when a fetch comes back
+            // empty; the broker holds an empty fetch this long (default 500 ms, per read).
+            .set("fetch.wait.max.ms", "10");
+        config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "reader consumer", e))
     }
 
     /// The low watermark and the last stable offset of each partition, once the partitions'
