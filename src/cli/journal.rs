@@ -92,6 +92,11 @@ impl PointArgs {
     }
 }
 
+/// sled's page cache for inspection commands: they read each page once, in order, so a large
+/// cache only holds history in memory (with sled's default of 256 MiB a replay's memory grew with
+/// the journal's size on disk).
+const INSPECT_CACHE: u64 = 16 << 20;
+
 /// Runs a `journal` command.
 ///
 /// # Errors
@@ -113,7 +118,14 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
     let opened = tokio::task::spawn_blocking({
         let path = copy.as_ref().map_or_else(|| path.clone(), |(_, target)| target.clone());
         let mark_lost = args.mark_lost;
-        move || SledStore::builder(path).create(false).flush_every(None).mark_lost(mark_lost).open()
+        move || {
+            SledStore::builder(path)
+                .create(false)
+                .flush_every(None)
+                .mark_lost(mark_lost)
+                .cache_capacity(INSPECT_CACHE)
+                .open()
+        }
     })
     .await?;
     let store = match opened {
