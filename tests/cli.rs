@@ -156,6 +156,35 @@ async fn unknown_stages_work_at_the_envelope_level() {
     assert!(err.contains("no stage named `counter`") && err.contains(".stage::<YourStage>()"), "{err}");
 }
 
+/// Log lines on stderr: no colour codes into a pipe or file (unless `--color always`), none with
+/// NO_COLOR, `--log-level` filters them, and a filter that is not one is refused with the syntax.
+#[tokio::test]
+async fn log_lines_are_coloured_only_when_asked_and_filtered_by_log_level() {
+    let dir = TempDir::new().unwrap();
+    let stage =
+        StageRuntime::open(Counter, SledJournal::open(dir.path(), "counter").unwrap(), RuntimeConfig::default())
+            .await
+            .unwrap();
+    stage.handle().ask("c".into(), 7).await.unwrap().unwrap();
+    stage.shutdown().await.unwrap();
+    let p = dir.path().to_str().unwrap();
+    // Dumping a journal of a stage not compiled in logs a warning.
+    let warning = "no stage of this name is compiled in";
+    let (code, _, err) = run_cli(&["journal", "dump", "--journal", p]);
+    assert_eq!(code, 0);
+    assert!(err.contains(warning) && !err.contains('\u{1b}'), "no colour codes into a pipe: {err:?}");
+    let (_, _, err) = run_cli(&["journal", "dump", "--journal", p, "--color", "always"]);
+    assert!(err.contains(warning) && err.contains("\u{1b}["), "colour when asked: {err:?}");
+    let out =
+        crate::util::eventstage().args(["journal", "dump", "--journal", p]).env("NO_COLOR", "1").output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'));
+    let (_, _, err) = run_cli(&["journal", "dump", "--journal", p, "--log-level", "error"]);
+    assert!(!err.contains(warning), "--log-level error hides warnings: {err}");
+    let (code, _, err) = run_cli(&["journal", "dump", "--journal", p, "--log-level", "eventstage=loud"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--log-level") && err.contains("error, warn, info"), "{err}");
+}
+
 /// SIGKILL the demo at random moments while it writes; every time, the journal reopens (no false
 /// "lost batches" alarm), verifies clean, and recovery (snapshots + tails) equals a full replay of
 /// the events: replay = live across crashes.

@@ -34,6 +34,32 @@ pub enum Format {
     Json,
 }
 
+/// When log lines on stderr are coloured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ColorChoice {
+    /// When stderr is a terminal and `NO_COLOR` is not set.
+    #[default]
+    Auto,
+    /// Never.
+    Never,
+    /// Always, also into files and pipes.
+    Always,
+}
+
+/// The logging options every command takes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Colour the log lines on stderr: auto (only on a terminal, and not with NO_COLOR set),
+    /// never, always.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, env = "EVENTSTAGE_COLOR")]
+    pub color: ColorChoice,
+    /// Which log lines to print: error, warn, info, debug, trace, or a full filter such as
+    /// `warn,eventstage::flow=info` (the syntax of RUST_LOG, which it overrides). Default: RUST_LOG,
+    /// else warn.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
 /// A command line with the journal commands and the stages it knows.
 #[derive(Debug)]
 pub struct Cli {
@@ -43,6 +69,8 @@ pub struct Cli {
 
 #[derive(Debug, Parser)]
 struct Args {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Top,
 }
@@ -80,12 +108,15 @@ impl Cli {
     /// Parses the process arguments, runs the command and returns the exit code (0 fine, 1 damage
     /// found by `verify`, 2 error).
     pub fn run(self) -> ExitCode {
-        init_tracing();
         let args = <Args as clap::CommandFactory>::command().name(self.name.clone()).get_matches();
         let args = match <Args as clap::FromArgMatches>::from_arg_matches(&args) {
             Ok(a) => a,
             Err(e) => e.exit(),
         };
+        if let Err(e) = init_logging(&args.log) {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
         match args.command {
             Top::Journal(j) => block_on_cli(run_journal(&self.registry, j)),
             #[cfg(all(feature = "kafka", feature = "sled"))]
@@ -94,11 +125,36 @@ impl Cli {
     }
 }
 
-/// Logs go to stderr through `tracing`; `RUST_LOG` filters them (default: warnings and errors).
+/// Logs go to stderr through `tracing`; `RUST_LOG` filters them (default: warnings and errors),
+/// coloured only on a terminal without `NO_COLOR`.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = init_logging(&LogArgs::default());
+}
+
+/// Logs go to stderr through `tracing`, filtered by `--log-level` (else `RUST_LOG`, else warn) and
+/// coloured as `--color` says.
+///
+/// # Errors
+/// A `--log-level` that is not a filter (the message shows the syntax).
+pub fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let filter = match &args.log_level {
+        Some(level) => tracing_subscriber::EnvFilter::try_new(level).with_context(|| {
+            format!("--log-level `{level}` is not a log filter: use error, warn, info, debug or trace, or e.g. `warn,eventstage::flow=info`")
+        })?,
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    };
+    let ansi = match args.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        // https://no-color.org: set and not empty.
+        ColorChoice::Auto => {
+            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
+    };
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    Ok(())
 }
 
 /// Runs a CLI future on a fresh tokio runtime and turns its result into an exit code; errors print

@@ -11,7 +11,7 @@ mod flow_demo;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
-use eventstage::cli::{block_on_cli, init_tracing, run_journal, JournalArgs, Registry};
+use eventstage::cli::{block_on_cli, init_logging, run_journal, JournalArgs, LogArgs, Registry};
 #[cfg(all(feature = "kafka", feature = "sled"))]
 use eventstage::cli::{run_table, TableArgs};
 use eventstage::stages::{bank::Bank, inventory::Inventory};
@@ -21,6 +21,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "eventstage", version)]
 struct Args {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,8 +42,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let args = Args::parse();
+    if let Err(e) = init_logging(&args.log) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     let mut registry = Registry::default();
     registry.register::<Bank>();
     registry.register::<Inventory>();
