@@ -193,10 +193,22 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
             }
         }
         JournalCommand::Dump(point) => {
+            let mut printed = 0;
             for j in &journals {
-                dump(&mut out, args.format, registry, j, point).await?;
+                printed += dump(&mut out, args.format, registry, j, point).await?;
             }
-            ExitCode::SUCCESS
+            match &point.key {
+                // Nothing found where something was asked for, as `table get` says it.
+                Some(key) if printed == 0 => {
+                    out.flush()?;
+                    eprintln!(
+                        "no events of key `{key}` in {} (within the range asked for); `journal stats` shows what it holds",
+                        path.display()
+                    );
+                    ExitCode::from(1)
+                }
+                _ => ExitCode::SUCCESS,
+            }
         }
         JournalCommand::Replay(point) => {
             if point.from_seq.is_some() {
@@ -353,7 +365,7 @@ async fn dump(
     registry: &Registry,
     journal: &SledJournal,
     point: &PointArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let stage = registry.for_journal(journal.name());
     if stage.is_none() {
         tracing::warn!(journal = journal.name(), known = %registry.names(), "no stage of this name is compiled in; printing payloads as base64");
@@ -386,7 +398,7 @@ async fn dump(
         }
     }
     bar.finish_and_clear();
-    Ok(())
+    Ok(printed)
 }
 
 async fn replay(
