@@ -61,20 +61,67 @@ pub struct PointArgs {
     /// Last sequence number per key (inclusive).
     #[arg(long, value_name = "SEQ")]
     until_seq: Option<u64>,
-    /// Per key, events written up to this time: RFC 3339 (`2026-11-25T16:00:00Z`) or milliseconds
-    /// since the Unix epoch.
+    /// Per key, events written up to this time: RFC 3339 with its offset (`2026-11-25T16:00:00Z`,
+    /// `2026-11-25T17:00:00+01:00`), or since the Unix epoch in seconds (`1795801087s`) or
+    /// milliseconds (`1795801087000ms`, or a bare number of milliseconds).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until_time: Option<u64>,
 }
 
+/// A bare number below this (1973-03-03 in milliseconds, the year 5138 in seconds) is more likely
+/// epoch seconds than milliseconds: it is refused as ambiguous.
+const MIN_BARE_MS: u64 = 100_000_000_000;
+
 fn parse_time(s: &str) -> Result<u64, String> {
-    if let Ok(ms) = s.parse::<u64>() {
-        return Ok(ms);
+    let s = s.trim();
+    let digits = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    if let Some(n) = s.strip_suffix("ms").filter(|n| digits(n)) {
+        return n.parse().map_err(|e| format!("`{s}`: {e}"));
     }
-    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
-        format!("`{s}` is not a time ({e}); use RFC 3339 like 2026-11-25T16:00:00Z, or epoch milliseconds")
+    if let Some(n) = s.strip_suffix('s').filter(|n| digits(n)) {
+        let secs: u64 = n.parse().map_err(|e| format!("`{s}`: {e}"))?;
+        return secs.checked_mul(1000).ok_or_else(|| format!("`{s}` is too far in the future"));
+    }
+    if let Ok(n) = s.parse::<u64>() {
+        if n >= MIN_BARE_MS {
+            return Ok(n);
+        }
+        return Err(format!(
+            "`{s}` is ambiguous: epoch seconds ({}) or milliseconds ({})? Write {s}s or {s}ms",
+            format_time(n.saturating_mul(1000)),
+            format_time(n)
+        ));
+    }
+    let offset_hint = "use RFC 3339 with an offset, like 2026-11-25T16:00:00Z or 2026-11-25T17:00:00+01:00, or epoch time like 1795801087s";
+    let (local, offset_ms) = split_offset(s).ok_or_else(|| {
+        format!("`{s}` has no UTC offset (a time of which zone?): add Z for UTC or +HH:MM; {offset_hint}")
     })?;
-    Ok(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+    let t = humantime::parse_rfc3339_weak(local).map_err(|e| format!("`{s}` is not a time ({e}); {offset_hint}"))?;
+    let utc_ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64) - offset_ms;
+    u64::try_from(utc_ms).map_err(|_| format!("`{s}` is before 1970"))
+}
+
+/// A time's local part and its UTC offset in milliseconds: `Z` (0), or `+HH:MM` / `-HH:MM` at the
+/// end (`None`: no offset).
+fn split_offset(s: &str) -> Option<(&str, i64)> {
+    if let Some(local) = s.strip_suffix('Z').or_else(|| s.strip_suffix('z')) {
+        return Some((local, 0));
+    }
+    let at = s.len().checked_sub(6)?;
+    let (local, offset) = (s.get(..at)?, s.get(at..)?.as_bytes());
+    let sign = match offset[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let two = |b: &[u8]| -> Option<i64> {
+        (b[0].is_ascii_digit() && b[1].is_ascii_digit()).then(|| i64::from(b[0] - b'0') * 10 + i64::from(b[1] - b'0'))
+    };
+    if offset[3] != b':' || !local.contains(['T', 't', ' ']) {
+        return None;
+    }
+    let (hours, minutes) = (two(&offset[1..3])?, two(&offset[4..6])?);
+    Some((local, sign * (hours * 60 + minutes) * 60_000))
 }
 
 fn format_time(ms: u64) -> String {
@@ -428,4 +475,26 @@ async fn replay(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_with_offsets_epoch_units_and_ambiguity() {
+        let utc = parse_time("2026-11-27T17:38:08Z").unwrap();
+        assert_eq!(parse_time("2026-11-27T18:38:08+01:00"), Ok(utc));
+        assert_eq!(parse_time("2026-11-27T12:38:08-05:00"), Ok(utc));
+        assert_eq!(parse_time("2026-11-27T17:38:08.250Z"), Ok(utc + 250));
+        assert_eq!(parse_time("1795801087s"), Ok(1_795_801_087_000));
+        assert_eq!(parse_time("1795801087000ms"), Ok(1_795_801_087_000));
+        assert_eq!(parse_time("1795801087000"), Ok(1_795_801_087_000));
+        let ambiguous = parse_time("1795801087").unwrap_err();
+        assert!(ambiguous.contains("1795801087s") && ambiguous.contains("ambiguous"), "{ambiguous}");
+        let no_offset = parse_time("2026-11-27T17:38:08").unwrap_err();
+        assert!(no_offset.contains("no UTC offset"), "{no_offset}");
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+        assert!(parse_time("2026-11-27T18:38:08+1:00").is_err());
+    }
 }
