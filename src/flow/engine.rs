@@ -56,15 +56,19 @@ mod enrich;
 mod kafka_storage;
 mod partitions;
 mod sled_storage;
+mod startup;
+mod state;
 mod storage;
 mod txn;
 
-use committer::{Committer, Deliveries, FlowProducerContext, Wait};
+use committer::{Committer, Deliveries, Delivery, FlowProducerContext, Transactions, Wait};
 use emitter::{Emitter, Outcome, Sink};
 use enrich::Pipeline;
 use kafka_storage::KafkaStorage;
 use partitions::{FlowConsumer, FlowContext};
 use sled_storage::SledStorage;
+use startup::{carry_offsets_over, consumer_fatal, input_partitions};
+use state::{offsets_of, Assigned, KeyMap, Offsets, PartitionState};
 use storage::{Change, NoStorage, Out, Storage};
 use txn::{classify, is_fence, TxnFailure};
 
@@ -131,137 +135,6 @@ fn with_backoff<T>(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Per-key maps of the flow's state (ahash: cheaper than SipHash for short keys).
-type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
-
-struct PartitionState<S: EventSourced> {
-    /// State as of the last committed transaction.
-    committed: KeyMap<S::Key, Entity<S>>,
-    /// Changes of the open transaction.
-    overlay: KeyMap<S::Key, Entity<S>>,
-    /// Per key, the input positions its state includes (from journal records written by
-    /// at-least-once flows, and kept up to date by them): inputs below are not applied again.
-    applied: KeyMap<S::Key, Vec<SourcePosition>>,
-}
-
-impl<S: EventSourced> Default for PartitionState<S> {
-    fn default() -> Self {
-        Self::new(KeyMap::default())
-    }
-}
-
-impl<S: EventSourced> PartitionState<S> {
-    fn new(committed: KeyMap<S::Key, Entity<S>>) -> Self {
-        Self { committed, overlay: KeyMap::default(), applied: KeyMap::default() }
-    }
-
-    /// Whether `key`'s state already includes the input at `offset` of `topic`.
-    fn includes(&self, key: &S::Key, topic: &str, offset: i64) -> bool {
-        self.applied.get(key).is_some_and(|ps| ps.iter().any(|s| s.topic == topic && offset < s.next_offset))
-    }
-
-    /// Records that `key`'s state includes `input`.
-    fn note_applied(&mut self, key: &S::Key, input: &InputRecord) {
-        let positions = self.applied.entry(key.clone()).or_default();
-        let next_offset = input.offset + 1;
-        match positions.iter_mut().find(|s| s.topic == input.topic) {
-            Some(s) => s.next_offset = next_offset,
-            None => {
-                positions.push(SourcePosition { topic: input.topic.clone(), partition: input.partition, next_offset })
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Offsets {
-    /// Committed next offset (-1: nothing committed yet; start from the beginning).
-    committed: i64,
-    /// Next offset to commit.
-    next: i64,
-    /// Offsets below this were applied already (sled positions ahead of Kafka; -1: none).
-    applied_until: i64,
-}
-
-/// The offsets of `input`'s partition. The lookup borrows the record's topic for a moment
-/// instead of copying it.
-fn offsets_of<'a>(
-    offsets: &'a mut BTreeMap<(String, i32), Offsets>,
-    input: &mut InputRecord,
-) -> Option<&'a mut Offsets> {
-    let tp = (std::mem::take(&mut input.topic), input.partition);
-    let found = offsets.get_mut(&tp);
-    input.topic = tp.0;
-    found
-}
-
-/// The two delivery guarantees, each with its own committer.
-enum Delivery {
-    /// Exactly-once: the open Kafka transaction holds the outputs, the journal records and the
-    /// consumed offsets, and commits or aborts them as one (see `txn`).
-    Transactions(Transactions),
-    /// At-least-once (Alpakka Kafka's `Committer.sink`): batches whose offsets are committed once
-    /// their outputs are acknowledged and their journal is written (see `committer`).
-    Batches(Committer),
-}
-
-/// The exactly-once committer's own state.
-#[derive(Default)]
-struct Transactions {
-    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
-    consecutive_aborts: u32,
-}
-
-impl Delivery {
-    /// The batch being filled, whose records' acknowledgements are counted under it (exactly-once
-    /// has no batches: 0).
-    fn batch(&self) -> usize {
-        match self {
-            Self::Transactions(_) => 0,
-            Self::Batches(c) => c.filling(),
-        }
-    }
-
-    /// Whether records of the open work are produced outside a transaction.
-    fn is_at_least_once(&self) -> bool {
-        matches!(self, Self::Batches(_))
-    }
-
-    /// Whether the batch being filled must end now (a transaction ends on the commit interval).
-    fn due(&self) -> bool {
-        match self {
-            Self::Transactions(_) => false,
-            Self::Batches(c) => c.due(),
-        }
-    }
-
-    /// One more input in the open transaction or batch.
-    fn count_input(&mut self) {
-        match self {
-            Self::Transactions(_) => {}
-            Self::Batches(c) => c.inputs += 1,
-        }
-    }
-
-    /// The storage asks for the open batch to end (a transaction writes the record at once).
-    fn end_soon(&mut self) {
-        match self {
-            Self::Transactions(_) => {}
-            Self::Batches(c) => c.full = true,
-        }
-    }
-}
-
-/// The partitions this instance owns: their state and their consumer offsets.
-struct Assigned<S: EventSourced> {
-    partitions: BTreeMap<i32, PartitionState<S>>,
-    offsets: BTreeMap<(String, i32), Offsets>,
-    /// Seeks to do once librdkafka has made the assignment.
-    pending_seeks: Vec<(String, i32, i64)>,
-    /// Inputs were consumed since the last commit.
-    dirty: bool,
 }
 
 /// The open transaction or batch: where its records go and how it commits.
@@ -466,89 +339,6 @@ impl<S: EventSourced> Core<S> {
         }
         self.metrics.lag.store(lag, Ordering::Relaxed);
     }
-}
-
-/// The error of a fatal consumer error, with what to do about it.
-fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
-    let hint = match code {
-        RDKafkaErrorCode::FencedInstanceId => {
-            "another live instance joined the group with this instance's group.instance.id (the demo sets it to the --transactional-id): give every instance its own id"
-        }
-        RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::GroupAuthorizationFailed => {
-            "the consumer is not authorized: grant it read on the inputs and the group"
-        }
-        _ => "the consumer cannot go on; restart the flow",
-    };
-    kafka(format!("consumer (fatal): {hint}"), KafkaError::MessageConsumptionFatal(code))
-}
-
-/// Copies group `from`'s committed offsets of the inputs to group `to` where `to` has none: a
-/// group taking a journal over goes on where the journal's state is.
-fn carry_offsets_over(
-    common: &ClientConfig,
-    from: &str,
-    to: &str,
-    inputs: &[String],
-    partitions: i32,
-) -> Result<(), FlowError> {
-    let mut tpl = TopicPartitionList::new();
-    for topic in inputs {
-        for p in 0..partitions {
-            tpl.add_partition(topic, p);
-        }
-    }
-    let group = |id: &str| -> Result<BaseConsumer, FlowError> {
-        common
-            .clone()
-            .set("group.id", id)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| kafka("offsets client", e))
-    };
-    let old = group(from)?
-        .committed_offsets(tpl.clone(), TXN_TIMEOUT)
-        .map_err(|e| kafka(format!("committed offsets of group {from}"), e))?;
-    let new = group(to)?;
-    let mine =
-        new.committed_offsets(tpl, TXN_TIMEOUT).map_err(|e| kafka(format!("committed offsets of group {to}"), e))?;
-    let mut carried = TopicPartitionList::new();
-    for el in old.elements() {
-        let unset =
-            mine.find_partition(el.topic(), el.partition()).is_none_or(|m| !matches!(m.offset(), Offset::Offset(_)));
-        if let (Offset::Offset(o), true) = (el.offset(), unset) {
-            carried
-                .add_partition_offset(el.topic(), el.partition(), Offset::Offset(o))
-                .map_err(|e| kafka("offsets", e))?;
-        }
-    }
-    if carried.count() > 0 {
-        new.commit(&carried, rdkafka::consumer::CommitMode::Sync)
-            .map_err(|e| kafka(format!("commit the offsets carried over to group {to}"), e))?;
-    }
-    tracing::info!(from, to, partitions = carried.count(), "carried the previous owner's committed input offsets over");
-    Ok(())
-}
-
-fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Result<i32, FlowError> {
-    let probe: BaseConsumer = common.create().map_err(|e| kafka("metadata client", e))?;
-    let mut count = None;
-    for topic in inputs {
-        let md = probe
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| kafka(format!("metadata of {topic}"), e))?;
-        let n = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
-        if n == 0 {
-            return Err(FlowError::Config(format!("input topic `{topic}` does not exist; create it first")));
-        }
-        if count.is_some_and(|c| c != n) {
-            return Err(FlowError::Config(format!(
-                "input topics have different partition counts ({} vs {n} for `{topic}`); state partitions must line up, so give them the same count",
-                count.unwrap_or_default()
-            )));
-        }
-        count = Some(n);
-    }
-    count.ok_or_else(|| FlowError::Config("no input topics".into()))
 }
 
 pub(super) fn run<S: EventSourced>(

@@ -15,6 +15,63 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use std::collections::VecDeque;
 use std::sync::Condvar;
 
+/// The two delivery guarantees, each with its own committer.
+pub(super) enum Delivery {
+    /// Exactly-once: the open Kafka transaction holds the outputs, the journal records and the
+    /// consumed offsets, and commits or aborts them as one (see `txn`).
+    Transactions(Transactions),
+    /// At-least-once (Alpakka Kafka's `Committer.sink`): batches whose offsets are committed once
+    /// their outputs are acknowledged and their journal is written (see `committer`).
+    Batches(Committer),
+}
+
+/// The exactly-once committer's own state.
+#[derive(Default)]
+pub(super) struct Transactions {
+    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
+    pub(super) consecutive_aborts: u32,
+}
+
+impl Delivery {
+    /// The batch being filled, whose records' acknowledgements are counted under it (exactly-once
+    /// has no batches: 0).
+    pub(super) fn batch(&self) -> usize {
+        match self {
+            Self::Transactions(_) => 0,
+            Self::Batches(c) => c.filling(),
+        }
+    }
+
+    /// Whether records of the open work are produced outside a transaction.
+    pub(super) fn is_at_least_once(&self) -> bool {
+        matches!(self, Self::Batches(_))
+    }
+
+    /// Whether the batch being filled must end now (a transaction ends on the commit interval).
+    pub(super) fn due(&self) -> bool {
+        match self {
+            Self::Transactions(_) => false,
+            Self::Batches(c) => c.due(),
+        }
+    }
+
+    /// One more input in the open transaction or batch.
+    pub(super) fn count_input(&mut self) {
+        match self {
+            Self::Transactions(_) => {}
+            Self::Batches(c) => c.inputs += 1,
+        }
+    }
+
+    /// The storage asks for the open batch to end (a transaction writes the record at once).
+    pub(super) fn end_soon(&mut self) {
+        match self {
+            Self::Transactions(_) => {}
+            Self::Batches(c) => c.full = true,
+        }
+    }
+}
+
 /// Acknowledgements outstanding per batch, filled in by the producer's delivery callback.
 #[derive(Default)]
 pub(super) struct Deliveries {
