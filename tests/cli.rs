@@ -118,6 +118,18 @@ async fn journal_commands_agree_with_the_library() {
 /// A stage the binary does not know.
 struct Counter;
 
+/// A journal of [`Counter`] with one event (7 to key `c`).
+async fn counter_journal() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    let stage =
+        StageRuntime::open(Counter, SledJournal::open(dir.path(), "counter").unwrap(), RuntimeConfig::default())
+            .await
+            .unwrap();
+    stage.handle().ask("c".into(), 7).await.unwrap().unwrap();
+    stage.shutdown().await.unwrap();
+    dir
+}
+
 impl EventSourced for Counter {
     const NAME: &'static str = "counter";
     type Key = String;
@@ -138,13 +150,7 @@ impl EventSourced for Counter {
 
 #[tokio::test]
 async fn unknown_stages_work_at_the_envelope_level() {
-    let dir = TempDir::new().unwrap();
-    let stage =
-        StageRuntime::open(Counter, SledJournal::open(dir.path(), "counter").unwrap(), RuntimeConfig::default())
-            .await
-            .unwrap();
-    stage.handle().ask("c".into(), 7).await.unwrap().unwrap();
-    stage.shutdown().await.unwrap();
+    let dir = counter_journal().await;
     let p = dir.path().to_str().unwrap();
     let (code, out, _) = run_cli(&["journal", "dump", "--journal", p, "--format", "json"]);
     assert_eq!(code, 0);
@@ -164,13 +170,7 @@ async fn unknown_stages_work_at_the_envelope_level() {
 /// NO_COLOR, `--log-level` filters them, and a filter that is not one is refused with the syntax.
 #[tokio::test]
 async fn log_lines_are_coloured_only_when_asked_and_filtered_by_log_level() {
-    let dir = TempDir::new().unwrap();
-    let stage =
-        StageRuntime::open(Counter, SledJournal::open(dir.path(), "counter").unwrap(), RuntimeConfig::default())
-            .await
-            .unwrap();
-    stage.handle().ask("c".into(), 7).await.unwrap().unwrap();
-    stage.shutdown().await.unwrap();
+    let dir = counter_journal().await;
     let p = dir.path().to_str().unwrap();
     // Dumping a journal of a stage not compiled in logs a warning.
     let warning = "no stage of this name is compiled in";

@@ -237,8 +237,10 @@ impl SledBackend {
         }
         // One sled database under every partition: the first flush makes them all durable, the
         // others find nothing left to write.
-        for journal in appended.into_iter().filter(|_| flush) {
-            rt.block_on(journal.flush())?;
+        if flush {
+            for journal in appended {
+                rt.block_on(journal.flush())?;
+            }
         }
         self.written = written;
         Ok(())

@@ -122,9 +122,8 @@ pub(super) struct Checkpoints {
     commands: Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     metrics: Arc<Metrics>,
-    standby: Standby,
-    /// Asks for a released partition's end offset.
-    marks: BaseConsumer<ReaderContext>,
+    /// Without standbys: asks for a released partition's end offset.
+    marks: Option<BaseConsumer<ReaderContext>>,
 }
 
 impl Checkpoints {
@@ -164,19 +163,15 @@ impl Checkpoints {
             .name("eventstage-checkpoint".into())
             .spawn(move || follower.run(&rx))
             .map_err(|e| config_err(&settings.dir, format!("cannot start the checkpoint thread: {e}")))?;
-        let marks = common
-            .create_with_context(ReaderContext { what: "checkpoint watermarks" })
-            .map_err(|e| kafka("checkpoint watermarks client", e))?;
-        Ok(Self {
-            store,
-            topic: journal.topic().to_string(),
-            owned,
-            commands,
-            thread: Some(thread),
-            metrics,
-            standby: settings.standby,
-            marks,
-        })
+        let marks = match settings.standby {
+            Standby::None => Some(
+                common
+                    .create_with_context(ReaderContext { what: "checkpoint watermarks" })
+                    .map_err(|e| kafka("checkpoint watermarks client", e))?,
+            ),
+            Standby::Recent | Standby::All => None,
+        };
+        Ok(Self { store, topic: journal.topic().to_string(), owned, commands, thread: Some(thread), metrics, marks })
     }
 
     /// Partition `p`'s checkpoint, for a restore on its assignment (`marks`: the journal
@@ -216,16 +211,13 @@ impl Checkpoints {
         // Without standbys the follower stops at the partition's end as of now (this instance's
         // last commit), taken here: the follower may be busy reading, and by the time it asked,
         // the new owner could have written.
-        let end = match self.standby {
-            Standby::None => match self.marks.fetch_watermarks(&self.topic, p, Duration::from_secs(5)) {
-                Ok((_, high)) => Some(high),
-                Err(e) => {
-                    tracing::warn!(error = %e, journal = %self.topic, partition = p, "cannot read the end of a released journal partition; the local store follows it a little longer");
-                    None
-                }
-            },
-            Standby::Recent | Standby::All => None,
-        };
+        let end = self.marks.as_ref().and_then(|marks| match marks.fetch_watermarks(&self.topic, p, Duration::from_secs(5)) {
+            Ok((_, high)) => Some(high),
+            Err(e) => {
+                tracing::warn!(error = %e, journal = %self.topic, partition = p, "cannot read the end of a released journal partition; the local store follows it a little longer");
+                None
+            }
+        });
         let _ = self.commands.send(Command::Release(p, end));
     }
 
