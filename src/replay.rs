@@ -68,7 +68,8 @@ struct Current<S: EventSourced> {
     seq: SeqNo,
 }
 
-/// Folds journal records, which arrive grouped by key, into per-key states.
+/// Folds journal records into per-key states. A key's records come in seq order; keys mostly come
+/// one after the other (sled, recovery), but may interleave (a sled journal's history archive).
 pub(crate) struct Folder<S: EventSourced> {
     map: BTreeMap<S::Key, Entity<S>>,
     current: Option<Current<S>>,
@@ -91,9 +92,21 @@ impl<S: EventSourced> Folder<S> {
 
     fn close_current(&mut self) {
         if let Some(c) = self.current.take() {
-            self.stats.keys += 1;
             self.map.insert(c.key, Entity { state: Arc::new(c.state), seq: c.seq });
         }
+    }
+
+    /// Makes `raw` the current key, going on from where the fold left it if it was seen before.
+    fn resume(&mut self, raw: &[u8]) -> Result<()> {
+        self.close_current();
+        let key =
+            S::Key::from_bytes(raw).ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(raw) })?;
+        let (state, seq) = match self.map.remove(&key) {
+            Some(e) => (Arc::unwrap_or_clone(e.state), e.seq),
+            None => (S::State::default(), SeqNo::ZERO),
+        };
+        self.current = Some(Current { raw: raw.to_vec(), key, state, seq });
+        Ok(())
     }
 
     fn start(&mut self, raw: &[u8], state: S::State, seq: SeqNo) -> Result<()> {
@@ -131,7 +144,7 @@ impl<S: EventSourced> Folder<S> {
         }
         self.skipping = None;
         if self.current.as_ref().is_none_or(|c| c.raw != rec.key) {
-            self.start(&rec.key, S::State::default(), SeqNo::ZERO)?;
+            self.resume(&rec.key)?;
         }
         let event = decode_event::<S>(rec)?;
         let Some(cur) = self.current.as_mut() else { return Ok(()) };
@@ -149,6 +162,7 @@ impl<S: EventSourced> Folder<S> {
 
     pub(crate) fn finish(mut self) -> (BTreeMap<S::Key, Entity<S>>, RecoveryStats) {
         self.close_current();
+        self.stats.keys = self.map.len() as u64;
         (self.map, self.stats)
     }
 }
@@ -171,11 +185,21 @@ pub(crate) async fn recover<S: EventSourced, J: Journal>(
         progress.report(folder.stats.events + folder.stats.snapshots);
     }
     folder.skipping = None;
-    for key in std::mem::take(&mut folder.refetch) {
-        let mut events = std::pin::pin!(journal.events(EventQuery::key(key)));
+    // Keys whose snapshot this build cannot read, from their first event: one query for a key, one
+    // pass over the whole journal for several (a key's query may scan a sled journal's archive).
+    let refetch = std::mem::take(&mut folder.refetch);
+    let (query, only): (_, std::collections::HashSet<Vec<u8>>) = match refetch.as_slice() {
+        [] => (None, Default::default()),
+        [key] => (Some(EventQuery::key(key.clone())), Default::default()),
+        _ => (Some(EventQuery::default()), refetch.into_iter().collect()),
+    };
+    if let Some(query) = query {
+        let mut events = std::pin::pin!(journal.events(query));
         while let Some(chunk) = events.next().await {
             for e in chunk? {
-                folder.event(&e)?;
+                if only.is_empty() || only.contains(&e.key) {
+                    folder.event(&e)?;
+                }
             }
         }
     }

@@ -113,6 +113,32 @@ async fn journal_commands_agree_with_the_library() {
     let (code, out, err) = run_cli(&["journal", "dump", "--journal", p, "--key", "nosuch"]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     assert!(err.contains("no events of key `nosuch`"), "{err}");
+
+    // `journal archive` moves the history snapshots cover out of sled: every command reads the
+    // same journal afterwards.
+    let before: Vec<_> =
+        [&["replay"][..], &["dump", "--key", "acct-05"], &["replay", "--key", "acct-05", "--until-seq", "3"]]
+            .iter()
+            .map(|args| run_cli(&[&["journal"][..], args, &["--journal", p, "--format", "json"]].concat()))
+            .collect();
+    let (code, out, err) = run_cli(&["journal", "archive", "--journal", p]);
+    assert_eq!(code, 0, "{err}");
+    let moved: u64 = out.split("moved ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(moved > 0, "{out}");
+    let (code, out, _) = run_cli(&["journal", "stats", "--journal", p, "--format", "json"]);
+    assert_eq!(code, 0);
+    let after = &json_lines(&out)[0]["journal"];
+    assert_eq!((&after["events"], &after["keys"]), (&stats["events"], &stats["keys"]));
+    assert!(after["archived"].as_u64().unwrap() >= moved, "{after}");
+    let (code, out, _) = run_cli(&["journal", "verify", "--journal", p]);
+    assert_eq!(code, 0, "{out}");
+    for (args, was) in
+        [&["replay"][..], &["dump", "--key", "acct-05"], &["replay", "--key", "acct-05", "--until-seq", "3"]]
+            .iter()
+            .zip(before)
+    {
+        assert_eq!(run_cli(&[&["journal"][..], args, &["--journal", p, "--format", "json"]].concat()), was, "{args:?}");
+    }
 }
 
 /// A stage the binary does not know.

@@ -42,7 +42,7 @@ mod sled_store;
 pub mod testkit;
 
 #[cfg(feature = "sled")]
-pub use crate::sled_store::{SledJournal, SledStore, SledStoreBuilder, STORE_FORMAT_VERSION};
+pub use crate::sled_store::{SledJournal, SledStore, SledStoreBuilder, DEFAULT_ARCHIVE_AFTER, STORE_FORMAT_VERSION};
 pub use envelope::{CodecId, Envelope, Header, RecordKind, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use error::{EnvelopeError, JournalError, Result};
 #[cfg(feature = "kafka")]

@@ -149,6 +149,9 @@ pub struct JournalStats {
     pub keys: u64,
     /// Events.
     pub events: u64,
+    /// Of those, events in the history archive (sled journals: events their key's snapshot covers,
+    /// moved out of sled).
+    pub archived: u64,
     /// Snapshots (at most one per key).
     pub snapshots: u64,
     /// Bytes of stored event and snapshot records.

@@ -28,9 +28,15 @@ async fn sled_conformance() {
 }
 
 /// A sled journal whose appends store each key's events of a batch as one record
-/// (`SledJournal::append_grouped`, what flows use): the same contract as plain appends.
+/// (`SledJournal::append_grouped`, what flows use): the same contract as plain appends. With
+/// `archive`, every append is followed by a move of the history snapshots cover into the archive.
 #[derive(Clone)]
-struct Grouped(SledJournal);
+struct Grouped(SledJournal, bool);
+
+/// A grouped sled journal whose history moves to the archive after every append.
+fn archived(j: SledJournal) -> Grouped {
+    Grouped(j, true)
+}
 
 impl Journal for Grouped {
     fn name(&self) -> &str {
@@ -40,7 +46,11 @@ impl Journal for Grouped {
         &self,
         batch: eventstage_journal::Batch,
     ) -> eventstage_journal::Result<eventstage_journal::Committed> {
-        self.0.append_grouped(batch).await
+        let committed = self.0.append_grouped(batch).await?;
+        if self.1 {
+            self.0.archive_history().await?;
+        }
+        Ok(committed)
     }
     fn flush(&self) -> impl std::future::Future<Output = eventstage_journal::Result<()>> + Send {
         self.0.flush()
@@ -90,9 +100,99 @@ async fn sled_grouped_conformance() {
     testkit::conformance(|| {
         n += 1;
         let path = dir.path().join(format!("store-{n}"));
-        async move { Grouped(SledJournal::open(path, "conformance").unwrap()) }
+        async move { Grouped(SledJournal::open(path, "conformance").unwrap(), false) }
     })
     .await;
+}
+
+#[tokio::test]
+async fn sled_archived_conformance() {
+    let dir = TempDir::new().unwrap();
+    let mut n = 0;
+    testkit::conformance(|| {
+        n += 1;
+        let path = dir.path().join(format!("store-{n}"));
+        async move { archived(SledJournal::open(path, "conformance").unwrap()) }
+    })
+    .await;
+}
+
+/// The archive file of journal `name` in the store at `path`.
+fn archive_file(path: &Path, name: &str) -> std::path::PathBuf {
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    path.join("archive").join(format!("{hex}.log"))
+}
+
+/// History moves to the archive in the background, as snapshots are written; a move that wrote the
+/// archive but did not commit in sled is cut off on open; an archive shorter than committed, or
+/// with a damaged frame, is an error for reads that need it and a problem for verify, never a
+/// shorter history; recovery (snapshots and tails) does not read it.
+#[tokio::test]
+async fn history_moves_to_the_archive_and_damage_to_it_is_reported() {
+    use eventstage_journal::{Batch, EventQuery, Progress};
+    let dir = TempDir::new().unwrap();
+    let file = archive_file(dir.path(), "h");
+    let events = |from: u64, n: u64| (from..from + n).map(|s| testkit::event(b"k", s, b"e", s)).collect::<Vec<_>>();
+    let j = SledJournal::open(dir.path(), "h").unwrap();
+    j.append(Batch { events: events(1, 10), snapshots: vec![testkit::snapshot(b"k", 8, b"s8")], ..Default::default() })
+        .await
+        .unwrap();
+    // The background archiver moves events 1..=8 (it runs every second).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while j.stats().await.unwrap().archived < 8 {
+        assert!(std::time::Instant::now() < deadline, "history was not archived: {:?}", j.stats().await.unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(j.stats().await.unwrap().archived, 8);
+    let all = testkit::collect_events(&j, EventQuery::default()).await;
+    assert_eq!(all.iter().map(|e| e.seq.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    let committed = std::fs::metadata(&file).unwrap().len();
+    assert!(committed > 0);
+    j.flush().await.unwrap();
+    drop(j);
+
+    // A move that did not commit: bytes past the committed length are cut off on open.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(&bytes.clone()[..40]);
+    std::fs::write(&file, &bytes).unwrap();
+    let j = SledJournal::open(dir.path(), "h").unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), committed);
+    assert_eq!(testkit::collect_events(&j, EventQuery::default()).await, all);
+    drop(j);
+
+    // A damaged frame: reads that need the archive fail naming it, recovery works, verify reports.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[20] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let j = SledJournal::open(dir.path(), "h").unwrap();
+    let err = {
+        let mut stream = std::pin::pin!(j.events(EventQuery::default()));
+        loop {
+            match futures::StreamExt::next(&mut stream).await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e.to_string(),
+                None => panic!("a damaged archive read as a whole history"),
+            }
+        }
+    };
+    assert!(err.contains("history archive") && err.contains("checksum"), "{err}");
+    assert_eq!(fold_recovered(&j).await.len(), 1);
+    let report = j.verify(Progress::none()).await.unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.what.contains("history archive") && p.what.contains("checksum")),
+        "{report:?}"
+    );
+    drop(j);
+
+    // An archive shorter than committed: the same, naming the missing bytes.
+    std::fs::write(&file, &bytes[..10]).unwrap();
+    let j = SledJournal::open(dir.path(), "h").unwrap();
+    let report = j.verify(Progress::none()).await.unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.what.contains(&format!("holds 10 bytes, {committed} were committed"))),
+        "{report:?}"
+    );
+    assert!(j.stats().await.is_err());
 }
 
 /// Grouped records: each key's events of a batch are one record; queries from and up to a seq
@@ -266,12 +366,15 @@ proptest! {
             let dir = TempDir::new().unwrap();
             let sled = SledJournal::open(dir.path(), "model").unwrap();
             let grouped_dir = TempDir::new().unwrap();
-            let grouped = Grouped(SledJournal::open(grouped_dir.path(), "model").unwrap());
+            let grouped = Grouped(SledJournal::open(grouped_dir.path(), "model").unwrap(), false);
+            let archive_dir = TempDir::new().unwrap();
+            let arch = archived(SledJournal::open(archive_dir.path(), "model").unwrap());
             let mem = MemoryJournal::new("model");
             let mut model = Model::new();
             for b in to_batches(&batches, &mut model) {
                 sled.append(b.clone()).await.unwrap();
                 grouped.append(b.clone()).await.unwrap();
+                arch.append(b.clone()).await.unwrap();
                 mem.append(b).await.unwrap();
             }
             let expected = fold_model(&model);
@@ -283,6 +386,26 @@ proptest! {
                 testkit::collect_events(&sled, Default::default()).await
             );
             assert!(grouped.verify(eventstage_journal::Progress::none()).await.unwrap().problems.is_empty());
+            // History in the archive: the same events (archived ones first, each key in order),
+            // the same state, a clean verify, before and after a reopen.
+            let by_key = |mut events: Vec<eventstage_journal::EventRecord>| {
+                events.sort_by(|a, b| (&a.key, a.seq).cmp(&(&b.key, b.seq)));
+                events
+            };
+            let all = testkit::collect_events(&sled, Default::default()).await;
+            assert_eq!(fold_recovered(&arch).await, expected);
+            assert_eq!(by_key(testkit::collect_events(&arch, Default::default()).await), all);
+            let report = arch.verify(eventstage_journal::Progress::none()).await.unwrap();
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+            let (arch_stats, sled_stats) = (arch.stats().await.unwrap(), sled.stats().await.unwrap());
+            assert_eq!((arch_stats.events, arch_stats.keys, arch_stats.snapshots), (sled_stats.events, sled_stats.keys, sled_stats.snapshots));
+            // Every snapshot covers at least its own seq's event.
+            assert_eq!(arch_stats.archived > 0, sled_stats.snapshots > 0, "{arch_stats:?}");
+            arch.flush().await.unwrap();
+            drop(arch);
+            let arch = SledJournal::open(archive_dir.path(), "model").unwrap();
+            assert_eq!(fold_recovered(&arch).await, expected);
+            assert_eq!(by_key(testkit::collect_events(&arch, Default::default()).await), all);
             sled.flush().await.unwrap();
             drop(sled);
             let reopened = SledJournal::open(dir.path(), "model").unwrap();

@@ -47,6 +47,11 @@ pub enum JournalCommand {
     Dump(PointArgs),
     /// Rebuild state from events and print it, for all keys or one, at any point of history.
     Replay(PointArgs),
+    /// Move the events each key's snapshot covers out of sled into the journal's history archive,
+    /// a file read only by dump, replay, stats and verify. Flows and the demo do this as they write
+    /// snapshots; this moves what a store written by an older version (or with archiving off) holds,
+    /// so that opening it, and every scan of it, needs memory for its state, not its history.
+    Archive,
 }
 
 /// Which events: a key and a point in history.
@@ -152,7 +157,14 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
     let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
     // sled opens its files for writing: a write-protected store (a backup, another user's files)
     // is inspected through a private copy, and never written.
+    let archiving = matches!(args.command, JournalCommand::Archive);
     let copy = if write_protected(&path) {
+        if archiving {
+            bail!(
+                "{} is write-protected: `journal archive` moves records inside it; make it writable first",
+                path.display()
+            );
+        }
         let tmp = tempfile::tempdir().context("cannot create a temporary directory for a copy of the journal")?;
         let target = tmp.path().join("journal");
         copy_tree(&path, &target)
@@ -171,6 +183,8 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
                 .flush_every(None)
                 .mark_lost(mark_lost)
                 .cache_capacity(INSPECT_CACHE)
+                // Inspection moves nothing; `journal archive` moves in the foreground.
+                .archive_history(None)
                 .open()
         }
     })
@@ -257,6 +271,14 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
                 _ => ExitCode::SUCCESS,
             }
         }
+        JournalCommand::Archive => {
+            for j in &journals {
+                let moved = j.archive_history().await?;
+                j.flush().await?;
+                writeln!(out, "{}: moved {moved} event records into the history archive", j.name())?;
+            }
+            ExitCode::SUCCESS
+        }
         JournalCommand::Replay(point) => {
             if point.from_seq.is_some() {
                 bail!("replay always starts at the first event; --from-seq is for dump");
@@ -277,7 +299,7 @@ fn print_stats(out: &mut impl Write, format: Format, s: &JournalStats, disk: u64
         Format::Text => {
             writeln!(out, "journal      {}", s.name)?;
             writeln!(out, "keys         {}", s.keys)?;
-            writeln!(out, "events       {}", s.events)?;
+            writeln!(out, "events       {} ({} of them in the history archive)", s.events, s.archived)?;
             writeln!(out, "snapshots    {}", s.snapshots)?;
             writeln!(out, "bytes        {} (records); {} (store on disk)", s.bytes, disk)?;
             writeln!(out, "batches      {}", s.batches)?;
@@ -298,7 +320,7 @@ fn print_stats(out: &mut impl Write, format: Format, s: &JournalStats, disk: u64
 
 /// Whether the store at `path`, or the files sled writes on open, are write-protected.
 fn write_protected(path: &std::path::Path) -> bool {
-    [path.to_path_buf(), path.join("sled"), path.join("sled").join("db"), path.join("marks")]
+    [path.to_path_buf(), path.join("sled"), path.join("sled").join("db"), path.join("marks"), path.join("archive")]
         .iter()
         .any(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().readonly()))
 }

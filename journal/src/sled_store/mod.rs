@@ -18,18 +18,25 @@
 //! s | key                     -> seq (u64 BE) | snapshot envelope   (latest snapshot only)
 //! p | topic | partition       -> next offset (i64 BE)
 //! m | "batch"                 -> number of committed batches (u64 BE)
+//! m | "archive"               -> committed length of the history archive (u64 BE)
+//! m | "archivable"            -> event records written since the last move to it (u64 BE)
 //! ```
+//!
+//! Event records a key's snapshot covers move to the journal's history archive (see `archive.rs`),
+//! in the background once the snapshot is written: sled then holds snapshots and the events after
+//! them, and what it costs in memory and time to open follows the state, not the history.
 //!
 //! An append is one `Tree::apply_batch`, which sled applies atomically, also across crashes. The
 //! batch counter travels in the same write; the commit mark file records it again after each flush,
 //! so a store that lost batches (sled truncates a damaged log tail on recovery) is refused on open
 //! with [`JournalError::MissingBatches`] instead of quietly replaying a shorter history.
 
+mod archive;
 mod store;
 mod verify;
 
 use store::{storage_error, StoreInner};
-pub use store::{SledStore, SledStoreBuilder, STORE_FORMAT_VERSION};
+pub use store::{SledStore, SledStoreBuilder, DEFAULT_ARCHIVE_AFTER, STORE_FORMAT_VERSION};
 
 use crate::error::{JournalError, Result};
 use crate::keys::{decode_key, encode_key_into, printable_key};
@@ -40,11 +47,12 @@ use crate::types::{
     SourcePosition, VerifyReport,
 };
 use crate::{Envelope, Journal, RecordKind};
+use archive::{encode_frame, Archive};
 use futures::{Stream, StreamExt};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const TREE_PREFIX: &str = "journal:";
 const E: u8 = b'e';
@@ -53,9 +61,24 @@ const S: u8 = b's';
 const P: u8 = b'p';
 const X: u8 = b'x';
 const BATCH_KEY: &[u8] = b"mbatch";
+const ARCHIVE_KEY: &[u8] = b"marchive";
+/// Event records written since the last move to the archive (u64 BE), so that the count survives
+/// restarts that each write fewer than the threshold.
+const ARCHIVABLE_KEY: &[u8] = b"marchivable";
+
+/// A move to the archive commits (one fsync of the archive, one sled batch) after this many bytes.
+const ARCHIVE_STEP: usize = 4 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn event_key(key: &[u8], seq: u64) -> Vec<u8> {
@@ -184,6 +207,16 @@ struct JournalInner {
     marked: u64,
     /// The journal held batches but no commit mark on open.
     mark_missing: bool,
+    /// The history archive. Scans hold it for reading; a move to it holds it for writing, so no
+    /// scan sees a record both in sled and in the archive, or in neither.
+    archive: RwLock<Archive>,
+    /// Keys whose snapshot advanced since their history was last moved (when the store archives).
+    to_archive: Mutex<HashSet<Vec<u8>>>,
+    /// Event records written since the last move (an estimate of what sled holds beyond state).
+    unarchived: AtomicU64,
+    /// Whether this process moved the history of every key once (keys snapshotted before it
+    /// started are not in `to_archive`).
+    swept: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for JournalInner {
@@ -221,6 +254,17 @@ impl SledJournal {
             j.append_blocking(batch, true)
         })
         .await
+    }
+
+    /// Moves the event records every snapshot covers into the journal's history archive now (a
+    /// store with [`SledStoreBuilder::archive_history`] does this in the background as snapshots
+    /// are written; this also moves what a store written without it holds). Returns how many
+    /// records moved. Reads see the same events before and after; `recover` reads less.
+    ///
+    /// # Errors
+    /// When sled or the archive file cannot be read or written; nothing is lost either way.
+    pub async fn archive_history(&self) -> Result<u64> {
+        self.spawn(JournalInner::archive_all).await
     }
 
     /// The sled tree holding this journal, for benchmarks comparing against raw sled iteration.
@@ -264,6 +308,7 @@ impl JournalInner {
         let mut buf = Vec::new();
         // Grouped: each key's events of the batch, written as one record once checked.
         let mut groups: HashMap<&[u8], Vec<&EventRecord>> = HashMap::new();
+        let mut writes_of_events = 0usize;
         for ev in &batch.events {
             let expected = match next.get_mut(ev.key.as_slice()) {
                 Some(n) => n,
@@ -285,12 +330,14 @@ impl JournalInner {
             buf.clear();
             ev.envelope.encode_into(&mut buf);
             writes.insert(event_key(&ev.key, ev.seq.0), buf.as_slice());
+            writes_of_events += 1;
         }
         for (key, events) in groups {
             for run in events.chunks(MAX_GROUP) {
                 let (Some(first), Some(last)) = (run.first(), run.last()) else { continue };
                 let value = if run.len() == 1 { first.envelope.encode() } else { encode_group(first.seq.0, run) };
                 writes.insert(event_key(key, last.seq.0), value);
+                writes_of_events += 1;
             }
         }
         for snap in &batch.snapshots {
@@ -310,6 +357,14 @@ impl JournalInner {
             value.extend_from_slice(&snap.seq.0.to_be_bytes());
             snap.envelope.encode_into(&mut value);
             writes.insert(prefixed_key(S, &snap.key), value);
+        }
+        if self.store.archive_history.is_some() {
+            if !batch.snapshots.is_empty() {
+                lock(&self.to_archive).extend(batch.snapshots.iter().map(|s| s.key.clone()));
+            }
+            let records = writes_of_events as u64;
+            let unarchived = self.unarchived.fetch_add(records, Ordering::AcqRel) + records;
+            writes.insert(ARCHIVABLE_KEY, &unarchived.to_be_bytes());
         }
         for (key, n) in &next {
             writes.insert(prefixed_key(K, key), &(n - 1).to_be_bytes());
@@ -344,6 +399,114 @@ impl JournalInner {
         }
         self.durable.fetch_max(applied, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Moves the event records that the snapshots of keys written since the last move cover into
+    /// the archive; returns how many records moved.
+    /// Nothing moves until the store's threshold of records written since the last move is
+    /// reached; the first move of a process covers every key.
+    fn archive_pending(&self) -> Result<u64> {
+        let Some(after) = self.store.archive_history else { return Ok(0) };
+        if self.unarchived.load(Ordering::Acquire) < after {
+            return Ok(0);
+        }
+        if !self.swept.load(Ordering::Acquire) {
+            return self.archive_all();
+        }
+        let keys: Vec<Vec<u8>> = lock(&self.to_archive).drain().collect();
+        self.archive_keys(keys)
+    }
+
+    /// Moves the event records every snapshot covers into the archive (for stores written before
+    /// archiving, or without it); returns how many records moved.
+    fn archive_all(&self) -> Result<u64> {
+        lock(&self.to_archive).clear();
+        let mut keys = Vec::new();
+        for item in self.tree.scan_prefix([S]) {
+            let (k, _) = item.map_err(|e| self.storage(e))?;
+            if let Some((key, _)) = decode_key(&k[1..]) {
+                keys.push(key);
+            }
+        }
+        let moved = self.archive_keys(keys)?;
+        self.swept.store(true, Ordering::Release);
+        Ok(moved)
+    }
+
+    fn archive_keys(&self, keys: impl IntoIterator<Item = Vec<u8>>) -> Result<u64> {
+        let mut archive = write(&self.archive);
+        let mut frames = Vec::new();
+        let mut removed = sled::Batch::default();
+        let (mut moved, mut staged) = (0u64, 0u64);
+        for key in keys {
+            let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? else { continue };
+            // A snapshot whose seq is unreadable or ahead of the events is damage `verify` reports;
+            // nothing is moved on its word.
+            let Some(covered) = snap.get(..8).and_then(be_u64) else { continue };
+            if covered > self.last_seq(&key)? {
+                continue;
+            }
+            for item in self.tree.range(event_key(&key, 1)..=event_key(&key, covered)) {
+                let (k, v) = item.map_err(|e| self.storage(e))?;
+                let Some((_, seq)) = parse_event_key(&k) else { continue };
+                encode_frame(&key, seq, &v, &mut frames);
+                removed.remove(k);
+                staged += 1;
+            }
+            if frames.len() >= ARCHIVE_STEP {
+                self.commit_move(&mut archive, &mut frames, &mut removed)?;
+                moved += std::mem::take(&mut staged);
+            }
+        }
+        if !frames.is_empty() {
+            self.commit_move(&mut archive, &mut frames, &mut removed)?;
+            moved += staged;
+        }
+        Ok(moved)
+    }
+
+    /// Writes `frames` to the archive, then removes their records from sled in the batch that
+    /// commits the archive's new length.
+    fn commit_move(&self, archive: &mut Archive, frames: &mut Vec<u8>, removed: &mut sled::Batch) -> Result<()> {
+        self.store.require_version(3)?;
+        let len = archive.write(frames)?;
+        let mut batch = std::mem::take(removed);
+        batch.insert(ARCHIVE_KEY, &len.to_be_bytes());
+        batch.insert(ARCHIVABLE_KEY, &0u64.to_be_bytes());
+        self.unarchived.store(0, Ordering::Release);
+        self.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
+        archive.committed(len);
+        frames.clear();
+        Ok(())
+    }
+
+    fn archive_damage(&self, archive: &Archive, at: u64, what: &str) -> JournalError {
+        self.damaged(format!(
+            "history archive {} at byte {at}: {what}; `eventstage journal verify` lists the damage",
+            archive.path().display()
+        ))
+    }
+
+    /// Sends the archived records (of `key` only, when given) undecoded; false when the reader went
+    /// away.
+    fn send_archived(
+        &self,
+        archive: &Archive,
+        key: Option<&[u8]>,
+        out: &mut Chunker<Raw, JournalError>,
+    ) -> Result<bool> {
+        for frame in archive.frames()? {
+            let frame = frame.map_err(|(at, what)| self.archive_damage(archive, at, &what))?;
+            if key.is_some_and(|k| k != frame.key.as_slice()) {
+                continue;
+            }
+            let weight = group_len(&frame.value);
+            let raw = Raw::Event(event_key(&frame.key, frame.seq).into(), frame.value.into(), 0);
+            if !out.push_weighted(raw, weight) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The events of one event record (one, or a group), from seq `from` on.
@@ -399,6 +562,11 @@ impl JournalInner {
     }
 
     fn events_blocking(&self, query: &EventQuery, out: &mut Chunker<Raw, JournalError>) -> Result<()> {
+        let archive = read(&self.archive);
+        // Archived records first: they are older than every record of their key still in sled.
+        if !self.send_archived(&archive, query.key.as_deref(), out)? {
+            return Ok(());
+        }
         let range = match &query.key {
             Some(key) => {
                 let from = query.from_seq.0.max(1);
@@ -416,6 +584,9 @@ impl JournalInner {
     }
 
     fn recover_blocking(&self, out: &mut Chunker<Raw, JournalError>) -> Result<()> {
+        // Recovery reads no archived record (they are all covered by snapshots), but the move of
+        // records it is reading must wait.
+        let _archive = read(&self.archive);
         let has_snapshots = self.tree.scan_prefix([S]).next().is_some();
         if !has_snapshots {
             return self.send_raw(self.tree.scan_prefix([E]), 0, out).map(|_| ());
@@ -476,24 +647,17 @@ impl JournalInner {
     fn stats_blocking(&self) -> Result<JournalStats> {
         let mut stats =
             JournalStats { name: self.name.clone(), batches: *lock(&self.write), ..JournalStats::default() };
+        let archive = read(&self.archive);
+        for frame in archive.frames()? {
+            let frame = frame.map_err(|(at, what)| self.archive_damage(&archive, at, &what))?;
+            let before = stats.events;
+            count_event(&mut stats, &frame.value);
+            stats.archived += stats.events - before;
+        }
         for item in self.tree.iter() {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             match k.first() {
-                Some(&E) => {
-                    stats.events += match Envelope::check(&v) {
-                        Ok(h) if h.kind == RecordKind::Events => v
-                            .get(crate::HEADER_LEN + 8..crate::HEADER_LEN + 12)
-                            .and_then(|b| b.try_into().ok())
-                            .map_or(1, |b| u64::from(u32::from_le_bytes(b))),
-                        _ => 1,
-                    };
-                    stats.bytes += v.len() as u64;
-                    if let Ok(h) = Envelope::check(&v) {
-                        let t = h.timestamp_ms;
-                        stats.first_event_ms = Some(stats.first_event_ms.map_or(t, |f| f.min(t)));
-                        stats.last_event_ms = Some(stats.last_event_ms.map_or(t, |l| l.max(t)));
-                    }
-                }
+                Some(&E) => count_event(&mut stats, &v),
                 Some(&K) => stats.keys += 1,
                 Some(&S) => {
                     stats.snapshots += 1;
@@ -504,6 +668,23 @@ impl JournalInner {
         }
         stats.positions = self.positions_blocking()?;
         Ok(stats)
+    }
+}
+
+/// Counts a stored event record (one event, or a group) into `stats`.
+fn count_event(stats: &mut JournalStats, v: &[u8]) {
+    stats.events += match Envelope::check(v) {
+        Ok(h) if h.kind == RecordKind::Events => v
+            .get(crate::HEADER_LEN + 8..crate::HEADER_LEN + 12)
+            .and_then(|b| b.try_into().ok())
+            .map_or(1, |b| u64::from(u32::from_le_bytes(b))),
+        _ => 1,
+    };
+    stats.bytes += v.len() as u64;
+    if let Ok(h) = Envelope::check(v) {
+        let t = h.timestamp_ms;
+        stats.first_event_ms = Some(stats.first_event_ms.map_or(t, |f| f.min(t)));
+        stats.last_event_ms = Some(stats.last_event_ms.map_or(t, |l| l.max(t)));
     }
 }
 
@@ -523,8 +704,9 @@ impl Journal for SledJournal {
     fn events(&self, query: EventQuery) -> impl Stream<Item = Result<Vec<EventRecord>>> + Send + 'static {
         let (inner, reader) = (self.inner.clone(), self.inner.clone());
         let producer_query = query.clone();
-        // Per key, once an event is past the query's end, the rest of that key is skipped.
-        let mut skip_key: Option<Vec<u8>> = None;
+        // Per key, once an event is past the query's end, the rest of that key is skipped (a set:
+        // the archive's keys interleave).
+        let mut past: HashSet<Vec<u8>> = HashSet::new();
         blocking_stream(4, move |tx| {
             let mut out = Chunker::new(tx);
             match inner.events_blocking(&producer_query, &mut out) {
@@ -537,11 +719,11 @@ impl Journal for SledJournal {
             for raw in chunk? {
                 let Raw::Event(k, v, from) = raw else { continue };
                 for ev in reader.decode_events(&k, &v, from)? {
-                    if skip_key.as_deref() == Some(ev.key.as_slice()) || ev.seq < query.from_seq {
+                    if ev.seq < query.from_seq || past.contains(&ev.key) {
                         continue;
                     }
                     if query.is_past(ev.seq, ev.envelope.timestamp_ms) {
-                        skip_key = Some(ev.key);
+                        past.insert(ev.key);
                         continue;
                     }
                     events.push(ev);

@@ -1,6 +1,6 @@
 //! `verify` of the sled backend: walks every record and reports all damage, never stopping at the first.
 
-use super::{be_u64, decode_group, lock, parse_event_key, parse_position, JournalInner, E, K, P, S};
+use super::{be_u64, decode_group, lock, parse_event_key, parse_position, read, JournalInner, E, K, P, S};
 use crate::error::{JournalError, Result};
 use crate::keys::{decode_key, printable_key};
 use crate::types::{Problem, Progress, VerifyReport};
@@ -14,8 +14,35 @@ impl JournalInner {
     pub(super) fn verify_blocking(&self, progress: &Progress) -> Result<VerifyReport> {
         let mut report = VerifyReport { name: self.name.clone(), ..VerifyReport::default() };
         let mut problems = Problems::default();
-        // Pass 1: events. Keys come in order, each key's seqs in order.
+        // Pass 0: the history archive, whose records are older than every record of their key in
+        // sled. Each key's last seq is kept (memory follows the keys, not the history).
         let mut lasts: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        let archive = read(&self.archive);
+        match archive.frames() {
+            Err(e) => problems.push(Problem::general(e.to_string())),
+            Ok(frames) => {
+                for frame in frames {
+                    let frame = match frame {
+                        Ok(frame) => frame,
+                        Err((at, what)) => {
+                            problems.push(Problem::general(format!(
+                                "history archive {} at byte {at}: {what}; the archived events from there on cannot be read",
+                                archive.path().display()
+                            )));
+                            break;
+                        }
+                    };
+                    report.records += 1;
+                    if report.records % 4096 == 0 {
+                        progress.report(report.records);
+                    }
+                    let expected = lasts.get(&frame.key).map_or(1, |l| l + 1);
+                    check_event_record(&mut report, &mut problems, &frame.key, frame.seq, &frame.value, expected);
+                    lasts.insert(frame.key, frame.seq);
+                }
+            }
+        }
+        // Pass 1: events in sled. Keys come in order, each key's seqs in order.
         let mut current: Option<(Vec<u8>, u64)> = None;
         for item in self.tree.scan_prefix([E]) {
             let (k, v) = item.map_err(|e| self.storage(e))?;
@@ -34,51 +61,10 @@ impl JournalInner {
                     if let Some((ck, last)) = current.take() {
                         lasts.insert(ck, last);
                     }
-                    1
+                    lasts.get(&key).map_or(1, |l| l + 1)
                 }
             };
-            // The seqs this record holds: one, or a group's (unknown when a group is damaged: it
-            // may cover the seqs before it, so no gap is reported for it).
-            let mut first = Some(seq);
-            match Envelope::check(&v) {
-                Ok(h) if h.kind == RecordKind::Events => match decode_group(&v, seq) {
-                    Ok(group) => {
-                        report.events += group.len() as u64;
-                        first = group.first().map(|(s, _)| *s);
-                    }
-                    Err(what) => {
-                        report.events += 1;
-                        first = None;
-                        problems.push(Problem::at(&key, Some(seq), what));
-                    }
-                },
-                Ok(h) if h.kind != RecordKind::Event => {
-                    report.events += 1;
-                    problems.push(Problem::at(&key, Some(seq), "a snapshot record stored as an event"))
-                }
-                Ok(_) => report.events += 1,
-                Err(e) => {
-                    report.events += 1;
-                    if v.get(3) == Some(&(RecordKind::Events as u8)) {
-                        first = None;
-                    }
-                    problems.push(Problem::at(&key, Some(seq), e.to_string()))
-                }
-            }
-            match first {
-                Some(first) if first != expected => {
-                    let what = if first > expected {
-                        format!("sequence gap: events {expected}..={} are missing", first - 1)
-                    } else {
-                        format!("sequence out of order: expected {expected}")
-                    };
-                    problems.push(Problem::at(&key, Some(first), what));
-                }
-                None if seq < expected => {
-                    problems.push(Problem::at(&key, Some(seq), format!("sequence out of order: expected {expected}")))
-                }
-                _ => {}
-            }
+            check_event_record(&mut report, &mut problems, &key, seq, &v, expected);
             current = Some((key, seq));
         }
         if let Some((ck, last)) = current.take() {
@@ -163,6 +149,60 @@ impl JournalInner {
         progress.report(report.records);
         report.problems = problems.finish();
         Ok(report)
+    }
+}
+
+/// Checks one stored event record (one event, or a group) of `key` under `seq`, the key's next
+/// expected seq being `expected`.
+fn check_event_record(
+    report: &mut VerifyReport,
+    problems: &mut Problems,
+    key: &[u8],
+    seq: u64,
+    v: &[u8],
+    expected: u64,
+) {
+    // The seqs this record holds: one, or a group's (unknown when a group is damaged: it
+    // may cover the seqs before it, so no gap is reported for it).
+    let mut first = Some(seq);
+    match Envelope::check(v) {
+        Ok(h) if h.kind == RecordKind::Events => match decode_group(v, seq) {
+            Ok(group) => {
+                report.events += group.len() as u64;
+                first = group.first().map(|(s, _)| *s);
+            }
+            Err(what) => {
+                report.events += 1;
+                first = None;
+                problems.push(Problem::at(key, Some(seq), what));
+            }
+        },
+        Ok(h) if h.kind != RecordKind::Event => {
+            report.events += 1;
+            problems.push(Problem::at(key, Some(seq), "a snapshot record stored as an event"))
+        }
+        Ok(_) => report.events += 1,
+        Err(e) => {
+            report.events += 1;
+            if v.get(3) == Some(&(RecordKind::Events as u8)) {
+                first = None;
+            }
+            problems.push(Problem::at(key, Some(seq), e.to_string()))
+        }
+    }
+    match first {
+        Some(first) if first != expected => {
+            let what = if first > expected {
+                format!("sequence gap: events {expected}..={} are missing", first - 1)
+            } else {
+                format!("sequence out of order: expected {expected}")
+            };
+            problems.push(Problem::at(key, Some(first), what));
+        }
+        None if seq < expected => {
+            problems.push(Problem::at(key, Some(seq), format!("sequence out of order: expected {expected}")))
+        }
+        _ => {}
     }
 }
 
