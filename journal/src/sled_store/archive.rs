@@ -86,7 +86,8 @@ impl Archive {
     }
 
     /// Writes `frames` after the committed bytes and syncs them; returns the length to commit
-    /// (in sled, with the removal of the moved records), then [`Archive::committed`].
+    /// (in sled, with the removal of the moved records), then [`Archive::committed`]. Until then,
+    /// a later write starts again at the committed length.
     pub(super) fn write(&mut self, frames: &[u8]) -> Result<u64> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
@@ -108,6 +109,11 @@ impl Archive {
             }
         }
         Ok(self.committed + frames.len() as u64)
+    }
+
+    /// Committed bytes.
+    pub(super) fn committed_len(&self) -> u64 {
+        self.committed
     }
 
     /// The move that wrote up to `len` committed in sled.

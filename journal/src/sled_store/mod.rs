@@ -66,8 +66,11 @@ const ARCHIVE_KEY: &[u8] = b"marchive";
 /// restarts that each write fewer than the threshold.
 const ARCHIVABLE_KEY: &[u8] = b"marchivable";
 
-/// A move to the archive commits (one fsync of the archive, one sled batch) after this many bytes.
+/// A move to the archive writes (one fsync of the archive) after this many bytes of frames.
 const ARCHIVE_STEP: usize = 4 << 20;
+
+/// Records a move removes from sled per batch.
+const REMOVALS_PER_BATCH: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -217,6 +220,8 @@ struct JournalInner {
     /// Whether this process moved the history of every key once (keys snapshotted before it
     /// started are not in `to_archive`).
     swept: std::sync::atomic::AtomicBool,
+    /// The batch counter at the archiver's previous look (unchanged: the journal is idle).
+    archiver_seen: AtomicU64,
 }
 
 impl Drop for JournalInner {
@@ -403,11 +408,15 @@ impl JournalInner {
 
     /// Moves the event records that the snapshots of keys written since the last move cover into
     /// the archive; returns how many records moved.
-    /// Nothing moves until the store's threshold of records written since the last move is
-    /// reached; the first move of a process covers every key.
+    /// Called every second by the store's archiver: history moves once the store's threshold of
+    /// records written since the last move is reached, or when no batch was appended since the
+    /// previous call (idle time); the first move of a process covers every key.
     fn archive_pending(&self) -> Result<u64> {
         let Some(after) = self.store.archive_history else { return Ok(0) };
-        if self.unarchived.load(Ordering::Acquire) < after {
+        let applied = self.applied.load(Ordering::Acquire);
+        let idle = self.archiver_seen.swap(applied, Ordering::AcqRel) == applied;
+        let unarchived = self.unarchived.load(Ordering::Acquire);
+        if unarchived == 0 || (unarchived < after && !idle) {
             return Ok(0);
         }
         if !self.swept.load(Ordering::Acquire) {
@@ -436,8 +445,9 @@ impl JournalInner {
     fn archive_keys(&self, keys: impl IntoIterator<Item = Vec<u8>>) -> Result<u64> {
         let mut archive = write(&self.archive);
         let mut frames = Vec::new();
-        let mut removed = sled::Batch::default();
-        let (mut moved, mut staged) = (0u64, 0u64);
+        // Each moved record's storage key, and where its frame ends in `frames`.
+        let mut staged: Vec<(sled::IVec, usize)> = Vec::new();
+        let mut moved = 0u64;
         for key in keys {
             let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? else { continue };
             // A snapshot whose seq is unreadable or ahead of the events is damage `verify` reports;
@@ -450,34 +460,47 @@ impl JournalInner {
                 let (k, v) = item.map_err(|e| self.storage(e))?;
                 let Some((_, seq)) = parse_event_key(&k) else { continue };
                 encode_frame(&key, seq, &v, &mut frames);
-                removed.remove(k);
-                staged += 1;
+                staged.push((k, frames.len()));
             }
             if frames.len() >= ARCHIVE_STEP {
-                self.commit_move(&mut archive, &mut frames, &mut removed)?;
-                moved += std::mem::take(&mut staged);
+                moved += self.commit_move(&mut archive, &mut frames, &mut staged)?;
             }
         }
         if !frames.is_empty() {
-            self.commit_move(&mut archive, &mut frames, &mut removed)?;
-            moved += staged;
+            moved += self.commit_move(&mut archive, &mut frames, &mut staged)?;
         }
         Ok(moved)
     }
 
-    /// Writes `frames` to the archive, then removes their records from sled in the batch that
-    /// commits the archive's new length.
-    fn commit_move(&self, archive: &mut Archive, frames: &mut Vec<u8>, removed: &mut sled::Batch) -> Result<()> {
+    /// Writes `frames` to the archive (one fsync), then removes their records from sled in small
+    /// batches, each committing the archive's length up to the last frame it removed. A sled batch
+    /// holds sled's store-wide write lock, so small ones keep the writers' waits short; a crash
+    /// between them leaves records removed exactly for the frames committed.
+    fn commit_move(
+        &self,
+        archive: &mut Archive,
+        frames: &mut Vec<u8>,
+        staged: &mut Vec<(sled::IVec, usize)>,
+    ) -> Result<u64> {
         self.store.require_version(3)?;
-        let len = archive.write(frames)?;
-        let mut batch = std::mem::take(removed);
-        batch.insert(ARCHIVE_KEY, &len.to_be_bytes());
-        batch.insert(ARCHIVABLE_KEY, &0u64.to_be_bytes());
+        let base = archive.committed_len();
+        archive.write(frames)?;
         self.unarchived.store(0, Ordering::Release);
-        self.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
-        archive.committed(len);
+        for chunk in staged.chunks(REMOVALS_PER_BATCH) {
+            let mut batch = sled::Batch::default();
+            for (k, _) in chunk {
+                batch.remove(k.clone());
+            }
+            let len = base + chunk.last().map_or(0, |(_, end)| *end as u64);
+            batch.insert(ARCHIVE_KEY, &len.to_be_bytes());
+            batch.insert(ARCHIVABLE_KEY, &0u64.to_be_bytes());
+            self.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
+            archive.committed(len);
+        }
+        let moved = staged.len() as u64;
+        staged.clear();
         frames.clear();
-        Ok(())
+        Ok(moved)
     }
 
     fn archive_damage(&self, archive: &Archive, at: u64, what: &str) -> JournalError {
