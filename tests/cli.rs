@@ -285,3 +285,41 @@ async fn sigkill_at_random_moments_leaves_a_consistent_journal() {
         stage.shutdown().await.unwrap();
     }
 }
+
+/// Flags of the other demo are refused instead of ignored, a zero commit interval is refused, and
+/// an unreachable cluster is named at once and given up on after `--timeout`.
+#[test]
+fn demo_flags_that_do_not_apply_are_refused_and_an_unreachable_cluster_is_named_quickly() {
+    let (code, _, err) = run_cli(&["demo", "--journal", "kafka:x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--brokers"), "{err}");
+    let (code, _, err) = run_cli(&["demo", "--brokers", "127.0.0.1:1", "--commands", "5"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, _, err) = run_cli(&["demo", "--brokers", "127.0.0.1:1", "--commit-interval", "0s"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 1ms"), "{err}");
+    let started = Instant::now();
+    let (code, _, err) = run_cli(&["demo", "--brokers", "127.0.0.1:1", "--timeout", "2s"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("connecting to Kafka at 127.0.0.1:1"), "{err}");
+    assert!(err.contains("cannot reach the brokers at 127.0.0.1:1 within 2s"), "{err}");
+    // librdkafka's own request timeout is a minute: the flag bounds the wait.
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+/// A flow with a zero commit interval is refused with the fix instead of committing per record.
+#[test]
+fn a_zero_commit_interval_is_refused() {
+    let topics = eventstage::stages::bank_flow::BankTopics {
+        input: "in".into(),
+        replies: "out".into(),
+        events: "events".into(),
+    };
+    let Err(err) =
+        eventstage::stages::bank_flow::bank_flow("127.0.0.1:1", "g", topics).commit_interval(Duration::ZERO).run()
+    else {
+        panic!("a zero commit interval was accepted");
+    };
+    assert!(err.to_string().contains("commit interval is 0"), "{err}");
+}

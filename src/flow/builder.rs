@@ -155,7 +155,9 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
-    /// How often a transaction commits. Default: 100 ms.
+    /// How often a transaction commits. Default: 100 ms. Zero is refused by
+    /// [`run`](Self::run): each commit is a round trip to the transaction coordinator, and one per
+    /// record is not "as soon as possible" but a flow that spends itself committing.
     #[must_use]
     pub fn commit_interval(mut self, every: Duration) -> Self {
         self.commit_interval = every;
@@ -284,6 +286,12 @@ impl<S: EventSourced> FlowBuilder<S> {
     /// [`FlowError::Config`] when the builder lacks a decoder or inputs.
     pub fn run(self) -> Result<FlowControl, FlowError> {
         let decoder = self.decoder.ok_or_else(|| FlowError::Config("a decoder is required".into()))?;
+        if self.commit_interval.is_zero() {
+            return Err(FlowError::Config(
+                "the commit interval is 0: give it at least 1 ms (Kafka Streams' exactly-once default is 100 ms)"
+                    .into(),
+            ));
+        }
         let first = self.inputs.first().cloned().ok_or_else(|| FlowError::Config("no input topics".into()))?;
         let mut common = ClientConfig::new();
         common.set("bootstrap.servers", &self.brokers);

@@ -25,25 +25,25 @@ enum DurabilityArg {
 pub(crate) struct DemoArgs {
     /// Keep the journal in DIR (reused across runs: the demo recovers what is there first).
     /// Default: a temporary directory, deleted at the end.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "brokers")]
     data: Option<PathBuf>,
     /// Number of accounts.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, conflicts_with = "brokers")]
     accounts: u64,
     /// Number of commands to send.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, conflicts_with = "brokers")]
     commands: u64,
     /// Concurrent client tasks.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, conflicts_with = "brokers")]
     tasks: u64,
     /// When replies are sent.
-    #[arg(long, value_enum, default_value_t = DurabilityArg::Durable)]
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Durable, conflicts_with = "brokers")]
     durability: DurabilityArg,
     /// Snapshot every N events per account (0: off).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, conflicts_with = "brokers")]
     snapshot_every: u64,
     /// Seed of the generated workload.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, conflicts_with = "brokers")]
     seed: u64,
     #[command(flatten)]
     flow: crate::flow_demo::FlowArgs,

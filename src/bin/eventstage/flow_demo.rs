@@ -25,60 +25,72 @@ pub(crate) struct FlowArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) brokers: Option<String>,
     /// Input topic (commands).
-    #[arg(long, default_value = "bank-commands")]
+    #[arg(long, default_value = "bank-commands", requires = "brokers")]
     input: String,
     /// Replies topic.
-    #[arg(long, default_value = "bank-replies")]
+    #[arg(long, default_value = "bank-replies", requires = "brokers")]
     replies: String,
     /// Events topic.
-    #[arg(long, default_value = "bank-events")]
+    #[arg(long, default_value = "bank-events", requires = "brokers")]
     events: String,
     /// Consumer group.
-    #[arg(long, default_value = "eventstage-bank")]
+    #[arg(long, default_value = "eventstage-bank", requires = "brokers")]
     group: String,
     /// Journal: `kafka:TOPIC` (a compacted topic, created if missing; it belongs to the group that
     /// first runs on it) or `sled:DIR` (a local store with the consumed positions and an outbox;
     /// one instance only). Default: kafka:<group>-journal.
-    #[arg(long)]
+    #[arg(long, requires = "brokers")]
     journal: Option<String>,
     /// Take over a Kafka journal another group owns: continue from its state and from that
     /// group's committed input offsets (the other group is refused from then on).
-    #[arg(long)]
+    #[arg(long, requires = "brokers")]
     take_over_journal: bool,
     /// With a Kafka journal: keep a local state store in DIR (one per instance), a checkpoint of
     /// the journal, so that a restart or a partition taken over reads only the journal's records
     /// after the checkpoint. A damaged or foreign store is dropped with a warning and rebuilt.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", requires = "brokers")]
     state_dir: Option<std::path::PathBuf>,
     /// With --state-dir: how often the local store is checkpointed while the journal changes.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "brokers")]
     checkpoint_interval: Duration,
     /// With --state-dir, standby replicas: `none` (only owned partitions), `recent` (partitions this
     /// instance owned before stay current after they go) or `all` (every partition: any takeover
     /// reads almost nothing; every instance reads the whole journal).
-    #[arg(long, default_value = "none", value_parser = ["none", "recent", "all"])]
+    #[arg(long, default_value = "none", value_parser = ["none", "recent", "all"], requires = "brokers")]
     standby: String,
     /// How often a transaction commits (at-least-once: the longest a batch stays open).
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = positive_duration, requires = "brokers")]
     commit_interval: Duration,
     /// `exactly-once` (Kafka transactions) or `at-least-once` (no transactions: offsets committed
     /// after the outputs and the journal are acknowledged; replies may repeat after a crash, events
     /// are never applied twice).
-    #[arg(long, default_value = "exactly-once", value_parser = ["exactly-once", "at-least-once"])]
+    #[arg(long, default_value = "exactly-once", value_parser = ["exactly-once", "at-least-once"], requires = "brokers")]
     guarantee: String,
     /// The producer's transactional id, stable per instance: a restart with the same id fences its
     /// predecessor and takes its place in the group at once (static membership). Two live instances
     /// must not share one. Default: <group>-<host>-<pid>, unique per process, without static
     /// membership.
-    #[arg(long)]
+    #[arg(long, requires = "brokers")]
     transactional_id: Option<String>,
+    /// How long to try to reach the brokers at start-up before giving up.
+    #[arg(long, default_value = "30s", value_parser = positive_duration, requires = "brokers")]
+    timeout: Duration,
     /// Partitions of topics the demo creates when they are missing.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, requires = "brokers")]
     partitions: i32,
     /// Withdrawal limits: a compacted topic (key = account id, value = the largest withdrawal, a
     /// JSON number) joined into every command; a withdrawal over the limit is rejected.
-    #[arg(long, value_name = "TOPIC")]
+    #[arg(long, value_name = "TOPIC", requires = "brokers")]
     limits: Option<String>,
+}
+
+/// A duration of at least 1 ms (`100ms`, `2s`).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) {
+        return Err("must be at least 1ms".into());
+    }
+    Ok(d)
 }
 
 #[cfg(not(feature = "kafka"))]
@@ -87,13 +99,25 @@ pub(crate) async fn run(_args: FlowArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(feature = "kafka")]
-async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32, timeout: Duration) -> anyhow::Result<()> {
+    eprintln!("connecting to Kafka at {brokers} (giving up after {}; --timeout)", humantime::format_duration(timeout));
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    // Metadata first: an unreachable cluster is named within --timeout, not after librdkafka's
+    // own minute-long request timeout.
+    // (Blocking, before anything else runs on this runtime.)
+    admin.inner().fetch_metadata(None, timeout).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| {
+        format!(
+            "cannot reach the brokers at {brokers} within {}: check --brokers and that Kafka runs there",
+            humantime::format_duration(timeout)
+        )
+    })?;
     let new: Vec<NewTopic<'_>> =
         topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let created =
-        admin.create_topics(&new, &opts).await.with_context(|| format!("cannot reach the brokers at {brokers}"))?;
+    let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+    let created = admin
+        .create_topics(&new, &opts)
+        .await
+        .with_context(|| format!("cannot create the demo's topics at {brokers}"))?;
     for r in created {
         match r {
             Ok(t) => println!("created topic {t} ({partitions} partitions)"),
@@ -184,7 +208,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     if args.take_over_journal && !matches!(journal, eventstage::flow::FlowJournal::Kafka(_)) {
         bail!("--take-over-journal applies to a Kafka journal (--journal kafka:TOPIC); a sled journal belongs to its directory");
     }
-    ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions).await?;
+    ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions, args.timeout).await?;
     let txn = args.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
     let flow = match &args.limits {
