@@ -161,6 +161,8 @@ struct Core<S: EventSourced> {
     /// Feeds the async rebalance listener's task.
     rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
     bad_input: BadInput,
+    /// Throttles the warning per bad input record.
+    bad_input_log: super::settings::Throttle,
     /// Wall clock (ms since the epoch) as of the flow loop's last look at the clock: the journal's
     /// timestamps, of events and of the snapshots in its records (read every few records, not per
     /// record or per key).
@@ -200,7 +202,9 @@ impl<S: EventSourced> Core<S> {
                 reason,
             }),
             BadInput::DeadLetter(dlq) => {
-                tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, "bad input record");
+                if let Some(unlogged) = self.bad_input_log.check() {
+                    tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, unlogged_before = unlogged, "bad input record, sent to the dead-letter topic (after the first 10, one line per 10 s says how many were not logged)");
+                }
                 let record = OutputRecord {
                     topic: dlq.clone(),
                     key: input.key.clone(),
@@ -445,6 +449,7 @@ pub(super) fn run<S: EventSourced>(
         pipeline,
         rebalance_events,
         bad_input: settings.bad_input.clone(),
+        bad_input_log: super::settings::Throttle::new(),
         wall_ms: now_ms(),
         failure: None,
         metrics: metrics.clone(),
@@ -454,7 +459,11 @@ pub(super) fn run<S: EventSourced>(
     let topics: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
     let journal_name = lock(&core).storage.name();
-    tracing::info!(stage = S::NAME, inputs = ?settings.inputs, journal = %journal_name, transactional_id = %settings.transactional_id, "flow running");
+    let bad_input = match &settings.bad_input {
+        BadInput::DeadLetter(dlq) => format!("dead-letter topic {dlq}"),
+        BadInput::Stop => "stop".to_string(),
+    };
+    tracing::info!(stage = S::NAME, inputs = %settings.inputs.join(","), journal = %journal_name, transactional_id = %settings.transactional_id, bad_input = %bad_input, "flow running");
 
     let commit_every = match settings.committer.max_interval {
         Some(interval) if at_least_once => interval,

@@ -192,3 +192,89 @@ impl fmt::Display for TopicPartition {
         write!(f, "{}[{}]", self.topic, self.partition)
     }
 }
+
+/// Partitions for log lines, per topic: `bank-commands[0,1,3] limits[2]`.
+pub(crate) struct Partitions<'a>(pub(crate) &'a [TopicPartition]);
+
+impl fmt::Display for Partitions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return write!(f, "none");
+        }
+        let mut sorted: Vec<&TopicPartition> = self.0.iter().collect();
+        sorted.sort();
+        let mut topic: Option<&str> = None;
+        for tp in sorted {
+            match topic {
+                Some(t) if t == tp.topic => write!(f, ",{}", tp.partition)?,
+                Some(_) => write!(f, "] {}[{}", tp.topic, tp.partition)?,
+                None => write!(f, "{}[{}", tp.topic, tp.partition)?,
+            }
+            topic = Some(&tp.topic);
+        }
+        write!(f, "]")
+    }
+}
+
+/// A warning that can repeat once per record (bad input): the first few are logged each, then at
+/// most one line per interval with how many were not, so that a flood of bad records does not
+/// become a flood of log lines.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    logged: u32,
+    suppressed: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    /// Logged one by one before throttling starts.
+    const FIRST: u32 = 10;
+    /// At most one line per this interval after that.
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub(crate) const fn new() -> Self {
+        Self { logged: 0, suppressed: 0, last: None }
+    }
+
+    /// Whether to log this occurrence, and how many were not logged before it.
+    pub(crate) fn check(&mut self) -> Option<u64> {
+        if self.logged < Self::FIRST {
+            self.logged += 1;
+            return Some(std::mem::take(&mut self.suppressed));
+        }
+        let now = std::time::Instant::now();
+        if self.last.is_none_or(|l| now.duration_since(l) >= Self::EVERY) {
+            self.last = Some(now);
+            return Some(std::mem::take(&mut self.suppressed));
+        }
+        self.suppressed += 1;
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_print_per_topic() {
+        let tp = |t: &str, p| TopicPartition { topic: t.into(), partition: p };
+        let list = [tp("b", 2), tp("a", 1), tp("b", 0), tp("a", 0)];
+        assert_eq!(Partitions(&list).to_string(), "a[0,1] b[0,2]");
+        assert_eq!(Partitions(&[]).to_string(), "none");
+    }
+
+    #[test]
+    fn a_flood_of_warnings_is_throttled_and_counted() {
+        let mut t = Throttle::new();
+        let logged: Vec<Option<u64>> = (0..5000).map(|_| t.check()).collect();
+        // The first ten, and the first after them (no line in the last interval yet).
+        assert_eq!(logged.iter().filter(|l| l.is_some()).count(), 11);
+        assert!(logged[..11].iter().all(|l| *l == Some(0)));
+        assert_eq!(t.suppressed, 5000 - 11);
+        // The next line, once due, says how many were not logged.
+        t.last = Some(std::time::Instant::now() - Throttle::EVERY);
+        assert_eq!(t.check(), Some(5000 - 11));
+        assert_eq!(t.check(), None);
+    }
+}

@@ -24,7 +24,8 @@ pub(crate) struct FlowArgs {
     /// Run the bank stage as a Kafka flow against this Kafka cluster (`host:port,...`).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) brokers: Option<String>,
-    /// Input topic (commands).
+    /// Input topic (commands). Records that are not commands go to the dead-letter topic
+    /// `<input>.dlq`, with their source topic, partition, offset and the error in headers.
     #[arg(long, default_value = "bank-commands", requires = "brokers")]
     input: String,
     /// Replies topic.
@@ -129,16 +130,20 @@ async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32, timeout:
 }
 
 #[cfg(feature = "kafka")]
-fn print_metrics(m: &FlowMetrics) {
+fn print_metrics(m: &FlowMetrics, exactly_once: bool) {
+    // At-least-once, a "transaction" is a batch whose offsets were committed.
+    let commits = if exactly_once {
+        format!("{} transactions ({} aborted)", m.transactions, m.aborts)
+    } else {
+        format!("{} offset commits", m.transactions)
+    };
     println!(
-        "metrics:  {} records in, {} out, {} dead letters, {} transactions ({} aborted), last commit {:?}, max {:?}, {} journal records and {} local store rows restored, lag {}",
+        "metrics:  {} records in, {} out, {} dead letters, {commits}, last commit {} ms, slowest {} ms, {} journal records and {} local store rows restored, lag {}",
         m.records_in,
         m.records_out,
         m.dead_letters,
-        m.transactions,
-        m.aborts,
-        m.last_commit,
-        m.max_commit,
+        m.last_commit.as_millis(),
+        m.max_commit.as_millis(),
         m.restored_records,
         m.store_rows,
         m.lag
@@ -229,9 +234,11 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
             configure(flow, &journal, &txn, &args).run()?
         }
     };
+    let exactly_once = args.guarantee != "at-least-once";
+    let id = if exactly_once { format!(", transactional id {txn}") } else { String::new() };
     println!(
-        "flow running: {} -> {} / {}, {}, journal {}, group {}, transactional id {txn}; Ctrl-C or SIGTERM drains and stops",
-        args.input, args.replies, args.events, args.guarantee, journal_arg, args.group
+        "flow running: {} -> {} / {}, {}, journal {}, group {}{id}, bad input to {}.dlq; Ctrl-C or SIGTERM drains and stops",
+        args.input, args.replies, args.events, args.guarantee, journal_arg, args.group, args.input
     );
     std::io::Write::flush(&mut std::io::stdout())?;
     let stopper = flow.stopper();
@@ -242,7 +249,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             r = &mut done => {
                 let (result, metrics) = r;
-                print_metrics(&metrics);
+                print_metrics(&metrics, exactly_once);
                 result?;
                 println!("flow stopped after draining");
                 return Ok(ExitCode::SUCCESS);

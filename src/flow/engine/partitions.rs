@@ -90,7 +90,7 @@ impl<S: EventSourced> Core<S> {
         }
         self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
         let assigned = topic_partitions(tpl);
-        tracing::info!(partitions = ?assigned, "assigned and restored");
+        tracing::info!(partitions = %super::super::settings::Partitions(&assigned), "assigned and restored");
         self.notify(RebalanceEvent::Assigned(assigned));
         Ok(())
     }
