@@ -213,6 +213,16 @@ async fn log_lines_are_coloured_only_when_asked_and_filtered_by_log_level() {
     let (code, _, err) = run_cli(&["journal", "dump", "--journal", p, "--log-level", "eventstage=loud"]);
     assert_eq!(code, 2);
     assert!(err.contains("--log-level") && err.contains("error, warn, info"), "{err}");
+    // For log shippers: one JSON object per line, never coloured.
+    let (code, _, err) = run_cli(&["journal", "dump", "--journal", p, "--log-format", "json", "--color", "always"]);
+    assert_eq!(code, 0);
+    let lines: Vec<Value> = err.lines().map(|l| serde_json::from_str(l).expect("a JSON log line")).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["fields"]["message"].as_str().is_some_and(|m| m.contains(warning))),
+        "{err}"
+    );
 }
 
 /// SIGKILL the demo at random moments while it writes; every time, the journal reopens (no false

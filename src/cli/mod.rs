@@ -58,6 +58,20 @@ pub struct LogArgs {
     /// else warn.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log line format on stderr: text, or json (one JSON object per line, for log shippers:
+    /// timestamp, level, target, fields; never coloured).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EVENTSTAGE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A command line with the journal commands and the stages it knows.
@@ -153,7 +167,11 @@ pub fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
             std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
         }
     };
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match args.log_format {
+        LogFormat::Text => fmt.with_ansi(ansi).try_init(),
+        LogFormat::Json => fmt.json().with_ansi(false).try_init(),
+    };
     Ok(())
 }
 
