@@ -79,6 +79,8 @@ pub(crate) struct Demo {
     out: BufReader<ChildStdout>,
     /// Where its stderr (logs) goes.
     pub(crate) stderr: std::path::PathBuf,
+    /// Its "flow running" line.
+    pub(crate) running: String,
 }
 
 impl Demo {
@@ -104,7 +106,7 @@ impl Demo {
             line.clear();
             assert!(out.read_line(&mut line).unwrap() > 0, "the flow exited before running: {}", tail(&stderr));
         }
-        Self { child, out, stderr }
+        Self { child, out, stderr, running: line }
     }
 
     pub(crate) fn signal(&self, signal: &str) {

@@ -272,3 +272,78 @@ async fn crash_loop_of_two(stores: bool) {
     }
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
 }
+
+/// A GET of `path` on the demo's metrics endpoint: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, response.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// The value of the sample `name{...}` (the first one) in a Prometheus text body.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name || key.starts_with(&format!("{name}{{"))).then(|| value.parse().ok())?
+    })
+}
+
+/// `demo --metrics-addr`: /ready turns 200 once the partitions are restored, /health is 200 while
+/// the flow runs, /metrics (Prometheus text) has the flow's counters, which move with the load,
+/// and a histogram of its commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_serves_prometheus_metrics_health_and_readiness() {
+    let s = setup(2).await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut args = kafka_journal(&s, "100ms");
+    args.extend(["--metrics-addr".to_string(), "127.0.0.1:0".to_string()]);
+    let demo = Demo::start(&s, "", &args, logs.path());
+    let addr = demo
+        .running
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("the start-up line names the metrics address: {}", demo.running))
+        .to_string();
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        move || http_get(&addr, path)
+    };
+    let end = Instant::now() + DEADLINE;
+    while tokio::task::spawn_blocking(get("/ready")).await.unwrap().0 != 200 {
+        assert!(Instant::now() < end, "never ready: {}", crate::crash::tail(&demo.stderr));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tokio::task::spawn_blocking(get("/health")).await.unwrap().0, 200);
+    assert_eq!(tokio::task::spawn_blocking(get("/nosuch")).await.unwrap().0, 404);
+    let cmds = workload(300, 10, 5);
+    let (replies, _) = expected(&cmds);
+    feed_async(&s, &cmds).await;
+    await_replies(&s, replies).await;
+    // The counters are published once per commit interval.
+    let body = loop {
+        let (code, body) = tokio::task::spawn_blocking(get("/metrics")).await.unwrap();
+        assert_eq!(code, 200);
+        if sample(&body, "eventstage_flow_records_in_total") == Some(300.0) {
+            break body;
+        }
+        assert!(Instant::now() < end + DEADLINE, "records_in never reached 300: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("stage=\"bank\"") && body.contains(&format!("group=\"{}\"", s.group)), "{body}");
+    assert!(
+        sample(&body, "eventstage_flow_records_out_total").is_some_and(|n| n >= 300.0),
+        "a reply per command: {body}"
+    );
+    assert!(sample(&body, "eventstage_flow_commits_total").is_some_and(|c| c >= 1.0), "{body}");
+    assert!(sample(&body, "eventstage_flow_commit_seconds_count").is_some_and(|c| c >= 1.0), "{body}");
+    assert!(sample(&body, "eventstage_flow_rebalances_total").is_some_and(|c| c >= 1.0), "{body}");
+    assert_eq!(sample(&body, "eventstage_flow_assigned_partitions"), Some(2.0), "{body}");
+    let rest = demo.drain();
+    assert!(rest.contains("300 records in"), "{rest}");
+}

@@ -147,6 +147,9 @@ struct Txn<S: EventSourced> {
     delivery: Delivery,
 }
 
+/// How often a running flow logs a progress line at INFO (rate, lag).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// The flow thread's state, shared with the consumer's rebalance callbacks.
 struct Core<S: EventSourced> {
     parts: Parts<S>,
@@ -169,6 +172,8 @@ struct Core<S: EventSourced> {
     wall_ms: u64,
     failure: Option<FlowError>,
     metrics: Arc<Metrics>,
+    /// The metrics facade's handles (see `flow::exported`).
+    exported: super::exported::Exported,
 }
 
 impl<S: EventSourced> Core<S> {
@@ -338,7 +343,9 @@ impl<S: EventSourced> Core<S> {
         let mut lag = 0u64;
         for ((topic, p), o) in &self.assigned.offsets {
             if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
-                lag += (high - o.next.max(0)).max(0) as u64;
+                let behind = (high - o.next.max(0)).max(0) as u64;
+                self.exported.partition_lag(topic, *p, behind);
+                lag += behind;
             }
         }
         self.metrics.lag.store(lag, Ordering::Relaxed);
@@ -453,6 +460,7 @@ pub(super) fn run<S: EventSourced>(
         wall_ms: now_ms(),
         failure: None,
         metrics: metrics.clone(),
+        exported: super::exported::Exported::new(S::NAME, &settings.group),
     }));
     let consumer: FlowConsumer<S> =
         settings.consumer.create_with_context(FlowContext { core: core.clone() }).map_err(|e| kafka("consumer", e))?;
@@ -471,6 +479,7 @@ pub(super) fn run<S: EventSourced>(
     };
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
+    let mut last_progress = (Instant::now(), 0u64);
     let mut polls = 0u32;
     let result = loop {
         match stop.load(Ordering::SeqCst) {
@@ -569,6 +578,22 @@ pub(super) fn run<S: EventSourced>(
             if last_lag.elapsed() >= Duration::from_secs(5) {
                 c.update_lag(&consumer);
                 last_lag = Instant::now();
+            }
+            let m = c.metrics.snapshot();
+            c.exported.publish(&m);
+            if last_progress.0.elapsed() >= PROGRESS_EVERY {
+                let secs = last_progress.0.elapsed().as_secs_f64();
+                let rate = (m.records_in - last_progress.1) as f64 / secs;
+                tracing::info!(
+                    records_per_s = rate.round() as u64,
+                    lag = m.lag,
+                    partitions = m.assigned_partitions,
+                    commits = m.transactions,
+                    aborts = m.aborts,
+                    dead_letters = m.dead_letters,
+                    "progress"
+                );
+                last_progress = (Instant::now(), m.records_in);
             }
         }
     };

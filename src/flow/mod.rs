@@ -67,8 +67,11 @@ pub use builder::FlowBuilder;
 pub use checkpoint::Standby;
 mod consume;
 mod engine;
+mod exported;
 mod settings;
 mod sled_backend;
+
+pub use exported::names as metric_names;
 
 pub use consume::{consume, ConsumeBuilder};
 pub use settings::{CommitterSettings, EnrichSettings, Guarantee, RebalanceActions, RebalanceEvent, TopicPartition};
@@ -239,6 +242,7 @@ pub(crate) struct Metrics {
     skipped_redeliveries: AtomicU64,
     enrich_in_flight: AtomicU64,
     max_enrich_in_flight: AtomicU64,
+    rebalances: AtomicU64,
 }
 
 /// A snapshot of a flow's counters.
@@ -278,6 +282,8 @@ pub struct FlowMetrics {
     pub enrich_in_flight: u64,
     /// Most enrichment calls ever running at once.
     pub max_enrich_in_flight: u64,
+    /// Rebalances this instance took part in (assignments and revocations).
+    pub rebalances: u64,
 }
 
 impl Metrics {
@@ -300,6 +306,7 @@ impl Metrics {
             skipped_redeliveries: l(&self.skipped_redeliveries),
             enrich_in_flight: l(&self.enrich_in_flight),
             max_enrich_in_flight: l(&self.max_enrich_in_flight),
+            rebalances: l(&self.rebalances),
         }
     }
 }
@@ -324,6 +331,24 @@ impl FlowStopper {
     }
 }
 
+/// Reads a running flow's counters and readiness from anywhere; see [`FlowControl::status`].
+#[derive(Debug, Clone)]
+pub struct FlowStatus(Arc<Metrics>);
+
+impl FlowStatus {
+    /// The flow's counters now.
+    pub fn metrics(&self) -> FlowMetrics {
+        self.0.snapshot()
+    }
+
+    /// Ready to serve: the instance joined its group (took part in a rebalance) and no assigned
+    /// partition is being restored, so it polls and processes. What a readiness probe asks.
+    pub fn ready(&self) -> bool {
+        let m = self.metrics();
+        m.rebalances > 0 && m.restoring_partitions == 0
+    }
+}
+
 /// Controls a running flow.
 #[derive(Debug)]
 pub struct FlowControl {
@@ -341,6 +366,11 @@ impl FlowControl {
     /// The flow's counters now.
     pub fn metrics(&self) -> FlowMetrics {
         self.metrics.snapshot()
+    }
+
+    /// A cheap, cloneable reader of the flow's counters and readiness, e.g. for a health endpoint.
+    pub fn status(&self) -> FlowStatus {
+        FlowStatus(self.metrics.clone())
     }
 
     /// Waits until the flow stops; the error is what stopped it.

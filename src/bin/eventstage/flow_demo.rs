@@ -73,6 +73,11 @@ pub(crate) struct FlowArgs {
     /// membership.
     #[arg(long, requires = "brokers")]
     transactional_id: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics, with /health (200 while the flow runs) and
+    /// /ready (200 once its partitions are restored and it polls). Port 0 picks a free port; the
+    /// start-up line says which.
+    #[arg(long, value_name = "HOST:PORT", requires = "brokers")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// How long to try to reach the brokers at start-up before giving up.
     #[arg(long, default_value = "30s", value_parser = positive_duration, requires = "brokers")]
     timeout: Duration,
@@ -234,10 +239,23 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
             configure(flow, &journal, &txn, &args).run()?
         }
     };
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let served = match args.metrics_addr {
+        None => String::new(),
+        #[cfg(feature = "prometheus")]
+        Some(addr) => {
+            let status = flow.status();
+            let ready: std::sync::Arc<dyn Fn() -> bool + Send + Sync> = std::sync::Arc::new(move || status.ready());
+            let bound = crate::serve::serve(addr, crate::serve::Status { running: running.clone(), ready }).await?;
+            format!(", metrics on http://{bound}/metrics (/health, /ready)")
+        }
+        #[cfg(not(feature = "prometheus"))]
+        Some(_) => bail!("--metrics-addr needs the `prometheus` feature (a default feature)"),
+    };
     let exactly_once = args.guarantee != "at-least-once";
     let id = if exactly_once { format!(", transactional id {txn}") } else { String::new() };
     println!(
-        "flow running: {} -> {} / {}, {}, journal {}, group {}{id}, bad input to {}.dlq; Ctrl-C or SIGTERM drains and stops",
+        "flow running: {} -> {} / {}, {}, journal {}, group {}{id}, bad input to {}.dlq{served}; Ctrl-C or SIGTERM drains and stops",
         args.input, args.replies, args.events, args.guarantee, journal_arg, args.group, args.input
     );
     std::io::Write::flush(&mut std::io::stdout())?;
@@ -248,6 +266,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     loop {
         tokio::select! {
             r = &mut done => {
+                running.store(false, std::sync::atomic::Ordering::Release);
                 let (result, metrics) = r;
                 print_metrics(&metrics, exactly_once);
                 result?;

@@ -3,6 +3,8 @@
 
 mod demo;
 mod flow_demo;
+#[cfg(all(feature = "kafka", feature = "prometheus"))]
+mod serve;
 
 // glibc's malloc slows down badly on the allocation patterns of large tables and sled's recovery
 // (reopening a table store of 500 000 rows: 6.5 s with it, 1.8 s with mimalloc).

@@ -89,6 +89,8 @@ impl<S: EventSourced> Core<S> {
             }
         }
         self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
+        self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
+        self.exported.publish(&self.metrics.snapshot());
         let assigned = topic_partitions(tpl);
         tracing::info!(partitions = %super::super::settings::Partitions(&assigned), "assigned and restored");
         self.notify(RebalanceEvent::Assigned(assigned));
@@ -160,7 +162,9 @@ impl<S: EventSourced> Core<S> {
             self.storage.release(el.partition());
         }
         self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
-        tracing::info!(partitions = tpl.count(), "revoked");
+        self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
+        self.exported.publish(&self.metrics.snapshot());
+        tracing::info!(partitions = %super::super::settings::Partitions(&topic_partitions(tpl)), "revoked");
         committed
     }
 }

@@ -76,7 +76,9 @@ impl<S: EventSourced> Core<S> {
                 if let Delivery::Transactions(t) = &mut self.txn.delivery {
                     t.consecutive_aborts = 0;
                 }
-                let us = started.elapsed().as_micros() as u64;
+                let took = started.elapsed();
+                self.exported.commit(took);
+                let us = took.as_micros() as u64;
                 self.metrics.last_commit_us.store(us, Ordering::Relaxed);
                 self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
                 self.metrics.transactions.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,112 @@
+//! A flow's metrics through the [`metrics`] facade, the way Rust services export them today: the
+//! application installs a recorder (a Prometheus exporter, as `eventstage demo --metrics-addr`
+//! does, OpenTelemetry, StatsD); without one nothing is recorded and this costs a few atomic
+//! no-ops per commit. Every metric carries the labels `stage` and `group`.
+//!
+//! Counters and gauges are published from the flow's own counters once per commit interval (not
+//! per record: the hot path stays as it is); the commit latency is a histogram of every commit.
+
+use super::FlowMetrics;
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
+use std::time::Duration;
+
+/// Names of the metrics, for dashboards and tests.
+pub mod names {
+    /// Input records processed (counter).
+    pub const RECORDS_IN: &str = "eventstage_flow_records_in_total";
+    /// Output records produced, journal records not included (counter).
+    pub const RECORDS_OUT: &str = "eventstage_flow_records_out_total";
+    /// Records sent to the dead-letter topic (counter).
+    pub const DEAD_LETTERS: &str = "eventstage_flow_dead_letters_total";
+    /// Committed transactions, or at-least-once offset commits (counter).
+    pub const COMMITS: &str = "eventstage_flow_commits_total";
+    /// Aborted transactions (counter).
+    pub const ABORTS: &str = "eventstage_flow_aborts_total";
+    /// Journal records read by restores (counter).
+    pub const RESTORED_RECORDS: &str = "eventstage_flow_restored_records_total";
+    /// Rows restores loaded from the local state store (counter).
+    pub const STORE_ROWS: &str = "eventstage_flow_store_rows_total";
+    /// Inputs delivered again whose events the journal already held, skipped (counter).
+    pub const SKIPPED_REDELIVERIES: &str = "eventstage_flow_skipped_redeliveries_total";
+    /// Rebalances this instance took part in: assignments and revocations (counter).
+    pub const REBALANCES: &str = "eventstage_flow_rebalances_total";
+    /// Records behind the end of the assigned input partitions (gauge; also per partition, with the
+    /// labels `topic` and `partition`, for the partitions this instance owns).
+    pub const LAG: &str = "eventstage_flow_lag_records";
+    /// Input partitions assigned to this instance (gauge).
+    pub const ASSIGNED_PARTITIONS: &str = "eventstage_flow_assigned_partitions";
+    /// Partitions being restored now (gauge).
+    pub const RESTORING_PARTITIONS: &str = "eventstage_flow_restoring_partitions";
+    /// Latency of each commit, in seconds (histogram).
+    pub const COMMIT_SECONDS: &str = "eventstage_flow_commit_seconds";
+}
+
+/// The flow's metric handles, registered once.
+pub(crate) struct Exported {
+    labels: Vec<Label>,
+    records_in: Counter,
+    records_out: Counter,
+    dead_letters: Counter,
+    commits: Counter,
+    aborts: Counter,
+    restored_records: Counter,
+    store_rows: Counter,
+    skipped_redeliveries: Counter,
+    rebalances: Counter,
+    lag: Gauge,
+    assigned: Gauge,
+    restoring: Gauge,
+    commit_seconds: Histogram,
+}
+
+impl Exported {
+    pub(crate) fn new(stage: &str, group: &str) -> Self {
+        let labels = vec![Label::new("stage", stage.to_string()), Label::new("group", group.to_string())];
+        let l = || labels.clone();
+        Self {
+            records_in: counter!(names::RECORDS_IN, l()),
+            records_out: counter!(names::RECORDS_OUT, l()),
+            dead_letters: counter!(names::DEAD_LETTERS, l()),
+            commits: counter!(names::COMMITS, l()),
+            aborts: counter!(names::ABORTS, l()),
+            restored_records: counter!(names::RESTORED_RECORDS, l()),
+            store_rows: counter!(names::STORE_ROWS, l()),
+            skipped_redeliveries: counter!(names::SKIPPED_REDELIVERIES, l()),
+            rebalances: counter!(names::REBALANCES, l()),
+            lag: gauge!(names::LAG, l()),
+            assigned: gauge!(names::ASSIGNED_PARTITIONS, l()),
+            restoring: gauge!(names::RESTORING_PARTITIONS, l()),
+            commit_seconds: histogram!(names::COMMIT_SECONDS, l()),
+            labels,
+        }
+    }
+
+    /// Publishes the flow's counters as they are now.
+    pub(crate) fn publish(&self, m: &FlowMetrics) {
+        self.records_in.absolute(m.records_in);
+        self.records_out.absolute(m.records_out);
+        self.dead_letters.absolute(m.dead_letters);
+        self.commits.absolute(m.transactions);
+        self.aborts.absolute(m.aborts);
+        self.restored_records.absolute(m.restored_records);
+        self.store_rows.absolute(m.store_rows);
+        self.skipped_redeliveries.absolute(m.skipped_redeliveries);
+        self.rebalances.absolute(m.rebalances);
+        self.lag.set(m.lag as f64);
+        self.assigned.set(m.assigned_partitions as f64);
+        self.restoring.set(m.restoring_partitions as f64);
+    }
+
+    /// Records one commit's latency.
+    pub(crate) fn commit(&self, took: Duration) {
+        self.commit_seconds.record(took.as_secs_f64());
+    }
+
+    /// The lag of one owned partition.
+    pub(crate) fn partition_lag(&self, topic: &str, partition: i32, lag: u64) {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("topic", topic.to_string()));
+        labels.push(Label::new("partition", partition.to_string()));
+        gauge!(names::LAG, labels).set(lag as f64);
+    }
+}
