@@ -109,6 +109,9 @@ async fn journal_commands_agree_with_the_library() {
     assert_eq!(out.lines().count(), 2, "{out}");
     // text output is aligned and readable
     assert!(out.lines().all(|l| l.starts_with("acct-05 ") && l.contains("bincode/v1")), "{out}");
+    // --from-seq is dump's: replay does not offer it.
+    let (code, _, err) = run_cli(&["journal", "replay", "--journal", p, "--from-seq", "2"]);
+    assert!(code == 2 && err.contains("unexpected argument '--from-seq'"), "{err}");
     // A key without events: exit 1 and say so, as `table get` does.
     let (code, out, err) = run_cli(&["journal", "dump", "--journal", p, "--key", "nosuch"]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");

@@ -44,7 +44,7 @@ pub enum JournalCommand {
     Verify,
     /// Print events (decoded by the stage when it is compiled in, else envelope-level with base64
     /// payloads).
-    Dump(PointArgs),
+    Dump(DumpArgs),
     /// Rebuild state from events and print it, for all keys or one, at any point of history.
     Replay(PointArgs),
     /// Move the events each key's snapshot covers out of sled into the journal's history archive,
@@ -54,14 +54,24 @@ pub enum JournalCommand {
     Archive,
 }
 
-/// Which events: a key and a point in history.
+/// Which events to dump: a key, a first sequence number and a point in history.
 #[derive(Debug, clap::Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    point: PointArgs,
+    /// First sequence number per key.
+    #[arg(long, value_name = "SEQ")]
+    from_seq: Option<u64>,
+}
+
+/// Which events: a key and a point in history.
+#[derive(Debug, Clone, clap::Args)]
 pub struct PointArgs {
     /// Only this key.
     #[arg(long)]
     key: Option<String>,
-    /// First sequence number (dump only).
-    #[arg(long, value_name = "SEQ")]
+    /// First sequence number (set by `dump`; a replay starts at the first event).
+    #[arg(skip)]
     from_seq: Option<u64>,
     /// Last sequence number per key (inclusive).
     #[arg(long, value_name = "SEQ")]
@@ -253,7 +263,8 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
                 ExitCode::SUCCESS
             }
         }
-        JournalCommand::Dump(point) => {
+        JournalCommand::Dump(d) => {
+            let point = &PointArgs { from_seq: d.from_seq, ..d.point.clone() };
             let mut printed = 0;
             for j in &journals {
                 printed += dump(&mut out, args.format, registry, j, point).await?;
@@ -280,9 +291,6 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
             ExitCode::SUCCESS
         }
         JournalCommand::Replay(point) => {
-            if point.from_seq.is_some() {
-                bail!("replay always starts at the first event; --from-seq is for dump");
-            }
             for j in &journals {
                 replay(&mut out, args.format, registry, j, point).await?;
             }

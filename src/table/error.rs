@@ -13,9 +13,7 @@ pub enum TableError {
         message: String,
     },
     /// The topic does not exist.
-    #[error(
-        "topic `{topic}` does not exist on {brokers}; create it (cleanup.policy=compact) or check the name (--topic)"
-    )]
+    #[error("topic `{topic}` does not exist on {brokers}; create it (cleanup.policy=compact) or check the name")]
     MissingTopic {
         /// Topic.
         topic: String,

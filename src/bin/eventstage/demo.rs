@@ -141,14 +141,17 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (acc, rej) = (accepted.load(Ordering::Relaxed), rejected.load(Ordering::Relaxed));
     let secs = elapsed.as_secs_f64();
     println!(
-        "live:     {} commands from {} tasks in {:.2} s = {:.0} commands/s ({} accepted, {} rejected), {:?} durability",
+        "live:     {} commands from {} tasks in {:.2} s = {:.0} commands/s ({} accepted, {} rejected), durability {}",
         args.commands,
         args.tasks,
         secs,
         args.commands as f64 / secs,
         acc,
         rej,
-        durability
+        match args.durability {
+            DurabilityArg::Durable => "durable (replies after fsync)",
+            DurabilityArg::Buffered => "buffered (replies after the write, fsync in the background)",
+        }
     );
     println!(
         "journal:  {} events in {} batches (mean {:.1} events per durable write), {} snapshots, {} keys",

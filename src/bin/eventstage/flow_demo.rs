@@ -232,7 +232,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
                 .values(eventstage::table::Decoder::<u64>::json())
                 .open()
                 .await
-                .with_context(|| format!("opening the limits table `{limits}`"))?;
+                .with_context(|| format!("opening the limits table `{limits}` (--limits)"))?;
             table.caught_up().await.with_context(|| format!("reading the limits table `{limits}`"))?;
             println!("limits:   {} accounts with a withdrawal limit in `{limits}`", table.len());
             let flow = eventstage::stages::bank_flow::bank_flow_with_limits(&brokers, &args.group, topics, table);
