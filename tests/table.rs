@@ -332,6 +332,10 @@ async fn the_cli_dumps_gets_and_counts_tables() {
         })
         .collect();
     assert_eq!(states, accounts);
+    // Without --stage the values do not decode: the command says what the topic is.
+    let (code, out, err) = run_cli(&["table", "dump", "--brokers", &b, "--topic", &s.journal]);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    assert!(err.contains("holds eventstage Kafka journal records: add --stage NAME"), "{err}");
 }
 
 /// A stream-table join inside an exactly-once flow: the bank flow consults a limits table for

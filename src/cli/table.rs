@@ -127,6 +127,7 @@ pub async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<E
     let brokers = args.brokers.clone().context("--brokers HOST:PORT is required (or EVENTSTAGE_BROKERS)")?;
     let topic = args.topic.clone().context("--topic TOPIC is required")?;
     let key_format = args.key_format;
+    let journal_like = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let values = match &args.stage {
         Some(name) => {
             let stage = registry.shared_for_journal(name).cloned().with_context(|| {
@@ -143,7 +144,15 @@ pub async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<E
         }
         None => {
             let f = args.value_format;
-            Decoder::new(&format!("{f:?}").to_lowercase(), move |b| f.value(b))
+            let journal_like = journal_like.clone();
+            Decoder::new(&format!("{f:?}").to_lowercase(), move |b| {
+                f.value(b).inspect_err(|_| {
+                    // Remembered for a hint: the topic may be an eventstage journal.
+                    if JournalEntry::decode(b).is_ok() {
+                        journal_like.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
+            })
         }
     };
     let mut builder = Table::builder(&brokers, &topic)
@@ -178,6 +187,12 @@ pub async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<E
             skipped = stats.bad_records,
             "records that did not decode were skipped (see the warnings above; --on-bad-record stop to fail instead)"
         );
+        if journal_like.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "hint: `{topic}` holds eventstage Kafka journal records: add --stage NAME (known: {}) to read each key's state",
+                registry.names()
+            );
+        }
     }
     let out = std::io::stdout();
     let mut out = BufWriter::new(out.lock());
