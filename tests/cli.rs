@@ -336,3 +336,14 @@ fn a_zero_commit_interval_is_refused() {
     };
     assert!(err.to_string().contains("commit interval is 0"), "{err}");
 }
+
+/// Shell completions cover the subcommands and their flags.
+#[test]
+fn shell_completions_are_printed() {
+    let (code, out, err) = run_cli(&["completions", "bash"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("_eventstage()") && out.contains("--metrics-addr") && out.contains("archive"), "{out}");
+    let (code, _, err) = run_cli(&["completions", "nosh"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("possible values"), "{err}");
+}

@@ -41,6 +41,12 @@ enum Command {
     /// `--stage NAME` the topic is an eventstage Kafka journal and each key's state is printed.
     #[cfg(all(feature = "kafka", feature = "sled"))]
     Table(TableArgs),
+    /// Print a shell completion script: `eventstage completions bash > /etc/bash_completion.d/eventstage`
+    /// (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +61,11 @@ fn main() -> ExitCode {
     match args.command {
         Command::Demo(d) => block_on_cli(demo::run(*d)),
         Command::Journal(j) => block_on_cli(run_journal(&registry, j)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Args::command(), "eventstage", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         #[cfg(all(feature = "kafka", feature = "sled"))]
         Command::Table(t) => block_on_cli(run_table(&registry, t)),
     }
