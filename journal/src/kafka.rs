@@ -259,6 +259,29 @@ impl KafkaJournal {
         Ok(journal)
     }
 
+    /// An existing journal topic, for tools that inspect it: nothing is created or checked but
+    /// that the topic exists.
+    ///
+    /// # Errors
+    /// [`JournalError::Storage`] when the cluster cannot be reached within `timeout` or has no
+    /// topic `topic` (the message says which).
+    pub fn existing(config: ClientConfig, topic: &str, timeout: Duration) -> Result<Self> {
+        let consumer: BaseConsumer = config.create().map_err(|e| kafka_err(topic, "consumer", e))?;
+        let md = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| kafka_err(topic, "metadata", e))?;
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as i32);
+        if partitions == 0 {
+            return Err(JournalError::Storage {
+                path: format!("kafka topic {topic}").into(),
+                message: "the topic does not exist on this cluster: check the name (a flow's journal is <group>-<stage>-journal unless set)".into(),
+            });
+        }
+        Ok(Self { topic: topic.into(), config, partitions })
+    }
+
     /// Records that consumer group `group` owns this journal, in [`OWNERS_TOPIC`] (created if
     /// missing). A journal of another group is refused ([`JournalError::Foreign`]) unless
     /// `take_over`: then it becomes `group`'s and the previous owner is returned, so that the
@@ -456,6 +479,32 @@ impl KafkaJournal {
         stall: Duration,
         mut on_record: impl FnMut(i32, i64, &[u8], Option<JournalEntry>),
     ) -> Result<RestoreStats> {
+        let topic = &self.topic;
+        self.scan(from, stall, |p, offset, key, value| {
+            let entry = match value {
+                None => None,
+                Some(v) => Some(JournalEntry::decode(v).map_err(|e| {
+                    damaged(topic, format!("record at partition {p} offset {offset} does not decode: {e}"))
+                })?),
+            };
+            on_record(p, offset, key, entry);
+            Ok(())
+        })
+    }
+
+    /// Reads each `(partition, offset)` of `from` up to the partition's end as of now, as
+    /// [`restore_partitions_from`](Self::restore_partitions_from) does, without decoding:
+    /// `on_record` gets the partition, offset, key and value (`None`: tombstone) of each record,
+    /// and an error it returns ends the scan. For tools that report damage instead of stopping.
+    ///
+    /// # Errors
+    /// Broker errors, no progress for `stall`, or what `on_record` returns.
+    pub fn scan(
+        &self,
+        from: &[(i32, i64)],
+        stall: Duration,
+        mut on_record: impl FnMut(i32, i64, &[u8], Option<&[u8]>) -> Result<()>,
+    ) -> Result<RestoreStats> {
         let started = Instant::now();
         let topic = &self.topic;
         let consumer = self.reader(topic, &format!("eventstage-restore-{topic}"))?;
@@ -504,16 +553,7 @@ impl KafkaJournal {
                     stats.records += 1;
                     let p = msg.partition();
                     let key = msg.key().unwrap_or_default();
-                    let entry = match msg.payload() {
-                        None => None,
-                        Some(v) => Some(JournalEntry::decode(v).map_err(|e| {
-                            damaged(
-                                topic,
-                                format!("record at partition {p} offset {} does not decode: {e}", msg.offset()),
-                            )
-                        })?),
-                    };
-                    on_record(p, msg.offset(), key, entry);
+                    on_record(p, msg.offset(), key, msg.payload())?;
                     if ends.get(&p).is_some_and(|&end| msg.offset() + 1 >= end) {
                         ends.remove(&p);
                     }

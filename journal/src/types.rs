@@ -135,7 +135,7 @@ impl EventQuery {
     }
 
     /// True when `(seq, timestamp)` is past the query's upper bounds.
-    pub(crate) fn is_past(&self, seq: SeqNo, timestamp_ms: u64) -> bool {
+    pub fn is_past(&self, seq: SeqNo, timestamp_ms: u64) -> bool {
         self.until_seq.is_some_and(|u| seq > u) || self.until_time_ms.is_some_and(|t| timestamp_ms > t)
     }
 }
@@ -178,7 +178,8 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub(crate) fn at(key: &[u8], seq: Option<u64>, what: impl Into<String>) -> Self {
+    /// A problem of `key` (at `seq`, when known).
+    pub fn at(key: &[u8], seq: Option<u64>, what: impl Into<String>) -> Self {
         Self { key: Some(printable_key(key)), seq, what: what.into() }
     }
 

@@ -18,21 +18,26 @@ use std::time::{Duration, UNIX_EPOCH};
 /// Arguments of `journal`.
 #[derive(Debug, clap::Args)]
 pub struct JournalArgs {
-    /// The journal directory (what a stage or `eventstage demo --data` wrote).
-    #[arg(long, global = true, value_name = "PATH", env = "EVENTSTAGE_JOURNAL")]
+    /// The journal: a sled store's directory (what a stage or `eventstage demo --data` wrote), or
+    /// `kafka:TOPIC`, a flow's Kafka journal (with --brokers).
+    #[arg(long, global = true, value_name = "PATH|kafka:TOPIC", env = "EVENTSTAGE_JOURNAL")]
     journal: Option<PathBuf>,
-    /// Which journal of the store (a stage name, or `stage/partition`); default: all, or the only one.
+    /// The Kafka cluster of a `kafka:TOPIC` journal (`host:port,...`).
+    #[arg(long, global = true, value_name = "HOST:PORT", env = "EVENTSTAGE_BROKERS")]
+    pub(super) brokers: Option<String>,
+    /// Which journal of the store (a stage name, or `stage/partition`); default: all, or the only
+    /// one. For a Kafka journal: the stage whose events and states it holds.
     #[arg(long, global = true, value_name = "NAME")]
-    stage: Option<String>,
+    pub(super) stage: Option<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
-    format: Format,
+    pub(super) format: Format,
     /// The journals' commit marks are known to be gone (a copy without its `marks` directory):
     /// `verify` does not report them missing, and opening does not warn.
     #[arg(long, global = true)]
     mark_lost: bool,
     #[command(subcommand)]
-    command: JournalCommand,
+    pub(super) command: JournalCommand,
 }
 
 /// The journal subcommands.
@@ -58,10 +63,10 @@ pub enum JournalCommand {
 #[derive(Debug, clap::Args)]
 pub struct DumpArgs {
     #[command(flatten)]
-    point: PointArgs,
+    pub(super) point: PointArgs,
     /// First sequence number per key.
     #[arg(long, value_name = "SEQ")]
-    from_seq: Option<u64>,
+    pub(super) from_seq: Option<u64>,
 }
 
 /// Which events: a key and a point in history.
@@ -69,18 +74,18 @@ pub struct DumpArgs {
 pub struct PointArgs {
     /// Only this key.
     #[arg(long)]
-    key: Option<String>,
+    pub(super) key: Option<String>,
     /// First sequence number (set by `dump`; a replay starts at the first event).
     #[arg(skip)]
-    from_seq: Option<u64>,
+    pub(super) from_seq: Option<u64>,
     /// Last sequence number per key (inclusive).
     #[arg(long, value_name = "SEQ")]
-    until_seq: Option<u64>,
+    pub(super) until_seq: Option<u64>,
     /// Per key, events written up to this time: RFC 3339 with its offset (`2026-11-25T16:00:00Z`,
     /// `2026-11-25T17:00:00+01:00`), or since the Unix epoch in seconds (`1795801087s`) or
     /// milliseconds (`1795801087000ms`, or a bare number of milliseconds).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    until_time: Option<u64>,
+    pub(super) until_time: Option<u64>,
 }
 
 /// A bare number below this (1973-03-03 in milliseconds, the year 5138 in seconds) is more likely
@@ -144,7 +149,7 @@ fn format_time(ms: u64) -> String {
 }
 
 impl PointArgs {
-    fn query(&self) -> EventQuery {
+    pub(super) fn query(&self) -> EventQuery {
         EventQuery {
             key: self.key.as_ref().map(|k| k.as_bytes().to_vec()),
             from_seq: SeqNo(self.from_seq.unwrap_or(0)),
@@ -165,6 +170,12 @@ const INSPECT_CACHE: u64 = 16 << 20;
 /// Anything that stops the command: the message names the thing and the fix.
 pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Result<ExitCode> {
     let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
+    if let Some(topic) = path.to_str().and_then(|p| p.strip_prefix("kafka:")) {
+        #[cfg(feature = "kafka")]
+        return super::journal_kafka::run(registry, &args, topic).await;
+        #[cfg(not(feature = "kafka"))]
+        bail!("--journal kafka:{topic}: this eventstage was built without Kafka support");
+    }
     // sled opens its files for writing: a write-protected store (a backup, another user's files)
     // is inspected through a private copy, and never written.
     let archiving = matches!(args.command, JournalCommand::Archive);
@@ -373,7 +384,7 @@ fn unreadable(e: &eventstage_journal::JournalError) -> String {
     }
 }
 
-fn print_report(out: &mut impl Write, format: Format, r: &VerifyReport) -> anyhow::Result<()> {
+pub(super) fn print_report(out: &mut impl Write, format: Format, r: &VerifyReport) -> anyhow::Result<()> {
     match format {
         Format::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
         Format::Text => {
@@ -391,7 +402,7 @@ fn print_report(out: &mut impl Write, format: Format, r: &VerifyReport) -> anyho
     Ok(())
 }
 
-fn event_line(
+pub(super) fn event_line(
     format: Format,
     stage: Option<&dyn super::registry::ErasedStage>,
     journal: &str,

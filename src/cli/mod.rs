@@ -10,6 +10,8 @@
 //! ```
 
 mod journal;
+#[cfg(feature = "kafka")]
+mod journal_kafka;
 mod registry;
 #[cfg(all(feature = "kafka", feature = "sled"))]
 mod table;
