@@ -646,3 +646,42 @@ async fn journal_records_are_written_per_key_and_transaction() {
     assert_eq!(records.len(), 3 + 20, "one record per cold key");
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 1)).await.unwrap(), accounts);
 }
+
+/// `describe --group` shows the group's committed offsets, lag and journal; `reset --dry-run`
+/// changes nothing; `reset` refuses while an instance runs, and after it a rerun of the group
+/// starts from scratch: every command is processed again on empty state (balances are not
+/// doubled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_makes_a_rerun_start_from_scratch_and_describe_shows_the_group() {
+    use crate::util::run_cli;
+    let s = setup(2).await;
+    let cmds = workload(200, 10, 23);
+    let (replies, accounts) = expected(&cmds);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
+    feed_async(&s, &cmds).await;
+    await_replies(&s, replies.clone()).await;
+    let app = ["--brokers", &s.brokers, "--group", &s.group, "--input", &s.topics.input, "--journal", &s.journal];
+    let cli = |cmd: &str, extra: &[&str]| run_cli(&[&[cmd][..], &app[..], extra].concat());
+    let (code, _, err) = tokio::task::block_in_place(|| cli("reset", &[]));
+    assert!(code == 2 && err.contains("running members"), "a reset under a running flow is refused: {err}");
+    flow.drain_and_shutdown().await.unwrap();
+
+    let (code, before, err) = tokio::task::block_in_place(|| cli("describe", &[]));
+    assert_eq!(code, 0, "{err}");
+    assert!(before.contains("lag in total: 0") && before.contains(&format!("owned by group {}", s.group)), "{before}");
+    let (code, out, err) = tokio::task::block_in_place(|| cli("reset", &["--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("would delete the committed offsets") && out.contains("nothing changed"), "{out}");
+    assert_eq!(tokio::task::block_in_place(|| cli("describe", &[])).1, before, "a dry run changes nothing");
+    let (code, out, err) = tokio::task::block_in_place(|| cli("reset", &[]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted the committed offsets") && out.contains("deleted journal"), "{out}");
+    let (_, after, _) = tokio::task::block_in_place(|| cli("describe", &[]));
+    assert!(after.contains("lag in total: 200"), "{after}");
+
+    // The rerun reads every command again and applies it to empty state.
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone()).journal_topic(&s.journal).run().unwrap();
+    crate::util::wait_until("the rerun to process every command", || flow.metrics().records_in >= 200).await;
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}

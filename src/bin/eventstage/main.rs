@@ -3,6 +3,8 @@
 
 mod demo;
 mod flow_demo;
+#[cfg(feature = "kafka")]
+mod group;
 #[cfg(all(feature = "kafka", feature = "prometheus"))]
 mod serve;
 
@@ -41,6 +43,14 @@ enum Command {
     /// `--stage NAME` the topic is an eventstage Kafka journal and each key's state is printed.
     #[cfg(all(feature = "kafka", feature = "sled"))]
     Table(TableArgs),
+    /// A flow's group: committed input offsets and lag per partition, and its Kafka journal's
+    /// owner and positions.
+    #[cfg(feature = "kafka")]
+    Describe(group::GroupArgs),
+    /// Make a flow's next run start from scratch: delete its group's committed offsets and empty
+    /// its Kafka journal (every instance stopped first). `--dry-run` prints what it would do.
+    #[cfg(feature = "kafka")]
+    Reset(group::ResetArgs),
     /// Print a shell completion script: `eventstage completions bash > /etc/bash_completion.d/eventstage`
     /// (or zsh, fish, elvish, powershell).
     Completions {
@@ -61,6 +71,10 @@ fn main() -> ExitCode {
     match args.command {
         Command::Demo(d) => block_on_cli(demo::run(*d)),
         Command::Journal(j) => block_on_cli(run_journal(&registry, j)),
+        #[cfg(feature = "kafka")]
+        Command::Describe(g) => block_on_cli(group::describe(g)),
+        #[cfg(feature = "kafka")]
+        Command::Reset(r) => block_on_cli(group::reset(r)),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Args::command(), "eventstage", &mut std::io::stdout());
