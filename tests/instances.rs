@@ -176,7 +176,7 @@ async fn a_takeover_with_standby_replicas_reads_almost_nothing_from_the_journal(
     let owns = move || {
         let log = plain_log(&b_log);
         let last = log.lines().rev().find(|l| l.contains("assigned and restored") || l.contains("revoked"));
-        last.is_some_and(|l| l.contains("assigned and restored partitions=[TopicPartition"))
+        last.is_some_and(|l| l.contains("assigned and restored partitions=") && !l.contains("partitions=none"))
     };
     let owning = owns.clone();
     tokio::task::spawn_blocking(move || wait_for("the second instance to own partitions", DEADLINE, owning))
