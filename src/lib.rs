@@ -23,6 +23,7 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
+#[cfg(feature = "cli")]
 pub mod cli;
 mod codec;
 mod error;
