@@ -50,6 +50,9 @@ async fn journal_commands_agree_with_the_library() {
     assert_eq!(stats["snapshots"], journal_stats.snapshots);
     assert_eq!(stats["keys"], 20);
 
+    let (code, out, _) = run_cli(&["journal", "stats", "--journal", p]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("bytes on disk").count(), 1, "the store's size, once: {out}");
     let (code, out, _) = run_cli(&["journal", "verify", "--journal", p]);
     assert_eq!(code, 0);
     assert!(out.contains(": ok"), "{out}");
