@@ -19,10 +19,16 @@
 //! not commit (a crash between the file's fsync and sled's), and are cut off when the journal opens.
 //! A key's frames are in seq order and all older than its records still in sled.
 
+use super::{
+    be_u64, decode_key, event_key, group_len, lock, parse_event_key, prefixed_key, write, JournalInner, Raw,
+    ARCHIVABLE_KEY, ARCHIVE_KEY, ARCHIVE_STEP, REMOVALS_PER_BATCH, S,
+};
 use crate::error::{JournalError, Result};
+use crate::stream::Chunker;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 /// Bytes of a frame before its body.
 const FRAME_HEADER: usize = 8;
@@ -205,6 +211,134 @@ impl<R: Read> Iterator for Frames<R> {
             // The frame boundaries after a damaged length are unknown: stop here.
             Err(what) => Some(Err((at, what))),
         }
+    }
+}
+
+/// Moving history into the archive, and reading it back for scans.
+impl JournalInner {
+    /// Moves the event records that the snapshots of keys written since the last move cover into
+    /// the archive; returns how many records moved. Called every second by the store's archiver: history moves once the store's threshold of
+    /// records written since the last move is reached, or when no batch was appended since the
+    /// previous call (idle time); the first move of a process covers every key.
+    pub(super) fn archive_pending(&self) -> Result<u64> {
+        let Some(after) = self.store.archive_history else { return Ok(0) };
+        let applied = self.applied.load(Ordering::Acquire);
+        let idle = self.archiver_seen.swap(applied, Ordering::AcqRel) == applied;
+        let unarchived = self.unarchived.load(Ordering::Acquire);
+        if unarchived == 0 || (unarchived < after && !idle) {
+            return Ok(0);
+        }
+        if !self.swept.load(Ordering::Acquire) {
+            return self.archive_all();
+        }
+        let keys: Vec<Vec<u8>> = lock(&self.to_archive).drain().collect();
+        self.archive_keys(keys)
+    }
+
+    /// Moves the event records every snapshot covers into the archive (for stores written before
+    /// archiving, or without it); returns how many records moved.
+    pub(super) fn archive_all(&self) -> Result<u64> {
+        lock(&self.to_archive).clear();
+        let mut keys = Vec::new();
+        for item in self.tree.scan_prefix([S]) {
+            let (k, _) = item.map_err(|e| self.storage(e))?;
+            if let Some((key, _)) = decode_key(&k[1..]) {
+                keys.push(key);
+            }
+        }
+        let moved = self.archive_keys(keys)?;
+        self.swept.store(true, Ordering::Release);
+        Ok(moved)
+    }
+
+    fn archive_keys(&self, keys: impl IntoIterator<Item = Vec<u8>>) -> Result<u64> {
+        let mut archive = write(&self.archive);
+        let mut frames = Vec::new();
+        // Each moved record's storage key, and where its frame ends in `frames`.
+        let mut staged: Vec<(sled::IVec, usize)> = Vec::new();
+        let mut moved = 0u64;
+        for key in keys {
+            let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? else { continue };
+            // A snapshot whose seq is unreadable or ahead of the events is damage `verify` reports;
+            // nothing is moved on its word.
+            let Some(covered) = snap.get(..8).and_then(be_u64) else { continue };
+            if covered > self.last_seq(&key)? {
+                continue;
+            }
+            for item in self.tree.range(event_key(&key, 1)..=event_key(&key, covered)) {
+                let (k, v) = item.map_err(|e| self.storage(e))?;
+                let Some((_, seq)) = parse_event_key(&k) else { continue };
+                encode_frame(&key, seq, &v, &mut frames);
+                staged.push((k, frames.len()));
+            }
+            if frames.len() >= ARCHIVE_STEP {
+                moved += self.commit_move(&mut archive, &mut frames, &mut staged)?;
+            }
+        }
+        if !frames.is_empty() {
+            moved += self.commit_move(&mut archive, &mut frames, &mut staged)?;
+        }
+        Ok(moved)
+    }
+
+    /// Writes `frames` to the archive (one fsync), then removes their records from sled in small
+    /// batches, each committing the archive's length up to the last frame it removed. A sled batch
+    /// holds sled's store-wide write lock, so small ones keep the writers' waits short; a crash
+    /// between them leaves records removed exactly for the frames committed.
+    fn commit_move(
+        &self,
+        archive: &mut Archive,
+        frames: &mut Vec<u8>,
+        staged: &mut Vec<(sled::IVec, usize)>,
+    ) -> Result<u64> {
+        self.store.require_version(3)?;
+        let base = archive.committed_len();
+        archive.write(frames)?;
+        self.unarchived.store(0, Ordering::Release);
+        for chunk in staged.chunks(REMOVALS_PER_BATCH) {
+            let mut batch = sled::Batch::default();
+            for (k, _) in chunk {
+                batch.remove(k.clone());
+            }
+            let len = base + chunk.last().map_or(0, |(_, end)| *end as u64);
+            batch.insert(ARCHIVE_KEY, &len.to_be_bytes());
+            batch.insert(ARCHIVABLE_KEY, &0u64.to_be_bytes());
+            self.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
+            archive.committed(len);
+        }
+        let moved = staged.len() as u64;
+        staged.clear();
+        frames.clear();
+        Ok(moved)
+    }
+
+    pub(super) fn archive_damage(&self, archive: &Archive, at: u64, what: &str) -> JournalError {
+        self.damaged(format!(
+            "history archive {} at byte {at}: {what}; `eventstage journal verify` lists the damage",
+            archive.path().display()
+        ))
+    }
+
+    /// Sends the archived records (of `key` only, when given) undecoded; false when the reader went
+    /// away.
+    pub(super) fn send_archived(
+        &self,
+        archive: &Archive,
+        key: Option<&[u8]>,
+        out: &mut Chunker<Raw, JournalError>,
+    ) -> Result<bool> {
+        for frame in archive.frames()? {
+            let frame = frame.map_err(|(at, what)| self.archive_damage(archive, at, &what))?;
+            if key.is_some_and(|k| k != frame.key.as_slice()) {
+                continue;
+            }
+            let weight = group_len(&frame.value);
+            let raw = Raw::Event(event_key(&frame.key, frame.seq).into(), frame.value.into(), 0);
+            if !out.push_weighted(raw, weight) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
