@@ -32,7 +32,7 @@ fn demo_runs_restarts_and_matches() {
     assert!(out.contains("accounts from an earlier run"), "{out}");
     let (code, out, _) = run_cli(&["journal", "stats", "--journal", data.to_str().unwrap(), "--format", "json"]);
     assert_eq!(code, 0);
-    assert!(json_lines(&out)[0]["journal"]["keys"].as_u64().unwrap() > 40);
+    assert!(json_lines(&out)[0]["keys"].as_u64().unwrap() > 40);
 }
 
 #[tokio::test]
@@ -44,11 +44,27 @@ async fn journal_commands_agree_with_the_library() {
 
     let (code, out, err) = run_cli(&["journal", "stats", "--journal", p, "--format", "json"]);
     assert_eq!(code, 0, "{err}");
-    let stats = &json_lines(&out)[0]["journal"];
+    let stats = &json_lines(&out)[0];
     let journal_stats = SledJournal::open(&path, "bank").unwrap().stats().await.unwrap();
     assert_eq!(stats["events"], journal_stats.events);
     assert_eq!(stats["snapshots"], journal_stats.snapshots);
     assert_eq!(stats["keys"], 20);
+
+    // Every command's JSON lines name the journal the same way, beside their own fields.
+    for (args, field) in [
+        (&["stats"][..], "events"),
+        (&["verify"], "problems"),
+        (&["dump", "--key", "acct-05"], "seq"),
+        (&["replay"], "state"),
+    ] {
+        let (code, out, err) = run_cli(&[&["journal"][..], args, &["--journal", p, "--format", "json"]].concat());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        for line in json_lines(&out) {
+            assert!(line["journal"] == "bank" && !line[field].is_null() && line["name"].is_null(), "{args:?}: {line}");
+        }
+    }
+    let (code, out, _) = run_cli(&["journal", "verify", "--journal", p, "--format", "json"]);
+    assert_eq!((code, &json_lines(&out)[0]["ok"]), (0, &Value::Bool(true)));
 
     let (code, out, _) = run_cli(&["journal", "stats", "--journal", p]);
     assert_eq!(code, 0);
@@ -133,7 +149,7 @@ async fn journal_commands_agree_with_the_library() {
     assert!(moved > 0, "{out}");
     let (code, out, _) = run_cli(&["journal", "stats", "--journal", p, "--format", "json"]);
     assert_eq!(code, 0);
-    let after = &json_lines(&out)[0]["journal"];
+    let after = &json_lines(&out)[0];
     assert_eq!((&after["events"], &after["keys"]), (&stats["events"], &stats["keys"]));
     assert!(after["archived"].as_u64().unwrap() >= moved, "{after}");
     let (code, out, _) = run_cli(&["journal", "verify", "--journal", p]);
@@ -199,7 +215,8 @@ async fn unknown_stages_work_at_the_envelope_level() {
 }
 
 /// Log lines on stderr: no colour codes into a pipe or file (unless `--color always`), none with
-/// NO_COLOR, `--log-level` filters them, and a filter that is not one is refused with the syntax.
+/// NO_COLOR, `--log-level` filters them, and a filter that is not one is refused with the syntax;
+/// `--quiet` leaves only errors and the data.
 #[tokio::test]
 async fn log_lines_are_coloured_only_when_asked_and_filtered_by_log_level() {
     let dir = counter_journal().await;
@@ -216,6 +233,12 @@ async fn log_lines_are_coloured_only_when_asked_and_filtered_by_log_level() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'));
     let (_, _, err) = run_cli(&["journal", "dump", "--journal", p, "--log-level", "error"]);
     assert!(!err.contains(warning), "--log-level error hides warnings: {err}");
+    let (code, out, err) = run_cli(&["journal", "dump", "--journal", p, "-q"]);
+    assert_eq!((code, err.as_str(), out.lines().count()), (0, "", 1), "--quiet hides warnings, not data");
+    let (code, out, err) = run_cli(&["journal", "dump", "--journal", p, "--key", "nosuch", "--quiet"]);
+    assert!(code == 1 && out.is_empty() && err.contains("no events of key"), "why nothing came is still said: {err}");
+    let (code, _, err) = run_cli(&["journal", "dump", "--journal", p, "-q", "--log-level", "info"]);
+    assert!(code == 2 && err.contains("cannot be used with"), "{err}");
     let (code, _, err) = run_cli(&["journal", "dump", "--journal", p, "--log-level", "eventstage=loud"]);
     assert_eq!(code, 2);
     assert!(err.contains("--log-level") && err.contains("error, warn, info"), "{err}");

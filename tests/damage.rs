@@ -330,6 +330,9 @@ async fn a_write_protected_journal_is_inspected_without_writing() {
         assert_eq!(code, 0, "{args:?}: {err}");
         assert!(!out.is_empty(), "{args:?}");
         assert!(err.contains("write-protected: inspecting a copy"), "{args:?}: {err}");
+        // --quiet: the same data, and nothing on stderr.
+        let (code, quiet_out, err) = run_cli(&[&args[..], &["--quiet"]].concat());
+        assert_eq!((code, quiet_out, err.as_str()), (0, out, ""), "{args:?}");
     }
     assert_eq!(files(&path), before, "nothing of a write-protected journal is written");
     set_readonly(&path, false);

@@ -353,7 +353,7 @@ async fn the_cli_dumps_gets_and_counts_tables() {
     let (code, out, err) = journal(&["stats", "--format", "json"]);
     assert_eq!(code, 0, "{err}");
     let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(stats["journal"]["keys"].as_u64(), Some(accounts.len() as u64), "{stats}");
+    assert_eq!(stats["keys"].as_u64(), Some(accounts.len() as u64), "{stats}");
     let (code, out, err) = journal(&["verify"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(": ok"), "{out}");

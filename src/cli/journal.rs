@@ -17,7 +17,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Arguments of `journal`.
 #[derive(Debug, clap::Args)]
-pub struct JournalArgs {
+pub(super) struct JournalArgs {
     /// The journal: a sled store's directory (what a stage or `eventstage demo --data` wrote), or
     /// `kafka:TOPIC`, a flow's Kafka journal (with --brokers).
     #[arg(long, global = true, value_name = "PATH|kafka:TOPIC", env = "EVENTSTAGE_JOURNAL")]
@@ -42,7 +42,7 @@ pub struct JournalArgs {
 
 /// The journal subcommands.
 #[derive(Debug, clap::Subcommand)]
-pub enum JournalCommand {
+pub(super) enum JournalCommand {
     /// Keys, events, snapshots, bytes, batches and source positions.
     Stats,
     /// Check every record's CRC and every key's sequence continuity; exit 1 and list all damage.
@@ -61,7 +61,7 @@ pub enum JournalCommand {
 
 /// Which events to dump: a key, a first sequence number and a point in history.
 #[derive(Debug, clap::Args)]
-pub struct DumpArgs {
+pub(super) struct DumpArgs {
     #[command(flatten)]
     pub(super) point: PointArgs,
     /// First sequence number per key.
@@ -71,7 +71,7 @@ pub struct DumpArgs {
 
 /// Which events: a key and a point in history.
 #[derive(Debug, Clone, clap::Args)]
-pub struct PointArgs {
+pub(super) struct PointArgs {
     /// Only this key.
     #[arg(long)]
     pub(super) key: Option<String>,
@@ -168,7 +168,7 @@ const INSPECT_CACHE: u64 = 16 << 20;
 ///
 /// # Errors
 /// Anything that stops the command: the message names the thing and the fix.
-pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Result<ExitCode> {
     let path = args.journal.clone().context("--journal PATH is required (or set EVENTSTAGE_JOURNAL)")?;
     if let Some(topic) = path.to_str().and_then(|p| p.strip_prefix("kafka:")) {
         #[cfg(feature = "kafka")]
@@ -190,7 +190,7 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
         let target = tmp.path().join("journal");
         copy_tree(&path, &target)
             .with_context(|| format!("cannot copy the write-protected journal {}", path.display()))?;
-        eprintln!("{} is write-protected: inspecting a copy of it", path.display());
+        super::note(format_args!("{} is write-protected: inspecting a copy of it", path.display()));
         Some((tmp, target))
     } else {
         None
@@ -323,7 +323,11 @@ pub async fn run_journal(registry: &Registry, args: JournalArgs) -> anyhow::Resu
 
 fn print_stats(out: &mut impl Write, format: Format, s: &JournalStats, disk: u64) -> anyhow::Result<()> {
     match format {
-        Format::Json => writeln!(out, "{}", json!({ "journal": s, "store_bytes_on_disk": disk }))?,
+        Format::Json => {
+            let mut v = named(&s.name, s)?;
+            v["store_bytes_on_disk"] = json!(disk);
+            writeln!(out, "{v}")?
+        }
         Format::Text => {
             writeln!(out, "journal      {}", s.name)?;
             writeln!(out, "keys         {}", s.keys)?;
@@ -395,7 +399,11 @@ fn unreadable(e: &eventstage_journal::JournalError) -> String {
 
 pub(super) fn print_report(out: &mut impl Write, format: Format, r: &VerifyReport) -> anyhow::Result<()> {
     match format {
-        Format::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
+        Format::Json => {
+            let mut v = named(&r.name, r)?;
+            v["ok"] = json!(r.is_ok());
+            writeln!(out, "{v}")?
+        }
         Format::Text => {
             let verdict = if r.is_ok() { "ok".to_string() } else { format!("DAMAGED: {} problems", r.problems.len()) };
             writeln!(
@@ -409,6 +417,16 @@ pub(super) fn print_report(out: &mut impl Write, format: Format, r: &VerifyRepor
         }
     }
     Ok(())
+}
+
+/// Every JSON line the journal commands print names its journal the same way, `"journal": NAME`
+/// (stats, verify, dump and replay alike), with the other fields beside it.
+pub(super) fn named(name: &str, fields: impl serde::Serialize) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(fields)?;
+    let map = v.as_object_mut().context("a journal report is not a JSON object")?;
+    map.remove("name");
+    map.insert("journal".into(), json!(name));
+    Ok(v)
 }
 
 pub(super) fn event_line(

@@ -145,8 +145,8 @@ pub(super) async fn run(registry: &Registry, args: &JournalArgs, topic: &str) ->
                 Format::Json => writeln!(
                     out,
                     "{}",
-                    json!({ "journal": { "name": name, "partitions": journal.partitions(), "keys": latest.len(),
-                        "records": records, "tombstones": tombstones, "events": events, "bytes": bytes } })
+                    json!({ "journal": name, "partitions": journal.partitions(), "keys": latest.len(),
+                        "records": records, "tombstones": tombstones, "events": events, "bytes": bytes })
                 )?,
                 Format::Text => {
                     writeln!(out, "journal      {name}")?;

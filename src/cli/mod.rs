@@ -1,5 +1,6 @@
 //! The `eventstage` command line, as a library: your own binary registers its stages and gets the
-//! same journal (and table) commands.
+//! same journal (and table) commands, shell completions, the logging flags (`--log-level`,
+//! `--log-format`, `--color`, `--quiet`), and room for commands of its own ([`Cli::run_with`]).
 //!
 //! ```no_run
 //! use eventstage::stages::bank::Bank;
@@ -16,19 +17,20 @@ mod registry;
 #[cfg(all(feature = "kafka", feature = "sled"))]
 mod table;
 
-pub use journal::{run_journal, JournalArgs, JournalCommand};
-pub use registry::{ErasedStage, RebuiltEntity, Registry, StageCodecs};
+use journal::{run_journal, JournalArgs};
+use registry::Registry;
 #[cfg(all(feature = "kafka", feature = "sled"))]
-pub use table::{run_table, DataFormat, OnBad, TableArgs, TableCommand};
+use table::{run_table, TableArgs};
 
 use crate::stage::EventSourced;
 use clap::{Parser, ValueEnum};
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Output format of the inspection commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Aligned text for people.
     #[default]
     Text,
@@ -38,7 +40,7 @@ pub enum Format {
 
 /// When log lines on stderr are coloured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum ColorChoice {
+pub(crate) enum ColorChoice {
     /// When stderr is a terminal and `NO_COLOR` is not set.
     #[default]
     Auto,
@@ -50,25 +52,29 @@ pub enum ColorChoice {
 
 /// The logging options every command takes.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// Colour the log lines on stderr: auto (only on a terminal, and not with NO_COLOR set),
     /// never, always.
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, env = "EVENTSTAGE_COLOR")]
-    pub color: ColorChoice,
+    pub(crate) color: ColorChoice,
     /// Which log lines to print: error, warn, info, debug, trace, or a full filter such as
     /// `warn,eventstage::flow=info` (the syntax of RUST_LOG, which it overrides). Default: RUST_LOG,
     /// else warn.
     #[arg(long, global = true, value_name = "FILTER")]
-    pub log_level: Option<String>,
+    pub(crate) log_level: Option<String>,
+    /// Print only errors and the data asked for: no progress, no notes, no warnings (the same as
+    /// `--log-level error`, and the notes on stderr go too).
+    #[arg(long, short = 'q', global = true, conflicts_with = "log_level")]
+    pub(crate) quiet: bool,
     /// Log line format on stderr: text, or json (one JSON object per line, for log shippers:
     /// timestamp, level, target, fields; never coloured).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EVENTSTAGE_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 }
 
 /// The format of log lines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     #[default]
     Text,
@@ -76,34 +82,85 @@ pub enum LogFormat {
     Json,
 }
 
-/// A command line with the journal commands and the stages it knows.
+/// A command line with the journal commands and the stages it knows, and optionally commands of
+/// your own ([`Cli::run_with`]).
 #[derive(Debug)]
 pub struct Cli {
     name: String,
+    about: Option<String>,
+    version: Option<String>,
     registry: Registry,
 }
 
 #[derive(Debug, Parser)]
-struct Args {
+struct Args<E: clap::Subcommand> {
     #[command(flatten)]
     log: LogArgs,
     #[command(subcommand)]
-    command: Top,
+    command: Top<E>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum Top {
+enum Top<E: clap::Subcommand> {
+    #[command(flatten)]
+    Own(E),
     /// Inspect, verify, dump and replay journals.
     Journal(JournalArgs),
-    /// Materialize a compacted topic as a table and print it.
+    /// Materialize a compacted topic as a table and print it: `dump`, `get KEY`, `stats`. With
+    /// `--stage NAME` the topic is an eventstage Kafka journal and each key's state is printed.
     #[cfg(all(feature = "kafka", feature = "sled"))]
     Table(TableArgs),
+    /// Print a shell completion script, e.g. `NAME completions bash > /etc/bash_completion.d/NAME`
+    /// (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The commands of a [`Cli`] that has none of its own ([`Cli::run`]).
+#[derive(Debug, Clone, Copy)]
+pub enum NoCommands {}
+
+impl clap::FromArgMatches for NoCommands {
+    fn from_arg_matches(_: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Err(clap::Error::new(clap::error::ErrorKind::InvalidSubcommand))
+    }
+    fn update_from_arg_matches(&mut self, _: &clap::ArgMatches) -> Result<(), clap::Error> {
+        match *self {}
+    }
+}
+
+impl clap::Subcommand for NoCommands {
+    fn augment_subcommands(cmd: clap::Command) -> clap::Command {
+        cmd
+    }
+    fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
+        cmd
+    }
+    fn has_subcommand(_: &str) -> bool {
+        false
+    }
 }
 
 impl Cli {
     /// A command line called `name` with no stages registered.
     pub fn new(name: &str) -> Self {
-        Self { name: name.into(), registry: Registry::default() }
+        Self { name: name.into(), about: None, version: None, registry: Registry::default() }
+    }
+
+    /// The one-line description `--help` starts with.
+    #[must_use]
+    pub fn about(mut self, about: &str) -> Self {
+        self.about = Some(about.into());
+        self
+    }
+
+    /// The version `--version` prints, e.g. `env!("CARGO_PKG_VERSION")`.
+    #[must_use]
+    pub fn version(mut self, version: &str) -> Self {
+        self.version = Some(version.into());
+        self
     }
 
     /// Registers a stage so its events decode and its state can be rebuilt.
@@ -116,28 +173,64 @@ impl Cli {
         self
     }
 
-    /// The registered stages.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// Parses the process arguments, runs the command and returns the exit code (0 fine, 1 damage
+    /// found by `verify` or nothing found where something was asked for, 2 error).
+    pub fn run(self) -> ExitCode {
+        self.run_with(|never: NoCommands| async move { match never {} })
     }
 
-    /// Parses the process arguments, runs the command and returns the exit code (0 fine, 1 damage
-    /// found by `verify`, 2 error).
-    pub fn run(self) -> ExitCode {
-        let args = <Args as clap::CommandFactory>::command().name(self.name.clone()).get_matches();
-        let args = match <Args as clap::FromArgMatches>::from_arg_matches(&args) {
+    /// As [`Cli::run`], with your own commands beside the built-in ones: `E` is a
+    /// `#[derive(clap::Subcommand)]` enum, and `run` runs one of them on the command line's tokio
+    /// runtime. Its error prints with its whole cause chain and exits 2; [`quiet`] says whether
+    /// `--quiet` was given.
+    pub fn run_with<E, F, Fut>(self, run: F) -> ExitCode
+    where
+        E: clap::Subcommand + std::fmt::Debug,
+        F: FnOnce(E) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+    {
+        let mut command = <Args<E> as clap::CommandFactory>::command().name(self.name.clone());
+        if let Some(about) = &self.about {
+            command = command.about(about.clone());
+        }
+        if let Some(version) = &self.version {
+            command = command.version(version.clone());
+        }
+        let matches = command.clone().get_matches();
+        let args = match <Args<E> as clap::FromArgMatches>::from_arg_matches(&matches) {
             Ok(a) => a,
-            Err(e) => e.exit(),
+            Err(e) => e.format(&mut command).exit(),
         };
         if let Err(e) = init_logging(&args.log) {
             eprintln!("error: {e:#}");
             return ExitCode::from(2);
         }
         match args.command {
+            Top::Own(own) => block_on_cli(run(own)),
             Top::Journal(j) => block_on_cli(run_journal(&self.registry, j)),
             #[cfg(all(feature = "kafka", feature = "sled"))]
             Top::Table(t) => block_on_cli(run_table(&self.registry, t)),
+            Top::Completions { shell } => {
+                clap_complete::generate(shell, &mut command, self.name, &mut std::io::stdout());
+                ExitCode::SUCCESS
+            }
         }
+    }
+}
+
+/// Set by `--quiet`.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// True when the command line was given `--quiet`: print only errors and the data asked for (no
+/// progress, notes or warnings). Your own commands of [`Cli::run_with`] honour it this way.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// A note for the operator on stderr (what is being done, a hint), unless `--quiet`.
+pub(crate) fn note(message: impl std::fmt::Display) {
+    if !quiet() {
+        eprintln!("{message}");
     }
 }
 
@@ -152,9 +245,11 @@ pub fn init_tracing() {
 ///
 /// # Errors
 /// A `--log-level` that is not a filter (the message shows the syntax).
-pub fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+pub(crate) fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    let filter = match &args.log_level {
+    QUIET.store(args.quiet, Ordering::Relaxed);
+    let level = if args.quiet { Some("error".to_string()) } else { args.log_level.clone() };
+    let filter = match &level {
         Some(level) => tracing_subscriber::EnvFilter::try_new(level).with_context(|| {
             format!("--log-level `{level}` is not a log filter: use error, warn, info, debug or trace, or e.g. `warn,eventstage::flow=info`")
         })?,
@@ -179,7 +274,7 @@ pub fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
 
 /// Runs a CLI future on a fresh tokio runtime and turns its result into an exit code; errors print
 /// with their whole cause chain, a closed stdout (`| head`) counts as success.
-pub fn block_on_cli(fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+pub(crate) fn block_on_cli(fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -202,8 +297,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// A progress spinner counting records on stderr; hidden when stderr is not a terminal.
-pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
-    let bar = if std::io::stderr().is_terminal() {
+pub(crate) fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = if std::io::stderr().is_terminal() && !quiet() {
         indicatif::ProgressBar::new_spinner()
     } else {
         indicatif::ProgressBar::hidden()
@@ -214,4 +309,30 @@ pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Own {
+        /// A command of the application's own.
+        Hello { name: String },
+    }
+
+    #[test]
+    fn own_commands_sit_beside_the_built_in_ones() {
+        Args::<NoCommands>::command().debug_assert();
+        Args::<Own>::command().debug_assert();
+        let parsed = Args::<NoCommands>::try_parse_from(["my-app", "journal", "stats", "--journal", "x"]).unwrap();
+        assert!(matches!(parsed.command, Top::Journal(_)));
+        assert!(Args::<NoCommands>::try_parse_from(["my-app", "hello", "x"]).is_err());
+        let parsed = Args::<Own>::try_parse_from(["my-app", "-q", "hello", "x"]).unwrap();
+        assert!(parsed.log.quiet);
+        assert!(matches!(parsed.command, Top::Own(Own::Hello { name }) if name == "x"));
+        let parsed = Args::<Own>::try_parse_from(["my-app", "completions", "zsh"]).unwrap();
+        assert!(matches!(parsed.command, Top::Completions { .. }));
+    }
 }

@@ -11,12 +11,10 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// One rebuilt entity: printable key, last sequence number, state as JSON.
-pub type RebuiltEntity = (String, u64, serde_json::Value);
+pub(super) type RebuiltEntity = (String, u64, serde_json::Value);
 
 /// What the CLI needs of a stage, without its types.
-pub trait ErasedStage: Send + Sync {
-    /// The stage name.
-    fn name(&self) -> &'static str;
+pub(super) trait ErasedStage: Send + Sync {
     /// Decodes an event into JSON.
     ///
     /// # Errors
@@ -37,7 +35,7 @@ pub trait ErasedStage: Send + Sync {
 }
 
 /// The [`ErasedStage`] of `S`.
-pub struct StageCodecs<S>(PhantomData<fn() -> S>);
+pub(super) struct StageCodecs<S>(PhantomData<fn() -> S>);
 
 impl<S> fmt::Debug for StageCodecs<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -49,10 +47,6 @@ impl<S: EventSourced> ErasedStage for StageCodecs<S>
 where
     S::Event: serde::Serialize,
 {
-    fn name(&self) -> &'static str {
-        S::NAME
-    }
-
     fn event_json(&self, rec: &EventRecord) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::to_value(decode_event::<S>(rec)?)?)
     }
@@ -80,7 +74,7 @@ where
 
 /// The stages a CLI knows, by name.
 #[derive(Default, Clone)]
-pub struct Registry {
+pub(super) struct Registry {
     stages: BTreeMap<&'static str, Arc<dyn ErasedStage>>,
 }
 
@@ -92,7 +86,7 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     /// Registers `S`.
-    pub fn register<S: EventSourced>(&mut self)
+    pub(super) fn register<S: EventSourced>(&mut self)
     where
         S::Event: serde::Serialize,
     {
@@ -101,18 +95,18 @@ impl Registry {
 
     /// The stage that wrote journal `journal`: its name, or its name before a `/` (partitioned
     /// journals are named `stage/partition`).
-    pub fn for_journal(&self, journal: &str) -> Option<&dyn ErasedStage> {
+    pub(super) fn for_journal(&self, journal: &str) -> Option<&dyn ErasedStage> {
         self.shared_for_journal(journal).map(|s| &**s)
     }
 
     /// [`for_journal`](Self::for_journal), as a handle that outlives the registry borrow.
-    pub fn shared_for_journal(&self, journal: &str) -> Option<&Arc<dyn ErasedStage>> {
+    pub(super) fn shared_for_journal(&self, journal: &str) -> Option<&Arc<dyn ErasedStage>> {
         let stage = journal.split('/').next().unwrap_or(journal);
         self.stages.get(stage)
     }
 
     /// Registered stage names, comma-separated.
-    pub fn names(&self) -> String {
+    pub(super) fn names(&self) -> String {
         let names: Vec<&str> = self.stages.keys().copied().collect();
         if names.is_empty() {
             "none".into()

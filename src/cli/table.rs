@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// Arguments of `table`.
 #[derive(Debug, clap::Args)]
-pub struct TableArgs {
+pub(super) struct TableArgs {
     /// Kafka bootstrap servers.
     #[arg(long, global = true, value_name = "HOST:PORT", env = "EVENTSTAGE_BROKERS")]
     brokers: Option<String>,
@@ -49,7 +49,7 @@ pub struct TableArgs {
 
 /// The table subcommands.
 #[derive(Debug, clap::Subcommand)]
-pub enum TableCommand {
+pub(super) enum TableCommand {
     /// Print every key and value (in key order).
     Dump,
     /// Print one key's value; exit 1 when the key is absent.
@@ -63,7 +63,7 @@ pub enum TableCommand {
 
 /// How bytes are decoded and printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DataFormat {
+pub(super) enum DataFormat {
     /// UTF-8 text.
     String,
     /// JSON (printed compact).
@@ -76,7 +76,7 @@ pub enum DataFormat {
 
 /// The bad-record policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnBad {
+pub(super) enum OnBad {
     /// Skip and count.
     Skip,
     /// Stop with the record's location.
@@ -123,7 +123,7 @@ impl DataFormat {
 /// # Errors
 /// Missing flags, an unreachable cluster, a missing topic, an unusable store, or (with
 /// `--on-bad-record stop`) a record that does not decode.
-pub async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<ExitCode> {
     let brokers = args.brokers.clone().context("--brokers HOST:PORT is required (or EVENTSTAGE_BROKERS)")?;
     let topic = args.topic.clone().context("--topic TOPIC is required")?;
     let key_format = args.key_format;
@@ -188,10 +188,10 @@ pub async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<E
             "records that did not decode were skipped (see the warnings above; --on-bad-record stop to fail instead)"
         );
         if journal_like.load(std::sync::atomic::Ordering::Relaxed) {
-            eprintln!(
+            super::note(format_args!(
                 "hint: `{topic}` holds eventstage Kafka journal records: add --stage NAME (known: {}) to read each key's state",
                 registry.names()
-            );
+            ));
         }
     }
     let out = std::io::stdout();

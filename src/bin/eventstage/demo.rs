@@ -49,6 +49,24 @@ pub(crate) struct DemoArgs {
     flow: crate::flow_demo::FlowArgs,
 }
 
+/// Progress on stderr, only on a terminal and without `--quiet`: a bar towards `len`, or a
+/// spinner counting records.
+fn progress(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) || eventstage::cli::quiet() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let (bar, template) = match len {
+        Some(n) => (indicatif::ProgressBar::new(n), "{msg} {wide_bar} {human_pos}/{human_len} ({per_sec}, {eta} left)"),
+        None => (indicatif::ProgressBar::new_spinner(), "{spinner} {msg}: {human_pos} records ({per_sec}) {elapsed}"),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 fn command(rng: &mut StdRng) -> BankCommand {
     match rng.random_range(0..100) {
         0..10 => BankCommand::Open,
@@ -86,7 +104,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let store = SledStore::open(&dir).with_context(|| format!("cannot open the journal at {}", dir.display()))?;
     let journal = store.journal("bank")?;
-    let bar = eventstage::cli::progress_bar("recovering");
+    let bar = progress(None, "recovering");
     let b = bar.clone();
     let recovering = config.clone().recovery_progress(Progress::new(move |n| b.set_position(n)));
     let runtime = StageRuntime::open(Bank, journal.clone(), recovering).await?;
@@ -104,7 +122,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         runtime.recovery().elapsed.as_secs_f64() * 1000.0
     );
     std::io::Write::flush(&mut std::io::stdout())?;
-    let bar = eventstage::cli::progress_bar("commands");
+    let bar = progress(Some(args.commands), "commands");
     let accepted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

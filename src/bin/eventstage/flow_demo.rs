@@ -106,7 +106,12 @@ pub(crate) async fn run(_args: FlowArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "kafka")]
 async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32, timeout: Duration) -> anyhow::Result<()> {
-    eprintln!("connecting to Kafka at {brokers} (giving up after {}; --timeout)", humantime::format_duration(timeout));
+    if !eventstage::cli::quiet() {
+        eprintln!(
+            "connecting to Kafka at {brokers} (giving up after {}; --timeout)",
+            humantime::format_duration(timeout)
+        );
+    }
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     // Metadata first: an unreachable cluster is named within --timeout, not after librdkafka's
     // own minute-long request timeout.
