@@ -228,6 +228,67 @@ async fn bad_records_are_counted_or_stop_the_table() {
     assert!(stopping.get("c").is_none());
 }
 
+/// A table's metrics go through the `metrics` facade: with a Prometheus recorder installed, the
+/// records read, keys, bad records, tombstones and checkpoints move as the table reads, and the
+/// lag (in total and per partition) and the partitions still catching up fall to 0.
+#[cfg(feature = "prometheus")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_exports_its_metrics() {
+    use eventstage::table::metric_names as names;
+    static RECORDER: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    let handle =
+        RECORDER.get_or_init(|| metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap());
+    let (b, topic) = compacted_topic(2).await;
+    // `name{topic="T"[,partition="P"]} value` in the exposition text.
+    let value = |name: &str, partition: Option<i32>| -> Option<f64> {
+        let labels = match partition {
+            Some(p) => format!("{{topic=\"{topic}\",partition=\"{p}\"}}"),
+            None => format!("{{topic=\"{topic}\"}}"),
+        };
+        let prefix = format!("{name}{labels} ");
+        handle.render().lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse().ok()))
+    };
+    let p = producer(&b);
+    for i in 0..100 {
+        send(&p, &topic, &format!("k{}", i % 10), br#"{"max": 1}"#);
+    }
+    send(&p, &topic, "bad", b"not json");
+    tombstone(&p, &topic, "k3");
+    flush(&p);
+
+    let dir = tempfile::TempDir::new().unwrap();
+    let table = Table::builder(&b, &topic)
+        .keys(Decoder::utf8())
+        .values(Decoder::<serde_json::Value>::json())
+        .store(dir.path())
+        .checkpoint_interval(Duration::from_millis(50))
+        .open()
+        .await
+        .unwrap();
+    table.caught_up().await.unwrap();
+    let expected =
+        [(names::RECORDS_READ, 102.0), (names::KEYS, 9.0), (names::BAD_RECORDS, 1.0), (names::TOMBSTONES, 1.0)];
+    let settled = |extra: f64| {
+        expected.iter().all(|&(n, v)| value(n, None) == Some(if n == names::RECORDS_READ { v + extra } else { v }))
+            && value(names::CATCHING_UP_PARTITIONS, None) == Some(0.0)
+            && value(names::LAG, None) == Some(0.0)
+            && (0..2).all(|p| value(names::LAG, Some(p)) == Some(0.0))
+    };
+    wait_until("the table's metrics after catching up", || settled(0.0)).await;
+    assert!(value(names::BYTES, None).is_some_and(|b| b > 0.0));
+
+    // Live records move the counters on, and a checkpoint is counted.
+    for i in 0..20 {
+        send(&p, &topic, &format!("k{}", i % 2), br#"{"max": 2}"#);
+    }
+    flush(&p);
+    wait_until("the table's metrics after live records", || {
+        settled(20.0) && value(names::CHECKPOINTS, None).is_some_and(|c| c >= 1.0)
+    })
+    .await;
+    table.close().await.unwrap();
+}
+
 /// Clear errors for an unreachable cluster, a missing topic and a missing partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_brokers_and_missing_topics_are_named() {

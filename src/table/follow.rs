@@ -2,6 +2,7 @@
 //! batches, publishing each batch to the readers and checkpointing the store.
 
 use super::assignment::Reply;
+use super::exported::Exported;
 use super::store::{PendingRow, TableStore, Writer};
 use super::{
     BadRecords, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
@@ -135,6 +136,7 @@ where
         commands: commands_rx,
         waiters: Vec::new(),
         started: Instant::now(),
+        exported: Exported::new(&b.settings.topic),
     };
     follower.read(&consumer, &marks)?;
     follower.publish(&mut Vec::new());
@@ -270,6 +272,7 @@ struct Follower<K, V> {
     /// Replies owed once their partitions are caught up.
     waiters: Vec<Waiter>,
     started: Instant,
+    exported: Exported,
 }
 
 impl<K, V> Follower<K, V>
@@ -280,6 +283,7 @@ where
     fn run(mut self, consumer: &TableConsumer) {
         let result = self.follow(consumer);
         let checkpointed = self.checkpoint(true).map(drop);
+        self.export(consumer, true);
         let status = match result.and(checkpointed) {
             Ok(()) => Status::Closed,
             Err(e) => {
@@ -331,6 +335,7 @@ where
                 self.announce_caught_up();
             }
             self.wake_waiters();
+            self.export(consumer, false);
             if self.pending_rows.len() >= MAX_PENDING_ROWS
                 || (!self.pending_rows.is_empty() && last_checkpoint.elapsed() >= self.checkpoint_interval)
             {
@@ -565,6 +570,14 @@ where
             "table caught up"
         );
         self.shared.status.send_replace(Status::Following);
+    }
+
+    /// Publishes the table's metrics (once a second, or `now`).
+    fn export(&mut self, consumer: &TableConsumer, now: bool) {
+        let keys = self.shared.index.len();
+        let topic = &self.shared.topic;
+        let end_of = |p| consumer.fetch_watermarks(topic, p, Duration::from_secs(1)).ok().map(|(_, high)| high);
+        self.exported.publish(now, end_of, &self.shared.counters, keys, &self.positions, self.catching_up.len());
     }
 
     /// Makes the applied records visible: the new map to readers, then the changes to watchers.

@@ -45,6 +45,7 @@ mod assignment;
 mod builder;
 mod decode;
 mod error;
+mod exported;
 mod follow;
 mod snapshot;
 mod store;
@@ -53,6 +54,7 @@ use assignment::Command;
 pub use builder::TableBuilder;
 pub use decode::Decoder;
 pub use error::TableError;
+pub use exported::names as metric_names;
 pub use snapshot::{Prefix, TableSnapshot};
 
 use arc_swap::ArcSwap;
