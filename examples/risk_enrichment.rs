@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
                 let (tx, rx) = oneshot::channel();
                 risk.send((account, tx)).await.map_err(|_| "the risk service stopped".to_string())?;
                 let limit = rx.await.map_err(|_| "the risk service dropped the question".to_string())?;
-                Ok(Limited { limit, ..command })
+                Ok::<_, String>(Limited { limit, ..command })
             }
         })
         .outputs(move |p| outputs(&topics, p))

@@ -63,11 +63,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let flow = FlowBuilder::new(WordCount, &brokers, "eventstage-word-count", &["words"])
         .guarantee(Guarantee::AtLeastOnce)
-        .committer(CommitterSettings { max_batch: 500, max_interval: Some(Duration::from_millis(200)), parallelism: 4 })
+        .committer(CommitterSettings::default().max_batch(500).max_interval(Some(Duration::from_millis(200))))
         .journal_topic("word-count-journal")
         .decoder(|record| {
             let word = record.key.as_deref().ok_or("a word record needs a key (the word)")?;
-            Ok((String::from_utf8_lossy(word).into_owned(), ()))
+            Ok::<_, &str>((String::from_utf8_lossy(word).into_owned(), ()))
         })
         .outputs(|p| match p.outcome {
             Ok(count) => vec![OutputRecord::new("word-counts", p.key.as_bytes(), count.to_string())],

@@ -32,6 +32,9 @@ pub mod flow;
 mod replay;
 mod runtime;
 mod stage;
+// The demo's stages and their wire contract: the binary, the examples, the tests and the benches use
+// them; they are not the library's API (see examples/ for how to write a stage).
+#[doc(hidden)]
 pub mod stages;
 #[cfg(all(feature = "kafka", feature = "sled"))]
 pub mod table;

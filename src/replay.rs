@@ -33,6 +33,7 @@ impl<S: EventSourced> Default for Entity<S> {
 
 /// What a recovery read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryStats {
     /// Keys rebuilt.
     pub keys: u64,

@@ -56,7 +56,7 @@ fn enriched_bank(s: &Setup, service: &Service, parallelism: usize, guarantee: Gu
             let service = service.clone();
             async move {
                 service.call(Duration::from_millis(8)).await;
-                Ok(command)
+                Ok::<_, std::convert::Infallible>(command)
             }
         })
         .outputs(move |p| outputs(&topics, p))
@@ -138,7 +138,7 @@ async fn enrichment_failures_follow_the_bad_input_policy() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let topics = s.topics.clone();
     let counted = attempts.clone();
-    let settings = EnrichSettings { attempts: 3, backoff: Duration::from_millis(5), ..EnrichSettings::parallelism(4) };
+    let settings = EnrichSettings::parallelism(4).attempts(3).backoff(Duration::from_millis(5), Duration::from_secs(5));
     let flow = FlowBuilder::new(LimitedBank, &s.brokers, &s.group, &[s.topics.input.as_str()])
         .decoder(|record| decode(record).map(|(account, command)| (account, Limited { command, limit: None })))
         .enrich(settings, move |account: String, command| {
@@ -288,23 +288,22 @@ async fn consume_processes_each_record_then_commits() {
     };
     let run = |seen: Arc<Mutex<Vec<String>>>| {
         eventstage::flow::consume(&brokers, &group, &[topic.as_str()])
-            .settings(EnrichSettings {
-                attempts: 2,
-                backoff: Duration::from_millis(5),
-                ..EnrichSettings::parallelism(4)
-            })
-            .committer(CommitterSettings { max_batch: 50, ..CommitterSettings::default() })
+            .settings(
+                EnrichSettings::parallelism(4).attempts(2).backoff(Duration::from_millis(5), Duration::from_secs(5)),
+            )
+            .committer(CommitterSettings::default().max_batch(50))
             .bad_input(BadInput::DeadLetter(dlq.clone()))
             .run(move |record| {
                 let seen = seen.clone();
                 async move {
-                    let value = String::from_utf8(record.value.unwrap_or_default()).map_err(|e| e.to_string())?;
+                    // Any error type goes, with `?`, and messages too.
+                    let value = String::from_utf8(record.value.unwrap_or_default())?;
                     if value == "v13" {
                         return Err("cannot process v13".into());
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     seen.lock().unwrap().push(value);
-                    Ok(())
+                    Ok::<_, eventstage::flow::BoxError>(())
                 }
             })
             .unwrap()

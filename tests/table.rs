@@ -2,7 +2,7 @@
 
 use crate::util::broker::{brokers, create_topic, flush, producer, send, unique};
 use crate::util::{init_tracing, wait_until};
-use eventstage::table::{BadRecords, Decoder, Partitions, Table, TableError};
+use eventstage::table::{BadInput, Decoder, Partitions, Table, TableError};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -192,7 +192,7 @@ async fn aborted_transactional_writes_never_appear() {
 /// A record that does not decode is skipped and counted, or stops the table, by policy; either
 /// way it never silently disappears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_records_are_counted_or_stop_the_table() {
+async fn bad_input_is_counted_or_stops_the_table() {
     #[derive(serde::Deserialize, Debug, PartialEq)]
     struct Limit {
         max: u64,
@@ -209,19 +209,19 @@ async fn bad_records_are_counted_or_stop_the_table() {
     skipping.caught_up().await.unwrap();
     assert_eq!(skipping.len(), 2);
     assert_eq!(skipping.get("c").as_deref(), Some(&Limit { max: 3 }));
-    assert_eq!(skipping.stats().bad_records, 1);
+    assert_eq!(skipping.stats().bad_input, 1);
     skipping.close().await.unwrap();
 
     let stopping = Table::builder(&b, &topic)
         .keys(Decoder::utf8())
         .values(Decoder::<Limit>::json())
-        .bad_records(BadRecords::Stop)
+        .bad_input(BadInput::Stop)
         .open()
         .await
         .unwrap();
     let err = stopping.caught_up().await.unwrap_err();
     match &err {
-        TableError::BadRecord { partition: 0, offset: 1, reason, .. } => assert!(reason.contains("json"), "{reason}"),
+        TableError::BadInput { partition: 0, offset: 1, reason, .. } => assert!(reason.contains("json"), "{reason}"),
         other => panic!("unexpected {other}"),
     }
     assert_eq!(stopping.get("a").as_deref(), Some(&Limit { max: 1 }), "what came before is still served");
@@ -267,7 +267,7 @@ async fn a_table_exports_its_metrics() {
         .unwrap();
     table.caught_up().await.unwrap();
     let expected =
-        [(names::RECORDS_READ, 102.0), (names::KEYS, 9.0), (names::BAD_RECORDS, 1.0), (names::TOMBSTONES, 1.0)];
+        [(names::RECORDS_READ, 102.0), (names::KEYS, 9.0), (names::BAD_INPUT, 1.0), (names::TOMBSTONES, 1.0)];
     let settled = |extra: f64| {
         expected.iter().all(|&(n, v)| value(n, None) == Some(if n == names::RECORDS_READ { v + extra } else { v }))
             && value(names::CATCHING_UP_PARTITIONS, None) == Some(0.0)
@@ -301,6 +301,9 @@ async fn unreachable_brokers_and_missing_topics_are_named() {
     let err =
         Table::builder(format!("127.0.0.1:{port}"), &topic).timeout(Duration::from_secs(2)).open().await.unwrap_err();
     assert!(matches!(err, TableError::Unreachable { .. }) && err.to_string().contains("--brokers"), "{err}");
+    // The client's error is kept as the source, as flows keep it.
+    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<rdkafka::error::KafkaError>());
+    assert!(source.is_some(), "{err:?}");
 }
 
 /// `eventstage table dump|get|stats` on a plain topic (with a reused store) and on a bank flow's
@@ -360,8 +363,8 @@ async fn the_cli_dumps_gets_and_counts_tables() {
     flush(&p);
     let (code, out, err) = cli(&["stats", "--value-format", "json", "--format", "json"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains(r#""bad_records":1"#) && err.contains("skipped"), "{out}\n{err}");
-    let (code, _, err) = cli(&["dump", "--value-format", "json", "--on-bad-record", "stop"]);
+    assert!(out.contains(r#""bad_input":1"#) && err.contains("skipped"), "{out}\n{err}");
+    let (code, _, err) = cli(&["dump", "--value-format", "json", "--on-bad-input", "stop"]);
     assert_eq!(code, 2);
     assert!(err.contains("partition ") && err.contains("offset ") && err.contains("not JSON"), "{err}");
 

@@ -28,7 +28,7 @@ pub(crate) fn enrichment(
             .decoder(|r| decode(r).map(|(account, command)| (account, Limited { command, limit: None })))
             .enrich(EnrichSettings::parallelism(parallelism), |_account, command| async move {
                 tokio::time::sleep(SERVICE_LATENCY).await;
-                Ok(command)
+                Ok::<_, std::convert::Infallible>(command)
             })
             .outputs(move |p| outputs(&topics, p))
             .journal_topic(journal)

@@ -2,7 +2,7 @@
 
 use super::registry::Registry;
 use super::{progress_bar, Format};
-use crate::table::{BadRecords, Decoder, Table, TableStats};
+use crate::table::{BadInput, Decoder, Table, TableStats};
 use anyhow::{bail, Context};
 use base64::Engine;
 use eventstage_journal::JournalEntry;
@@ -38,8 +38,8 @@ pub(super) struct TableArgs {
     #[arg(long, global = true, value_name = "NAME")]
     stage: Option<String>,
     /// A record that does not decode: skip it with a counted warning, or stop with an error.
-    #[arg(long, global = true, value_enum, default_value_t = OnBad::Skip)]
-    on_bad_record: OnBad,
+    #[arg(long, global = true, value_enum, default_value_t = OnBad::Skip, alias = "on-bad-record")]
+    on_bad_input: OnBad,
     /// How long to wait for the cluster.
     #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -74,7 +74,7 @@ pub(super) enum DataFormat {
     Hex,
 }
 
-/// The bad-record policy.
+/// The bad-input policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(super) enum OnBad {
     /// Skip and count.
@@ -122,7 +122,7 @@ impl DataFormat {
 ///
 /// # Errors
 /// Missing flags, an unreachable cluster, a missing topic, an unusable store, or (with
-/// `--on-bad-record stop`) a record that does not decode.
+/// `--on-bad-input stop`) a record that does not decode.
 pub(super) async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::Result<ExitCode> {
     let brokers = args.brokers.clone().context("--brokers HOST:PORT is required (or EVENTSTAGE_BROKERS)")?;
     let topic = args.topic.clone().context("--topic TOPIC is required")?;
@@ -158,7 +158,7 @@ pub(super) async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::R
     let mut builder = Table::builder(&brokers, &topic)
         .keys(Decoder::new(&format!("{key_format:?}").to_lowercase(), move |b| key_format.render(b)))
         .values(values)
-        .bad_records(if args.on_bad_record == OnBad::Stop { BadRecords::Stop } else { BadRecords::Skip })
+        .bad_input(if args.on_bad_input == OnBad::Stop { BadInput::Stop } else { BadInput::Skip })
         .timeout(args.timeout);
     if let Some(dir) = &args.store {
         builder = builder.store(dir);
@@ -182,10 +182,10 @@ pub(super) async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::R
     bar.finish_and_clear();
     let elapsed = started.elapsed();
     let stats = table.stats();
-    if stats.bad_records > 0 {
+    if stats.bad_input > 0 {
         tracing::warn!(
-            skipped = stats.bad_records,
-            "records that did not decode were skipped (see the warnings above; --on-bad-record stop to fail instead)"
+            skipped = stats.bad_input,
+            "records that did not decode were skipped (see the warnings above; --on-bad-input stop to fail instead)"
         );
         if journal_like.load(std::sync::atomic::Ordering::Relaxed) {
             super::note(format_args!(
@@ -262,7 +262,7 @@ fn print_stats(
                 "records_read": s.records_read,
                 "loaded_from_store": s.loaded_from_store,
                 "tombstones": s.tombstones,
-                "bad_records": s.bad_records,
+                "bad_input": s.bad_input,
                 "end_offsets": s.end_offsets,
                 "positions": s.positions,
                 "elapsed_ms": elapsed.as_millis() as u64,
@@ -275,7 +275,7 @@ fn print_stats(
             writeln!(out, "records read       {} in {:.2} s", s.records_read, elapsed.as_secs_f64())?;
             writeln!(out, "loaded from store  {}", s.loaded_from_store)?;
             writeln!(out, "tombstones seen    {}", s.tombstones)?;
-            writeln!(out, "bad records        {}", s.bad_records)?;
+            writeln!(out, "bad input          {}", s.bad_input)?;
             for (p, end) in &s.end_offsets {
                 writeln!(out, "partition {p:<8} end offset {end}")?;
             }

@@ -96,11 +96,12 @@ impl<S: EventSourced> FlowBuilder<S> {
     /// flow's own outside one). Works under both guarantees: offsets only ever cover records the
     /// stage handled.
     #[must_use]
-    pub fn enrich<F, Fut>(mut self, settings: EnrichSettings, enrich: F) -> Self
+    pub fn enrich<F, Fut, E>(mut self, settings: EnrichSettings, enrich: F) -> Self
     where
         S::Command: Clone,
         F: Fn(S::Key, S::Command) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<S::Command, String>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<S::Command, E>> + Send + 'static,
+        E: Into<super::BoxError>,
     {
         self.enrich = Some((settings, settings::retrying(settings, enrich)));
         self
@@ -246,13 +247,14 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
-    /// The decoder from input record to `(key, command)`. Required.
+    /// The decoder from input record to `(key, command)`, or an error saying why it cannot be one
+    /// (any error type, or a message: see [`BoxError`](super::BoxError)). Required.
     #[must_use]
-    pub fn decoder(
+    pub fn decoder<E: Into<super::BoxError>>(
         mut self,
-        decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command), String> + Send + 'static,
+        decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command), E> + Send + 'static,
     ) -> Self {
-        self.decoder = Some(Box::new(decode));
+        self.decoder = Some(Box::new(move |input| decode(input).map_err(super::describe)));
         self
     }
 

@@ -14,9 +14,9 @@ use std::future::Future;
 
 /// The stage of a consume-only flow: the work happened in the async step.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Sink;
+pub(super) struct ProcessOnly;
 
-impl EventSourced for Sink {
+impl EventSourced for ProcessOnly {
     const NAME: &'static str = "eventstage-consume";
     type Key = Vec<u8>;
     type Command = InputRecord;
@@ -35,10 +35,10 @@ impl EventSourced for Sink {
 /// Consumes `inputs` as group `group_id` and runs an async function per record (see
 /// [`ConsumeBuilder`]).
 pub fn consume(brokers: impl Into<String>, group_id: impl Into<String>, inputs: &[&str]) -> ConsumeBuilder {
-    let flow = FlowBuilder::new(Sink, brokers, group_id, inputs)
+    let flow = FlowBuilder::new(ProcessOnly, brokers, group_id, inputs)
         .guarantee(Guarantee::AtLeastOnce)
         .journal(FlowJournal::None)
-        .decoder(|r: &InputRecord| Ok((r.key.clone().unwrap_or_default(), r.clone())));
+        .decoder(|r: &InputRecord| Ok::<_, std::convert::Infallible>((r.key.clone().unwrap_or_default(), r.clone())));
     ConsumeBuilder { flow, settings: EnrichSettings::parallelism(1) }
 }
 
@@ -53,7 +53,7 @@ pub fn consume(brokers: impl Into<String>, group_id: impl Into<String>, inputs: 
 /// - Draining ([`FlowControl::drain_and_shutdown`]) finishes the running calls and commits them.
 #[derive(Debug)]
 pub struct ConsumeBuilder {
-    flow: FlowBuilder<Sink>,
+    flow: FlowBuilder<ProcessOnly>,
     settings: EnrichSettings,
 }
 
@@ -108,18 +108,19 @@ impl ConsumeBuilder {
     ///
     /// # Errors
     /// [`FlowError::Config`] on impossible settings.
-    pub fn run<F, Fut>(self, process: F) -> Result<FlowControl, FlowError>
+    pub fn run<F, Fut, E>(self, process: F) -> Result<FlowControl, FlowError>
     where
         F: Fn(InputRecord) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<super::BoxError>,
     {
         let process = std::sync::Arc::new(process);
         self.flow
             .enrich(self.settings, move |_key, record: InputRecord| {
                 let process = process.clone();
                 async move {
-                    process(record.clone()).await?;
-                    Ok(record)
+                    process(record.clone()).await.map_err(super::describe)?;
+                    Ok::<_, String>(record)
                 }
             })
             .run()

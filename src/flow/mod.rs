@@ -140,11 +140,30 @@ impl<S: EventSourced> fmt::Debug for Processed<'_, S> {
     }
 }
 
+/// What a flow's own closures (the decoder, the enrichment, the at-least-once processing) return
+/// when they fail: any error type (`?` or `.into()` makes one of it), or a message (`String`,
+/// `&str`). The flow renders it with its chain of sources, `what: why: root cause`, for the
+/// dead-letter record's `eventstage.error` header, the log and [`FlowError::BadInput`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error of a user closure, with its chain of sources.
+pub(crate) fn describe(error: impl Into<BoxError>) -> String {
+    let error = error.into();
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Turns an input record into an entity key and a command, or says why it cannot.
-pub type Decoder<S> =
+pub(crate) type Decoder<S> =
     Box<dyn Fn(&InputRecord) -> Result<(<S as EventSourced>::Key, <S as EventSourced>::Command), String> + Send>;
 /// Maps an outcome to zero, one or many output records.
-pub type Outputs<S> = Box<dyn Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send>;
+pub(crate) type Outputs<S> = Box<dyn Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send>;
 
 /// Where a flow keeps its entities' events.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,8 +28,10 @@ pub enum Guarantee {
     AtLeastOnce,
 }
 
-/// How an at-least-once flow commits offsets (Alpakka Kafka's `CommitterSettings`).
+/// How an at-least-once flow commits offsets (Alpakka Kafka's `CommitterSettings`):
+/// `CommitterSettings::default().max_batch(500)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitterSettings {
     /// A batch ends after this many input records. Default: 1000.
     pub max_batch: usize,
@@ -46,8 +48,33 @@ impl Default for CommitterSettings {
     }
 }
 
-/// How [`FlowBuilder::enrich`](super::FlowBuilder::enrich) calls its async function.
+impl CommitterSettings {
+    /// A batch ends after this many input records.
+    #[must_use]
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+
+    /// ... or after this long (`None`: the flow's commit interval).
+    #[must_use]
+    pub fn max_interval(mut self, interval: Option<Duration>) -> Self {
+        self.max_interval = interval;
+        self
+    }
+
+    /// Batches waiting for their acknowledgements and offset commit at the same time.
+    #[must_use]
+    pub fn parallelism(mut self, n: usize) -> Self {
+        self.parallelism = n;
+        self
+    }
+}
+
+/// How [`FlowBuilder::enrich`](super::FlowBuilder::enrich) calls its async function:
+/// `EnrichSettings::parallelism(8).attempts(5)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EnrichSettings {
     /// Calls in flight at most (Akka's `mapAsync(parallelism)`); results are used in input order per
     /// partition, and the flow stops consuming while this many records wait. Default: 16.
@@ -80,6 +107,28 @@ impl EnrichSettings {
     pub fn parallelism(parallelism: usize) -> Self {
         Self { parallelism, ..Self::default() }
     }
+
+    /// Attempts per record before the bad-input policy takes it.
+    #[must_use]
+    pub fn attempts(mut self, n: u32) -> Self {
+        self.attempts = n;
+        self
+    }
+
+    /// Wait before the second attempt (doubling per attempt), and the longest wait.
+    #[must_use]
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = first;
+        self.max_backoff = max;
+        self
+    }
+
+    /// An attempt that takes longer fails.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
 }
 
 /// The enrichment step, type-erased: retries and timeouts included.
@@ -90,12 +139,13 @@ pub(crate) type Enrichment<S> =
     (EnrichSettings, EnrichFn<<S as crate::EventSourced>::Key, <S as crate::EventSourced>::Command>);
 
 /// Wraps a user's enrichment function with the timeout and retry policy of `settings`.
-pub(crate) fn retrying<K, C, F, Fut>(settings: EnrichSettings, f: F) -> EnrichFn<K, C>
+pub(crate) fn retrying<K, C, F, Fut, E>(settings: EnrichSettings, f: F) -> EnrichFn<K, C>
 where
     K: Clone + Send + 'static,
     C: Clone + Send + 'static,
     F: Fn(K, C) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<C, String>> + Send + 'static,
+    Fut: Future<Output = Result<C, E>> + Send + 'static,
+    E: Into<super::BoxError>,
 {
     let f = Arc::new(f);
     Arc::new(move |key: K, command: C| {
@@ -106,7 +156,7 @@ where
             loop {
                 let error = match tokio::time::timeout(settings.timeout, f(key.clone(), command.clone())).await {
                     Ok(Ok(enriched)) => return Ok(enriched),
-                    Ok(Err(e)) => e,
+                    Ok(Err(e)) => super::describe(e),
                     Err(_) => format!("timed out after {:?}", settings.timeout),
                 };
                 if attempt >= settings.attempts.max(1) {

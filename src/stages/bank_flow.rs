@@ -87,23 +87,45 @@ struct WireReplyRef<'a> {
     error: Option<String>,
 }
 
+/// Why a record is not a bank command (the dead-letter header and the log say it with its cause).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// No key.
+    #[error("the record has no key (the account id)")]
+    NoKey,
+    /// A key that is not UTF-8.
+    #[error("the key (account id) is not UTF-8")]
+    KeyNotUtf8,
+    /// No value.
+    #[error("the record has no value")]
+    NoValue,
+    /// A value that is not the wire command's JSON.
+    #[error("the value is not a bank command")]
+    NotACommand(#[source] serde_json::Error),
+    /// An op that needs an amount came without one.
+    #[error("`{0}` needs an amount")]
+    NoAmount(String),
+    /// An op the bank does not know.
+    #[error("unknown op `{0}` (open, deposit, withdraw, close)")]
+    UnknownOp(String),
+}
+
 /// Decodes a wire command.
 ///
 /// # Errors
-/// A message naming what is wrong with the record.
-pub fn decode(input: &InputRecord) -> Result<(String, BankCommand), String> {
-    let key = input.key.as_deref().ok_or("the record has no key (the account id)")?;
-    let key = std::str::from_utf8(key).map_err(|_| "the key (account id) is not UTF-8".to_string())?;
-    let value = input.value.as_deref().ok_or("the record has no value")?;
-    let wire: WireCommandRef<'_> =
-        serde_json::from_slice(value).map_err(|e| format!("the value is not a bank command: {e}"))?;
-    let amount = || wire.amount.ok_or_else(|| format!("`{}` needs an amount", wire.op));
+/// What is wrong with the record.
+pub fn decode(input: &InputRecord) -> Result<(String, BankCommand), DecodeError> {
+    let key = input.key.as_deref().ok_or(DecodeError::NoKey)?;
+    let key = std::str::from_utf8(key).map_err(|_| DecodeError::KeyNotUtf8)?;
+    let value = input.value.as_deref().ok_or(DecodeError::NoValue)?;
+    let wire: WireCommandRef<'_> = serde_json::from_slice(value).map_err(DecodeError::NotACommand)?;
+    let amount = || wire.amount.ok_or_else(|| DecodeError::NoAmount(wire.op.to_string()));
     let command = match wire.op.as_ref() {
         "open" => BankCommand::Open,
         "deposit" => BankCommand::Deposit(amount()?),
         "withdraw" => BankCommand::Withdraw(amount()?),
         "close" => BankCommand::Close,
-        other => return Err(format!("unknown op `{other}` (open, deposit, withdraw, close)")),
+        other => return Err(DecodeError::UnknownOp(other.to_string())),
     };
     Ok((key.to_string(), command))
 }
@@ -173,7 +195,7 @@ pub fn bank_flow_with_limits(
         .decoder(move |record| {
             let (account, command) = decode(record)?;
             let limit = limits.get(account.as_str()).map(|l| *l);
-            Ok((account, Limited { command, limit }))
+            Ok::<_, DecodeError>((account, Limited { command, limit }))
         })
         .outputs(move |p| outputs(&topics, p))
 }

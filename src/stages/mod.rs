@@ -1,5 +1,6 @@
 //! Example stages, compiled into the `eventstage` binary so its CLI can decode their journals and the
-//! demo can run them. Copy one to start your own.
+//! demo can run them. Copy one to start your own. Not part of the library's API (hidden from its
+//! docs, and free to change): the examples and tests use them.
 
 pub mod bank;
 #[cfg(feature = "kafka")]

@@ -1,6 +1,6 @@
 //! Configuring and opening a table.
 
-use super::{follow, BadRecords, Decoder, Owner, Partitions, Table, TableError};
+use super::{follow, BadInput, Decoder, Owner, Partitions, Table, TableError};
 use std::fmt;
 use std::hash::Hash;
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ impl Table<Vec<u8>, Vec<u8>> {
                 topic: topic.into(),
                 partitions: Partitions::All,
                 store: None,
-                bad_records: BadRecords::Skip,
+                bad_input: BadInput::Skip,
                 properties: Vec::new(),
                 checkpoint_interval: Duration::from_secs(1),
                 watch_capacity: 4096,
@@ -43,7 +43,7 @@ pub(super) struct Settings {
     pub(super) topic: String,
     pub(super) partitions: Partitions,
     pub(super) store: Option<PathBuf>,
-    pub(super) bad_records: BadRecords,
+    pub(super) bad_input: BadInput,
     pub(super) properties: Vec<(String, String)>,
     pub(super) checkpoint_interval: Duration,
     pub(super) watch_capacity: usize,
@@ -92,10 +92,10 @@ impl<K, V> TableBuilder<K, V> {
         self
     }
 
-    /// What to do with records that do not decode. Default: [`BadRecords::Skip`].
+    /// What to do with records that do not decode. Default: [`BadInput::Skip`].
     #[must_use]
-    pub fn bad_records(mut self, policy: BadRecords) -> Self {
-        self.settings.bad_records = policy;
+    pub fn bad_input(mut self, policy: BadInput) -> Self {
+        self.settings.bad_input = policy;
         self
     }
 
@@ -139,13 +139,11 @@ where
     ///
     /// # Errors
     /// An unreachable cluster, a missing topic or partition, a store of another topic (or
-    /// otherwise unusable), or a bad record in the store under [`BadRecords::Stop`].
+    /// otherwise unusable), or a bad record in the store under [`BadInput::Stop`].
     pub async fn open(self) -> Result<Table<K, V>, TableError> {
         let handle = tokio::task::spawn_blocking(move || follow::start(self));
-        let (shared, thread) = handle.await.map_err(|e| TableError::Kafka {
-            context: "open the table".into(),
-            message: format!("the opening task failed: {e}"),
-        })??;
+        let (shared, thread) =
+            handle.await.map_err(|e| TableError::Crashed(format!("the task opening the table failed: {e}")))??;
         Ok(Table { owner: Arc::new(Owner { shared, thread: Mutex::new(Some(thread)) }) })
     }
 }

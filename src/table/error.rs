@@ -5,12 +5,12 @@
 #[non_exhaustive]
 pub enum TableError {
     /// No broker answered.
-    #[error("cannot reach the Kafka cluster at {brokers}: {message}; check the broker addresses (--brokers) and that the cluster is up")]
+    #[error("cannot reach the Kafka cluster at {brokers}: {source}; check the broker addresses (--brokers) and that the cluster is up")]
     Unreachable {
         /// The bootstrap servers.
         brokers: String,
-        /// The client's message.
-        message: String,
+        /// The client's error.
+        source: rdkafka::error::KafkaError,
     },
     /// The topic does not exist.
     #[error("topic `{topic}` does not exist on {brokers}; create it (cleanup.policy=compact) or check the name")]
@@ -73,9 +73,9 @@ pub enum TableError {
         /// What failed.
         message: String,
     },
-    /// A record did not decode and the policy is [`BadRecords::Stop`](super::BadRecords::Stop).
-    #[error("topic `{topic}` partition {partition} offset {offset}: {reason}; the table stopped before this record (policy: stop); fix the producer or open the table with BadRecords::Skip")]
-    BadRecord {
+    /// A record did not decode and the policy is [`BadInput::Stop`](super::BadInput::Stop).
+    #[error("topic `{topic}` partition {partition} offset {offset}: {reason}; the table stopped before this record (policy: stop); fix the producer or open the table with BadInput::Skip")]
+    BadInput {
         /// Topic.
         topic: String,
         /// Partition.
@@ -86,13 +86,16 @@ pub enum TableError {
         reason: String,
     },
     /// Kafka failed in a way retrying does not fix.
-    #[error("kafka: {context}: {message}")]
+    #[error("kafka: {context}: {source}")]
     Kafka {
         /// What the table was doing.
         context: String,
-        /// The client's message.
-        message: String,
+        /// The client's error.
+        source: rdkafka::error::KafkaError,
     },
+    /// The table's thread could not start, or its opening task failed.
+    #[error("the table's thread or task failed: {0}")]
+    Crashed(String),
     /// The table was closed.
     #[error("the table was closed")]
     Closed,

@@ -19,7 +19,7 @@ pub mod names {
     /// Tombstones read (counter).
     pub const TOMBSTONES: &str = "eventstage_table_tombstones_total";
     /// Records skipped because they did not decode (counter).
-    pub const BAD_RECORDS: &str = "eventstage_table_bad_records_total";
+    pub const BAD_INPUT: &str = "eventstage_table_bad_input_total";
     /// Checkpoints written to the local store (counter).
     pub const CHECKPOINTS: &str = "eventstage_table_checkpoints_total";
     /// Keys in the table (gauge).
@@ -45,7 +45,7 @@ pub(super) struct Exported {
     records_read: Counter,
     store_rows_loaded: Counter,
     tombstones: Counter,
-    bad_records: Counter,
+    bad_input: Counter,
     checkpoints: Counter,
     keys: Gauge,
     bytes: Gauge,
@@ -65,7 +65,7 @@ impl Exported {
             records_read: counter!(names::RECORDS_READ, l()),
             store_rows_loaded: counter!(names::STORE_ROWS_LOADED, l()),
             tombstones: counter!(names::TOMBSTONES, l()),
-            bad_records: counter!(names::BAD_RECORDS, l()),
+            bad_input: counter!(names::BAD_INPUT, l()),
             checkpoints: counter!(names::CHECKPOINTS, l()),
             keys: gauge!(names::KEYS, l()),
             bytes: gauge!(names::BYTES, l()),
@@ -96,7 +96,7 @@ impl Exported {
         self.records_read.absolute(counters.records_read.load(Ordering::Relaxed));
         self.store_rows_loaded.absolute(counters.loaded_from_store.load(Ordering::Relaxed));
         self.tombstones.absolute(counters.tombstones.load(Ordering::Relaxed));
-        self.bad_records.absolute(counters.bad_records.load(Ordering::Relaxed));
+        self.bad_input.absolute(counters.bad_input.load(Ordering::Relaxed));
         self.checkpoints.absolute(counters.checkpoints.load(Ordering::Relaxed));
         self.keys.set(keys as f64);
         self.bytes.set(counters.bytes.load(Ordering::Relaxed).max(0) as f64);

@@ -5,7 +5,7 @@ use super::assignment::Reply;
 use super::exported::Exported;
 use super::store::{PendingRow, TableStore, Writer};
 use super::{
-    BadRecords, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
+    BadInput, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
     TableError,
 };
 use arc_swap::ArcSwap;
@@ -54,7 +54,7 @@ impl ConsumerContext for TableContext {}
 type TableConsumer = BaseConsumer<TableContext>;
 
 fn kafka(context: &str, e: KafkaError) -> TableError {
-    TableError::Kafka { context: context.into(), message: e.to_string() }
+    TableError::Kafka { context: context.into(), source: e }
 }
 
 /// What [`start`] hands to the table: the shared state and the follower thread.
@@ -120,7 +120,7 @@ where
         shared: shared.clone(),
         keys: b.keys,
         values: b.values,
-        bad_records: b.settings.bad_records,
+        bad_input: b.settings.bad_input,
         store,
         writer,
         rows: Rows::new(),
@@ -147,14 +147,14 @@ where
     let thread = std::thread::Builder::new()
         .name("eventstage-table".into())
         .spawn(move || follower.run(&consumer))
-        .map_err(|e| TableError::Kafka { context: "start the table thread".into(), message: e.to_string() })?;
+        .map_err(|e| TableError::Crashed(format!("cannot start the table thread: {e}")))?;
     Ok((shared, thread))
 }
 
 fn partition_count(consumer: &TableConsumer, brokers: &str, topic: &str, timeout: Duration) -> Result<i32, TableError> {
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| TableError::Unreachable { brokers: brokers.into(), message: e.to_string() })?;
+        .map_err(|source| TableError::Unreachable { brokers: brokers.into(), source })?;
     match md.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
         _ => Err(TableError::MissingTopic { topic: topic.into(), brokers: brokers.into() }),
@@ -207,7 +207,7 @@ fn load<K, V>(
     store: &TableStore,
     keys: &Decoder<K>,
     values: &Decoder<V>,
-    bad_records: BadRecords,
+    bad_input: BadInput,
     wanted: &BTreeSet<i32>,
     counters: &Counters,
 ) -> Result<(Loaded<K, V>, i64), TableError> {
@@ -228,14 +228,14 @@ fn load<K, V>(
                 rows.push((key, Slot { value: Arc::new(value), size, partition }));
             }
             Ok((_, None)) => {}
-            Err(reason) if bad_records == BadRecords::Stop => {
+            Err(reason) if bad_input == BadInput::Stop => {
                 return Err(TableError::Store {
                     path: store.path(),
                     message: format!("a stored row of partition {partition} does not decode ({reason}); the decoders changed since the store was written: delete the store to rebuild it"),
                 })
             }
             Err(reason) => {
-                counters.bad_records.fetch_add(1, Ordering::Relaxed);
+                counters.bad_input.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(partition, %reason, "stored row skipped");
             }
         }
@@ -250,7 +250,7 @@ struct Follower<K, V> {
     shared: Arc<Shared<K, V>>,
     keys: Decoder<K>,
     values: Decoder<V>,
-    bad_records: BadRecords,
+    bad_input: BadInput,
     store: Option<TableStore>,
     /// Writes the store's checkpoints in the background.
     writer: Option<Writer>,
@@ -390,17 +390,12 @@ where
                     changes.push(Change { key, old: old.map(|s| s.value), new, partition: p, offset });
                 }
             }
-            Err(reason) => match self.bad_records {
-                BadRecords::Stop => {
-                    return Err(TableError::BadRecord {
-                        topic: self.shared.topic.clone(),
-                        partition: p,
-                        offset,
-                        reason,
-                    })
+            Err(reason) => match self.bad_input {
+                BadInput::Stop => {
+                    return Err(TableError::BadInput { topic: self.shared.topic.clone(), partition: p, offset, reason })
                 }
-                BadRecords::Skip => {
-                    let n = counters.bad_records.fetch_add(1, Ordering::Relaxed) + 1;
+                BadInput::Skip => {
+                    let n = counters.bad_input.fetch_add(1, Ordering::Relaxed) + 1;
                     if n <= 10 || n % 1000 == 0 {
                         tracing::warn!(topic = %self.shared.topic, partition = p, offset, %reason, skipped = n, "record skipped");
                     }
@@ -439,7 +434,7 @@ where
             let started = Instant::now();
             let wanted = marks.keys().copied().collect();
             let counters = &self.shared.counters;
-            let (rows, bytes) = load(store, &self.keys, &self.values, self.bad_records, &wanted, counters)?;
+            let (rows, bytes) = load(store, &self.keys, &self.values, self.bad_input, &wanted, counters)?;
             counters.loaded_from_store.fetch_add(rows.len() as u64, Ordering::Relaxed);
             counters.bytes.fetch_add(bytes, Ordering::Relaxed);
             let (n, decoded) = (rows.len(), started.elapsed());

@@ -69,11 +69,11 @@ use tokio::sync::{broadcast, watch};
 
 /// What to do with a record whose key or value does not decode (or that has no key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BadRecords {
-    /// Skip it, count it in [`TableStats::bad_records`] and log a warning (the default).
+pub enum BadInput {
+    /// Skip it, count it in [`TableStats::bad_input`] and log a warning (the default).
     #[default]
     Skip,
-    /// Stop following the topic with [`TableError::BadRecord`]; the table keeps serving what it
+    /// Stop following the topic with [`TableError::BadInput`]; the table keeps serving what it
     /// read before the record.
     Stop,
 }
@@ -138,6 +138,7 @@ pub struct Lagged(pub u64);
 
 /// Counters of a table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TableStats {
     /// Keys in the table.
     pub keys: u64,
@@ -149,8 +150,8 @@ pub struct TableStats {
     pub loaded_from_store: u64,
     /// Tombstones read since open.
     pub tombstones: u64,
-    /// Records skipped because they did not decode (policy [`BadRecords::Skip`]).
-    pub bad_records: u64,
+    /// Records skipped because they did not decode (policy [`BadInput::Skip`]).
+    pub bad_input: u64,
     /// End offset of each partition read when the table started reading it (what
     /// [`Table::caught_up`] and [`Table::assign`] wait for).
     pub end_offsets: BTreeMap<i32, i64>,
@@ -201,7 +202,7 @@ struct Counters {
     records_read: AtomicU64,
     loaded_from_store: AtomicU64,
     tombstones: AtomicU64,
-    bad_records: AtomicU64,
+    bad_input: AtomicU64,
     checkpoints: AtomicU64,
 }
 
@@ -354,7 +355,7 @@ where
             records_read: c.records_read.load(Ordering::Relaxed),
             loaded_from_store: c.loaded_from_store.load(Ordering::Relaxed),
             tombstones: c.tombstones.load(Ordering::Relaxed),
-            bad_records: c.bad_records.load(Ordering::Relaxed),
+            bad_input: c.bad_input.load(Ordering::Relaxed),
             end_offsets: progress.ends,
             positions: progress.positions,
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
