@@ -66,10 +66,21 @@ pub(crate) fn create_topics_with(
     topics: &[&str],
     config: &[(&str, &str)],
 ) -> Result<()> {
+    create_topics_of(rt, brokers, topics, PARTITIONS, config)
+}
+
+/// [`create_topics_with`] with `partitions` partitions.
+pub(crate) fn create_topics_of(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| config.iter().fold(NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)), |n, (k, v)| n.set(k, v)))
+        .map(|t| config.iter().fold(NewTopic::new(t, partitions, TopicReplication::Fixed(1)), |n, (k, v)| n.set(k, v)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = rt
@@ -86,7 +97,7 @@ pub(crate) fn create_topics_with(
                 md.topics().iter().any(|t| {
                     t.name() == *topic
                         && t.error().is_none()
-                        && t.partitions().len() == PARTITIONS as usize
+                        && t.partitions().len() == partitions as usize
                         && t.partitions().iter().all(|p| p.leader() >= 0)
                 })
             });
@@ -94,7 +105,7 @@ pub(crate) fn create_topics_with(
                 break;
             }
             if Instant::now() >= end {
-                bail!("topic {topic} was created but is not in the broker's metadata with {PARTITIONS} partitions after 30 s");
+                bail!("topic {topic} was created but is not in the broker's metadata with {partitions} partitions after 30 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -13,6 +13,8 @@ pub(crate) struct Id {
 }
 
 pub(crate) struct Latency {
+    /// The flow's commit interval (the pass-through's too).
+    pub(crate) commit_interval: Duration,
     pub(crate) target_rate: f64,
     pub(crate) achieved_rate: f64,
     /// End-to-end latencies in microseconds, sorted.
@@ -131,7 +133,13 @@ pub(crate) fn paced(
     Ok(Paced { micros, achieved })
 }
 
-pub(crate) fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f64, secs: Duration) -> Result<Latency> {
+pub(crate) fn flow_latency(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    rate: f64,
+    secs: Duration,
+    commit_interval: Duration,
+) -> Result<Latency> {
     let topics = BankTopics { input: unique("lat-cmds"), replies: unique("lat-replies"), events: unique("lat-events") };
     create_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events])?;
     let journal = unique("lat-journal");
@@ -139,7 +147,7 @@ pub(crate) fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f6
     let flow = with_properties(bank_flow(brokers, &unique("lat-group"), topics.clone()))
         .journal_topic(&journal)
         .transactional_id(unique("lat-txn"))
-        .commit_interval(COMMIT_INTERVAL)
+        .commit_interval(commit_interval)
         .run()
         .context("start the flow")?;
     // The flow's metrics give the latency of its last commit: sample it at each new transaction.
@@ -174,6 +182,7 @@ pub(crate) fn flow_latency(rt: &tokio::runtime::Runtime, brokers: &str, rate: f6
     stopped?;
     commits.sort_unstable();
     Ok(Latency {
+        commit_interval,
         target_rate: rate,
         achieved_rate: paced.achieved,
         micros: paced.micros,
@@ -189,11 +198,15 @@ pub(crate) fn pass_through_latency(
     rate: f64,
     secs: Duration,
     await_deliveries: bool,
+    commit_interval: Duration,
 ) -> Result<Latency> {
     let (input, output) = (unique("lat-pt-in"), unique("lat-pt-out"));
     create_topics(rt, brokers, &[&input, &output])?;
     let deadline = Instant::now() + secs + RUN_DEADLINE;
-    let pt = PassThrough::new(brokers, &input, &output, None, await_deliveries, deadline);
+    let pt = PassThrough {
+        commit_every: commit_interval,
+        ..PassThrough::new(brokers, &input, &output, None, await_deliveries, deadline)
+    };
     let stop = pt.stop.clone();
     let worker = pt.spawn()?;
     let result = paced(brokers, &input, &output, rate, secs, || {
@@ -207,6 +220,7 @@ pub(crate) fn pass_through_latency(
     delete_topics(rt, brokers, &[&input, &output]);
     let paced = result?;
     Ok(Latency {
+        commit_interval,
         target_rate: rate,
         achieved_rate: paced.achieved,
         micros: paced.micros,

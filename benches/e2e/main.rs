@@ -38,10 +38,13 @@
 //!    a clean drain and after SIGKILL: see `restart.rs`.
 //! 8. the bank flow's throughput by storage: Kafka journal, Kafka journal with a local state
 //!    store, sled journal: see `storage.rs`.
+//! 9. the bank flow scaled out: 1, 2 and 4 instances in one group over 8 partitions, with the CPU
+//!    per command: see `scaling.rs`.
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
-//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage`
+//! `EVENTSTAGE_E2E_INSTANCES` (the instance counts of section 9, default `1,2,4`),
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
 //! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
@@ -49,7 +52,9 @@
 //! `EVENTSTAGE_E2E_FLOW_PRODUCER` / `EVENTSTAGE_E2E_FLOW_CONSUMER` (librdkafka properties for the
 //! bank flow's producer / consumer, `key=value,key=value`, for tuning experiments),
 //! `EVENTSTAGE_E2E_TABLE_CONSUMER` (the same for the table's consumer in section 5),
-//! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `RUST_LOG` (tracing filter, default `warn`).
+//! `EVENTSTAGE_E2E_LATENCY_SECS` (default 10), `EVENTSTAGE_E2E_COMMIT_INTERVALS` (with
+//! `EVENTSTAGE_E2E_ONLY=latency`: the commit intervals, in ms, the flow and the pass-through are
+//! measured at, default `50,100,500`), `RUST_LOG` (tracing filter, default `warn`).
 
 // Allocation-heavy work (tables of a million rows, sled's recovery) runs several times faster
 // with mimalloc than with glibc's malloc, whose free lists fragment; applications choose their
@@ -65,6 +70,7 @@ mod patterns;
 mod report;
 mod restart;
 mod restore;
+mod scaling;
 mod storage;
 mod table;
 mod throughput;
@@ -132,6 +138,15 @@ fn env_number(name: &str, default: u64) -> Result<u64> {
     }
 }
 
+/// A comma-separated list of numbers from the environment.
+fn env_list(name: &str, default: &str) -> Result<Vec<u64>> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|k| k.trim().replace('_', "").parse().with_context(|| format!("{name}: `{k}` is not a number")))
+        .collect()
+}
+
 fn progress(what: &str) {
     eprintln!("[e2e] {what}");
 }
@@ -154,16 +169,7 @@ fn run() -> Result<()> {
     ));
     let table_keys = env_number("EVENTSTAGE_E2E_TABLE_KEYS", 1_000_000)?.max(1);
     let only = std::env::var("EVENTSTAGE_E2E_ONLY").ok();
-    let restart_keys: Vec<u64> = std::env::var("EVENTSTAGE_E2E_RESTART_KEYS")
-        .unwrap_or_else(|_| "100000,1000000".into())
-        .split(',')
-        .map(|k| {
-            k.trim()
-                .replace('_', "")
-                .parse()
-                .with_context(|| format!("EVENTSTAGE_E2E_RESTART_KEYS: `{k}` is not a number"))
-        })
-        .collect::<Result<_>>()?;
+    let restart_keys = env_list("EVENTSTAGE_E2E_RESTART_KEYS", "100000,1000000")?;
     if only.as_deref() == Some("restart") {
         progress("7/7 restart with and without the local store (EVENTSTAGE_E2E_ONLY=restart)");
         let restarts = restart::run(&rt, b, &restart_keys)?;
@@ -197,8 +203,13 @@ fn run() -> Result<()> {
         let half = 0.5 * flow.median.run.window_rate();
         let rate = env_number("EVENTSTAGE_E2E_LATENCY_RATE", half as u64)? as f64;
         println!("  bank flow {} commands/s (median of {}); latency at {rate:.0}/s", flow.rates(), rounds);
-        Report::latency("bank flow", &flow_latency(&rt, b, rate, latency_secs)?);
-        Report::latency("pass-through awaiting deliveries", &pass_through_latency(&rt, b, rate, latency_secs, true)?);
+        for interval in env_list("EVENTSTAGE_E2E_COMMIT_INTERVALS", "50,100,500")? {
+            let interval = Duration::from_millis(interval);
+            progress(&format!("  latency with commits every {interval:?}"));
+            Report::latency("bank flow", &flow_latency(&rt, b, rate, latency_secs, interval)?);
+            let pass = pass_through_latency(&rt, b, rate, latency_secs, true, interval)?;
+            Report::latency("pass-through awaiting deliveries", &pass);
+        }
         return Ok(());
     }
     if only.as_deref() == Some("storage") {
@@ -206,6 +217,14 @@ fn run() -> Result<()> {
         let storage = storage::run(&rt, &broker, &cmds, rounds)?;
         println!();
         storage.print();
+        return Ok(());
+    }
+    let scale = env_list("EVENTSTAGE_E2E_INSTANCES", "1,2,4")?;
+    if only.as_deref() == Some("scaling") {
+        progress("9/9 scaling with instances (EVENTSTAGE_E2E_ONLY=scaling)");
+        let scaling = scaling::run(&rt, &broker, &cmds, rounds, &scale)?;
+        println!();
+        scaling.print();
         return Ok(());
     }
     if only.as_deref() == Some("patterns") {
@@ -222,9 +241,9 @@ fn run() -> Result<()> {
     let throughput = Throughput::measure(&rt, &broker, &cmds, rounds)?;
     let rate = 0.5 * throughput.flow.median.run.window_rate();
     progress(&format!("3/6 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
-    let flow_latency = flow_latency(&rt, b, rate, latency_secs)?;
-    let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false)?;
-    let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true)?;
+    let flow_latency = flow_latency(&rt, b, rate, latency_secs, COMMIT_INTERVAL)?;
+    let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false, COMMIT_INTERVAL)?;
+    let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true, COMMIT_INTERVAL)?;
 
     progress("4/6 journal restore rate");
     let journal = unique("restore-journal");
@@ -237,6 +256,8 @@ fn run() -> Result<()> {
     let restarts = restart::run(&rt, b, &restart_keys)?;
     progress("8/8 throughput by storage");
     let storage = storage::run(&rt, &broker, &cmds, rounds)?;
+    progress("9/9 scaling with instances");
+    let scaling = scaling::run(&rt, &broker, &cmds, rounds, &scale)?;
     let total = started.elapsed();
     let broker_rss = broker.rss_mib();
     drop(broker);
@@ -256,5 +277,6 @@ fn run() -> Result<()> {
     report.print();
     restarts.print();
     storage.print();
+    scaling.print();
     Ok(())
 }

@@ -70,14 +70,17 @@ impl Report {
     }
 
     pub(crate) fn latency(name: &str, l: &Latency) {
-        let budget = COMMIT_INTERVAL + Duration::from_millis(50);
+        let budget = l.commit_interval + Duration::from_millis(50);
         println!(
-            "  {name}: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}   (p99 <= {}: {})",
+            "  {name}, commits every {}: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}   (p50 <= {}: {}; p99 <= {}: {})",
+            ms(l.commit_interval),
             ms(l.at(0.5)),
             ms(l.at(0.9)),
             ms(l.at(0.99)),
             ms(l.at(0.999)),
             ms(l.at(1.0)),
+            ms(l.commit_interval),
+            verdict(l.at(0.5) <= l.commit_interval),
             ms(budget),
             verdict(l.at(0.99) <= budget)
         );

@@ -220,43 +220,86 @@ pub(crate) fn flow_run<S: eventstage::EventSourced>(
     rt: &tokio::runtime::Runtime,
     broker: &Broker,
     cmds: &[(String, Vec<u8>)],
-    make: impl FnOnce(&str, BankTopics, &str) -> eventstage::flow::FlowBuilder<S>,
+    make: impl Fn(&str, BankTopics, &str) -> eventstage::flow::FlowBuilder<S>,
 ) -> Result<FlowRun> {
+    let (run, mut metrics) = group_run(rt, broker, cmds, 1, PARTITIONS, false, make)?;
+    Ok(FlowRun { run, metrics: metrics.remove(0) })
+}
+
+/// [`flow_run`] with `instances` flows in one consumer group (each with a transactional id of its
+/// own) over topics of `partitions` partitions; the metrics of each instance. With `join_first`
+/// the commands are fed once every instance has joined the group and has partitions (the
+/// processing window then has no rebalance in it), while the flows run.
+pub(crate) fn group_run<S: eventstage::EventSourced>(
+    rt: &tokio::runtime::Runtime,
+    broker: &Broker,
+    cmds: &[(String, Vec<u8>)],
+    instances: usize,
+    partitions: i32,
+    join_first: bool,
+    make: impl Fn(&str, BankTopics, &str) -> eventstage::flow::FlowBuilder<S>,
+) -> Result<(Run, Vec<FlowMetrics>)> {
     let b = broker.brokers.as_str();
     let n = cmds.len() as u64;
     let topics = BankTopics { input: unique("cmds"), replies: unique("replies"), events: unique("events") };
-    create_topics(rt, b, &[&topics.input, &topics.replies, &topics.events])?;
+    create_topics_of(rt, b, &[&topics.input, &topics.replies, &topics.events], partitions, &[])?;
     let journal = unique("journal");
-    create_journal_topic(rt, b, &journal)?;
-    let feed = feed(b, &topics.input, cmds)?;
+    create_topics_of(rt, b, &[&journal], partitions, &[("cleanup.policy", "compact")])?;
+    let mut fed = if join_first { None } else { Some(feed(b, &topics.input, cmds)?) };
     let reader = count_committed(b, &topics.replies, n);
 
     let start = Instant::now();
     // Inside the runtime: enrichment calls run on it.
-    let flow = rt.block_on(async {
-        make(b, topics.clone(), &journal).transactional_id(unique("txn")).commit_interval(COMMIT_INTERVAL).run()
+    let flows = rt.block_on(async {
+        (0..instances)
+            .map(|_| {
+                make(b, topics.clone(), &journal).transactional_id(unique("txn")).commit_interval(COMMIT_INTERVAL).run()
+            })
+            .collect::<Result<Vec<_>, _>>()
     });
-    let flow = flow.context("start the flow")?;
+    let flows = flows.context("start the flow")?;
+    let feeder = if join_first {
+        let joined = Instant::now() + Duration::from_secs(60);
+        while !flows.iter().all(|f| f.metrics().assigned_partitions > 0)
+            || flows.iter().map(|f| f.metrics().assigned_partitions).sum::<u64>() != partitions as u64
+        {
+            if Instant::now() >= joined {
+                bail!("{instances} flows did not all join the group with {partitions} partitions within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (b, input, cmds) = (b.to_string(), topics.input.clone(), cmds.to_vec());
+        Some(std::thread::spawn(move || feed(&b, &input, &cmds)))
+    } else {
+        None
+    };
     let deadline = start + RUN_DEADLINE + Duration::from_secs(5);
-    let w = watch(broker, FLOW_THREAD, n, deadline, &reader, || flow.metrics().records_in, || false);
-    w.print_threads("the flow", n);
-    let metrics = flow.metrics();
+    let consumed = || flows.iter().map(|f| f.metrics().records_in).sum();
+    let w = watch(broker, FLOW_THREAD, n, deadline, &reader, consumed, || false);
+    if let Some(feeder) = feeder {
+        fed = Some(join(feeder)?);
+    }
+    let feed = fed.unwrap_or_default();
+    w.print_threads(if instances == 1 { "the flow".to_string() } else { format!("{instances} flows") }.as_str(), n);
+    let metrics: Vec<FlowMetrics> = flows.iter().map(FlowControl::metrics).collect();
     let read = match join(reader.handle) {
         Ok(r) => r,
         Err(e) => {
-            let stopped = stop_flow(rt, flow).err();
-            return Err(e.context(format!("flow metrics {metrics:?}; flow: {stopped:?}")));
+            let stopped: Vec<_> = flows.into_iter().map(|f| stop_flow(rt, f).err()).collect();
+            return Err(e.context(format!("flow metrics {metrics:?}; flows: {stopped:?}")));
         }
     };
-    stop_flow(rt, flow)?;
+    for flow in flows {
+        stop_flow(rt, flow)?;
+    }
     delete_topics(rt, b, &[topics.input.as_str(), &topics.replies, &topics.events, &journal]);
     let run = Run {
-        transactions: metrics.transactions,
-        aborts: metrics.aborts,
-        commit_max: metrics.max_commit,
+        transactions: metrics.iter().map(|m| m.transactions).sum(),
+        aborts: metrics.iter().map(|m| m.aborts).sum(),
+        commit_max: metrics.iter().map(|m| m.max_commit).max().unwrap_or_default(),
         ..Run::timed(n, feed, start, &w, &read, "replies")?
     };
-    Ok(FlowRun { run, metrics })
+    Ok((run, metrics))
 }
 
 /// What a pass-through did.
@@ -270,7 +313,7 @@ pub(crate) struct PassStats {
 }
 
 /// A bare transactional pass-through: `input` → `output`, the same key and value, committing every
-/// [`COMMIT_INTERVAL`] with the consumed offsets. Runs until `n` records are committed (if given),
+/// `commit_every` ([`COMMIT_INTERVAL`] unless set) with the consumed offsets. Runs until `n` records are committed (if given),
 /// `stop` is set or `deadline` passes. With `await_deliveries`, waits until the producer has no
 /// record in flight before `commit_transaction` (whose flush then has nothing to wait for).
 pub(crate) struct PassThrough {
@@ -282,6 +325,7 @@ pub(crate) struct PassThrough {
     /// Topics each input record is also produced to (besides `output`).
     pub(crate) also: Vec<String>,
     pub(crate) deadline: Instant,
+    pub(crate) commit_every: Duration,
     /// Records consumed so far.
     pub(crate) consumed: Arc<AtomicU64>,
     pub(crate) stop: Arc<AtomicBool>,
@@ -304,6 +348,7 @@ impl PassThrough {
             await_deliveries,
             also: Vec::new(),
             deadline,
+            commit_every: COMMIT_INTERVAL,
             consumed: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -362,7 +407,7 @@ impl PassThrough {
                 Some(Err(e)) => tracing::warn!(error = %e, "pass-through consumer error"),
                 None => {}
             }
-            if last_commit.elapsed() >= COMMIT_INTERVAL && consumed > committed {
+            if last_commit.elapsed() >= self.commit_every && consumed > committed {
                 let started = Instant::now();
                 let mut tpl = TopicPartitionList::new();
                 for (p, o) in &offsets {
