@@ -90,8 +90,14 @@ pub(crate) fn read_committed(
         // A reader measuring latency should not sit in the broker's fetch wait.
         .set("fetch.wait.max.ms", "10")
         .create()?;
+    // Every partition the topic has (the scaling runs' topics have more than PARTITIONS).
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
+    if partitions == 0 {
+        bail!("topic {topic} has no partitions in the broker's metadata");
+    }
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
