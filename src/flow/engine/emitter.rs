@@ -29,7 +29,7 @@ const QUEUED_HANDOFFS: usize = 64;
 
 /// The transactional producer, shared by the flow thread (journal records, transactions) and the
 /// emitter thread (output records). It can be replaced by a new one of the same transactional id
-/// while the flow runs (see [`Sink::send_offsets`]).
+/// while the flow runs (see [`Sink::start_send_offsets`]).
 pub(super) struct Sink {
     producer: ArcSwap<ThreadedProducer<FlowProducerContext>>,
     /// The producer's configuration, for a replacement.
@@ -165,7 +165,7 @@ impl Sink {
         self.producer.load()
     }
 
-    /// Adds the consumed `offsets` of `group` to the open transaction.
+    /// Starts adding the consumed `offsets` of `group` to the open transaction.
     ///
     /// librdkafka's `send_offsets_to_transaction` waits without a deadline for its request to the
     /// group coordinator (its timeout is never checked: librdkafka issue #5456), and after the
@@ -176,7 +176,14 @@ impl Sink {
     /// (whose open transaction the coordinator aborts) and opens a transaction, and the call fails
     /// as an abortable error: the caller aborts, rewinds and processes the inputs again. The old
     /// producer is released by its thread if librdkafka ever returns.
-    pub(super) fn send_offsets(&self, offsets: &TopicPartitionList, group: ConsumerGroupMetadata) -> KafkaResult<()> {
+    ///
+    /// The caller goes on until [`SendingOffsets::wait`]. Produce calls may go on meanwhile; no
+    /// other transactional call may.
+    pub(super) fn start_send_offsets(
+        &self,
+        offsets: &TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> SendingOffsets {
         self.sending();
         let producer = self.producer.load_full();
         let offsets = offsets.clone();
@@ -187,22 +194,37 @@ impl Sink {
         if let Err(e) = call {
             // Out of threads: the transaction aborts and its inputs are processed again.
             tracing::error!(error = %e, "cannot start a thread for send_offsets_to_transaction");
-            return Err(KafkaError::Global(RDKafkaErrorCode::Fail));
+            return SendingOffsets(None);
         }
+        SendingOffsets(Some(result))
+    }
+}
+
+/// A `send_offsets_to_transaction` under way on a thread of its own.
+#[must_use = "the transaction's offsets are only added once waited for"]
+pub(super) struct SendingOffsets(Option<Receiver<KafkaResult<()>>>);
+
+impl SendingOffsets {
+    /// Its outcome. A call that does not return (a wedged producer) is given up after the
+    /// transaction timeout and a grace period, and the producer is replaced.
+    pub(super) fn wait(self, sink: &Sink) -> KafkaResult<()> {
+        let Some(result) = self.0 else { return Err(KafkaError::Global(RDKafkaErrorCode::Fail)) };
         match result.recv_timeout(TXN_TIMEOUT + SEND_OFFSETS_GRACE) {
             Ok(outcome) => outcome,
             Err(_) => {
                 tracing::error!(
                     waited_s = (TXN_TIMEOUT + SEND_OFFSETS_GRACE).as_secs(),
-                    transactional_id = %self.transactional_id,
+                    transactional_id = %sink.transactional_id,
                     "librdkafka's send_offsets_to_transaction did not return (its group coordinator request waits without a deadline after a broker loss: librdkafka #5456, #5511); replacing the transactional producer"
                 );
-                self.replace_producer()?;
+                sink.replace_producer()?;
                 Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut))
             }
         }
     }
+}
 
+impl Sink {
     /// Replaces the producer with a new one of the same transactional id, in a transaction.
     pub(super) fn replace_producer(&self) -> KafkaResult<()> {
         let producer: ThreadedProducer<_> =
