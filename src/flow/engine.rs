@@ -569,12 +569,16 @@ pub(super) fn run<S: EventSourced>(
             }
             // The next commit is due one interval after this one started (as Kafka Streams
             // counts: a commit's own duration does not stretch the interval), but no sooner than
-            // half an interval after it finished. The loop does not consume while it commits, so
-            // after a commit slower than the interval the next one would be due at once, after
-            // CLOCK_EVERY records: on Apache Kafka, where a commit can take 100+ ms, the flow fell
-            // into committing every 32 commands (~300/s) while its backlog grew.
+            // half an interval, or as long as this commit took, after it finished. The loop does
+            // not consume while it commits, so after a commit slower than the interval the next
+            // one would be due at once, after CLOCK_EVERY records: on Apache Kafka, where a commit
+            // can take 100+ ms, the flow fell into committing every 32 commands (~300/s) while its
+            // backlog grew. And a flow that spends less time processing than committing cannot
+            // catch up: its transactions grow, so do its commits, and it falls further behind.
             let finished = Instant::now();
-            last_commit = finished.checked_sub(commit_every / 2).map_or(started, |f| f.max(started));
+            let gap = (commit_every / 2).max(finished.saturating_duration_since(started));
+            let due = (finished + gap).max(started + commit_every);
+            last_commit = due.checked_sub(commit_every).unwrap_or(started);
             if last_lag.elapsed() >= Duration::from_secs(5) {
                 c.update_lag(&consumer);
                 last_lag = Instant::now();
