@@ -303,8 +303,9 @@ impl KafkaJournal {
                 Err((_, code)) => return Err(kafka_err(registry, "create topic", KafkaError::AdminOp(code))),
             }
         }
-        let owner = self.owner()?;
-        let claim = match owner {
+        let reader = self.reader(registry, "eventstage-journal-owners")?;
+        let (owner, end) = self.read_owner(&reader, None, None)?;
+        let claim = match owner.clone() {
             Some(owner) if owner == group => return Ok(Claim::Owned),
             Some(owner) if !take_over => {
                 return Err(JournalError::Foreign {
@@ -317,19 +318,18 @@ impl KafkaJournal {
             Some(from) => Claim::TakenOver { from },
             None => Claim::New,
         };
-        let producer: rdkafka::producer::BaseProducer = self
-            .config
-            .clone()
-            .set("enable.idempotence", "true")
-            .create()
-            .map_err(|e| kafka_err(registry, "producer", e))?;
+        // Not idempotent (that costs a round trip for a producer id): a retried send may record
+        // the same owner twice, which changes nothing in a compacted registry.
+        let producer: rdkafka::producer::BaseProducer =
+            self.config.clone().set("acks", "all").create().map_err(|e| kafka_err(registry, "producer", e))?;
         producer
             .send(rdkafka::producer::BaseRecord::to(registry).key(&self.topic).payload(group))
             .map_err(|(e, _)| kafka_err(registry, "record the journal's owner", e))?;
         rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
             .map_err(|e| kafka_err(registry, "record the journal's owner", e))?;
         // Two groups claiming at once: the record written last wins, and the other is refused.
-        match self.owner()? {
+        // The registry up to `end` is read already: what came after it decides.
+        match self.read_owner(&reader, Some(end), owner)?.0 {
             Some(owner) if owner != group => Err(JournalError::Foreign {
                 journal: self.topic.clone(),
                 owner,
@@ -345,19 +345,32 @@ impl KafkaJournal {
     /// # Errors
     /// Broker errors (a missing registry topic is an error: [`claim`](Self::claim) creates it).
     pub fn owner(&self) -> Result<Option<String>> {
+        let consumer = self.reader(OWNERS_TOPIC, "eventstage-journal-owners")?;
+        Ok(self.read_owner(&consumer, None, None)?.0)
+    }
+
+    /// Reads the registry from offset `from` (None: its start) to its end as of now, with
+    /// `consumer`: the owner its last record for this journal names (`known` when none in that
+    /// range does), and the end.
+    fn read_owner(
+        &self,
+        consumer: &BaseConsumer<ReaderContext>,
+        from: Option<i64>,
+        known: Option<String>,
+    ) -> Result<(Option<String>, i64)> {
         let registry = OWNERS_TOPIC;
-        let consumer = self.reader(registry, "eventstage-journal-owners")?;
         let (low, high) = consumer
             .fetch_watermarks(registry, 0, Duration::from_secs(30))
             .map_err(|e| kafka_err(registry, "watermarks", e))?;
-        if high <= low {
-            return Ok(None);
+        let start = from.unwrap_or(low).max(low);
+        if high <= start {
+            return Ok((known, high));
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(registry, 0, Offset::Offset(low)).map_err(|e| kafka_err(registry, "assign", e))?;
+        tpl.add_partition_offset(registry, 0, Offset::Offset(start)).map_err(|e| kafka_err(registry, "assign", e))?;
         consumer.assign(&tpl).map_err(|e| kafka_err(registry, "assign", e))?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut owner = None;
+        let mut owner = known;
         loop {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(msg)) => {
@@ -365,10 +378,15 @@ impl KafkaJournal {
                         owner = msg.payload().map(|v| String::from_utf8_lossy(v).into_owned());
                     }
                     if msg.offset() + 1 >= high {
-                        return Ok(owner);
+                        return Ok((owner, high));
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(owner),
+                // An end of partition from the consumer's assignment before this one (a second
+                // read) says nothing about this one.
+                Some(Err(KafkaError::PartitionEOF(_))) if position(consumer, registry).is_some_and(|p| p >= high) => {
+                    return Ok((owner, high))
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => return Err(kafka_err(registry, "read", e)),
                 None if Instant::now() > deadline => {
                     return Err(kafka_err(registry, "read (no record for 30 s)", KafkaError::NoMessageReceived))
@@ -656,6 +674,15 @@ impl KafkaJournal {
             }
         })?;
         Ok(latest)
+    }
+}
+
+/// The next offset `consumer` reads of `topic`'s partition 0 (None: not known yet).
+fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str) -> Option<i64> {
+    let positions = consumer.position().ok()?;
+    match positions.find_partition(topic, 0)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
     }
 }
 

@@ -352,6 +352,49 @@ impl<S: EventSourced> Core<S> {
     }
 }
 
+/// Makes sure the flow's Kafka journal exists as it must and is this group's (or takes it over).
+fn claim_journal(settings: &Settings, topic: &str, partitions: i32) -> Result<KafkaJournal, FlowError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| FlowError::Config(e.to_string()))?;
+    let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
+    match rt.block_on(journal.claim(&settings.group, settings.take_over_journal))? {
+        Claim::New => {
+            tracing::info!(journal = %topic, group = %settings.group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
+        }
+        Claim::Owned => {}
+        Claim::TakenOver { from } => {
+            tracing::warn!(journal = %topic, group = %settings.group, previous = %from, "took the journal over from another group");
+            carry_offsets_over(&settings.common, &from, &settings.group, &settings.inputs, partitions)?;
+        }
+    }
+    Ok(journal)
+}
+
+/// The flow's producer; transactional (exactly once) with its first transaction begun.
+fn start_producer(
+    settings: &Settings,
+    deliveries: &Arc<Deliveries>,
+    stop: &AtomicU8,
+    at_least_once: bool,
+) -> Result<ThreadedProducer<FlowProducerContext>, FlowError> {
+    let producer: ThreadedProducer<_> = settings
+        .producer
+        .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
+        .map_err(|e| kafka("producer", e))?;
+    if !at_least_once {
+        with_backoff(
+            "initializing transactions",
+            stop,
+            || producer.init_transactions(TXN_TIMEOUT).map_err(|e| kafka("init transactions", e)),
+            |e| matches!(e, FlowError::Kafka { source, .. } if classify(source) != TxnFailure::Fatal && classify(source) != TxnFailure::Fenced),
+        )?;
+        producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
+    }
+    Ok(producer)
+}
+
 pub(super) fn run<S: EventSourced>(
     settings: Settings,
     parts: Parts<S>,
@@ -359,6 +402,7 @@ pub(super) fn run<S: EventSourced>(
     stop: Arc<AtomicU8>,
     metrics: Arc<Metrics>,
 ) -> Result<(), FlowError> {
+    let started = Instant::now();
     let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
     let partitions = with_backoff(
         "reading input metadata (is the broker up?)",
@@ -371,19 +415,24 @@ pub(super) fn run<S: EventSourced>(
         .build()
         .map_err(|e| FlowError::Config(e.to_string()))?;
     let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
+    let deliveries = Arc::new(Deliveries::new(at_least_once));
+    // The Kafka journal's checks (its topic; its owner in the registry: several round trips, most
+    // of a start's second) and the transactional producer's start (a round trip to the transaction
+    // coordinator) do not depend on each other: they run at the same time.
+    let (journal, producer) = std::thread::scope(|s| {
+        let journal = match &settings.journal {
+            FlowJournal::Kafka(topic) => Some(s.spawn(|| claim_journal(&settings, topic, partitions))),
+            _ => None,
+        };
+        let producer = start_producer(&settings, &deliveries, &stop, at_least_once);
+        let journal = journal
+            .map(|j| j.join().unwrap_or_else(|_| Err(FlowError::Crashed("the journal check panicked".into()))))
+            .transpose();
+        Ok::<_, FlowError>((journal?, producer?))
+    })?;
     let storage: Box<dyn Storage<S>> = match &settings.journal {
-        FlowJournal::Kafka(topic) => {
-            let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
-            match rt.block_on(journal.claim(&settings.group, settings.take_over_journal))? {
-                Claim::New => {
-                    tracing::info!(journal = %topic, group = %settings.group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
-                }
-                Claim::Owned => {}
-                Claim::TakenOver { from } => {
-                    tracing::warn!(journal = %topic, group = %settings.group, previous = %from, "took the journal over from another group");
-                    carry_offsets_over(&settings.common, &from, &settings.group, &settings.inputs, partitions)?;
-                }
-            }
+        FlowJournal::Kafka(_) => {
+            let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
             let checkpoints = match &settings.store {
                 Some(store) => Some(Checkpoints::start(store, &journal, &settings.common, S::NAME, metrics.clone())?),
                 None => None,
@@ -399,20 +448,6 @@ pub(super) fn run<S: EventSourced>(
         )),
         FlowJournal::None => Box::new(NoStorage),
     };
-    let deliveries = Arc::new(Deliveries::new(at_least_once));
-    let producer: ThreadedProducer<_> = settings
-        .producer
-        .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
-        .map_err(|e| kafka("producer", e))?;
-    if !at_least_once {
-        with_backoff(
-            "initializing transactions",
-            &stop,
-            || producer.init_transactions(TXN_TIMEOUT).map_err(|e| kafka("init transactions", e)),
-            |e| matches!(e, FlowError::Kafka { source, .. } if classify(source) != TxnFailure::Fatal && classify(source) != TxnFailure::Fenced),
-        )?;
-        producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
-    }
     let mut parts = parts;
     let pipeline = match (parts.enrich.take(), &parts.tasks) {
         (Some((settings, f)), Some(tasks)) => Some(Pipeline::new(settings, f, tasks.handle.clone())),
@@ -471,7 +506,7 @@ pub(super) fn run<S: EventSourced>(
         BadInput::DeadLetter(dlq) => format!("dead-letter topic {dlq}"),
         BadInput::Stop => "stop".to_string(),
     };
-    tracing::info!(stage = S::NAME, inputs = %settings.inputs.join(","), journal = %journal_name, transactional_id = %settings.transactional_id, bad_input = %bad_input, "flow running");
+    tracing::info!(stage = S::NAME, inputs = %settings.inputs.join(","), journal = %journal_name, transactional_id = %settings.transactional_id, bad_input = %bad_input, startup_ms = started.elapsed().as_millis() as u64, "flow running (joining the group)");
 
     let commit_every = match settings.committer.max_interval {
         Some(interval) if at_least_once => interval,
