@@ -26,8 +26,9 @@
 //! which the ratios use; the report also gives them including startup (group join, restore). The
 //! three throughput runs are repeated (interleaved) and the median round is reported: with a 100 ms
 //! commit interval a run of N = 100 000 lasts only a few commits. Before any of it (except with
-//! `EVENTSTAGE_E2E_ONLY=table`), one run of the flow and of a pass-through warms the broker up
-//! (internal topics, JIT) and is not counted. Topics are deleted once measured
+//! `EVENTSTAGE_E2E_ONLY=table`), runs of the flow and of a pass-through warm the broker up
+//! (internal topics, JIT; up to three rounds, until its JIT compilers use under a tenth of a core)
+//! and are not counted. Topics are deleted once measured
 //! (the broker's disk and page cache stay small). CPU figures come from /proc (Linux; 100 ticks/s).
 //!
 //! 5. KTable emulation: see `table.rs` (materialization vs a bare consumer, `get` latency,
@@ -185,7 +186,7 @@ fn run() -> Result<()> {
         return Ok(());
     }
     let cmds = commands(n as usize, 7);
-    progress("warm-up of the broker: one run of the bank flow and of a pass-through, not counted");
+    progress("warm-up of the broker: runs of the bank flow and of a pass-through, not counted");
     warm_up(&rt, &broker, &cmds)?;
     if only.as_deref() == Some("throughput") {
         progress("1+2/6 throughput only (EVENTSTAGE_E2E_ONLY=throughput)");
