@@ -14,3 +14,4 @@ mod patterns;
 mod runtime;
 mod store;
 mod table;
+mod table_partitions;
