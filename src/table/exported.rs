@@ -85,7 +85,7 @@ impl Exported {
         now: bool,
         mut end_of: impl FnMut(i32) -> Option<i64>,
         counters: &Counters,
-        keys: usize,
+        keys: impl FnOnce() -> usize,
         positions: &BTreeMap<i32, i64>,
         catching_up: usize,
     ) {
@@ -98,7 +98,7 @@ impl Exported {
         self.tombstones.absolute(counters.tombstones.load(Ordering::Relaxed));
         self.bad_input.absolute(counters.bad_input.load(Ordering::Relaxed));
         self.checkpoints.absolute(counters.checkpoints.load(Ordering::Relaxed));
-        self.keys.set(keys as f64);
+        self.keys.set(keys() as f64);
         self.bytes.set(counters.bytes.load(Ordering::Relaxed).max(0) as f64);
         self.catching_up.set(catching_up as f64);
         if self.last_lag.is_some_and(|t| t.elapsed() < LAG_EVERY) {
