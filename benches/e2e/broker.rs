@@ -28,15 +28,7 @@ impl Broker {
 
     /// CPU seconds the broker JVM's JIT compiler threads (`C1`/`C2 CompilerThread`) used so far.
     pub(crate) fn jit_cpu(&self) -> Option<f64> {
-        let pid = self.pid()?;
-        let mut total = 0.0;
-        for e in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            if comm.contains("CompilerThre") {
-                total += stat_cpu(&e.path().join("stat").to_string_lossy()).unwrap_or(0.0);
-            }
-        }
-        Some(total)
+        tasks_cpu(&self.pid()?.to_string(), |comm| comm.contains("CompilerThre"))
     }
 
     /// Resident memory of the broker process, in MiB.

@@ -14,11 +14,17 @@ pub(crate) fn stat_cpu(path: &str) -> Option<f64> {
 
 /// CPU seconds of this process's threads whose `comm` is `name`.
 pub(crate) fn thread_cpu(name: &str) -> Option<f64> {
+    tasks_cpu("self", |comm| comm == name)
+}
+
+/// CPU seconds of the threads of process `pid` (`self` for this one) whose `comm` matches
+/// (None: no such thread, or no /proc).
+pub(crate) fn tasks_cpu(pid: &str, matches: impl Fn(&str) -> bool) -> Option<f64> {
     let mut total = None;
-    for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
         let dir = e.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
+        if matches(comm.trim_end()) {
             *total.get_or_insert(0.0) += stat_cpu(&dir.join("stat").to_string_lossy()).unwrap_or(0.0);
         }
     }
