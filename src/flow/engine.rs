@@ -353,11 +353,12 @@ impl<S: EventSourced> Core<S> {
 }
 
 /// Makes sure the flow's Kafka journal exists as it must and is this group's (or takes it over).
-fn claim_journal(settings: &Settings, topic: &str, partitions: i32) -> Result<KafkaJournal, FlowError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| FlowError::Config(e.to_string()))?;
+fn claim_journal(
+    rt: &tokio::runtime::Runtime,
+    settings: &Settings,
+    topic: &str,
+    partitions: i32,
+) -> Result<KafkaJournal, FlowError> {
     let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
     match rt.block_on(journal.claim(&settings.group, settings.take_over_journal))? {
         Claim::New => {
@@ -402,7 +403,7 @@ pub(super) fn run<S: EventSourced>(
     stop: Arc<AtomicU8>,
     metrics: Arc<Metrics>,
 ) -> Result<(), FlowError> {
-    let started = Instant::now();
+    let run_started = Instant::now();
     let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
     let partitions = with_backoff(
         "reading input metadata (is the broker up?)",
@@ -421,7 +422,7 @@ pub(super) fn run<S: EventSourced>(
     // coordinator) do not depend on each other: they run at the same time.
     let (journal, producer) = std::thread::scope(|s| {
         let journal = match &settings.journal {
-            FlowJournal::Kafka(topic) => Some(s.spawn(|| claim_journal(&settings, topic, partitions))),
+            FlowJournal::Kafka(topic) => Some(s.spawn(|| claim_journal(&rt, &settings, topic, partitions))),
             _ => None,
         };
         let producer = start_producer(&settings, &deliveries, &stop, at_least_once);
@@ -506,7 +507,7 @@ pub(super) fn run<S: EventSourced>(
         BadInput::DeadLetter(dlq) => format!("dead-letter topic {dlq}"),
         BadInput::Stop => "stop".to_string(),
     };
-    tracing::info!(stage = S::NAME, inputs = %settings.inputs.join(","), journal = %journal_name, transactional_id = %settings.transactional_id, bad_input = %bad_input, startup_ms = started.elapsed().as_millis() as u64, "flow running (joining the group)");
+    tracing::info!(stage = S::NAME, inputs = %settings.inputs.join(","), journal = %journal_name, transactional_id = %settings.transactional_id, bad_input = %bad_input, startup_ms = run_started.elapsed().as_millis() as u64, "flow running (joining the group)");
 
     let commit_every = match settings.committer.max_interval {
         Some(interval) if at_least_once => interval,
