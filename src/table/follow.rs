@@ -3,10 +3,10 @@
 
 use super::assignment::Reply;
 use super::exported::Exported;
+use super::rows::{Entry, Index, Probe, Rows};
 use super::store::{PendingRow, TableStore, Writer};
 use super::{
-    BadInput, Change, Command, Counters, Decoder, Partitions, Progress, Rows, Shared, Slot, Status, TableBuilder,
-    TableError,
+    BadInput, Change, Command, Counters, Decoder, Partitions, Progress, Shared, Status, TableBuilder, TableError,
 };
 use arc_swap::ArcSwap;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -27,7 +27,7 @@ const MAX_PRESIZED_KEYS: usize = 1 << 22;
 const MAX_BATCH: usize = 10_000;
 /// While the table reads a backlog (full batches), readers' ordered snapshot is published at most
 /// this often. Publishing shares every node of the ordered map with the readers, so the next
-/// batch copies each node it touches (keys included): published per 10 000-record batch, a
+/// batch copies each node it touches (pointers to the rows): published per 10 000-record batch, a
 /// catch-up of random keys copies most of the map every batch.
 const PUBLISH_WHILE_BEHIND: Duration = Duration::from_secs(1);
 /// Rows waiting for a checkpoint that force one before the interval.
@@ -107,7 +107,7 @@ where
     let shared = Arc::new(Shared {
         topic: b.settings.topic.clone(),
         rows: ArcSwap::from_pointee(Rows::new()),
-        index: dashmap::DashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
+        index: Index::with_capacity(capacity),
         changes: broadcast::channel(b.settings.watch_capacity).0,
         status: watch::channel(Status::CatchingUp).0,
         counters: Counters::default(),
@@ -200,7 +200,7 @@ fn decode<K, V>(
 }
 
 /// Rows read back from the store.
-type Loaded<K, V> = Vec<(K, Slot<V>)>;
+type Loaded<K, V> = Vec<Entry<K, V>>;
 
 /// The store's rows of the `wanted` partitions, and their bytes.
 fn load<K, V>(
@@ -225,7 +225,7 @@ fn load<K, V>(
             Ok((key, Some(value))) => {
                 let size = (raw_key.len() + raw_value.len()) as u32;
                 bytes += i64::from(size);
-                rows.push((key, Slot { value: Arc::new(value), size, partition }));
+                rows.push(Entry::new(key, value, size, partition));
             }
             Ok((_, None)) => {}
             Err(reason) if bad_input == BadInput::Stop => {
@@ -368,15 +368,14 @@ where
                     None => {
                         counters.tombstones.fetch_add(1, Ordering::Relaxed);
                         self.shared.index.remove(&key);
-                        (self.rows.remove(&key), None)
+                        (self.rows.remove(&Probe(&key)), None)
                     }
                     Some(value) => {
                         let size = (raw_key.len() + msg.payload_len()) as u32;
-                        let slot = Slot { value: Arc::new(value), size, partition: p };
+                        let entry = Entry::new(key.clone(), value, size, p);
                         counters.bytes.fetch_add(i64::from(size), Ordering::Relaxed);
-                        let new = slot.value.clone();
-                        self.shared.index.insert(key.clone(), slot.clone());
-                        (self.rows.insert(key.clone(), slot), Some(new))
+                        self.shared.index.insert(entry.clone());
+                        (self.rows.insert(entry.clone()), Some(entry))
                     }
                 };
                 if let Some(old) = &old {
@@ -387,7 +386,13 @@ where
                     self.pending_rows.insert(raw_key.to_vec(), row);
                 }
                 if self.shared.changes.receiver_count() > 0 {
-                    changes.push(Change { key, old: old.map(|s| s.value), new, partition: p, offset });
+                    changes.push(Change {
+                        key,
+                        old: old.map(|e| e.value()),
+                        new: new.map(|e| e.value()),
+                        partition: p,
+                        offset,
+                    });
                 }
             }
             Err(reason) => match self.bad_input {
@@ -438,9 +443,9 @@ where
             counters.loaded_from_store.fetch_add(rows.len() as u64, Ordering::Relaxed);
             counters.bytes.fetch_add(bytes, Ordering::Relaxed);
             let (n, decoded) = (rows.len(), started.elapsed());
-            for (key, slot) in rows {
-                self.shared.index.insert(key.clone(), slot.clone());
-                self.rows.insert(key, slot);
+            for entry in rows {
+                self.shared.index.insert(entry.clone());
+                self.rows.insert(entry);
             }
             tracing::info!(
                 topic = %topic,
@@ -517,14 +522,12 @@ where
         if let Err(e) = consumer.incremental_unassign(&tpl) {
             tracing::warn!(topic = %self.shared.topic, error = %e, "could not unassign revoked partitions");
         }
-        let dropped: Vec<K> =
-            self.rows.iter().filter(|(_, slot)| gone.contains(&slot.partition)).map(|(k, _)| k.clone()).collect();
+        let dropped: Vec<Entry<K, V>> = self.rows.iter().filter(|e| gone.contains(&e.partition)).cloned().collect();
         let mut bytes = 0;
-        for key in &dropped {
-            if let Some(slot) = self.rows.remove(key) {
-                bytes += i64::from(slot.size);
-            }
-            self.shared.index.remove(key);
+        for entry in &dropped {
+            self.rows.remove(entry);
+            self.shared.index.remove(&entry.key);
+            bytes += i64::from(entry.size);
         }
         self.shared.counters.bytes.fetch_sub(bytes, Ordering::Relaxed);
         tracing::info!(topic = %self.shared.topic, partitions = ?gone, rows = dropped.len(), "table dropped revoked partitions");

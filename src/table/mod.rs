@@ -23,9 +23,9 @@
 //! # }
 //! ```
 //!
-//! - **Reads never touch the network.** The rows live in memory twice: in a sharded hash map for
-//!   [`Table::get`] (updated as each record is applied), and in a persistent ordered map published
-//!   through an atomic pointer per applied batch;
+//! - **Reads never touch the network.** Each row is held once, behind one `Arc`, and reached two
+//!   ways: through a sharded hash index for [`Table::get`] (updated as each record is applied), and
+//!   through a persistent ordered map published through an atomic pointer per applied batch;
 //!   [`Table::snapshot`] is a consistent, immutable view (O(1) to take) that iteration, ranges and
 //!   prefix scans run on while the table goes on following the topic.
 //! - **One thread per table** consumes the topic and applies records in batches; each batch is
@@ -47,6 +47,7 @@ mod decode;
 mod error;
 mod exported;
 mod follow;
+mod rows;
 mod snapshot;
 mod store;
 
@@ -55,11 +56,12 @@ pub use builder::TableBuilder;
 pub use decode::Decoder;
 pub use error::TableError;
 pub use exported::names as metric_names;
+use rows::Rows;
+pub use rows::Value;
 pub use snapshot::{Prefix, TableSnapshot};
 
 use arc_swap::ArcSwap;
 use futures::{Stream, StreamExt};
-use imbl::OrdMap;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::Hash;
@@ -97,9 +99,9 @@ pub struct Change<K, V> {
     /// The key.
     pub key: K,
     /// The value before (`None`: the key was absent).
-    pub old: Option<Arc<V>>,
+    pub old: Option<Value<K, V>>,
     /// The value after (`None`: deleted by a tombstone).
-    pub new: Option<Arc<V>>,
+    pub new: Option<Value<K, V>>,
     /// Partition of the record.
     pub partition: i32,
     /// Offset of the record.
@@ -172,29 +174,12 @@ enum Status {
     Closed,
 }
 
-/// One row: the value, its size as read (for [`TableStats::bytes`]) and its partition (to drop
-/// the rows of a revoked partition).
-struct Slot<V> {
-    value: Arc<V>,
-    size: u32,
-    partition: i32,
-}
-
-impl<V> Clone for Slot<V> {
-    fn clone(&self) -> Self {
-        Self { value: self.value.clone(), size: self.size, partition: self.partition }
-    }
-}
-
 /// Per partition: the next offset to read, and the end offset when the table started reading it.
 #[derive(Default, Clone)]
 struct Progress {
     positions: BTreeMap<i32, i64>,
     ends: BTreeMap<i32, i64>,
 }
-
-/// The rows in key order: a persistent map, so a clone is O(1) and shares all nodes.
-type Rows<K, V> = OrdMap<K, Slot<V>>;
 
 #[derive(Default)]
 struct Counters {
@@ -212,11 +197,8 @@ struct Shared<K, V> {
     // ArcSwap: readers load the current ordered map without a lock (and never wait for the
     // follower); the follower publishes a new version per applied batch.
     rows: ArcSwap<Rows<K, V>>,
-    // The point-lookup index, updated per record. A B-tree lookup of heap-allocated keys costs a
-    // cache miss per comparison (over 2 µs at 10^6 keys); a sharded hash map costs a few, and its
-    // shard locks are held for one insert, so a reader never waits long.
-    // ahash: SipHash (the std default) costs a noticeable share of each record's work here.
-    index: dashmap::DashMap<K, Slot<V>, ahash::RandomState>,
+    // The point-lookup index, updated per record: the same entries as `rows`.
+    index: rows::Index<K, V>,
     changes: broadcast::Sender<Change<K, V>>,
     status: watch::Sender<Status>,
     counters: Counters,
@@ -271,12 +253,12 @@ where
     }
 
     /// The value of `key`, if present. Never blocks.
-    pub fn get<Q>(&self, key: &Q) -> Option<Arc<V>>
+    pub fn get<Q>(&self, key: &Q) -> Option<Value<K, V>>
     where
         Q: Hash + Eq + ?Sized,
         K: std::borrow::Borrow<Q>,
     {
-        self.shared().index.get(key).map(|s| s.value.clone())
+        self.shared().index.get(key)
     }
 
     /// True when `key` is present.

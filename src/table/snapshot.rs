@@ -1,14 +1,13 @@
 //! Consistent, immutable views of a table: iteration, ranges and prefix scans.
 
-use super::Rows;
+use super::rows::{Probe, Rows};
 use std::fmt;
 use std::hash::Hash;
 use std::ops::RangeBounds;
-use std::sync::Arc;
 
 /// A consistent view of a table at one moment (see [`Table::snapshot`](super::Table::snapshot)).
 pub struct TableSnapshot<K, V> {
-    pub(super) rows: Arc<Rows<K, V>>,
+    pub(super) rows: std::sync::Arc<Rows<K, V>>,
 }
 
 impl<K, V> fmt::Debug for TableSnapshot<K, V> {
@@ -19,12 +18,12 @@ impl<K, V> fmt::Debug for TableSnapshot<K, V> {
 
 impl<K: Ord + Hash + Clone, V> TableSnapshot<K, V> {
     /// The value of `key` (a B-tree lookup: prefer [`Table::get`](super::Table::get) for point lookups).
-    pub fn get<Q>(&self, key: &Q) -> Option<&Arc<V>>
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
     where
         Q: Ord + ?Sized,
         K: std::borrow::Borrow<Q>,
     {
-        self.rows.get(key).map(|s| &s.value)
+        self.rows.get(&Probe(key)).map(|e| &e.value)
     }
 
     /// Keys in the snapshot.
@@ -38,31 +37,31 @@ impl<K: Ord + Hash + Clone, V> TableSnapshot<K, V> {
     }
 
     /// Every row in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &Arc<V>)> + '_ {
-        self.rows.iter().map(|(k, s)| (k, &s.value))
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
+        self.rows.iter().map(|e| (&e.key, &e.value))
     }
 
     /// The rows with keys in `range`, in key order.
-    pub fn range<Q, R>(&self, range: R) -> impl Iterator<Item = (&K, &Arc<V>)> + '_
+    pub fn range<Q, R>(&self, range: R) -> impl Iterator<Item = (&K, &V)> + '_
     where
         R: RangeBounds<Q>,
         Q: Ord + ?Sized,
         K: std::borrow::Borrow<Q>,
     {
-        self.rows.range(range).map(|(k, s)| (k, &s.value))
+        self.rows.range((range.start_bound().map(Probe), range.end_bound().map(Probe))).map(|e| (&e.key, &e.value))
     }
 
     /// The rows whose key starts with `prefix`, in key order (for `String` keys pass a `&str`,
     /// for `Vec<u8>` keys a `&[u8]`).
-    pub fn prefix<'a, Q>(&'a self, prefix: &'a Q) -> impl Iterator<Item = (&'a K, &'a Arc<V>)> + 'a
+    pub fn prefix<'a, Q>(&'a self, prefix: &'a Q) -> impl Iterator<Item = (&'a K, &'a V)> + 'a
     where
         Q: Prefix + ?Sized,
         K: std::borrow::Borrow<Q>,
     {
         self.rows
-            .range::<_, Q>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-            .take_while(move |(k, _)| k.borrow().has_prefix(prefix))
-            .map(|(k, s)| (k, &s.value))
+            .range((std::ops::Bound::Included(Probe(prefix)), std::ops::Bound::Unbounded))
+            .take_while(move |e| e.key.borrow().has_prefix(prefix))
+            .map(|e| (&e.key, &e.value))
     }
 }
 
