@@ -359,8 +359,12 @@ fn claim_journal(
     topic: &str,
     partitions: i32,
 ) -> Result<KafkaJournal, FlowError> {
+    let started = Instant::now();
     let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
-    match rt.block_on(journal.claim(&settings.group, settings.take_over_journal))? {
+    let ensured = started.elapsed();
+    let claim = rt.block_on(journal.claim(&settings.group, settings.take_over_journal))?;
+    tracing::debug!(journal = %topic, ensure_ms = ensured.as_millis() as u64, claim_ms = (started.elapsed() - ensured).as_millis() as u64, "journal checked");
+    match claim {
         Claim::New => {
             tracing::info!(journal = %topic, group = %settings.group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
         }
@@ -405,31 +409,39 @@ pub(super) fn run<S: EventSourced>(
 ) -> Result<(), FlowError> {
     let run_started = Instant::now();
     let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
-    let partitions = with_backoff(
-        "reading input metadata (is the broker up?)",
-        &stop,
-        || input_partitions(&settings.common, &settings.inputs),
-        is_kafka,
-    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| FlowError::Config(e.to_string()))?;
     let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
     let deliveries = Arc::new(Deliveries::new(at_least_once));
-    // The Kafka journal's checks (its topic; its owner in the registry: several round trips, most
-    // of a start's second) and the transactional producer's start (a round trip to the transaction
-    // coordinator) do not depend on each other: they run at the same time.
+    // The transactional producer's start (a round trip to the transaction coordinator, or 500 ms
+    // when librdkafka's first try finds the coordinator not ready) does not depend on the input's
+    // metadata nor on the Kafka journal's checks (its topic; its owner in the registry): it runs
+    // beside them.
     let (journal, producer) = std::thread::scope(|s| {
-        let journal = match &settings.journal {
-            FlowJournal::Kafka(topic) => Some(s.spawn(|| claim_journal(&rt, &settings, topic, partitions))),
-            _ => None,
-        };
-        let producer = start_producer(&settings, &deliveries, &stop, at_least_once);
-        let journal = journal
-            .map(|j| j.join().unwrap_or_else(|_| Err(FlowError::Crashed("the journal check panicked".into()))))
-            .transpose();
-        Ok::<_, FlowError>((journal?, producer?))
+        let producer = s.spawn(|| {
+            let started = Instant::now();
+            let producer = start_producer(&settings, &deliveries, &stop, at_least_once);
+            tracing::debug!(producer_ms = started.elapsed().as_millis() as u64, "producer started");
+            producer
+        });
+        let checked = with_backoff(
+            "reading input metadata (is the broker up?)",
+            &stop,
+            || input_partitions(&settings.common, &settings.inputs),
+            is_kafka,
+        )
+        .and_then(|partitions| {
+            tracing::debug!(metadata_ms = run_started.elapsed().as_millis() as u64, "input metadata read");
+            match &settings.journal {
+                FlowJournal::Kafka(topic) => claim_journal(&rt, &settings, topic, partitions).map(Some),
+                _ => Ok(None),
+            }
+        });
+        let producer =
+            producer.join().unwrap_or_else(|_| Err(FlowError::Crashed("the producer's start panicked".into())));
+        Ok::<_, FlowError>((checked?, producer?))
     })?;
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {

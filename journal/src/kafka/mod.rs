@@ -181,6 +181,16 @@ pub struct RestoreStats {
     pub elapsed: Duration,
 }
 
+/// Drops a Kafka client on a thread of its own. rdkafka's `AdminClient` joins its polling thread
+/// when dropped, which polls every 100 ms, and closing a consumer waits for librdkafka's threads:
+/// dropped in place, each short-lived client (the journal's check, the owner registry's, a
+/// restore's reader, a metadata probe) added up to 100 ms to a flow's start.
+#[doc(hidden)]
+pub fn dispose<T: Send + 'static>(client: T) {
+    // If the thread cannot start, the closure (and the client) is dropped here instead.
+    let _ = std::thread::Builder::new().name("eventstage-client-drop".into()).spawn(move || drop(client));
+}
+
 /// A compacted Kafka topic used as a journal. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct KafkaJournal {
@@ -216,7 +226,9 @@ impl KafkaJournal {
             }
         }
         let journal = Self { topic: topic.into(), config, partitions };
-        let found = journal.partition_count()?;
+        // The admin client's connection, not a new client's (a new consumer's first metadata
+        // request took 50-60 ms of a flow's start).
+        let found = journal.partition_count(admin.inner())?;
         if found != partitions {
             return Err(JournalError::Storage {
                 path: format!("kafka topic {topic}").into(),
@@ -240,6 +252,7 @@ impl KafkaJournal {
                 });
             }
         }
+        dispose(admin);
         Ok(journal)
     }
 
@@ -280,11 +293,10 @@ impl KafkaJournal {
     /// partition. Kafka creates topics asynchronously: CreateTopics answers once the controller
     /// has the topic, and a broker's metadata can lack it (or its leaders) for a moment after, so a
     /// topic just created (or confirmed to exist) is looked up again until it shows, for up to 30 s.
-    fn partition_count(&self) -> Result<i32> {
-        let consumer: BaseConsumer = self.config.create().map_err(|e| kafka_err(&self.topic, "consumer", e))?;
+    fn partition_count<C: ClientContext>(&self, client: &rdkafka::client::Client<C>) -> Result<i32> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let md = consumer
+            let md = client
                 .fetch_metadata(Some(&self.topic), Duration::from_secs(30))
                 .map_err(|e| kafka_err(&self.topic, "metadata", e))?;
             let found = md
@@ -343,7 +355,7 @@ impl KafkaJournal {
     pub fn watermarks(&self, partitions: &[i32]) -> Result<BTreeMap<i32, (i64, i64)>> {
         let consumer: BaseConsumer<ReaderContext> =
             self.config.create_with_context(RESTORE).map_err(|e| kafka_err(&self.topic, "consumer", e))?;
-        partitions
+        let marks = partitions
             .iter()
             .map(|&p| {
                 let marks = consumer
@@ -351,7 +363,9 @@ impl KafkaJournal {
                     .map_err(|e| kafka_err(&self.topic, "watermarks", e))?;
                 Ok((p, marks))
             })
-            .collect()
+            .collect();
+        dispose(consumer);
+        marks
     }
 
     /// Reads each `(partition, offset)` of `from` from that offset up to the partition's end as of
@@ -394,14 +408,27 @@ impl KafkaJournal {
         mut on_record: impl FnMut(i32, i64, &[u8], Option<&[u8]>) -> Result<()>,
     ) -> Result<RestoreStats> {
         let started = Instant::now();
+        let consumer = self.reader(&self.topic, &format!("eventstage-restore-{}", self.topic))?;
+        let scanned = self.scan_with(&consumer, from, stall, &mut on_record);
+        // Closing a consumer waits for its threads (about 100 ms): not on a restore's path.
+        dispose(consumer);
+        scanned.map(|stats| RestoreStats { elapsed: started.elapsed(), ..stats })
+    }
+
+    fn scan_with(
+        &self,
+        consumer: &BaseConsumer<ReaderContext>,
+        from: &[(i32, i64)],
+        stall: Duration,
+        on_record: &mut impl FnMut(i32, i64, &[u8], Option<&[u8]>) -> Result<()>,
+    ) -> Result<RestoreStats> {
         let topic = &self.topic;
-        let consumer = self.reader(topic, &format!("eventstage-restore-{topic}"))?;
         let mut stats = RestoreStats::default();
         let mut tpl = TopicPartitionList::new();
         // The end of each partition as of now; a partition is done when its position reaches it.
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
         let partitions: Vec<i32> = from.iter().map(|(p, _)| *p).collect();
-        let stable = self.stable_ends(&consumer, &partitions)?;
+        let stable = self.stable_ends(consumer, &partitions)?;
         for &(p, start) in from {
             let (low, high) = stable.get(&p).copied().unwrap_or_default();
             stats.end_offset += high;
@@ -413,7 +440,6 @@ impl KafkaJournal {
             }
         }
         if ends.is_empty() {
-            stats.elapsed = started.elapsed();
             return Ok(stats);
         }
         consumer.assign(&tpl).map_err(|e| kafka_err(topic, "assign", e))?;
@@ -448,7 +474,6 @@ impl KafkaJournal {
                 }
             }
         }
-        stats.elapsed = started.elapsed();
         Ok(stats)
     }
 

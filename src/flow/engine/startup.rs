@@ -83,5 +83,6 @@ pub(super) fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Resu
         }
         count = Some(n);
     }
+    eventstage_journal::kafka::dispose(probe);
     count.ok_or_else(|| FlowError::Config("no input topics".into()))
 }
