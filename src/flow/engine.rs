@@ -383,12 +383,28 @@ fn start_producer(
     deliveries: &Arc<Deliveries>,
     stop: &AtomicU8,
     at_least_once: bool,
+    inputs_exist: impl FnOnce() -> bool,
 ) -> Result<ThreadedProducer<FlowProducerContext>, FlowError> {
     let producer: ThreadedProducer<_> = settings
         .producer
         .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
         .map_err(|e| kafka("producer", e))?;
+    // The metadata request below names an input topic: a producer's request may create a topic
+    // that does not exist (`allow.auto.create.topics`), so it waits until the inputs are checked.
+    if !inputs_exist() {
+        return Err(FlowError::Config("not started: the input topics were not found".into()));
+    }
     if !at_least_once {
+        // librdkafka looks for the transaction coordinator as soon as `init_transactions` is
+        // called; with no broker connection up yet, it finds "no brokers available" and asks again
+        // on a 500 ms timer (half of all starts here). Two metadata requests first bring up a
+        // connection to a cluster broker: the first goes through the bootstrap connection, which
+        // librdkafka drops once it knows the cluster's brokers; the second through one of those (a
+        // few ms). If they fail, `init_transactions` says why.
+        let warm_up = settings.inputs.first().map(String::as_str);
+        for _ in 0..2 {
+            let _ = producer.client().fetch_metadata(warm_up, Duration::from_secs(1));
+        }
         with_backoff(
             "initializing transactions",
             stop,
@@ -420,19 +436,26 @@ pub(super) fn run<S: EventSourced>(
     // metadata nor on the Kafka journal's checks (its topic; its owner in the registry): it runs
     // beside them.
     let (journal, producer) = std::thread::scope(|s| {
-        let producer = s.spawn(|| {
+        let (inputs_ok, inputs_checked) = std::sync::mpsc::channel::<()>();
+        let (settings_, deliveries_, stop_) = (&settings, &deliveries, &*stop);
+        let producer = s.spawn(move || {
             let started = Instant::now();
-            let producer = start_producer(&settings, &deliveries, &stop, at_least_once);
+            let producer =
+                start_producer(settings_, deliveries_, stop_, at_least_once, || inputs_checked.recv().is_ok());
             tracing::debug!(producer_ms = started.elapsed().as_millis() as u64, "producer started");
             producer
         });
-        let checked = with_backoff(
+        let partitions = with_backoff(
             "reading input metadata (is the broker up?)",
             &stop,
             || input_partitions(&settings.common, &settings.inputs),
             is_kafka,
-        )
-        .and_then(|partitions| {
+        );
+        if partitions.is_ok() {
+            let _ = inputs_ok.send(());
+        }
+        drop(inputs_ok);
+        let checked = partitions.and_then(|partitions| {
             tracing::debug!(metadata_ms = run_started.elapsed().as_millis() as u64, "input metadata read");
             match &settings.journal {
                 FlowJournal::Kafka(topic) => claim_journal(&rt, &settings, topic, partitions).map(Some),

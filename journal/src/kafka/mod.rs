@@ -509,6 +509,19 @@ impl KafkaJournal {
         config.set("isolation.level", "read_uncommitted");
         let all: BaseConsumer<ReaderContext> =
             config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "watermarks consumer", e))?;
+        let ends = self.settled_ends(committed, &all, partitions);
+        dispose(all);
+        ends
+    }
+
+    /// [`stable_ends`](Self::stable_ends), with a `read_uncommitted` consumer `all`.
+    fn settled_ends(
+        &self,
+        committed: &BaseConsumer<ReaderContext>,
+        all: &BaseConsumer<ReaderContext>,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, (i64, i64)>> {
+        let topic = &self.topic;
         let marks = |consumer: &BaseConsumer<ReaderContext>, p: i32| {
             consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| kafka_err(topic, "watermarks", e))
         };
@@ -519,7 +532,7 @@ impl KafkaJournal {
             let mut still = Vec::new();
             for p in open {
                 let (low, stable) = marks(committed, p)?;
-                let (_, high) = marks(&all, p)?;
+                let (_, high) = marks(all, p)?;
                 ends.insert(p, (low, stable));
                 if stable < high {
                     still.push(p);

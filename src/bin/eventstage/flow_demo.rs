@@ -226,6 +226,12 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions, args.timeout).await?;
     let txn = args.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
+    // Before the flow starts: the flow registers its metrics as it starts.
+    #[cfg(feature = "prometheus")]
+    let exporter = match args.metrics_addr {
+        Some(addr) => Some(crate::serve::prepare(addr).await?),
+        None => None,
+    };
     let flow = match &args.limits {
         None => configure(bank_flow(&brokers, &args.group, topics), &journal, &txn, &args).run()?,
         #[cfg(not(feature = "sled"))]
@@ -245,16 +251,19 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let served = match args.metrics_addr {
+    #[cfg(feature = "prometheus")]
+    let served = match exporter {
         None => String::new(),
-        #[cfg(feature = "prometheus")]
-        Some(addr) => {
+        Some(exporter) => {
             let status = flow.status();
             let ready: std::sync::Arc<dyn Fn() -> bool + Send + Sync> = std::sync::Arc::new(move || status.ready());
-            let bound = crate::serve::serve(addr, crate::serve::Status { running: running.clone(), ready }).await?;
+            let bound = exporter.serve(crate::serve::Status { running: running.clone(), ready })?;
             format!(", metrics on http://{bound}/metrics (/health, /ready)")
         }
-        #[cfg(not(feature = "prometheus"))]
+    };
+    #[cfg(not(feature = "prometheus"))]
+    let served = match args.metrics_addr {
+        None => String::new(),
         Some(_) => bail!("--metrics-addr needs the `prometheus` feature (a default feature)"),
     };
     let exactly_once = args.guarantee != "at-least-once";

@@ -21,9 +21,16 @@ pub(crate) struct Status {
     pub(crate) ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
-/// Installs the Prometheus recorder and serves the endpoints on `addr`; returns the bound address
-/// (port 0 picks a free one).
-pub(crate) async fn serve(addr: SocketAddr, status: Status) -> anyhow::Result<SocketAddr> {
+/// The recorder installed and the address bound, before the flow starts: a metric handle the flow
+/// registers before a recorder is installed records nothing, ever (the `metrics` facade hands out
+/// no-op handles then), and a bad address is refused before anything runs.
+pub(crate) struct Prepared {
+    handle: PrometheusHandle,
+    listener: TcpListener,
+}
+
+/// Installs the Prometheus recorder and binds `addr` (port 0 picks a free one).
+pub(crate) async fn prepare(addr: SocketAddr) -> anyhow::Result<Prepared> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(eventstage::flow::metric_names::COMMIT_SECONDS.into()),
@@ -33,23 +40,31 @@ pub(crate) async fn serve(addr: SocketAddr, status: Status) -> anyhow::Result<So
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let (handle, status) = (handle.clone(), status.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = respond(stream, &handle, &status).await {
-                            tracing::debug!(error = %e, "metrics endpoint request failed");
-                        }
-                    });
+    Ok(Prepared { handle, listener })
+}
+
+impl Prepared {
+    /// Serves the endpoints; returns the bound address.
+    pub(crate) fn serve(self, status: Status) -> anyhow::Result<SocketAddr> {
+        let Prepared { handle, listener } = self;
+        let bound = listener.local_addr()?;
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let (handle, status) = (handle.clone(), status.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = respond(stream, &handle, &status).await {
+                                tracing::debug!(error = %e, "metrics endpoint request failed");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "metrics endpoint: accept failed"),
                 }
-                Err(e) => tracing::warn!(error = %e, "metrics endpoint: accept failed"),
             }
-        }
-    });
-    Ok(bound)
+        });
+        Ok(bound)
+    }
 }
 
 /// Reads one request head (at most 8 KiB) and answers it; the connection closes after.
