@@ -389,22 +389,13 @@ fn start_producer(
         .producer
         .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
         .map_err(|e| kafka("producer", e))?;
-    // The metadata request below names an input topic: a producer's request may create a topic
+    // `connect_to_cluster` names an input topic: a producer's metadata request may create a topic
     // that does not exist (`allow.auto.create.topics`), so it waits until the inputs are checked.
     if !inputs_exist() {
         return Err(FlowError::Config("not started: the input topics were not found".into()));
     }
     if !at_least_once {
-        // librdkafka looks for the transaction coordinator as soon as `init_transactions` is
-        // called; with no broker connection up yet, it finds "no brokers available" and asks again
-        // on a 500 ms timer (half of all starts here). Two metadata requests first bring up a
-        // connection to a cluster broker: the first goes through the bootstrap connection, which
-        // librdkafka drops once it knows the cluster's brokers; the second through one of those (a
-        // few ms). If they fail, `init_transactions` says why.
-        let warm_up = settings.inputs.first().map(String::as_str);
-        for _ in 0..2 {
-            let _ = producer.client().fetch_metadata(warm_up, Duration::from_secs(1));
-        }
+        emitter::connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
         with_backoff(
             "initializing transactions",
             stop,
@@ -502,7 +493,13 @@ pub(super) fn run<S: EventSourced>(
         }
         _ => None,
     };
-    let sink = Arc::new(Sink::new(producer, settings.producer.clone(), deliveries, settings.transactional_id.clone()));
+    let sink = Arc::new(Sink::new(
+        producer,
+        settings.producer.clone(),
+        deliveries,
+        settings.transactional_id.clone(),
+        settings.inputs.first().cloned(),
+    ));
     let keep_outbox = storage.keeps_outbox() && !at_least_once;
     let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {

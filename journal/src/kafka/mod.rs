@@ -181,14 +181,40 @@ pub struct RestoreStats {
     pub elapsed: Duration,
 }
 
-/// Drops a Kafka client on a thread of its own. rdkafka's `AdminClient` joins its polling thread
-/// when dropped, which polls every 100 ms, and closing a consumer waits for librdkafka's threads:
-/// dropped in place, each short-lived client (the journal's check, the owner registry's, a
-/// restore's reader, a metadata probe) added up to 100 ms to a flow's start.
+/// A short-lived Kafka client that is dropped on a thread of its own. rdkafka's `AdminClient`
+/// joins its polling thread when dropped, which polls every 100 ms, and closing a consumer waits
+/// for librdkafka's threads: dropped in place, each short-lived client (the journal's check, the
+/// owner registry's, a restore's reader, a metadata probe) added up to 100 ms to a flow's start.
 #[doc(hidden)]
-pub fn dispose<T: Send + 'static>(client: T) {
-    // If the thread cannot start, the closure (and the client) is dropped here instead.
-    let _ = std::thread::Builder::new().name("eventstage-client-drop".into()).spawn(move || drop(client));
+pub struct Detached<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Detached<T> {
+    /// Wraps `client`.
+    pub fn new(client: T) -> Self {
+        Self(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for Detached<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T: Send + 'static> std::fmt::Debug for Detached<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Detached(..)")
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            // If the thread cannot start, the closure (and the client) is dropped here instead.
+            let _ = std::thread::Builder::new().name("eventstage-client-drop".into()).spawn(move || drop(client));
+        }
+    }
 }
 
 /// A compacted Kafka topic used as a journal. Cheap to clone.
@@ -208,8 +234,8 @@ impl KafkaJournal {
     /// A clear [`JournalError::Storage`] when the broker is unreachable or the topic is configured
     /// differently (saying what to change).
     pub async fn ensure(config: ClientConfig, topic: &str, partitions: i32) -> Result<Self> {
-        let admin: AdminClient<DefaultClientContext> =
-            config.create().map_err(|e| kafka_err(topic, "admin client", e))?;
+        let admin: Detached<AdminClient<DefaultClientContext>> =
+            Detached::new(config.create().map_err(|e| kafka_err(topic, "admin client", e))?);
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
         let created = admin.create_topics(&[new], &opts).await.map_err(|e| kafka_err(topic, "create topic", e))?;
@@ -252,7 +278,6 @@ impl KafkaJournal {
                 });
             }
         }
-        dispose(admin);
         Ok(journal)
     }
 
@@ -353,9 +378,9 @@ impl KafkaJournal {
     /// # Errors
     /// Broker errors.
     pub fn watermarks(&self, partitions: &[i32]) -> Result<BTreeMap<i32, (i64, i64)>> {
-        let consumer: BaseConsumer<ReaderContext> =
-            self.config.create_with_context(RESTORE).map_err(|e| kafka_err(&self.topic, "consumer", e))?;
-        let marks = partitions
+        let consumer: Detached<BaseConsumer<ReaderContext>> =
+            Detached::new(self.config.create_with_context(RESTORE).map_err(|e| kafka_err(&self.topic, "consumer", e))?);
+        partitions
             .iter()
             .map(|&p| {
                 let marks = consumer
@@ -363,9 +388,7 @@ impl KafkaJournal {
                     .map_err(|e| kafka_err(&self.topic, "watermarks", e))?;
                 Ok((p, marks))
             })
-            .collect();
-        dispose(consumer);
-        marks
+            .collect()
     }
 
     /// Reads each `(partition, offset)` of `from` from that offset up to the partition's end as of
@@ -408,27 +431,14 @@ impl KafkaJournal {
         mut on_record: impl FnMut(i32, i64, &[u8], Option<&[u8]>) -> Result<()>,
     ) -> Result<RestoreStats> {
         let started = Instant::now();
-        let consumer = self.reader(&self.topic, &format!("eventstage-restore-{}", self.topic))?;
-        let scanned = self.scan_with(&consumer, from, stall, &mut on_record);
-        // Closing a consumer waits for its threads (about 100 ms): not on a restore's path.
-        dispose(consumer);
-        scanned.map(|stats| RestoreStats { elapsed: started.elapsed(), ..stats })
-    }
-
-    fn scan_with(
-        &self,
-        consumer: &BaseConsumer<ReaderContext>,
-        from: &[(i32, i64)],
-        stall: Duration,
-        on_record: &mut impl FnMut(i32, i64, &[u8], Option<&[u8]>) -> Result<()>,
-    ) -> Result<RestoreStats> {
         let topic = &self.topic;
+        let consumer = self.reader(topic, &format!("eventstage-restore-{topic}"))?;
         let mut stats = RestoreStats::default();
         let mut tpl = TopicPartitionList::new();
         // The end of each partition as of now; a partition is done when its position reaches it.
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
         let partitions: Vec<i32> = from.iter().map(|(p, _)| *p).collect();
-        let stable = self.stable_ends(consumer, &partitions)?;
+        let stable = self.stable_ends(&consumer, &partitions)?;
         for &(p, start) in from {
             let (low, high) = stable.get(&p).copied().unwrap_or_default();
             stats.end_offset += high;
@@ -440,6 +450,7 @@ impl KafkaJournal {
             }
         }
         if ends.is_empty() {
+            stats.elapsed = started.elapsed();
             return Ok(stats);
         }
         consumer.assign(&tpl).map_err(|e| kafka_err(topic, "assign", e))?;
@@ -474,12 +485,14 @@ impl KafkaJournal {
                 }
             }
         }
+        stats.elapsed = started.elapsed();
         Ok(stats)
     }
 
     /// A consumer reading `topic` to its end with `read_committed` (assigned, never subscribed:
-    /// `group` only names it), which reports the end of each partition.
-    fn reader(&self, topic: &str, group: &str) -> Result<BaseConsumer<ReaderContext>> {
+    /// `group` only names it), which reports the end of each partition; dropped off the caller's
+    /// thread.
+    fn reader(&self, topic: &str, group: &str) -> Result<Detached<BaseConsumer<ReaderContext>>> {
         let mut config = self.config.clone();
         config
             .set("group.id", group)
@@ -490,7 +503,7 @@ impl KafkaJournal {
             // A partition that ends in a transaction marker is done when a fetch comes back
             // empty; the broker holds an empty fetch this long (default 500 ms, per read).
             .set("fetch.wait.max.ms", "10");
-        config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "reader consumer", e))
+        config.create_with_context(RESTORE).map(Detached::new).map_err(|e| kafka_err(topic, "reader consumer", e))
     }
 
     /// The low watermark and the last stable offset of each partition, once the partitions'
@@ -507,21 +520,8 @@ impl KafkaJournal {
         let topic = &self.topic;
         let mut config = self.config.clone();
         config.set("isolation.level", "read_uncommitted");
-        let all: BaseConsumer<ReaderContext> =
-            config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "watermarks consumer", e))?;
-        let ends = self.settled_ends(committed, &all, partitions);
-        dispose(all);
-        ends
-    }
-
-    /// [`stable_ends`](Self::stable_ends), with a `read_uncommitted` consumer `all`.
-    fn settled_ends(
-        &self,
-        committed: &BaseConsumer<ReaderContext>,
-        all: &BaseConsumer<ReaderContext>,
-        partitions: &[i32],
-    ) -> Result<BTreeMap<i32, (i64, i64)>> {
-        let topic = &self.topic;
+        let all: Detached<BaseConsumer<ReaderContext>> =
+            Detached::new(config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "watermarks consumer", e))?);
         let marks = |consumer: &BaseConsumer<ReaderContext>, p: i32| {
             consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| kafka_err(topic, "watermarks", e))
         };
@@ -532,7 +532,7 @@ impl KafkaJournal {
             let mut still = Vec::new();
             for p in open {
                 let (low, stable) = marks(committed, p)?;
-                let (_, high) = marks(all, p)?;
+                let (_, high) = marks(&all, p)?;
                 ends.insert(p, (low, stable));
                 if stable < high {
                     still.push(p);

@@ -1,7 +1,7 @@
 //! The owner registry: which consumer group a Kafka journal belongs to ([`OWNERS_TOPIC`]), and
 //! a group claiming a journal, or taking it over.
 
-use super::{dispose, kafka_err, KafkaJournal, ReaderContext};
+use super::{kafka_err, Detached, KafkaJournal, ReaderContext};
 use crate::error::{JournalError, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -42,8 +42,8 @@ impl KafkaJournal {
     /// [`JournalError::Foreign`], or broker errors.
     pub async fn claim(&self, group: &str, take_over: bool) -> Result<Claim> {
         let registry = OWNERS_TOPIC;
-        let admin: AdminClient<DefaultClientContext> =
-            self.config.create().map_err(|e| kafka_err(registry, "admin client", e))?;
+        let admin: Detached<AdminClient<DefaultClientContext>> =
+            Detached::new(self.config.create().map_err(|e| kafka_err(registry, "admin client", e))?);
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let new = NewTopic::new(registry, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
         let created = admin.create_topics(&[new], &opts).await.map_err(|e| kafka_err(registry, "create topic", e))?;
@@ -53,18 +53,8 @@ impl KafkaJournal {
                 Err((_, code)) => return Err(kafka_err(registry, "create topic", KafkaError::AdminOp(code))),
             }
         }
-        dispose(admin);
         let reader = self.reader(registry, "eventstage-journal-owners")?;
-        let claimed = self.claim_with(&reader, group, take_over).await;
-        // Closing a consumer waits for its threads: not on the flow's start.
-        dispose(reader);
-        claimed
-    }
-
-    /// [`claim`](Self::claim) once the registry exists, reading it with `reader`.
-    async fn claim_with(&self, reader: &BaseConsumer<ReaderContext>, group: &str, take_over: bool) -> Result<Claim> {
-        let registry = OWNERS_TOPIC;
-        let (owner, end) = self.read_owner(reader, None, None)?;
+        let (owner, end) = self.read_owner(&reader, None, None)?;
         let claim = match owner.clone() {
             Some(owner) if owner == group => return Ok(Claim::Owned),
             Some(owner) if !take_over => {
@@ -80,19 +70,18 @@ impl KafkaJournal {
         };
         // Not idempotent (that costs a round trip for a producer id): a retried send may record
         // the same owner twice, which changes nothing in a compacted registry.
-        let producer: FutureProducer =
-            self.config.clone().set("acks", "all").create().map_err(|e| kafka_err(registry, "producer", e))?;
+        let producer: Detached<FutureProducer> = Detached::new(
+            self.config.clone().set("acks", "all").create().map_err(|e| kafka_err(registry, "producer", e))?,
+        );
         // Awaited delivery, not `flush`: rdkafka's `BaseProducer::flush` polls in 100 ms steps,
         // which made every claim 100 ms longer; and a failed delivery is an error here.
-        let delivered = producer
+        producer
             .send(FutureRecord::to(registry).key(&self.topic).payload(group), Duration::from_secs(30))
             .await
-            .map_err(|(e, _)| kafka_err(registry, "record the journal's owner", e));
-        dispose(producer);
-        delivered?;
+            .map_err(|(e, _)| kafka_err(registry, "record the journal's owner", e))?;
         // Two groups claiming at once: the record written last wins, and the other is refused.
         // The registry up to `end` is read already: what came after it decides.
-        match self.read_owner(reader, Some(end), owner)?.0 {
+        match self.read_owner(&reader, Some(end), owner)?.0 {
             Some(owner) if owner != group => Err(JournalError::Foreign {
                 journal: self.topic.clone(),
                 owner,

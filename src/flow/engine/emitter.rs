@@ -36,6 +36,8 @@ pub(super) struct Sink {
     config: ClientConfig,
     pub(super) deliveries: Arc<Deliveries>,
     pub(super) transactional_id: String,
+    /// A topic that exists, for [`connect_to_cluster`] (the flow's first input).
+    warm_up_topic: Option<String>,
     /// The producer's `transaction.timeout.ms` (None: not transactional).
     txn_timeout: Option<Duration>,
     /// When the open transaction's first record (or its offsets) went to the producer: where the
@@ -63,6 +65,7 @@ impl Sink {
         config: ClientConfig,
         deliveries: Arc<Deliveries>,
         transactional_id: String,
+        warm_up_topic: Option<String>,
     ) -> Self {
         let transactional = config.get("transactional.id").is_some();
         // librdkafka's default, as for the broker's limit, is a minute.
@@ -75,6 +78,7 @@ impl Sink {
             config,
             deliveries,
             transactional_id,
+            warm_up_topic,
             txn_timeout,
             opened: Mutex::new(None),
             sent: AtomicBool::new(false),
@@ -224,11 +228,26 @@ impl SendingOffsets {
     }
 }
 
+/// Brings up a transactional producer's connection to a cluster broker before
+/// `init_transactions`. librdkafka looks for the transaction coordinator as soon as
+/// `init_transactions` is called; with no broker connection up yet, it finds "no brokers
+/// available" and asks again on a 500 ms timer (half of all starts here). Two metadata requests
+/// for `topic` (one that exists: a producer's metadata request may create a topic) bring up a
+/// connection: the first goes through the bootstrap connection, which librdkafka drops once it
+/// knows the cluster's brokers; the second through one of those (a few ms). If they fail,
+/// `init_transactions` says why.
+pub(super) fn connect_to_cluster(producer: &ThreadedProducer<FlowProducerContext>, topic: Option<&str>) {
+    for _ in 0..2 {
+        let _ = producer.client().fetch_metadata(topic, Duration::from_secs(1));
+    }
+}
+
 impl Sink {
     /// Replaces the producer with a new one of the same transactional id, in a transaction.
     pub(super) fn replace_producer(&self) -> KafkaResult<()> {
         let producer: ThreadedProducer<_> =
             self.config.create_with_context(FlowProducerContext { deliveries: self.deliveries.clone() })?;
+        connect_to_cluster(&producer, self.warm_up_topic.as_deref());
         let deadline = Instant::now() + REPLACEMENT_DEADLINE;
         let mut delay = Duration::from_millis(100);
         loop {

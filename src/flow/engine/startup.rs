@@ -2,6 +2,7 @@
 //! from another group, and the error of a consumer that cannot go on.
 
 use super::*;
+use eventstage_journal::kafka::Detached;
 
 /// The error of a fatal consumer error, with what to do about it.
 pub(super) fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
@@ -65,7 +66,7 @@ pub(super) fn carry_offsets_over(
 }
 
 pub(super) fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Result<i32, FlowError> {
-    let probe: BaseConsumer = common.create().map_err(|e| kafka("metadata client", e))?;
+    let probe: Detached<BaseConsumer> = Detached::new(common.create().map_err(|e| kafka("metadata client", e))?);
     let mut count = None;
     for topic in inputs {
         let md = probe
@@ -83,6 +84,5 @@ pub(super) fn input_partitions(common: &ClientConfig, inputs: &[String]) -> Resu
         }
         count = Some(n);
     }
-    eventstage_journal::kafka::dispose(probe);
     count.ok_or_else(|| FlowError::Config("no input topics".into()))
 }
