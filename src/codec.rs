@@ -26,6 +26,20 @@ pub enum CodecError {
         /// Bytes left.
         extra: usize,
     },
+    /// A value encoded, but its type does not decode what the codec wrote for it: replay could
+    /// never read it back. Refused before anything is persisted.
+    #[error(
+        "`{type_name}` does not read back what {codec} writes for it ({message}). {}",
+        unreadable_hint(codec, message)
+    )]
+    Unreadable {
+        /// The Rust type, as `std::any::type_name` gives it.
+        type_name: &'static str,
+        /// Codec name.
+        codec: &'static str,
+        /// The decoder's message.
+        message: String,
+    },
     /// The codec id is not one this build knows.
     #[error("unknown codec id {0}")]
     UnknownCodec(u8),
@@ -39,6 +53,26 @@ pub enum CodecError {
         /// Version the stage writes.
         current: u16,
     },
+}
+
+/// What makes a type unreadable in `codec`, and the fix, from the decoder's message.
+fn unreadable_hint(codec: &str, message: &str) -> &'static str {
+    if codec != "bincode" {
+        return "Its Serialize and Deserialize disagree: make them agree (`eventstage::testkit::StageTest` checks every event it produces). Nothing was persisted";
+    }
+    if message.contains("AnyNotSupported") || message.contains("deserialize_any") {
+        "Its Deserialize asks the data to describe itself (`deserialize_any`), which `#[serde(tag = \"..\")]` \
+         (internally or adjacently tagged enums), `#[serde(untagged)]`, `#[serde(flatten)]` and hand-written \
+         `deserialize_any` impls do; bincode stores neither field names nor types. Fix: drop the attribute \
+         (externally tagged enums, the serde default, and plain fields read back in bincode), or journal the \
+         stage with `Codec::Json` (`RuntimeConfig::codec`, `FlowBuilder::codec`), which reads every serde shape. \
+         Nothing was persisted"
+    } else {
+        "bincode reads fields by position: a field written only sometimes (`#[serde(skip_serializing_if = \"..\")]`, \
+         `skip_serializing`) or a Serialize and Deserialize that disagree leave it reading the wrong bytes. Fix: write \
+         every field (drop `skip_serializing_if`), or journal the stage with `Codec::Json` (`RuntimeConfig::codec`, \
+         `FlowBuilder::codec`), which reads every serde shape. Nothing was persisted"
+    }
 }
 
 /// A payload codec.
@@ -109,6 +143,37 @@ impl Codec {
                 Ok(value)
             }
             Codec::Json => serde_json::from_slice(bytes).map_err(|e| err(e.to_string())),
+        }
+    }
+}
+
+impl Codec {
+    /// Encodes `value` for storage and proves that `read` gets a value back from the bytes: what
+    /// replay cannot read is never persisted. A type whose serde shape the codec cannot decode
+    /// (bincode and `#[serde(tag = "..")]`, `untagged`, `flatten`, `skip_serializing_if`) is
+    /// refused with [`CodecError::Unreadable`], which names the type and the fix. Costs one decode
+    /// of what was encoded (see the `append` bench's `codec_check` group).
+    ///
+    /// # Errors
+    /// When the value does not encode, or does not read back.
+    pub(crate) fn encode_readable<T: Serialize, U>(
+        self,
+        value: &T,
+        read: impl FnOnce(&[u8]) -> Result<U, CodecError>,
+    ) -> Result<Vec<u8>, CodecError> {
+        let bytes = self.encode(value)?;
+        match read(&bytes) {
+            Ok(_) => Ok(bytes),
+            // An upcast that refuses the version the stage writes is the stage's own mistake: said as it is.
+            Err(e @ CodecError::UnknownVersion { .. }) => Err(e),
+            Err(e) => Err(CodecError::Unreadable {
+                type_name: std::any::type_name::<T>(),
+                codec: self.name(),
+                message: match e {
+                    CodecError::Serde { message, .. } => message,
+                    other => other.to_string(),
+                },
+            }),
         }
     }
 }

@@ -23,8 +23,9 @@ pub enum Error {
         /// Why.
         source: CodecError,
     },
-    /// An event or state could not be encoded.
-    #[error("stage `{stage}`: could not encode for key {key}: {source}")]
+    /// An event or state could not be encoded, or would not read back from what was encoded
+    /// ([`CodecError::Unreadable`]): nothing was persisted.
+    #[error("stage `{stage}`: refused to persist for key {key}: {source}")]
     Encode {
         /// Stage name.
         stage: String,

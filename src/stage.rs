@@ -145,6 +145,18 @@ pub(crate) fn execute<S: EventSourced>(
     .map_err(|panic| panic_message(&*panic))
 }
 
+/// An event of stage `S` as the journal stores it, read back the way replay reads it
+/// ([`EventSourced::upcast`] at [`EventSourced::EVENT_VERSION`]) before anyone may acknowledge
+/// it: an event replay cannot decode is refused, never persisted.
+pub(crate) fn encode_event<S: EventSourced>(codec: Codec, event: &S::Event) -> Result<Vec<u8>, CodecError> {
+    codec.encode_readable(event, |bytes| S::upcast(S::EVENT_VERSION, codec, bytes))
+}
+
+/// A state of stage `S` as snapshots and journal entries store it, read back as restores read it.
+pub(crate) fn encode_state<S: EventSourced>(codec: Codec, state: &S::State) -> Result<Vec<u8>, CodecError> {
+    codec.encode_readable(state, |bytes| codec.decode::<S::State>(bytes))
+}
+
 /// The message of a caught panic.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic

@@ -10,6 +10,7 @@ mod fuzz;
 mod instances;
 mod journal_kafka;
 pub(crate) mod kafka;
+mod own_stage;
 mod patterns;
 mod runtime;
 mod store;

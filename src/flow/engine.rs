@@ -171,6 +171,9 @@ struct Core<S: EventSourced> {
     /// record or per key).
     wall_ms: u64,
     failure: Option<FlowError>,
+    /// The flow stopped on an error: nothing of its open work may commit, not even in the
+    /// revocation that closing the consumer runs.
+    stopped: bool,
     metrics: Arc<Metrics>,
     /// The metrics facade's handles (see `flow::exported`).
     exported: super::exported::Exported,
@@ -527,6 +530,7 @@ pub(super) fn run<S: EventSourced>(
         bad_input_log: super::settings::Throttle::new(),
         wall_ms: now_ms(),
         failure: None,
+        stopped: false,
         metrics: metrics.clone(),
         exported: super::exported::Exported::new(S::NAME, &settings.group),
     }));
@@ -551,13 +555,8 @@ pub(super) fn run<S: EventSourced>(
     let mut polls = 0u32;
     let result = loop {
         match stop.load(Ordering::SeqCst) {
-            ABORT => {
-                let c = lock(&core);
-                if !c.txn.delivery.is_at_least_once() {
-                    let _ = c.txn.sink.producer().abort_transaction(TXN_TIMEOUT);
-                }
-                break Err(FlowError::Aborted);
-            }
+            // The open transaction is aborted below, with every other way of stopping on an error.
+            ABORT => break Err(FlowError::Aborted),
             DRAIN => break lock(&core).finish(&consumer),
             _ => {}
         }
@@ -669,6 +668,12 @@ pub(super) fn run<S: EventSourced>(
             }
         }
     };
+    if result.is_err() {
+        // The error may have come after the failed record's offset was counted (a command whose
+        // events cannot be journaled): the open transaction is aborted, and closing the consumer
+        // must not commit it on the way out.
+        lock(&core).abandon();
+    }
     if result.is_ok() {
         // Leave the group now; the revoke callback finds nothing left to commit.
         consumer.unsubscribe();

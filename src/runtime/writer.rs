@@ -93,7 +93,7 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
             let mut records = Vec::with_capacity(executed.events.len());
             for event in &executed.events {
                 seq = seq.next();
-                let payload = self.config.codec.encode(event)?;
+                let payload = crate::stage::encode_event::<S>(self.config.codec, event)?;
                 let envelope = Envelope::event(self.config.codec.id(), S::EVENT_VERSION, now, payload);
                 records.push(EventRecord { key: raw_key.clone(), seq, envelope });
             }
@@ -109,11 +109,8 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
     }
 
     fn snapshot(&self, key: &S::Key, entity: &Entity<S>, now: u64) -> Result<SnapshotRecord> {
-        let payload = self.config.codec.encode(&*entity.state).map_err(|source| Error::Encode {
-            stage: S::NAME.into(),
-            key: printable_key(&key.to_bytes()),
-            source,
-        })?;
+        let payload = crate::stage::encode_state::<S>(self.config.codec, &entity.state)
+            .map_err(|source| Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source })?;
         Ok(SnapshotRecord {
             key: key.to_bytes().into_owned(),
             seq: entity.seq,

@@ -94,7 +94,7 @@ impl<S: EventSourced> KafkaStorage<S> {
             self.codec.id(),
             S::STATE_VERSION,
             self.last_ts,
-            encode::<S, _>(self.codec, key, state)?,
+            encode_state::<S>(self.codec, key, state)?,
         );
         Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
     }
@@ -355,15 +355,17 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
     }
 }
 
-/// Encodes `value` (of `key`) with the flow's codec.
-pub(super) fn encode<S: EventSourced, T: serde::Serialize>(
+/// Encodes `state` (of `key`) with the flow's codec; a state restores could not read is refused.
+pub(super) fn encode_state<S: EventSourced>(
     codec: Codec,
     key: &S::Key,
-    value: &T,
+    state: &S::State,
 ) -> Result<Vec<u8>, FlowError> {
-    codec
-        .encode(value)
-        .map_err(|source| Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into())
+    crate::stage::encode_state::<S>(codec, state).map_err(|source| encode_error::<S>(key, source))
+}
+
+fn encode_error<S: EventSourced>(key: &S::Key, source: crate::CodecError) -> FlowError {
+    Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into()
 }
 
 /// The journal envelopes of `events` of `key`, stamped `ts`.
@@ -375,7 +377,10 @@ pub(super) fn encode_events<S: EventSourced>(
 ) -> Result<Vec<Envelope>, FlowError> {
     events
         .iter()
-        .map(|e| Ok(Envelope::event(codec.id(), S::EVENT_VERSION, ts, encode::<S, _>(codec, key, e)?)))
+        .map(|e| {
+            let payload = crate::stage::encode_event::<S>(codec, e).map_err(|source| encode_error::<S>(key, source))?;
+            Ok(Envelope::event(codec.id(), S::EVENT_VERSION, ts, payload))
+        })
         .collect()
 }
 

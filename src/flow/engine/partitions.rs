@@ -122,7 +122,10 @@ impl<S: EventSourced> Core<S> {
 
     fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
         let lost = consumer.assignment_lost();
-        let committed = if lost {
+        let committed = if self.stopped {
+            // Stopped on an error: its open work was abandoned, nothing commits.
+            Ok(())
+        } else if lost {
             // Another instance may own them already: nothing of the open work may commit.
             tracing::warn!(partitions = tpl.count(), "partitions lost (session expired?): dropping uncommitted work");
             if self.txn.delivery.is_at_least_once() {

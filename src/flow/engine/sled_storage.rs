@@ -3,7 +3,7 @@
 //! `flow::sled_backend`), and a restored partition reconciles sled's positions with the group's
 //! committed offsets.
 
-use super::kafka_storage::{encode, encode_events};
+use super::kafka_storage::{encode_events, encode_state};
 use super::storage::{Change, Out, Positions, Restored, Restoring, Storage};
 use super::PartitionState;
 use crate::codec::Codec;
@@ -115,7 +115,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
                 self.codec.id(),
                 S::STATE_VERSION,
                 c.ts,
-                encode::<S, _>(self.codec, c.key, c.state)?,
+                encode_state::<S>(self.codec, c.key, c.state)?,
             );
             Some(SnapshotRecord { key: raw_key.clone(), seq, envelope })
         } else {

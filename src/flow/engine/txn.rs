@@ -174,6 +174,27 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
+    /// Gives the open transaction or batch up when the flow stops on an error: aborts the
+    /// transaction (best effort: a fenced producer cannot), drops what it changed, and makes the
+    /// revocation of closing the consumer commit nothing. The inputs it held come again to
+    /// whoever processes the partitions next.
+    pub(super) fn abandon(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional() {
+            if let Err(e) = self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
+                tracing::debug!(error = %e, "aborting the open transaction of a stopped flow failed (the broker aborts it after its timeout)");
+            }
+        }
+        self.discard_open_work();
+        for o in self.assigned.offsets.values_mut() {
+            o.next = o.committed;
+        }
+        self.assigned.dirty = false;
+    }
+
     /// Finishes in-flight work and commits it: before a revocation and on shutdown.
     pub(super) fn finish(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
         self.drain_pipeline()?;
