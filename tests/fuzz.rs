@@ -285,13 +285,7 @@ fn fuzz_bank_flow_wire() {
         (Just(wire), Just(account.clone()), mutated(account.into_bytes()), mutated(value), any::<bool>())
     });
     Fuzz::new("bank flow wire").run(cases, |(wire, account, key, value, keep_key)| {
-        let record = |key: Vec<u8>, value: Vec<u8>| InputRecord {
-            topic: "bank-commands".into(),
-            partition: 0,
-            offset: 0,
-            key: Some(key),
-            value: Some(value),
-        };
+        let record = |key: Vec<u8>, value: Vec<u8>| InputRecord::new("bank-commands", 0, 0, Some(key), Some(value));
         let valid = record(account.clone().into_bytes(), serde_json::to_vec(&wire).unwrap());
         prop_assert_eq!(bank_flow::decode(&valid).ok(), Some((account.clone(), expected(&wire))));
         let input = record(if keep_key { account.into_bytes() } else { key.clone() }, value);
@@ -305,6 +299,7 @@ fn fuzz_bank_flow_wire() {
                 events: &[BankEvent::Opened],
                 outcome: &outcome,
                 state: &Account::default(),
+                context: &(),
             };
             bank_flow::outputs(&topics, &processed)
         };

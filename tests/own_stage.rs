@@ -7,8 +7,8 @@ use eventstage::journal::{Journal, SledJournal};
 use eventstage::testkit::StageTest;
 use eventstage::{Codec, CodecError, Effect, Error, EventSourced, RuntimeConfig, StageRuntime};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 /// Seats of a show: an internally tagged event enum, the shape serde users reach for first.
@@ -238,4 +238,211 @@ async fn a_flow_refuses_events_it_could_not_restore() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].value.as_deref(), Some(&b"ok 1"[..]));
     tokio::time::timeout(crate::util::DEADLINE, running.drain_and_shutdown()).await.expect("the flow drains").unwrap();
+}
+
+/// The example a user copies (`examples/reservations.rs`), compiled into this binary too: its own
+/// unit tests run here, and the tests below drive its functions.
+#[path = "../examples/reservations.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod reservations;
+
+/// The reservations example built by `cargo test` (examples are built with the tests).
+fn example_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/main-<hash> → target/<profile>/examples/reservations
+    let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join("reservations");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/reservations.rs");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    assert!(
+        modified(&path).is_some_and(|built| modified(&source).is_some_and(|changed| built >= changed)),
+        "{} is missing or older than its source: run the tests with `cargo test` without `--test` (it builds the examples), or `cargo build --examples --all-features` first",
+        path.display()
+    );
+    path
+}
+
+/// The example as a child process; killed when dropped.
+struct Example {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Example {
+    fn start(brokers: &str, requests: &str, group: &str, id: &str, logs: &std::path::Path) -> Self {
+        let log = logs.join(format!("{id}-{}.log", rand::random::<u32>()));
+        let child = std::process::Command::new(example_binary())
+            .args(["--brokers", brokers, "--requests", requests, "--group", group, "--id", id])
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The reference model of a show's seats, written apart from the stage: (reply ok, taken, error).
+fn model_reply(
+    seats: &mut BTreeMap<u32, String>,
+    op: &str,
+    seat: u32,
+    customer: &str,
+) -> (bool, Option<usize>, Option<String>) {
+    let refuse = |e: String| (false, None, Some(e));
+    match (op, seats.get(&seat).cloned()) {
+        (_, _) if !(1..=reservations::SEATS).contains(&seat) && op == "reserve" => {
+            refuse(format!("seat {seat} does not exist (seats are 1 to {})", reservations::SEATS))
+        }
+        ("reserve", Some(holder)) if holder == customer => (true, Some(seats.len()), None),
+        ("reserve", Some(_)) => refuse(format!("seat {seat} is taken")),
+        ("reserve", None) => {
+            seats.insert(seat, customer.to_string());
+            (true, Some(seats.len()), None)
+        }
+        (_, None) => refuse(format!("seat {seat} is not reserved")),
+        (_, Some(holder)) if holder != customer => refuse(format!("seat {seat} is reserved by someone else")),
+        (_, Some(_)) => {
+            seats.remove(&seat);
+            (true, Some(seats.len()), None)
+        }
+    }
+}
+
+/// Issue 22's example and restart, end to end on Apache Kafka: the reservations example runs as
+/// a process with a stable id; requests are answered exactly once each, as the model says; after
+/// `kill -9` the restarted instance (a static member of the group) answers again within seconds,
+/// not after the dead member's 45 s session; a record that is not a request goes to the dead
+/// letter topic; SIGTERM drains and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
+    use rand::{Rng, SeedableRng};
+    crate::util::init_tracing();
+    let brokers = crate::util::broker::brokers();
+    let topics = reservations::Topics::new(&unique("reservations"));
+    for t in [&topics.requests, &topics.replies, &topics.events] {
+        create_topic(&brokers, t, 4, &[]).await;
+    }
+    let (group, id) = (unique("reservations"), unique("reservations-0"));
+    let logs = TempDir::new().unwrap();
+    // Requests over 8 shows, in two halves; the expected reply of each, by request id.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let mut shows: BTreeMap<String, BTreeMap<u32, String>> = BTreeMap::new();
+    let mut expected = std::collections::HashMap::new();
+    let requests: Vec<(String, Vec<u8>)> = (0..600)
+        .map(|i| {
+            let show = format!("show-{}", rng.random_range(0..8));
+            let op = if rng.random_bool(0.7) { "reserve" } else { "release" };
+            let (seat, customer) = (rng.random_range(0..=24u32), ["ann", "bob"][rng.random_range(0..2)]);
+            let (ok, taken, error) = model_reply(shows.entry(show.clone()).or_default(), op, seat, customer);
+            let id = format!("r{i}");
+            expected.insert(id.clone(), reservations::Reply { id: id.clone(), ok, taken, error });
+            let json = serde_json::json!({"id": id, "op": op, "seat": seat, "customer": customer});
+            (show, json.to_string().into_bytes())
+        })
+        .collect();
+    let feed = |batch: Vec<(String, Vec<u8>)>| {
+        let (b, t) = (brokers.clone(), topics.requests.clone());
+        tokio::task::spawn_blocking(move || {
+            let p = producer(&b);
+            for (show, value) in batch {
+                send(&p, &t, &show, &value);
+            }
+            flush(&p);
+        })
+    };
+    let replies_at_least = |n: usize| {
+        let (b, t) = (brokers.clone(), topics.replies.clone());
+        tokio::task::spawn_blocking(move || read_committed(&b, &t, move |r| r.len() >= n, Duration::from_millis(200)))
+    };
+
+    // Two instances: `other` (the group's leader) stays up; `first` is killed and restarted.
+    let other = Example::start(&brokers, &topics.requests, &group, &format!("{id}-other"), logs.path());
+    crate::util::wait_until("the first instance to own partitions", || other.log().contains("assigned and restored"))
+        .await;
+    let first = Example::start(&brokers, &topics.requests, &group, &id, logs.path());
+    let feeding = {
+        let (b, t, batch) = (brokers.clone(), topics.requests.clone(), requests[..300].to_vec());
+        std::thread::spawn(move || {
+            let p = producer(&b);
+            for chunk in batch.chunks(10) {
+                for (show, value) in chunk {
+                    send(&p, &t, show, value);
+                }
+                flush(&p);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    replies_at_least(150).await.unwrap();
+    // kill -9, then the same instance again: it takes its place in the group at once.
+    let mut first = first;
+    crate::util::wait_until("the group to split the partitions", || first.log().contains("assigned and restored"))
+        .await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let other_before = other.log().len();
+    feeding.join().unwrap();
+    let restarted = Instant::now();
+    let second = Example::start(&brokers, &topics.requests, &group, &id, logs.path());
+    feed(requests[300..].to_vec()).await.unwrap();
+    feed(vec![("show-1".into(), b"not a request".to_vec())]).await.unwrap();
+    replies_at_least(600).await.unwrap();
+    let took = restarted.elapsed();
+    // A static member that comes back takes its old assignment: the other instance sees no
+    // rebalance (a dynamic member's return revokes and reassigns every partition of the group).
+    let other_after = other.log()[other_before..].to_string();
+    assert!(
+        !other_after.contains("revoked") && !other_after.contains("assigned and restored"),
+        "the restart rebalanced the group: {other_after}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "answering again took {took:?} after the restart (a dynamic member waits ~45 s): {}",
+        second.log()
+    );
+
+    // Exactly one reply per request, each as the model says.
+    let got = replies_at_least(600).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for r in &got {
+        let reply: reservations::Reply = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        assert_eq!(Some(&reply), expected.get(&reply.id), "reply {}", reply.id);
+        assert!(seen.insert(reply.id.clone()), "two replies to {}", reply.id);
+    }
+    assert_eq!(seen.len(), 600);
+    let (b, dlq) = (brokers.clone(), format!("{}.dlq", topics.requests));
+    let dead =
+        tokio::task::spawn_blocking(move || read_committed(&b, &dlq, |r| !r.is_empty(), Duration::from_millis(200)))
+            .await
+            .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0]
+        .headers
+        .iter()
+        .any(|(k, v)| k == "eventstage.error" && v.starts_with(b"the value is not a request")));
+
+    // SIGTERM drains: the process exits 0.
+    let mut second = second;
+    let pid = second.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = second.child.wait().unwrap();
+        (status, second.log())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success() && status.1.contains("stopped"), "{:?}: {}", status.0, status.1);
 }

@@ -3,7 +3,10 @@
 use super::*;
 
 /// Builds a flow around a stage. See the module docs.
-pub struct FlowBuilder<S: EventSourced> {
+///
+/// `C` is the type of the context the decoder hands the output mapping beside each command (see
+/// [`decoder_with_context`](FlowBuilder::decoder_with_context)); `()` without one.
+pub struct FlowBuilder<S: EventSourced, C = ()> {
     stage: S,
     brokers: String,
     group_id: String,
@@ -28,9 +31,13 @@ pub struct FlowBuilder<S: EventSourced> {
     enrich: Option<settings::Enrichment<S>>,
     on_rebalance: Vec<settings::SyncListener>,
     on_rebalance_async: Option<settings::AsyncListener>,
+    static_membership: bool,
+    /// The output mapping was set before the decoder's context type changed: refused at `run`.
+    outputs_lost: bool,
+    context: std::marker::PhantomData<fn() -> C>,
 }
 
-impl<S: EventSourced> fmt::Debug for FlowBuilder<S> {
+impl<S: EventSourced, C> fmt::Debug for FlowBuilder<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FlowBuilder")
             .field("stage", &S::NAME)
@@ -42,13 +49,19 @@ impl<S: EventSourced> fmt::Debug for FlowBuilder<S> {
 }
 
 impl<S: EventSourced> FlowBuilder<S> {
-    /// A flow of `stage` reading `inputs` as consumer group `group_id` from `brokers`.
-    pub fn new(stage: S, brokers: impl Into<String>, group_id: impl Into<String>, inputs: &[&str]) -> Self {
+    /// A flow of `stage` reading `inputs` (`&["commands"]`, a `Vec<String>`, ...) as consumer
+    /// group `group_id` from `brokers`.
+    pub fn new(
+        stage: S,
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        inputs: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> Self {
         Self {
             stage,
             brokers: brokers.into(),
             group_id: group_id.into(),
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            inputs: inputs.into_iter().map(|s| s.as_ref().to_string()).collect(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
             transactional_id: None,
@@ -69,9 +82,101 @@ impl<S: EventSourced> FlowBuilder<S> {
             enrich: None,
             on_rebalance: Vec::new(),
             on_rebalance_async: None,
+            static_membership: false,
+            outputs_lost: false,
+            context: std::marker::PhantomData,
         }
     }
 
+    /// The decoder from input record to `(key, command)`, or an error saying why it cannot be one
+    /// (any error type, or a message: see [`BoxError`](super::BoxError)). Required (this, or
+    /// [`decoder_with_context`](Self::decoder_with_context)).
+    #[must_use]
+    pub fn decoder<E: Into<super::BoxError>>(
+        mut self,
+        decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command), E> + Send + 'static,
+    ) -> Self {
+        self.decoder = Some(Box::new(move |input| {
+            decode(input).map(|(key, command)| (key, command, Box::new(()) as Context)).map_err(super::describe)
+        }));
+        self
+    }
+
+    /// A decoder that also hands the output mapping a value of your own beside the command
+    /// ([`Processed::context`]): what the outputs need from the input and the command does not
+    /// carry (a request id to echo, a reply-to topic, a correlation header), parsed once. Call it
+    /// before [`outputs`](FlowBuilder::outputs), whose closure then takes `&Processed<S, C>`.
+    ///
+    /// ```
+    /// # use eventstage::flow::{FlowBuilder, OutputRecord};
+    /// # use eventstage::{Effect, EventSourced};
+    /// # struct Counter;
+    /// # impl EventSourced for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type Key = String; type Command = u64; type Event = u64; type State = u64;
+    /// #     type Reply = u64; type Rejection = String;
+    /// #     fn handle(&self, _: &u64, n: u64) -> Result<Effect<Self>, String> {
+    /// #         Ok(Effect::persist([n]).then_reply(|t: &u64| *t))
+    /// #     }
+    /// #     fn apply(t: &mut u64, n: &u64) { *t += n }
+    /// # }
+    /// #[derive(serde::Deserialize)]
+    /// struct Request { id: String, counter: String, add: u64 }
+    ///
+    /// let flow = FlowBuilder::new(Counter, "127.0.0.1:9092", "counters", ["counter-requests"])
+    ///     .decoder_with_context(|r| {
+    ///         let req: Request = serde_json::from_slice(r.value.as_deref().unwrap_or_default())?;
+    ///         Ok::<_, serde_json::Error>((req.counter, req.add, req.id)) // the id, for the reply
+    ///     })
+    ///     .outputs(|p| {
+    ///         let reply = match p.outcome {
+    ///             Ok(total) => format!(r#"{{"id":"{}","total":{total}}}"#, p.context),
+    ///             Err(e) => format!(r#"{{"id":"{}","error":"{e}"}}"#, p.context),
+    ///         };
+    ///         vec![OutputRecord::new("counter-replies", p.key.as_bytes(), reply)]
+    ///     });
+    /// ```
+    #[must_use]
+    pub fn decoder_with_context<C: Send + 'static, E: Into<super::BoxError>>(
+        self,
+        decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command, C), E> + Send + 'static,
+    ) -> FlowBuilder<S, C> {
+        let decoder: Decoder<S> = Box::new(move |input| {
+            decode(input).map(|(key, command, c)| (key, command, Box::new(c) as Context)).map_err(super::describe)
+        });
+        FlowBuilder {
+            stage: self.stage,
+            brokers: self.brokers,
+            group_id: self.group_id,
+            inputs: self.inputs,
+            consumer: self.consumer,
+            producer: self.producer,
+            transactional_id: self.transactional_id,
+            commit_interval: self.commit_interval,
+            journal: self.journal,
+            take_over_journal: self.take_over_journal,
+            state_dir: self.state_dir,
+            state_retention: self.state_retention,
+            checkpoint_interval: self.checkpoint_interval,
+            standby: self.standby,
+            snapshot_every: self.snapshot_every,
+            decoder: Some(decoder),
+            outputs: None,
+            bad_input: self.bad_input,
+            codec: self.codec,
+            guarantee: self.guarantee,
+            committer: self.committer,
+            enrich: self.enrich,
+            on_rebalance: self.on_rebalance,
+            on_rebalance_async: self.on_rebalance_async,
+            static_membership: self.static_membership,
+            outputs_lost: self.outputs.is_some(),
+            context: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     /// Exactly-once (transactions, the default) or at-least-once (see [`Guarantee`]).
     #[must_use]
     pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
@@ -149,10 +254,37 @@ impl<S: EventSourced> FlowBuilder<S> {
     }
 
     /// The producer's `transactional.id`: stable per instance, so a restarted instance fences its
-    /// zombie. Default: `eventstage-<group>-<random>`.
+    /// zombie. It is also the instance's static member id in the consumer group when
+    /// [`static_membership`](Self::static_membership) is on. Give every instance its own (e.g. the
+    /// pod's name in a StatefulSet, `<app>-<n>`). Default: `eventstage-<group>-<random>`, new in
+    /// every process.
     #[must_use]
     pub fn transactional_id(mut self, id: impl Into<String>) -> Self {
         self.transactional_id = Some(id.into());
+        self
+    }
+
+    /// Whether the flow's consumer joins its group as a static member (KIP-345,
+    /// `group.instance.id` = the [`transactional_id`](Self::transactional_id), which must be set:
+    /// [`run`](Self::run) refuses it otherwise). Default: off. A consumer property
+    /// `group.instance.id` overrides the id.
+    ///
+    /// - **What it buys.** A restarted instance (after a crash, `kill -9`, a deploy) takes its
+    ///   place and its partitions back at once, without a rebalance: 1.3 s here, where a dynamic
+    ///   member restarted after `kill -9` waited 44 s for its dead predecessor's session
+    ///   (`session.timeout.ms`, librdkafka's default 45 s) to expire before the group rebalanced.
+    /// - **What it costs.** A static member that goes away does not leave the group, not even on a
+    ///   clean drain: its partitions wait, unprocessed, until the same id comes back or its
+    ///   session times out. Two live instances with the same id fence each other (the older one
+    ///   stops with `FencedInstanceId`).
+    /// - **When not to.** Instances removed for good (scaling in), or ids that change from one
+    ///   run to the next (a random or per-deploy suffix): each such stop stalls its partitions for
+    ///   a session timeout. Keep it off there, or lower `session.timeout.ms`
+    ///   ([`consumer_property`](Self::consumer_property)) to bound the stall. It fits instances
+    ///   with stable slots: a StatefulSet's pods, `app-0..app-N` under systemd.
+    #[must_use]
+    pub fn static_membership(mut self, on: bool) -> Self {
+        self.static_membership = on;
         self
     }
 
@@ -247,22 +379,27 @@ impl<S: EventSourced> FlowBuilder<S> {
         self
     }
 
-    /// The decoder from input record to `(key, command)`, or an error saying why it cannot be one
-    /// (any error type, or a message: see [`BoxError`](super::BoxError)). Required.
-    #[must_use]
-    pub fn decoder<E: Into<super::BoxError>>(
-        mut self,
-        decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command), E> + Send + 'static,
-    ) -> Self {
-        self.decoder = Some(Box::new(move |input| decode(input).map_err(super::describe)));
-        self
-    }
-
     /// The output mapping. Default: no outputs. It runs on the flow's emitter thread, one
-    /// outcome after another in the order the commands were handled.
+    /// outcome after another in the order the commands were handled, and sees the input record
+    /// ([`Processed::input`]: key, value, headers, timestamp, where it came from) and the
+    /// decoder's context ([`Processed::context`]).
     #[must_use]
-    pub fn outputs(mut self, map: impl Fn(&Processed<'_, S>) -> Vec<OutputRecord> + Send + 'static) -> Self {
-        self.outputs = Some(Box::new(map));
+    pub fn outputs(mut self, map: impl Fn(&Processed<'_, S, C>) -> Vec<OutputRecord> + Send + 'static) -> Self {
+        self.outputs = Some(Box::new(move |p: &Processed<'_, S, Context>| {
+            let Some(context) = p.context.downcast_ref::<C>() else {
+                // The builder sets the decoder and this mapping with the same `C`: unreachable.
+                panic!("the decoder's context is not a {}", std::any::type_name::<C>())
+            };
+            map(&Processed {
+                input: p.input,
+                key: p.key,
+                events: p.events,
+                outcome: p.outcome,
+                state: p.state,
+                context,
+            })
+        }));
+        self.outputs_lost = false;
         self
     }
 
@@ -288,6 +425,11 @@ impl<S: EventSourced> FlowBuilder<S> {
     /// [`FlowError::Config`] when the builder lacks a decoder or inputs.
     pub fn run(self) -> Result<FlowControl, FlowError> {
         let decoder = self.decoder.ok_or_else(|| FlowError::Config("a decoder is required".into()))?;
+        if self.outputs_lost {
+            return Err(FlowError::Config(
+                "the output mapping was set before decoder_with_context, which changes the type it takes: set the outputs after the decoder".into(),
+            ));
+        }
         if self.commit_interval.is_zero() {
             return Err(FlowError::Config(
                 "the commit interval is 0: give it at least 1 ms (Kafka Streams' exactly-once default is 100 ms)"
@@ -304,6 +446,23 @@ impl<S: EventSourced> FlowBuilder<S> {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "false");
+        let static_id = match (self.static_membership, &self.transactional_id) {
+            (false, _) => None,
+            (true, Some(id)) => Some(id),
+            (true, None) => {
+                return Err(FlowError::Config(
+                    "static membership needs a member id that survives restarts: set transactional_id (the member id is the transactional id)".into(),
+                ))
+            }
+        };
+        if let Some(id) = static_id {
+            consumer.set("group.instance.id", id);
+        } else if self.transactional_id.is_some() && !self.consumer.contains_key("group.instance.id") {
+            tracing::info!(
+                group = %self.group_id,
+                "a dynamic group member: restarted after a crash, this instance waits up to session.timeout.ms (librdkafka's default: 45 s) for the group to drop its predecessor; FlowBuilder::static_membership(true) takes its place at once (see its docs for the cost)"
+            );
+        }
         for (k, v) in &self.consumer {
             consumer.set(k, v);
         }

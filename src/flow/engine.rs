@@ -4,8 +4,9 @@ use super::checkpoint::Checkpoints;
 use super::settings::{AsyncListener, EnrichFn, Enrichment, SyncListener};
 use super::sled_backend::SledBackend;
 use super::{
-    BadInput, CommitterSettings, Decoder, EnrichSettings, FlowError, FlowJournal, Guarantee, InputRecord, Metrics,
-    OutputRecord, Outputs, Processed, RebalanceActions, RebalanceEvent, TopicPartition, ABORT, DRAIN,
+    BadInput, CommitterSettings, Context, Decoded, Decoder, EnrichSettings, FlowError, FlowJournal, Guarantee,
+    InputRecord, Metrics, OutputRecord, Outputs, Processed, RebalanceActions, RebalanceEvent, TopicPartition, ABORT,
+    DRAIN,
 };
 use crate::codec::Codec;
 use crate::replay::Entity;
@@ -213,17 +214,16 @@ impl<S: EventSourced> Core<S> {
                 if let Some(unlogged) = self.bad_input_log.check() {
                     tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, unlogged_before = unlogged, "bad input record, sent to the dead-letter topic (after the first 10, one line per 10 s says how many were not logged)");
                 }
-                let record = OutputRecord {
-                    topic: dlq.clone(),
-                    key: input.key.clone(),
-                    value: input.value.clone(),
-                    headers: vec![
-                        ("eventstage.source.topic".into(), input.topic.as_bytes().to_vec()),
-                        ("eventstage.source.partition".into(), input.partition.to_string().into_bytes()),
-                        ("eventstage.source.offset".into(), input.offset.to_string().into_bytes()),
-                        ("eventstage.error".into(), reason.into_bytes()),
-                    ],
-                };
+                // The record as it came (its own headers too), then where it came from and why.
+                let mut headers = input.headers.clone();
+                headers.extend([
+                    ("eventstage.source.topic".into(), input.topic.as_bytes().to_vec()),
+                    ("eventstage.source.partition".into(), input.partition.to_string().into_bytes()),
+                    ("eventstage.source.offset".into(), input.offset.to_string().into_bytes()),
+                    ("eventstage.error".into(), reason.into_bytes()),
+                ]);
+                let record =
+                    OutputRecord { topic: dlq.clone(), key: input.key.clone(), value: input.value.clone(), headers };
                 self.emit(input.partition, record)?;
                 self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -239,6 +239,16 @@ impl<S: EventSourced> Core<S> {
             offset: msg.offset(),
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().map(<[u8]>::to_vec),
+            // No allocation for a record without headers (most).
+            headers: msg
+                .headers()
+                .map(|h| {
+                    rdkafka::message::Headers::iter(h)
+                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            timestamp: msg.timestamp().to_millis(),
         };
         let offset = input.offset;
         if self.skip_applied
@@ -257,11 +267,7 @@ impl<S: EventSourced> Core<S> {
     }
 
     /// Runs the stage on a decoded (and enriched) input record, in input order per partition.
-    fn handle(
-        &mut self,
-        mut input: InputRecord,
-        decoded: Result<(S::Key, S::Command), String>,
-    ) -> Result<(), FlowError> {
+    fn handle(&mut self, mut input: InputRecord, decoded: Result<Decoded<S>, String>) -> Result<(), FlowError> {
         let Some(offsets) = offsets_of(&mut self.assigned.offsets, &mut input) else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
@@ -270,8 +276,8 @@ impl<S: EventSourced> Core<S> {
         self.assigned.dirty = true;
         self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
         self.txn.delivery.count_input();
-        let (key, command) = match decoded {
-            Ok(kc) => kc,
+        let (key, command, context) = match decoded {
+            Ok(decoded) => decoded,
             Err(reason) => return self.dead_letter(&input, reason),
         };
         let p = input.partition;
@@ -319,7 +325,7 @@ impl<S: EventSourced> Core<S> {
             }
         };
         let batch = self.batch();
-        self.txn.emitter.outcome(batch, Outcome { input, key, events, outcome, state })
+        self.txn.emitter.outcome(batch, Outcome { input, key, events, outcome, state, context })
     }
 
     /// Records in the storage what one command changed: `events` applied to `key` (at sequence

@@ -190,12 +190,10 @@ fn configure<S: eventstage::EventSourced>(
         }
         None => flow,
     };
-    if args.transactional_id.is_some() {
-        // A restarted instance (same transactional id) takes its old place in the group at once.
-        flow.consumer_property("group.instance.id", txn)
-    } else {
-        flow
-    }
+    // With --transactional-id the instance is a static member of the group (the member id is the
+    // transactional id): a restarted instance takes its old place at once. The default id is new
+    // in every process: as a static member id it would stall the partitions at every restart.
+    flow.static_membership(args.transactional_id.is_some())
 }
 
 /// The default transactional id: unique per host and process.

@@ -343,6 +343,8 @@ pub(super) struct Outcome<S: EventSourced> {
     pub(super) outcome: Result<S::Reply, S::Rejection>,
     /// The entity's state after the events.
     pub(super) state: Arc<S::State>,
+    /// What the decoder handed over for the output mapping.
+    pub(super) context: super::super::Context,
 }
 
 enum Job<S: EventSourced> {
@@ -520,6 +522,7 @@ impl<S: EventSourced> Worker<S> {
                     events: &o.events,
                     outcome: &o.outcome,
                     state: o.state.as_ref(),
+                    context: &o.context,
                 };
                 let records = catch_unwind(AssertUnwindSafe(|| (self.outputs)(&processed))).map_err(|panic| {
                     let msg = panic

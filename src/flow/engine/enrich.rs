@@ -8,7 +8,7 @@ use super::*;
 use std::collections::VecDeque;
 use std::sync::mpsc;
 
-type Decoded<S> = Result<(<S as EventSourced>::Key, <S as EventSourced>::Command), String>;
+type Decoded<S> = Result<super::super::Decoded<S>, String>;
 
 struct Slot<S: EventSourced> {
     id: u64,
@@ -22,6 +22,7 @@ struct Done<S: EventSourced> {
     partition: i32,
     id: u64,
     key: S::Key,
+    context: Context,
     result: Result<S::Command, String>,
 }
 
@@ -75,7 +76,7 @@ impl<S: EventSourced> Pipeline<S> {
         self.next_id += 1;
         let result = match decoded {
             Err(reason) => Some(Err(reason)),
-            Ok((key, command)) => {
+            Ok((key, command, context)) => {
                 self.running += 1;
                 metrics.enrich_in_flight.store(self.running as u64, Ordering::Relaxed);
                 metrics.max_enrich_in_flight.fetch_max(self.running as u64, Ordering::Relaxed);
@@ -83,7 +84,7 @@ impl<S: EventSourced> Pipeline<S> {
                     (self.enrich.clone(), self.tx.clone(), input.topic.clone(), input.partition);
                 self.handle.spawn(async move {
                     let result = f(key.clone(), command).await;
-                    let _ = tx.send(Done { topic, partition, id, key, result });
+                    let _ = tx.send(Done { topic, partition, id, key, context, result });
                 });
                 None
             }
@@ -97,7 +98,7 @@ impl<S: EventSourced> Pipeline<S> {
         metrics.enrich_in_flight.store(self.running as u64, Ordering::Relaxed);
         let Some(queue) = self.queues.get_mut(&(done.topic, done.partition)) else { return };
         if let Some(slot) = queue.iter_mut().find(|s| s.id == done.id) {
-            slot.result = Some(done.result.map(|command| (done.key, command)));
+            slot.result = Some(done.result.map(|command| (done.key, command, done.context)));
         }
     }
 

@@ -8,7 +8,7 @@ use eventstage_journal::kafka::Detached;
 pub(super) fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
     let hint = match code {
         RDKafkaErrorCode::FencedInstanceId => {
-            "another live instance joined the group with this instance's group.instance.id (the demo sets it to the --transactional-id): give every instance its own id"
+            "another live instance joined the group with this instance's group.instance.id (a flow with a transactional id uses it as its static member id): give every instance its own id"
         }
         RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::GroupAuthorizationFailed => {
             "the consumer is not authorized: grant it read on the inputs and the group"
