@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let risk = risk_service();
     let topics = BankTopics::default();
     let input = topics.input.clone();
-    let flow = FlowBuilder::new(LimitedBank, &brokers, "eventstage-risk-example", &[input.as_str()])
+    let flow = FlowBuilder::new(LimitedBank, &brokers, "eventstage-risk-example", [input.as_str()])
         .decoder(|record| decode(record).map(|(account, command)| (account, Limited { command, limit: None })))
         .enrich(EnrichSettings::parallelism(16), move |account: String, command: Limited| {
             let risk = risk.clone();

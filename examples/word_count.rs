@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(text) = args.next() {
         produce_words(&brokers, &text)?;
     }
-    let flow = FlowBuilder::new(WordCount, &brokers, "eventstage-word-count", &["words"])
+    let flow = FlowBuilder::new(WordCount, &brokers, "eventstage-word-count", ["words"])
         .guarantee(Guarantee::AtLeastOnce)
         .committer(CommitterSettings::default().max_batch(500).max_interval(Some(Duration::from_millis(200))))
         .journal_topic("word-count-journal")

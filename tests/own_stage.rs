@@ -184,7 +184,7 @@ async fn a_flow_refuses_events_it_could_not_restore() {
     }
     let flow = |codec: Codec, group: &str| {
         let replies = replies.clone();
-        FlowBuilder::new(Seats, &brokers, group, &[input.as_str()])
+        FlowBuilder::new(Seats, &brokers, group, [input.as_str()])
             .journal_topic(&journal)
             .codec(codec)
             .decoder(|r| {

@@ -50,7 +50,7 @@ impl Service {
 fn enriched_bank(s: &Setup, service: &Service, parallelism: usize, guarantee: Guarantee) -> FlowBuilder<LimitedBank> {
     let topics = s.topics.clone();
     let service = service.clone();
-    FlowBuilder::new(LimitedBank, &s.brokers, &s.group, &[s.topics.input.as_str()])
+    FlowBuilder::new(LimitedBank, &s.brokers, &s.group, [s.topics.input.as_str()])
         .decoder(|record| decode(record).map(|(account, command)| (account, Limited { command, limit: None })))
         .enrich(EnrichSettings::parallelism(parallelism), move |_account, command| {
             let service = service.clone();
@@ -139,7 +139,7 @@ async fn enrichment_failures_follow_the_bad_input_policy() {
     let topics = s.topics.clone();
     let counted = attempts.clone();
     let settings = EnrichSettings::parallelism(4).attempts(3).backoff(Duration::from_millis(5), Duration::from_secs(5));
-    let flow = FlowBuilder::new(LimitedBank, &s.brokers, &s.group, &[s.topics.input.as_str()])
+    let flow = FlowBuilder::new(LimitedBank, &s.brokers, &s.group, [s.topics.input.as_str()])
         .decoder(|record| decode(record).map(|(account, command)| (account, Limited { command, limit: None })))
         .enrich(settings, move |account: String, command| {
             let counted = counted.clone();

@@ -24,7 +24,7 @@ pub(crate) fn enrichment(
 ) -> Result<Enrichment> {
     let run = flow_run(rt, broker, cmds, |b, topics, journal| {
         let input = topics.input.clone();
-        eventstage::flow::FlowBuilder::new(LimitedBank, b, unique("group"), &[input.as_str()])
+        eventstage::flow::FlowBuilder::new(LimitedBank, b, unique("group"), [input.as_str()])
             .decoder(|r| decode(r).map(|(account, command)| (account, Limited { command, limit: None })))
             .enrich(EnrichSettings::parallelism(parallelism), |_account, command| async move {
                 tokio::time::sleep(SERVICE_LATENCY).await;

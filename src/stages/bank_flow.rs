@@ -175,7 +175,7 @@ where
 /// The bank flow: a [`FlowBuilder`] with the wire decoder and outputs; add settings and `run()`.
 pub fn bank_flow(brokers: &str, group_id: &str, topics: BankTopics) -> FlowBuilder<Bank> {
     let input = topics.input.clone();
-    FlowBuilder::new(Bank, brokers, group_id, &[input.as_str()]).decoder(decode).outputs(move |p| outputs(&topics, p))
+    FlowBuilder::new(Bank, brokers, group_id, [input.as_str()]).decoder(decode).outputs(move |p| outputs(&topics, p))
 }
 
 /// The bank flow with withdrawal limits: every command is enriched with the account's current
@@ -191,7 +191,7 @@ pub fn bank_flow_with_limits(
 ) -> FlowBuilder<super::bank::LimitedBank> {
     use super::bank::{Limited, LimitedBank};
     let input = topics.input.clone();
-    FlowBuilder::new(LimitedBank, brokers, group_id, &[input.as_str()])
+    FlowBuilder::new(LimitedBank, brokers, group_id, [input.as_str()])
         .decoder(move |record| {
             let (account, command) = decode(record)?;
             let limit = limits.get(account.as_str()).map(|l| *l);
