@@ -202,7 +202,7 @@ impl Cli {
             Err(e) => e.format(&mut command).exit(),
         };
         if let Err(e) = init_logging(&args.log) {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             return ExitCode::from(2);
         }
         match args.command {
@@ -286,10 +286,30 @@ pub(crate) fn block_on_cli(fut: impl std::future::Future<Output = anyhow::Result
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes on one line, as anyhow's `{:#}` prints them, less each cause whose text
+/// the message before it already holds: many errors print their source in their own message and
+/// return it from `source()` too (`FlowError::Kafka`, whose librdkafka message then appeared
+/// twice, thrice with its error code), and the chain would repeat it.
+pub(crate) fn render_error(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut before = String::new();
+    for cause in e.chain() {
+        let this = cause.to_string();
+        if before.is_empty() || !before.contains(&this) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&this);
+        }
+        before = this;
+    }
+    text
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -320,6 +340,34 @@ mod tests {
     enum Own {
         /// A command of the application's own.
         Hello { name: String },
+    }
+
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening the journal: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // Printed in the message and returned as the source: once.
+        let e = anyhow::Error::new(Outer(io())).context("journal stats");
+        assert_eq!(render_error(&e), "journal stats: opening the journal: no such file");
+        // A cause the message does not hold is printed.
+        let e = anyhow::Error::new(io()).context("reading x");
+        assert_eq!(render_error(&e), "reading x: no such file");
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn a_kafka_error_of_a_flow_prints_librdkafkas_message_once() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode;
+        let source = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
+        let e = anyhow::Error::new(crate::flow::FlowError::Kafka { context: "metadata of t".into(), source });
+        assert_eq!(format!("{e:#}").matches("Meta data fetch error").count(), 2, "anyhow repeats it: {e:#}");
+        let text = render_error(&e);
+        assert_eq!(text.matches("Meta data fetch error").count(), 1, "{text}");
+        assert_eq!(text.matches("BrokerTransportFailure").count(), 1, "{text}");
+        assert!(text.starts_with("kafka: metadata of t: Meta data fetch error: BrokerTransportFailure"), "{text}");
     }
 
     #[test]
