@@ -12,6 +12,7 @@ mod journal_kafka;
 pub(crate) mod kafka;
 mod patterns;
 mod runtime;
+mod setup;
 mod store;
 mod table;
 mod table_partitions;
