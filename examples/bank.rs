@@ -7,13 +7,15 @@
 //!
 //! The stage itself (command handler, event handler, rejections) is `src/stages/bank.rs`.
 
+mod util;
+
 use eventstage::journal::SledJournal;
 use eventstage::stages::bank::{Bank, BankCommand, BankRejection};
 use eventstage::{EventSourced, RuntimeConfig, StageRuntime};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let temp = tempfile::tempdir()?;
     let path = std::env::args().nth(1).map_or_else(|| temp.path().join("bank"), Into::into);
 

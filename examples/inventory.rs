@@ -7,13 +7,15 @@
 //!
 //! The stage is `src/stages/inventory.rs` (it also shows an event upcast from version 1).
 
+mod util;
+
 use eventstage::journal::SledJournal;
 use eventstage::stages::inventory::{Inventory, InventoryCommand};
 use eventstage::{EventSourced, RuntimeConfig, StageRuntime};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let temp = tempfile::tempdir()?;
     let path = temp.path().join("inventory");
     let stage =

@@ -235,7 +235,9 @@ pub(crate) fn note(message: impl std::fmt::Display) {
 }
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` filters them (default: warnings and errors),
-/// coloured only on a terminal without `NO_COLOR`.
+/// coloured only on a terminal without `NO_COLOR`. (A [`Cli`] does this by itself, with its
+/// logging flags. A program without the `cli` feature sets up `tracing-subscriber` itself, as the
+/// examples do in `examples/util/mod.rs`.)
 pub fn init_tracing() {
     let _ = init_logging(&LogArgs::default());
 }
