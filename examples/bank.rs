@@ -7,17 +7,18 @@
 //!
 //! The stage itself (command handler, event handler, rejections) is `src/stages/bank.rs`.
 
-use eventstage::journal::SledJournal;
+mod util;
+
 use eventstage::stages::bank::{Bank, BankCommand, BankRejection};
-use eventstage::{EventSourced, RuntimeConfig, StageRuntime};
+use eventstage::{RuntimeConfig, StageRuntime};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let temp = tempfile::tempdir()?;
     let path = std::env::args().nth(1).map_or_else(|| temp.path().join("bank"), Into::into);
 
-    let stage = StageRuntime::open(Bank, SledJournal::open(&path, Bank::NAME)?, RuntimeConfig::default()).await?;
+    let stage = StageRuntime::open_sled(Bank, &path, RuntimeConfig::default()).await?;
     let bank = stage.handle();
     let alice = "alice".to_string();
     println!("open     -> {:?}", bank.ask(alice.clone(), BankCommand::Open).await?);
@@ -33,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     stage.shutdown().await?;
 
     // Restart: the state comes back from the journal.
-    let stage = StageRuntime::open(Bank, SledJournal::open(&path, Bank::NAME)?, RuntimeConfig::default()).await?;
+    let stage = StageRuntime::open_sled(Bank, &path, RuntimeConfig::default()).await?;
     println!("after restart: {:?} (journal at {})", stage.handle().get(&alice), path.display());
     stage.shutdown().await?;
     Ok(())

@@ -8,12 +8,14 @@
 //! `{"id":"c2","op":"deposit","amount":100}`; read replies with `isolation.level=read_committed`.
 //! (`eventstage demo --brokers HOST:PORT` is the same flow with more flags.)
 
+mod util;
+
 use eventstage::stages::bank_flow::{bank_flow, BankTopics};
 use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let brokers = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9092".into());
     let flow = bank_flow(&brokers, "eventstage-bank-example", BankTopics::default())
         .journal_topic("bank-journal")

@@ -7,17 +7,17 @@
 //!
 //! The stage is `src/stages/inventory.rs` (it also shows an event upcast from version 1).
 
-use eventstage::journal::SledJournal;
+mod util;
+
 use eventstage::stages::inventory::{Inventory, InventoryCommand};
-use eventstage::{EventSourced, RuntimeConfig, StageRuntime};
+use eventstage::{RuntimeConfig, StageRuntime};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let temp = tempfile::tempdir()?;
     let path = temp.path().join("inventory");
-    let stage =
-        StageRuntime::open(Inventory, SledJournal::open(&path, Inventory::NAME)?, RuntimeConfig::default()).await?;
+    let stage = StageRuntime::open_sled(Inventory, &path, RuntimeConfig::default()).await?;
     let inv = stage.handle();
     let sku = "sku-42".to_string();
     inv.ask(sku.clone(), InventoryCommand::Restock(100)).await?.map_err(anyhow::Error::msg)?;
@@ -45,8 +45,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{} reservations accepted, {lost} rejected; after shipping {first}: {levels:?}", won.len());
     stage.shutdown().await?;
 
-    let stage =
-        StageRuntime::open(Inventory, SledJournal::open(&path, Inventory::NAME)?, RuntimeConfig::default()).await?;
+    let stage = StageRuntime::open_sled(Inventory, &path, RuntimeConfig::default()).await?;
     let stock = stage.handle().get(&sku).expect("the SKU has history");
     println!(
         "after restart: {} on hand, {} reserved, {} available",

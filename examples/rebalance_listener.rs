@@ -7,6 +7,8 @@
 //! cargo run --example rebalance_listener -- 127.0.0.1:9092
 //! ```
 
+mod util;
+
 use eventstage::flow::{RebalanceEvent, TopicPartition};
 use eventstage::stages::bank_flow::{bank_flow, BankTopics};
 use std::collections::BTreeSet;
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let brokers = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9092".into());
     let owned: Arc<Mutex<BTreeSet<TopicPartition>>> = Arc::default();
     let recorder = owned.clone();

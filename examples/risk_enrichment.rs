@@ -8,6 +8,8 @@
 //! cargo run --example risk_enrichment -- 127.0.0.1:9092   # bank-commands -> bank-replies / bank-events
 //! ```
 
+mod util;
+
 use eventstage::flow::{EnrichSettings, FlowBuilder};
 use eventstage::stages::bank::{Limited, LimitedBank};
 use eventstage::stages::bank_flow::{decode, outputs, BankTopics};
@@ -36,7 +38,7 @@ fn risk_service() -> mpsc::Sender<Ask> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let brokers = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9092".into());
     let risk = risk_service();
     let topics = BankTopics::default();

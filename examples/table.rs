@@ -5,12 +5,14 @@
 //! cargo run --example table -- 127.0.0.1:9092 bank-limits [STORE_DIR]
 //! ```
 
+mod util;
+
 use eventstage::table::{Decoder, Table};
 use futures::StreamExt;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let mut args = std::env::args().skip(1);
     let (Some(brokers), Some(topic)) = (args.next(), args.next()) else {
         eprintln!("usage: table BROKERS TOPIC [STORE_DIR]");

@@ -10,6 +10,8 @@
 //! crash a count may be published twice, but the journal never counts an input twice (its records
 //! carry the input positions they include, and inputs delivered again are skipped).
 
+mod util;
+
 use eventstage::flow::{CommitterSettings, FlowBuilder, Guarantee, OutputRecord};
 use eventstage::{Effect, EventSourced};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -55,7 +57,7 @@ fn produce_words(brokers: &str, text: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eventstage::cli::init_tracing();
+    util::init_tracing();
     let mut args = std::env::args().skip(1);
     let brokers = args.next().unwrap_or_else(|| "127.0.0.1:9092".into());
     if let Some(text) = args.next() {

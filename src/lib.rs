@@ -7,10 +7,32 @@
 //! | [`EventSourced`], [`Effect`] | the stage API: command handler, event handler, upcasting |
 //! | [`StageRuntime`], [`StageHandle`] | the in-process runtime: group commit, back-pressure, queries |
 //! | [`rebuild`] | state at any point of a journal's history |
-//! | [`flow`] | Kafka flows: consume → stage → produce, exactly once (transactions) or at least once; async enrichment; rebalance listeners (feature `kafka`) |
-//! | [`table`] | KTable emulation: a compacted topic as a queryable local table (features `kafka`, `sled`) |
+// The rows of modules behind features link only where the feature is on.
+#![cfg_attr(
+    feature = "kafka",
+    doc = "| [`flow`] | Kafka flows: consume → stage → produce, exactly once (transactions) or at least once; async enrichment; rebalance listeners (feature `kafka`) |"
+)]
+#![cfg_attr(
+    not(feature = "kafka"),
+    doc = "| `flow` | Kafka flows: consume → stage → produce, exactly once (transactions) or at least once; async enrichment; rebalance listeners (feature `kafka`) |"
+)]
+#![cfg_attr(
+    all(feature = "kafka", feature = "sled"),
+    doc = "| [`table`] | KTable emulation: a compacted topic as a queryable local table (features `kafka`, `sled`) |"
+)]
+#![cfg_attr(
+    not(all(feature = "kafka", feature = "sled")),
+    doc = "| `table` | KTable emulation: a compacted topic as a queryable local table (features `kafka`, `sled`) |"
+)]
 //! | [`testkit`] | given / when / then tests for stages |
-//! | [`cli`] | the `eventstage` command line, for your own binary with your own stages |
+#![cfg_attr(
+    feature = "cli",
+    doc = "| [`cli`] | the `eventstage` command line, for your own binary with your own stages (feature `cli`) |"
+)]
+#![cfg_attr(
+    not(feature = "cli"),
+    doc = "| `cli` | the `eventstage` command line, for your own binary with your own stages (feature `cli`) |"
+)]
 //! | [`journal`] | the bytes-level journal crate (`eventstage-journal`) re-exported |
 //!
 //! ## Delivery and durability

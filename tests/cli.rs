@@ -347,6 +347,21 @@ fn demo_flags_that_do_not_apply_are_refused_and_an_unreachable_cluster_is_named_
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
 }
 
+/// A Kafka journal's stage is the one --stage names, or the only one the binary knows; this one
+/// knows two, so replay asks which, naming them, before it asks the cluster anything.
+#[test]
+fn a_kafka_journal_replay_names_the_stages_to_choose_from() {
+    let started = Instant::now();
+    let (code, _, err) = run_cli(&["journal", "replay", "--journal", "kafka:j", "--brokers", "127.0.0.1:1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs --stage NAME") && err.contains("knows bank, inventory"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "asked the cluster first: {:?}", started.elapsed());
+    let (code, _, err) =
+        run_cli(&["journal", "dump", "--journal", "kafka:j", "--brokers", "127.0.0.1:1", "--stage", "nope"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no stage named `nope`") && err.contains("known: bank, inventory"), "{err}");
+}
+
 /// A flow with a zero commit interval is refused with the fix instead of committing per record.
 #[test]
 fn a_zero_commit_interval_is_refused() {

@@ -13,6 +13,7 @@ pub(crate) mod kafka;
 mod own_stage;
 mod patterns;
 mod runtime;
+mod setup;
 mod store;
 mod table;
 mod table_partitions;

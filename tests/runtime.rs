@@ -230,6 +230,32 @@ async fn positions_are_stored_with_their_batch_and_read_on_open() {
     stage.shutdown().await.unwrap();
 }
 
+/// `StageRuntime::open_sled` opens the sled journal named after the stage: the same journal
+/// `SledJournal::open(path, S::NAME)` opens, and the one the CLI finds by the stage's name.
+#[tokio::test]
+async fn open_sled_names_the_journal_after_the_stage() {
+    let dir = TempDir::new().unwrap();
+    let stage = StageRuntime::open_sled(Bank, dir.path(), RuntimeConfig::default()).await.unwrap();
+    assert_eq!(stage.handle().ask("a".into(), BankCommand::Open).await.unwrap(), Ok(0));
+    stage.shutdown().await.unwrap();
+    let stage = StageRuntime::open(Bank, SledJournal::open(dir.path(), Bank::NAME).unwrap(), RuntimeConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(stage.recovery().events, 1);
+    stage.shutdown().await.unwrap();
+    assert_eq!(eventstage::journal::SledStore::open(dir.path()).unwrap().journal_names(), ["bank"]);
+    let stage = StageRuntime::open_sled(Bank, dir.path(), RuntimeConfig::default()).await.unwrap();
+    assert_eq!(*stage.handle().get(&"a".into()).unwrap(), Account { open: true, balance: 0 });
+    stage.shutdown().await.unwrap();
+    // Not a store: the journal's error.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        StageRuntime::open_sled(Bank, &file, RuntimeConfig::default()).await,
+        Err(eventstage::Error::Journal(_))
+    ));
+}
+
 /// A stage whose handler panics on one command.
 struct Fragile;
 

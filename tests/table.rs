@@ -428,7 +428,7 @@ async fn the_cli_dumps_gets_and_counts_tables() {
         out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap()).collect();
     assert!(!seqs.is_empty() && seqs.windows(2).all(|w| w[0] < w[1]), "{out}");
     let (code, _, err) = journal(&["replay"]);
-    assert!(code == 2 && err.contains("needs --stage"), "{err}");
+    assert!(code == 2 && err.contains("needs --stage") && err.contains("bank, inventory"), "{err}");
     let (code, _, err) = run_cli(&["journal", "stats", "--journal", &j]);
     assert!(code == 2 && err.contains("needs --brokers"), "{err}");
     let (code, _, err) = run_cli(&["journal", "stats", "--journal", "kafka:no-such-journal-here", "--brokers", &b]);

@@ -26,7 +26,8 @@ pub(super) struct JournalArgs {
     #[arg(long, global = true, value_name = "HOST:PORT", env = "EVENTSTAGE_BROKERS")]
     pub(super) brokers: Option<String>,
     /// Which journal of the store (a stage name, or `stage/partition`); default: all, or the only
-    /// one. For a Kafka journal: the stage whose events and states it holds.
+    /// one. For a Kafka journal: the stage whose events and states it holds; default: the only
+    /// stage this binary knows, if it knows one.
     #[arg(long, global = true, value_name = "NAME")]
     pub(super) stage: Option<String>,
     /// Output format.

@@ -34,6 +34,18 @@ pub(super) async fn run(registry: &Registry, args: &JournalArgs, topic: &str) ->
         .clone()
         .with_context(|| format!("--journal kafka:{topic} needs --brokers HOST:PORT (or EVENTSTAGE_BROKERS)"))?;
     let name = format!("kafka:{topic}");
+    // The stage decodes events and states: the one --stage names, else the only one registered (a
+    // Kafka journal's name is its topic's). Checked before the cluster is asked anything.
+    let chosen = registry.for_kafka_journal(args.stage.as_deref())?;
+    let stage = chosen.map(|(_, stage)| stage);
+    if let JournalCommand::Replay(point) = &args.command {
+        if stage.is_none() {
+            bail!("replay of a Kafka journal needs --stage NAME to read its states ({})", registry.choices());
+        }
+        if point.until_seq.is_some() || point.until_time.is_some() {
+            bail!("a Kafka journal is compacted: it keeps each key's newest entry, not its history, so replay reads the newest state; --until-seq and --until-time apply to sled journals (`journal dump` shows the events still in the topic)");
+        }
+    }
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &brokers);
     let journal = {
@@ -42,21 +54,6 @@ pub(super) async fn run(registry: &Registry, args: &JournalArgs, topic: &str) ->
             .await?
             .with_context(|| format!("cannot open the Kafka journal `{topic}` on {brokers}"))?
     };
-    // The stage decodes events and states: named by --stage (a Kafka journal's name is its topic's).
-    let stage = match &args.stage {
-        Some(s) => Some(registry.for_journal(s).with_context(|| {
-            format!("no stage named `{s}` is compiled into this binary (known: {})", registry.names())
-        })?),
-        None => None,
-    };
-    if let JournalCommand::Replay(point) = &args.command {
-        if stage.is_none() {
-            bail!("replay of a Kafka journal needs --stage NAME to read its states (known: {})", registry.names());
-        }
-        if point.until_seq.is_some() || point.until_time.is_some() {
-            bail!("a Kafka journal is compacted: it keeps each key's newest entry, not its history, so replay reads the newest state; --until-seq and --until-time apply to sled journals (`journal dump` shows the events still in the topic)");
-        }
-    }
     let partitions: Vec<(i32, i64)> = (0..journal.partitions()).map(|p| (p, 0)).collect();
     let mut out = BufWriter::new(std::io::stdout().lock());
     let bar = progress_bar(&format!("reading {topic}"));
@@ -165,9 +162,9 @@ pub(super) async fn run(registry: &Registry, args: &JournalArgs, topic: &str) ->
         JournalCommand::Dump(d) => {
             let point = PointArgs { from_seq: d.from_seq, ..d.point.clone() };
             let query = point.query();
-            let stage_name = args.stage.clone().unwrap_or_else(|| name.clone());
+            let stage_name = chosen.map_or_else(|| name.clone(), |(stage, _)| stage.to_string());
             if stage.is_none() {
-                tracing::warn!(journal = %name, known = %registry.names(), "no --stage given; printing payloads as base64");
+                tracing::warn!(journal = %name, "no --stage given ({}); printing payloads as base64", registry.choices());
             }
             let (mut printed, mut failure) = (0u64, None);
             let b = bar.clone();

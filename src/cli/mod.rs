@@ -176,20 +176,51 @@ impl Cli {
     /// Parses the process arguments, runs the command and returns the exit code (0 fine, 1 damage
     /// found by `verify` or nothing found where something was asked for, 2 error).
     pub fn run(self) -> ExitCode {
-        self.run_with(|never: NoCommands| async move { match never {} })
+        self.run_with::<NoCommands, _, _, BoxError>(|never| async move { match never {} })
     }
 
-    /// As [`Cli::run`], with your own commands beside the built-in ones: `E` is a
+    /// As [`Cli::run`], with your own commands beside the built-in ones: `C` is a
     /// `#[derive(clap::Subcommand)]` enum, and `run` runs one of them on the command line's tokio
-    /// runtime. Its error prints with its whole cause chain and exits 2; [`quiet`] says whether
-    /// `--quiet` was given.
-    pub fn run_with<E, F, Fut>(self, run: F) -> ExitCode
+    /// runtime. Its error is yours: any `std::error::Error + Send + Sync + 'static`, an
+    /// `anyhow::Error`, a `Box<dyn Error + Send + Sync>` or a `String`; it prints with its whole
+    /// cause chain (each cause once) and exits 2. [`quiet`] says whether `--quiet` was given.
+    ///
+    /// ```no_run
+    /// use std::process::ExitCode;
+    ///
+    /// #[derive(Debug, clap::Subcommand)]
+    /// enum Own {
+    ///     /// Greets someone.
+    ///     Hello { name: String },
+    /// }
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum AppError {
+    ///     #[error("nobody to greet: give a name")]
+    ///     NoName,
+    ///     #[error("cannot write the greeting")]
+    ///     Io(#[from] std::io::Error),
+    /// }
+    ///
+    /// fn main() -> ExitCode {
+    ///     eventstage::cli::Cli::new("my-app").run_with(|command: Own| async move {
+    ///         let Own::Hello { name } = command;
+    ///         if name.is_empty() {
+    ///             return Err(AppError::NoName);
+    ///         }
+    ///         std::io::Write::write_all(&mut std::io::stdout(), format!("hello {name}\n").as_bytes())?;
+    ///         Ok(ExitCode::SUCCESS)
+    ///     })
+    /// }
+    /// ```
+    pub fn run_with<C, F, Fut, E>(self, run: F) -> ExitCode
     where
-        E: clap::Subcommand + std::fmt::Debug,
-        F: FnOnce(E) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+        C: clap::Subcommand + std::fmt::Debug,
+        F: FnOnce(C) -> Fut,
+        Fut: std::future::Future<Output = Result<ExitCode, E>>,
+        E: Into<BoxError>,
     {
-        let mut command = <Args<E> as clap::CommandFactory>::command().name(self.name.clone());
+        let mut command = <Args<C> as clap::CommandFactory>::command().name(self.name.clone());
         if let Some(about) = &self.about {
             command = command.about(about.clone());
         }
@@ -197,12 +228,12 @@ impl Cli {
             command = command.version(version.clone());
         }
         let matches = command.clone().get_matches();
-        let args = match <Args<E> as clap::FromArgMatches>::from_arg_matches(&matches) {
+        let args = match <Args<C> as clap::FromArgMatches>::from_arg_matches(&matches) {
             Ok(a) => a,
             Err(e) => e.format(&mut command).exit(),
         };
         if let Err(e) = init_logging(&args.log) {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&*e));
             return ExitCode::from(2);
         }
         match args.command {
@@ -235,7 +266,9 @@ pub(crate) fn note(message: impl std::fmt::Display) {
 }
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` filters them (default: warnings and errors),
-/// coloured only on a terminal without `NO_COLOR`.
+/// coloured only on a terminal without `NO_COLOR`. (A [`Cli`] does this by itself, with its
+/// logging flags. A program without the `cli` feature sets up `tracing-subscriber` itself, as the
+/// examples do in `examples/util/mod.rs`.)
 pub fn init_tracing() {
     let _ = init_logging(&LogArgs::default());
 }
@@ -272,9 +305,13 @@ pub(crate) fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a command's error may be: anything that converts into it (`anyhow::Error`, any
+/// `std::error::Error + Send + Sync + 'static`, `String`).
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Runs a CLI future on a fresh tokio runtime and turns its result into an exit code; errors print
 /// with their whole cause chain, a closed stdout (`| head`) counts as success.
-pub(crate) fn block_on_cli(fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+pub(crate) fn block_on_cli<E: Into<BoxError>>(fut: impl std::future::Future<Output = Result<ExitCode, E>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -282,18 +319,43 @@ pub(crate) fn block_on_cli(fut: impl std::future::Future<Output = anyhow::Result
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(fut) {
+    match rt.block_on(fut).map_err(Into::into) {
         Ok(code) => code,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&*e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&*e));
             ExitCode::from(2)
         }
     }
 }
 
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+/// An error's causes, itself first.
+fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// An error and its causes on one line, as anyhow's `{:#}` prints them, less each cause whose text
+/// the message before it already holds: many errors print their source in their own message and
+/// return it from `source()` too (`FlowError::Kafka`, whose librdkafka message then appeared
+/// twice, thrice with its error code), and the chain would repeat it.
+pub(crate) fn render_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut before = String::new();
+    for cause in chain(e) {
+        let this = cause.to_string();
+        if before.is_empty() || !before.contains(&this) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&this);
+        }
+        before = this;
+    }
+    text
+}
+
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    chain(e).any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// A progress spinner counting records on stderr; hidden when stderr is not a terminal.
@@ -320,6 +382,64 @@ mod tests {
     enum Own {
         /// A command of the application's own.
         Hello { name: String },
+    }
+
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening the journal: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // Printed in the message and returned as the source: once.
+        let e = anyhow::Error::new(Outer(io())).context("journal stats");
+        assert_eq!(render_error(&*e), "journal stats: opening the journal: no such file");
+        // A cause the message does not hold is printed.
+        let e = anyhow::Error::new(io()).context("reading x");
+        assert_eq!(render_error(&*e), "reading x: no such file");
+    }
+
+    /// A command's error of the application's own type.
+    #[derive(Debug, thiserror::Error)]
+    enum AppError {
+        #[error("no such account `{0}`")]
+        NoAccount(String),
+        #[error("cannot write the report")]
+        Io(#[from] std::io::Error),
+    }
+
+    #[test]
+    fn own_commands_may_fail_with_their_own_error_type() {
+        // Exits 2 (the message is printed on stderr).
+        let code = block_on_cli(async { Err::<ExitCode, _>(AppError::NoAccount("a".into())) });
+        assert_eq!(code, ExitCode::from(2));
+        // Its cause chain is seen: a closed stdout is success, as with anyhow errors.
+        let pipe = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "closed");
+        assert_eq!(block_on_cli(async { Err::<ExitCode, _>(AppError::Io(pipe)) }), ExitCode::SUCCESS);
+        assert_eq!(
+            render_error(&AppError::Io(std::io::Error::other("disk full"))),
+            "cannot write the report: disk full"
+        );
+        // anyhow, boxed errors and messages still do.
+        assert_eq!(block_on_cli(async { Err::<ExitCode, _>(anyhow::anyhow!("x")) }), ExitCode::from(2));
+        assert_eq!(block_on_cli(async { Err::<ExitCode, _>("a message") }), ExitCode::from(2));
+        assert_eq!(block_on_cli(async { Ok::<_, AppError>(ExitCode::from(1)) }), ExitCode::from(1));
+        // And run_with takes such a closure (type-checked, not run: it parses the process' arguments).
+        let _ =
+            |cli: Cli| cli.run_with(|Own::Hello { name }| async move { Err::<ExitCode, _>(AppError::NoAccount(name)) });
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn a_kafka_error_of_a_flow_prints_librdkafkas_message_once() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode;
+        let source = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
+        let e = anyhow::Error::new(crate::flow::FlowError::Kafka { context: "metadata of t".into(), error: source });
+        assert_eq!(format!("{e:#}").matches("Meta data fetch error").count(), 1, "{e:#}");
+        let text = render_error(&*e);
+        assert_eq!(text.matches("Meta data fetch error").count(), 1, "{text}");
+        assert_eq!(text.matches("BrokerTransportFailure").count(), 1, "{text}");
+        assert!(text.starts_with("kafka: metadata of t: Meta data fetch error: BrokerTransportFailure"), "{text}");
     }
 
     #[test]

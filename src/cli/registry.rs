@@ -105,6 +105,40 @@ impl Registry {
         self.stages.get(stage)
     }
 
+    /// The stage a Kafka journal is read with (its topic does not name it): the one `named` by
+    /// `--stage`, else the only one registered; `None` when none is named and zero or several are
+    /// registered (then [`choices`](Self::choices) says what to do).
+    ///
+    /// # Errors
+    /// `named` is not registered: the message lists those that are.
+    pub(super) fn for_kafka_journal<'a>(
+        &'a self,
+        named: Option<&'a str>,
+    ) -> anyhow::Result<Option<(&'a str, &'a dyn ErasedStage)>> {
+        match named {
+            Some(name) => {
+                let stage = self.for_journal(name).with_context(|| {
+                    format!("no stage named `{name}` is compiled into this binary (known: {})", self.names())
+                })?;
+                Ok(Some((name, stage)))
+            }
+            None => match self.stages.iter().next() {
+                Some((name, stage)) if self.stages.len() == 1 => Ok(Some((*name, &**stage))),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// What to pass when no stage could be chosen by itself: the registered names, or how to
+    /// register one.
+    pub(super) fn choices(&self) -> String {
+        if self.stages.is_empty() {
+            "no stage is registered in this binary: register yours with eventstage::cli::Cli::new(..).stage::<YourStage>()".into()
+        } else {
+            format!("this binary knows {}: name one", self.names())
+        }
+    }
+
     /// Registered stage names, comma-separated.
     pub(super) fn names(&self) -> String {
         let names: Vec<&str> = self.stages.keys().copied().collect();
@@ -113,5 +147,32 @@ impl Registry {
         } else {
             names.join(", ")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::{bank::Bank, inventory::Inventory};
+
+    #[test]
+    fn a_kafka_journal_is_read_with_the_named_stage_or_the_only_one() {
+        let none = Registry::default();
+        assert!(none.for_kafka_journal(None).unwrap().is_none());
+        assert!(none.choices().contains(".stage::<YourStage>()"), "{}", none.choices());
+        assert!(none.for_kafka_journal(Some("bank")).is_err());
+
+        let mut one = Registry::default();
+        one.register::<Bank>();
+        assert_eq!(one.for_kafka_journal(None).unwrap().map(|(name, _)| name), Some("bank"));
+        assert_eq!(one.for_kafka_journal(Some("bank")).unwrap().map(|(name, _)| name), Some("bank"));
+        let err = one.for_kafka_journal(Some("inventory")).err().unwrap();
+        assert!(format!("{err:#}").contains("known: bank"), "{err:#}");
+
+        let mut two = one.clone();
+        two.register::<Inventory>();
+        assert!(two.for_kafka_journal(None).unwrap().is_none(), "two stages: none is chosen by itself");
+        assert_eq!(two.choices(), "this binary knows bank, inventory: name one");
+        assert_eq!(two.for_kafka_journal(Some("inventory")).unwrap().map(|(name, _)| name), Some("inventory"));
     }
 }

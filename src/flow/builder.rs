@@ -31,6 +31,7 @@ pub struct FlowBuilder<S: EventSourced, C = ()> {
     enrich: Option<settings::Enrichment<S>>,
     on_rebalance: Vec<settings::SyncListener>,
     on_rebalance_async: Option<settings::AsyncListener>,
+    setup_timeout: Duration,
     static_membership: bool,
     /// The output mapping was set before the decoder's context type changed: refused at `run`.
     outputs_lost: bool,
@@ -82,6 +83,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             enrich: None,
             on_rebalance: Vec::new(),
             on_rebalance_async: None,
+            setup_timeout: Duration::from_secs(30),
             static_membership: false,
             outputs_lost: false,
             context: std::marker::PhantomData,
@@ -169,6 +171,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             enrich: self.enrich,
             on_rebalance: self.on_rebalance,
             on_rebalance_async: self.on_rebalance_async,
+            setup_timeout: self.setup_timeout,
             static_membership: self.static_membership,
             outputs_lost: self.outputs.is_some(),
             context: std::marker::PhantomData,
@@ -417,9 +420,24 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         self
     }
 
+    /// How long the flow's start may take: reading the inputs' metadata, checking (or creating)
+    /// the journal topic and its owner, and the transactional producer's `init_transactions`,
+    /// each retried with backoff while Kafka is unreachable or not ready. After this time the
+    /// flow stops with one [`FlowError::Config`] that names the brokers, the step it was on, how
+    /// long it tried and the last error, delivered through [`FlowControl::wait`]. Default: 30 s
+    /// (the demo's `--timeout`). Only the start is bounded: a running flow rides out a broker
+    /// outage by itself.
+    #[must_use]
+    pub fn setup_timeout(mut self, timeout: Duration) -> Self {
+        self.setup_timeout = timeout;
+        self
+    }
+
     /// Starts the flow on a thread of its own and returns its control handle at once; setup errors
-    /// (unreachable broker after retries, a misconfigured journal topic) arrive through
-    /// [`FlowControl::wait`].
+    /// arrive through [`FlowControl::wait`]: a cluster still unreachable (or a transaction
+    /// coordinator still not ready) after [`setup_timeout`](Self::setup_timeout) as one
+    /// [`FlowError::Config`] naming the brokers, the step and the fix; a missing input topic or a
+    /// misconfigured journal topic at once.
     ///
     /// # Errors
     /// [`FlowError::Config`] when the builder lacks a decoder or inputs.
@@ -529,6 +547,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             codec: self.codec,
             guarantee: self.guarantee,
             committer: self.committer,
+            setup_timeout: self.setup_timeout,
         };
         let outputs = self.outputs.unwrap_or_else(|| Box::new(|_| Vec::new()));
         if self.committer.max_batch == 0 || self.committer.parallelism == 0 {

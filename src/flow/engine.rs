@@ -49,6 +49,8 @@ pub(super) struct Settings {
     pub(super) codec: Codec,
     pub(super) guarantee: Guarantee,
     pub(super) committer: CommitterSettings,
+    /// Bounds the whole start (see `startup::Setup`).
+    pub(super) setup_timeout: Duration,
 }
 
 mod committer;
@@ -68,7 +70,7 @@ use enrich::Pipeline;
 use kafka_storage::KafkaStorage;
 use partitions::{FlowConsumer, FlowContext};
 use sled_storage::SledStorage;
-use startup::{carry_offsets_over, consumer_fatal, input_partitions};
+use startup::{carry_offsets_over, consumer_fatal, input_partitions, Setup};
 use state::{offsets_of, Assigned, KeyMap, Offsets, PartitionState};
 use storage::{Change, NoStorage, Out, Storage};
 use txn::{classify, is_fence, TxnFailure};
@@ -109,18 +111,19 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(super) fn kafka(context: impl Into<String>, source: KafkaError) -> FlowError {
-    FlowError::Kafka { context: context.into(), source }
+    FlowError::Kafka { context: context.into(), error: source }
 }
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Retries `f` with exponential backoff (100 ms .. 5 s) while it fails with a retriable error and
-/// the flow is not asked to stop.
+/// Retries a setup step `f` with exponential backoff (100 ms .. 5 s) while it fails with a
+/// retriable error, the flow is not asked to stop and the setup's deadline is not reached; after
+/// the deadline, the setup's error (naming `doing`, the brokers and the last error).
 fn with_backoff<T>(
-    what: &str,
-    stop: &AtomicU8,
+    doing: &str,
+    setup: &Setup<'_>,
     mut f: impl FnMut() -> Result<T, FlowError>,
     retriable: impl Fn(&FlowError) -> bool,
 ) -> Result<T, FlowError> {
@@ -128,9 +131,14 @@ fn with_backoff<T>(
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(e) if retriable(&e) && stop.load(Ordering::SeqCst) == super::RUN => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
-                std::thread::sleep(delay);
+            Err(e) if retriable(&e) && setup.running() => {
+                let left = setup.remaining();
+                if left.is_zero() {
+                    return Err(setup.gave_up(doing, Some(&e)));
+                }
+                let wait = delay.min(left);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, left_ms = left.as_millis() as u64, "{doing} failed; retrying");
+                std::thread::sleep(wait);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
@@ -361,26 +369,37 @@ impl<S: EventSourced> Core<S> {
     }
 }
 
-/// Makes sure the flow's Kafka journal exists as it must and is this group's (or takes it over).
-fn claim_journal(
-    rt: &tokio::runtime::Runtime,
-    settings: &Settings,
-    topic: &str,
+/// What the Kafka journal's checks need, owned: they run on a thread of their own, bounded by the
+/// setup's deadline (see `Setup::within`).
+struct JournalCheck {
+    common: ClientConfig,
+    group: String,
+    take_over: bool,
+    inputs: Vec<String>,
+    topic: String,
     partitions: i32,
-) -> Result<KafkaJournal, FlowError> {
+}
+
+/// Makes sure the flow's Kafka journal exists as it must and is this group's (or takes it over).
+fn claim_journal(check: JournalCheck) -> Result<KafkaJournal, FlowError> {
+    let JournalCheck { common, group, take_over, inputs, topic, partitions } = check;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| FlowError::Config(e.to_string()))?;
     let started = Instant::now();
-    let journal = rt.block_on(KafkaJournal::ensure(settings.common.clone(), topic, partitions))?;
+    let journal = rt.block_on(KafkaJournal::ensure(common.clone(), &topic, partitions))?;
     let ensured = started.elapsed();
-    let claim = rt.block_on(journal.claim(&settings.group, settings.take_over_journal))?;
+    let claim = rt.block_on(journal.claim(&group, take_over))?;
     tracing::debug!(journal = %topic, ensure_ms = ensured.as_millis() as u64, claim_ms = (started.elapsed() - ensured).as_millis() as u64, "journal checked");
     match claim {
         Claim::New => {
-            tracing::info!(journal = %topic, group = %settings.group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
+            tracing::info!(journal = %topic, group = %group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
         }
         Claim::Owned => {}
         Claim::TakenOver { from } => {
-            tracing::warn!(journal = %topic, group = %settings.group, previous = %from, "took the journal over from another group");
-            carry_offsets_over(&settings.common, &from, &settings.group, &settings.inputs, partitions)?;
+            tracing::warn!(journal = %topic, group = %group, previous = %from, "took the journal over from another group");
+            carry_offsets_over(&common, &from, &group, &inputs, partitions)?;
         }
     }
     Ok(journal)
@@ -390,7 +409,7 @@ fn claim_journal(
 fn start_producer(
     settings: &Settings,
     deliveries: &Arc<Deliveries>,
-    stop: &AtomicU8,
+    setup: &Setup<'_>,
     at_least_once: bool,
     inputs_exist: impl FnOnce() -> bool,
 ) -> Result<ThreadedProducer<FlowProducerContext>, FlowError> {
@@ -406,10 +425,10 @@ fn start_producer(
     if !at_least_once {
         emitter::connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
         with_backoff(
-            "initializing transactions",
-            stop,
-            || producer.init_transactions(TXN_TIMEOUT).map_err(|e| kafka("init transactions", e)),
-            |e| matches!(e, FlowError::Kafka { source, .. } if classify(source) != TxnFailure::Fatal && classify(source) != TxnFailure::Fenced),
+            "initializing transactions (the transaction coordinator)",
+            setup,
+            || producer.init_transactions(setup.attempt(TXN_TIMEOUT)).map_err(|e| kafka("init transactions", e)),
+            |e| matches!(e, FlowError::Kafka { error, .. } if classify(error) != TxnFailure::Fatal && classify(error) != TxnFailure::Fenced),
         )?;
         producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
     }
@@ -431,24 +450,25 @@ pub(super) fn run<S: EventSourced>(
         .map_err(|e| FlowError::Config(e.to_string()))?;
     let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
     let deliveries = Arc::new(Deliveries::new(at_least_once));
+    let setup = Setup::new(run_started, settings.setup_timeout, &settings.common, &stop);
     // The transactional producer's start (a round trip to the transaction coordinator, or 500 ms
     // when librdkafka's first try finds the coordinator not ready) does not depend on the input's
     // metadata nor on the Kafka journal's checks (its topic; its owner in the registry): it runs
     // beside them.
     let (journal, producer) = std::thread::scope(|s| {
         let (inputs_ok, inputs_checked) = std::sync::mpsc::channel::<()>();
-        let (settings_, deliveries_, stop_) = (&settings, &deliveries, &*stop);
+        let (settings_, deliveries_, setup_) = (&settings, &deliveries, &setup);
         let producer = s.spawn(move || {
             let started = Instant::now();
             let producer =
-                start_producer(settings_, deliveries_, stop_, at_least_once, || inputs_checked.recv().is_ok());
+                start_producer(settings_, deliveries_, setup_, at_least_once, || inputs_checked.recv().is_ok());
             tracing::debug!(producer_ms = started.elapsed().as_millis() as u64, "producer started");
             producer
         });
         let partitions = with_backoff(
-            "reading input metadata (is the broker up?)",
-            &stop,
-            || input_partitions(&settings.common, &settings.inputs),
+            "reading the input topics' metadata",
+            &setup,
+            || input_partitions(&settings.common, &settings.inputs, setup.attempt(Duration::from_secs(10))),
             is_kafka,
         );
         if partitions.is_ok() {
@@ -458,7 +478,17 @@ pub(super) fn run<S: EventSourced>(
         let checked = partitions.and_then(|partitions| {
             tracing::debug!(metadata_ms = run_started.elapsed().as_millis() as u64, "input metadata read");
             match &settings.journal {
-                FlowJournal::Kafka(topic) => claim_journal(&rt, &settings, topic, partitions).map(Some),
+                FlowJournal::Kafka(topic) => {
+                    let check = JournalCheck {
+                        common: settings.common.clone(),
+                        group: settings.group.clone(),
+                        take_over: settings.take_over_journal,
+                        inputs: settings.inputs.clone(),
+                        topic: topic.clone(),
+                        partitions,
+                    };
+                    setup.within("checking the journal topic", move || claim_journal(check)).map(Some)
+                }
                 _ => Ok(None),
             }
         });

@@ -245,12 +245,14 @@ pub enum BadInput {
 #[non_exhaustive]
 pub enum FlowError {
     /// Kafka failed in a way retrying does not fix.
-    #[error("kafka: {context}: {source}")]
+    // The client's error is part of the message, not a `source`: an error printed with its chain
+    // (anyhow's `{:#}`) said librdkafka's message twice.
+    #[error("kafka: {context}: {error}")]
     Kafka {
         /// What the flow was doing.
         context: String,
         /// The client's error.
-        source: rdkafka::error::KafkaError,
+        error: rdkafka::error::KafkaError,
     },
     /// The broker refused this producer's epoch while its transaction was younger than
     /// `transaction.timeout.ms`: another instance with the same transactional id took over (this

@@ -172,6 +172,59 @@ impl<S: EventSourced, J: Journal + Clone> StageRuntime<S, J> {
     }
 }
 
+#[cfg(feature = "sled")]
+impl<S: EventSourced> StageRuntime<S, eventstage_journal::SledJournal> {
+    /// [`open`](Self::open) on the sled journal named after the stage ([`EventSourced::NAME`]) in
+    /// the store at `path` (created if missing): `SledJournal::open(path, S::NAME)` without
+    /// repeating the name, which is also what the CLI looks the stage up by (`eventstage journal
+    /// replay --journal PATH`). Open the journal yourself for several journals in one store
+    /// ([`SledStore`](eventstage_journal::SledStore)) or a store of your own settings.
+    ///
+    /// ```
+    /// # use eventstage::{Effect, EventSourced, RuntimeConfig, StageRuntime};
+    /// use eventstage::journal::Journal as _;
+    /// # struct Counter;
+    /// # impl EventSourced for Counter {
+    /// #     const NAME: &'static str = "counter";
+    /// #     type Key = String; type Command = i64; type Event = i64; type State = i64;
+    /// #     type Reply = i64; type Rejection = String;
+    /// #     fn handle(&self, _: &i64, d: i64) -> Result<Effect<Self>, String> {
+    /// #         Ok(Effect::persist([d]).then_reply(|t: &i64| *t))
+    /// #     }
+    /// #     fn apply(t: &mut i64, e: &i64) { *t += e }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let stage = StageRuntime::open_sled(Counter, dir.path(), RuntimeConfig::default()).await?;
+    /// assert_eq!(stage.handle().ask("a".into(), 5).await?, Ok(5));
+    /// assert_eq!(stage.journal().name(), "counter"); // eventstage journal replay --journal DIR --stage counter
+    /// # stage.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Those of [`SledJournal::open`](eventstage_journal::SledJournal::open) (a path that is not
+    /// a store, a store another process holds, damage) and of [`open`](Self::open);
+    /// [`Error::Closed`] when the tokio runtime is shutting down.
+    ///
+    /// # Panics
+    /// When the sled journal's open panics (the panic is resumed here).
+    pub async fn open_sled(stage: S, path: impl Into<std::path::PathBuf>, config: RuntimeConfig) -> Result<Self> {
+        let path = path.into();
+        // Opening reads and checks the store's files: off the async threads.
+        let journal =
+            match tokio::task::spawn_blocking(move || eventstage_journal::SledJournal::open(path, S::NAME)).await {
+                Ok(opened) => opened?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The tokio runtime is shutting down.
+                Err(_) => return Err(Error::Closed(S::NAME.into())),
+            };
+        Self::open(stage, journal, config).await
+    }
+}
+
 impl<S: EventSourced, J: Journal> StageRuntime<S, J> {
     /// A handle for sending commands and reading state. Cheap to clone.
     pub fn handle(&self) -> StageHandle<S> {

@@ -6,7 +6,7 @@
 //!
 //! [`LimitedBank`] is the same bank whose commands arrive enriched with the account's withdrawal
 //! limit (a stream-table join: the bank flow looks the limit up in a compacted `limits` topic
-//! materialized as a [`Table`](crate::table::Table)); it writes the same journal as [`Bank`].
+//! materialized as a table, `eventstage::table::Table`); it writes the same journal as [`Bank`].
 
 use crate::stage::{Effect, EventSourced};
 use serde::{Deserialize, Serialize};

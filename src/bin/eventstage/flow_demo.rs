@@ -78,7 +78,9 @@ pub(crate) struct FlowArgs {
     /// start-up line says which.
     #[arg(long, value_name = "HOST:PORT", requires = "brokers")]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// How long to try to reach the brokers at start-up before giving up.
+    /// How long to try to reach the brokers at start-up before giving up: for the demo's topics,
+    /// then for the flow's setup (`FlowBuilder::setup_timeout`: metadata, journal topic,
+    /// transactions), each; then the command exits 2 with an error that names the brokers.
     #[arg(long, default_value = "30s", value_parser = positive_duration, requires = "brokers")]
     timeout: Duration,
     /// Partitions of topics the demo creates when they are missing.
@@ -179,6 +181,7 @@ fn configure<S: eventstage::EventSourced>(
         .guarantee(guarantee)
         .transactional_id(txn)
         .commit_interval(args.commit_interval)
+        .setup_timeout(args.timeout)
         .consumer_property("session.timeout.ms", "10000");
     let flow = match &args.state_dir {
         Some(dir) => {

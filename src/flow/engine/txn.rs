@@ -283,7 +283,7 @@ impl<S: EventSourced> Core<S> {
     fn heals(&self, e: &FlowError) -> bool {
         match e {
             FlowError::Fenced { .. } => self.txn.sink.heals_fence(),
-            FlowError::Kafka { source, .. } => self.txn.sink.heals(source),
+            FlowError::Kafka { error, .. } => self.txn.sink.heals(error),
             _ => false,
         }
     }
@@ -321,9 +321,7 @@ impl<S: EventSourced> Core<S> {
         let transactional = !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional();
         match &e {
             _ if self.heals(&e) => self.replace_expired(&e)?,
-            FlowError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. }
-                if transactional =>
-            {
+            FlowError::Kafka { error: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. } if transactional => {
                 tracing::warn!(error = %e, "the transaction failed; aborting, rewinding to the last committed offsets");
                 // The emitter's failure is this one.
                 let _ = self.txn.emitter.flush();
