@@ -6,13 +6,19 @@
 //!   default (every 100 events per key), as in production.
 //! - `append_journal`: the journal alone, `SledJournal::append` + `flush` of pre-built batches of 1,
 //!   100 and 1000 events with 100-byte payloads (one fsync per batch).
+//! - `codec_check`: what the journals' read-back check costs per record (issue 22: an event or
+//!   state that replay could not decode is refused before it is persisted). `encode` is what a
+//!   record cost before; `encode_read_back` is what the runtime and flows do now (encode, then
+//!   decode the bytes as replay would: `upcast` for events, the codec for states), for the bank's
+//!   events and its account state; `json_encode_read_back` is the alternative (a self-describing
+//!   default codec that reads every serde shape).
 
 mod shared;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eventstage::journal::{Batch, Journal, SledJournal};
-use eventstage::stages::bank::{Bank, BankCommand};
-use eventstage::{Durability, EventSourced, RuntimeConfig, StageRuntime};
+use eventstage::stages::bank::{Account, Bank, BankCommand, BankEvent};
+use eventstage::{Codec, Durability, EventSourced, RuntimeConfig, StageRuntime};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -123,5 +129,51 @@ fn append_journal(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append_runtime, append_journal);
+fn codec_check(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec_check");
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    let codec = Codec::Bincode;
+    let events = [BankEvent::Opened, BankEvent::Deposited { amount: 700 }, BankEvent::Withdrawn { amount: 30 }];
+    let state = Account { open: true, balance: 1_234_567 };
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("event/encode", |b| {
+        b.iter(|| {
+            for e in &events {
+                black_box(codec.encode(black_box(e)).expect("encode"));
+            }
+        })
+    });
+    group.bench_function("event/encode_read_back", |b| {
+        b.iter(|| {
+            for e in &events {
+                let bytes = codec.encode(black_box(e)).expect("encode");
+                black_box(Bank::upcast(Bank::EVENT_VERSION, codec, &bytes).expect("read back"));
+                black_box(bytes);
+            }
+        })
+    });
+    // The alternative issue 22 weighed: a self-describing codec that decodes every serde shape by
+    // default (JSON here), paid on every append and every replay.
+    group.bench_function("event/json_encode_read_back", |b| {
+        b.iter(|| {
+            for e in &events {
+                let bytes = Codec::Json.encode(black_box(e)).expect("encode");
+                black_box(Bank::upcast(Bank::EVENT_VERSION, Codec::Json, &bytes).expect("read back"));
+                black_box(bytes);
+            }
+        })
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("state/encode", |b| b.iter(|| black_box(codec.encode(black_box(&state)).expect("encode"))));
+    group.bench_function("state/encode_read_back", |b| {
+        b.iter(|| {
+            let bytes = codec.encode(black_box(&state)).expect("encode");
+            black_box(codec.decode::<Account>(&bytes).expect("read back"));
+            black_box(bytes)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append_runtime, append_journal, codec_check);
 criterion_main!(benches);

@@ -1,19 +1,54 @@
 //! Given / when / then tests for stage authors: no journal, no broker, no runtime.
 //!
 //! ```
-//! use eventstage::stages::bank::{Bank, BankCommand, BankEvent, BankRejection};
 //! use eventstage::testkit::StageTest;
+//! use eventstage::{Effect, EventSourced};
+//! use serde::{Deserialize, Serialize};
 //!
-//! StageTest::new(Bank)
-//!     .given([BankEvent::Opened, BankEvent::Deposited { amount: 50 }])
-//!     .when(BankCommand::Withdraw(20))
-//!     .then_events([BankEvent::Withdrawn { amount: 20 }])
+//! /// A wallet per key that refuses to go below zero.
+//! struct Wallet;
+//!
+//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+//! enum Event { Credited(u64), Debited(u64) }
+//!
+//! #[derive(Debug, PartialEq)]
+//! enum Rejection { Insufficient { balance: u64 } }
+//!
+//! impl EventSourced for Wallet {
+//!     const NAME: &'static str = "wallet";
+//!     type Key = String;
+//!     type Command = i64;
+//!     type Event = Event;
+//!     type State = u64;
+//!     type Reply = u64;
+//!     type Rejection = Rejection;
+//!
+//!     fn handle(&self, balance: &u64, delta: i64) -> Result<Effect<Self>, Rejection> {
+//!         let event = match delta {
+//!             d if d >= 0 => Event::Credited(d as u64),
+//!             d if d.unsigned_abs() <= *balance => Event::Debited(d.unsigned_abs()),
+//!             _ => return Err(Rejection::Insufficient { balance: *balance }),
+//!         };
+//!         Ok(Effect::persist([event]).then_reply(|balance: &u64| *balance))
+//!     }
+//!
+//!     fn apply(balance: &mut u64, event: &Event) {
+//!         match event {
+//!             Event::Credited(n) => *balance += n,
+//!             Event::Debited(n) => *balance -= n,
+//!         }
+//!     }
+//! }
+//!
+//! StageTest::new(Wallet)
+//!     .given([Event::Credited(50)])
+//!     .when(-20)
+//!     .then_events([Event::Debited(20)])
 //!     .then_reply(30);
 //!
-//! StageTest::new(Bank)
-//!     .given([BankEvent::Opened])
-//!     .when(BankCommand::Withdraw(1))
-//!     .then_rejected(BankRejection::InsufficientFunds { balance: 0, requested: 1 });
+//! StageTest::new(Wallet)
+//!     .when(-1)
+//!     .then_rejected(Rejection::Insufficient { balance: 0 });
 //! ```
 //!
 //! Every check also proves what the runtime and flows rely on: each produced event, and the state

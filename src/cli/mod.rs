@@ -3,10 +3,25 @@
 //! `--log-format`, `--color`, `--quiet`), and room for commands of its own ([`Cli::run_with`]).
 //!
 //! ```no_run
-//! use eventstage::stages::bank::Bank;
+//! # use eventstage::{Effect, EventSourced};
+//! # use serde::{Deserialize, Serialize};
+//! /// Your stage, as the runtime or a flow runs it (the journal commands decode its events).
+//! struct Wallet;
+//! # #[derive(Serialize, Deserialize)]
+//! # enum Event { Credited(u64) }
+//! # impl EventSourced for Wallet {
+//! #     const NAME: &'static str = "wallet";
+//! #     type Key = String; type Command = u64; type Event = Event; type State = u64;
+//! #     type Reply = u64; type Rejection = String;
+//! #     fn handle(&self, _: &u64, n: u64) -> Result<Effect<Self>, String> {
+//! #         Ok(Effect::persist([Event::Credited(n)]).then_reply(|b: &u64| *b))
+//! #     }
+//! #     fn apply(b: &mut u64, Event::Credited(n): &Event) { *b += n }
+//! # }
 //!
 //! fn main() -> std::process::ExitCode {
-//!     eventstage::cli::Cli::new("my-app").stage::<Bank>().run()
+//!     // `my-app journal dump --journal /var/lib/wallets --key w-1` and the rest, for Wallet.
+//!     eventstage::cli::Cli::new("my-app").stage::<Wallet>().run()
 //! }
 //! ```
 
