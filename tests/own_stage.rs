@@ -446,3 +446,65 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
     .unwrap();
     assert!(status.0.success() && status.1.contains("stopped"), "{:?}: {}", status.0, status.1);
 }
+
+/// The output mapping sees the input as it came (headers, timestamp) and the decoder's context;
+/// a dead letter keeps the input's own headers before the flow's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outputs_see_the_inputs_headers_timestamp_and_the_decoders_context() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::BaseRecord;
+    crate::util::init_tracing();
+    let brokers = crate::util::broker::brokers();
+    let (input, replies) = (unique("seats"), unique("seat-replies"));
+    for t in [&input, &replies] {
+        create_topic(&brokers, t, 1, &[]).await;
+    }
+    let out = replies.clone();
+    let flow = FlowBuilder::new(Seats, &brokers, unique("seats"), [&input])
+        .journal_topic(unique("seat-journal"))
+        .codec(Codec::Json)
+        .decoder_with_context(|r| {
+            let key = String::from_utf8(r.key.clone().unwrap_or_default())?;
+            let seat: u32 = std::str::from_utf8(r.value.as_deref().unwrap_or_default())?.parse()?;
+            // The context: parsed from a header once, typed.
+            let trace = r.header("trace-id").map(|t| String::from_utf8_lossy(t).into_owned());
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((key, (true, seat), (trace, seat)))
+        })
+        .outputs(move |p: &eventstage::flow::Processed<'_, Seats, (Option<String>, u32)>| {
+            let (trace, seat) = p.context;
+            let value =
+                format!("{} {seat} {:?} {}", trace.as_deref().unwrap_or("-"), p.input.timestamp, p.input.headers.len());
+            vec![OutputRecord::new(&out, p.key.as_bytes(), value)]
+        })
+        .run()
+        .unwrap();
+    let (b, t) = (brokers.clone(), input.clone());
+    tokio::task::spawn_blocking(move || {
+        let p = producer(&b);
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "trace-id", value: Some("t-1") })
+            .insert(Header { key: "origin", value: Some("test") });
+        for (value, headers) in [(&b"5"[..], headers.clone()), (&b"not a seat"[..], headers)] {
+            let record = BaseRecord::to(&t).key("show-1").payload(value).headers(headers).timestamp(1_700_000_000_123);
+            p.send(record).map_err(|(e, _)| e).unwrap();
+        }
+        flush(&p);
+    })
+    .await
+    .unwrap();
+    let (b, r) = (brokers.clone(), replies.clone());
+    let got =
+        tokio::task::spawn_blocking(move || read_committed(&b, &r, |r| !r.is_empty(), Duration::from_millis(300)))
+            .await
+            .unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].value.as_deref(), Some(&b"t-1 5 Some(1700000000123) 2"[..]));
+    let (b, dlq) = (brokers.clone(), format!("{input}.dlq"));
+    let dead =
+        tokio::task::spawn_blocking(move || read_committed(&b, &dlq, |r| !r.is_empty(), Duration::from_millis(300)))
+            .await
+            .unwrap();
+    let names: Vec<&str> = dead[0].headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(&names[..3], ["trace-id", "origin", "eventstage.source.topic"], "{names:?}");
+    tokio::time::timeout(crate::util::DEADLINE, flow.drain_and_shutdown()).await.expect("the flow drains").unwrap();
+}
