@@ -101,9 +101,7 @@ fn the_runtime_refuses_events_it_could_not_replay() {
     rt().block_on(async {
         let dir = TempDir::new().unwrap();
         let path = dir.path().join("seats");
-        let stage = StageRuntime::open(Seats, SledJournal::open(&path, Seats::NAME).unwrap(), RuntimeConfig::default())
-            .await
-            .unwrap();
+        let stage = StageRuntime::open_sled(Seats, &path, RuntimeConfig::default()).await.unwrap();
         let err = stage.handle().ask("show-1".into(), (true, 5)).await.unwrap_err();
         assert_unreadable(&err, "SeatEvent", "#[serde(tag");
         assert_eq!(stage.handle().get(&"show-1".to_string()), None, "a refused command changes nothing");
@@ -114,15 +112,14 @@ fn the_runtime_refuses_events_it_could_not_replay() {
         stage.shutdown().await.unwrap();
 
         let json = RuntimeConfig::default().codec(Codec::Json);
-        let stage =
-            StageRuntime::open(Seats, SledJournal::open(&path, Seats::NAME).unwrap(), json.clone()).await.unwrap();
+        let stage = StageRuntime::open_sled(Seats, &path, json.clone()).await.unwrap();
         let h = stage.handle();
         assert_eq!(h.ask("show-1".into(), (true, 5)).await.unwrap(), Ok(1));
         assert_eq!(h.ask("show-1".into(), (true, 7)).await.unwrap(), Ok(2));
         assert_eq!(h.ask("show-1".into(), (false, 5)).await.unwrap(), Ok(1));
         let live = h.get(&"show-1".to_string()).map(|s| (*s).clone());
         stage.shutdown().await.unwrap();
-        let stage = StageRuntime::open(Seats, SledJournal::open(&path, Seats::NAME).unwrap(), json).await.unwrap();
+        let stage = StageRuntime::open_sled(Seats, &path, json).await.unwrap();
         assert_eq!(stage.handle().get(&"show-1".to_string()).map(|s| (*s).clone()), live);
         assert_eq!(live, Some(BTreeSet::from([7])));
         stage.shutdown().await.unwrap();
@@ -136,18 +133,14 @@ fn the_runtime_checks_every_event_not_only_the_first() {
     rt().block_on(async {
         let dir = TempDir::new().unwrap();
         let path = dir.path().join("notes");
-        let stage = StageRuntime::open(Notes, SledJournal::open(&path, Notes::NAME).unwrap(), RuntimeConfig::default())
-            .await
-            .unwrap();
+        let stage = StageRuntime::open_sled(Notes, &path, RuntimeConfig::default()).await.unwrap();
         let h = stage.handle();
         assert_eq!(h.ask("k".into(), Some("first".into())).await.unwrap(), Ok(1));
         let err = h.ask("k".into(), None).await.unwrap_err();
         assert_unreadable(&err, "Noted", "skip_serializing_if");
         assert_eq!(h.ask("k".into(), Some("third".into())).await.unwrap(), Ok(2));
         stage.shutdown().await.unwrap();
-        let stage = StageRuntime::open(Notes, SledJournal::open(&path, Notes::NAME).unwrap(), RuntimeConfig::default())
-            .await
-            .unwrap();
+        let stage = StageRuntime::open_sled(Notes, &path, RuntimeConfig::default()).await.unwrap();
         assert_eq!(stage.handle().get(&"k".to_string()).as_deref(), Some(&2));
         stage.shutdown().await.unwrap();
     });
