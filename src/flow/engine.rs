@@ -2,6 +2,7 @@
 
 use super::checkpoint::Checkpoints;
 use super::settings::{AsyncListener, EnrichFn, Enrichment, SyncListener};
+use super::shared::{kafka, lock, now_ms};
 use super::sled_backend::SledBackend;
 use super::{
     BadInput, CommitterSettings, Context, Decoded, Decoder, EnrichSettings, FlowError, FlowJournal, Guarantee,
@@ -22,8 +23,8 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Timeout of one blocking transactional call.
 const TXN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,18 +105,6 @@ impl Tasks {
             .map_err(|e| FlowError::Config(format!("cannot start the flow's task runtime: {e}")))?;
         Ok(Self { handle: rt.handle().clone(), _own: Some(rt) })
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub(super) fn kafka(context: impl Into<String>, source: KafkaError) -> FlowError {
-    FlowError::Kafka { context: context.into(), error: source }
-}
-
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Retries a setup step `f` with exponential backoff (100 ms .. 5 s) while it fails with a

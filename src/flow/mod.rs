@@ -69,6 +69,7 @@ mod consume;
 mod engine;
 mod exported;
 mod settings;
+mod shared;
 mod sled_backend;
 
 pub use exported::names as metric_names;

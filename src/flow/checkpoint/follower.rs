@@ -3,7 +3,7 @@
 
 use super::store::LocalStore;
 use super::{Command, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
-use crate::flow::engine::{kafka, lock, now_ms};
+use crate::flow::shared::{kafka, lock, now_ms};
 use crate::flow::FlowError;
 use eventstage_journal::kafka::ReaderContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};

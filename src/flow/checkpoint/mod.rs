@@ -26,7 +26,7 @@
 mod follower;
 mod store;
 
-use super::engine::{kafka, lock};
+use super::shared::{kafka, lock};
 use super::{FlowError, Metrics};
 use eventstage_journal::kafka::ReaderContext;
 use eventstage_journal::KafkaJournal;

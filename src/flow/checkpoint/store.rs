@@ -2,7 +2,7 @@
 //! docs of `checkpoint`).
 
 use super::{config_err, Loaded};
-use crate::flow::engine::now_ms;
+use crate::flow::shared::now_ms;
 use crate::flow::{FlowError, Metrics};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! record cache in front of a changelog; with a local state store, partitions restore from its
 //! checkpoint and read only the journal's tail, and keys are read from the store when first used.
 
-use super::storage::{Change, Out, Positions, Restored, Restoring, Storage};
+use super::storage::{encode_events, encode_state, Change, Out, Positions, Restored, Restoring, Storage};
 use super::{KeyMap, PartitionState, RESTORE_STALL};
 use crate::codec::Codec;
 use crate::error::Error;
@@ -353,35 +353,6 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
             checkpoints.close();
         }
     }
-}
-
-/// Encodes `state` (of `key`) with the flow's codec; a state restores could not read is refused.
-pub(super) fn encode_state<S: EventSourced>(
-    codec: Codec,
-    key: &S::Key,
-    state: &S::State,
-) -> Result<Vec<u8>, FlowError> {
-    crate::stage::encode_state::<S>(codec, state).map_err(|source| encode_error::<S>(key, source))
-}
-
-fn encode_error<S: EventSourced>(key: &S::Key, source: crate::CodecError) -> FlowError {
-    Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into()
-}
-
-/// The journal envelopes of `events` of `key`, stamped `ts`.
-pub(super) fn encode_events<S: EventSourced>(
-    codec: Codec,
-    key: &S::Key,
-    events: &[S::Event],
-    ts: u64,
-) -> Result<Vec<Envelope>, FlowError> {
-    events
-        .iter()
-        .map(|e| {
-            let payload = crate::stage::encode_event::<S>(codec, e).map_err(|source| encode_error::<S>(key, source))?;
-            Ok(Envelope::event(codec.id(), S::EVENT_VERSION, ts, payload))
-        })
-        .collect()
 }
 
 /// A key's entity and the input positions its state includes.

@@ -3,7 +3,7 @@
 //! `flow::sled_backend`), and a restored partition reconciles sled's positions with the group's
 //! committed offsets.
 
-use super::kafka_storage::{encode_events, encode_state};
+use super::storage::{encode_events, encode_state};
 use super::storage::{Change, Out, Positions, Restored, Restoring, Storage};
 use super::PartitionState;
 use crate::codec::Codec;

@@ -12,8 +12,12 @@
 
 use super::emitter::Sink;
 use super::{Offsets, PartitionState};
+use crate::codec::Codec;
+use crate::error::Error;
 use crate::flow::{FlowError, OutputRecord};
+use crate::stage::EntityKey;
 use crate::stage::EventSourced;
+use eventstage_journal::{printable_key, Envelope};
 use eventstage_journal::{SeqNo, SourcePosition};
 use std::collections::BTreeMap;
 
@@ -203,4 +207,33 @@ impl<S: EventSourced> Storage<S> for NoStorage {
     fn release(&mut self, _: i32) {}
 
     fn close(&mut self) {}
+}
+
+/// Encodes `state` (of `key`) with the flow's codec; a state restores could not read is refused.
+pub(super) fn encode_state<S: EventSourced>(
+    codec: Codec,
+    key: &S::Key,
+    state: &S::State,
+) -> Result<Vec<u8>, FlowError> {
+    crate::stage::encode_state::<S>(codec, state).map_err(|source| encode_error::<S>(key, source))
+}
+
+fn encode_error<S: EventSourced>(key: &S::Key, source: crate::CodecError) -> FlowError {
+    Error::Encode { stage: S::NAME.into(), key: printable_key(&key.to_bytes()), source }.into()
+}
+
+/// The journal envelopes of `events` of `key`, stamped `ts`.
+pub(super) fn encode_events<S: EventSourced>(
+    codec: Codec,
+    key: &S::Key,
+    events: &[S::Event],
+    ts: u64,
+) -> Result<Vec<Envelope>, FlowError> {
+    events
+        .iter()
+        .map(|e| {
+            let payload = crate::stage::encode_event::<S>(codec, e).map_err(|source| encode_error::<S>(key, source))?;
+            Ok(Envelope::event(codec.id(), S::EVENT_VERSION, ts, payload))
+        })
+        .collect()
 }
