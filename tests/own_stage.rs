@@ -382,8 +382,11 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
     replies_at_least(150).await.unwrap();
     // kill -9, then the same instance again: it takes its place in the group at once.
     let mut first = first;
-    crate::util::wait_until("the group to split the partitions", || first.log().contains("assigned and restored"))
-        .await;
+    // Both have taken their share (the leader logs its second assignment after the split).
+    crate::util::wait_until("the group to split the partitions", || {
+        first.log().contains("assigned and restored") && other.log().matches("assigned and restored").count() >= 2
+    })
+    .await;
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     let other_before = other.log().len();
