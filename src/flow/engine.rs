@@ -1,27 +1,24 @@
 //! The flow thread: consumer, transactional producer and per-partition state, all on one thread.
 
 use super::checkpoint::Checkpoints;
-use super::settings::{AsyncListener, EnrichFn, Enrichment, SyncListener};
+use super::settings::{AsyncListener, Enrichment, SyncListener};
 use super::shared::{kafka, lock, now_ms};
 use super::sled_backend::SledBackend;
 use super::{
-    BadInput, CommitterSettings, Context, Decoded, Decoder, EnrichSettings, FlowError, FlowJournal, Guarantee,
-    InputRecord, Metrics, OutputRecord, Outputs, Processed, RebalanceActions, RebalanceEvent, TopicPartition, ABORT,
-    DRAIN,
+    BadInput, CommitterSettings, Decoded, Decoder, FlowError, FlowJournal, Guarantee, InputRecord, Metrics,
+    OutputRecord, Outputs, RebalanceEvent, ABORT, DRAIN,
 };
 use crate::codec::Codec;
 use crate::replay::Entity;
 use crate::stage::EventSourced;
 use eventstage_journal::kafka::OWNERS_TOPIC;
-use eventstage_journal::{Claim, KafkaJournal, SeqNo, SourcePosition};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use eventstage_journal::{Claim, KafkaJournal, SeqNo};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,7 +71,7 @@ use sled_storage::SledStorage;
 use startup::{carry_offsets_over, consumer_fatal, input_partitions, Setup};
 use state::{offsets_of, Assigned, KeyMap, Offsets, PartitionState};
 use storage::{Change, NoStorage, Out, Storage};
-use txn::{classify, is_fence, TxnFailure};
+use txn::{classify, TxnFailure};
 
 pub(super) struct Parts<S: EventSourced> {
     pub(super) stage: S,

@@ -8,12 +8,22 @@
 //! are journaled: every journal record carries the input positions its state includes, so those
 //! inputs are skipped (their outputs were acknowledged before the journal was written).
 
-use super::*;
-use crate::flow::CommitterSettings;
-use rdkafka::consumer::CommitMode;
+use super::emitter::Sink;
+use super::partitions::FlowConsumer;
+use super::storage::{Out, Storage};
+use super::{Core, TXN_TIMEOUT};
+use crate::flow::shared::{kafka, lock};
+use crate::flow::{CommitterSettings, FlowError, Metrics};
+use crate::stage::EventSourced;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
-use std::collections::VecDeque;
-use std::sync::Condvar;
+use rdkafka::{ClientContext, TopicPartitionList};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// The two delivery guarantees, each with its own committer.
 pub(super) enum Delivery {

@@ -14,13 +14,25 @@
 //! batches count each handed-over command as one delivery until its records are produced, so a
 //! batch is never taken as acknowledged while its outputs are still on their way to the producer.
 
-use super::*;
+use super::committer::{Deliveries, FlowProducerContext};
+use super::txn::{classify, is_fence, TxnFailure};
+use super::TXN_TIMEOUT;
+use crate::flow::shared::{kafka, lock};
+use crate::flow::{FlowError, InputRecord, Metrics, OutputRecord, Outputs, Processed};
+use crate::stage::EventSourced;
 use arc_swap::ArcSwap;
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::error::KafkaResult;
-use std::sync::atomic::AtomicBool;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, TopicPartitionList};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Commands handed to the emitter thread at once.
 const HANDOFF: usize = 64;
@@ -344,7 +356,7 @@ pub(super) struct Outcome<S: EventSourced> {
     /// The entity's state after the events.
     pub(super) state: Arc<S::State>,
     /// What the decoder handed over for the output mapping.
-    pub(super) context: super::super::Context,
+    pub(super) context: crate::flow::Context,
 }
 
 enum Job<S: EventSourced> {

@@ -4,11 +4,16 @@
 //! running or results waiting for an earlier record of their partition), and the flow stops
 //! consuming while it is full.
 
-use super::*;
-use std::collections::VecDeque;
+use super::Core;
+use crate::flow::settings::EnrichFn;
+use crate::flow::{Context, EnrichSettings, FlowError, InputRecord, Metrics};
+use crate::stage::EventSourced;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::time::Duration;
 
-type Decoded<S> = Result<super::super::Decoded<S>, String>;
+type Decoded<S> = Result<crate::flow::Decoded<S>, String>;
 
 struct Slot<S: EventSourced> {
     id: u64,

@@ -2,8 +2,19 @@
 //! assignment (from the Kafka journal, or from sled with its positions and outbox) and commit and
 //! release it on revocation.
 
+use super::state::Offsets;
 use super::storage::Restoring;
-use super::*;
+use super::{Core, TXN_TIMEOUT};
+use crate::flow::shared::{kafka, lock};
+use crate::flow::{FlowError, RebalanceActions, RebalanceEvent, TopicPartition};
+use crate::stage::EventSourced;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::producer::Producer;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 pub(super) struct FlowContext<S: EventSourced> {
     pub(super) core: Arc<Mutex<Core<S>>>,
@@ -92,7 +103,7 @@ impl<S: EventSourced> Core<S> {
         self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
         self.exported.publish(&self.metrics.snapshot());
         let assigned = topic_partitions(tpl);
-        tracing::info!(partitions = %super::super::settings::Partitions(&assigned), "assigned and restored");
+        tracing::info!(partitions = %crate::flow::settings::Partitions(&assigned), "assigned and restored");
         self.notify(RebalanceEvent::Assigned(assigned));
         Ok(())
     }
@@ -167,7 +178,7 @@ impl<S: EventSourced> Core<S> {
         self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
         self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
         self.exported.publish(&self.metrics.snapshot());
-        tracing::info!(partitions = %super::super::settings::Partitions(&topic_partitions(tpl)), "revoked");
+        tracing::info!(partitions = %crate::flow::settings::Partitions(&topic_partitions(tpl)), "revoked");
         committed
     }
 }

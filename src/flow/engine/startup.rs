@@ -2,8 +2,16 @@
 //! partition count, a journal taken over from another group, and the error of a consumer that
 //! cannot go on.
 
-use super::*;
+use super::TXN_TIMEOUT;
+use crate::flow::shared::kafka;
+use crate::flow::FlowError;
 use eventstage_journal::kafka::Detached;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 /// The flow's start (metadata, the journal's checks, the transactional producer's
 /// `init_transactions`), bounded as a whole by `FlowBuilder::setup_timeout`: each step retries

@@ -1,8 +1,11 @@
 //! The flow's per-partition state: each key's committed entity and the open transaction's
 //! changes, the consumer offsets, and what this instance is assigned.
 
-use super::*;
-
+use crate::flow::InputRecord;
+use crate::replay::Entity;
+use crate::stage::EventSourced;
+use eventstage_journal::SourcePosition;
+use std::collections::{BTreeMap, HashMap};
 /// Per-key maps of the flow's state (ahash: cheaper than SipHash for short keys).
 pub(super) type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
 

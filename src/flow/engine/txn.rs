@@ -1,7 +1,21 @@
 //! The transactional side of the flow: commit, abort and rewind, and the sled outbox redo.
 
-use super::*;
-use rdkafka::error::KafkaResult;
+use super::committer::Delivery;
+use super::partitions::FlowConsumer;
+use super::storage::Out;
+use super::{committer, emitter, Core, TXN_TIMEOUT};
+use crate::flow::shared::kafka;
+use crate::flow::FlowError;
+use crate::stage::EventSourced;
+use eventstage_journal::SourcePosition;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::producer::Producer;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// How a transactional error must be handled.
 #[derive(Debug, PartialEq, Eq)]
