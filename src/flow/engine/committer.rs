@@ -264,13 +264,10 @@ impl<S: EventSourced> Core<S> {
         self.txn.emitter.hand_off()?;
         let sealed = if self.assigned.dirty {
             let (offsets, positions) = self.pending_offsets()?;
-            for o in self.assigned.offsets.values_mut() {
-                // Handed to the committer: the next batch starts here.
-                o.committed = o.next;
-            }
+            // Handed to the committer: the next batch starts here.
+            self.assigned.mark_committed();
             self.storage.seal_batch(self.txn.delivery.batch(), &self.assigned.partitions, positions)?;
             self.settle_overlays();
-            self.assigned.dirty = false;
             Some(offsets)
         } else {
             None

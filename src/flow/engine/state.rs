@@ -79,3 +79,22 @@ pub(super) struct Assigned<S: EventSourced> {
     /// Inputs were consumed since the last commit.
     pub(super) dirty: bool,
 }
+
+impl<S: EventSourced> Assigned<S> {
+    /// What was consumed is committed (or handed to the committer): the next commit starts here.
+    pub(super) fn mark_committed(&mut self) {
+        for o in self.offsets.values_mut() {
+            o.committed = o.next;
+        }
+        self.dirty = false;
+    }
+
+    /// What was consumed since the last commit is given up: the next commit starts where the
+    /// last one ended.
+    pub(super) fn forget_uncommitted(&mut self) {
+        for o in self.offsets.values_mut() {
+            o.next = o.committed;
+        }
+        self.dirty = false;
+    }
+}

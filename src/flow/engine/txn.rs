@@ -96,10 +96,7 @@ impl<S: EventSourced> Core<S> {
             Ok(()) => {
                 self.txn.sink.committed();
                 self.settle_overlays();
-                for o in self.assigned.offsets.values_mut() {
-                    o.committed = o.next;
-                }
-                self.assigned.dirty = false;
+                self.assigned.mark_committed();
                 if let Delivery::Transactions(t) = &mut self.txn.delivery {
                     t.consecutive_aborts = 0;
                 }
@@ -137,10 +134,7 @@ impl<S: EventSourced> Core<S> {
         if sealed {
             tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
             self.redo_outbox(consumer, tpl)?;
-            for o in self.assigned.offsets.values_mut() {
-                o.committed = o.next;
-            }
-            self.assigned.dirty = false;
+            self.assigned.mark_committed();
             Ok(())
         } else {
             tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
@@ -203,10 +197,7 @@ impl<S: EventSourced> Core<S> {
             }
         }
         self.discard_open_work();
-        for o in self.assigned.offsets.values_mut() {
-            o.next = o.committed;
-        }
-        self.assigned.dirty = false;
+        self.assigned.forget_uncommitted();
     }
 
     /// Finishes in-flight work and commits it: before a revocation and on shutdown.
@@ -381,13 +372,12 @@ impl<S: EventSourced> Core<S> {
             std::thread::sleep(delay);
         }
         self.discard_open_work();
+        self.assigned.forget_uncommitted();
         let mut tpl = TopicPartitionList::new();
-        for ((topic, p), o) in self.assigned.offsets.iter_mut() {
-            o.next = o.committed;
+        for ((topic, p), o) in &self.assigned.offsets {
             let to = if o.committed >= 0 { Offset::Offset(o.committed) } else { Offset::Beginning };
             tpl.add_partition_offset(topic, *p, to).map_err(|e| kafka("rewind", e))?;
         }
-        self.assigned.dirty = false;
         if tpl.count() > 0 {
             consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
         }
