@@ -263,20 +263,46 @@ impl KafkaJournal {
                 ),
             });
         }
-        let described = admin
-            .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
-            .await
-            .map_err(|e| kafka_err(topic, "describe topic configs", e))?;
-        for r in described.into_iter().flatten() {
-            let policy = r.get("cleanup.policy").and_then(|e| e.value.clone()).unwrap_or_default();
-            if !policy.split(',').any(|p| p.trim() == "compact") {
-                return Err(JournalError::Storage {
-                    path: format!("kafka topic {topic}").into(),
-                    message: format!(
-                        "the journal topic has cleanup.policy={policy}; a journal needs cleanup.policy=compact (or compact,delete is not allowed either: deletion would lose state). Change it with kafka-configs --alter --add-config cleanup.policy=compact, or pick another topic"
-                    ),
-                });
+        // A topic always has a cleanup.policy (the broker's default, `delete`, when the topic does
+        // not set one). A broker that does not know the topic yet answers without it, or with an
+        // error: on a three-node cluster, a topic just created was described that way by a broker
+        // the creation had not reached. Asked again until the answer has the policy, for a while.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let policy = loop {
+            let described = admin
+                .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+                .await
+                .map_err(|e| kafka_err(topic, "describe topic configs", e))?;
+            let answer = match described.into_iter().next() {
+                Some(Ok(r)) => r
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.clone())
+                    .filter(|v| !v.is_empty())
+                    .ok_or("no cleanup.policy".to_string()),
+                Some(Err(code)) => Err(code.to_string()),
+                None => Err("no answer".to_string()),
+            };
+            match answer {
+                Ok(policy) => break policy,
+                Err(why) if Instant::now() < deadline => {
+                    tracing::debug!(topic, %why, "the journal topic's configuration is not known yet; asking again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(why) => {
+                    return Err(JournalError::Storage {
+                        path: format!("kafka topic {topic}").into(),
+                        message: format!("the cluster does not say the journal topic's cleanup.policy ({why}): check that the topic exists and that this client may describe its configuration"),
+                    })
+                }
             }
+        };
+        if !policy.split(',').any(|p| p.trim() == "compact") {
+            return Err(JournalError::Storage {
+                path: format!("kafka topic {topic}").into(),
+                message: format!(
+                    "the journal topic has cleanup.policy={policy}; a journal needs cleanup.policy=compact (or compact,delete is not allowed either: deletion would lose state). Change it with kafka-configs --alter --add-config cleanup.policy=compact, or pick another topic"
+                ),
+            });
         }
         Ok(journal)
     }
