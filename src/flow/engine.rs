@@ -5,18 +5,13 @@ use super::settings::{AsyncListener, Enrichment, SyncListener};
 use super::shared::{kafka, lock, now_ms};
 use super::sled_backend::SledBackend;
 use super::{
-    BadInput, CommitterSettings, Decoded, Decoder, FlowError, FlowJournal, Guarantee, InputRecord, Metrics,
-    OutputRecord, Outputs, RebalanceEvent, ABORT, DRAIN,
+    BadInput, CommitterSettings, Decoder, FlowError, FlowJournal, Guarantee, Metrics, OutputRecord, Outputs,
+    RebalanceEvent, ABORT, DRAIN,
 };
 use crate::codec::Codec;
-use crate::replay::Entity;
 use crate::stage::EventSourced;
-use eventstage_journal::kafka::OWNERS_TOPIC;
-use eventstage_journal::{Claim, KafkaJournal, SeqNo};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -56,22 +51,25 @@ mod emitter;
 mod enrich;
 mod kafka_storage;
 mod partitions;
+mod records;
 mod sled_storage;
 mod startup;
 mod state;
 mod storage;
 mod txn;
 
-use committer::{Committer, Deliveries, Delivery, FlowProducerContext, Transactions, Wait};
-use emitter::{Emitter, Outcome, Sink};
+use committer::{Committer, Deliveries, Delivery, Transactions, Wait};
+use emitter::{Emitter, Sink};
 use enrich::Pipeline;
 use kafka_storage::KafkaStorage;
 use partitions::{FlowConsumer, FlowContext};
 use sled_storage::SledStorage;
-use startup::{carry_offsets_over, consumer_fatal, input_partitions, Setup};
-use state::{offsets_of, Assigned, KeyMap, Offsets, PartitionState};
-use storage::{Change, NoStorage, Out, Storage};
-use txn::{classify, TxnFailure};
+use startup::{
+    blocking_runtime, claim_journal, consumer_fatal, input_partitions, start_producer, with_backoff, JournalCheck,
+    Setup,
+};
+use state::{Assigned, KeyMap, Offsets, PartitionState};
+use storage::{NoStorage, Storage};
 
 pub(super) struct Parts<S: EventSourced> {
     pub(super) stage: S,
@@ -101,34 +99,6 @@ impl Tasks {
             .build()
             .map_err(|e| FlowError::Config(format!("cannot start the flow's task runtime: {e}")))?;
         Ok(Self { handle: rt.handle().clone(), _own: Some(rt) })
-    }
-}
-
-/// Retries a setup step `f` with exponential backoff (100 ms .. 5 s) while it fails with a
-/// retriable error, the flow is not asked to stop and the setup's deadline is not reached; after
-/// the deadline, the setup's error (naming `doing`, the brokers and the last error).
-fn with_backoff<T>(
-    doing: &str,
-    setup: &Setup<'_>,
-    mut f: impl FnMut() -> Result<T, FlowError>,
-    retriable: impl Fn(&FlowError) -> bool,
-) -> Result<T, FlowError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if retriable(&e) && setup.running() => {
-                let left = setup.remaining();
-                if left.is_zero() {
-                    return Err(setup.gave_up(doing, Some(&e)));
-                }
-                let wait = delay.min(left);
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, left_ms = left.as_millis() as u64, "{doing} failed; retrying");
-                std::thread::sleep(wait);
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -196,151 +166,6 @@ impl<S: EventSourced> Core<S> {
         Ok(())
     }
 
-    fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
-        match &self.bad_input {
-            BadInput::Stop => Err(FlowError::BadInput {
-                topic: input.topic.clone(),
-                partition: input.partition,
-                offset: input.offset,
-                reason,
-            }),
-            BadInput::DeadLetter(dlq) => {
-                if let Some(unlogged) = self.bad_input_log.check() {
-                    tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, unlogged_before = unlogged, "bad input record, sent to the dead-letter topic (after the first 10, one line per 10 s says how many were not logged)");
-                }
-                // The record as it came (its own headers too), then where it came from and why.
-                let mut headers = input.headers.clone();
-                headers.extend([
-                    ("eventstage.source.topic".into(), input.topic.as_bytes().to_vec()),
-                    ("eventstage.source.partition".into(), input.partition.to_string().into_bytes()),
-                    ("eventstage.source.offset".into(), input.offset.to_string().into_bytes()),
-                    ("eventstage.error".into(), reason.into_bytes()),
-                ]);
-                let record =
-                    OutputRecord { topic: dlq.clone(), key: input.key.clone(), value: input.value.clone(), headers };
-                self.emit(input.partition, record)?;
-                self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-        }
-    }
-
-    /// Takes a consumed record: decodes it, then hands it to the enrichment pipeline or the stage.
-    fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
-        let mut input = InputRecord {
-            topic: msg.topic().to_string(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-            key: msg.key().map(<[u8]>::to_vec),
-            value: msg.payload().map(<[u8]>::to_vec),
-            // No allocation for a record without headers (most).
-            headers: msg
-                .headers()
-                .map(|h| {
-                    rdkafka::message::Headers::iter(h)
-                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            timestamp: msg.timestamp().to_millis(),
-        };
-        let offset = input.offset;
-        if self.skip_applied
-            && offsets_of(&mut self.assigned.offsets, &mut input).is_some_and(|o| offset < o.applied_until)
-        {
-            // Applied before a crash (sled positions); its outputs were produced again from the outbox.
-            self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let decoded = (self.parts.decoder)(&input);
-        if let Some(pipeline) = &mut self.pipeline {
-            pipeline.submit(input, decoded, &self.metrics);
-            return Ok(());
-        }
-        self.handle(input, decoded)
-    }
-
-    /// Runs the stage on a decoded (and enriched) input record, in input order per partition.
-    fn handle(&mut self, mut input: InputRecord, decoded: Result<Decoded<S>, String>) -> Result<(), FlowError> {
-        let Some(offsets) = offsets_of(&mut self.assigned.offsets, &mut input) else {
-            tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
-            return Ok(());
-        };
-        offsets.next = input.offset + 1;
-        self.assigned.dirty = true;
-        self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
-        self.txn.delivery.count_input();
-        let (key, command, context) = match decoded {
-            Ok(decoded) => decoded,
-            Err(reason) => return self.dead_letter(&input, reason),
-        };
-        let p = input.partition;
-        let Some(part) = self.assigned.partitions.get_mut(&p) else {
-            return Err(FlowError::Config(format!("partition {p} has no restored state")));
-        };
-        self.storage.fault_in(p, part, &key)?;
-        if part.includes(&key, &input.topic, input.offset) {
-            // Delivered again (at-least-once): its events are journaled and its outputs were
-            // acknowledged before they were.
-            self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let entity = part.overlay.get(&key).or_else(|| part.committed.get(&key)).cloned().unwrap_or_default();
-        let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
-            Ok(executed) => (executed.events, executed.outcome, executed.state),
-            Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),
-        };
-        let state = match new_state {
-            None => entity.state,
-            Some(state) => {
-                if self.txn.delivery.is_at_least_once() {
-                    // Before journaling: a deletion's marker must include the deleting input.
-                    if let Some(part) = self.assigned.partitions.get_mut(&p) {
-                        part.note_applied(&key, &input);
-                    }
-                }
-                self.journal(p, &key, entity.seq, &events, &state)?;
-                let deleted = S::is_deleted(&state) && self.storage.forgets_deleted();
-                let state = Arc::new(state);
-                let entity = if deleted {
-                    Entity::default()
-                } else {
-                    Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
-                };
-                if let Some(part) = self.assigned.partitions.get_mut(&p) {
-                    match part.overlay.get_mut(&key) {
-                        Some(slot) => *slot = entity,
-                        None => {
-                            part.overlay.insert(key.clone(), entity);
-                        }
-                    }
-                }
-                state
-            }
-        };
-        let batch = self.batch();
-        self.txn.emitter.outcome(batch, Outcome { input, key, events, outcome, state, context })
-    }
-
-    /// Records in the storage what one command changed: `events` applied to `key` (at sequence
-    /// `before`), leaving `state`.
-    fn journal(
-        &mut self,
-        p: i32,
-        key: &S::Key,
-        before: SeqNo,
-        events: &[S::Event],
-        state: &S::State,
-    ) -> Result<(), FlowError> {
-        let Some(part) = self.assigned.partitions.get(&p) else { return Ok(()) };
-        let out = Out { sink: &self.txn.sink, batch: self.txn.delivery.batch() };
-        let change = Change { p, key, before, events, state, ts: self.wall_ms };
-        if self.storage.record(change, part, out)? {
-            self.txn.delivery.end_soon();
-        }
-        Ok(())
-    }
-
     /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
     fn update_lag(&self, consumer: &FlowConsumer<S>) {
         let mut lag = 0u64;
@@ -355,72 +180,6 @@ impl<S: EventSourced> Core<S> {
     }
 }
 
-/// What the Kafka journal's checks need, owned: they run on a thread of their own, bounded by the
-/// setup's deadline (see `Setup::within`).
-struct JournalCheck {
-    common: ClientConfig,
-    group: String,
-    take_over: bool,
-    inputs: Vec<String>,
-    topic: String,
-    partitions: i32,
-}
-
-/// Makes sure the flow's Kafka journal exists as it must and is this group's (or takes it over).
-fn claim_journal(check: JournalCheck) -> Result<KafkaJournal, FlowError> {
-    let JournalCheck { common, group, take_over, inputs, topic, partitions } = check;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| FlowError::Config(e.to_string()))?;
-    let started = Instant::now();
-    let journal = rt.block_on(KafkaJournal::ensure(common.clone(), &topic, partitions))?;
-    let ensured = started.elapsed();
-    let claim = rt.block_on(journal.claim(&group, take_over))?;
-    tracing::debug!(journal = %topic, ensure_ms = ensured.as_millis() as u64, claim_ms = (started.elapsed() - ensured).as_millis() as u64, "journal checked");
-    match claim {
-        Claim::New => {
-            tracing::info!(journal = %topic, group = %group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
-        }
-        Claim::Owned => {}
-        Claim::TakenOver { from } => {
-            tracing::warn!(journal = %topic, group = %group, previous = %from, "took the journal over from another group");
-            carry_offsets_over(&common, &from, &group, &inputs, partitions)?;
-        }
-    }
-    Ok(journal)
-}
-
-/// The flow's producer; transactional (exactly once) with its first transaction begun.
-fn start_producer(
-    settings: &Settings,
-    deliveries: &Arc<Deliveries>,
-    setup: &Setup<'_>,
-    at_least_once: bool,
-    inputs_exist: impl FnOnce() -> bool,
-) -> Result<ThreadedProducer<FlowProducerContext>, FlowError> {
-    let producer: ThreadedProducer<_> = settings
-        .producer
-        .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
-        .map_err(|e| kafka("producer", e))?;
-    // `connect_to_cluster` names an input topic: a producer's metadata request may create a topic
-    // that does not exist (`allow.auto.create.topics`), so it waits until the inputs are checked.
-    if !inputs_exist() {
-        return Err(FlowError::Config("not started: the input topics were not found".into()));
-    }
-    if !at_least_once {
-        emitter::connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
-        with_backoff(
-            "initializing transactions (the transaction coordinator)",
-            setup,
-            || producer.init_transactions(setup.attempt(TXN_TIMEOUT)).map_err(|e| kafka("init transactions", e)),
-            |e| matches!(e, FlowError::Kafka { error, .. } if classify(error) != TxnFailure::Fatal && classify(error) != TxnFailure::Fenced),
-        )?;
-        producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
-    }
-    Ok(producer)
-}
-
 pub(super) fn run<S: EventSourced>(
     settings: Settings,
     parts: Parts<S>,
@@ -430,10 +189,6 @@ pub(super) fn run<S: EventSourced>(
 ) -> Result<(), FlowError> {
     let run_started = Instant::now();
     let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| FlowError::Config(e.to_string()))?;
     let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
     let deliveries = Arc::new(Deliveries::new(at_least_once));
     let setup = Setup::new(run_started, settings.setup_timeout, &settings.common, &stop);
@@ -493,7 +248,7 @@ pub(super) fn run<S: EventSourced>(
         }
         FlowJournal::Sled(dir) => Box::new(SledStorage::new(
             SledBackend::open(dir)?,
-            rt,
+            blocking_runtime()?,
             settings.codec,
             settings.snapshot_every,
             metrics.clone(),

@@ -2,15 +2,20 @@
 //! partition count, a journal taken over from another group, and the error of a consumer that
 //! cannot go on.
 
-use super::TXN_TIMEOUT;
+use super::committer::{Deliveries, FlowProducerContext};
+use super::txn::{classify, TxnFailure};
+use super::{emitter, Settings, TXN_TIMEOUT};
 use crate::flow::shared::kafka;
 use crate::flow::FlowError;
-use eventstage_journal::kafka::Detached;
+use eventstage_journal::kafka::{Detached, OWNERS_TOPIC};
+use eventstage_journal::{Claim, KafkaJournal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The flow's start (metadata, the journal's checks, the transactional producer's
@@ -89,7 +94,7 @@ impl<'a> Setup<'a> {
 pub(super) fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
     let hint = match code {
         RDKafkaErrorCode::FencedInstanceId => {
-            "another live instance joined the group with this instance's group.instance.id (a flow with a transactional id uses it as its static member id): give every instance its own id"
+            "another live instance joined the group with this instance's group.instance.id (with FlowBuilder::static_membership it is the transactional id): give every instance its own id"
         }
         RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::GroupAuthorizationFailed => {
             "the consumer is not authorized: grant it read on the inputs and the group"
@@ -165,4 +170,104 @@ pub(super) fn input_partitions(common: &ClientConfig, inputs: &[String], timeout
         count = Some(n);
     }
     count.ok_or_else(|| FlowError::Config("no input topics".into()))
+}
+
+/// Retries a setup step `f` with exponential backoff (100 ms .. 5 s) while it fails with a
+/// retriable error, the flow is not asked to stop and the setup's deadline is not reached; after
+/// the deadline, the setup's error (naming `doing`, the brokers and the last error).
+pub(super) fn with_backoff<T>(
+    doing: &str,
+    setup: &Setup<'_>,
+    mut f: impl FnMut() -> Result<T, FlowError>,
+    retriable: impl Fn(&FlowError) -> bool,
+) -> Result<T, FlowError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if retriable(&e) && setup.running() => {
+                let left = setup.remaining();
+                if left.is_zero() {
+                    return Err(setup.gave_up(doing, Some(&e)));
+                }
+                let wait = delay.min(left);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, left_ms = left.as_millis() as u64, "{doing} failed; retrying");
+                std::thread::sleep(wait);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What the Kafka journal's checks need, owned: they run on a thread of their own, bounded by the
+/// setup's deadline (see `Setup::within`).
+pub(super) struct JournalCheck {
+    pub(super) common: ClientConfig,
+    pub(super) group: String,
+    pub(super) take_over: bool,
+    pub(super) inputs: Vec<String>,
+    pub(super) topic: String,
+    pub(super) partitions: i32,
+}
+
+/// A runtime of the calling thread's own for the journals' async calls (built only by the journal
+/// that needs one: the Kafka journal's checks at start, the sled storage).
+pub(super) fn blocking_runtime() -> Result<tokio::runtime::Runtime, FlowError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| FlowError::Config(format!("cannot start the flow's journal runtime: {e}")))
+}
+
+/// Makes sure the flow's Kafka journal exists as it must and is this group's (or takes it over).
+pub(super) fn claim_journal(check: JournalCheck) -> Result<KafkaJournal, FlowError> {
+    let JournalCheck { common, group, take_over, inputs, topic, partitions } = check;
+    let rt = blocking_runtime()?;
+    let started = Instant::now();
+    let journal = rt.block_on(KafkaJournal::ensure(common.clone(), &topic, partitions))?;
+    let ensured = started.elapsed();
+    let claim = rt.block_on(journal.claim(&group, take_over))?;
+    tracing::debug!(journal = %topic, ensure_ms = ensured.as_millis() as u64, claim_ms = (started.elapsed() - ensured).as_millis() as u64, "journal checked");
+    match claim {
+        Claim::New => {
+            tracing::info!(journal = %topic, group = %group, "the journal is this group's (recorded in {OWNERS_TOPIC})")
+        }
+        Claim::Owned => {}
+        Claim::TakenOver { from } => {
+            tracing::warn!(journal = %topic, group = %group, previous = %from, "took the journal over from another group");
+            carry_offsets_over(&common, &from, &group, &inputs, partitions)?;
+        }
+    }
+    Ok(journal)
+}
+
+/// The flow's producer; transactional (exactly once) with its first transaction begun.
+pub(super) fn start_producer(
+    settings: &Settings,
+    deliveries: &Arc<Deliveries>,
+    setup: &Setup<'_>,
+    at_least_once: bool,
+    inputs_exist: impl FnOnce() -> bool,
+) -> Result<ThreadedProducer<FlowProducerContext>, FlowError> {
+    let producer: ThreadedProducer<_> = settings
+        .producer
+        .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
+        .map_err(|e| kafka("producer", e))?;
+    // `connect_to_cluster` names an input topic: a producer's metadata request may create a topic
+    // that does not exist (`allow.auto.create.topics`), so it waits until the inputs are checked.
+    if !inputs_exist() {
+        return Err(FlowError::Config("not started: the input topics were not found".into()));
+    }
+    if !at_least_once {
+        emitter::connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
+        with_backoff(
+            "initializing transactions (the transaction coordinator)",
+            setup,
+            || producer.init_transactions(setup.attempt(TXN_TIMEOUT)).map_err(|e| kafka("init transactions", e)),
+            |e| matches!(e, FlowError::Kafka { error, .. } if classify(error) != TxnFailure::Fatal && classify(error) != TxnFailure::Fenced),
+        )?;
+        producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
+    }
+    Ok(producer)
 }

@@ -1,0 +1,166 @@
+//! One input record's way through the flow thread: decoded (or dead-lettered), handed to the
+//! enrichment pipeline or straight to the stage, run, journaled in the open transaction and
+//! handed to the emitter for its outputs.
+
+use super::emitter::Outcome;
+use super::state::offsets_of;
+use super::storage::{Change, Out};
+use super::Core;
+use crate::flow::{BadInput, Decoded, FlowError, InputRecord, OutputRecord};
+use crate::replay::Entity;
+use crate::stage::EventSourced;
+use eventstage_journal::SeqNo;
+use rdkafka::message::{BorrowedMessage, Message};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl<S: EventSourced> Core<S> {
+    fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
+        match &self.bad_input {
+            BadInput::Stop => Err(FlowError::BadInput {
+                topic: input.topic.clone(),
+                partition: input.partition,
+                offset: input.offset,
+                reason,
+            }),
+            BadInput::DeadLetter(dlq) => {
+                if let Some(unlogged) = self.bad_input_log.check() {
+                    tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, %reason, dead_letter = %dlq, unlogged_before = unlogged, "bad input record, sent to the dead-letter topic (after the first 10, one line per 10 s says how many were not logged)");
+                }
+                // The record as it came (its own headers too), then where it came from and why.
+                let mut headers = input.headers.clone();
+                headers.extend([
+                    ("eventstage.source.topic".into(), input.topic.as_bytes().to_vec()),
+                    ("eventstage.source.partition".into(), input.partition.to_string().into_bytes()),
+                    ("eventstage.source.offset".into(), input.offset.to_string().into_bytes()),
+                    ("eventstage.error".into(), reason.into_bytes()),
+                ]);
+                let record =
+                    OutputRecord { topic: dlq.clone(), key: input.key.clone(), value: input.value.clone(), headers };
+                self.emit(input.partition, record)?;
+                self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes a consumed record: decodes it, then hands it to the enrichment pipeline or the stage.
+    pub(super) fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
+        let mut input = InputRecord {
+            topic: msg.topic().to_string(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().map(<[u8]>::to_vec),
+            // No allocation for a record without headers (most).
+            headers: msg
+                .headers()
+                .map(|h| {
+                    rdkafka::message::Headers::iter(h)
+                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            timestamp: msg.timestamp().to_millis(),
+        };
+        let offset = input.offset;
+        if self.skip_applied
+            && offsets_of(&mut self.assigned.offsets, &mut input).is_some_and(|o| offset < o.applied_until)
+        {
+            // Applied before a crash (sled positions); its outputs were produced again from the outbox.
+            self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let decoded = (self.parts.decoder)(&input);
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.submit(input, decoded, &self.metrics);
+            return Ok(());
+        }
+        self.handle(input, decoded)
+    }
+
+    /// Runs the stage on a decoded (and enriched) input record, in input order per partition.
+    pub(super) fn handle(
+        &mut self,
+        mut input: InputRecord,
+        decoded: Result<Decoded<S>, String>,
+    ) -> Result<(), FlowError> {
+        let Some(offsets) = offsets_of(&mut self.assigned.offsets, &mut input) else {
+            tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
+            return Ok(());
+        };
+        offsets.next = input.offset + 1;
+        self.assigned.dirty = true;
+        self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
+        self.txn.delivery.count_input();
+        let (key, command, context) = match decoded {
+            Ok(decoded) => decoded,
+            Err(reason) => return self.dead_letter(&input, reason),
+        };
+        let p = input.partition;
+        let Some(part) = self.assigned.partitions.get_mut(&p) else {
+            return Err(FlowError::Config(format!("partition {p} has no restored state")));
+        };
+        self.storage.fault_in(p, part, &key)?;
+        if part.includes(&key, &input.topic, input.offset) {
+            // Delivered again (at-least-once): its events are journaled and its outputs were
+            // acknowledged before they were.
+            self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let entity = part.overlay.get(&key).or_else(|| part.committed.get(&key)).cloned().unwrap_or_default();
+        let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
+            Ok(executed) => (executed.events, executed.outcome, executed.state),
+            Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),
+        };
+        let state = match new_state {
+            None => entity.state,
+            Some(state) => {
+                if self.txn.delivery.is_at_least_once() {
+                    // Before journaling: a deletion's marker must include the deleting input.
+                    if let Some(part) = self.assigned.partitions.get_mut(&p) {
+                        part.note_applied(&key, &input);
+                    }
+                }
+                self.journal(p, &key, entity.seq, &events, &state)?;
+                let deleted = S::is_deleted(&state) && self.storage.forgets_deleted();
+                let state = Arc::new(state);
+                let entity = if deleted {
+                    Entity::default()
+                } else {
+                    Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
+                };
+                if let Some(part) = self.assigned.partitions.get_mut(&p) {
+                    match part.overlay.get_mut(&key) {
+                        Some(slot) => *slot = entity,
+                        None => {
+                            part.overlay.insert(key.clone(), entity);
+                        }
+                    }
+                }
+                state
+            }
+        };
+        let batch = self.batch();
+        self.txn.emitter.outcome(batch, Outcome { input, key, events, outcome, state, context })
+    }
+
+    /// Records in the storage what one command changed: `events` applied to `key` (at sequence
+    /// `before`), leaving `state`.
+    fn journal(
+        &mut self,
+        p: i32,
+        key: &S::Key,
+        before: SeqNo,
+        events: &[S::Event],
+        state: &S::State,
+    ) -> Result<(), FlowError> {
+        let Some(part) = self.assigned.partitions.get(&p) else { return Ok(()) };
+        let out = Out { sink: &self.txn.sink, batch: self.txn.delivery.batch() };
+        let change = Change { p, key, before, events, state, ts: self.wall_ms };
+        if self.storage.record(change, part, out)? {
+            self.txn.delivery.end_soon();
+        }
+        Ok(())
+    }
+}
