@@ -75,6 +75,12 @@ impl EventSourced for Notes {
     }
 }
 
+/// The committed records of `topic`, read once it holds at least `n`, and on for `settle` after.
+async fn committed(brokers: &str, topic: &str, n: usize, settle: Duration) -> Vec<crate::util::broker::Rec> {
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || read_committed(&b, &t, move |r| r.len() >= n, settle)).await.unwrap()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -210,24 +216,14 @@ async fn a_flow_refuses_events_it_could_not_restore() {
         .unwrap_err();
     let FlowError::Stage(err) = &err else { panic!("expected the stage's error, got {err:?}") };
     assert_unreadable(err, "SeatEvent", "#[serde(tag");
-    let (b, r) = (brokers.clone(), replies.clone());
-    let none = tokio::task::spawn_blocking(move || read_committed(&b, &r, |_| true, Duration::from_millis(1500)))
-        .await
-        .unwrap();
+    let none = committed(&brokers, &replies, 0, Duration::from_millis(1500)).await;
     assert!(none.is_empty(), "no reply was committed: {none:?}");
-    let (b, j) = (brokers.clone(), journal.clone());
-    let none = tokio::task::spawn_blocking(move || read_committed(&b, &j, |_| true, Duration::from_millis(500)))
-        .await
-        .unwrap();
+    let none = committed(&brokers, &journal, 0, Duration::from_millis(500)).await;
     assert!(none.is_empty(), "no journal record was committed: {none:?}");
 
     // The same input, the same group: with JSON the command is handled and answered once.
     let running = flow(Codec::Json, &group);
-    let (b, r) = (brokers.clone(), replies.clone());
-    let got =
-        tokio::task::spawn_blocking(move || read_committed(&b, &r, |r| !r.is_empty(), Duration::from_millis(500)))
-            .await
-            .unwrap();
+    let got = committed(&brokers, &replies, 1, Duration::from_millis(500)).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].value.as_deref(), Some(&b"ok 1"[..]));
     tokio::time::timeout(crate::util::DEADLINE, running.drain_and_shutdown()).await.expect("the flow drains").unwrap();
@@ -356,10 +352,6 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
             flush(&p);
         })
     };
-    let replies_at_least = |n: usize| {
-        let (b, t) = (brokers.clone(), topics.replies.clone());
-        tokio::task::spawn_blocking(move || read_committed(&b, &t, move |r| r.len() >= n, Duration::from_millis(200)))
-    };
 
     // Two instances: `other` (the group's leader) stays up; `first` is killed and restarted.
     let other = Example::start(&brokers, &topics.requests, &group, &format!("{id}-other"), logs.path());
@@ -379,7 +371,7 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
             }
         })
     };
-    replies_at_least(150).await.unwrap();
+    committed(&brokers, &topics.replies, 150, Duration::from_millis(200)).await;
     // kill -9, then the same instance again: it takes its place in the group at once.
     let mut first = first;
     // Both have taken their share (the leader logs its second assignment after the split).
@@ -395,7 +387,7 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
     let second = Example::start(&brokers, &topics.requests, &group, &id, logs.path());
     feed(requests[300..].to_vec()).await.unwrap();
     feed(vec![("show-1".into(), b"not a request".to_vec())]).await.unwrap();
-    replies_at_least(600).await.unwrap();
+    committed(&brokers, &topics.replies, 600, Duration::from_millis(200)).await;
     let took = restarted.elapsed();
     // A static member that comes back takes its old assignment: the other instance sees no
     // rebalance (a dynamic member's return revokes and reassigns every partition of the group).
@@ -411,7 +403,7 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
     );
 
     // Exactly one reply per request, each as the model says.
-    let got = replies_at_least(600).await.unwrap();
+    let got = committed(&brokers, &topics.replies, 600, Duration::from_millis(200)).await;
     let mut seen = std::collections::HashSet::new();
     for r in &got {
         let reply: reservations::Reply = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
@@ -419,11 +411,7 @@ async fn the_example_answers_exactly_once_restarts_at_once_and_drains() {
         assert!(seen.insert(reply.id.clone()), "two replies to {}", reply.id);
     }
     assert_eq!(seen.len(), 600);
-    let (b, dlq) = (brokers.clone(), format!("{}.dlq", topics.requests));
-    let dead =
-        tokio::task::spawn_blocking(move || read_committed(&b, &dlq, |r| !r.is_empty(), Duration::from_millis(200)))
-            .await
-            .unwrap();
+    let dead = committed(&brokers, &format!("{}.dlq", topics.requests), 1, Duration::from_millis(200)).await;
     assert_eq!(dead.len(), 1);
     assert!(dead[0]
         .headers
@@ -488,18 +476,10 @@ async fn the_outputs_see_the_inputs_headers_timestamp_and_the_decoders_context()
     })
     .await
     .unwrap();
-    let (b, r) = (brokers.clone(), replies.clone());
-    let got =
-        tokio::task::spawn_blocking(move || read_committed(&b, &r, |r| !r.is_empty(), Duration::from_millis(300)))
-            .await
-            .unwrap();
+    let got = committed(&brokers, &replies, 1, Duration::from_millis(300)).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].value.as_deref(), Some(&b"t-1 5 Some(1700000000123) 2"[..]));
-    let (b, dlq) = (brokers.clone(), format!("{input}.dlq"));
-    let dead =
-        tokio::task::spawn_blocking(move || read_committed(&b, &dlq, |r| !r.is_empty(), Duration::from_millis(300)))
-            .await
-            .unwrap();
+    let dead = committed(&brokers, &format!("{input}.dlq"), 1, Duration::from_millis(300)).await;
     let names: Vec<&str> = dead[0].headers.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(&names[..3], ["trace-id", "origin", "eventstage.source.topic"], "{names:?}");
     tokio::time::timeout(crate::util::DEADLINE, flow.drain_and_shutdown()).await.expect("the flow drains").unwrap();

@@ -13,13 +13,14 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
-type Decoded<S> = Result<crate::flow::Decoded<S>, String>;
+/// A decoded record, or why it is not one.
+type DecodeResult<S> = Result<crate::flow::Decoded<S>, String>;
 
 struct Slot<S: EventSourced> {
     id: u64,
     input: InputRecord,
     /// `None` while its call runs.
-    result: Option<Decoded<S>>,
+    result: Option<DecodeResult<S>>,
 }
 
 struct Done<S: EventSourced> {
@@ -76,7 +77,7 @@ impl<S: EventSourced> Pipeline<S> {
     }
 
     /// Takes a decoded record: starts its call, or queues its decoding error in its place.
-    pub(super) fn submit(&mut self, input: InputRecord, decoded: Decoded<S>, metrics: &Metrics) {
+    pub(super) fn submit(&mut self, input: InputRecord, decoded: DecodeResult<S>, metrics: &Metrics) {
         let id = self.next_id;
         self.next_id += 1;
         let result = match decoded {
@@ -123,7 +124,7 @@ impl<S: EventSourced> Pipeline<S> {
 
     /// The records whose turn has come: each partition's finished records up to its first
     /// unfinished one.
-    pub(super) fn take_ready(&mut self, metrics: &Metrics) -> Vec<(InputRecord, Decoded<S>)> {
+    pub(super) fn take_ready(&mut self, metrics: &Metrics) -> Vec<(InputRecord, DecodeResult<S>)> {
         self.collect(metrics);
         let mut ready = Vec::new();
         for queue in self.queues.values_mut() {

@@ -187,9 +187,6 @@ impl<S: EventSourced> Core<S> {
     /// revocation of closing the consumer commit nothing. The inputs it held come again to
     /// whoever processes the partitions next.
     pub(super) fn abandon(&mut self) {
-        if self.stopped {
-            return;
-        }
         self.stopped = true;
         if !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional() {
             if let Err(e) = self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
