@@ -3,18 +3,6 @@
 use eventstage::stages::bank_flow::{bank_flow, BankTopics};
 use std::time::{Duration, Instant};
 
-/// The error and its causes, as anyhow's `{:#}` prints them.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_stops_the_setup_with_one_error_naming_the_brokers() {
     crate::util::init_tracing();
@@ -29,7 +17,8 @@ async fn an_unreachable_cluster_stops_the_setup_with_one_error_naming_the_broker
         .expect_err("nothing listens on 127.0.0.1:1");
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(3), "gave up before the setup timeout: {took:?}");
-    let text = chain(&err);
+    // The error and its causes, as an application printing it with anyhow shows them.
+    let text = format!("{:#}", anyhow::Error::new(err));
     assert!(text.contains("127.0.0.1:1"), "names the brokers: {text}");
     assert!(text.contains("setup_timeout"), "names the fix: {text}");
     assert!(text.contains("metadata"), "says what it was doing: {text}");
