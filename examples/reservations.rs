@@ -2,7 +2,7 @@
 //! contract of their own. Copy this file to start an application.
 //!
 //! ```sh
-//! cargo run --example reservations -- --brokers 127.0.0.1:9092 --id reservations-0
+//! RUST_LOG=info cargo run --example reservations -- --brokers 127.0.0.1:9092 --id reservations-0
 //! ```
 //!
 //! Requests on `reservations` (record key = the show, value = JSON):
@@ -28,6 +28,8 @@ use eventstage::{Effect, EventSourced};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+mod util;
 
 /// The stage: one state per show (the record key), the seats taken and by whom.
 pub struct Show;
@@ -205,12 +207,7 @@ fn arg(name: &str, default: &str) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), FlowError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,librdkafka=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    util::init_tracing();
     let brokers = arg("--brokers", "127.0.0.1:9092");
     let topics = Topics::new(&arg("--requests", "reservations"));
     let group = arg("--group", "reservations");
