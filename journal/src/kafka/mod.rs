@@ -61,6 +61,19 @@ fn damaged(topic: &str, what: String) -> JournalError {
     JournalError::Damaged { journal: format!("kafka topic {topic}"), what }
 }
 
+/// True for a consumer error the client does not recover from. The others (all brokers down for
+/// a moment, a transport failure, a leader moving) are reports: librdkafka reconnects and fetches
+/// again, and a read that makes no progress ends at its own deadline, naming the last of them.
+pub(crate) fn consumer_error_is_fatal(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match e {
+        KafkaError::MessageConsumption(code) => {
+            matches!(code, Code::TopicAuthorizationFailed | Code::GroupAuthorizationFailed)
+        }
+        _ => true,
+    }
+}
+
 impl JournalEntry {
     /// The record value.
     pub fn encode(&self) -> Vec<u8> {
@@ -481,22 +494,30 @@ impl KafkaJournal {
         }
         consumer.assign(&tpl).map_err(|e| kafka_err(topic, "assign", e))?;
         let mut last_progress = Instant::now();
+        // The last error the client reported and retries (a broker down for a moment): named
+        // when the read stalls because of it.
+        let mut retrying: Option<KafkaError> = None;
         while !ends.is_empty() {
             match consumer.poll(Duration::from_millis(200)) {
                 None => {
                     if last_progress.elapsed() > stall {
+                        let cause = retrying.take().unwrap_or(KafkaError::NoMessageReceived);
                         return Err(kafka_err(
                             topic,
                             &format!(
                                 "restore stalled (no record for {stall:?}; partitions not done: {:?})",
                                 ends.keys()
                             ),
-                            KafkaError::NoMessageReceived,
+                            cause,
                         ));
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     ends.remove(&p);
+                }
+                Some(Err(e)) if !consumer_error_is_fatal(&e) => {
+                    tracing::debug!(topic, error = %e, "journal read: consumer error (the client retries)");
+                    retrying = Some(e);
                 }
                 Some(Err(e)) => return Err(kafka_err(topic, "restore", e)),
                 Some(Ok(msg)) => {
@@ -641,5 +662,16 @@ mod tests {
         }
         let empty = JournalEntry { last_seq: SeqNo(1), events: vec![], state: None, sources: Vec::new() };
         assert_eq!(JournalEntry::decode(&empty.encode()).unwrap(), empty);
+    }
+
+    #[test]
+    fn a_broker_down_for_a_moment_does_not_end_a_read() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        // Seen in CI: a journal read ended with "AllBrokersDown" the client was retrying.
+        for code in [Code::AllBrokersDown, Code::BrokerTransportFailure, Code::NotLeaderForPartition] {
+            assert!(!consumer_error_is_fatal(&KafkaError::MessageConsumption(code)), "{code:?}");
+        }
+        assert!(consumer_error_is_fatal(&KafkaError::MessageConsumption(Code::TopicAuthorizationFailed)));
+        assert!(consumer_error_is_fatal(&KafkaError::MessageConsumptionFatal(Code::Fenced)));
     }
 }

@@ -1,7 +1,7 @@
 //! The owner registry: which consumer group a Kafka journal belongs to ([`OWNERS_TOPIC`]), and
 //! a group claiming a journal, or taking it over.
 
-use super::{kafka_err, Detached, KafkaJournal, ReaderContext};
+use super::{consumer_error_is_fatal, kafka_err, Detached, KafkaJournal, ReaderContext};
 use crate::error::{JournalError, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -133,6 +133,7 @@ impl KafkaJournal {
         consumer.assign(&tpl).map_err(|e| kafka_err(registry, "assign", e))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut owner = known;
+        let mut retrying: Option<KafkaError> = None;
         loop {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(msg)) => {
@@ -149,9 +150,14 @@ impl KafkaJournal {
                     return Ok((owner, high))
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) if !consumer_error_is_fatal(&e) => {
+                    tracing::debug!(registry, error = %e, "owner registry read: consumer error (the client retries)");
+                    retrying = Some(e);
+                }
                 Some(Err(e)) => return Err(kafka_err(registry, "read", e)),
                 None if Instant::now() > deadline => {
-                    return Err(kafka_err(registry, "read (no record for 30 s)", KafkaError::NoMessageReceived))
+                    let cause = retrying.take().unwrap_or(KafkaError::NoMessageReceived);
+                    return Err(kafka_err(registry, "read (no record for 30 s)", cause));
                 }
                 None => {}
             }
