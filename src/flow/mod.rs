@@ -70,7 +70,6 @@ mod engine;
 mod exported;
 mod settings;
 mod shared;
-mod sled_backend;
 
 pub use exported::names as metric_names;
 

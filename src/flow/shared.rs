@@ -4,7 +4,11 @@
 use super::FlowError;
 use rdkafka::error::KafkaError;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Timeout of one blocking call of the flow's Kafka clients (a transactional call, a seek, a
+/// committed-offsets request).
+pub(crate) const TXN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Locks `m`, going on past a panic of an earlier holder: what the flow keeps behind its locks is
 /// consistent between calls (a panic is caught and stops the flow first).

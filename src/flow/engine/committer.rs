@@ -8,11 +8,11 @@
 //! are journaled: every journal record carries the input positions its state includes, so those
 //! inputs are skipped (their outputs were acknowledged before the journal was written).
 
+use super::core::Core;
 use super::emitter::Sink;
 use super::partitions::FlowConsumer;
 use super::storage::{Out, Storage};
-use super::{Core, TXN_TIMEOUT};
-use crate::flow::shared::{kafka, lock};
+use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
 use crate::flow::{CommitterSettings, FlowError, Metrics};
 use crate::stage::EventSourced;
 use rdkafka::consumer::{CommitMode, Consumer};

@@ -16,8 +16,7 @@
 
 use super::committer::{Deliveries, FlowProducerContext};
 use super::txn::{classify, is_fence, TxnFailure};
-use super::TXN_TIMEOUT;
-use crate::flow::shared::{kafka, lock};
+use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
 use crate::flow::{FlowError, InputRecord, Metrics, OutputRecord, Outputs, Processed};
 use crate::stage::EventSourced;
 use arc_swap::ArcSwap;

@@ -4,7 +4,7 @@
 //! running or results waiting for an earlier record of their partition), and the flow stops
 //! consuming while it is full.
 
-use super::Core;
+use super::core::Core;
 use crate::flow::settings::EnrichFn;
 use crate::flow::{Context, EnrichSettings, FlowError, InputRecord, Metrics};
 use crate::stage::EventSourced;

@@ -3,8 +3,8 @@
 //! record cache in front of a changelog; with a local state store, partitions restore from its
 //! checkpoint and read only the journal's tail, and keys are read from the store when first used.
 
+use super::state::{KeyMap, PartitionState};
 use super::storage::{encode_events, encode_state, Change, Out, Positions, Restored, Restoring, Storage};
-use super::{KeyMap, PartitionState, RESTORE_STALL};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::checkpoint::Checkpoints;
@@ -15,6 +15,10 @@ use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, Se
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A restore that reads nothing for this long fails.
+const RESTORE_STALL: Duration = Duration::from_secs(60);
 
 /// A key's journal record is written before commit once it holds this many events (bounds the
 /// record size for a key that takes thousands of commands in one commit interval).

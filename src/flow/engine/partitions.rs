@@ -2,10 +2,10 @@
 //! assignment (from the Kafka journal, or from sled with its positions and outbox) and commit and
 //! release it on revocation.
 
+use super::core::Core;
 use super::state::Offsets;
 use super::storage::Restoring;
-use super::{Core, TXN_TIMEOUT};
-use crate::flow::shared::{kafka, lock};
+use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
 use crate::flow::{FlowError, RebalanceActions, RebalanceEvent, TopicPartition};
 use crate::stage::EventSourced;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};

@@ -2,10 +2,10 @@
 //! enrichment pipeline or straight to the stage, run, journaled in the open transaction and
 //! handed to the emitter for its outputs.
 
+use super::core::Core;
 use super::emitter::Outcome;
 use super::state::offsets_of;
 use super::storage::{Change, Out};
-use super::Core;
 use crate::flow::{BadInput, Decoded, FlowError, InputRecord, OutputRecord};
 use crate::replay::Entity;
 use crate::stage::EventSourced;

@@ -1,17 +1,22 @@
 //! The sled journal as a flow's storage (one instance): events and due snapshots are staged per
 //! transaction and written with the input positions and the outbox before the Kafka commit (see
-//! `flow::sled_backend`), and a restored partition reconciles sled's positions with the group's
+//! `backend`), and a restored partition reconciles sled's positions with the group's
 //! committed offsets.
 
+mod backend;
+
+use backend::SledBackend;
+
+use super::state::PartitionState;
 use super::storage::{encode_events, encode_state};
 use super::storage::{Change, Out, Positions, Restored, Restoring, Storage};
-use super::PartitionState;
 use crate::codec::Codec;
-use crate::flow::sled_backend::{SledBackend, Staged};
 use crate::flow::{FlowError, Metrics, OutputRecord};
 use crate::stage::{EntityKey, EventSourced};
+use backend::Staged;
 use eventstage_journal::{EventRecord, SeqNo, SnapshotRecord};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -29,14 +34,16 @@ pub(super) struct SledStorage {
 }
 
 impl SledStorage {
-    pub(super) fn new(
-        backend: SledBackend,
+    /// Opens the sled journal at `dir`; `rt` runs its async calls.
+    pub(super) fn open(
+        dir: &Path,
         rt: tokio::runtime::Runtime,
         codec: Codec,
         snapshot_every: u64,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Self { backend, rt, codec, snapshot_every, metrics, batches: VecDeque::new(), flushing: None }
+    ) -> Result<Self, FlowError> {
+        let backend = SledBackend::open(dir)?;
+        Ok(Self { backend, rt, codec, snapshot_every, metrics, batches: VecDeque::new(), flushing: None })
     }
 
     /// Restores partition `p` from sled and reconciles sled's positions with the group's committed

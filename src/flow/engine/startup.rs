@@ -2,21 +2,55 @@
 //! partition count, a journal taken over from another group, and the error of a consumer that
 //! cannot go on.
 
-use super::committer::{Deliveries, FlowProducerContext};
+use super::committer::{Committer, Deliveries, Delivery, FlowProducerContext, Transactions};
+use super::core::{Core, Parts, Txn};
+use super::emitter::{self, Emitter, Sink};
+use super::enrich::Pipeline;
+use super::kafka_storage::KafkaStorage;
+use super::partitions::{FlowConsumer, FlowContext};
+use super::sled_storage::SledStorage;
+use super::state::Assigned;
+use super::storage::{NoStorage, Storage};
+use super::thread::{FlowThread, Report, Schedule};
 use super::txn::{classify, TxnFailure};
-use super::{emitter, Settings, TXN_TIMEOUT};
-use crate::flow::shared::kafka;
-use crate::flow::FlowError;
+use crate::codec::Codec;
+use crate::flow::checkpoint::{Checkpoints, StoreSettings};
+use crate::flow::exported::Exported;
+use crate::flow::settings::Throttle;
+use crate::flow::shared::{kafka, lock, now_ms, TXN_TIMEOUT};
+use crate::flow::{BadInput, CommitterSettings, FlowError, FlowJournal, Guarantee, Metrics, Outputs};
+use crate::stage::EventSourced;
 use eventstage_journal::kafka::{Detached, OWNERS_TOPIC};
 use eventstage_journal::{Claim, KafkaJournal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How a flow is set up: what `FlowBuilder` collected.
+pub(crate) struct Settings {
+    pub(crate) common: ClientConfig,
+    pub(crate) consumer: ClientConfig,
+    pub(crate) producer: ClientConfig,
+    pub(crate) transactional_id: String,
+    pub(crate) inputs: Vec<String>,
+    pub(crate) journal: FlowJournal,
+    /// The consumer group, which owns the Kafka journal.
+    pub(crate) group: String,
+    pub(crate) take_over_journal: bool,
+    pub(crate) store: Option<StoreSettings>,
+    pub(crate) snapshot_every: u64,
+    pub(crate) commit_interval: Duration,
+    pub(crate) bad_input: BadInput,
+    pub(crate) codec: Codec,
+    pub(crate) guarantee: Guarantee,
+    pub(crate) committer: CommitterSettings,
+    /// Bounds the whole start (see `startup::Setup`).
+    pub(crate) setup_timeout: Duration,
+}
 
 /// The flow's start (metadata, the journal's checks, the transactional producer's
 /// `init_transactions`), bounded as a whole by `FlowBuilder::setup_timeout`: each step retries
@@ -88,20 +122,6 @@ impl<'a> Setup<'a> {
             }
         }
     }
-}
-
-/// The error of a fatal consumer error, with what to do about it.
-pub(super) fn consumer_fatal(code: RDKafkaErrorCode) -> FlowError {
-    let hint = match code {
-        RDKafkaErrorCode::FencedInstanceId => {
-            "another live instance joined the group with this instance's group.instance.id (with FlowBuilder::static_membership it is the transactional id): give every instance its own id"
-        }
-        RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::GroupAuthorizationFailed => {
-            "the consumer is not authorized: grant it read on the inputs and the group"
-        }
-        _ => "the consumer cannot go on; restart the flow",
-    };
-    kafka(format!("consumer (fatal): {hint}"), KafkaError::MessageConsumptionFatal(code))
 }
 
 /// Copies group `from`'s committed offsets of the inputs to group `to` where `to` has none: a
@@ -270,4 +290,158 @@ pub(super) fn start_producer(
         producer.begin_transaction().map_err(|e| kafka("begin transaction", e))?;
     }
     Ok(producer)
+}
+
+/// Starts a flow: reads the inputs' metadata, checks (or claims) the Kafka journal and starts the
+/// transactional producer beside them, all within the setup timeout; opens the storage; and
+/// subscribes the consumer. The loop runs next ([`FlowThread::run`]).
+pub(super) fn start<S: EventSourced>(
+    settings: Settings,
+    parts: Parts<S>,
+    outputs: Outputs<S>,
+    stop: &AtomicU8,
+    metrics: Arc<Metrics>,
+) -> Result<FlowThread<S>, FlowError> {
+    let run_started = Instant::now();
+    let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
+    let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
+    let deliveries = Arc::new(Deliveries::new(at_least_once));
+    let setup = Setup::new(run_started, settings.setup_timeout, &settings.common, stop);
+    // The transactional producer's start (a round trip to the transaction coordinator, or 500 ms
+    // when librdkafka's first try finds the coordinator not ready) does not depend on the input's
+    // metadata nor on the Kafka journal's checks (its topic; its owner in the registry): it runs
+    // beside them.
+    let (journal, producer) = std::thread::scope(|s| {
+        let (inputs_ok, inputs_checked) = std::sync::mpsc::channel::<()>();
+        let (settings_, deliveries_, setup_) = (&settings, &deliveries, &setup);
+        let producer = s.spawn(move || {
+            let started = Instant::now();
+            let producer =
+                start_producer(settings_, deliveries_, setup_, at_least_once, || inputs_checked.recv().is_ok());
+            tracing::debug!(producer_ms = started.elapsed().as_millis() as u64, "producer started");
+            producer
+        });
+        let partitions = with_backoff(
+            "reading the input topics' metadata",
+            &setup,
+            || input_partitions(&settings.common, &settings.inputs, setup.attempt(Duration::from_secs(10))),
+            is_kafka,
+        );
+        if partitions.is_ok() {
+            let _ = inputs_ok.send(());
+        }
+        drop(inputs_ok);
+        let checked = partitions.and_then(|partitions| {
+            tracing::debug!(metadata_ms = run_started.elapsed().as_millis() as u64, "input metadata read");
+            match &settings.journal {
+                FlowJournal::Kafka(topic) => {
+                    let check = JournalCheck {
+                        common: settings.common.clone(),
+                        group: settings.group.clone(),
+                        take_over: settings.take_over_journal,
+                        inputs: settings.inputs.clone(),
+                        topic: topic.clone(),
+                        partitions,
+                    };
+                    setup.within("checking the journal topic", move || claim_journal(check)).map(Some)
+                }
+                _ => Ok(None),
+            }
+        });
+        let producer =
+            producer.join().unwrap_or_else(|_| Err(FlowError::Crashed("the producer's start panicked".into())));
+        Ok::<_, FlowError>((checked?, producer?))
+    })?;
+    let storage: Box<dyn Storage<S>> = match &settings.journal {
+        FlowJournal::Kafka(_) => {
+            let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
+            let checkpoints = match &settings.store {
+                Some(store) => Some(Checkpoints::start(store, &journal, &settings.common, S::NAME, metrics.clone())?),
+                None => None,
+            };
+            Box::new(KafkaStorage::<S>::new(journal, checkpoints, settings.codec, at_least_once, metrics.clone()))
+        }
+        FlowJournal::Sled(dir) => Box::new(SledStorage::open(
+            dir,
+            blocking_runtime()?,
+            settings.codec,
+            settings.snapshot_every,
+            metrics.clone(),
+        )?),
+        FlowJournal::None => Box::new(NoStorage),
+    };
+    let mut parts = parts;
+    let pipeline = match (parts.enrich.take(), &parts.tasks) {
+        (Some((settings, f)), Some(tasks)) => Some(Pipeline::new(settings, f, tasks.handle.clone())),
+        _ => None,
+    };
+    let rebalance_events = match (&parts.on_rebalance_async, &parts.tasks) {
+        (Some(listener), Some(tasks)) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let listener = listener.clone();
+            tasks.handle.spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    listener(event).await;
+                }
+            });
+            Some(tx)
+        }
+        _ => None,
+    };
+    let sink = Arc::new(Sink::new(
+        producer,
+        settings.producer.clone(),
+        deliveries,
+        settings.transactional_id.clone(),
+        settings.inputs.first().cloned(),
+    ));
+    let keep_outbox = storage.keeps_outbox() && !at_least_once;
+    let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
+    let core = Arc::new(Mutex::new(Core {
+        parts,
+        assigned: Assigned {
+            partitions: BTreeMap::new(),
+            offsets: BTreeMap::new(),
+            pending_seeks: Vec::new(),
+            dirty: false,
+        },
+        txn: Txn {
+            sink,
+            emitter,
+            delivery: if at_least_once {
+                Delivery::Batches(Committer::new(settings.committer))
+            } else {
+                Delivery::Transactions(Transactions::default())
+            },
+            abortable: false,
+            redo: None,
+        },
+        skip_applied: storage.stores_positions(),
+        storage,
+        pipeline,
+        rebalance_events,
+        bad_input: settings.bad_input.clone(),
+        bad_input_log: Throttle::new(),
+        wall_ms: now_ms(),
+        failure: None,
+        stopped: false,
+        metrics: metrics.clone(),
+        exported: Exported::new(S::NAME, &settings.group),
+    }));
+    let consumer: FlowConsumer<S> =
+        settings.consumer.create_with_context(FlowContext { core: core.clone() }).map_err(|e| kafka("consumer", e))?;
+    let topics: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;
+    let journal_name = lock(&core).storage.name();
+    let bad_input = match &settings.bad_input {
+        BadInput::DeadLetter(dlq) => format!("dead-letter topic {dlq}"),
+        BadInput::Stop => "stop".to_string(),
+    };
+    tracing::info!(stage = S::NAME, inputs = %settings.inputs.join(","), journal = %journal_name, transactional_id = %settings.transactional_id, bad_input = %bad_input, startup_ms = run_started.elapsed().as_millis() as u64, "flow running (joining the group)");
+
+    let commit_every = match settings.committer.max_interval {
+        Some(interval) if at_least_once => interval,
+        _ => settings.commit_interval,
+    };
+    Ok(FlowThread { core, consumer, schedule: Schedule::new(commit_every), report: Report::new() })
 }

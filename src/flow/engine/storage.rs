@@ -11,7 +11,7 @@
 //! once) or a batch (at least once), and release the partitions it loses.
 
 use super::emitter::Sink;
-use super::{Offsets, PartitionState};
+use super::state::{Offsets, PartitionState};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::{FlowError, OutputRecord};

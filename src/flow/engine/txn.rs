@@ -1,10 +1,11 @@
 //! The transactional side of the flow: commit, abort and rewind, and the sled outbox redo.
 
 use super::committer::Delivery;
+use super::core::Core;
 use super::partitions::FlowConsumer;
 use super::storage::Out;
-use super::{committer, emitter, Core, TXN_TIMEOUT};
-use crate::flow::shared::kafka;
+use super::{committer, emitter};
+use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::flow::FlowError;
 use crate::stage::EventSourced;
 use eventstage_journal::SourcePosition;
@@ -24,6 +25,16 @@ pub(super) enum TxnFailure {
     Fatal,
     Abort,
     Retry,
+}
+
+/// What [`Core::recover`] makes of a failure.
+enum Failure {
+    /// The producer is broken but a new one of the same id heals it: replace it, then abort.
+    ProducerFailed,
+    /// Abort the transaction (and rewind, or produce the sled outbox again).
+    Abortable,
+    /// Nothing the flow can do: it stops with the error.
+    Stop,
 }
 
 /// A code saying that the broker refused this producer's epoch.
@@ -53,8 +64,8 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    /// Commits the open transaction with the consumed offsets and opens the next one. An abortable
-    /// failure aborts, rewinds and discards the transaction's state, and is not an error.
+    /// Commits the open transaction with the consumed offsets and opens the next one. A failure
+    /// goes to [`Self::recover`] like every other (marked when an abort heals it).
     fn commit_transaction(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
         if !self.assigned.dirty {
             return Ok(());
@@ -77,8 +88,9 @@ impl<S: EventSourced> Core<S> {
                 let _ = o.wait(&self.txn.sink);
             }
         }
-        let sealed = prepared?;
-        if sealed {
+        if prepared? {
+            // From here on a failed commit is made good from the outbox, never by a rewind.
+            self.txn.redo = Some(tpl.clone());
             self.settle_overlays();
         }
         let mut attempt = 0;
@@ -92,54 +104,26 @@ impl<S: EventSourced> Core<S> {
                 other => break other,
             }
         };
-        match result {
-            Ok(()) => {
-                self.txn.sink.committed();
-                self.settle_overlays();
-                self.assigned.mark_committed();
-                if let Delivery::Transactions(t) = &mut self.txn.delivery {
-                    t.consecutive_aborts = 0;
-                }
-                let took = started.elapsed();
-                self.exported.commit(took);
-                let us = took.as_micros() as u64;
-                self.metrics.last_commit_us.store(us, Ordering::Relaxed);
-                self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
-                self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => match classify(&e) {
-                // Healed by a new producer, then handled as an abort.
-                _ if self.txn.sink.heals(&e) => {
-                    self.replace_expired(&e)?;
-                    self.after_abortable(consumer, &tpl, sealed, &e)?;
-                }
-                TxnFailure::Fenced => return Err(self.txn.sink.error("commit transaction".into(), e)),
-                TxnFailure::Fatal => return Err(kafka("commit transaction (fatal)", e)),
-                TxnFailure::Abort | TxnFailure::Retry => self.after_abortable(consumer, &tpl, sealed, &e)?,
-            },
+        if let Err(e) = result {
+            // An abort heals what a fence, a fatal error or an authorization failure does not:
+            // `recover` decides.
+            self.txn.abortable = matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry);
+            return Err(self.txn.sink.error("commit transaction".into(), e));
         }
+        self.txn.redo = None;
+        self.txn.sink.committed();
+        self.settle_overlays();
+        self.assigned.mark_committed();
+        if let Delivery::Transactions(t) = &mut self.txn.delivery {
+            t.consecutive_aborts = 0;
+        }
+        let took = started.elapsed();
+        self.exported.commit(took);
+        let us = took.as_micros() as u64;
+        self.metrics.last_commit_us.store(us, Ordering::Relaxed);
+        self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
+        self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
         self.txn.sink.begin()
-    }
-
-    /// After an abortable commit failure: with the transaction sealed in the storage of record
-    /// (sled), the same outputs and offsets are committed again from the outbox; otherwise the
-    /// transaction is aborted and rewound.
-    fn after_abortable(
-        &mut self,
-        consumer: &FlowConsumer<S>,
-        tpl: &TopicPartitionList,
-        sealed: bool,
-        e: &KafkaError,
-    ) -> Result<(), FlowError> {
-        if sealed {
-            tracing::warn!(error = %e, "transaction failed after the sled write; producing its outbox again");
-            self.redo_outbox(consumer, tpl)?;
-            self.assigned.mark_committed();
-            Ok(())
-        } else {
-            tracing::warn!(error = %e, "transaction failed; aborting, rewinding to the last committed offsets");
-            self.abort_and_rewind(consumer)
-        }
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
@@ -188,6 +172,8 @@ impl<S: EventSourced> Core<S> {
     /// whoever processes the partitions next.
     pub(super) fn abandon(&mut self) {
         self.stopped = true;
+        self.txn.redo = None;
+        self.txn.abortable = false;
         if !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional() {
             if let Err(e) = self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
                 tracing::debug!(error = %e, "aborting the open transaction of a stopped flow failed (the broker aborts it after its timeout)");
@@ -200,7 +186,9 @@ impl<S: EventSourced> Core<S> {
     /// Finishes in-flight work and commits it: before a revocation and on shutdown.
     pub(super) fn finish(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
         self.drain_pipeline()?;
-        self.commit(consumer)?;
+        // Recovered here, not in the loop: a revocation must not hand over partitions whose
+        // transaction is still to be aborted or produced again from the outbox.
+        self.commit(consumer).or_else(|e| self.recover(consumer, e))?;
         self.advance(consumer, committer::Wait::UntilAtMost(0))
     }
 
@@ -314,31 +302,58 @@ impl<S: EventSourced> Core<S> {
         self.txn.sink.replace_producer().map_err(|e| self.txn.sink.error("replace the failed producer".into(), e))
     }
 
-    /// Recovers from a failed transaction wherever the failure surfaced (a produce call, a flush,
-    /// a rebalance callback): a fence of a timed-out transaction, or a produce call refused because
-    /// librdkafka put the transaction in an abortable state (records timed out, e.g. while the flow
-    /// was paused). The transaction is aborted, the consumer rewound and a new one begun. Any other
-    /// error is returned as it is.
+    /// The one way back from a failure, wherever it surfaced (a produce call, a commit, a flush, a
+    /// rebalance callback), classified once:
+    /// - a producer failure a new producer heals (see [`Self::heals`]): replace it, then abort;
+    /// - an abortable failure (a commit the broker refused, a produce call refused because
+    ///   librdkafka put the transaction in an abortable state, e.g. records timed out while the
+    ///   flow was paused): abort;
+    /// - anything else (fenced by a live instance, a storage or configuration error, a fatal
+    ///   consumer error, any failure at least once): the flow stops with it.
+    ///
+    /// After an abort, a transaction the storage of record (sled) holds already is committed again
+    /// from its outbox with the same offsets; any other is rewound to the last committed offsets.
+    /// Then the next transaction begins.
     pub(super) fn recover(&mut self, consumer: &FlowConsumer<S>, e: FlowError) -> Result<(), FlowError> {
-        let transactional = !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional();
-        match &e {
-            _ if self.heals(&e) => self.replace_expired(&e)?,
-            FlowError::Kafka { error: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. } if transactional => {
-                tracing::warn!(error = %e, "the transaction failed; aborting, rewinding to the last committed offsets");
+        match self.failure_of(&e) {
+            Failure::Stop => return Err(e),
+            Failure::ProducerFailed => self.replace_expired(&e)?,
+            Failure::Abortable => {
+                tracing::warn!(error = %e, "the transaction failed; aborting it");
                 // The emitter's failure is this one.
                 let _ = self.txn.emitter.flush();
             }
-            _ => return Err(e),
         }
-        match self.abort_and_rewind(consumer) {
-            // The abort found that the broker had timed the transaction out.
-            Err(fenced) if self.heals(&fenced) => {
-                self.replace_expired(&fenced)?;
-                self.abort_and_rewind(consumer)?;
+        self.txn.abortable = false;
+        match self.txn.redo.take() {
+            Some(offsets) => {
+                tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
+                self.redo_outbox(consumer, &offsets)?;
+                self.assigned.mark_committed();
             }
-            aborted => aborted?,
+            None => match self.abort_and_rewind(consumer) {
+                // The abort found that the broker had timed the transaction out.
+                Err(fenced) if self.heals(&fenced) => {
+                    self.replace_expired(&fenced)?;
+                    self.abort_and_rewind(consumer)?;
+                }
+                aborted => aborted?,
+            },
         }
         self.txn.sink.begin()
+    }
+
+    fn failure_of(&self, e: &FlowError) -> Failure {
+        let transactional = !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional();
+        match e {
+            _ if !transactional => Failure::Stop,
+            _ if self.heals(e) => Failure::ProducerFailed,
+            _ if self.txn.abortable => Failure::Abortable,
+            FlowError::Kafka { error: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. } => {
+                Failure::Abortable
+            }
+            _ => Failure::Stop,
+        }
     }
 
     pub(super) fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {

@@ -11,8 +11,8 @@
 //!   group's committed offsets: the inputs in between are not applied again (they are skipped), and
 //!   their outputs are produced again from the outbox (invariant 2 with sled).
 
-use super::{FlowError, OutputRecord};
 use crate::codec::Codec;
+use crate::flow::{FlowError, OutputRecord};
 use crate::replay::{recover, Entity};
 use crate::stage::EventSourced;
 use eventstage_journal::{

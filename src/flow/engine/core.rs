@@ -1,0 +1,117 @@
+//! The flow thread's state, shared with the consumer's rebalance callbacks: the stage and its
+//! parts, the partitions this instance owns, the open transaction or batch, and the storage.
+//! What the engine does with it is in the files beside this one: one record's way (`records`),
+//! commits and recovery (`txn`, `committer`), state following partitions (`partitions`), the
+//! loop (`thread`).
+
+use super::committer::Delivery;
+use super::emitter::{Emitter, Sink};
+use super::enrich::Pipeline;
+use super::state::Assigned;
+use super::storage::Storage;
+use crate::flow::exported::Exported;
+use crate::flow::settings::{AsyncListener, Enrichment, SyncListener, Throttle};
+use crate::flow::{BadInput, Decoder, FlowError, Metrics, OutputRecord, RebalanceEvent};
+use crate::stage::EventSourced;
+use std::sync::Arc;
+
+/// What the application gave the flow: the stage, how inputs become commands, and the
+/// listeners.
+pub(crate) struct Parts<S: EventSourced> {
+    pub(crate) stage: S,
+    pub(crate) decoder: Decoder<S>,
+    pub(crate) enrich: Option<Enrichment<S>>,
+    pub(crate) on_rebalance: Vec<SyncListener>,
+    pub(crate) on_rebalance_async: Option<AsyncListener>,
+    pub(crate) tasks: Option<Tasks>,
+}
+
+/// Where enrichment calls and async listeners run: the tokio runtime the flow was started from,
+/// or one of the flow's own.
+pub(crate) struct Tasks {
+    pub(super) handle: tokio::runtime::Handle,
+    _own: Option<tokio::runtime::Runtime>,
+}
+
+impl Tasks {
+    pub(crate) fn current_or_own() -> Result<Self, FlowError> {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            return Ok(Self { handle, _own: None });
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("eventstage-flow-tasks")
+            .enable_all()
+            .build()
+            .map_err(|e| FlowError::Config(format!("cannot start the flow's task runtime: {e}")))?;
+        Ok(Self { handle: rt.handle().clone(), _own: Some(rt) })
+    }
+}
+
+/// The open transaction or batch: where its records go and how it commits.
+pub(super) struct Txn<S: EventSourced> {
+    /// The transactional producer.
+    pub(super) sink: Arc<Sink>,
+    /// Output records: mapped and produced on a thread of their own.
+    pub(super) emitter: Emitter<S>,
+    /// How the flow delivers: transactions, or batches on their way to an offset commit.
+    pub(super) delivery: Delivery,
+    /// The last commit failed in a way an abort heals (librdkafka's abortable state).
+    pub(super) abortable: bool,
+    /// The offsets of the open transaction once the storage of record (sled) holds it: a failed
+    /// commit of it is made good by producing its outbox again with them, never by a rewind.
+    pub(super) redo: Option<rdkafka::TopicPartitionList>,
+}
+
+/// The flow thread's state, shared with the consumer's rebalance callbacks.
+pub(super) struct Core<S: EventSourced> {
+    pub(super) parts: Parts<S>,
+    pub(super) assigned: Assigned<S>,
+    pub(super) txn: Txn<S>,
+    /// Where the state is restored from and journaled to.
+    pub(super) storage: Box<dyn Storage<S>>,
+    /// The storage keeps input positions: inputs below them were applied before a crash.
+    pub(super) skip_applied: bool,
+    /// Enrichment calls and the records waiting for them.
+    pub(super) pipeline: Option<Pipeline<S>>,
+    /// Feeds the async rebalance listener's task.
+    pub(super) rebalance_events: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
+    pub(super) bad_input: BadInput,
+    /// Throttles the warning per bad input record.
+    pub(super) bad_input_log: Throttle,
+    /// Wall clock (ms since the epoch) as of the flow loop's last look at the clock: the journal's
+    /// timestamps, of events and of the snapshots in its records (read every few records, not per
+    /// record or per key).
+    pub(super) wall_ms: u64,
+    /// A failure of a rebalance callback, for the loop to recover from (or stop on).
+    pub(super) failure: Option<FlowError>,
+    /// The flow stopped on an error: nothing of its open work may commit, not even in the
+    /// revocation that closing the consumer runs.
+    pub(super) stopped: bool,
+    pub(super) metrics: Arc<Metrics>,
+    /// The metrics facade's handles (see `flow::exported`).
+    pub(super) exported: Exported,
+}
+
+impl<S: EventSourced> Core<S> {
+    /// The at-least-once batch being filled (exactly-once has no batches: 0).
+    pub(super) fn batch(&self) -> usize {
+        self.txn.delivery.batch()
+    }
+
+    /// Queues a record of partition `p`'s transaction for the emitter (which keeps it for the sled
+    /// outbox).
+    pub(super) fn emit(&mut self, p: i32, o: OutputRecord) -> Result<(), FlowError> {
+        let batch = self.batch();
+        self.txn.emitter.record(batch, p, o)
+    }
+
+    /// Waits until the emitter has produced everything queued; with the sled journal (exactly
+    /// once), the records it produced go to the outbox.
+    pub(super) fn flush_outputs(&mut self) -> Result<(), FlowError> {
+        for (p, o) in self.txn.emitter.flush()? {
+            self.storage.keep_output(p, o);
+        }
+        Ok(())
+    }
+}
