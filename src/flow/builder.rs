@@ -1,6 +1,20 @@
 //! [`FlowBuilder`]: a flow's settings, and starting it.
 
-use super::*;
+use crate::flow::control::{FlowControl, FlowStopper, Metrics, RUN};
+use crate::flow::engine::{self, Standby, StoreSettings};
+use crate::flow::error::{describe, BoxError, FlowError};
+use crate::flow::record::{Context, Decoder, InputRecord, OutputRecord, Outputs, Processed};
+use crate::flow::settings::{
+    self, BadInput, CommitterSettings, EnrichSettings, FlowJournal, Guarantee, RebalanceActions, RebalanceEvent,
+};
+use crate::stage::EventSourced;
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Builds a flow around a stage. See the module docs.
 ///
@@ -91,15 +105,15 @@ impl<S: EventSourced> FlowBuilder<S> {
     }
 
     /// The decoder from input record to `(key, command)`, or an error saying why it cannot be one
-    /// (any error type, or a message: see [`BoxError`](super::BoxError)). Required (this, or
+    /// (any error type, or a message: see [`BoxError`](crate::flow::BoxError)). Required (this, or
     /// [`decoder_with_context`](Self::decoder_with_context)).
     #[must_use]
-    pub fn decoder<E: Into<super::BoxError>>(
+    pub fn decoder<E: Into<BoxError>>(
         mut self,
         decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command), E> + Send + 'static,
     ) -> Self {
         self.decoder = Some(Box::new(move |input| {
-            decode(input).map(|(key, command)| (key, command, Box::new(()) as Context)).map_err(super::describe)
+            decode(input).map(|(key, command)| (key, command, Box::new(()) as Context)).map_err(describe)
         }));
         self
     }
@@ -139,12 +153,12 @@ impl<S: EventSourced> FlowBuilder<S> {
     ///     });
     /// ```
     #[must_use]
-    pub fn decoder_with_context<C: Send + 'static, E: Into<super::BoxError>>(
+    pub fn decoder_with_context<C: Send + 'static, E: Into<BoxError>>(
         self,
         decode: impl Fn(&InputRecord) -> Result<(S::Key, S::Command, C), E> + Send + 'static,
     ) -> FlowBuilder<S, C> {
         let decoder: Decoder<S> = Box::new(move |input| {
-            decode(input).map(|(key, command, c)| (key, command, Box::new(c) as Context)).map_err(super::describe)
+            decode(input).map(|(key, command, c)| (key, command, Box::new(c) as Context)).map_err(describe)
         });
         FlowBuilder {
             stage: self.stage,
@@ -209,7 +223,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         S::Command: Clone,
         F: Fn(S::Key, S::Command) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<S::Command, E>> + Send + 'static,
-        E: Into<super::BoxError>,
+        E: Into<BoxError>,
     {
         self.enrich = Some((settings, settings::retrying(settings, enrich)));
         self
@@ -518,7 +532,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         let store = match (self.state_dir, &journal) {
             (None, _) => None,
             (Some(dir), FlowJournal::Kafka(_)) => {
-                Some(checkpoint::StoreSettings {
+                Some(StoreSettings {
                 dir,
                 retention: self.state_retention,
                 interval: self.checkpoint_interval,

@@ -5,9 +5,16 @@
 //! is the user's function and whose stage does nothing, so batching, back-pressure, per-partition
 //! order, retries, dead letters, rebalance handling and draining are the flows' own.
 
-use super::{
-    BadInput, CommitterSettings, EnrichSettings, FlowBuilder, FlowControl, FlowError, FlowJournal, Guarantee,
-    InputRecord, RebalanceActions, RebalanceEvent,
+use crate::flow::builder::FlowBuilder;
+
+use crate::flow::control::FlowControl;
+
+use crate::flow::error::FlowError;
+
+use crate::flow::record::InputRecord;
+
+use crate::flow::settings::{
+    BadInput, CommitterSettings, EnrichSettings, FlowJournal, Guarantee, RebalanceActions, RebalanceEvent,
 };
 use crate::stage::{Effect, EventSourced};
 use std::future::Future;
@@ -112,14 +119,14 @@ impl ConsumeBuilder {
     where
         F: Fn(InputRecord) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<super::BoxError>,
+        E: Into<crate::flow::error::BoxError>,
     {
         let process = std::sync::Arc::new(process);
         self.flow
             .enrich(self.settings, move |_key, record: InputRecord| {
                 let process = process.clone();
                 async move {
-                    process(record.clone()).await.map_err(super::describe)?;
+                    process(record.clone()).await.map_err(crate::flow::error::describe)?;
                     Ok::<_, String>(record)
                 }
             })

@@ -8,6 +8,7 @@ mod emitter;
 mod enrich;
 mod kafka_storage;
 mod partitions;
+mod producer;
 mod records;
 mod sled_storage;
 mod startup;
@@ -17,9 +18,15 @@ mod thread;
 mod txn;
 
 pub(super) use self::core::{Parts, Tasks};
+pub use kafka_storage::Standby;
+pub(super) use kafka_storage::StoreSettings;
 pub(super) use startup::Settings;
 
-use crate::flow::{FlowError, Metrics, Outputs};
+use crate::flow::control::Metrics;
+
+use crate::flow::error::FlowError;
+
+use crate::flow::record::Outputs;
 use crate::stage::EventSourced;
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;

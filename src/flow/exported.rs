@@ -6,7 +6,7 @@
 //! Counters and gauges are published from the flow's own counters once per commit interval (not
 //! per record: the hot path stays as it is); the commit latency is a histogram of every commit.
 
-use super::FlowMetrics;
+use crate::flow::control::FlowMetrics;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
 use std::time::Duration;
 

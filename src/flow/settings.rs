@@ -71,7 +71,7 @@ impl CommitterSettings {
     }
 }
 
-/// How [`FlowBuilder::enrich`](super::FlowBuilder::enrich) calls its async function:
+/// How [`FlowBuilder::enrich`](crate::flow::FlowBuilder::enrich) calls its async function:
 /// `EnrichSettings::parallelism(8).attempts(5)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -145,7 +145,7 @@ where
     C: Clone + Send + 'static,
     F: Fn(K, C) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<C, E>> + Send + 'static,
-    E: Into<super::BoxError>,
+    E: Into<crate::flow::error::BoxError>,
 {
     let f = Arc::new(f);
     Arc::new(move |key: K, command: C| {
@@ -156,7 +156,7 @@ where
             loop {
                 let error = match tokio::time::timeout(settings.timeout, f(key.clone(), command.clone())).await {
                     Ok(Ok(enriched)) => return Ok(enriched),
-                    Ok(Err(e)) => super::describe(e),
+                    Ok(Err(e)) => crate::flow::error::describe(e),
                     Err(_) => format!("timed out after {:?}", settings.timeout),
                 };
                 if attempt >= settings.attempts.max(1) {
@@ -300,6 +300,31 @@ impl Throttle {
         self.suppressed += 1;
         None
     }
+}
+
+/// Where a flow keeps its entities' events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlowJournal {
+    /// A compacted Kafka topic (created if missing): state follows partitions across instances.
+    Kafka(String),
+    /// A local sled store: events and consumed positions in one write, plus an outbox. The store is
+    /// local to one instance, so partitions must not move to other instances (run one instance, or
+    /// one per fixed set of partitions).
+    Sled(std::path::PathBuf),
+    /// No journal: for stateless stages (`State = ()`) or state that may start empty after every
+    /// restart and rebalance.
+    None,
+}
+
+/// What to do with an input record that does not decode (or whose handler panics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadInput {
+    /// Produce it to this dead-letter topic, with headers naming source and error (the default, to
+    /// `<first input topic>.dlq`).
+    DeadLetter(String),
+    /// Stop the flow with [`FlowError::BadInput`](crate::flow::FlowError::BadInput).
+    Stop,
 }
 
 #[cfg(test)]

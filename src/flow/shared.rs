@@ -1,7 +1,7 @@
 //! The small helpers every part of a flow uses (the engine, its storages, the checkpoint store):
 //! the bottom layer, importing nothing else of `flow` but its error type.
 
-use super::FlowError;
+use crate::flow::error::FlowError;
 use rdkafka::error::KafkaError;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -8,21 +8,17 @@
 //! are journaled: every journal record carries the input positions its state includes, so those
 //! inputs are skipped (their outputs were acknowledged before the journal was written).
 
-use super::core::Core;
-use super::emitter::Sink;
-use super::partitions::FlowConsumer;
+use super::producer::Sink;
 use super::storage::{Out, Storage};
-use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
-use crate::flow::{CommitterSettings, FlowError, Metrics};
+use crate::flow::control::Metrics;
+use crate::flow::error::FlowError;
+use crate::flow::settings::CommitterSettings;
+use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::stage::EventSourced;
-use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryResult, ProducerContext};
-use rdkafka::{ClientContext, TopicPartitionList};
-use std::collections::{HashMap, VecDeque};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::TopicPartitionList;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// The two delivery guarantees, each with its own committer.
@@ -82,80 +78,7 @@ impl Delivery {
     }
 }
 
-/// Acknowledgements outstanding per batch, filled in by the producer's delivery callback.
-#[derive(Default)]
-pub(super) struct Deliveries {
-    counting: bool,
-    state: Mutex<DeliveryState>,
-    acked: Condvar,
-}
-
-#[derive(Default)]
-struct DeliveryState {
-    outstanding: HashMap<usize, u64>,
-    failure: Option<(String, KafkaError)>,
-}
-
-impl Deliveries {
-    pub(super) fn new(counting: bool) -> Self {
-        Self { counting, ..Self::default() }
-    }
-
-    pub(super) fn add(&self, batch: usize) {
-        if self.counting {
-            *lock(&self.state).outstanding.entry(batch).or_default() += 1;
-        }
-    }
-
-    pub(super) fn done(&self, batch: usize) {
-        if !self.counting {
-            return;
-        }
-        let mut state = lock(&self.state);
-        if let Some(n) = state.outstanding.get_mut(&batch) {
-            *n -= 1;
-            if *n == 0 {
-                state.outstanding.remove(&batch);
-            }
-        }
-        self.acked.notify_all();
-    }
-
-    /// Waits up to `timeout` for `batch` to be acknowledged; `Ok(true)` once it is.
-    fn wait(&self, batch: usize, timeout: Duration) -> Result<bool, FlowError> {
-        let state = lock(&self.state);
-        let (state, _) = self
-            .acked
-            .wait_timeout_while(state, timeout, |s| s.failure.is_none() && s.outstanding.contains_key(&batch))
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((topic, e)) = &state.failure {
-            return Err(kafka(format!("delivery to {topic} failed (its input offsets stay uncommitted)"), e.clone()));
-        }
-        Ok(!state.outstanding.contains_key(&batch))
-    }
-}
-
-/// The producer's context: counts acknowledgements per batch (at-least-once).
-pub(super) struct FlowProducerContext {
-    pub(super) deliveries: Arc<Deliveries>,
-}
-
-impl ClientContext for FlowProducerContext {}
-
-impl ProducerContext for FlowProducerContext {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
-        if let Err((e, msg)) = result {
-            if self.deliveries.counting {
-                lock(&self.deliveries.state).failure.get_or_insert_with(|| (msg.topic().to_string(), e.clone()));
-            }
-        }
-        self.deliveries.done(batch);
-    }
-}
-
-struct PendingBatch {
+pub(super) struct PendingBatch {
     id: usize,
     offsets: TopicPartitionList,
     /// Whether the storage wrote the batch's journal.
@@ -165,7 +88,7 @@ struct PendingBatch {
 /// Batches on their way to an offset commit, oldest first.
 pub(super) struct Committer {
     pub(super) settings: CommitterSettings,
-    queue: VecDeque<PendingBatch>,
+    pub(super) queue: VecDeque<PendingBatch>,
     /// The batch being filled: its records' acknowledgements are counted under this id.
     filling: usize,
     /// Inputs in the batch being filled.
@@ -200,7 +123,7 @@ pub(super) enum Wait {
 impl Committer {
     /// Starts filling the next batch, the batch filled so far (`offsets`: what it consumed up to)
     /// on its way; returns its id.
-    fn seal(&mut self, offsets: Option<TopicPartitionList>) -> usize {
+    pub(super) fn seal(&mut self, offsets: Option<TopicPartitionList>) -> usize {
         let id = self.filling;
         self.inputs = 0;
         self.full = false;
@@ -213,11 +136,11 @@ impl Committer {
 
     /// Moves pending batches along, oldest first: their journal is written (by `storage`) once
     /// their outputs are acknowledged, their offsets committed once the journal is.
-    fn advance<S: EventSourced>(
+    pub(super) fn advance<S: EventSourced, C: ConsumerContext>(
         &mut self,
         sink: &Sink,
         storage: &mut dyn Storage<S>,
-        consumer: &FlowConsumer<S>,
+        consumer: &BaseConsumer<C>,
         metrics: &Metrics,
         wait: Wait,
     ) -> Result<(), FlowError> {
@@ -253,50 +176,5 @@ impl Committer {
             }
             metrics.transactions.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-impl<S: EventSourced> Core<S> {
-    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
-    /// records wait for its outputs' acknowledgements, then its offsets are committed.
-    pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        // The batch's outputs go to the emitter now; its deliveries count them until produced.
-        self.txn.emitter.hand_off()?;
-        let sealed = if self.assigned.dirty {
-            let (offsets, positions) = self.pending_offsets()?;
-            // Handed to the committer: the next batch starts here.
-            self.assigned.mark_committed();
-            self.storage.seal_batch(self.txn.delivery.batch(), &self.assigned.partitions, positions)?;
-            self.settle_overlays();
-            Some(offsets)
-        } else {
-            None
-        };
-        let parallelism = match &mut self.txn.delivery {
-            Delivery::Batches(c) => {
-                c.seal(sealed);
-                c.settings.parallelism
-            }
-            Delivery::Transactions(_) => 1,
-        };
-        self.advance(consumer, Wait::UntilAtMost(parallelism))
-    }
-
-    /// Moves pending at-least-once batches along (see `Committer::advance`); a transaction has
-    /// nothing pending after its commit.
-    pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
-        match &mut self.txn.delivery {
-            Delivery::Batches(c) => c.advance(&self.txn.sink, &mut *self.storage, consumer, &self.metrics, wait),
-            Delivery::Transactions(_) => Ok(()),
-        }
-    }
-
-    /// Forgets batches whose partitions were lost: their offsets cannot be committed any more and
-    /// their journal must not land after the new owner restored.
-    pub(super) fn drop_batches(&mut self) {
-        if let Delivery::Batches(c) = &mut self.txn.delivery {
-            c.queue.clear();
-        }
-        self.storage.drop_batches();
     }
 }

@@ -5,13 +5,17 @@
 //! loop (`thread`).
 
 use super::committer::Delivery;
-use super::emitter::{Emitter, Sink};
+use super::emitter::Emitter;
 use super::enrich::Pipeline;
+use super::producer::Sink;
 use super::state::Assigned;
 use super::storage::Storage;
+use crate::flow::control::Metrics;
+use crate::flow::error::FlowError;
 use crate::flow::exported::Exported;
+use crate::flow::record::{Decoder, OutputRecord};
 use crate::flow::settings::{AsyncListener, Enrichment, SyncListener, Throttle};
-use crate::flow::{BadInput, Decoder, FlowError, Metrics, OutputRecord, RebalanceEvent};
+use crate::flow::settings::{BadInput, RebalanceEvent};
 use crate::stage::EventSourced;
 use std::sync::Arc;
 

@@ -4,9 +4,10 @@
 //! running or results waiting for an earlier record of their partition), and the flow stops
 //! consuming while it is full.
 
-use super::core::Core;
+use crate::flow::control::Metrics;
+use crate::flow::record::{Context, InputRecord};
 use crate::flow::settings::EnrichFn;
-use crate::flow::{Context, EnrichSettings, FlowError, InputRecord, Metrics};
+use crate::flow::settings::EnrichSettings;
 use crate::stage::EventSourced;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// A decoded record, or why it is not one.
-type DecodeResult<S> = Result<crate::flow::Decoded<S>, String>;
+type DecodeResult<S> = Result<crate::flow::record::Decoded<S>, String>;
 
 struct Slot<S: EventSourced> {
     id: u64,
@@ -142,27 +143,5 @@ impl<S: EventSourced> Pipeline<S> {
     pub(super) fn clear(&mut self) {
         self.queues.clear();
         self.queued = 0;
-    }
-}
-
-impl<S: EventSourced> Core<S> {
-    /// Hands the records whose enrichment finished to the stage, in order per partition.
-    pub(super) fn run_pipeline(&mut self) -> Result<(), FlowError> {
-        let Some(pipeline) = &mut self.pipeline else { return Ok(()) };
-        for (input, decoded) in pipeline.take_ready(&self.metrics) {
-            self.handle(input, decoded)?;
-        }
-        Ok(())
-    }
-
-    /// Finishes every record in the pipeline (before a commit that must include them).
-    pub(super) fn drain_pipeline(&mut self) -> Result<(), FlowError> {
-        loop {
-            self.run_pipeline()?;
-            match &mut self.pipeline {
-                Some(p) if !p.is_empty() => p.wait(Duration::from_millis(50), &self.metrics),
-                _ => return Ok(()),
-            }
-        }
     }
 }

@@ -3,15 +3,23 @@
 //! record cache in front of a changelog; with a local state store, partitions restore from its
 //! checkpoint and read only the journal's tail, and keys are read from the store when first used.
 
+mod checkpoint;
+
+pub use checkpoint::Standby;
+pub(crate) use checkpoint::StoreSettings;
+
 use super::state::{KeyMap, PartitionState};
 use super::storage::{encode_events, encode_state, Change, Out, Positions, Restored, Restoring, Storage};
 use crate::codec::Codec;
 use crate::error::Error;
-use crate::flow::checkpoint::Checkpoints;
-use crate::flow::{FlowError, Metrics, OutputRecord};
+use crate::flow::control::Metrics;
+use crate::flow::error::FlowError;
+use crate::flow::record::OutputRecord;
 use crate::replay::{decode_state, Entity};
 use crate::stage::{EntityKey, EventSourced};
+use checkpoint::Checkpoints;
 use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo, SourcePosition};
+use rdkafka::ClientConfig;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -64,14 +72,21 @@ pub(super) struct KafkaStorage<S: EventSourced> {
 }
 
 impl<S: EventSourced> KafkaStorage<S> {
-    pub(super) fn new(
+    /// The storage over `journal`, with the local state store of `store` (its follower reads the
+    /// journal with the `common` client settings).
+    pub(super) fn open(
         journal: KafkaJournal,
-        checkpoints: Option<Checkpoints>,
+        store: Option<&StoreSettings>,
+        common: &ClientConfig,
         codec: Codec,
         at_least_once: bool,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, FlowError> {
+        let checkpoints = match store {
+            Some(store) => Some(Checkpoints::start(store, &journal, common, S::NAME, metrics.clone())?),
+            None => None,
+        };
+        Ok(Self {
             journal,
             checkpoints,
             codec,
@@ -81,7 +96,7 @@ impl<S: EventSourced> KafkaStorage<S> {
             rows: BTreeMap::new(),
             batches: VecDeque::new(),
             last_ts: 0,
-        }
+        })
     }
 
     /// A journal record's value: the key's `events`, its state after them (at `seq`) and the input

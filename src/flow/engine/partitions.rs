@@ -5,8 +5,9 @@
 use super::core::Core;
 use super::state::Offsets;
 use super::storage::Restoring;
+use crate::flow::error::FlowError;
+use crate::flow::settings::{RebalanceActions, RebalanceEvent, TopicPartition};
 use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
-use crate::flow::{FlowError, RebalanceActions, RebalanceEvent, TopicPartition};
 use crate::stage::EventSourced;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::producer::Producer;

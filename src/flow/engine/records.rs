@@ -6,13 +6,16 @@ use super::core::Core;
 use super::emitter::Outcome;
 use super::state::offsets_of;
 use super::storage::{Change, Out};
-use crate::flow::{BadInput, Decoded, FlowError, InputRecord, OutputRecord};
+use crate::flow::error::FlowError;
+use crate::flow::record::{Decoded, InputRecord, OutputRecord};
+use crate::flow::settings::BadInput;
 use crate::replay::Entity;
 use crate::stage::EventSourced;
 use eventstage_journal::SeqNo;
 use rdkafka::message::{BorrowedMessage, Message};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 impl<S: EventSourced> Core<S> {
     fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
@@ -162,5 +165,25 @@ impl<S: EventSourced> Core<S> {
             self.txn.delivery.end_soon();
         }
         Ok(())
+    }
+
+    /// Hands the records whose enrichment finished to the stage, in order per partition.
+    pub(super) fn run_pipeline(&mut self) -> Result<(), FlowError> {
+        let Some(pipeline) = &mut self.pipeline else { return Ok(()) };
+        for (input, decoded) in pipeline.take_ready(&self.metrics) {
+            self.handle(input, decoded)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes every record in the pipeline (before a commit that must include them).
+    pub(super) fn drain_pipeline(&mut self) -> Result<(), FlowError> {
+        loop {
+            self.run_pipeline()?;
+            match &mut self.pipeline {
+                Some(p) if !p.is_empty() => p.wait(Duration::from_millis(50), &self.metrics),
+                _ => return Ok(()),
+            }
+        }
     }
 }

@@ -2,23 +2,25 @@
 //! partition count, a journal taken over from another group, and the error of a consumer that
 //! cannot go on.
 
-use super::committer::{Committer, Deliveries, Delivery, FlowProducerContext, Transactions};
+use super::committer::{Committer, Delivery, Transactions};
 use super::core::{Core, Parts, Txn};
-use super::emitter::{self, Emitter, Sink};
+use super::emitter::Emitter;
 use super::enrich::Pipeline;
-use super::kafka_storage::KafkaStorage;
+use super::kafka_storage::{KafkaStorage, StoreSettings};
 use super::partitions::{FlowConsumer, FlowContext};
+use super::producer::{classify, connect_to_cluster, Deliveries, FlowProducerContext, Sink, TxnFailure};
 use super::sled_storage::SledStorage;
 use super::state::Assigned;
 use super::storage::{NoStorage, Storage};
 use super::thread::{FlowThread, Report, Schedule};
-use super::txn::{classify, TxnFailure};
 use crate::codec::Codec;
-use crate::flow::checkpoint::{Checkpoints, StoreSettings};
+use crate::flow::control::Metrics;
+use crate::flow::error::FlowError;
 use crate::flow::exported::Exported;
+use crate::flow::record::Outputs;
 use crate::flow::settings::Throttle;
+use crate::flow::settings::{BadInput, CommitterSettings, FlowJournal, Guarantee};
 use crate::flow::shared::{kafka, lock, now_ms, TXN_TIMEOUT};
-use crate::flow::{BadInput, CommitterSettings, FlowError, FlowJournal, Guarantee, Metrics, Outputs};
 use crate::stage::EventSourced;
 use eventstage_journal::kafka::{Detached, OWNERS_TOPIC};
 use eventstage_journal::{Claim, KafkaJournal};
@@ -82,7 +84,7 @@ impl<'a> Setup<'a> {
 
     /// False once the application asked the flow to stop (drain or abort): no more retries.
     pub(super) fn running(&self) -> bool {
-        self.stop.load(Ordering::SeqCst) == crate::flow::RUN
+        self.stop.load(Ordering::SeqCst) == crate::flow::control::RUN
     }
 
     /// The error after the deadline: what the flow was `doing`, against which brokers, for how
@@ -280,7 +282,7 @@ pub(super) fn start_producer(
         return Err(FlowError::Config("not started: the input topics were not found".into()));
     }
     if !at_least_once {
-        emitter::connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
+        connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
         with_backoff(
             "initializing transactions (the transaction coordinator)",
             setup,
@@ -355,11 +357,14 @@ pub(super) fn start<S: EventSourced>(
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {
             let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
-            let checkpoints = match &settings.store {
-                Some(store) => Some(Checkpoints::start(store, &journal, &settings.common, S::NAME, metrics.clone())?),
-                None => None,
-            };
-            Box::new(KafkaStorage::<S>::new(journal, checkpoints, settings.codec, at_least_once, metrics.clone()))
+            Box::new(KafkaStorage::<S>::open(
+                journal,
+                settings.store.as_ref(),
+                &settings.common,
+                settings.codec,
+                at_least_once,
+                metrics.clone(),
+            )?)
         }
         FlowJournal::Sled(dir) => Box::new(SledStorage::open(
             dir,

@@ -1,7 +1,7 @@
 //! The flow's per-partition state: each key's committed entity and the open transaction's
 //! changes, the consumer offsets, and what this instance is assigned.
 
-use crate::flow::InputRecord;
+use crate::flow::record::InputRecord;
 use crate::replay::Entity;
 use crate::stage::EventSourced;
 use eventstage_journal::SourcePosition;

@@ -1,8 +1,8 @@
 //! Where a flow keeps its state: one contract for the engine, three implementations.
 //!
-//! - [`KafkaStorage`](super::kafka_storage::KafkaStorage): the Kafka journal (a compacted topic,
+//! - `KafkaStorage`: the Kafka journal (a compacted topic,
 //!   one record per key and transaction), with or without the local state store over it;
-//! - [`SledStorage`](super::sled_storage::SledStorage): the sled journal of one instance, with
+//! - `SledStorage`: the sled journal of one instance, with
 //!   the input positions and the outbox of each commit;
 //! - [`NoStorage`]: in memory only (stateless stages, tests).
 //!
@@ -10,11 +10,12 @@
 //! read a key's state when first used, record what a command changed, seal a transaction (exactly
 //! once) or a batch (at least once), and release the partitions it loses.
 
-use super::emitter::Sink;
+use super::producer::Sink;
 use super::state::{Offsets, PartitionState};
 use crate::codec::Codec;
 use crate::error::Error;
-use crate::flow::{FlowError, OutputRecord};
+use crate::flow::error::FlowError;
+use crate::flow::record::OutputRecord;
 use crate::stage::EntityKey;
 use crate::stage::EventSourced;
 use eventstage_journal::{printable_key, Envelope};

@@ -6,8 +6,9 @@
 use super::committer::Wait;
 use super::core::Core;
 use super::partitions::FlowConsumer;
+use crate::flow::control::{ABORT, DRAIN};
+use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, lock, now_ms};
-use crate::flow::{FlowError, ABORT, DRAIN};
 use crate::stage::EventSourced;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;

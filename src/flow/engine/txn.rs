@@ -1,12 +1,14 @@
-//! The transactional side of the flow: commit, abort and rewind, and the sled outbox redo.
+//! How the open work commits and how the flow recovers: the transaction (exactly once) or the
+//! batch (at least once, see `committer`), abort and rewind, the sled outbox redo, and
+//! [`Core::recover`], the one way back from a failure.
 
-use super::committer::Delivery;
+use super::committer::{Delivery, Wait};
 use super::core::Core;
 use super::partitions::FlowConsumer;
+use super::producer::{classify, SendingOffsets, TxnFailure};
 use super::storage::Out;
-use super::{committer, emitter};
+use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, TXN_TIMEOUT};
-use crate::flow::FlowError;
 use crate::stage::EventSourced;
 use eventstage_journal::SourcePosition;
 use rdkafka::consumer::Consumer;
@@ -18,15 +20,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// How a transactional error must be handled.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum TxnFailure {
-    Fenced,
-    Fatal,
-    Abort,
-    Retry,
-}
-
 /// What [`Core::recover`] makes of a failure.
 enum Failure {
     /// The producer is broken but a new one of the same id heals it: replace it, then abort.
@@ -35,23 +28,6 @@ enum Failure {
     Abortable,
     /// Nothing the flow can do: it stops with the error.
     Stop,
-}
-
-/// A code saying that the broker refused this producer's epoch.
-pub(super) fn is_fence(code: RDKafkaErrorCode) -> bool {
-    matches!(code, RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
-}
-
-pub(super) fn classify(e: &KafkaError) -> TxnFailure {
-    if e.rdkafka_error_code().is_some_and(is_fence) {
-        return TxnFailure::Fenced;
-    }
-    match e {
-        KafkaError::Transaction(r) if r.is_fatal() => TxnFailure::Fatal,
-        KafkaError::Transaction(r) if r.txn_requires_abort() => TxnFailure::Abort,
-        KafkaError::Transaction(r) if r.is_retriable() => TxnFailure::Retry,
-        _ => TxnFailure::Abort,
-    }
 }
 
 impl<S: EventSourced> Core<S> {
@@ -189,15 +165,11 @@ impl<S: EventSourced> Core<S> {
         // Recovered here, not in the loop: a revocation must not hand over partitions whose
         // transaction is still to be aborted or produced again from the outbox.
         self.commit(consumer).or_else(|e| self.recover(consumer, e))?;
-        self.advance(consumer, committer::Wait::UntilAtMost(0))
+        self.advance(consumer, Wait::UntilAtMost(0))
     }
 
     /// Starts adding `offsets` to the open transaction (None: nothing to add, or no group).
-    fn start_offsets(
-        &self,
-        consumer: &FlowConsumer<S>,
-        offsets: &TopicPartitionList,
-    ) -> Option<emitter::SendingOffsets> {
+    fn start_offsets(&self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> Option<SendingOffsets> {
         let group = consumer.group_metadata().filter(|_| offsets.count() > 0)?;
         Some(self.txn.sink.start_send_offsets(offsets, group))
     }
@@ -216,7 +188,7 @@ impl<S: EventSourced> Core<S> {
         &mut self,
         consumer: &FlowConsumer<S>,
         offsets: &TopicPartitionList,
-        sending: Option<emitter::SendingOffsets>,
+        sending: Option<SendingOffsets>,
     ) -> Result<KafkaResult<()>, FlowError> {
         let sent = match sending.or_else(|| self.start_offsets(consumer, offsets)) {
             Some(sending) => sending.wait(&self.txn.sink),
@@ -394,5 +366,48 @@ impl<S: EventSourced> Core<S> {
             consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
         }
         Ok(())
+    }
+
+    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
+    /// records wait for its outputs' acknowledgements, then its offsets are committed.
+    pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+        // The batch's outputs go to the emitter now; its deliveries count them until produced.
+        self.txn.emitter.hand_off()?;
+        let sealed = if self.assigned.dirty {
+            let (offsets, positions) = self.pending_offsets()?;
+            // Handed to the committer: the next batch starts here.
+            self.assigned.mark_committed();
+            self.storage.seal_batch(self.txn.delivery.batch(), &self.assigned.partitions, positions)?;
+            self.settle_overlays();
+            Some(offsets)
+        } else {
+            None
+        };
+        let parallelism = match &mut self.txn.delivery {
+            Delivery::Batches(c) => {
+                c.seal(sealed);
+                c.settings.parallelism
+            }
+            Delivery::Transactions(_) => 1,
+        };
+        self.advance(consumer, Wait::UntilAtMost(parallelism))
+    }
+
+    /// Moves pending at-least-once batches along (see `Committer::advance`); a transaction has
+    /// nothing pending after its commit.
+    pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
+        match &mut self.txn.delivery {
+            Delivery::Batches(c) => c.advance(&self.txn.sink, &mut *self.storage, consumer, &self.metrics, wait),
+            Delivery::Transactions(_) => Ok(()),
+        }
+    }
+
+    /// Forgets batches whose partitions were lost: their offsets cannot be committed any more and
+    /// their journal must not land after the new owner restored.
+    pub(super) fn drop_batches(&mut self) {
+        if let Delivery::Batches(c) = &mut self.txn.delivery {
+            c.queue.clear();
+        }
+        self.storage.drop_batches();
     }
 }

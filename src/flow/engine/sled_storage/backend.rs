@@ -12,7 +12,8 @@
 //!   their outputs are produced again from the outbox (invariant 2 with sled).
 
 use crate::codec::Codec;
-use crate::flow::{FlowError, OutputRecord};
+use crate::flow::error::FlowError;
+use crate::flow::record::OutputRecord;
 use crate::replay::{recover, Entity};
 use crate::stage::EventSourced;
 use eventstage_journal::{

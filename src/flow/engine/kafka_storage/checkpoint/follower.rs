@@ -1,10 +1,10 @@
 //! The follower thread: reads the committed journal partitions it follows and writes their rows
 //! and checkpoints to the local store.
 
+use super::common::{Command, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
 use super::store::LocalStore;
-use super::{Command, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
+use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, lock, now_ms};
-use crate::flow::FlowError;
 use eventstage_journal::kafka::ReaderContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;

@@ -23,94 +23,27 @@
 //!     tree `p<partition>`: entity key -> the key's newest journal record value
 //! ```
 
+mod common;
 mod follower;
 mod store;
 
-use super::shared::{kafka, lock};
-use super::{FlowError, Metrics};
+pub use common::Standby;
+pub(crate) use common::StoreSettings;
+
+use crate::flow::control::Metrics;
+use crate::flow::error::FlowError;
+use crate::flow::shared::{kafka, lock};
+use common::{config_err, Command, Loaded, Owned, CLOSE_TIMEOUT};
 use eventstage_journal::kafka::ReaderContext;
 use eventstage_journal::KafkaJournal;
 use follower::Follower;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 use store::LocalStore;
-
-/// How long closing the store waits for the follower to read the journal up to its end.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Which journal partitions an instance keeps current in its local state store besides those it
-/// owns (standby replicas, see [`FlowBuilder::standby`](super::FlowBuilder::standby)).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Standby {
-    /// None: a partition that goes to another instance is read up to the end of what was committed
-    /// before it went, then left. Getting it back reads what the other instance wrote since.
-    #[default]
-    None,
-    /// The partitions this instance owned before (in this process or, from its store, an earlier
-    /// one): followed on after they went, until the retention drops them. Getting one back, after
-    /// a rebalance or a crash of its new owner, reads almost nothing. Costs one journal reader and
-    /// the sled writes of those partitions.
-    Recent,
-    /// Every partition of the journal, from the start: any takeover reads almost nothing, at the
-    /// price of every instance reading and storing the whole journal (for small state, or few
-    /// instances).
-    All,
-}
-
-/// How the local state store is kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct StoreSettings {
-    pub(super) dir: PathBuf,
-    /// Rows of partitions this instance no longer holds are dropped after this long.
-    pub(super) retention: Duration,
-    /// A checkpoint is written at least this often while the journal changes.
-    pub(super) interval: Duration,
-    pub(super) standby: Standby,
-}
-
-/// A partition's checkpoint, for a restore.
-pub(super) struct Loaded {
-    /// The newest entry per key as of the checkpoint (perhaps newer: see the module docs), read
-    /// when a key is first used (`None`: nothing stored).
-    pub(super) rows: Option<sled::Tree>,
-    /// The journal offset to read the tail from.
-    pub(super) from: i64,
-}
-
-impl Loaded {
-    fn empty() -> Self {
-        Self { rows: None, from: 0 }
-    }
-}
-
-fn config_err(dir: &Path, message: impl std::fmt::Display) -> FlowError {
-    FlowError::Config(format!("state directory {}: {message}", dir.display()))
-}
-
-enum Command {
-    /// Keep partition `p`'s checkpoint current: it is assigned here.
-    Follow(i32),
-    /// Keep partition `p`'s checkpoint current: a standby (it may be owned elsewhere).
-    Standby(i32),
-    /// Partition `p` went to another instance: read it up to its end when it went (taken on the
-    /// flow thread; `None`: it could not be, take it now), then let go.
-    Release(i32, Option<i64>),
-    /// Read every followed partition up to its end as of now, write, and stop.
-    Close(Sender<()>),
-    /// Write what was read, and stop (the flow failed or was aborted).
-    Quit,
-    /// Stop following partition `p` and drop its rows and checkpoint; answer when done.
-    Reset(i32, Sender<()>),
-}
-
-/// The partitions the flow owns (see [`Checkpoints::owned`]).
-type Owned = Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>;
 
 /// The local state store and its follower thread.
 pub(super) struct Checkpoints {

@@ -1,9 +1,10 @@
 //! The sled store of a state directory: its marker file, rows and checkpoints (see the module
 //! docs of `checkpoint`).
 
-use super::{config_err, Loaded};
+use super::common::{config_err, Loaded};
+use crate::flow::control::Metrics;
+use crate::flow::error::FlowError;
 use crate::flow::shared::now_ms;
-use crate::flow::{FlowError, Metrics};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;

@@ -1,0 +1,427 @@
+//! The flow's producer: the transactional producer shared by the flow thread (journal records,
+//! transactions) and the emitter thread (output records), its replacement when it breaks, the
+//! acknowledgements counted per at-least-once batch, and how a transactional error is
+//! classified.
+
+use crate::flow::error::FlowError;
+use crate::flow::record::OutputRecord;
+use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
+use arc_swap::ArcSwap;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How a transactional error must be handled.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TxnFailure {
+    Fenced,
+    Fatal,
+    Abort,
+    Retry,
+}
+
+/// A code saying that the broker refused this producer's epoch.
+pub(super) fn is_fence(code: RDKafkaErrorCode) -> bool {
+    matches!(code, RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
+}
+
+pub(super) fn classify(e: &KafkaError) -> TxnFailure {
+    if e.rdkafka_error_code().is_some_and(is_fence) {
+        return TxnFailure::Fenced;
+    }
+    match e {
+        KafkaError::Transaction(r) if r.is_fatal() => TxnFailure::Fatal,
+        KafkaError::Transaction(r) if r.txn_requires_abort() => TxnFailure::Abort,
+        KafkaError::Transaction(r) if r.is_retriable() => TxnFailure::Retry,
+        _ => TxnFailure::Abort,
+    }
+}
+
+/// The transactional producer, shared by the flow thread (journal records, transactions) and the
+/// emitter thread (output records). It can be replaced by a new one of the same transactional id
+/// while the flow runs (see [`Sink::start_send_offsets`]).
+pub(super) struct Sink {
+    producer: ArcSwap<ThreadedProducer<FlowProducerContext>>,
+    /// The producer's configuration, for a replacement.
+    config: ClientConfig,
+    pub(super) deliveries: Arc<Deliveries>,
+    pub(super) transactional_id: String,
+    /// A topic that exists, for [`connect_to_cluster`] (the flow's first input).
+    warm_up_topic: Option<String>,
+    /// The producer's `transaction.timeout.ms` (None: not transactional).
+    txn_timeout: Option<Duration>,
+    /// When the open transaction's first record (or its offsets) went to the producer: where the
+    /// coordinator's clock for the transaction timeout starts, at the earliest. None while nothing
+    /// was sent in it (an idle flow's open transaction is not one the broker knows).
+    opened: Mutex<Option<Instant>>,
+    /// `opened` is set (the check on every produce call).
+    sent: AtomicBool,
+    /// Producers replaced since the last commit.
+    replaced: std::sync::atomic::AtomicU32,
+}
+
+/// Producer replacements in a row (no commit between them) after which a failure stops the flow.
+const MAX_REPLACEMENTS: u32 = 5;
+
+/// How long a replacement producer may take to fence the old one and open its first transaction.
+const REPLACEMENT_DEADLINE: Duration = Duration::from_secs(60);
+/// How much longer than its own timeout `send_offsets_to_transaction` may take before the producer
+/// is taken as wedged.
+const SEND_OFFSETS_GRACE: Duration = Duration::from_secs(5);
+
+impl Sink {
+    pub(super) fn new(
+        producer: ThreadedProducer<FlowProducerContext>,
+        config: ClientConfig,
+        deliveries: Arc<Deliveries>,
+        transactional_id: String,
+        warm_up_topic: Option<String>,
+    ) -> Self {
+        let transactional = config.get("transactional.id").is_some();
+        // librdkafka's default, as for the broker's limit, is a minute.
+        let txn_timeout = transactional.then(|| {
+            let ms = config.get("transaction.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(60_000);
+            Duration::from_millis(ms)
+        });
+        Self {
+            producer: ArcSwap::from_pointee(producer),
+            config,
+            deliveries,
+            transactional_id,
+            warm_up_topic,
+            txn_timeout,
+            opened: Mutex::new(None),
+            sent: AtomicBool::new(false),
+            replaced: Default::default(),
+        }
+    }
+
+    /// A producer failure that a new producer of the same transactional id heals, as long as
+    /// replacements do not keep failing ([`MAX_REPLACEMENTS`] without a commit between them):
+    /// - a fence of a transaction open longer than its timeout (see `expired`): the broker timed it
+    ///   out. A younger transaction's fence means that another instance took over: never healed;
+    /// - any other fatal error but a refused authorization: librdkafka's idempotence state broken
+    ///   by a broker restart ("sequence desynchronization"), or an abort refused with
+    ///   INVALID_TXN_STATE after the broker timed the transaction out.
+    pub(super) fn heals(&self, e: &KafkaError) -> bool {
+        if !self.is_transactional() || self.replaced.load(Ordering::Relaxed) >= MAX_REPLACEMENTS {
+            return false;
+        }
+        let code = match classify(e) {
+            TxnFailure::Fenced => return self.expired().is_some(),
+            TxnFailure::Fatal => e.rdkafka_error_code(),
+            // A produce call of a producer in a fatal state fails with `Fatal`; the state says why.
+            _ if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+                self.producer().client().fatal_error().map(|(code, _)| code)
+            }
+            _ => return false,
+        };
+        if code.is_some_and(is_fence) {
+            return self.expired().is_some();
+        }
+        !matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed
+            )
+        )
+    }
+
+    /// A fence (as [`FlowError::Fenced`]) healed by a new producer: the broker timed the
+    /// transaction out.
+    pub(super) fn heals_fence(&self) -> bool {
+        self.replaced.load(Ordering::Relaxed) < MAX_REPLACEMENTS && self.expired().is_some()
+    }
+
+    /// A transaction committed: the replacements before it healed.
+    pub(super) fn committed(&self) {
+        self.replaced.store(0, Ordering::Relaxed);
+    }
+
+    /// The producer has a transactional id.
+    pub(super) fn is_transactional(&self) -> bool {
+        self.txn_timeout.is_some()
+    }
+
+    /// Begins a transaction.
+    pub(super) fn begin(&self) -> Result<(), FlowError> {
+        self.producer().begin_transaction().map_err(|e| self.error("begin transaction".into(), e))?;
+        self.reset_opened();
+        Ok(())
+    }
+
+    fn reset_opened(&self) {
+        *lock(&self.opened) = None;
+        self.sent.store(false, Ordering::Relaxed);
+    }
+
+    /// Marks the open transaction as sent to (from now on, known by) the broker.
+    fn sending(&self) {
+        if !self.sent.load(Ordering::Relaxed) {
+            lock(&self.opened).get_or_insert_with(Instant::now);
+            self.sent.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the open transaction has been open, when that is longer than the transaction
+    /// timeout: the broker aborts such a transaction and fences its producer's epoch, so a fence
+    /// then says the broker timed it out, not that another instance took over.
+    pub(super) fn expired(&self) -> Option<Duration> {
+        let open = lock(&self.opened).as_ref().map(Instant::elapsed)?;
+        self.txn_timeout.filter(|t| open >= *t).map(|_| open)
+    }
+
+    /// The current producer.
+    pub(super) fn producer(&self) -> arc_swap::Guard<Arc<ThreadedProducer<FlowProducerContext>>> {
+        self.producer.load()
+    }
+
+    /// Starts adding the consumed `offsets` of `group` to the open transaction.
+    ///
+    /// librdkafka's `send_offsets_to_transaction` waits without a deadline for its request to the
+    /// group coordinator (its timeout is never checked: librdkafka issue #5456), and after the
+    /// coordinator's broker dies and leaves the cluster's metadata, librdkafka no longer looks for
+    /// the new coordinator (issue #5511): on Apache Kafka the flow stopped for good, silently. So the
+    /// call runs on a thread of its own; past its timeout and a grace, the producer is taken as
+    /// wedged and replaced by a new one of the same transactional id. The new one fences the old
+    /// (whose open transaction the coordinator aborts) and opens a transaction, and the call fails
+    /// as an abortable error: the caller aborts, rewinds and processes the inputs again. The old
+    /// producer is released by its thread if librdkafka ever returns.
+    ///
+    /// The caller goes on until [`SendingOffsets::wait`]. Produce calls may go on meanwhile; no
+    /// other transactional call may.
+    pub(super) fn start_send_offsets(
+        &self,
+        offsets: &TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> SendingOffsets {
+        self.sending();
+        let producer = self.producer.load_full();
+        let offsets = offsets.clone();
+        let (done, result) = sync_channel(1);
+        let call = std::thread::Builder::new().name("eventstage-txn-offsets".into()).spawn(move || {
+            let _ = done.send(producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT));
+        });
+        if let Err(e) = call {
+            // Out of threads: the transaction aborts and its inputs are processed again.
+            tracing::error!(error = %e, "cannot start a thread for send_offsets_to_transaction");
+            return SendingOffsets(None);
+        }
+        SendingOffsets(Some(result))
+    }
+}
+
+/// A `send_offsets_to_transaction` under way on a thread of its own.
+#[must_use = "the transaction's offsets are only added once waited for"]
+pub(super) struct SendingOffsets(Option<Receiver<KafkaResult<()>>>);
+
+impl SendingOffsets {
+    /// Its outcome. A call that does not return (a wedged producer) is given up after the
+    /// transaction timeout and a grace period, and the producer is replaced.
+    pub(super) fn wait(self, sink: &Sink) -> KafkaResult<()> {
+        let Some(result) = self.0 else { return Err(KafkaError::Global(RDKafkaErrorCode::Fail)) };
+        match result.recv_timeout(TXN_TIMEOUT + SEND_OFFSETS_GRACE) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(
+                    waited_s = (TXN_TIMEOUT + SEND_OFFSETS_GRACE).as_secs(),
+                    transactional_id = %sink.transactional_id,
+                    "librdkafka's send_offsets_to_transaction did not return (its group coordinator request waits without a deadline after a broker loss: librdkafka #5456, #5511); replacing the transactional producer"
+                );
+                sink.replace_producer()?;
+                Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut))
+            }
+        }
+    }
+}
+
+/// Brings up a transactional producer's connection to a cluster broker before
+/// `init_transactions`. librdkafka looks for the transaction coordinator as soon as
+/// `init_transactions` is called; with no broker connection up yet, it finds "no brokers
+/// available" and asks again on a 500 ms timer (half of all starts here). Two metadata requests
+/// for `topic` (one that exists: a producer's metadata request may create a topic) bring up a
+/// connection: the first goes through the bootstrap connection, which librdkafka drops once it
+/// knows the cluster's brokers; the second through one of those (a few ms). If they fail,
+/// `init_transactions` says why.
+pub(super) fn connect_to_cluster(producer: &ThreadedProducer<FlowProducerContext>, topic: Option<&str>) {
+    for _ in 0..2 {
+        let _ = producer.client().fetch_metadata(topic, Duration::from_secs(1));
+    }
+}
+
+impl Sink {
+    /// Replaces the producer with a new one of the same transactional id, in a transaction.
+    pub(super) fn replace_producer(&self) -> KafkaResult<()> {
+        let producer: ThreadedProducer<_> =
+            self.config.create_with_context(FlowProducerContext { deliveries: self.deliveries.clone() })?;
+        connect_to_cluster(&producer, self.warm_up_topic.as_deref());
+        let deadline = Instant::now() + REPLACEMENT_DEADLINE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match producer.init_transactions(TXN_TIMEOUT) {
+                Ok(()) => break,
+                Err(e) if classify(&e) == TxnFailure::Retry && Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %e, "the replacement producer's init_transactions failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        producer.begin_transaction()?;
+        self.reset_opened();
+        self.replaced.fetch_add(1, Ordering::Relaxed);
+        self.producer.store(Arc::new(producer));
+        tracing::info!(transactional_id = %self.transactional_id, "the transactional producer was replaced");
+        Ok(())
+    }
+
+    /// Produces a record whose acknowledgement counts for `batch` (at-least-once; exactly-once has
+    /// no batches), waiting while librdkafka's queue is full.
+    pub(super) fn produce(
+        &self,
+        batch: usize,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<&OwnedHeaders>,
+    ) -> Result<(), FlowError> {
+        let mut deadline = None;
+        self.sending();
+        self.deliveries.add(batch);
+        loop {
+            let mut rec: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, batch);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            if let Some(v) = value {
+                rec = rec.payload(v);
+            }
+            if let Some(p) = partition {
+                rec = rec.partition(p);
+            }
+            if let Some(h) = headers {
+                rec = rec.headers(h.clone());
+            }
+            match self.producer().send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < *deadline.get_or_insert_with(|| Instant::now() + TXN_TIMEOUT) =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => {
+                    // Refused by the client: it will never be acknowledged.
+                    self.deliveries.done(batch);
+                    return Err(self.error(format!("produce to {topic}"), e));
+                }
+            }
+        }
+    }
+
+    /// Produces an output record, headers included.
+    pub(super) fn produce_output(&self, batch: usize, o: &OutputRecord) -> Result<(), FlowError> {
+        let headers = (!o.headers.is_empty()).then(|| {
+            o.headers
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_slice()) }))
+        });
+        self.produce(batch, &o.topic, None, o.key.as_deref(), o.value.as_deref(), headers.as_ref())
+    }
+
+    /// Names a producer failure: a fatal state caused by a newer instance is [`FlowError::Fenced`].
+    pub(super) fn error(&self, context: String, e: KafkaError) -> FlowError {
+        let fenced = classify(&e) == TxnFailure::Fenced
+            || self.producer().client().fatal_error().is_some_and(|(code, _)| is_fence(code));
+        if fenced {
+            FlowError::Fenced { transactional_id: self.transactional_id.clone() }
+        } else {
+            kafka(context, e)
+        }
+    }
+}
+
+/// Acknowledgements outstanding per batch, filled in by the producer's delivery callback.
+#[derive(Default)]
+pub(super) struct Deliveries {
+    counting: bool,
+    state: Mutex<DeliveryState>,
+    acked: Condvar,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    outstanding: HashMap<usize, u64>,
+    failure: Option<(String, KafkaError)>,
+}
+
+impl Deliveries {
+    pub(super) fn new(counting: bool) -> Self {
+        Self { counting, ..Self::default() }
+    }
+
+    pub(super) fn add(&self, batch: usize) {
+        if self.counting {
+            *lock(&self.state).outstanding.entry(batch).or_default() += 1;
+        }
+    }
+
+    pub(super) fn done(&self, batch: usize) {
+        if !self.counting {
+            return;
+        }
+        let mut state = lock(&self.state);
+        if let Some(n) = state.outstanding.get_mut(&batch) {
+            *n -= 1;
+            if *n == 0 {
+                state.outstanding.remove(&batch);
+            }
+        }
+        self.acked.notify_all();
+    }
+
+    /// Waits up to `timeout` for `batch` to be acknowledged; `Ok(true)` once it is.
+    pub(super) fn wait(&self, batch: usize, timeout: Duration) -> Result<bool, FlowError> {
+        let state = lock(&self.state);
+        let (state, _) = self
+            .acked
+            .wait_timeout_while(state, timeout, |s| s.failure.is_none() && s.outstanding.contains_key(&batch))
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((topic, e)) = &state.failure {
+            return Err(kafka(format!("delivery to {topic} failed (its input offsets stay uncommitted)"), e.clone()));
+        }
+        Ok(!state.outstanding.contains_key(&batch))
+    }
+}
+
+/// The producer's context: counts acknowledgements per batch (at-least-once).
+pub(super) struct FlowProducerContext {
+    pub(super) deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for FlowProducerContext {}
+
+impl ProducerContext for FlowProducerContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
+        if let Err((e, msg)) = result {
+            if self.deliveries.counting {
+                lock(&self.deliveries.state).failure.get_or_insert_with(|| (msg.topic().to_string(), e.clone()));
+            }
+        }
+        self.deliveries.done(batch);
+    }
+}
