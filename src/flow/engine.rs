@@ -2,10 +2,12 @@
 //! state of the partitions it owns. `startup` builds it, `thread` runs its loop; see
 //! ARCHITECTURE.md for the parts and the walk of one record.
 
-mod committer;
+mod at_least_once;
 mod core;
 mod emitter;
 mod enrich;
+mod exactly_once;
+mod guarantee;
 mod kafka_storage;
 mod partitions;
 mod producer;
@@ -15,7 +17,7 @@ mod startup;
 mod state;
 mod storage;
 mod thread;
-mod txn;
+mod work;
 
 pub(super) use self::core::{Parts, Tasks};
 pub use kafka_storage::Standby;
@@ -27,7 +29,10 @@ use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 
 use crate::flow::record::Outputs;
+use crate::flow::settings::Guarantee;
 use crate::stage::EventSourced;
+use at_least_once::AtLeastOnce;
+use exactly_once::ExactlyOnce;
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
@@ -40,6 +45,15 @@ pub(super) fn run<S: EventSourced>(
     stop: Arc<AtomicU8>,
     metrics: Arc<Metrics>,
 ) -> Result<(), FlowError> {
-    let flow = startup::start(settings, parts, outputs, &stop, metrics)?;
-    flow.run(&stop)
+    // The one place the guarantee is chosen: the engine below is generic over it.
+    match settings.guarantee {
+        Guarantee::ExactlyOnce => {
+            startup::start(settings, parts, outputs, &stop, metrics, ExactlyOnce::new)?.run(&stop)
+        }
+        Guarantee::AtLeastOnce => {
+            let committer = settings.committer;
+            let guarantee = move |sink| AtLeastOnce::new(sink, committer);
+            startup::start(settings, parts, outputs, &stop, metrics, guarantee)?.run(&stop)
+        }
+    }
 }

@@ -1,23 +1,22 @@
 //! The flow thread's state, shared with the consumer's rebalance callbacks: the stage and its
 //! parts, the partitions this instance owns, the open transaction or batch, and the storage.
 //! What the engine does with it is in the files beside this one: one record's way (`records`),
-//! commits and recovery (`txn`, `committer`), state following partitions (`partitions`), the
-//! loop (`thread`).
+//! the open work (`work`) and how it commits and recovers (the `guarantee`), state following
+//! partitions (`partitions`), the loop (`thread`).
 
-use super::committer::Delivery;
 use super::emitter::Emitter;
 use super::enrich::Pipeline;
-use super::producer::Sink;
 use super::state::Assigned;
 use super::storage::Storage;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::exported::Exported;
-use crate::flow::record::{Decoder, OutputRecord};
+use crate::flow::record::Decoder;
 use crate::flow::settings::{AsyncListener, Enrichment, SyncListener, Throttle};
 use crate::flow::settings::{BadInput, RebalanceEvent};
 use crate::stage::EventSourced;
-use std::sync::Arc;
+use rdkafka::consumer::BaseConsumer;
+use std::sync::{Arc, Mutex};
 
 /// What the application gave the flow: the stage, how inputs become commands, and the
 /// listeners.
@@ -52,29 +51,18 @@ impl Tasks {
     }
 }
 
-/// The open transaction or batch: where its records go and how it commits.
-pub(super) struct Txn<S: EventSourced> {
-    /// The transactional producer.
-    pub(super) sink: Arc<Sink>,
-    /// Output records: mapped and produced on a thread of their own.
-    pub(super) emitter: Emitter<S>,
-    /// How the flow delivers: transactions, or batches on their way to an offset commit.
-    pub(super) delivery: Delivery,
-    /// The last commit failed in a way an abort heals (librdkafka's abortable state).
-    pub(super) abortable: bool,
-    /// The offsets of the open transaction once the storage of record (sled) holds it: a failed
-    /// commit of it is made good by producing its outbox again with them, never by a rewind.
-    pub(super) redo: Option<rdkafka::TopicPartitionList>,
-}
-
 /// The flow thread's state, shared with the consumer's rebalance callbacks.
-pub(super) struct Core<S: EventSourced> {
+pub(super) struct Core<S: EventSourced, G> {
     pub(super) parts: Parts<S>,
     pub(super) assigned: Assigned<S>,
-    pub(super) txn: Txn<S>,
+    /// How the open work is delivered and committed, with the producer (see `guarantee`).
+    pub(super) guarantee: G,
+    /// Output records: mapped and produced on a thread of their own.
+    pub(super) emitter: Emitter<S>,
     /// Where the state is restored from and journaled to.
     pub(super) storage: Box<dyn Storage<S>>,
-    /// The storage keeps input positions: inputs below them were applied before a crash.
+    /// Some partition has inputs applied beyond its committed offset (sled positions after a
+    /// crash): records below them are skipped.
     pub(super) skip_applied: bool,
     /// Enrichment calls and the records waiting for them.
     pub(super) pipeline: Option<Pipeline<S>>,
@@ -97,25 +85,11 @@ pub(super) struct Core<S: EventSourced> {
     pub(super) exported: Exported,
 }
 
-impl<S: EventSourced> Core<S> {
-    /// The at-least-once batch being filled (exactly-once has no batches: 0).
-    pub(super) fn batch(&self) -> usize {
-        self.txn.delivery.batch()
-    }
-
-    /// Queues a record of partition `p`'s transaction for the emitter (which keeps it for the sled
-    /// outbox).
-    pub(super) fn emit(&mut self, p: i32, o: OutputRecord) -> Result<(), FlowError> {
-        let batch = self.batch();
-        self.txn.emitter.record(batch, p, o)
-    }
-
-    /// Waits until the emitter has produced everything queued; with the sled journal (exactly
-    /// once), the records it produced go to the outbox.
-    pub(super) fn flush_outputs(&mut self) -> Result<(), FlowError> {
-        for (p, o) in self.txn.emitter.flush()? {
-            self.storage.keep_output(p, o);
-        }
-        Ok(())
-    }
+/// The consumer's context: the rebalance callbacks reach the flow's state through it (see
+/// `partitions`).
+pub(super) struct FlowContext<S: EventSourced, G> {
+    pub(super) core: Arc<Mutex<Core<S, G>>>,
 }
+
+/// The flow's consumer.
+pub(super) type FlowConsumer<S, G> = BaseConsumer<FlowContext<S, G>>;

@@ -9,7 +9,7 @@ pub use checkpoint::Standby;
 pub(crate) use checkpoint::StoreSettings;
 
 use super::state::{KeyMap, PartitionState};
-use super::storage::{encode_events, encode_state, Change, Out, Positions, Restored, Restoring, Storage};
+use super::storage::{encode_events, encode_state, Change, Out, Positions, Recorded, Restored, Restoring, Storage};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::control::Metrics;
@@ -196,18 +196,6 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         format!("kafka:{}{store}", self.journal.topic())
     }
 
-    fn stores_positions(&self) -> bool {
-        false
-    }
-
-    fn keeps_outbox(&self) -> bool {
-        false
-    }
-
-    fn forgets_deleted(&self) -> bool {
-        true
-    }
-
     fn restore(&mut self, wanted: &[i32], _: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
         self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
         let latest = self.latest_entries(wanted, true);
@@ -259,7 +247,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         Ok(())
     }
 
-    fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<bool, FlowError> {
+    fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<Recorded, FlowError> {
         self.last_ts = c.ts;
         let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
         let open = self.open.entry(c.p).or_default();
@@ -273,10 +261,10 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
                 let sources = part.applied.get(c.key).cloned().unwrap_or_default();
                 let marker = JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources };
                 open.deletions.push((c.key.to_bytes().into_owned(), marker.encode()));
-                return Ok(false);
+                return Ok(Recorded { end_soon: false, forgotten: true });
             }
             out.produce(self.journal.topic(), c.p, &c.key.to_bytes(), None)?;
-            return Ok(false);
+            return Ok(Recorded { end_soon: false, forgotten: true });
         }
         // No copy of the key for a key already pending (the common case for a busy key).
         let pending = match open.events.get_mut(c.key) {
@@ -291,18 +279,18 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
             }
         };
         if pending < MAX_EVENTS_PER_JOURNAL_RECORD {
-            return Ok(false);
+            return Ok(Recorded::default());
         }
         if self.at_least_once {
             // At-least-once journals only after the batch's outputs are acknowledged: the batch
             // ends instead.
-            return Ok(true);
+            return Ok(Recorded { end_soon: true, forgotten: false });
         }
         let events = open.events.remove(c.key).unwrap_or_default();
         let seq = SeqNo(c.before.0 + c.events.len() as u64);
         let value = self.journal_value(c.key, events, seq, c.state, Vec::new())?;
         out.produce(self.journal.topic(), c.p, &c.key.to_bytes(), Some(&value))?;
-        Ok(false)
+        Ok(Recorded::default())
     }
 
     fn keep_output(&mut self, _: i32, _: OutputRecord) {}

@@ -2,7 +2,8 @@
 //! assignment (from the Kafka journal, or from sled with its positions and outbox) and commit and
 //! release it on revocation.
 
-use super::core::Core;
+use super::core::{Core, FlowConsumer, FlowContext};
+use super::guarantee::Guarantee;
 use super::state::Offsets;
 use super::storage::Restoring;
 use crate::flow::error::FlowError;
@@ -10,20 +11,14 @@ use crate::flow::settings::{RebalanceActions, RebalanceEvent, TopicPartition};
 use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
-pub(super) struct FlowContext<S: EventSourced> {
-    pub(super) core: Arc<Mutex<Core<S>>>,
-}
+impl<S: EventSourced, G: Guarantee> ClientContext for FlowContext<S, G> {}
 
-impl<S: EventSourced> ClientContext for FlowContext<S> {}
-
-impl<S: EventSourced> ConsumerContext for FlowContext<S> {
+impl<S: EventSourced, G: Guarantee> ConsumerContext for FlowContext<S, G> {
     fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
         // At-least-once commits are asynchronous; a failed one is superseded by the next.
         if let Err(e) = result {
@@ -62,14 +57,12 @@ impl<S: EventSourced> ConsumerContext for FlowContext<S> {
     }
 }
 
-pub(super) type FlowConsumer<S> = BaseConsumer<FlowContext<S>>;
-
 fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements().iter().map(|e| TopicPartition { topic: e.topic().to_string(), partition: e.partition() }).collect()
 }
 
-impl<S: EventSourced> Core<S> {
-    fn on_assign(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
+impl<S: EventSourced, G: Guarantee> Core<S, G> {
+    fn on_assign(&mut self, consumer: &FlowConsumer<S, G>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
         let committed =
             consumer.committed_offsets(tpl.clone(), TXN_TIMEOUT).map_err(|e| kafka("fetch committed offsets", e))?;
         for el in committed.elements() {
@@ -100,6 +93,9 @@ impl<S: EventSourced> Core<S> {
                 }
             }
         }
+        // Inputs a storage of record (sled) applied beyond the group's committed offsets before a
+        // crash are skipped as they come again (checked per record only while there are any).
+        self.skip_applied = self.assigned.offsets.values().any(|o| o.applied_until >= 0);
         self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
         self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
         self.exported.publish(&self.metrics.snapshot());
@@ -132,7 +128,7 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    fn on_revoke(&mut self, consumer: &FlowConsumer<S>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
+    fn on_revoke(&mut self, consumer: &FlowConsumer<S, G>, tpl: &TopicPartitionList) -> Result<(), FlowError> {
         let lost = consumer.assignment_lost();
         let committed = if self.stopped {
             // Stopped on an error: its open work was abandoned, nothing commits.
@@ -140,28 +136,7 @@ impl<S: EventSourced> Core<S> {
         } else if lost {
             // Another instance may own them already: nothing of the open work may commit.
             tracing::warn!(partitions = tpl.count(), "partitions lost (session expired?): dropping uncommitted work");
-            if self.txn.delivery.is_at_least_once() {
-                // Journal records already handed to the producer land before any restore reads
-                // the journal again (ours on reassignment, or the new owner's).
-                if let Err(e) = self.txn.emitter.flush() {
-                    tracing::warn!(error = %e, "producing outputs after losing partitions failed");
-                }
-                if let Err(e) = self.txn.sink.producer().flush(TXN_TIMEOUT) {
-                    tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
-                }
-                self.drop_batches();
-                self.discard_open_work();
-                Ok(())
-            } else {
-                let aborted = self.abort_and_rewind(consumer).or_else(|e| match e {
-                    FlowError::Fenced { .. } => Err(e),
-                    other => {
-                        tracing::warn!(error = %other, "aborting the lost partitions' transaction failed");
-                        Ok(())
-                    }
-                });
-                aborted.and_then(|()| self.txn.sink.begin())
-            }
+            G::lost(self, consumer)
         } else {
             // Finish in-flight work: commit before the partitions go to another instance.
             self.finish(consumer)

@@ -4,6 +4,7 @@
 
 use super::core::Core;
 use super::emitter::Outcome;
+use super::guarantee::Guarantee;
 use super::state::offsets_of;
 use super::storage::{Change, Out};
 use crate::flow::error::FlowError;
@@ -17,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-impl<S: EventSourced> Core<S> {
+impl<S: EventSourced, G: Guarantee> Core<S, G> {
     fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
         match &self.bad_input {
             BadInput::Stop => Err(FlowError::BadInput {
@@ -95,7 +96,7 @@ impl<S: EventSourced> Core<S> {
         offsets.next = input.offset + 1;
         self.assigned.dirty = true;
         self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
-        self.txn.delivery.count_input();
+        self.guarantee.took_input();
         let (key, command, context) = match decoded {
             Ok(decoded) => decoded,
             Err(reason) => return self.dead_letter(&input, reason),
@@ -119,16 +120,13 @@ impl<S: EventSourced> Core<S> {
         let state = match new_state {
             None => entity.state,
             Some(state) => {
-                if self.txn.delivery.is_at_least_once() {
-                    // Before journaling: a deletion's marker must include the deleting input.
-                    if let Some(part) = self.assigned.partitions.get_mut(&p) {
-                        part.note_applied(&key, &input);
-                    }
+                // Before journaling: a deletion's marker must include the deleting input.
+                if let Some(part) = self.assigned.partitions.get_mut(&p) {
+                    self.guarantee.applied(part, &key, &input);
                 }
-                self.journal(p, &key, entity.seq, &events, &state)?;
-                let deleted = S::is_deleted(&state) && self.storage.forgets_deleted();
+                let forgotten = self.journal(p, &key, entity.seq, &events, &state)?;
                 let state = Arc::new(state);
-                let entity = if deleted {
+                let entity = if forgotten {
                     Entity::default()
                 } else {
                     Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
@@ -144,12 +142,12 @@ impl<S: EventSourced> Core<S> {
                 state
             }
         };
-        let batch = self.batch();
-        self.txn.emitter.outcome(batch, Outcome { input, key, events, outcome, state, context })
+        self.emitter.outcome(self.guarantee.batch(), Outcome { input, key, events, outcome, state, context })
     }
 
     /// Records in the storage what one command changed: `events` applied to `key` (at sequence
-    /// `before`), leaving `state`.
+    /// `before`), leaving `state`. True when the storage forgot the key (a deletion it journals
+    /// as a tombstone: the key starts again from its default state).
     fn journal(
         &mut self,
         p: i32,
@@ -157,14 +155,15 @@ impl<S: EventSourced> Core<S> {
         before: SeqNo,
         events: &[S::Event],
         state: &S::State,
-    ) -> Result<(), FlowError> {
-        let Some(part) = self.assigned.partitions.get(&p) else { return Ok(()) };
-        let out = Out { sink: &self.txn.sink, batch: self.txn.delivery.batch() };
+    ) -> Result<bool, FlowError> {
+        let Some(part) = self.assigned.partitions.get(&p) else { return Ok(false) };
+        let out = Out { sink: self.guarantee.sink(), batch: self.guarantee.batch() };
         let change = Change { p, key, before, events, state, ts: self.wall_ms };
-        if self.storage.record(change, part, out)? {
-            self.txn.delivery.end_soon();
+        let recorded = self.storage.record(change, part, out)?;
+        if recorded.end_soon {
+            self.guarantee.end_soon();
         }
-        Ok(())
+        Ok(recorded.forgotten)
     }
 
     /// Hands the records whose enrichment finished to the stage, in order per partition.

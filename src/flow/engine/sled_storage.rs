@@ -9,7 +9,7 @@ use backend::SledBackend;
 
 use super::state::PartitionState;
 use super::storage::{encode_events, encode_state};
-use super::storage::{Change, Out, Positions, Restored, Restoring, Storage};
+use super::storage::{Change, Out, Positions, Recorded, Restored, Restoring, Storage};
 use crate::codec::Codec;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
@@ -84,18 +84,6 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         format!("sled:{}", self.backend.dir().display())
     }
 
-    fn stores_positions(&self) -> bool {
-        true
-    }
-
-    fn keeps_outbox(&self) -> bool {
-        true
-    }
-
-    fn forgets_deleted(&self) -> bool {
-        false
-    }
-
     fn restore(&mut self, wanted: &[i32], mut at: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
         let mut restored = Vec::new();
         for &p in wanted {
@@ -114,7 +102,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
 
     /// Stages the command's events, and a snapshot when the sequence crosses a multiple of the
     /// snapshot interval.
-    fn record(&mut self, c: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<bool, FlowError> {
+    fn record(&mut self, c: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<Recorded, FlowError> {
         let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
         let seq = SeqNo(c.before.0 + envelopes.len() as u64);
         let raw_key = c.key.to_bytes().into_owned();
@@ -135,7 +123,8 @@ impl<S: EventSourced> Storage<S> for SledStorage {
             .map(|(n, envelope)| EventRecord { key: raw_key.clone(), seq: SeqNo(n), envelope })
             .collect();
         self.backend.stage(c.p, records, snapshot);
-        Ok(false)
+        // A deleted entity keeps its events (and its sequence) in the sled journal.
+        Ok(Recorded::default())
     }
 
     fn keep_output(&mut self, p: i32, record: OutputRecord) {

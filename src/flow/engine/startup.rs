@@ -2,12 +2,11 @@
 //! partition count, a journal taken over from another group, and the error of a consumer that
 //! cannot go on.
 
-use super::committer::{Committer, Delivery, Transactions};
-use super::core::{Core, Parts, Txn};
+use super::core::{Core, FlowConsumer, FlowContext, Parts};
 use super::emitter::Emitter;
 use super::enrich::Pipeline;
+use super::guarantee::Guarantee;
 use super::kafka_storage::{KafkaStorage, StoreSettings};
-use super::partitions::{FlowConsumer, FlowContext};
 use super::producer::{classify, connect_to_cluster, Deliveries, FlowProducerContext, Sink, TxnFailure};
 use super::sled_storage::SledStorage;
 use super::state::Assigned;
@@ -19,7 +18,7 @@ use crate::flow::error::FlowError;
 use crate::flow::exported::Exported;
 use crate::flow::record::Outputs;
 use crate::flow::settings::Throttle;
-use crate::flow::settings::{BadInput, CommitterSettings, FlowJournal, Guarantee};
+use crate::flow::settings::{BadInput, CommitterSettings, FlowJournal};
 use crate::flow::shared::{kafka, lock, now_ms, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use eventstage_journal::kafka::{Detached, OWNERS_TOPIC};
@@ -48,7 +47,8 @@ pub(crate) struct Settings {
     pub(crate) commit_interval: Duration,
     pub(crate) bad_input: BadInput,
     pub(crate) codec: Codec,
-    pub(crate) guarantee: Guarantee,
+    /// The delivery guarantee the application chose (the engine runs its implementation).
+    pub(crate) guarantee: crate::flow::settings::Guarantee,
     pub(crate) committer: CommitterSettings,
     /// Bounds the whole start (see `startup::Setup`).
     pub(crate) setup_timeout: Duration,
@@ -297,16 +297,17 @@ pub(super) fn start_producer(
 /// Starts a flow: reads the inputs' metadata, checks (or claims) the Kafka journal and starts the
 /// transactional producer beside them, all within the setup timeout; opens the storage; and
 /// subscribes the consumer. The loop runs next ([`FlowThread::run`]).
-pub(super) fn start<S: EventSourced>(
+pub(super) fn start<S: EventSourced, G: Guarantee>(
     settings: Settings,
     parts: Parts<S>,
     outputs: Outputs<S>,
     stop: &AtomicU8,
     metrics: Arc<Metrics>,
-) -> Result<FlowThread<S>, FlowError> {
+    guarantee: impl FnOnce(Arc<Sink>) -> G,
+) -> Result<FlowThread<S, G>, FlowError> {
     let run_started = Instant::now();
     let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
-    let at_least_once = settings.guarantee == Guarantee::AtLeastOnce;
+    let at_least_once = !G::TRANSACTIONAL;
     let deliveries = Arc::new(Deliveries::new(at_least_once));
     let setup = Setup::new(run_started, settings.setup_timeout, &settings.common, stop);
     // The transactional producer's start (a round trip to the transaction coordinator, or 500 ms
@@ -400,7 +401,9 @@ pub(super) fn start<S: EventSourced>(
         settings.transactional_id.clone(),
         settings.inputs.first().cloned(),
     ));
-    let keep_outbox = storage.keeps_outbox() && !at_least_once;
+    // Exactly once over the sled journal (the state of record): a transaction's outputs are kept
+    // in its sled write, to be produced again if its Kafka commit fails.
+    let keep_outbox = G::TRANSACTIONAL && matches!(settings.journal, FlowJournal::Sled(_));
     let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
@@ -410,18 +413,10 @@ pub(super) fn start<S: EventSourced>(
             pending_seeks: Vec::new(),
             dirty: false,
         },
-        txn: Txn {
-            sink,
-            emitter,
-            delivery: if at_least_once {
-                Delivery::Batches(Committer::new(settings.committer))
-            } else {
-                Delivery::Transactions(Transactions::default())
-            },
-            abortable: false,
-            redo: None,
-        },
-        skip_applied: storage.stores_positions(),
+        guarantee: guarantee(sink),
+        emitter,
+        // Set once a restore finds inputs applied beyond the committed offsets (sled positions).
+        skip_applied: false,
         storage,
         pipeline,
         rebalance_events,
@@ -433,7 +428,7 @@ pub(super) fn start<S: EventSourced>(
         metrics: metrics.clone(),
         exported: Exported::new(S::NAME, &settings.group),
     }));
-    let consumer: FlowConsumer<S> =
+    let consumer: FlowConsumer<S, G> =
         settings.consumer.create_with_context(FlowContext { core: core.clone() }).map_err(|e| kafka("consumer", e))?;
     let topics: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| kafka("subscribe", e))?;

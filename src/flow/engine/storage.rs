@@ -47,6 +47,17 @@ pub(super) struct Change<'a, S: EventSourced> {
     pub(super) ts: u64,
 }
 
+/// What [`Storage::record`] did with a change.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Recorded {
+    /// The open work should end soon (a key holds the most events one journal record takes and
+    /// the record waits for the end of the batch).
+    pub(super) end_soon: bool,
+    /// The key was forgotten: its deletion is journaled as a tombstone, and it starts again from
+    /// the default state and sequence 0 (a storage that keeps a deleted entity's events does not).
+    pub(super) forgotten: bool,
+}
+
 /// The engine's consumer positions while a storage restores partitions: a storage that keeps
 /// input positions of its own (sled) reconciles them with the group's committed offsets.
 pub(super) struct Restoring<'a> {
@@ -71,18 +82,6 @@ pub(super) trait Storage<S: EventSourced>: Send {
     /// What the flow's start-up line calls it.
     fn name(&self) -> String;
 
-    /// Whether input positions stored with the state can be ahead of the group's committed offsets
-    /// (inputs below them were applied and are skipped when they come again).
-    fn stores_positions(&self) -> bool;
-
-    /// Whether the outputs of an exactly-once transaction are kept with its state (the outbox) and
-    /// handed over with [`keep_output`](Self::keep_output).
-    fn keeps_outbox(&self) -> bool;
-
-    /// Whether an entity whose state says it is deleted is forgotten (a journal tombstone: it
-    /// starts again from the default state and sequence 0), rather than kept with its events.
-    fn forgets_deleted(&self) -> bool;
-
     /// Restores the committed state of partitions `wanted`.
     fn restore(&mut self, wanted: &[i32], at: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError>;
 
@@ -90,12 +89,11 @@ pub(super) trait Storage<S: EventSourced>: Send {
     /// restores partitions in full has nothing to do).
     fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError>;
 
-    /// Records what one command changed (`part`: its partition's state before the change). Returns
-    /// true when the at-least-once batch being filled must end now.
-    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<bool, FlowError>;
+    /// Records what one command changed (`part`: its partition's state before the change).
+    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<Recorded, FlowError>;
 
-    /// Keeps an output record of the open transaction with its state (see
-    /// [`keeps_outbox`](Self::keeps_outbox)).
+    /// Keeps an output record of the open transaction with its state (the sled journal's outbox,
+    /// exactly once: the emitter hands its records over only then).
     fn keep_output(&mut self, p: i32, record: OutputRecord);
 
     /// Exactly-once, before the Kafka commit: writes what the open transaction changed (`parts`:
@@ -150,18 +148,6 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         "none".into()
     }
 
-    fn stores_positions(&self) -> bool {
-        false
-    }
-
-    fn keeps_outbox(&self) -> bool {
-        false
-    }
-
-    fn forgets_deleted(&self) -> bool {
-        false
-    }
-
     fn restore(&mut self, wanted: &[i32], _: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
         Ok(wanted.iter().map(|&p| (p, Restored { state: PartitionState::default(), redo: None })).collect())
     }
@@ -170,8 +156,8 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         Ok(())
     }
 
-    fn record(&mut self, _: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<bool, FlowError> {
-        Ok(false)
+    fn record(&mut self, _: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<Recorded, FlowError> {
+        Ok(Recorded::default())
     }
 
     fn keep_output(&mut self, _: i32, _: OutputRecord) {}

@@ -3,9 +3,8 @@
 //! it surfaced (a produce call, a commit, a rebalance callback), takes the one way back:
 //! [`Core::recover`], which classifies it once and heals it or stops the flow.
 
-use super::committer::Wait;
-use super::core::Core;
-use super::partitions::FlowConsumer;
+use super::core::{Core, FlowConsumer};
+use super::guarantee::{Guarantee, Wait};
 use crate::flow::control::{ABORT, DRAIN};
 use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, lock, now_ms};
@@ -26,14 +25,14 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// A started flow: its state and its consumer, subscribed.
-pub(super) struct FlowThread<S: EventSourced> {
-    pub(super) core: Arc<Mutex<Core<S>>>,
-    pub(super) consumer: FlowConsumer<S>,
+pub(super) struct FlowThread<S: EventSourced, G: Guarantee> {
+    pub(super) core: Arc<Mutex<Core<S, G>>>,
+    pub(super) consumer: FlowConsumer<S, G>,
     pub(super) schedule: Schedule,
     pub(super) report: Report,
 }
 
-impl<S: EventSourced> FlowThread<S> {
+impl<S: EventSourced, G: Guarantee> FlowThread<S, G> {
     /// Runs until the application asks the flow to stop (drain: commit what is open; abort) or a
     /// failure cannot be recovered from.
     pub(super) fn run(mut self, stop: &AtomicU8) -> Result<(), FlowError> {
@@ -71,7 +70,7 @@ impl<S: EventSourced> FlowThread<S> {
             Some(Err(KafkaError::MessageConsumptionFatal(code))) => return Err(consumer_fatal(code)),
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             None => {
-                c.txn.emitter.hand_off()?;
+                c.emitter.hand_off()?;
                 if let (true, Core { pipeline: Some(p), metrics, .. }) = (busy, &mut *c) {
                     p.wait(Duration::from_millis(if room { 2 } else { 20 }), metrics);
                 }
@@ -80,7 +79,7 @@ impl<S: EventSourced> FlowThread<S> {
         c.run_pipeline()?;
         c.advance(&self.consumer, Wait::No)?;
         let now = self.schedule.tick(waited).inspect(|_| c.wall_ms = now_ms());
-        if self.schedule.due(now) || c.txn.delivery.due() {
+        if self.schedule.due(now) || c.guarantee.due() {
             let started = now.unwrap_or_else(Instant::now);
             c.commit(&self.consumer)?;
             self.schedule.committed(started);
@@ -124,14 +123,17 @@ struct Polled<'a> {
 /// without waiting, so finished calls reach the stage at once. Without waiting first (no clock
 /// reads while records are queued); before waiting, the emitter gets what is collected, so
 /// outputs never wait for more input.
-fn poll<'a, S: EventSourced>(core: &Mutex<Core<S>>, consumer: &'a FlowConsumer<S>) -> Result<Polled<'a>, FlowError> {
+fn poll<'a, S: EventSourced, G: Guarantee>(
+    core: &Mutex<Core<S, G>>,
+    consumer: &'a FlowConsumer<S, G>,
+) -> Result<Polled<'a>, FlowError> {
     let (room, busy) = lock(core).pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()));
     let mut waited = false;
     let record = match (room, busy) {
         (true, false) => match consumer.poll(Duration::ZERO) {
             None => {
                 waited = true;
-                lock(core).txn.emitter.hand_off()?;
+                lock(core).emitter.hand_off()?;
                 consumer.poll(Duration::from_millis(20))
             }
             record => record,
@@ -195,7 +197,7 @@ impl Report {
         Self { last_lag: Instant::now(), last_progress: (Instant::now(), 0) }
     }
 
-    fn after_commit<S: EventSourced>(&mut self, c: &Core<S>, consumer: &FlowConsumer<S>) {
+    fn after_commit<S: EventSourced, G: Guarantee>(&mut self, c: &Core<S, G>, consumer: &FlowConsumer<S, G>) {
         if self.last_lag.elapsed() >= LAG_EVERY {
             update_lag(c, consumer);
             self.last_lag = Instant::now();
@@ -220,7 +222,7 @@ impl Report {
 }
 
 /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
-fn update_lag<S: EventSourced>(c: &Core<S>, consumer: &FlowConsumer<S>) {
+fn update_lag<S: EventSourced, G: Guarantee>(c: &Core<S, G>, consumer: &FlowConsumer<S, G>) {
     let mut lag = 0u64;
     for ((topic, p), o) in &c.assigned.offsets {
         if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {

@@ -1,24 +1,45 @@
-//! How the open work commits and how the flow recovers: the transaction (exactly once) or the
-//! batch (at least once, see `committer`), abort and rewind, the sled outbox redo, and
-//! [`Core::recover`], the one way back from a failure.
+//! Exactly once: the open Kafka transaction holds the outputs, the journal records and the
+//! consumed offsets, and commits or aborts them as one. This guarantee alone drives the
+//! transactional producer: the begin, the offsets, the commit and the abort, and the producer's
+//! replacement after a wedged call, a fatal error or a transaction the broker timed out; over the
+//! sled journal (the state of record), the outbox produced again after a failed commit.
 
-use super::committer::{Delivery, Wait};
-use super::core::Core;
-use super::partitions::FlowConsumer;
-use super::producer::{classify, SendingOffsets, TxnFailure};
+use super::core::{Core, FlowConsumer};
+use super::guarantee::{Guarantee, Wait};
+use super::producer::{classify, SendingOffsets, Sink, TxnFailure};
+use super::state::PartitionState;
 use super::storage::Out;
 use crate::flow::error::FlowError;
+use crate::flow::record::InputRecord;
 use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::stage::EventSourced;
-use eventstage_journal::SourcePosition;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The exactly-once guarantee: its transactional producer and the state of its transactions.
+pub(super) struct ExactlyOnce {
+    sink: Arc<Sink>,
+    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
+    consecutive_aborts: u32,
+    /// The last commit failed in a way an abort heals (librdkafka's abortable state).
+    abortable: bool,
+    /// The offsets of the open transaction once the storage of record (sled) holds it: a failed
+    /// commit of it is made good by producing its outbox again with them, never by a rewind.
+    redo: Option<TopicPartitionList>,
+}
+
+impl ExactlyOnce {
+    /// Over `sink`, whose producer has begun its first transaction.
+    pub(super) fn new(sink: Arc<Sink>) -> Self {
+        Self { sink, consecutive_aborts: 0, abortable: false, redo: None }
+    }
+}
 
 /// What [`Core::recover`] makes of a failure.
 enum Failure {
@@ -30,19 +51,71 @@ enum Failure {
     Stop,
 }
 
-impl<S: EventSourced> Core<S> {
-    /// Commits what the flow did since the last commit: the open transaction, or the batch being
-    /// filled (which goes on its way to an offset commit).
-    pub(super) fn commit(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        match self.txn.delivery {
-            Delivery::Transactions(_) => self.commit_transaction(consumer),
-            Delivery::Batches(_) => self.end_batch(consumer),
-        }
+impl Guarantee for ExactlyOnce {
+    const TRANSACTIONAL: bool = true;
+
+    fn sink(&self) -> &Arc<Sink> {
+        &self.sink
     }
 
+    fn batch(&self) -> usize {
+        0
+    }
+
+    fn took_input(&mut self) {}
+
+    // A transaction writes a key's journal record as soon as it holds the most events one takes.
+    fn end_soon(&mut self) {}
+
+    // A transaction ends on the commit interval.
+    fn due(&self) -> bool {
+        false
+    }
+
+    // A transaction's journal records and its offsets commit as one: no positions to note.
+    fn applied<S: EventSourced>(&self, _: &mut PartitionState<S>, _: &S::Key, _: &InputRecord) {}
+
+    fn commit<S: EventSourced>(c: &mut Core<S, Self>, consumer: &FlowConsumer<S, Self>) -> Result<(), FlowError> {
+        c.commit_transaction(consumer)
+    }
+
+    // Nothing is pending after a commit.
+    fn advance<S: EventSourced>(_: &mut Core<S, Self>, _: &FlowConsumer<S, Self>, _: Wait) -> Result<(), FlowError> {
+        Ok(())
+    }
+
+    fn recover<S: EventSourced>(
+        c: &mut Core<S, Self>,
+        consumer: &FlowConsumer<S, Self>,
+        e: FlowError,
+    ) -> Result<(), FlowError> {
+        c.recover_transaction(consumer, e)
+    }
+
+    fn lost<S: EventSourced>(c: &mut Core<S, Self>, consumer: &FlowConsumer<S, Self>) -> Result<(), FlowError> {
+        let aborted = c.abort_and_rewind(consumer).or_else(|e| match e {
+            FlowError::Fenced { .. } => Err(e),
+            other => {
+                tracing::warn!(error = %other, "aborting the lost partitions' transaction failed");
+                Ok(())
+            }
+        });
+        aborted.and_then(|()| c.guarantee.sink.begin())
+    }
+
+    fn abandon<S: EventSourced>(c: &mut Core<S, Self>) {
+        c.guarantee.redo = None;
+        c.guarantee.abortable = false;
+        if let Err(e) = c.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
+            tracing::debug!(error = %e, "aborting the open transaction of a stopped flow failed (the broker aborts it after its timeout)");
+        }
+    }
+}
+
+impl<S: EventSourced> Core<S, ExactlyOnce> {
     /// Commits the open transaction with the consumed offsets and opens the next one. A failure
-    /// goes to [`Self::recover`] like every other (marked when an abort heals it).
-    fn commit_transaction(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+    /// goes to [`Core::recover`] like every other (marked when an abort heals it).
+    fn commit_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
         if !self.assigned.dirty {
             return Ok(());
         }
@@ -55,18 +128,18 @@ impl<S: EventSourced> Core<S> {
         let mut offsets = self.start_offsets(consumer, &tpl);
         let prepared = self.flush_outputs().and_then(|()| {
             // A storage that is the state of record (sled) holds the transaction from here on.
-            let out = Out { sink: &self.txn.sink, batch: 0 };
+            let out = Out { sink: &self.guarantee.sink, batch: 0 };
             self.storage.seal_transaction(&self.assigned.partitions, positions, out)
         });
         if prepared.is_err() {
             // No other transactional call may run while the offsets' call does.
             if let Some(o) = offsets.take() {
-                let _ = o.wait(&self.txn.sink);
+                let _ = o.wait(&self.guarantee.sink);
             }
         }
         if prepared? {
             // From here on a failed commit is made good from the outbox, never by a rewind.
-            self.txn.redo = Some(tpl.clone());
+            self.guarantee.redo = Some(tpl.clone());
             self.settle_overlays();
         }
         let mut attempt = 0;
@@ -83,95 +156,31 @@ impl<S: EventSourced> Core<S> {
         if let Err(e) = result {
             // An abort heals what a fence, a fatal error or an authorization failure does not:
             // `recover` decides.
-            self.txn.abortable = matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry);
-            return Err(self.txn.sink.error("commit transaction".into(), e));
+            self.guarantee.abortable = matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry);
+            return Err(self.guarantee.sink.error("commit transaction".into(), e));
         }
-        self.txn.redo = None;
-        self.txn.sink.committed();
+        self.guarantee.redo = None;
+        self.guarantee.sink.committed();
         self.settle_overlays();
         self.assigned.mark_committed();
-        if let Delivery::Transactions(t) = &mut self.txn.delivery {
-            t.consecutive_aborts = 0;
-        }
+        self.guarantee.consecutive_aborts = 0;
         let took = started.elapsed();
         self.exported.commit(took);
         let us = took.as_micros() as u64;
         self.metrics.last_commit_us.store(us, Ordering::Relaxed);
         self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
         self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
-        self.txn.sink.begin()
-    }
-
-    /// The offsets consumed since the last commit, for the consumer group and (per partition) as
-    /// the journal's source positions.
-    pub(super) fn pending_offsets(
-        &self,
-    ) -> Result<(TopicPartitionList, BTreeMap<i32, Vec<SourcePosition>>), FlowError> {
-        let mut tpl = TopicPartitionList::new();
-        let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
-        for ((topic, p), o) in &self.assigned.offsets {
-            if o.next > o.committed && o.next >= 0 {
-                tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
-                positions.entry(*p).or_default().push(SourcePosition {
-                    topic: topic.clone(),
-                    partition: *p,
-                    next_offset: o.next,
-                });
-            }
-        }
-        Ok((tpl, positions))
-    }
-
-    /// The open transaction's (or batch's) state becomes the state of record.
-    pub(super) fn settle_overlays(&mut self) {
-        for part in self.assigned.partitions.values_mut() {
-            let overlay = std::mem::take(&mut part.overlay);
-            part.committed.extend(overlay);
-        }
-    }
-
-    /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
-    /// written, sled writes not yet made, records waiting for enrichment.
-    pub(super) fn discard_open_work(&mut self) {
-        for part in self.assigned.partitions.values_mut() {
-            part.overlay.clear();
-        }
-        self.storage.discard();
-        if let Some(pipeline) = &mut self.pipeline {
-            pipeline.clear();
-        }
-    }
-
-    /// Gives the open transaction or batch up when the flow stops on an error: aborts the
-    /// transaction (best effort: a fenced producer cannot), drops what it changed, and makes the
-    /// revocation of closing the consumer commit nothing. The inputs it held come again to
-    /// whoever processes the partitions next.
-    pub(super) fn abandon(&mut self) {
-        self.stopped = true;
-        self.txn.redo = None;
-        self.txn.abortable = false;
-        if !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional() {
-            if let Err(e) = self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
-                tracing::debug!(error = %e, "aborting the open transaction of a stopped flow failed (the broker aborts it after its timeout)");
-            }
-        }
-        self.discard_open_work();
-        self.assigned.forget_uncommitted();
-    }
-
-    /// Finishes in-flight work and commits it: before a revocation and on shutdown.
-    pub(super) fn finish(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        self.drain_pipeline()?;
-        // Recovered here, not in the loop: a revocation must not hand over partitions whose
-        // transaction is still to be aborted or produced again from the outbox.
-        self.commit(consumer).or_else(|e| self.recover(consumer, e))?;
-        self.advance(consumer, Wait::UntilAtMost(0))
+        self.guarantee.sink.begin()
     }
 
     /// Starts adding `offsets` to the open transaction (None: nothing to add, or no group).
-    fn start_offsets(&self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> Option<SendingOffsets> {
+    fn start_offsets(
+        &self,
+        consumer: &FlowConsumer<S, ExactlyOnce>,
+        offsets: &TopicPartitionList,
+    ) -> Option<SendingOffsets> {
         let group = consumer.group_metadata().filter(|_| offsets.count() > 0)?;
-        Some(self.txn.sink.start_send_offsets(offsets, group))
+        Some(self.guarantee.sink.start_send_offsets(offsets, group))
     }
 
     /// Adds the consumed `offsets` to the open transaction (unless `sending` does already) and
@@ -186,55 +195,59 @@ impl<S: EventSourced> Core<S> {
     /// stops the flow (the outer error).
     fn finish_transaction(
         &mut self,
-        consumer: &FlowConsumer<S>,
+        consumer: &FlowConsumer<S, ExactlyOnce>,
         offsets: &TopicPartitionList,
         sending: Option<SendingOffsets>,
     ) -> Result<KafkaResult<()>, FlowError> {
         let sent = match sending.or_else(|| self.start_offsets(consumer, offsets)) {
-            Some(sending) => sending.wait(&self.txn.sink),
+            Some(sending) => sending.wait(&self.guarantee.sink),
             None => Ok(()),
         };
         let deadline = Instant::now() + TXN_TIMEOUT;
-        while self.txn.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
+        while self.guarantee.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
         self.storage.durable()?;
-        Ok(sent.and_then(|()| self.txn.sink.producer().commit_transaction(TXN_TIMEOUT)))
+        Ok(sent.and_then(|()| self.guarantee.sink.producer().commit_transaction(TXN_TIMEOUT)))
     }
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
     /// and try again with the outbox until it does (or the producer is fenced).
-    fn redo_outbox(&mut self, consumer: &FlowConsumer<S>, offsets: &TopicPartitionList) -> Result<(), FlowError> {
+    fn redo_outbox(
+        &mut self,
+        consumer: &FlowConsumer<S, ExactlyOnce>,
+        offsets: &TopicPartitionList,
+    ) -> Result<(), FlowError> {
         let outbox = self.storage.outbox();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
+            match self.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
                 Ok(()) => {}
-                Err(e) if self.txn.sink.heals(&e) => {
+                Err(e) if self.guarantee.sink.heals(&e) => {
                     // The new producer's (empty) transaction is aborted next time round.
                     self.replace_expired(&e)?;
                     continue;
                 }
-                Err(e) => return Err(self.txn.sink.error("abort transaction".into(), e)),
+                Err(e) => return Err(self.guarantee.sink.error("abort transaction".into(), e)),
             }
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.txn.sink.begin()?;
+            self.guarantee.sink.begin()?;
             for o in &outbox {
-                self.txn.sink.produce_output(0, o)?;
+                self.guarantee.sink.produce_output(0, o)?;
             }
             match self.finish_transaction(consumer, offsets, None)? {
                 Ok(()) => {
-                    self.txn.sink.committed();
+                    self.guarantee.sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e) if self.txn.sink.heals(&e) => self.replace_expired(&e)?,
+                Err(e) if self.guarantee.sink.heals(&e) => self.replace_expired(&e)?,
                 Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(self.txn.sink.error("commit outbox".into(), e)),
+                Err(e) => return Err(self.guarantee.sink.error("commit outbox".into(), e)),
             }
         }
     }
@@ -244,8 +257,8 @@ impl<S: EventSourced> Core<S> {
     /// migrated task), and librdkafka's fatal states end with its producer.
     fn heals(&self, e: &FlowError) -> bool {
         match e {
-            FlowError::Fenced { .. } => self.txn.sink.heals_fence(),
-            FlowError::Kafka { error, .. } => self.txn.sink.heals(error),
+            FlowError::Fenced { .. } => self.guarantee.sink.heals_fence(),
+            FlowError::Kafka { error, .. } => self.guarantee.sink.heals(error),
             _ => false,
         }
     }
@@ -256,22 +269,25 @@ impl<S: EventSourced> Core<S> {
     /// same transactional id (which fences the old one), in a transaction; the caller aborts (and
     /// rewinds, or produces the sled outbox again).
     fn replace_expired(&mut self, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
-        match self.txn.sink.expired() {
+        match self.guarantee.sink.expired() {
             Some(open) => tracing::warn!(
                 error = %cause,
                 open_ms = open.as_millis() as u64,
-                transactional_id = %self.txn.sink.transactional_id,
+                transactional_id = %self.guarantee.sink.transactional_id,
                 "the broker aborted the open transaction after its timeout (transaction.timeout.ms) and fenced this producer; replacing the producer and processing again from the last commit"
             ),
             None => tracing::warn!(
                 error = %cause,
-                transactional_id = %self.txn.sink.transactional_id,
+                transactional_id = %self.guarantee.sink.transactional_id,
                 "the transactional producer failed for good; replacing it and processing again from the last commit"
             ),
         }
         // What the emitter still holds, and its failure, belong to the old producer.
-        let _ = self.txn.emitter.flush();
-        self.txn.sink.replace_producer().map_err(|e| self.txn.sink.error("replace the failed producer".into(), e))
+        let _ = self.emitter.flush();
+        self.guarantee
+            .sink
+            .replace_producer()
+            .map_err(|e| self.guarantee.sink.error("replace the failed producer".into(), e))
     }
 
     /// The one way back from a failure, wherever it surfaced (a produce call, a commit, a flush, a
@@ -281,23 +297,23 @@ impl<S: EventSourced> Core<S> {
     ///   librdkafka put the transaction in an abortable state, e.g. records timed out while the
     ///   flow was paused): abort;
     /// - anything else (fenced by a live instance, a storage or configuration error, a fatal
-    ///   consumer error, any failure at least once): the flow stops with it.
+    ///   consumer error): the flow stops with it.
     ///
     /// After an abort, a transaction the storage of record (sled) holds already is committed again
     /// from its outbox with the same offsets; any other is rewound to the last committed offsets.
     /// Then the next transaction begins.
-    pub(super) fn recover(&mut self, consumer: &FlowConsumer<S>, e: FlowError) -> Result<(), FlowError> {
+    fn recover_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>, e: FlowError) -> Result<(), FlowError> {
         match self.failure_of(&e) {
             Failure::Stop => return Err(e),
             Failure::ProducerFailed => self.replace_expired(&e)?,
             Failure::Abortable => {
                 tracing::warn!(error = %e, "the transaction failed; aborting it");
                 // The emitter's failure is this one.
-                let _ = self.txn.emitter.flush();
+                let _ = self.emitter.flush();
             }
         }
-        self.txn.abortable = false;
-        match self.txn.redo.take() {
+        self.guarantee.abortable = false;
+        match self.guarantee.redo.take() {
             Some(offsets) => {
                 tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
                 self.redo_outbox(consumer, &offsets)?;
@@ -312,15 +328,13 @@ impl<S: EventSourced> Core<S> {
                 aborted => aborted?,
             },
         }
-        self.txn.sink.begin()
+        self.guarantee.sink.begin()
     }
 
     fn failure_of(&self, e: &FlowError) -> Failure {
-        let transactional = !self.txn.delivery.is_at_least_once() && self.txn.sink.is_transactional();
         match e {
-            _ if !transactional => Failure::Stop,
             _ if self.heals(e) => Failure::ProducerFailed,
-            _ if self.txn.abortable => Failure::Abortable,
+            _ if self.guarantee.abortable => Failure::Abortable,
             FlowError::Kafka { error: KafkaError::MessageProduction(RDKafkaErrorCode::State), .. } => {
                 Failure::Abortable
             }
@@ -328,24 +342,19 @@ impl<S: EventSourced> Core<S> {
         }
     }
 
-    pub(super) fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
+    fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
         // Whatever the emitter still holds belongs to the transaction being aborted.
-        match self.txn.emitter.flush() {
+        match self.emitter.flush() {
             Err(e @ FlowError::Fenced { .. }) => return Err(e),
             Err(e) => tracing::warn!(error = %e, "producing the aborted transaction's outputs failed"),
             Ok(_) => {}
         }
-        if let Err(e) = self.txn.sink.producer().abort_transaction(TXN_TIMEOUT) {
-            return Err(self.txn.sink.error("abort transaction".into(), e));
+        if let Err(e) = self.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
+            return Err(self.guarantee.sink.error("abort transaction".into(), e));
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-        let aborts = match &mut self.txn.delivery {
-            Delivery::Transactions(t) => {
-                t.consecutive_aborts += 1;
-                t.consecutive_aborts
-            }
-            Delivery::Batches(_) => 1,
-        };
+        self.guarantee.consecutive_aborts += 1;
+        let aborts = self.guarantee.consecutive_aborts;
         if aborts > 1 {
             let delay = Duration::from_millis(100 << aborts.min(6)).min(Duration::from_secs(5));
             tracing::error!(
@@ -366,48 +375,5 @@ impl<S: EventSourced> Core<S> {
             consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;
         }
         Ok(())
-    }
-
-    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
-    /// records wait for its outputs' acknowledgements, then its offsets are committed.
-    pub(super) fn end_batch(&mut self, consumer: &FlowConsumer<S>) -> Result<(), FlowError> {
-        // The batch's outputs go to the emitter now; its deliveries count them until produced.
-        self.txn.emitter.hand_off()?;
-        let sealed = if self.assigned.dirty {
-            let (offsets, positions) = self.pending_offsets()?;
-            // Handed to the committer: the next batch starts here.
-            self.assigned.mark_committed();
-            self.storage.seal_batch(self.txn.delivery.batch(), &self.assigned.partitions, positions)?;
-            self.settle_overlays();
-            Some(offsets)
-        } else {
-            None
-        };
-        let parallelism = match &mut self.txn.delivery {
-            Delivery::Batches(c) => {
-                c.seal(sealed);
-                c.settings.parallelism
-            }
-            Delivery::Transactions(_) => 1,
-        };
-        self.advance(consumer, Wait::UntilAtMost(parallelism))
-    }
-
-    /// Moves pending at-least-once batches along (see `Committer::advance`); a transaction has
-    /// nothing pending after its commit.
-    pub(super) fn advance(&mut self, consumer: &FlowConsumer<S>, wait: Wait) -> Result<(), FlowError> {
-        match &mut self.txn.delivery {
-            Delivery::Batches(c) => c.advance(&self.txn.sink, &mut *self.storage, consumer, &self.metrics, wait),
-            Delivery::Transactions(_) => Ok(()),
-        }
-    }
-
-    /// Forgets batches whose partitions were lost: their offsets cannot be committed any more and
-    /// their journal must not land after the new owner restored.
-    pub(super) fn drop_batches(&mut self) {
-        if let Delivery::Batches(c) = &mut self.txn.delivery {
-            c.queue.clear();
-        }
-        self.storage.drop_batches();
     }
 }

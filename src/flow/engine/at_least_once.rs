@@ -8,75 +8,24 @@
 //! are journaled: every journal record carries the input positions its state includes, so those
 //! inputs are skipped (their outputs were acknowledged before the journal was written).
 
+use super::core::{Core, FlowConsumer};
+use super::guarantee::{Guarantee, Wait};
 use super::producer::Sink;
+use super::state::PartitionState;
 use super::storage::{Out, Storage};
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
+use crate::flow::record::InputRecord;
 use crate::flow::settings::CommitterSettings;
 use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::producer::Producer;
 use rdkafka::TopicPartitionList;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The two delivery guarantees, each with its own committer.
-pub(super) enum Delivery {
-    /// Exactly-once: the open Kafka transaction holds the outputs, the journal records and the
-    /// consumed offsets, and commits or aborts them as one (see `txn`).
-    Transactions(Transactions),
-    /// At-least-once (Alpakka Kafka's `Committer.sink`): batches whose offsets are committed once
-    /// their outputs are acknowledged and their journal is written (see `committer`).
-    Batches(Committer),
-}
-
-/// The exactly-once committer's own state.
-#[derive(Default)]
-pub(super) struct Transactions {
-    /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
-    pub(super) consecutive_aborts: u32,
-}
-
-impl Delivery {
-    /// The batch being filled, whose records' acknowledgements are counted under it (exactly-once
-    /// has no batches: 0).
-    pub(super) fn batch(&self) -> usize {
-        match self {
-            Self::Transactions(_) => 0,
-            Self::Batches(c) => c.filling(),
-        }
-    }
-
-    /// Whether records of the open work are produced outside a transaction.
-    pub(super) fn is_at_least_once(&self) -> bool {
-        matches!(self, Self::Batches(_))
-    }
-
-    /// Whether the batch being filled must end now (a transaction ends on the commit interval).
-    pub(super) fn due(&self) -> bool {
-        match self {
-            Self::Transactions(_) => false,
-            Self::Batches(c) => c.due(),
-        }
-    }
-
-    /// One more input in the open transaction or batch.
-    pub(super) fn count_input(&mut self) {
-        match self {
-            Self::Transactions(_) => {}
-            Self::Batches(c) => c.inputs += 1,
-        }
-    }
-
-    /// The storage asks for the open batch to end (a transaction writes the record at once).
-    pub(super) fn end_soon(&mut self) {
-        match self {
-            Self::Transactions(_) => {}
-            Self::Batches(c) => c.full = true,
-        }
-    }
-}
 
 pub(super) struct PendingBatch {
     id: usize,
@@ -102,22 +51,9 @@ impl Committer {
         Self { settings, queue: VecDeque::new(), filling: 0, inputs: 0, full: false }
     }
 
-    pub(super) fn filling(&self) -> usize {
-        self.filling
-    }
-
     pub(super) fn due(&self) -> bool {
         self.full || self.inputs >= self.settings.max_batch
     }
-}
-
-/// How long `advance` may wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Wait {
-    /// Not at all: move along what is acknowledged already.
-    No,
-    /// Until at most this many batches are pending.
-    UntilAtMost(usize),
 }
 
 impl Committer {
@@ -176,5 +112,111 @@ impl Committer {
             }
             metrics.transactions.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The at-least-once guarantee: its (idempotent, not transactional) producer and the batches on
+/// their way to an offset commit.
+pub(super) struct AtLeastOnce {
+    sink: Arc<Sink>,
+    committer: Committer,
+}
+
+impl AtLeastOnce {
+    pub(super) fn new(sink: Arc<Sink>, settings: CommitterSettings) -> Self {
+        Self { sink, committer: Committer::new(settings) }
+    }
+}
+
+impl Guarantee for AtLeastOnce {
+    const TRANSACTIONAL: bool = false;
+
+    fn sink(&self) -> &Arc<Sink> {
+        &self.sink
+    }
+
+    fn batch(&self) -> usize {
+        self.committer.filling
+    }
+
+    fn took_input(&mut self) {
+        self.committer.inputs += 1;
+    }
+
+    fn end_soon(&mut self) {
+        self.committer.full = true;
+    }
+
+    fn due(&self) -> bool {
+        self.committer.due()
+    }
+
+    /// Before journaling: the key's journal record carries the input positions its state includes
+    /// (a deletion's marker too), so an input delivered again is skipped, not applied twice.
+    fn applied<S: EventSourced>(&self, part: &mut PartitionState<S>, key: &S::Key, input: &InputRecord) {
+        part.note_applied(key, input);
+    }
+
+    fn commit<S: EventSourced>(c: &mut Core<S, Self>, consumer: &FlowConsumer<S, Self>) -> Result<(), FlowError> {
+        c.end_batch(consumer)
+    }
+
+    fn advance<S: EventSourced>(
+        c: &mut Core<S, Self>,
+        consumer: &FlowConsumer<S, Self>,
+        wait: Wait,
+    ) -> Result<(), FlowError> {
+        let Core { guarantee, storage, metrics, .. } = c;
+        guarantee.committer.advance(&guarantee.sink, &mut **storage, consumer, metrics, wait)
+    }
+
+    /// Nothing to abort: the flow stops, and the inputs of the batches not committed come again.
+    fn recover<S: EventSourced>(
+        _: &mut Core<S, Self>,
+        _: &FlowConsumer<S, Self>,
+        e: FlowError,
+    ) -> Result<(), FlowError> {
+        Err(e)
+    }
+
+    fn lost<S: EventSourced>(c: &mut Core<S, Self>, _: &FlowConsumer<S, Self>) -> Result<(), FlowError> {
+        // Journal records already handed to the producer land before any restore reads the
+        // journal again (ours on reassignment, or the new owner's).
+        if let Err(e) = c.emitter.flush() {
+            tracing::warn!(error = %e, "producing outputs after losing partitions failed");
+        }
+        if let Err(e) = c.guarantee.sink.producer().flush(TXN_TIMEOUT) {
+            tracing::warn!(error = %e, "flushing the producer after losing partitions failed");
+        }
+        // Their offsets cannot be committed any more and their journal must not land after the
+        // new owner restored.
+        c.guarantee.committer.queue.clear();
+        c.storage.drop_batches();
+        c.discard_open_work();
+        Ok(())
+    }
+
+    fn abandon<S: EventSourced>(_: &mut Core<S, Self>) {}
+}
+
+impl<S: EventSourced> Core<S, AtLeastOnce> {
+    /// Ends the batch being filled: its in-memory state becomes the state of record, its journal
+    /// records wait for its outputs' acknowledgements, then its offsets are committed.
+    fn end_batch(&mut self, consumer: &FlowConsumer<S, AtLeastOnce>) -> Result<(), FlowError> {
+        // The batch's outputs go to the emitter now; its deliveries count them until produced.
+        self.emitter.hand_off()?;
+        let sealed = if self.assigned.dirty {
+            let (offsets, positions) = self.pending_offsets()?;
+            // Handed to the committer: the next batch starts here.
+            self.assigned.mark_committed();
+            self.storage.seal_batch(self.guarantee.committer.filling, &self.assigned.partitions, positions)?;
+            self.settle_overlays();
+            Some(offsets)
+        } else {
+            None
+        };
+        self.guarantee.committer.seal(sealed);
+        let parallelism = self.guarantee.committer.settings.parallelism;
+        AtLeastOnce::advance(self, consumer, Wait::UntilAtMost(parallelism))
     }
 }
