@@ -131,10 +131,6 @@ impl AtLeastOnce {
 impl Guarantee for AtLeastOnce {
     const TRANSACTIONAL: bool = false;
 
-    fn sink(&self) -> &Arc<Sink> {
-        &self.sink
-    }
-
     fn batch(&self) -> usize {
         self.committer.filling
     }
@@ -149,6 +145,11 @@ impl Guarantee for AtLeastOnce {
 
     fn due(&self) -> bool {
         self.committer.due()
+    }
+
+    /// Batches commit in the background already (up to `parallelism` pending).
+    fn busy(&self) -> bool {
+        false
     }
 
     /// Before journaling: the key's journal record carries the input positions its state includes
@@ -208,6 +209,7 @@ impl<S: EventSourced> Core<S, AtLeastOnce> {
         let sealed = if self.assigned.dirty {
             let (offsets, positions) = self.pending_offsets()?;
             // Handed to the committer: the next batch starts here.
+            self.assigned.seal();
             self.assigned.mark_committed();
             self.storage.seal_batch(self.guarantee.committer.filling, &self.assigned.partitions, positions)?;
             self.settle_overlays();

@@ -27,6 +27,8 @@ use std::thread::JoinHandle;
 
 /// Commands handed to the emitter thread at once.
 const HANDOFF: usize = 64;
+/// Outcomes held while a transaction commits before the flow stops consuming until it committed.
+const MAX_HELD: usize = 50_000;
 /// Hand-overs waiting for the emitter thread before the flow thread waits for it (back-pressure).
 const QUEUED_HANDOFFS: usize = 64;
 
@@ -71,6 +73,9 @@ struct Flags {
 pub(super) struct Emitter<S: EventSourced> {
     sink: Arc<Sink>,
     collected: Vec<Job<S>>,
+    /// While a transaction commits, the next one's records wait here (the producer takes no
+    /// record between a commit and the next begin).
+    held: bool,
     queue: Option<SyncSender<Message<S>>>,
     flags: Arc<Flags>,
     thread: Option<JoinHandle<()>>,
@@ -92,7 +97,14 @@ impl<S: EventSourced> Emitter<S> {
             .name(format!("eventstage-emit-{}", S::NAME))
             .spawn(move || worker.run(jobs))
             .map_err(|e| FlowError::Config(format!("cannot start the flow's emitter thread: {e}")))?;
-        Ok(Self { sink, collected: Vec::with_capacity(HANDOFF), queue: Some(queue), flags, thread: Some(thread) })
+        Ok(Self {
+            sink,
+            collected: Vec::with_capacity(HANDOFF),
+            held: false,
+            queue: Some(queue),
+            flags,
+            thread: Some(thread),
+        })
     }
 
     /// Queues an outcome's output records for `batch`.
@@ -109,15 +121,43 @@ impl<S: EventSourced> Emitter<S> {
         // Counted until the emitter thread has produced the job's records (at-least-once).
         self.sink.deliveries.add(batch);
         self.collected.push(job);
-        if self.collected.len() >= HANDOFF {
+        if self.collected.len() >= HANDOFF && !self.held {
             return self.hand_off();
         }
         Ok(())
     }
 
+    /// Holds what is queued from now on until [`release`](Self::release): a transaction commits,
+    /// and the records of the next wait for its begin.
+    pub(super) fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// Hands what was held to the emitter thread: the next transaction has begun.
+    pub(super) fn release(&mut self) -> Result<(), FlowError> {
+        self.held = false;
+        self.hand_off()
+    }
+
+    /// Holds so many records that consumption should wait for the commit under way.
+    pub(super) fn holds_too_many(&self) -> bool {
+        self.held && self.collected.len() >= MAX_HELD
+    }
+
+    /// Drops what was held (its transaction is aborted before it began).
+    pub(super) fn discard_held(&mut self) {
+        if self.held {
+            for job in self.collected.drain(..) {
+                let (Job::Outcome(batch, _) | Job::Record(batch, _, _)) = job;
+                self.sink.deliveries.done(batch);
+            }
+            self.held = false;
+        }
+    }
+
     /// Hands the collected commands to the emitter thread; the error of an earlier one, if any.
     pub(super) fn hand_off(&mut self) -> Result<(), FlowError> {
-        if !self.collected.is_empty() {
+        if !self.collected.is_empty() && !self.held {
             let jobs = std::mem::replace(&mut self.collected, Vec::with_capacity(HANDOFF));
             self.send(Message::Jobs(jobs))?;
         }
@@ -127,10 +167,10 @@ impl<S: EventSourced> Emitter<S> {
         Ok(())
     }
 
-    /// Waits until everything queued is produced: its first failure, or the records it produced
-    /// for the outbox since the last flush.
+    /// Waits until everything queued is produced (not what is held): its first failure, or the
+    /// records it produced for the outbox since the last flush.
     pub(super) fn flush(&mut self) -> Result<Vec<(i32, OutputRecord)>, FlowError> {
-        if !self.collected.is_empty() {
+        if !self.collected.is_empty() && !self.held {
             let jobs = std::mem::take(&mut self.collected);
             self.send(Message::Jobs(jobs))?;
         }

@@ -6,7 +6,7 @@
 
 use super::core::{Core, FlowConsumer};
 use super::guarantee::{Guarantee, Wait};
-use super::producer::{classify, SendingOffsets, Sink, TxnFailure};
+use super::producer::{classify, Committing, SendingOffsets, Sink, TxnFailure};
 use super::state::PartitionState;
 use super::storage::Out;
 use crate::flow::error::FlowError;
@@ -14,7 +14,7 @@ use crate::flow::record::InputRecord;
 use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
@@ -32,12 +32,16 @@ pub(super) struct ExactlyOnce {
     /// The offsets of the open transaction once the storage of record (sled) holds it: a failed
     /// commit of it is made good by producing its outbox again with them, never by a rewind.
     redo: Option<TopicPartitionList>,
+    /// The commit under way, while the next transaction is processed.
+    committing: Option<Committing>,
+    /// The storage asked for the open transaction to end (a hot key's record is made).
+    full: bool,
 }
 
 impl ExactlyOnce {
     /// Over `sink`, whose producer has begun its first transaction.
     pub(super) fn new(sink: Arc<Sink>) -> Self {
-        Self { sink, consecutive_aborts: 0, abortable: false, redo: None }
+        Self { sink, consecutive_aborts: 0, abortable: false, redo: None, committing: None, full: false }
     }
 }
 
@@ -54,22 +58,23 @@ enum Failure {
 impl Guarantee for ExactlyOnce {
     const TRANSACTIONAL: bool = true;
 
-    fn sink(&self) -> &Arc<Sink> {
-        &self.sink
-    }
-
     fn batch(&self) -> usize {
         0
     }
 
     fn took_input(&mut self) {}
 
-    // A transaction writes a key's journal record as soon as it holds the most events one takes.
-    fn end_soon(&mut self) {}
+    fn end_soon(&mut self) {
+        self.full = true;
+    }
 
-    // A transaction ends on the commit interval.
+    /// A transaction ends on the commit interval, or sooner when a hot key's record was made.
     fn due(&self) -> bool {
-        false
+        self.full
+    }
+
+    fn busy(&self) -> bool {
+        self.committing.is_some()
     }
 
     // A transaction's journal records and its offsets commit as one: no positions to note.
@@ -79,9 +84,10 @@ impl Guarantee for ExactlyOnce {
         c.commit_transaction(consumer)
     }
 
-    // Nothing is pending after a commit.
-    fn advance<S: EventSourced>(_: &mut Core<S, Self>, _: &FlowConsumer<S, Self>, _: Wait) -> Result<(), FlowError> {
-        Ok(())
+    /// Takes the outcome of the commit under way once it ended (or, `Wait::UntilAtMost(0)`,
+    /// waits for it).
+    fn advance<S: EventSourced>(c: &mut Core<S, Self>, _: &FlowConsumer<S, Self>, wait: Wait) -> Result<(), FlowError> {
+        c.end_commit(wait == Wait::UntilAtMost(0))
     }
 
     fn recover<S: EventSourced>(
@@ -93,6 +99,10 @@ impl Guarantee for ExactlyOnce {
     }
 
     fn lost<S: EventSourced>(c: &mut Core<S, Self>, consumer: &FlowConsumer<S, Self>) -> Result<(), FlowError> {
+        // The commit under way ends first (it may still commit: its partitions were ours then).
+        if let Err(e) = c.end_commit(true) {
+            tracing::warn!(error = %e, "the commit under way when the partitions were lost failed");
+        }
         let aborted = c.abort_and_rewind(consumer).or_else(|e| match e {
             FlowError::Fenced { .. } => Err(e),
             other => {
@@ -104,6 +114,10 @@ impl Guarantee for ExactlyOnce {
     }
 
     fn abandon<S: EventSourced>(c: &mut Core<S, Self>) {
+        // No other transactional call may run beside the commit under way.
+        if let Some(committing) = c.guarantee.committing.take() {
+            let _ = committing.outcome(true);
+        }
         c.guarantee.redo = None;
         c.guarantee.abortable = false;
         if let Err(e) = c.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
@@ -113,17 +127,21 @@ impl Guarantee for ExactlyOnce {
 }
 
 impl<S: EventSourced> Core<S, ExactlyOnce> {
-    /// Commits the open transaction with the consumed offsets and opens the next one. A failure
-    /// goes to [`Core::recover`] like every other (marked when an abort heals it).
+    /// Seals the open transaction and starts its commit on a thread of its own; the flow thread
+    /// goes on with the next transaction meanwhile: its state changes in a new overlay, its
+    /// records held until it begins (see [`Self::end_commit`]). One transaction commits at a
+    /// time: a commit still under way is waited for first (the loop starts none while one is).
+    /// A failure goes to [`Core::recover`] like every other (marked when an abort heals it).
     fn commit_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
+        self.end_commit(true)?;
+        self.guarantee.full = false;
         if !self.assigned.dirty {
             return Ok(());
         }
         let started = Instant::now();
-        // The offsets are final now (nothing is consumed until the commit ends): their round
-        // trips (AddOffsetsToTxn, TxnOffsetCommit) run while the emitter's last outputs and the
-        // journal's records are produced, not after them. Under load those round trips took
-        // 20-60 ms of each commit.
+        // The offsets are final now: their round trips (AddOffsetsToTxn, TxnOffsetCommit) run
+        // while the emitter's last outputs and the journal's records are produced, not after
+        // them. Under load those round trips took 20-60 ms of each commit.
         let (tpl, positions) = self.pending_offsets()?;
         let mut offsets = self.start_offsets(consumer, &tpl);
         let prepared = self.flush_outputs().and_then(|()| {
@@ -137,23 +155,28 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
                 let _ = o.wait(&self.guarantee.sink);
             }
         }
-        if prepared? {
+        let held_by_storage = prepared?;
+        self.assigned.seal();
+        if held_by_storage {
             // From here on a failed commit is made good from the outbox, never by a rewind.
-            self.guarantee.redo = Some(tpl.clone());
+            self.guarantee.redo = Some(tpl);
             self.settle_overlays();
+        } else {
+            self.seal_overlays();
         }
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match self.finish_transaction(consumer, &tpl, offsets.take())? {
-                Err(e) if classify(&e) == TxnFailure::Retry && attempt < 3 => {
-                    tracing::warn!(error = %e, attempt, "commit failed; retrying");
-                    std::thread::sleep(Duration::from_millis(100 * attempt.min(20)));
-                }
-                other => break other,
-            }
-        };
-        if let Err(e) = result {
+        self.emitter.hold();
+        let durable = self.storage.durable();
+        self.guarantee.committing = Some(self.guarantee.sink.start_commit(offsets, durable, started)?);
+        Ok(())
+    }
+
+    /// Takes the outcome of the commit under way, if it ended (`wait`: waits for it). Committed:
+    /// its state becomes the state of record, the next transaction begins and its held records
+    /// go to the producer. Failed: the error, for [`Core::recover`].
+    fn end_commit(&mut self, wait: bool) -> Result<(), FlowError> {
+        let Some(outcome) = self.guarantee.committing.as_ref().and_then(|c| c.outcome(wait)) else { return Ok(()) };
+        let started = self.guarantee.committing.take().map(|c| c.started);
+        if let Err(e) = outcome? {
             // An abort heals what a fence, a fatal error or an authorization failure does not:
             // `recover` decides.
             self.guarantee.abortable = matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry);
@@ -161,16 +184,19 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         }
         self.guarantee.redo = None;
         self.guarantee.sink.committed();
-        self.settle_overlays();
+        self.settle_sealed();
         self.assigned.mark_committed();
         self.guarantee.consecutive_aborts = 0;
-        let took = started.elapsed();
-        self.exported.commit(took);
-        let us = took.as_micros() as u64;
-        self.metrics.last_commit_us.store(us, Ordering::Relaxed);
-        self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
+        if let Some(started) = started {
+            let took = started.elapsed();
+            self.exported.commit(took);
+            let us = took.as_micros() as u64;
+            self.metrics.last_commit_us.store(us, Ordering::Relaxed);
+            self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
+        }
         self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
-        self.guarantee.sink.begin()
+        self.guarantee.sink.begin()?;
+        self.emitter.release()
     }
 
     /// Starts adding `offsets` to the open transaction (None: nothing to add, or no group).
@@ -181,34 +207,6 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
     ) -> Option<SendingOffsets> {
         let group = consumer.group_metadata().filter(|_| offsets.count() > 0)?;
         Some(self.guarantee.sink.start_send_offsets(offsets, group))
-    }
-
-    /// Adds the consumed `offsets` to the open transaction (unless `sending` does already) and
-    /// commits it.
-    ///
-    /// The offsets go first, so that their round trip overlaps the delivery of the transaction's
-    /// last records. Then it waits until every produced record is acknowledged: rdkafka's
-    /// `commit_transaction` flushes first, and with a `ThreadedProducer` its flush waits in 100 ms
-    /// polling steps while the background thread takes the delivery reports; waiting here in
-    /// 200 µs steps makes a commit cost milliseconds instead of 100 ms. The storage's write of the
-    /// transaction (sled's fsync) runs meanwhile and is durable before the commit; its failure
-    /// stops the flow (the outer error).
-    fn finish_transaction(
-        &mut self,
-        consumer: &FlowConsumer<S, ExactlyOnce>,
-        offsets: &TopicPartitionList,
-        sending: Option<SendingOffsets>,
-    ) -> Result<KafkaResult<()>, FlowError> {
-        let sent = match sending.or_else(|| self.start_offsets(consumer, offsets)) {
-            Some(sending) => sending.wait(&self.guarantee.sink),
-            None => Ok(()),
-        };
-        let deadline = Instant::now() + TXN_TIMEOUT;
-        while self.guarantee.sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        self.storage.durable()?;
-        Ok(sent.and_then(|()| self.guarantee.sink.producer().commit_transaction(TXN_TIMEOUT)))
     }
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
@@ -235,7 +233,9 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             for o in &outbox {
                 self.guarantee.sink.produce_output(0, o)?;
             }
-            match self.finish_transaction(consumer, offsets, None)? {
+            let offsets = self.start_offsets(consumer, offsets);
+            let committing = self.guarantee.sink.start_commit(offsets, || Ok(()), Instant::now())?;
+            match committing.outcome(true).unwrap_or_else(|| Ok(Ok(())))? {
                 Ok(()) => {
                     self.guarantee.sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
@@ -303,6 +303,11 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
     /// from its outbox with the same offsets; any other is rewound to the last committed offsets.
     /// Then the next transaction begins.
     fn recover_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>, e: FlowError) -> Result<(), FlowError> {
+        // No other transactional call may run beside a commit under way: it ends first (its own
+        // failure is healed with this one by the abort below).
+        if let Err(failed) = self.end_commit(true) {
+            tracing::warn!(error = %failed, "the commit under way failed too");
+        }
         match self.failure_of(&e) {
             Failure::Stop => return Err(e),
             Failure::ProducerFailed => self.replace_expired(&e)?,
@@ -328,7 +333,10 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
                 aborted => aborted?,
             },
         }
-        self.guarantee.sink.begin()
+        self.guarantee.sink.begin()?;
+        // The next transaction's records, held while the failed one committed (after a rewind
+        // there are none).
+        self.emitter.release()
     }
 
     fn failure_of(&self, e: &FlowError) -> Failure {

@@ -5,12 +5,10 @@
 //! record.
 
 use super::core::{Core, FlowConsumer};
-use super::producer::Sink;
 use super::state::PartitionState;
 use crate::flow::error::FlowError;
 use crate::flow::record::InputRecord;
 use crate::stage::EventSourced;
-use std::sync::Arc;
 
 /// How long `advance` may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,9 +25,6 @@ pub(super) trait Guarantee: Sized + Send + 'static {
     /// and its acknowledgements are not counted per batch.
     const TRANSACTIONAL: bool;
 
-    /// The producer of the flow's records (outputs, journal records, dead letters).
-    fn sink(&self) -> &Arc<Sink>;
-
     /// The id under which the records produced now are counted (the at-least-once batch being
     /// filled; 0 for a transaction).
     fn batch(&self) -> usize;
@@ -43,6 +38,9 @@ pub(super) trait Guarantee: Sized + Send + 'static {
 
     /// The open work must end now, whatever the commit interval says (a full batch).
     fn due(&self) -> bool;
+
+    /// A commit is under way: the next may not start yet (the flow goes on processing).
+    fn busy(&self) -> bool;
 
     /// `key`'s new state includes `input`: noted in `part` before the state is journaled, where
     /// the guarantee needs it to skip a redelivery.

@@ -9,7 +9,9 @@ pub use checkpoint::Standby;
 pub(crate) use checkpoint::StoreSettings;
 
 use super::state::{KeyMap, PartitionState};
-use super::storage::{encode_events, encode_state, Change, Out, Positions, Recorded, Restored, Restoring, Storage};
+use super::storage::{
+    encode_events, encode_state, Change, Durable, Out, Positions, Recorded, Restored, Restoring, Storage,
+};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::control::Metrics;
@@ -28,12 +30,12 @@ use std::time::Duration;
 /// A restore that reads nothing for this long fails.
 const RESTORE_STALL: Duration = Duration::from_secs(60);
 
-/// A key's journal record is written before commit once it holds this many events (bounds the
+/// A key's journal record is made before the commit once it holds this many events (bounds the
 /// record size for a key that takes thousands of commands in one commit interval).
 const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
 
-/// A journal record to write: partition, key, value.
-type JournalRecord = (i32, Vec<u8>, Vec<u8>);
+/// A journal record to write: partition, key, value (`None`: a tombstone).
+type JournalRecord = (i32, Vec<u8>, Option<Vec<u8>>);
 
 /// Per partition, the newest journal entry per key read from the journal (`None`: deleted), and
 /// the local store's rows, if any.
@@ -45,13 +47,16 @@ struct Unjournaled<S: EventSourced> {
     /// transaction (at commit, with its state then), so a hot key costs one journal record per
     /// commit interval, not one per command.
     events: KeyMap<S::Key, Vec<Envelope>>,
-    /// At-least-once: deletion markers (key, record value), in order.
-    deletions: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Records made before the commit, written before the per-key records, in the order they
+    /// were made: deletions (tombstones; at-least-once, markers that keep the input positions)
+    /// and the full records of hot keys (key, value; `None`: tombstone). Nothing is produced
+    /// before the seal: while a transaction commits, the next one's records must wait.
+    ordered: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl<S: EventSourced> Default for Unjournaled<S> {
     fn default() -> Self {
-        Self { events: KeyMap::default(), deletions: Vec::new() }
+        Self { events: KeyMap::default(), ordered: Vec::new() }
     }
 }
 
@@ -129,14 +134,14 @@ impl<S: EventSourced> KafkaStorage<S> {
     ) -> Result<Vec<JournalRecord>, FlowError> {
         let mut records = Vec::new();
         for (p, open) in std::mem::take(&mut self.open) {
-            records.extend(open.deletions.into_iter().map(|(k, v)| (p, k, v)));
+            records.extend(open.ordered.into_iter().map(|(k, v)| (p, k, v)));
             let Some(part) = parts.get(&p) else { continue };
             for (key, events) in open.events {
                 let Some(entity) = part.overlay.get(&key) else { continue };
                 let sources =
                     if with_sources { part.applied.get(&key).cloned().unwrap_or_default() } else { Vec::new() };
                 let value = self.journal_value(&key, events, entity.seq, &entity.state, sources)?;
-                records.push((p, key.to_bytes().into_owned(), value));
+                records.push((p, key.to_bytes().into_owned(), Some(value)));
             }
         }
         Ok(records)
@@ -177,7 +182,7 @@ impl<S: EventSourced> KafkaStorage<S> {
         let (entries, _) = self.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
         let mut restored = restore_entries::<S>(p, entries, false)?;
         for (key, sources) in std::mem::take(&mut part.applied) {
-            if part.overlay.contains_key(&key) {
+            if part.overlay.contains_key(&key) || part.sealed.contains_key(&key) {
                 restored.applied.insert(key, sources);
             }
         }
@@ -218,7 +223,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
     /// read drops the partition's store and restores it from the journal in full.
     fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError> {
         let Some(rows) = self.rows.get(&p) else { return Ok(()) };
-        if part.overlay.contains_key(key) || part.committed.contains_key(key) {
+        if part.holds(key) {
             return Ok(());
         }
         let raw = key.to_bytes();
@@ -247,23 +252,24 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         Ok(())
     }
 
-    fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<Recorded, FlowError> {
+    fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError> {
         self.last_ts = c.ts;
         let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
+        let raw = || c.key.to_bytes().into_owned();
         let open = self.open.entry(c.p).or_default();
         if S::is_deleted(c.state) {
             // Records of the key written later in this transaction or batch (a new entity under
             // the same key) must come after the deletion.
             open.events.remove(c.key);
-            if self.at_least_once {
+            let value = if self.at_least_once {
                 // Not a tombstone: the deletion must keep the input positions it includes, so that
                 // the deleting input, delivered again, is skipped rather than handled again.
                 let sources = part.applied.get(c.key).cloned().unwrap_or_default();
-                let marker = JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources };
-                open.deletions.push((c.key.to_bytes().into_owned(), marker.encode()));
-                return Ok(Recorded { end_soon: false, forgotten: true });
-            }
-            out.produce(self.journal.topic(), c.p, &c.key.to_bytes(), None)?;
+                Some(JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources }.encode())
+            } else {
+                None
+            };
+            open.ordered.push((raw(), value));
             return Ok(Recorded { end_soon: false, forgotten: true });
         }
         // No copy of the key for a key already pending (the common case for a busy key).
@@ -281,16 +287,15 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         if pending < MAX_EVENTS_PER_JOURNAL_RECORD {
             return Ok(Recorded::default());
         }
-        if self.at_least_once {
-            // At-least-once journals only after the batch's outputs are acknowledged: the batch
-            // ends instead.
-            return Ok(Recorded { end_soon: true, forgotten: false });
-        }
+        // A hot key: its record so far is made now, with its state now, and the open work is
+        // asked to end soon.
         let events = open.events.remove(c.key).unwrap_or_default();
         let seq = SeqNo(c.before.0 + c.events.len() as u64);
-        let value = self.journal_value(c.key, events, seq, c.state, Vec::new())?;
-        out.produce(self.journal.topic(), c.p, &c.key.to_bytes(), Some(&value))?;
-        Ok(Recorded::default())
+        let sources =
+            if self.at_least_once { part.applied.get(c.key).cloned().unwrap_or_default() } else { Vec::new() };
+        let value = self.journal_value(c.key, events, seq, c.state, sources)?;
+        self.open.entry(c.p).or_default().ordered.push((raw(), Some(value)));
+        Ok(Recorded { end_soon: true, forgotten: false })
     }
 
     fn keep_output(&mut self, _: i32, _: OutputRecord) {}
@@ -305,14 +310,14 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
     ) -> Result<bool, FlowError> {
         let topic = self.journal.topic().to_string();
         for (p, k, v) in self.journal_records(parts, false)? {
-            out.produce(&topic, p, &k, Some(&v))?;
+            out.produce(&topic, p, &k, v.as_deref())?;
         }
         Ok(false)
     }
 
     /// The journal records are part of the transaction: nothing to wait for.
-    fn durable(&mut self) -> Result<(), FlowError> {
-        Ok(())
+    fn durable(&mut self) -> Durable {
+        Box::new(|| Ok(()))
     }
 
     fn outbox(&self) -> Vec<OutputRecord> {
@@ -335,7 +340,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         let Some((sealed, records)) = self.batches.pop_front() else { return Ok(()) };
         debug_assert_eq!(sealed, id, "batches are written in the order they were sealed");
         let topic = self.journal.topic();
-        records.iter().try_for_each(|(p, k, v)| out.produce(topic, *p, k, Some(v)))
+        records.iter().try_for_each(|(p, k, v)| out.produce(topic, *p, k, v.as_deref()))
     }
 
     fn drop_batches(&mut self) {

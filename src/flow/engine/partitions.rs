@@ -72,7 +72,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             };
             let tp = (el.topic().to_string(), el.partition());
             let applied_until = self.assigned.offsets.get(&tp).map_or(-1, |o| o.applied_until);
-            self.assigned.offsets.insert(tp, Offsets { committed: c, next: c, applied_until });
+            self.assigned.offsets.insert(tp, Offsets { committed: c, sealed: c, next: c, applied_until });
         }
         let wanted: Vec<i32> = tpl
             .elements()

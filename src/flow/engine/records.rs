@@ -6,7 +6,7 @@ use super::core::Core;
 use super::emitter::Outcome;
 use super::guarantee::Guarantee;
 use super::state::offsets_of;
-use super::storage::{Change, Out};
+use super::storage::Change;
 use crate::flow::error::FlowError;
 use crate::flow::record::{Decoded, InputRecord, OutputRecord};
 use crate::flow::settings::BadInput;
@@ -112,7 +112,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let entity = part.overlay.get(&key).or_else(|| part.committed.get(&key)).cloned().unwrap_or_default();
+        let entity = part.get(&key).cloned().unwrap_or_default();
         let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
             Ok(executed) => (executed.events, executed.outcome, executed.state),
             Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),
@@ -157,9 +157,8 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         state: &S::State,
     ) -> Result<bool, FlowError> {
         let Some(part) = self.assigned.partitions.get(&p) else { return Ok(false) };
-        let out = Out { sink: self.guarantee.sink(), batch: self.guarantee.batch() };
         let change = Change { p, key, before, events, state, ts: self.wall_ms };
-        let recorded = self.storage.record(change, part, out)?;
+        let recorded = self.storage.record(change, part)?;
         if recorded.end_soon {
             self.guarantee.end_soon();
         }

@@ -9,7 +9,7 @@ use backend::SledBackend;
 
 use super::state::PartitionState;
 use super::storage::{encode_events, encode_state};
-use super::storage::{Change, Out, Positions, Recorded, Restored, Restoring, Storage};
+use super::storage::{Change, Durable, Out, Positions, Recorded, Restored, Restoring, Storage};
 use crate::codec::Codec;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
@@ -102,7 +102,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
 
     /// Stages the command's events, and a snapshot when the sequence crosses a multiple of the
     /// snapshot interval.
-    fn record(&mut self, c: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<Recorded, FlowError> {
+    fn record(&mut self, c: Change<'_, S>, _: &PartitionState<S>) -> Result<Recorded, FlowError> {
         let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
         let seq = SeqNo(c.before.0 + envelopes.len() as u64);
         let raw_key = c.key.to_bytes().into_owned();
@@ -133,25 +133,29 @@ impl<S: EventSourced> Storage<S> for SledStorage {
 
     /// sled is the state of record: the transaction's events, positions and outbox are written,
     /// and fsynced on a thread of their own while the transaction's offsets travel and its last
-    /// records are acknowledged; [`durable`](Storage::durable) waits for it before the Kafka
-    /// commit. A failed write stops the flow: the restart recovers from whatever sled holds.
+    /// records are acknowledged; [`durable`](Storage::durable) waits for it, on the commit's
+    /// thread, before the Kafka commit. A failed write stops the flow: the restart recovers from
+    /// whatever sled holds.
     fn seal_transaction(
         &mut self,
         _: &BTreeMap<i32, PartitionState<S>>,
         positions: Positions,
         _: Out<'_>,
     ) -> Result<bool, FlowError> {
-        Storage::<S>::durable(self)?;
+        Storage::<S>::durable(self)()?;
         self.backend.write_unflushed::<S>(&self.rt, positions)?;
         self.flushing = Some(self.backend.flush_in_background()?);
         Ok(true)
     }
 
-    fn durable(&mut self) -> Result<(), FlowError> {
-        let Some(flushing) = self.flushing.take() else { return Ok(()) };
-        flushing.join().map_err(|_| FlowError::Crashed("the sled flush thread panicked".into()))??;
-        crash_point_after_sled_write();
-        Ok(())
+    fn durable(&mut self) -> Durable {
+        let flushing = self.flushing.take();
+        Box::new(move || {
+            let Some(flushing) = flushing else { return Ok(()) };
+            flushing.join().map_err(|_| FlowError::Crashed("the sled flush thread panicked".into()))??;
+            crash_point_after_sled_write();
+            Ok(())
+        })
     }
 
     fn outbox(&self) -> Vec<OutputRecord> {

@@ -1,5 +1,5 @@
-//! The flow's per-partition state: each key's committed entity and the open transaction's
-//! changes, the consumer offsets, and what this instance is assigned.
+//! The flow's per-partition state: each key's committed entity, the changes of the transaction
+//! being committed and of the open one, the consumer offsets, and what this instance is assigned.
 
 use crate::flow::record::InputRecord;
 use crate::replay::Entity;
@@ -12,7 +12,10 @@ pub(super) type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
 pub(super) struct PartitionState<S: EventSourced> {
     /// State as of the last committed transaction.
     pub(super) committed: KeyMap<S::Key, Entity<S>>,
-    /// Changes of the open transaction.
+    /// Changes of the transaction being committed while the next one is open (exactly once): they
+    /// become committed when its commit succeeds, and are dropped when it fails.
+    pub(super) sealed: KeyMap<S::Key, Entity<S>>,
+    /// Changes of the open transaction (or batch).
     pub(super) overlay: KeyMap<S::Key, Entity<S>>,
     /// Per key, the input positions its state includes (from journal records written by
     /// at-least-once flows, and kept up to date by them): inputs below are not applied again.
@@ -27,7 +30,18 @@ impl<S: EventSourced> Default for PartitionState<S> {
 
 impl<S: EventSourced> PartitionState<S> {
     pub(super) fn new(committed: KeyMap<S::Key, Entity<S>>) -> Self {
-        Self { committed, overlay: KeyMap::default(), applied: KeyMap::default() }
+        Self { committed, sealed: KeyMap::default(), overlay: KeyMap::default(), applied: KeyMap::default() }
+    }
+
+    /// `key`'s newest state: the open transaction's, else the one being committed, else the
+    /// committed one.
+    pub(super) fn get(&self, key: &S::Key) -> Option<&Entity<S>> {
+        self.overlay.get(key).or_else(|| self.sealed.get(key)).or_else(|| self.committed.get(key))
+    }
+
+    /// Whether `key` has a state in memory (it need not be read from a store).
+    pub(super) fn holds(&self, key: &S::Key) -> bool {
+        self.overlay.contains_key(key) || self.sealed.contains_key(key) || self.committed.contains_key(key)
     }
 
     /// Whether `key`'s state already includes the input at `offset` of `topic`.
@@ -52,6 +66,8 @@ impl<S: EventSourced> PartitionState<S> {
 pub(super) struct Offsets {
     /// Committed next offset (-1: nothing committed yet; start from the beginning).
     pub(super) committed: i64,
+    /// The next offset of the transaction being committed (`committed` when none is).
+    pub(super) sealed: i64,
     /// Next offset to commit.
     pub(super) next: i64,
     /// Offsets below this were applied already (sled positions ahead of Kafka; -1: none).
@@ -81,19 +97,27 @@ pub(super) struct Assigned<S: EventSourced> {
 }
 
 impl<S: EventSourced> Assigned<S> {
-    /// What was consumed is committed (or handed to the committer): the next commit starts here.
-    pub(super) fn mark_committed(&mut self) {
+    /// What was consumed so far goes to a commit: the next commit starts here.
+    pub(super) fn seal(&mut self) {
         for o in self.offsets.values_mut() {
-            o.committed = o.next;
+            o.sealed = o.next;
         }
         self.dirty = false;
     }
 
-    /// What was consumed since the last commit is given up: the next commit starts where the
-    /// last one ended.
+    /// The sealed offsets are committed (or handed to the at-least-once committer).
+    pub(super) fn mark_committed(&mut self) {
+        for o in self.offsets.values_mut() {
+            o.committed = o.sealed;
+        }
+    }
+
+    /// What was consumed since the last commit (sealed or not) is given up: the next commit
+    /// starts where the last one ended.
     pub(super) fn forget_uncommitted(&mut self) {
         for o in self.offsets.values_mut() {
             o.next = o.committed;
+            o.sealed = o.committed;
         }
         self.dirty = false;
     }

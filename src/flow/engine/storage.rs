@@ -74,6 +74,9 @@ pub(super) struct Restored<S: EventSourced> {
     pub(super) redo: Option<Vec<OutputRecord>>,
 }
 
+/// Makes a sealed transaction's write durable (see [`Storage::durable`]).
+pub(super) type Durable = Box<dyn FnOnce() -> Result<(), FlowError> + Send>;
+
 /// The journal positions of a transaction or batch: per partition, the next input offsets.
 pub(super) type Positions = BTreeMap<i32, Vec<SourcePosition>>;
 
@@ -90,7 +93,8 @@ pub(super) trait Storage<S: EventSourced>: Send {
     fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError>;
 
     /// Records what one command changed (`part`: its partition's state before the change).
-    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>, out: Out<'_>) -> Result<Recorded, FlowError>;
+    /// Produces nothing: what must be written is written when the open work is sealed.
+    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError>;
 
     /// Keeps an output record of the open transaction with its state (the sled journal's outbox,
     /// exactly once: the emitter hands its records over only then).
@@ -107,10 +111,10 @@ pub(super) trait Storage<S: EventSourced>: Send {
         out: Out<'_>,
     ) -> Result<bool, FlowError>;
 
-    /// Exactly-once, right before the Kafka commit: returns once what
-    /// [`seal_transaction`](Self::seal_transaction) wrote is durable (the sled journal's fsync
-    /// runs while the transaction's offsets travel and its last records are acknowledged).
-    fn durable(&mut self) -> Result<(), FlowError>;
+    /// Exactly-once: what makes the sealed transaction's write durable, run on the commit's
+    /// thread right before the Kafka commit (the sled journal's fsync runs from the seal on, while
+    /// the transaction's offsets travel and its last records are acknowledged).
+    fn durable(&mut self) -> Durable;
 
     /// The outputs of the last sealed transaction, to produce again after a failed Kafka commit.
     fn outbox(&self) -> Vec<OutputRecord>;
@@ -156,7 +160,7 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         Ok(())
     }
 
-    fn record(&mut self, _: Change<'_, S>, _: &PartitionState<S>, _: Out<'_>) -> Result<Recorded, FlowError> {
+    fn record(&mut self, _: Change<'_, S>, _: &PartitionState<S>) -> Result<Recorded, FlowError> {
         Ok(Recorded::default())
     }
 
@@ -171,8 +175,8 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         Ok(false)
     }
 
-    fn durable(&mut self) -> Result<(), FlowError> {
-        Ok(())
+    fn durable(&mut self) -> Durable {
+        Box::new(|| Ok(()))
     }
 
     fn outbox(&self) -> Vec<OutputRecord> {

@@ -79,7 +79,8 @@ impl<S: EventSourced, G: Guarantee> FlowThread<S, G> {
         c.run_pipeline()?;
         c.advance(&self.consumer, Wait::No)?;
         let now = self.schedule.tick(waited).inspect(|_| c.wall_ms = now_ms());
-        if self.schedule.due(now) || c.guarantee.due() {
+        // A commit under way ends before the next starts; the flow processes meanwhile.
+        if (self.schedule.due(now) || c.guarantee.due()) && !c.guarantee.busy() {
             let started = now.unwrap_or_else(Instant::now);
             c.commit(&self.consumer)?;
             self.schedule.committed(started);
@@ -127,14 +128,25 @@ fn poll<'a, S: EventSourced, G: Guarantee>(
     core: &Mutex<Core<S, G>>,
     consumer: &'a FlowConsumer<S, G>,
 ) -> Result<Polled<'a>, FlowError> {
-    let (room, busy) = lock(core).pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()));
+    let (room, busy, committing) = {
+        let c = lock(core);
+        let (room, busy) = c.pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()));
+        (room, busy, c.guarantee.busy())
+    };
+    // While a commit is under way the next transaction's records are held: past a bound,
+    // consumption waits for the commit (back-pressure).
+    if committing && lock(core).emitter.holds_too_many() {
+        std::thread::sleep(Duration::from_millis(1));
+        return Ok(Polled { record: None, room, busy, waited: true });
+    }
     let mut waited = false;
     let record = match (room, busy) {
         (true, false) => match consumer.poll(Duration::ZERO) {
             None => {
                 waited = true;
                 lock(core).emitter.hand_off()?;
-                consumer.poll(Duration::from_millis(20))
+                // A commit's end is noticed by the next round: soon, while one is under way.
+                consumer.poll(Duration::from_millis(if committing { 1 } else { 20 }))
             }
             record => record,
         },

@@ -55,7 +55,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         let mut tpl = TopicPartitionList::new();
         let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
         for ((topic, p), o) in &self.assigned.offsets {
-            if o.next > o.committed && o.next >= 0 {
+            if o.next > o.sealed && o.next >= 0 {
                 tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
                 positions.entry(*p).or_default().push(SourcePosition {
                     topic: topic.clone(),
@@ -75,13 +75,32 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         }
     }
 
+    /// The open transaction's state goes to its commit: the next transaction's changes start in
+    /// an empty overlay.
+    pub(super) fn seal_overlays(&mut self) {
+        for part in self.assigned.partitions.values_mut() {
+            debug_assert!(part.sealed.is_empty(), "one transaction commits at a time");
+            std::mem::swap(&mut part.sealed, &mut part.overlay);
+        }
+    }
+
+    /// The transaction being committed committed: its state becomes the state of record.
+    pub(super) fn settle_sealed(&mut self) {
+        for part in self.assigned.partitions.values_mut() {
+            let sealed = std::mem::take(&mut part.sealed);
+            part.committed.extend(sealed);
+        }
+    }
+
     /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
     /// written, sled writes not yet made, records waiting for enrichment.
     pub(super) fn discard_open_work(&mut self) {
         for part in self.assigned.partitions.values_mut() {
             part.overlay.clear();
+            part.sealed.clear();
         }
         self.storage.discard();
+        self.emitter.discard_held();
         if let Some(pipeline) = &mut self.pipeline {
             pipeline.clear();
         }
@@ -102,8 +121,10 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     pub(super) fn finish(&mut self, consumer: &FlowConsumer<S, G>) -> Result<(), FlowError> {
         self.drain_pipeline()?;
         // Recovered here, not in the loop: a revocation must not hand over partitions whose
-        // transaction is still to be aborted or produced again from the outbox.
+        // transaction is still to be aborted or produced again from the outbox. Work committing
+        // already ends first, then the open work commits, and that commit is waited for.
+        self.advance(consumer, Wait::UntilAtMost(0)).or_else(|e| self.recover(consumer, e))?;
         self.commit(consumer).or_else(|e| self.recover(consumer, e))?;
-        self.advance(consumer, Wait::UntilAtMost(0))
+        self.advance(consumer, Wait::UntilAtMost(0)).or_else(|e| self.recover(consumer, e))
     }
 }
