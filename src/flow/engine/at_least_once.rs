@@ -206,12 +206,12 @@ impl<S: EventSourced> Core<S, AtLeastOnce> {
     fn end_batch(&mut self, consumer: &FlowConsumer<S, AtLeastOnce>) -> Result<(), FlowError> {
         // The batch's outputs go to the emitter now; its deliveries count them until produced.
         self.emitter.hand_off()?;
-        let sealed = if self.assigned.dirty {
+        let sealed = if self.tasks.dirty {
             let (offsets, positions) = self.pending_offsets()?;
             // Handed to the committer: the next batch starts here.
-            self.assigned.seal();
-            self.assigned.mark_committed();
-            self.storage.seal_batch(self.guarantee.committer.filling, &self.assigned.partitions, positions)?;
+            self.tasks.seal();
+            self.tasks.mark_committed();
+            self.storage.seal_batch(self.guarantee.committer.filling, &self.tasks, positions)?;
             self.settle_overlays();
             Some(offsets)
         } else {

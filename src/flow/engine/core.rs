@@ -6,7 +6,7 @@
 
 use super::emitter::Emitter;
 use super::enrich::Pipeline;
-use super::state::Assigned;
+use super::state::TaskManager;
 use super::storage::Storage;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
@@ -54,7 +54,8 @@ impl Tasks {
 /// The flow thread's state, shared with the consumer's rebalance callbacks.
 pub(super) struct Core<S: EventSourced, G> {
     pub(super) parts: Parts<S>,
-    pub(super) assigned: Assigned<S>,
+    /// The tasks of the partitions this instance owns: their state and offsets.
+    pub(super) tasks: TaskManager<S>,
     /// How the open work is delivered and committed, with the producer (see `guarantee`).
     pub(super) guarantee: G,
     /// Output records: mapped and produced on a thread of their own.

@@ -34,14 +34,12 @@ pub(super) struct ExactlyOnce {
     redo: Option<TopicPartitionList>,
     /// The commit under way, while the next transaction is processed.
     committing: Option<Committing>,
-    /// The storage asked for the open transaction to end (a hot key's record is made).
-    full: bool,
 }
 
 impl ExactlyOnce {
     /// Over `sink`, whose producer has begun its first transaction.
     pub(super) fn new(sink: Arc<Sink>) -> Self {
-        Self { sink, consecutive_aborts: 0, abortable: false, redo: None, committing: None, full: false }
+        Self { sink, consecutive_aborts: 0, abortable: false, redo: None, committing: None }
     }
 }
 
@@ -64,13 +62,12 @@ impl Guarantee for ExactlyOnce {
 
     fn took_input(&mut self) {}
 
-    fn end_soon(&mut self) {
-        self.full = true;
-    }
+    // A hot key's record waits in the storage for the seal: the transaction ends on its interval.
+    fn end_soon(&mut self) {}
 
-    /// A transaction ends on the commit interval, or sooner when a hot key's record was made.
+    // A transaction ends on the commit interval.
     fn due(&self) -> bool {
-        self.full
+        false
     }
 
     fn busy(&self) -> bool {
@@ -134,8 +131,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
     /// A failure goes to [`Core::recover`] like every other (marked when an abort heals it).
     fn commit_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
         self.end_commit(true)?;
-        self.guarantee.full = false;
-        if !self.assigned.dirty {
+        if !self.tasks.dirty {
             return Ok(());
         }
         let started = Instant::now();
@@ -147,7 +143,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         let prepared = self.flush_outputs().and_then(|()| {
             // A storage that is the state of record (sled) holds the transaction from here on.
             let out = Out { sink: &self.guarantee.sink, batch: 0 };
-            self.storage.seal_transaction(&self.assigned.partitions, positions, out)
+            self.storage.seal_transaction(&self.tasks, positions, out)
         });
         if prepared.is_err() {
             // No other transactional call may run while the offsets' call does.
@@ -156,7 +152,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             }
         }
         let held_by_storage = prepared?;
-        self.assigned.seal();
+        self.tasks.seal();
         if held_by_storage {
             // From here on a failed commit is made good from the outbox, never by a rewind.
             self.guarantee.redo = Some(tpl);
@@ -185,7 +181,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         self.guarantee.redo = None;
         self.guarantee.sink.committed();
         self.settle_sealed();
-        self.assigned.mark_committed();
+        self.tasks.mark_committed();
         self.guarantee.consecutive_aborts = 0;
         if let Some(started) = started {
             let took = started.elapsed();
@@ -322,7 +318,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             Some(offsets) => {
                 tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
                 self.redo_outbox(consumer, &offsets)?;
-                self.assigned.mark_committed();
+                self.tasks.mark_committed();
             }
             None => match self.abort_and_rewind(consumer) {
                 // The abort found that the broker had timed the transaction out.
@@ -373,11 +369,11 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             std::thread::sleep(delay);
         }
         self.discard_open_work();
-        self.assigned.forget_uncommitted();
+        self.tasks.forget_uncommitted();
         let mut tpl = TopicPartitionList::new();
-        for ((topic, p), o) in &self.assigned.offsets {
+        for (topic, p, o) in self.tasks.offsets() {
             let to = if o.committed >= 0 { Offset::Offset(o.committed) } else { Offset::Beginning };
-            tpl.add_partition_offset(topic, *p, to).map_err(|e| kafka("rewind", e))?;
+            tpl.add_partition_offset(topic, p, to).map_err(|e| kafka("rewind", e))?;
         }
         if tpl.count() > 0 {
             consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("rewind (seek)", e))?;

@@ -8,7 +8,7 @@ mod checkpoint;
 pub use checkpoint::Standby;
 pub(crate) use checkpoint::StoreSettings;
 
-use super::state::{KeyMap, PartitionState};
+use super::state::{KeyMap, PartitionState, TaskManager};
 use super::storage::{
     encode_events, encode_state, Change, Durable, Out, Positions, Recorded, Restored, Restoring, Storage,
 };
@@ -127,15 +127,11 @@ impl<S: EventSourced> KafkaStorage<S> {
     /// then one record per key it changed, with its state now (in `parts`) and, `with_sources`,
     /// the input positions that state includes (at-least-once; exactly-once records leave them to
     /// the transaction).
-    fn journal_records(
-        &mut self,
-        parts: &BTreeMap<i32, PartitionState<S>>,
-        with_sources: bool,
-    ) -> Result<Vec<JournalRecord>, FlowError> {
+    fn journal_records(&mut self, tasks: &TaskManager<S>, with_sources: bool) -> Result<Vec<JournalRecord>, FlowError> {
         let mut records = Vec::new();
         for (p, open) in std::mem::take(&mut self.open) {
             records.extend(open.ordered.into_iter().map(|(k, v)| (p, k, v)));
-            let Some(part) = parts.get(&p) else { continue };
+            let Some(part) = tasks.state(p) else { continue };
             for (key, events) in open.events {
                 let Some(entity) = part.overlay.get(&key) else { continue };
                 let sources =
@@ -201,7 +197,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         format!("kafka:{}{store}", self.journal.topic())
     }
 
-    fn restore(&mut self, wanted: &[i32], _: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
+    fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
         self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
         let latest = self.latest_entries(wanted, true);
         self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
@@ -302,14 +298,9 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
 
     /// Writes one journal record per key the transaction changed (without input positions: the
     /// transaction commits the offsets); the transaction commits them with the outputs.
-    fn seal_transaction(
-        &mut self,
-        parts: &BTreeMap<i32, PartitionState<S>>,
-        _: Positions,
-        out: Out<'_>,
-    ) -> Result<bool, FlowError> {
+    fn seal_transaction(&mut self, tasks: &TaskManager<S>, _: Positions, out: Out<'_>) -> Result<bool, FlowError> {
         let topic = self.journal.topic().to_string();
-        for (p, k, v) in self.journal_records(parts, false)? {
+        for (p, k, v) in self.journal_records(tasks, false)? {
             out.produce(&topic, p, &k, v.as_deref())?;
         }
         Ok(false)
@@ -324,13 +315,8 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         Vec::new()
     }
 
-    fn seal_batch(
-        &mut self,
-        id: usize,
-        parts: &BTreeMap<i32, PartitionState<S>>,
-        _: Positions,
-    ) -> Result<(), FlowError> {
-        let records = self.journal_records(parts, true)?;
+    fn seal_batch(&mut self, id: usize, tasks: &TaskManager<S>, _: Positions) -> Result<(), FlowError> {
+        let records = self.journal_records(tasks, true)?;
         self.batches.push_back((id, records));
         Ok(())
     }

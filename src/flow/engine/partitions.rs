@@ -4,7 +4,6 @@
 
 use super::core::{Core, FlowConsumer, FlowContext};
 use super::guarantee::Guarantee;
-use super::state::Offsets;
 use super::storage::Restoring;
 use crate::flow::error::FlowError;
 use crate::flow::settings::{RebalanceActions, RebalanceEvent, TopicPartition};
@@ -12,7 +11,6 @@ use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
@@ -43,11 +41,11 @@ impl<S: EventSourced, G: Guarantee> ConsumerContext for FlowContext<S, G> {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut core = lock(&self.core);
-        if !matches!(rebalance, Rebalance::Assign(_)) || core.assigned.pending_seeks.is_empty() {
+        if !matches!(rebalance, Rebalance::Assign(_)) || core.tasks.pending_seeks.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (topic, p, o) in std::mem::take(&mut core.assigned.pending_seeks) {
+        for (topic, p, o) in std::mem::take(&mut core.tasks.pending_seeks) {
             let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
         }
         // Only an optimisation: records below the sled positions are skipped anyway.
@@ -70,24 +68,16 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
                 Offset::Offset(o) => o,
                 _ => -1,
             };
-            let tp = (el.topic().to_string(), el.partition());
-            let applied_until = self.assigned.offsets.get(&tp).map_or(-1, |o| o.applied_until);
-            self.assigned.offsets.insert(tp, Offsets { committed: c, sealed: c, next: c, applied_until });
+            self.tasks.assign(el.topic(), el.partition(), c);
         }
-        let wanted: Vec<i32> = tpl
-            .elements()
-            .iter()
-            .map(|e| e.partition())
-            .filter(|p| !self.assigned.partitions.contains_key(p))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let at = Restoring { offsets: &mut self.assigned.offsets, seeks: &mut self.assigned.pending_seeks };
-        for (p, restored) in self.storage.restore(&wanted, at)? {
-            self.assigned.partitions.insert(p, restored.state);
+        // The new tasks' state: restored by the storage (for all of them at once: the Kafka
+        // journal reads their partitions in parallel).
+        let wanted = self.tasks.unrestored();
+        for (p, restored) in self.storage.restore(&wanted, Restoring { tasks: &mut self.tasks })? {
+            self.tasks.restored(p, restored.state);
             if let Some(outbox) = restored.redo {
                 // Committed again with the offsets the storage holds, and the outputs again.
-                self.assigned.dirty = true;
+                self.tasks.dirty = true;
                 for o in outbox {
                     self.emit(p, o)?;
                 }
@@ -95,8 +85,8 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         }
         // Inputs a storage of record (sled) applied beyond the group's committed offsets before a
         // crash are skipped as they come again (checked per record only while there are any).
-        self.skip_applied = self.assigned.offsets.values().any(|o| o.applied_until >= 0);
-        self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
+        self.skip_applied = self.tasks.offsets().any(|(_, _, o)| o.applied_until >= 0);
+        self.metrics.assigned_partitions.store(self.tasks.assigned() as u64, Ordering::Relaxed);
         self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
         self.exported.publish(&self.metrics.snapshot());
         let assigned = topic_partitions(tpl);
@@ -109,15 +99,12 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// are done once librdkafka has made the assignment), the async one through its task.
     fn notify(&mut self, event: RebalanceEvent) {
         let committed: Vec<(TopicPartition, i64)> = self
-            .assigned
-            .offsets
-            .iter()
-            .map(|((topic, partition), o)| {
-                (TopicPartition { topic: topic.clone(), partition: *partition }, o.committed)
-            })
+            .tasks
+            .offsets()
+            .map(|(topic, partition, o)| (TopicPartition { topic: topic.to_string(), partition }, o.committed))
             .collect();
         for listener in &mut self.parts.on_rebalance {
-            let mut actions = RebalanceActions { committed: &committed, seeks: &mut self.assigned.pending_seeks };
+            let mut actions = RebalanceActions { committed: &committed, seeks: &mut self.tasks.pending_seeks };
             let ran = catch_unwind(AssertUnwindSafe(|| listener(&event, &mut actions)));
             if ran.is_err() {
                 tracing::error!(?event, "the rebalance listener panicked; going on");
@@ -144,14 +131,12 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         let event = if lost { RebalanceEvent::Lost } else { RebalanceEvent::Revoked };
         self.notify(event(topic_partitions(tpl)));
         for el in tpl.elements() {
-            self.assigned.offsets.remove(&(el.topic().to_string(), el.partition()));
+            if self.tasks.revoke(el.topic(), el.partition()) {
+                // Its task closed: the storage lets the partition's state go.
+                self.storage.release(el.partition());
+            }
         }
-        let still: BTreeSet<i32> = self.assigned.offsets.keys().map(|(_, p)| *p).collect();
-        self.assigned.partitions.retain(|p, _| still.contains(p));
-        for el in tpl.elements().iter().filter(|el| !still.contains(&el.partition())) {
-            self.storage.release(el.partition());
-        }
-        self.metrics.assigned_partitions.store(self.assigned.offsets.len() as u64, Ordering::Relaxed);
+        self.metrics.assigned_partitions.store(self.tasks.assigned() as u64, Ordering::Relaxed);
         self.metrics.rebalances.fetch_add(1, Ordering::Relaxed);
         self.exported.publish(&self.metrics.snapshot());
         tracing::info!(partitions = %crate::flow::settings::Partitions(&topic_partitions(tpl)), "revoked");

@@ -5,7 +5,6 @@
 use super::core::Core;
 use super::emitter::Outcome;
 use super::guarantee::Guarantee;
-use super::state::offsets_of;
 use super::storage::Change;
 use crate::flow::error::FlowError;
 use crate::flow::record::{Decoded, InputRecord, OutputRecord};
@@ -50,7 +49,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
 
     /// Takes a consumed record: decodes it, then hands it to the enrichment pipeline or the stage.
     pub(super) fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
-        let mut input = InputRecord {
+        let input = InputRecord {
             topic: msg.topic().to_string(),
             partition: msg.partition(),
             offset: msg.offset(),
@@ -69,7 +68,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         };
         let offset = input.offset;
         if self.skip_applied
-            && offsets_of(&mut self.assigned.offsets, &mut input).is_some_and(|o| offset < o.applied_until)
+            && self.tasks.offsets_mut(&input.topic, input.partition).is_some_and(|o| offset < o.applied_until)
         {
             // Applied before a crash (sled positions); its outputs were produced again from the outbox.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
@@ -84,17 +83,13 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     }
 
     /// Runs the stage on a decoded (and enriched) input record, in input order per partition.
-    pub(super) fn handle(
-        &mut self,
-        mut input: InputRecord,
-        decoded: Result<Decoded<S>, String>,
-    ) -> Result<(), FlowError> {
-        let Some(offsets) = offsets_of(&mut self.assigned.offsets, &mut input) else {
+    pub(super) fn handle(&mut self, input: InputRecord, decoded: Result<Decoded<S>, String>) -> Result<(), FlowError> {
+        let Some(offsets) = self.tasks.offsets_mut(&input.topic, input.partition) else {
             tracing::warn!(topic = %input.topic, partition = input.partition, "record of a partition not assigned here; skipped");
             return Ok(());
         };
         offsets.next = input.offset + 1;
-        self.assigned.dirty = true;
+        self.tasks.dirty = true;
         self.metrics.records_in.fetch_add(1, Ordering::Relaxed);
         self.guarantee.took_input();
         let (key, command, context) = match decoded {
@@ -102,7 +97,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             Err(reason) => return self.dead_letter(&input, reason),
         };
         let p = input.partition;
-        let Some(part) = self.assigned.partitions.get_mut(&p) else {
+        let Some(part) = self.tasks.state_mut(p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };
         self.storage.fault_in(p, part, &key)?;
@@ -121,7 +116,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             None => entity.state,
             Some(state) => {
                 // Before journaling: a deletion's marker must include the deleting input.
-                if let Some(part) = self.assigned.partitions.get_mut(&p) {
+                if let Some(part) = self.tasks.state_mut(p) {
                     self.guarantee.applied(part, &key, &input);
                 }
                 let forgotten = self.journal(p, &key, entity.seq, &events, &state)?;
@@ -131,7 +126,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
                 } else {
                     Entity { state: state.clone(), seq: SeqNo(entity.seq.0 + events.len() as u64) }
                 };
-                if let Some(part) = self.assigned.partitions.get_mut(&p) {
+                if let Some(part) = self.tasks.state_mut(p) {
                     match part.overlay.get_mut(&key) {
                         Some(slot) => *slot = entity,
                         None => {
@@ -156,7 +151,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         events: &[S::Event],
         state: &S::State,
     ) -> Result<bool, FlowError> {
-        let Some(part) = self.assigned.partitions.get(&p) else { return Ok(false) };
+        let Some(part) = self.tasks.state(p) else { return Ok(false) };
         let change = Change { p, key, before, events, state, ts: self.wall_ms };
         let recorded = self.storage.record(change, part)?;
         if recorded.end_soon {

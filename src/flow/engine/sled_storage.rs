@@ -7,7 +7,7 @@ mod backend;
 
 use backend::SledBackend;
 
-use super::state::PartitionState;
+use super::state::{PartitionState, TaskManager};
 use super::storage::{encode_events, encode_state};
 use super::storage::{Change, Durable, Out, Positions, Recorded, Restored, Restoring, Storage};
 use crate::codec::Codec;
@@ -17,7 +17,7 @@ use crate::flow::record::OutputRecord;
 use crate::stage::{EntityKey, EventSourced};
 use backend::Staged;
 use eventstage_journal::{EventRecord, SeqNo, SnapshotRecord};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,29 +51,36 @@ impl SledStorage {
     /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
     /// offsets: positions behind them mean the store is not this group's (an error); positions
     /// ahead mean a crash between the sled write and the Kafka commit (the outbox is produced again).
-    fn restore_partition<S: EventSourced>(&mut self, p: i32, at: &mut Restoring<'_>) -> Result<Restored<S>, FlowError> {
+    fn restore_partition<S: EventSourced>(
+        &mut self,
+        p: i32,
+        at: &mut Restoring<'_, S>,
+    ) -> Result<Restored<S>, FlowError> {
         let restored = self.backend.restore::<S>(&self.rt, p)?;
         let stored: HashMap<(String, i32), i64> =
             restored.positions.iter().map(|pos| ((pos.topic.clone(), pos.partition), pos.next_offset)).collect();
         let mut ahead = false;
-        for ((topic, part), o) in at.offsets.iter_mut().filter(|((_, part), _)| *part == p) {
-            let sled_next = stored.get(&(topic.clone(), *part)).copied().unwrap_or(-1);
+        let mut seeks = Vec::new();
+        let dir = self.backend.dir().display().to_string();
+        for (topic, o) in at.tasks.task_offsets_mut(p).into_iter().flatten() {
+            let sled_next = stored.get(&(topic.clone(), p)).copied().unwrap_or(-1);
             if sled_next < o.committed {
                 return Err(FlowError::Config(format!(
-                    "the sled journal at {} is behind the group's committed offset of {topic}[{part}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
-                    self.backend.dir().display(),
+                    "the sled journal at {} is behind the group's committed offset of {topic}[{p}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
+                    dir,
                     o.committed
                 )));
             }
             o.applied_until = sled_next;
             if sled_next > o.committed {
-                tracing::warn!(topic = %topic, partition = part, kafka = o.committed, sled = sled_next,
+                tracing::warn!(topic = %topic, partition = p, kafka = o.committed, sled = sled_next,
                     "inputs were applied before a crash but not committed to Kafka: producing their outputs again from the outbox");
                 o.next = sled_next;
-                at.seeks.push((topic.clone(), *part, sled_next));
+                seeks.push((topic.clone(), p, sled_next));
                 ahead = true;
             }
         }
+        at.tasks.pending_seeks.extend(seeks);
         let state = PartitionState::new(restored.entities.into_iter().collect());
         Ok(Restored { state, redo: ahead.then_some(restored.outbox) })
     }
@@ -84,7 +91,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         format!("sled:{}", self.backend.dir().display())
     }
 
-    fn restore(&mut self, wanted: &[i32], mut at: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
+    fn restore(&mut self, wanted: &[i32], mut at: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
         let mut restored = Vec::new();
         for &p in wanted {
             self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
@@ -136,12 +143,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
     /// records are acknowledged; [`durable`](Storage::durable) waits for it, on the commit's
     /// thread, before the Kafka commit. A failed write stops the flow: the restart recovers from
     /// whatever sled holds.
-    fn seal_transaction(
-        &mut self,
-        _: &BTreeMap<i32, PartitionState<S>>,
-        positions: Positions,
-        _: Out<'_>,
-    ) -> Result<bool, FlowError> {
+    fn seal_transaction(&mut self, _: &TaskManager<S>, positions: Positions, _: Out<'_>) -> Result<bool, FlowError> {
         Storage::<S>::durable(self)()?;
         self.backend.write_unflushed::<S>(&self.rt, positions)?;
         self.flushing = Some(self.backend.flush_in_background()?);
@@ -162,12 +164,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         self.backend.written().to_vec()
     }
 
-    fn seal_batch(
-        &mut self,
-        id: usize,
-        _: &BTreeMap<i32, PartitionState<S>>,
-        positions: Positions,
-    ) -> Result<(), FlowError> {
+    fn seal_batch(&mut self, id: usize, _: &TaskManager<S>, positions: Positions) -> Result<(), FlowError> {
         self.batches.push_back((id, self.backend.take_staged(), positions));
         Ok(())
     }

@@ -9,7 +9,7 @@ use super::guarantee::Guarantee;
 use super::kafka_storage::{KafkaStorage, StoreSettings};
 use super::producer::{classify, connect_to_cluster, Deliveries, FlowProducerContext, Sink, TxnFailure};
 use super::sled_storage::SledStorage;
-use super::state::Assigned;
+use super::state::TaskManager;
 use super::storage::{NoStorage, Storage};
 use super::thread::{FlowThread, Report, Schedule};
 use crate::codec::Codec;
@@ -26,7 +26,6 @@ use eventstage_journal::{Claim, KafkaJournal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -407,12 +406,7 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
-        assigned: Assigned {
-            partitions: BTreeMap::new(),
-            offsets: BTreeMap::new(),
-            pending_seeks: Vec::new(),
-            dirty: false,
-        },
+        tasks: TaskManager::new(),
         guarantee: guarantee(sink),
         emitter,
         // Set once a restore finds inputs applied beyond the committed offsets (sled positions).

@@ -74,51 +74,128 @@ pub(super) struct Offsets {
     pub(super) applied_until: i64,
 }
 
-/// The offsets of `input`'s partition. The lookup borrows the record's topic for a moment
-/// instead of copying it.
-pub(super) fn offsets_of<'a>(
-    offsets: &'a mut BTreeMap<(String, i32), Offsets>,
-    input: &mut InputRecord,
-) -> Option<&'a mut Offsets> {
-    let tp = (std::mem::take(&mut input.topic), input.partition);
-    let found = offsets.get_mut(&tp);
-    input.topic = tp.0;
-    found
+/// A task (Kafka Streams' `StreamTask`): input partition `p` of every input topic (the inputs are
+/// co-partitioned: partition `p` of each holds the same keys), with its keys' state and its
+/// offsets per input topic. The task manager creates it when the group assigns one of its topic
+/// partitions, has the storage restore it, and closes it when the last of them is revoked.
+pub(super) struct Task<S: EventSourced> {
+    pub(super) state: PartitionState<S>,
+    /// Per input topic.
+    pub(super) offsets: BTreeMap<String, Offsets>,
+    /// The storage restored its committed state.
+    restored: bool,
 }
 
-/// The partitions this instance owns: their state and their consumer offsets.
-pub(super) struct Assigned<S: EventSourced> {
-    pub(super) partitions: BTreeMap<i32, PartitionState<S>>,
-    pub(super) offsets: BTreeMap<(String, i32), Offsets>,
+/// The task manager: the tasks of the partitions this instance owns, and what the consumer is to
+/// do about them.
+pub(super) struct TaskManager<S: EventSourced> {
+    tasks: BTreeMap<i32, Task<S>>,
     /// Seeks to do once librdkafka has made the assignment.
     pub(super) pending_seeks: Vec<(String, i32, i64)>,
     /// Inputs were consumed since the last commit.
     pub(super) dirty: bool,
 }
 
-impl<S: EventSourced> Assigned<S> {
+impl<S: EventSourced> TaskManager<S> {
+    pub(super) fn new() -> Self {
+        Self { tasks: BTreeMap::new(), pending_seeks: Vec::new(), dirty: false }
+    }
+
+    /// Partition `p`'s state.
+    pub(super) fn state(&self, p: i32) -> Option<&PartitionState<S>> {
+        self.tasks.get(&p).map(|t| &t.state)
+    }
+
+    /// Partition `p`'s state, to change.
+    pub(super) fn state_mut(&mut self, p: i32) -> Option<&mut PartitionState<S>> {
+        self.tasks.get_mut(&p).map(|t| &mut t.state)
+    }
+
+    /// Every task's state.
+    pub(super) fn states_mut(&mut self) -> impl Iterator<Item = &mut PartitionState<S>> {
+        self.tasks.values_mut().map(|t| &mut t.state)
+    }
+
+    /// The offsets of `topic`'s partition `p`, if assigned here.
+    pub(super) fn offsets_mut(&mut self, topic: &str, p: i32) -> Option<&mut Offsets> {
+        self.tasks.get_mut(&p)?.offsets.get_mut(topic)
+    }
+
+    /// Partition `p`'s offsets per input topic.
+    pub(super) fn task_offsets_mut(&mut self, p: i32) -> Option<&mut BTreeMap<String, Offsets>> {
+        self.tasks.get_mut(&p).map(|t| &mut t.offsets)
+    }
+
+    /// Every assigned topic partition with its offsets.
+    pub(super) fn offsets(&self) -> impl Iterator<Item = (&str, i32, &Offsets)> {
+        self.tasks.iter().flat_map(|(p, t)| t.offsets.iter().map(move |(topic, o)| (topic.as_str(), *p, o)))
+    }
+
+    /// How many topic partitions are assigned here.
+    pub(super) fn assigned(&self) -> usize {
+        self.tasks.values().map(|t| t.offsets.len()).sum()
+    }
+
+    /// `topic`'s partition `p` was assigned, with `committed` as the group's committed offset:
+    /// creates partition `p`'s task if it has none (its state waits for the storage's restore).
+    pub(super) fn assign(&mut self, topic: &str, p: i32, committed: i64) {
+        let task = self.tasks.entry(p).or_insert_with(|| Task {
+            state: PartitionState::default(),
+            offsets: BTreeMap::new(),
+            restored: false,
+        });
+        let applied_until = task.offsets.get(topic).map_or(-1, |o| o.applied_until);
+        let offsets = Offsets { committed, sealed: committed, next: committed, applied_until };
+        task.offsets.insert(topic.to_string(), offsets);
+    }
+
+    /// The partitions whose tasks wait for their restore.
+    pub(super) fn unrestored(&self) -> Vec<i32> {
+        self.tasks.iter().filter(|(_, t)| !t.restored).map(|(p, _)| *p).collect()
+    }
+
+    /// Partition `p`'s task has its committed state.
+    pub(super) fn restored(&mut self, p: i32, state: PartitionState<S>) {
+        if let Some(task) = self.tasks.get_mut(&p) {
+            task.state = state;
+            task.restored = true;
+        }
+    }
+
+    /// `topic`'s partition `p` was revoked; true when that closed partition `p`'s task (no input
+    /// topic's partition `p` is left here).
+    pub(super) fn revoke(&mut self, topic: &str, p: i32) -> bool {
+        let Some(task) = self.tasks.get_mut(&p) else { return false };
+        task.offsets.remove(topic);
+        if task.offsets.is_empty() {
+            self.tasks.remove(&p);
+            return true;
+        }
+        false
+    }
+
     /// What was consumed so far goes to a commit: the next commit starts here.
     pub(super) fn seal(&mut self) {
-        for o in self.offsets.values_mut() {
-            o.sealed = o.next;
-        }
+        self.each_offsets(|o| o.sealed = o.next);
         self.dirty = false;
     }
 
     /// The sealed offsets are committed (or handed to the at-least-once committer).
     pub(super) fn mark_committed(&mut self) {
-        for o in self.offsets.values_mut() {
-            o.committed = o.sealed;
-        }
+        self.each_offsets(|o| o.committed = o.sealed);
     }
 
     /// What was consumed since the last commit (sealed or not) is given up: the next commit
     /// starts where the last one ended.
     pub(super) fn forget_uncommitted(&mut self) {
-        for o in self.offsets.values_mut() {
+        self.each_offsets(|o| {
             o.next = o.committed;
             o.sealed = o.committed;
-        }
+        });
         self.dirty = false;
+    }
+
+    fn each_offsets(&mut self, mut f: impl FnMut(&mut Offsets)) {
+        self.tasks.values_mut().flat_map(|t| t.offsets.values_mut()).for_each(&mut f);
     }
 }

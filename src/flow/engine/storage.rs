@@ -11,7 +11,7 @@
 //! once) or a batch (at least once), and release the partitions it loses.
 
 use super::producer::Sink;
-use super::state::{Offsets, PartitionState};
+use super::state::{PartitionState, TaskManager};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::error::FlowError;
@@ -60,10 +60,10 @@ pub(super) struct Recorded {
 
 /// The engine's consumer positions while a storage restores partitions: a storage that keeps
 /// input positions of its own (sled) reconciles them with the group's committed offsets.
-pub(super) struct Restoring<'a> {
-    pub(super) offsets: &'a mut BTreeMap<(String, i32), Offsets>,
-    /// Seeks to make once librdkafka has made the assignment.
-    pub(super) seeks: &'a mut Vec<(String, i32, i64)>,
+pub(super) struct Restoring<'a, S: EventSourced> {
+    /// The tasks: their offsets per input topic, and the seeks to make once librdkafka has made
+    /// the assignment.
+    pub(super) tasks: &'a mut TaskManager<S>,
 }
 
 /// A restored partition.
@@ -86,7 +86,7 @@ pub(super) trait Storage<S: EventSourced>: Send {
     fn name(&self) -> String;
 
     /// Restores the committed state of partitions `wanted`.
-    fn restore(&mut self, wanted: &[i32], at: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError>;
+    fn restore(&mut self, wanted: &[i32], at: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError>;
 
     /// Makes `key`'s committed state part of `part` before the key is first used (a storage that
     /// restores partitions in full has nothing to do).
@@ -106,7 +106,7 @@ pub(super) trait Storage<S: EventSourced>: Send {
     /// the Kafka transaction must then commit the same outputs (see [`outbox`](Self::outbox)).
     fn seal_transaction(
         &mut self,
-        parts: &BTreeMap<i32, PartitionState<S>>,
+        tasks: &TaskManager<S>,
         positions: Positions,
         out: Out<'_>,
     ) -> Result<bool, FlowError>;
@@ -121,12 +121,7 @@ pub(super) trait Storage<S: EventSourced>: Send {
 
     /// At-least-once: takes what batch `id` changed; it is written by
     /// [`write_batch`](Self::write_batch) once the batch's outputs are acknowledged.
-    fn seal_batch(
-        &mut self,
-        id: usize,
-        parts: &BTreeMap<i32, PartitionState<S>>,
-        positions: Positions,
-    ) -> Result<(), FlowError>;
+    fn seal_batch(&mut self, id: usize, tasks: &TaskManager<S>, positions: Positions) -> Result<(), FlowError>;
 
     /// Writes the oldest sealed batch, `id`.
     fn write_batch(&mut self, id: usize, out: Out<'_>) -> Result<(), FlowError>;
@@ -152,7 +147,7 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         "none".into()
     }
 
-    fn restore(&mut self, wanted: &[i32], _: Restoring<'_>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
+    fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
         Ok(wanted.iter().map(|&p| (p, Restored { state: PartitionState::default(), redo: None })).collect())
     }
 
@@ -166,12 +161,7 @@ impl<S: EventSourced> Storage<S> for NoStorage {
 
     fn keep_output(&mut self, _: i32, _: OutputRecord) {}
 
-    fn seal_transaction(
-        &mut self,
-        _: &BTreeMap<i32, PartitionState<S>>,
-        _: Positions,
-        _: Out<'_>,
-    ) -> Result<bool, FlowError> {
+    fn seal_transaction(&mut self, _: &TaskManager<S>, _: Positions, _: Out<'_>) -> Result<bool, FlowError> {
         Ok(false)
     }
 
@@ -183,7 +173,7 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         Vec::new()
     }
 
-    fn seal_batch(&mut self, _: usize, _: &BTreeMap<i32, PartitionState<S>>, _: Positions) -> Result<(), FlowError> {
+    fn seal_batch(&mut self, _: usize, _: &TaskManager<S>, _: Positions) -> Result<(), FlowError> {
         Ok(())
     }
 

@@ -236,10 +236,10 @@ impl Report {
 /// Asks the broker for the end offsets (a round trip per partition: call it rarely).
 fn update_lag<S: EventSourced, G: Guarantee>(c: &Core<S, G>, consumer: &FlowConsumer<S, G>) {
     let mut lag = 0u64;
-    for ((topic, p), o) in &c.assigned.offsets {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
+    for (topic, p, o) in c.tasks.offsets() {
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(1)) {
             let behind = (high - o.next.max(0)).max(0) as u64;
-            c.exported.partition_lag(topic, *p, behind);
+            c.exported.partition_lag(topic, p, behind);
             lag += behind;
         }
     }

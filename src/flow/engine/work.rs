@@ -54,12 +54,12 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     ) -> Result<(TopicPartitionList, BTreeMap<i32, Vec<SourcePosition>>), FlowError> {
         let mut tpl = TopicPartitionList::new();
         let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
-        for ((topic, p), o) in &self.assigned.offsets {
+        for (topic, p, o) in self.tasks.offsets() {
             if o.next > o.sealed && o.next >= 0 {
-                tpl.add_partition_offset(topic, *p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
-                positions.entry(*p).or_default().push(SourcePosition {
-                    topic: topic.clone(),
-                    partition: *p,
+                tpl.add_partition_offset(topic, p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
+                positions.entry(p).or_default().push(SourcePosition {
+                    topic: topic.to_string(),
+                    partition: p,
                     next_offset: o.next,
                 });
             }
@@ -69,7 +69,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
 
     /// The open transaction's (or batch's) state becomes the state of record.
     pub(super) fn settle_overlays(&mut self) {
-        for part in self.assigned.partitions.values_mut() {
+        for part in self.tasks.states_mut() {
             let overlay = std::mem::take(&mut part.overlay);
             part.committed.extend(overlay);
         }
@@ -78,7 +78,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// The open transaction's state goes to its commit: the next transaction's changes start in
     /// an empty overlay.
     pub(super) fn seal_overlays(&mut self) {
-        for part in self.assigned.partitions.values_mut() {
+        for part in self.tasks.states_mut() {
             debug_assert!(part.sealed.is_empty(), "one transaction commits at a time");
             std::mem::swap(&mut part.sealed, &mut part.overlay);
         }
@@ -86,7 +86,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
 
     /// The transaction being committed committed: its state becomes the state of record.
     pub(super) fn settle_sealed(&mut self) {
-        for part in self.assigned.partitions.values_mut() {
+        for part in self.tasks.states_mut() {
             let sealed = std::mem::take(&mut part.sealed);
             part.committed.extend(sealed);
         }
@@ -95,7 +95,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
     /// written, sled writes not yet made, records waiting for enrichment.
     pub(super) fn discard_open_work(&mut self) {
-        for part in self.assigned.partitions.values_mut() {
+        for part in self.tasks.states_mut() {
             part.overlay.clear();
             part.sealed.clear();
         }
@@ -114,7 +114,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         self.stopped = true;
         G::abandon(self);
         self.discard_open_work();
-        self.assigned.forget_uncommitted();
+        self.tasks.forget_uncommitted();
     }
 
     /// Finishes in-flight work and commits it: before a revocation and on shutdown.
