@@ -60,7 +60,12 @@ pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
     let demo = Demo::start(&s, &txn, &args, logs.path());
     if guarantee == "at-least-once" {
         let s = s.clone();
-        tokio::task::spawn_blocking(move || check_replies_at_least_once(&s, &replies)).await.unwrap();
+        let checked = tokio::task::spawn_blocking(move || check_replies_at_least_once(&s, &replies)).await;
+        if let Err(failed) = checked {
+            // What the instances logged is what explains a wrong reply: kept for a look.
+            let kept = logs.keep();
+            panic!("seed {seed}: {failed}; the instances' logs are kept in {}", kept.display());
+        }
     } else {
         await_replies(&s, replies).await;
     }

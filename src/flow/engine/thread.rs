@@ -180,14 +180,14 @@ impl Schedule {
         now.is_some_and(|now| now.saturating_duration_since(self.last) >= self.every)
     }
 
-    /// A commit that started at `started` ended now. The next one is due one interval after it
-    /// started (as Kafka Streams counts: a commit's own duration does not stretch the interval),
-    /// but no sooner than half an interval, or as long as this commit took, after it finished.
-    /// The loop does not consume while it commits, so after a commit slower than the interval
-    /// the next one would be due at once, after CLOCK_EVERY records: on Apache Kafka, where a
-    /// commit can take 100+ ms, the flow fell into committing every 32 commands (~300/s) while
-    /// its backlog grew. And a flow that spends less time processing than committing cannot
-    /// catch up: its transactions grow, so do its commits, and it falls further behind.
+    /// A commit that started at `started` returned now (exactly once: its seal, the rest runs
+    /// beside processing; at least once: the batch's hand-off and the wait for pending batches).
+    /// The next one is due one interval after it started (as Kafka Streams counts: a commit's own
+    /// duration does not stretch the interval), but no sooner than half an interval, or as long
+    /// as this call took, after it returned. The loop does not consume during the call, so after
+    /// one slower than the interval the next would be due at once, after CLOCK_EVERY records: on
+    /// Apache Kafka, when commits blocked the loop for 100+ ms, the flow fell into committing
+    /// every 32 commands (~300/s) while its backlog grew.
     fn committed(&mut self, started: Instant) {
         let finished = Instant::now();
         let gap = (self.every / 2).max(finished.saturating_duration_since(started));
