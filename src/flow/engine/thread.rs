@@ -77,7 +77,11 @@ impl<S: EventSourced, G: Guarantee> FlowThread<S, G> {
             }
         }
         c.run_pipeline()?;
+        let committing = c.guarantee.busy();
         c.advance(&self.consumer, Wait::No)?;
+        if committing && !c.guarantee.busy() {
+            self.schedule.commit_ended(Instant::now());
+        }
         let now = self.schedule.tick(waited).inspect(|_| c.wall_ms = now_ms());
         // A commit under way ends before the next starts; the flow processes meanwhile.
         if (self.schedule.due(now) || c.guarantee.due()) && !c.guarantee.busy() {
@@ -178,6 +182,16 @@ impl Schedule {
 
     fn due(&self, now: Option<Instant>) -> bool {
         now.is_some_and(|now| now.saturating_duration_since(self.last) >= self.every)
+    }
+
+    /// A commit that ran beside processing (exactly once) ended at `ended`: the next is due no
+    /// sooner than half an interval later. The records held while it ran go to the producer
+    /// only now; a commit that started at once would wait for all of them to be acknowledged
+    /// (at 50 ms, commits took 35-65 ms instead of 29-36 ms).
+    fn commit_ended(&mut self, ended: Instant) {
+        if let Some(earliest) = (ended + self.every / 2).checked_sub(self.every) {
+            self.last = self.last.max(earliest);
+        }
     }
 
     /// A commit that started at `started` returned now (exactly once: its seal, the rest runs
