@@ -6,13 +6,9 @@
 //! order, retries, dead letters, rebalance handling and draining are the flows' own.
 
 use crate::flow::builder::FlowBuilder;
-
 use crate::flow::control::FlowControl;
-
-use crate::flow::error::FlowError;
-
+use crate::flow::error::{describe, BoxError, FlowError};
 use crate::flow::record::InputRecord;
-
 use crate::flow::settings::{
     BadInput, CommitterSettings, EnrichSettings, FlowJournal, Guarantee, RebalanceActions, RebalanceEvent,
 };
@@ -119,14 +115,14 @@ impl ConsumeBuilder {
     where
         F: Fn(InputRecord) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: Into<crate::flow::error::BoxError>,
+        E: Into<BoxError>,
     {
         let process = std::sync::Arc::new(process);
         self.flow
             .enrich(self.settings, move |_key, record: InputRecord| {
                 let process = process.clone();
                 async move {
-                    process(record.clone()).await.map_err(crate::flow::error::describe)?;
+                    process(record.clone()).await.map_err(describe)?;
                     Ok::<_, String>(record)
                 }
             })

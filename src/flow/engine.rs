@@ -25,9 +25,7 @@ pub(super) use kafka_storage::StoreSettings;
 pub(super) use startup::Settings;
 
 use crate::flow::control::Metrics;
-
 use crate::flow::error::FlowError;
-
 use crate::flow::record::Outputs;
 use crate::flow::settings::Guarantee;
 use crate::stage::EventSourced;

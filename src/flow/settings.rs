@@ -1,6 +1,7 @@
 //! What a flow promises and how it batches: the delivery guarantee, the at-least-once committer,
 //! async enrichment and rebalance listeners.
 
+use crate::flow::error::{describe, BoxError};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -145,7 +146,7 @@ where
     C: Clone + Send + 'static,
     F: Fn(K, C) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<C, E>> + Send + 'static,
-    E: Into<crate::flow::error::BoxError>,
+    E: Into<BoxError>,
 {
     let f = Arc::new(f);
     Arc::new(move |key: K, command: C| {
@@ -156,7 +157,7 @@ where
             loop {
                 let error = match tokio::time::timeout(settings.timeout, f(key.clone(), command.clone())).await {
                     Ok(Ok(enriched)) => return Ok(enriched),
-                    Ok(Err(e)) => crate::flow::error::describe(e),
+                    Ok(Err(e)) => describe(e),
                     Err(_) => format!("timed out after {:?}", settings.timeout),
                 };
                 if attempt >= settings.attempts.max(1) {

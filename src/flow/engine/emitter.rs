@@ -17,7 +17,7 @@
 use super::producer::Sink;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
-use crate::flow::record::{InputRecord, OutputRecord, Outputs, Processed};
+use crate::flow::record::{Context, InputRecord, OutputRecord, Outputs, Processed};
 use crate::stage::EventSourced;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,7 @@ pub(super) struct Outcome<S: EventSourced> {
     /// The entity's state after the events.
     pub(super) state: Arc<S::State>,
     /// What the decoder handed over for the output mapping.
-    pub(super) context: crate::flow::record::Context,
+    pub(super) context: Context,
 }
 
 enum Job<S: EventSourced> {

@@ -5,9 +5,8 @@
 //! consuming while it is full.
 
 use crate::flow::control::Metrics;
-use crate::flow::record::{Context, InputRecord};
-use crate::flow::settings::EnrichFn;
-use crate::flow::settings::EnrichSettings;
+use crate::flow::record::{Context, Decoded, InputRecord};
+use crate::flow::settings::{EnrichFn, EnrichSettings};
 use crate::stage::EventSourced;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -15,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// A decoded record, or why it is not one.
-type DecodeResult<S> = Result<crate::flow::record::Decoded<S>, String>;
+type DecodeResult<S> = Result<Decoded<S>, String>;
 
 struct Slot<S: EventSourced> {
     id: u64,
