@@ -113,7 +113,7 @@ impl Guarantee for ExactlyOnce {
     fn abandon<S: EventSourced>(c: &mut Core<S, Self>) {
         // No other transactional call may run beside the commit under way.
         if let Some(committing) = c.guarantee.committing.take() {
-            let _ = committing.outcome(true);
+            let _ = committing.wait();
         }
         c.guarantee.redo = None;
         c.guarantee.abortable = false;
@@ -231,7 +231,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             }
             let offsets = self.start_offsets(consumer, offsets);
             let committing = self.guarantee.sink.start_commit(offsets, || Ok(()), Instant::now())?;
-            match committing.outcome(true).unwrap_or_else(|| Ok(Ok(())))? {
+            match committing.wait()? {
                 Ok(()) => {
                     self.guarantee.sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);

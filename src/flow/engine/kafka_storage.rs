@@ -123,20 +123,27 @@ impl<S: EventSourced> KafkaStorage<S> {
         Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
     }
 
-    /// The open transaction's or batch's journal records: deletion markers in order (at-least-once),
-    /// then one record per key it changed, with its state now (in `parts`) and, `with_sources`,
-    /// the input positions that state includes (at-least-once; exactly-once records leave them to
-    /// the transaction).
-    fn journal_records(&mut self, tasks: &TaskManager<S>, with_sources: bool) -> Result<Vec<JournalRecord>, FlowError> {
+    /// The input positions `key`'s state includes, for its journal record: at least once (a
+    /// redelivered input below them is skipped); exactly-once records leave them to the
+    /// transaction, which commits the offsets with the record.
+    fn sources(&self, part: &PartitionState<S>, key: &S::Key) -> Vec<SourcePosition> {
+        match self.at_least_once {
+            true => part.applied.get(key).cloned().unwrap_or_default(),
+            false => Vec::new(),
+        }
+    }
+
+    /// The open transaction's or batch's journal records: those made before (deletions, hot keys'
+    /// records) in order, then one record per key it changed, with its state now and its
+    /// [`sources`](Self::sources).
+    fn journal_records(&mut self, tasks: &TaskManager<S>) -> Result<Vec<JournalRecord>, FlowError> {
         let mut records = Vec::new();
         for (p, open) in std::mem::take(&mut self.open) {
             records.extend(open.ordered.into_iter().map(|(k, v)| (p, k, v)));
             let Some(part) = tasks.state(p) else { continue };
             for (key, events) in open.events {
                 let Some(entity) = part.overlay.get(&key) else { continue };
-                let sources =
-                    if with_sources { part.applied.get(&key).cloned().unwrap_or_default() } else { Vec::new() };
-                let value = self.journal_value(&key, events, entity.seq, &entity.state, sources)?;
+                let value = self.journal_value(&key, events, entity.seq, &entity.state, self.sources(part, &key))?;
                 records.push((p, key.to_bytes().into_owned(), Some(value)));
             }
         }
@@ -252,22 +259,22 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         self.last_ts = c.ts;
         let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
         let raw = || c.key.to_bytes().into_owned();
-        let open = self.open.entry(c.p).or_default();
         if S::is_deleted(c.state) {
+            // At least once not a tombstone: the deletion must keep the input positions it
+            // includes, so that the deleting input, delivered again, is skipped rather than handled
+            // again.
+            let value = self.at_least_once.then(|| {
+                let sources = self.sources(part, c.key);
+                JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources }.encode()
+            });
+            let open = self.open.entry(c.p).or_default();
             // Records of the key written later in this transaction or batch (a new entity under
             // the same key) must come after the deletion.
             open.events.remove(c.key);
-            let value = if self.at_least_once {
-                // Not a tombstone: the deletion must keep the input positions it includes, so that
-                // the deleting input, delivered again, is skipped rather than handled again.
-                let sources = part.applied.get(c.key).cloned().unwrap_or_default();
-                Some(JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources }.encode())
-            } else {
-                None
-            };
             open.ordered.push((raw(), value));
             return Ok(Recorded { end_soon: false, forgotten: true });
         }
+        let open = self.open.entry(c.p).or_default();
         // No copy of the key for a key already pending (the common case for a busy key).
         let pending = match open.events.get_mut(c.key) {
             Some(pending) => {
@@ -287,9 +294,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         // asked to end soon.
         let events = open.events.remove(c.key).unwrap_or_default();
         let seq = SeqNo(c.before.0 + c.events.len() as u64);
-        let sources =
-            if self.at_least_once { part.applied.get(c.key).cloned().unwrap_or_default() } else { Vec::new() };
-        let value = self.journal_value(c.key, events, seq, c.state, sources)?;
+        let value = self.journal_value(c.key, events, seq, c.state, self.sources(part, c.key))?;
         self.open.entry(c.p).or_default().ordered.push((raw(), Some(value)));
         Ok(Recorded { end_soon: true, forgotten: false })
     }
@@ -300,7 +305,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
     /// transaction commits the offsets); the transaction commits them with the outputs.
     fn seal_transaction(&mut self, tasks: &TaskManager<S>, _: Positions, out: Out<'_>) -> Result<bool, FlowError> {
         let topic = self.journal.topic().to_string();
-        for (p, k, v) in self.journal_records(tasks, false)? {
+        for (p, k, v) in self.journal_records(tasks)? {
             out.produce(&topic, p, &k, v.as_deref())?;
         }
         Ok(false)
@@ -316,7 +321,7 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
     }
 
     fn seal_batch(&mut self, id: usize, tasks: &TaskManager<S>, _: Positions) -> Result<(), FlowError> {
-        let records = self.journal_records(tasks, true)?;
+        let records = self.journal_records(tasks)?;
         self.batches.push_back((id, records));
         Ok(())
     }

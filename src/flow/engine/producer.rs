@@ -259,17 +259,25 @@ pub(super) struct Committing {
 }
 
 impl Committing {
+    /// The commit's outcome, once it ended.
+    pub(super) fn wait(&self) -> CommitOutcome {
+        self.done.recv().unwrap_or_else(|_| Err(Self::gone()))
+    }
+
     /// The commit's outcome once it ended; None while it runs, unless `wait`.
     pub(super) fn outcome(&self, wait: bool) -> Option<CommitOutcome> {
-        let gone = || Err(FlowError::Crashed("the transaction's commit thread stopped".into()));
         if wait {
-            return Some(self.done.recv().unwrap_or_else(|_| gone()));
+            return Some(self.wait());
         }
         match self.done.try_recv() {
             Ok(outcome) => Some(outcome),
             Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(gone()),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(Self::gone())),
         }
+    }
+
+    fn gone() -> FlowError {
+        FlowError::Crashed("the transaction's commit thread stopped".into())
     }
 }
 
@@ -297,25 +305,26 @@ impl Sink {
                 while sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_micros(200));
                 }
-                let outcome = durable().map(|()| {
-                    sent.and_then(|()| {
-                        let mut attempt = 0;
-                        loop {
-                            attempt += 1;
-                            match sink.producer().commit_transaction(TXN_TIMEOUT) {
-                                Err(e) if classify(&e) == TxnFailure::Retry && attempt < 3 => {
-                                    tracing::warn!(error = %e, attempt, "commit failed; retrying");
-                                    std::thread::sleep(Duration::from_millis(100 * attempt));
-                                }
-                                other => break other,
-                            }
-                        }
-                    })
-                });
+                let outcome = durable().map(|()| sent.and_then(|()| sink.commit_transaction()));
                 let _ = tx.send(outcome);
             })
             .map_err(|e| FlowError::Crashed(format!("cannot start a thread for the transaction's commit: {e}")))?;
         Ok(Committing { done, started })
+    }
+
+    /// `commit_transaction`, tried again (twice at most) after a retriable failure.
+    fn commit_transaction(&self) -> KafkaResult<()> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.producer().commit_transaction(TXN_TIMEOUT) {
+                Err(e) if classify(&e) == TxnFailure::Retry && attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "commit failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100 * attempt));
+                }
+                other => return other,
+            }
+        }
     }
 }
 

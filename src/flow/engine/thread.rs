@@ -132,14 +132,14 @@ fn poll<'a, S: EventSourced, G: Guarantee>(
     core: &Mutex<Core<S, G>>,
     consumer: &'a FlowConsumer<S, G>,
 ) -> Result<Polled<'a>, FlowError> {
-    let (room, busy, committing) = {
+    let (room, busy, committing, held_full) = {
         let c = lock(core);
         let (room, busy) = c.pipeline.as_ref().map_or((true, false), |p| (p.has_room(), !p.is_empty()));
-        (room, busy, c.guarantee.busy())
+        (room, busy, c.guarantee.busy(), c.emitter.holds_too_many())
     };
     // While a commit is under way the next transaction's records are held: past a bound,
     // consumption waits for the commit (back-pressure).
-    if committing && lock(core).emitter.holds_too_many() {
+    if held_full {
         std::thread::sleep(Duration::from_millis(1));
         return Ok(Polled { record: None, room, busy, waited: true });
     }

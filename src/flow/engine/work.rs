@@ -67,12 +67,11 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         Ok((tpl, positions))
     }
 
-    /// The open transaction's (or batch's) state becomes the state of record.
+    /// The open transaction's (or batch's) state becomes the state of record at once (no commit
+    /// is under way: at least once, or the sled journal holding the transaction).
     pub(super) fn settle_overlays(&mut self) {
-        for part in self.tasks.states_mut() {
-            let overlay = std::mem::take(&mut part.overlay);
-            part.committed.extend(overlay);
-        }
+        self.seal_overlays();
+        self.settle_sealed();
     }
 
     /// The open transaction's state goes to its commit: the next transaction's changes start in
