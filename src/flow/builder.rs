@@ -275,6 +275,10 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     /// [`static_membership`](Self::static_membership) is on. Give every instance its own (e.g. the
     /// pod's name in a StatefulSet, `<app>-<n>`). Default: `eventstage-<group>-<random>`, new in
     /// every process.
+    ///
+    /// An exactly-once flow has two transactional producers that take turns (one commits while
+    /// the other takes the next transaction's records): the first has this id, the second this id
+    /// with `.1` appended. Grant both when transactional ids are authorized by prefix.
     #[must_use]
     pub fn transactional_id(mut self, id: impl Into<String>) -> Self {
         self.transactional_id = Some(id.into());

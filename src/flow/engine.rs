@@ -50,7 +50,7 @@ pub(super) fn run<S: EventSourced>(
         }
         Guarantee::AtLeastOnce => {
             let committer = settings.committer;
-            let guarantee = move |sink| AtLeastOnce::new(sink, committer);
+            let guarantee = move |sinks| AtLeastOnce::new(sinks, committer);
             startup::start(settings, parts, outputs, &stop, metrics, guarantee)?.run(&stop)
         }
     }

@@ -123,13 +123,15 @@ pub(super) struct AtLeastOnce {
 }
 
 impl AtLeastOnce {
-    pub(super) fn new(sink: Arc<Sink>, settings: CommitterSettings) -> Self {
-        Self { sink, committer: Committer::new(settings) }
+    /// Over the flow's one producer (`sinks` has [`Guarantee::PRODUCERS`]).
+    pub(super) fn new(mut sinks: Vec<Arc<Sink>>, settings: CommitterSettings) -> Self {
+        Self { sink: sinks.remove(0), committer: Committer::new(settings) }
     }
 }
 
 impl Guarantee for AtLeastOnce {
     const TRANSACTIONAL: bool = false;
+    const PRODUCERS: usize = 1;
 
     fn batch(&self) -> usize {
         self.committer.filling

@@ -55,6 +55,8 @@ enum Message<S: EventSourced> {
     Jobs(Vec<Job<S>>),
     /// Answered once every job before it is produced.
     Flush(SyncSender<Flushed>),
+    /// The jobs after it go to this producer (exactly once alternates two).
+    Use(Arc<Sink>),
 }
 
 struct Flushed {
@@ -139,6 +141,21 @@ impl<S: EventSourced> Emitter<S> {
         self.hand_off()
     }
 
+    /// What is handed over from now on (what is held included) goes to `sink`'s producer; what
+    /// was handed over before goes to the producer it was handed over for.
+    pub(super) fn switch(&mut self, sink: &Arc<Sink>) -> Result<(), FlowError> {
+        if !Arc::ptr_eq(&self.sink, sink) {
+            self.sink = sink.clone();
+            self.send(Message::Use(sink.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// Holds records now.
+    pub(super) fn holds(&self) -> bool {
+        self.held
+    }
+
     /// Holds so many records that consumption should wait for the commit under way.
     pub(super) fn holds_too_many(&self) -> bool {
         self.held && self.collected.len() >= MAX_HELD
@@ -213,7 +230,7 @@ struct Worker<S: EventSourced> {
 }
 
 impl<S: EventSourced> Worker<S> {
-    fn run(self, jobs: Receiver<Message<S>>) {
+    fn run(mut self, jobs: Receiver<Message<S>>) {
         let (mut failure, mut outbox) = (None, Vec::new());
         while let Ok(message) = jobs.recv() {
             match message {
@@ -241,6 +258,7 @@ impl<S: EventSourced> Worker<S> {
                     self.flags.failed.store(false, Ordering::Relaxed);
                     let _ = reply.send(Flushed { failure: failure.take(), outbox: std::mem::take(&mut outbox) });
                 }
+                Message::Use(sink) => self.sink = sink,
             }
         }
     }

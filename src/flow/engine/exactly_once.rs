@@ -15,31 +15,53 @@ use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The exactly-once guarantee: its transactional producer and the state of its transactions.
+/// The exactly-once guarantee: its two transactional producers and the state of their
+/// transactions.
+///
+/// The producers take turns. While one commits a transaction, the flow processes the next, whose
+/// records go to the other producer as soon as every record of the committing one is acknowledged
+/// (so that in each partition they land after them: a key's records keep their order). Its commit
+/// starts only once the first one's ended: the transactions commit one after the other, in order,
+/// and a failure of the first aborts the second too. With one producer the next transaction's
+/// records waited for the whole commit (its offsets, the storage's write, the commit round trips),
+/// then went out in a burst that the next commit waited to see acknowledged.
 pub(super) struct ExactlyOnce {
-    sink: Arc<Sink>,
+    sinks: Vec<Arc<Sink>>,
+    /// The producer of the open transaction (the other one commits, or waits for its turn).
+    open: usize,
     /// Aborts since the last successful commit: repeated failures back off (100 ms .. 5 s).
     consecutive_aborts: u32,
     /// The last commit failed in a way an abort heals (librdkafka's abortable state).
     abortable: bool,
-    /// The offsets of the open transaction once the storage of record (sled) holds it: a failed
-    /// commit of it is made good by producing its outbox again with them, never by a rewind.
-    redo: Option<TopicPartitionList>,
-    /// The commit under way, while the next transaction is processed.
+    /// The committing transaction's producer and offsets, once the storage of record (sled) holds
+    /// it: a failed commit of it is made good by producing its outbox again with them, never by a
+    /// rewind.
+    redo: Option<(usize, TopicPartitionList)>,
+    /// The commit under way (by the producer that is not `open`), while the next transaction is
+    /// processed.
     committing: Option<Committing>,
 }
 
 impl ExactlyOnce {
-    /// Over `sink`, whose producer has begun its first transaction.
-    pub(super) fn new(sink: Arc<Sink>) -> Self {
-        Self { sink, consecutive_aborts: 0, abortable: false, redo: None, committing: None }
+    /// Over `sinks` ([`Guarantee::PRODUCERS`] of them), whose producers have begun a transaction.
+    pub(super) fn new(sinks: Vec<Arc<Sink>>) -> Self {
+        Self { sinks, open: 0, consecutive_aborts: 0, abortable: false, redo: None, committing: None }
+    }
+
+    /// The producer of the open transaction.
+    fn sink(&self) -> &Arc<Sink> {
+        &self.sinks[self.open]
+    }
+
+    /// The producer that is not `open`'s: it commits, or waits for its turn.
+    fn other(&self) -> usize {
+        (self.open + 1) % self.sinks.len()
     }
 }
 
@@ -55,6 +77,7 @@ enum Failure {
 
 impl Guarantee for ExactlyOnce {
     const TRANSACTIONAL: bool = true;
+    const PRODUCERS: usize = 2;
 
     fn batch(&self) -> usize {
         0
@@ -100,14 +123,14 @@ impl Guarantee for ExactlyOnce {
         if let Err(e) = c.end_commit(true) {
             tracing::warn!(error = %e, "the commit under way when the partitions were lost failed");
         }
-        let aborted = c.abort_and_rewind(consumer).or_else(|e| match e {
+        let aborted = c.abort_all().and_then(|()| c.rewind(consumer)).or_else(|e| match e {
             FlowError::Fenced { .. } => Err(e),
             other => {
                 tracing::warn!(error = %other, "aborting the lost partitions' transaction failed");
                 Ok(())
             }
         });
-        aborted.and_then(|()| c.guarantee.sink.begin())
+        aborted.and_then(|()| c.resume())
     }
 
     fn abandon<S: EventSourced>(c: &mut Core<S, Self>) {
@@ -117,8 +140,10 @@ impl Guarantee for ExactlyOnce {
         }
         c.guarantee.redo = None;
         c.guarantee.abortable = false;
-        if let Err(e) = c.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
-            tracing::debug!(error = %e, "aborting the open transaction of a stopped flow failed (the broker aborts it after its timeout)");
+        for sink in &c.guarantee.sinks {
+            if let Err(e) = sink.abort() {
+                tracing::debug!(error = %e, transactional_id = %sink.transactional_id, "aborting the open transaction of a stopped flow failed (the broker aborts it after its timeout)");
+            }
         }
     }
 }
@@ -126,60 +151,70 @@ impl Guarantee for ExactlyOnce {
 impl<S: EventSourced> Core<S, ExactlyOnce> {
     /// Seals the open transaction and starts its commit on a thread of its own; the flow thread
     /// goes on with the next transaction meanwhile: its state changes in a new overlay, its
-    /// records held until it begins (see [`Self::end_commit`]). One transaction commits at a
-    /// time: a commit still under way is waited for first (the loop starts none while one is).
-    /// A failure goes to [`Core::recover`] like every other (marked when an abort heals it).
+    /// records held until the committing transaction's are acknowledged, then produced by the
+    /// other producer (see [`Self::end_commit`]). One transaction commits at a time: a commit
+    /// still under way is waited for first (the loop starts none while one is). A failure goes to
+    /// [`Core::recover`] like every other (marked when an abort heals it).
     fn commit_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
         self.end_commit(true)?;
         if !self.tasks.dirty {
             return Ok(());
         }
         let started = Instant::now();
+        let sink = self.guarantee.sink().clone();
         // The offsets are final now: their round trips (AddOffsetsToTxn, TxnOffsetCommit) run
         // while the emitter's last outputs and the journal's records are produced, not after
         // them. Under load those round trips took 20-60 ms of each commit.
         let (tpl, positions) = self.pending_offsets()?;
-        let mut offsets = self.start_offsets(consumer, &tpl);
+        let mut offsets = self.start_offsets(consumer, &sink, &tpl);
         let prepared = self.flush_outputs().and_then(|()| {
             // A storage that is the state of record (sled) holds the transaction from here on.
-            let out = Out { sink: &self.guarantee.sink, batch: 0 };
+            let out = Out { sink: &sink, batch: 0 };
             self.storage.seal_transaction(&self.tasks, positions, out)
         });
         if prepared.is_err() {
             // No other transactional call may run while the offsets' call does.
             if let Some(o) = offsets.take() {
-                let _ = o.wait(&self.guarantee.sink);
+                let _ = o.wait(&sink);
             }
         }
         let held_by_storage = prepared?;
         self.tasks.seal();
         if held_by_storage {
             // From here on a failed commit is made good from the outbox, never by a rewind.
-            self.guarantee.redo = Some(tpl);
+            self.guarantee.redo = Some((self.guarantee.open, tpl));
             self.settle_overlays();
         } else {
             self.seal_overlays();
         }
         self.emitter.hold();
         let durable = self.storage.durable();
-        self.guarantee.committing = Some(self.guarantee.sink.start_commit(offsets, durable, started)?);
+        self.guarantee.committing = Some(sink.start_commit(offsets, durable, started)?);
+        // The next transaction is the other producer's (begun when its last commit ended).
+        self.guarantee.open = self.guarantee.other();
         Ok(())
     }
 
-    /// Takes the outcome of the commit under way, if it ended (`wait`: waits for it). Committed:
-    /// its state becomes the state of record, the next transaction begins and its held records
-    /// go to the producer. Failed: the error, for [`Core::recover`].
+    /// Moves the commit under way along (`wait`: until it ended). Once its records are all
+    /// acknowledged, the records held since it started go to the open transaction's producer.
+    /// Committed: its state becomes the state of record and its producer begins its next
+    /// transaction. Failed: the error, for [`Core::recover`].
     fn end_commit(&mut self, wait: bool) -> Result<(), FlowError> {
+        let Some(committing) = self.guarantee.committing.as_ref() else { return Ok(()) };
+        if self.emitter.holds() && committing.flushed() {
+            self.release_held()?;
+        }
         let Some(outcome) = self.guarantee.committing.as_ref().and_then(|c| c.outcome(wait)) else { return Ok(()) };
         let started = self.guarantee.committing.take().map(|c| c.started);
+        let sink = self.guarantee.sinks[self.guarantee.other()].clone();
         if let Err(e) = outcome? {
             // An abort heals what a fence, a fatal error or an authorization failure does not:
             // `recover` decides.
             self.guarantee.abortable = matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry);
-            return Err(self.guarantee.sink.error("commit transaction".into(), e));
+            return Err(sink.error("commit transaction".into(), e));
         }
         self.guarantee.redo = None;
-        self.guarantee.sink.committed();
+        sink.committed();
         self.settle_sealed();
         self.tasks.mark_committed();
         self.guarantee.consecutive_aborts = 0;
@@ -191,99 +226,131 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             self.metrics.max_commit_us.fetch_max(us, Ordering::Relaxed);
         }
         self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
-        self.guarantee.sink.begin()?;
+        sink.begin()?;
+        self.release_held()
+    }
+
+    /// The records held since the last commit started go to the open transaction's producer.
+    fn release_held(&mut self) -> Result<(), FlowError> {
+        let sink = self.guarantee.sink().clone();
+        self.emitter.switch(&sink)?;
         self.emitter.release()
     }
 
-    /// Starts adding `offsets` to the open transaction (None: nothing to add, or no group).
+    /// Every producer has begun a transaction, and the emitter produces with the open one's.
+    fn resume(&mut self) -> Result<(), FlowError> {
+        for sink in &self.guarantee.sinks {
+            sink.begin()?;
+        }
+        self.release_held()
+    }
+
+    /// Starts adding `offsets` to `sink`'s open transaction (None: nothing to add, or no group).
     fn start_offsets(
         &self,
         consumer: &FlowConsumer<S, ExactlyOnce>,
+        sink: &Sink,
         offsets: &TopicPartitionList,
     ) -> Option<SendingOffsets> {
         let group = consumer.group_metadata().filter(|_| offsets.count() > 0)?;
-        Some(self.guarantee.sink.start_send_offsets(offsets, group))
+        Some(sink.start_send_offsets(offsets, group))
     }
 
-    /// After the sled write, the Kafka transaction must commit the same outputs and offsets: abort
-    /// and try again with the outbox until it does (or the producer is fenced).
+    /// After the sled write, the Kafka transaction must commit the same outputs and offsets:
+    /// producer `i` aborts and tries again with the outbox until it does (or is fenced).
     fn redo_outbox(
         &mut self,
+        i: usize,
         consumer: &FlowConsumer<S, ExactlyOnce>,
         offsets: &TopicPartitionList,
     ) -> Result<(), FlowError> {
         let outbox = self.storage.outbox();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
+            let sink = self.guarantee.sinks[i].clone();
+            match sink.abort() {
                 Ok(()) => {}
-                Err(e) if self.guarantee.sink.heals(&e) => {
+                Err(e) if sink.heals(&e) => {
                     // The new producer's (empty) transaction is aborted next time round.
-                    self.replace_expired(&e)?;
+                    self.replace(i, &e)?;
                     continue;
                 }
-                Err(e) => return Err(self.guarantee.sink.error("abort transaction".into(), e)),
+                Err(e) => return Err(sink.error("abort transaction".into(), e)),
             }
             self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
-            self.guarantee.sink.begin()?;
+            sink.begin()?;
             for o in &outbox {
-                self.guarantee.sink.produce_output(0, o)?;
+                sink.produce_output(0, o)?;
             }
-            let offsets = self.start_offsets(consumer, offsets);
-            let committing = self.guarantee.sink.start_commit(offsets, || Ok(()), Instant::now())?;
+            let offsets = self.start_offsets(consumer, &sink, offsets);
+            let committing = sink.start_commit(offsets, || Ok(()), Instant::now())?;
             match committing.wait()? {
                 Ok(()) => {
-                    self.guarantee.sink.committed();
+                    sink.committed();
                     self.metrics.transactions.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e) if self.guarantee.sink.heals(&e) => self.replace_expired(&e)?,
+                Err(e) if sink.heals(&e) => self.replace(i, &e)?,
                 Err(e) if matches!(classify(&e), TxnFailure::Abort | TxnFailure::Retry) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox commit failed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(self.guarantee.sink.error("commit outbox".into(), e)),
+                Err(e) => return Err(sink.error("commit outbox".into(), e)),
             }
         }
     }
 
-    /// A failure a new producer heals (see `Sink::heals`): Kafka bumps the producer's epoch when
-    /// it times a transaction out (Kafka Streams recovers the same way from what it calls a
-    /// migrated task), and librdkafka's fatal states end with its producer.
-    fn heals(&self, e: &FlowError) -> bool {
+    /// Whether a new producer heals the failure of producer `i` (see `Sink::heals`): Kafka bumps
+    /// the producer's epoch when it times a transaction out (Kafka Streams recovers the same way
+    /// from what it calls a migrated task), and librdkafka's fatal states end with its producer.
+    fn heals_with(&self, i: usize, e: &FlowError) -> bool {
+        let sink = &self.guarantee.sinks[i];
         match e {
-            FlowError::Fenced { .. } => self.guarantee.sink.heals_fence(),
-            FlowError::Kafka { error, .. } => self.guarantee.sink.heals(error),
+            FlowError::Fenced { .. } => sink.heals_fence(),
+            FlowError::Kafka { error, .. } => sink.heals(error),
             _ => false,
         }
     }
 
-    /// Replaces the producer after [`Self::heals`]. Seen when the flow was paused past the
-    /// transaction timeout, when a commit outlasted it while the transaction coordinator moved to
-    /// another broker, and after a broker restart. The producer is replaced by a new one of the
-    /// same transactional id (which fences the old one), in a transaction; the caller aborts (and
-    /// rewinds, or produces the sled outbox again).
-    fn replace_expired(&mut self, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
-        match self.guarantee.sink.expired() {
+    /// Whether a new producer heals the failure (for one of the producers, at least).
+    fn heals(&self, e: &FlowError) -> bool {
+        (0..self.guarantee.sinks.len()).any(|i| self.heals_with(i, e))
+    }
+
+    /// Replaces every producer a new one heals after [`Self::heals`].
+    fn replace_failed(&mut self, cause: &FlowError) -> Result<(), FlowError> {
+        for i in 0..self.guarantee.sinks.len() {
+            if self.heals_with(i, cause) {
+                self.replace(i, cause)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces producer `i` by a new one of the same transactional id (which fences the old
+    /// one), in a transaction; the caller aborts (and rewinds, or produces the sled outbox
+    /// again). Seen when the flow was paused past the transaction timeout, when a commit
+    /// outlasted it while the transaction coordinator moved to another broker, and after a
+    /// broker restart.
+    fn replace(&mut self, i: usize, cause: &dyn std::fmt::Display) -> Result<(), FlowError> {
+        let sink = self.guarantee.sinks[i].clone();
+        match sink.expired() {
             Some(open) => tracing::warn!(
                 error = %cause,
                 open_ms = open.as_millis() as u64,
-                transactional_id = %self.guarantee.sink.transactional_id,
+                transactional_id = %sink.transactional_id,
                 "the broker aborted the open transaction after its timeout (transaction.timeout.ms) and fenced this producer; replacing the producer and processing again from the last commit"
             ),
             None => tracing::warn!(
                 error = %cause,
-                transactional_id = %self.guarantee.sink.transactional_id,
+                transactional_id = %sink.transactional_id,
                 "the transactional producer failed for good; replacing it and processing again from the last commit"
             ),
         }
         // What the emitter still holds, and its failure, belong to the old producer.
         let _ = self.emitter.flush();
-        self.guarantee
-            .sink
-            .replace_producer()
-            .map_err(|e| self.guarantee.sink.error("replace the failed producer".into(), e))
+        sink.replace_producer().map_err(|e| sink.error("replace the failed producer".into(), e))
     }
 
     /// The one way back from a failure, wherever it surfaced (a produce call, a commit, a flush, a
@@ -295,9 +362,10 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
     /// - anything else (fenced by a live instance, a storage or configuration error, a fatal
     ///   consumer error): the flow stops with it.
     ///
-    /// After an abort, a transaction the storage of record (sled) holds already is committed again
-    /// from its outbox with the same offsets; any other is rewound to the last committed offsets.
-    /// Then the next transaction begins.
+    /// Both producers' transactions abort (the open one was made on top of the committing one).
+    /// A transaction the storage of record (sled) holds already is committed again from its
+    /// outbox with the same offsets; the consumer is rewound to the last committed offsets. Then
+    /// the next transactions begin.
     fn recover_transaction(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>, e: FlowError) -> Result<(), FlowError> {
         // No other transactional call may run beside a commit under way: it ends first (its own
         // failure is healed with this one by the abort below).
@@ -306,33 +374,26 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         }
         match self.failure_of(&e) {
             Failure::Stop => return Err(e),
-            Failure::ProducerFailed => self.replace_expired(&e)?,
-            Failure::Abortable => {
-                tracing::warn!(error = %e, "the transaction failed; aborting it");
-                // The emitter's failure is this one.
-                let _ = self.emitter.flush();
-            }
+            Failure::ProducerFailed => self.replace_failed(&e)?,
+            Failure::Abortable => tracing::warn!(error = %e, "the transaction failed; aborting it"),
         }
         self.guarantee.abortable = false;
-        match self.guarantee.redo.take() {
-            Some(offsets) => {
-                tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
-                self.redo_outbox(consumer, &offsets)?;
-                self.tasks.mark_committed();
+        let redo = self.guarantee.redo.take();
+        match self.abort_all() {
+            // The abort found that the broker had timed a transaction out.
+            Err(fenced) if self.heals(&fenced) => {
+                self.replace_failed(&fenced)?;
+                self.abort_all()?;
             }
-            None => match self.abort_and_rewind(consumer) {
-                // The abort found that the broker had timed the transaction out.
-                Err(fenced) if self.heals(&fenced) => {
-                    self.replace_expired(&fenced)?;
-                    self.abort_and_rewind(consumer)?;
-                }
-                aborted => aborted?,
-            },
+            aborted => aborted?,
         }
-        self.guarantee.sink.begin()?;
-        // The next transaction's records, held while the failed one committed (after a rewind
-        // there are none).
-        self.emitter.release()
+        if let Some((i, offsets)) = redo {
+            tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
+            self.redo_outbox(i, consumer, &offsets)?;
+            self.tasks.mark_committed();
+        }
+        self.rewind(consumer)?;
+        self.resume()
     }
 
     fn failure_of(&self, e: &FlowError) -> Failure {
@@ -346,15 +407,16 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         }
     }
 
-    fn abort_and_rewind(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
-        // Whatever the emitter still holds belongs to the transaction being aborted.
+    /// Aborts every producer's transaction (whatever the emitter still holds belongs to them),
+    /// backing off when aborts keep coming.
+    fn abort_all(&mut self) -> Result<(), FlowError> {
         match self.emitter.flush() {
             Err(e @ FlowError::Fenced { .. }) => return Err(e),
             Err(e) => tracing::warn!(error = %e, "producing the aborted transaction's outputs failed"),
             Ok(_) => {}
         }
-        if let Err(e) = self.guarantee.sink.producer().abort_transaction(TXN_TIMEOUT) {
-            return Err(self.guarantee.sink.error("abort transaction".into(), e));
+        for sink in &self.guarantee.sinks {
+            sink.abort().map_err(|e| sink.error("abort transaction".into(), e))?;
         }
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
         self.guarantee.consecutive_aborts += 1;
@@ -368,6 +430,11 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             );
             std::thread::sleep(delay);
         }
+        Ok(())
+    }
+
+    /// Forgets what was processed since the last commit and seeks the consumer back to it.
+    fn rewind(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>) -> Result<(), FlowError> {
         self.discard_open_work();
         self.tasks.forget_uncommitted();
         let mut tpl = TopicPartitionList::new();

@@ -25,6 +25,9 @@ pub(super) trait Guarantee: Sized + Send + 'static {
     /// and its acknowledgements are not counted per batch.
     const TRANSACTIONAL: bool;
 
+    /// How many producers it drives (exactly once alternates two transactional producers).
+    const PRODUCERS: usize;
+
     /// The id under which the records produced now are counted (the at-least-once batch being
     /// filled; 0 for a transaction).
     fn batch(&self) -> usize;

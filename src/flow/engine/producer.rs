@@ -66,6 +66,8 @@ pub(super) struct Sink {
     sent: AtomicBool,
     /// Producers replaced since the last commit.
     replaced: std::sync::atomic::AtomicU32,
+    /// A transaction is begun (and neither committed nor aborted since).
+    in_txn: AtomicBool,
 }
 
 /// Producer replacements in a row (no commit between them) after which a failure stops the flow.
@@ -101,6 +103,7 @@ impl Sink {
             opened: Mutex::new(None),
             sent: AtomicBool::new(false),
             replaced: Default::default(),
+            in_txn: AtomicBool::new(transactional),
         }
     }
 
@@ -154,10 +157,23 @@ impl Sink {
         self.txn_timeout.is_some()
     }
 
-    /// Begins a transaction.
+    /// Begins a transaction, unless one is begun already.
     pub(super) fn begin(&self) -> Result<(), FlowError> {
+        if self.in_txn.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.producer().begin_transaction().map_err(|e| self.error("begin transaction".into(), e))?;
         self.reset_opened();
+        self.in_txn.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Aborts the transaction begun (and the failed commit's), if there is one.
+    pub(super) fn abort(&self) -> KafkaResult<()> {
+        if self.in_txn.load(Ordering::Relaxed) {
+            self.producer().abort_transaction(TXN_TIMEOUT)?;
+            self.in_txn.store(false, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -254,6 +270,9 @@ pub(super) type CommitOutcome = Result<KafkaResult<()>, FlowError>;
 /// next transaction (whose records wait for the next begin).
 pub(super) struct Committing {
     done: Receiver<CommitOutcome>,
+    /// Every record of the transaction is acknowledged (in its partition's log): records produced
+    /// by another producer from now on land after them.
+    flushed: Arc<AtomicBool>,
     /// When the commit started (on the flow thread: the seal included).
     pub(super) started: Instant,
 }
@@ -276,19 +295,26 @@ impl Committing {
         }
     }
 
+    /// Every record of the transaction is acknowledged (see [`Sink::start_commit`]).
+    pub(super) fn flushed(&self) -> bool {
+        self.flushed.load(Ordering::Acquire)
+    }
+
     fn gone() -> FlowError {
         FlowError::Crashed("the transaction's commit thread stopped".into())
     }
 }
 
 impl Sink {
-    /// Commits the open transaction on a thread of its own: waits for its offsets (`sending`),
-    /// for every record it produced to be acknowledged, and for the storage's write (`durable`),
-    /// then commits. rdkafka's `commit_transaction` flushes first, and with a `ThreadedProducer`
-    /// its flush waits in 100 ms polling steps while the background thread takes the delivery
-    /// reports; waiting here in 200 µs steps makes a commit cost milliseconds instead of 100 ms.
-    /// A retriable failure of the commit is retried twice. Nothing may be produced until the
-    /// outcome is taken and the next transaction begun.
+    /// Commits the open transaction on a thread of its own: waits for every record it produced
+    /// to be acknowledged (then [`Committing::flushed`] says so: the flow's other producer may
+    /// produce the next transaction's records, which land after these), for its offsets
+    /// (`sending`) and for the storage's write (`durable`), then commits. rdkafka's
+    /// `commit_transaction` flushes first, and with a `ThreadedProducer` its flush waits in
+    /// 100 ms polling steps while the background thread takes the delivery reports; waiting here
+    /// in 200 µs steps makes a commit cost milliseconds instead of 100 ms. A retriable failure
+    /// of the commit is retried twice. Nothing may be produced with this producer until the
+    /// outcome is taken and its next transaction begun.
     pub(super) fn start_commit(
         self: &Arc<Self>,
         sending: Option<SendingOffsets>,
@@ -296,20 +322,22 @@ impl Sink {
         started: Instant,
     ) -> Result<Committing, FlowError> {
         let (tx, done) = sync_channel(1);
-        let sink = self.clone();
+        let flushed = Arc::new(AtomicBool::new(false));
+        let (sink, flushed_) = (self.clone(), flushed.clone());
         std::thread::Builder::new()
             .name("eventstage-commit".into())
             .spawn(move || {
-                let sent = sending.map_or(Ok(()), |sending| sending.wait(&sink));
-                let deadline = Instant::now() + TXN_TIMEOUT;
-                while sink.producer().in_flight_count() > 0 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_micros(200));
+                // Past the timeout the commit fails (its own flush does), and the records of the
+                // next transaction wait for its outcome.
+                if flush(&sink.producer.load_full(), TXN_TIMEOUT) {
+                    flushed_.store(true, Ordering::Release);
                 }
+                let sent = sending.map_or(Ok(()), |sending| sending.wait(&sink));
                 let outcome = durable().map(|()| sent.and_then(|()| sink.commit_transaction()));
                 let _ = tx.send(outcome);
             })
             .map_err(|e| FlowError::Crashed(format!("cannot start a thread for the transaction's commit: {e}")))?;
-        Ok(Committing { done, started })
+        Ok(Committing { done, flushed, started })
     }
 
     /// `commit_transaction`, tried again (twice at most) after a retriable failure.
@@ -322,10 +350,27 @@ impl Sink {
                     tracing::warn!(error = %e, attempt, "commit failed; retrying");
                     std::thread::sleep(Duration::from_millis(100 * attempt));
                 }
+                Ok(()) => {
+                    self.in_txn.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
                 other => return other,
             }
         }
     }
+}
+
+/// Waits up to `timeout` until every record `producer` was given is acknowledged: true once it
+/// is. librdkafka's own flush: while it runs, the records lingering in its queues are sent at
+/// once (`linger.ms` does not apply), and it waits on a condition variable. rdkafka's
+/// `Producer::flush` calls it with no timeout in a loop of 100 ms polls, so its records linger.
+fn flush(producer: &ThreadedProducer<FlowProducerContext>, timeout: Duration) -> bool {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the pointer is the client of `producer`, alive for the call (the caller holds it);
+    // rd_kafka_flush may be called from any thread. rdkafka asks for delivery reports as events,
+    // so librdkafka's flush only waits for them to be served (by the producer's own thread).
+    let code = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms) };
+    code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
 }
 
 /// Brings up a transactional producer's connection to a cluster broker before
@@ -363,6 +408,7 @@ impl Sink {
         }
         producer.begin_transaction()?;
         self.reset_opened();
+        self.in_txn.store(true, Ordering::Relaxed);
         self.replaced.fetch_add(1, Ordering::Relaxed);
         self.producer.store(Arc::new(producer));
         tracing::info!(transactional_id = %self.transactional_id, "the transactional producer was replaced");

@@ -264,22 +264,16 @@ pub(super) fn claim_journal(check: JournalCheck) -> Result<KafkaJournal, FlowErr
 }
 
 /// The flow's producer; transactional (exactly once) with its first transaction begun.
-pub(super) fn start_producer(
+fn start_producer(
+    config: &ClientConfig,
     settings: &Settings,
     deliveries: &Arc<Deliveries>,
     setup: &Setup<'_>,
     at_least_once: bool,
-    inputs_exist: impl FnOnce() -> bool,
 ) -> Result<ThreadedProducer<FlowProducerContext>, FlowError> {
-    let producer: ThreadedProducer<_> = settings
-        .producer
+    let producer: ThreadedProducer<_> = config
         .create_with_context(FlowProducerContext { deliveries: deliveries.clone() })
         .map_err(|e| kafka("producer", e))?;
-    // `connect_to_cluster` names an input topic: a producer's metadata request may create a topic
-    // that does not exist (`allow.auto.create.topics`), so it waits until the inputs are checked.
-    if !inputs_exist() {
-        return Err(FlowError::Config("not started: the input topics were not found".into()));
-    }
     if !at_least_once {
         connect_to_cluster(&producer, settings.inputs.first().map(String::as_str));
         with_backoff(
@@ -293,6 +287,52 @@ pub(super) fn start_producer(
     Ok(producer)
 }
 
+/// The transactional id of a flow's producer `i`: the flow's own for the first, with `.i`
+/// appended for the others (exactly once alternates two). Stable per instance, like the flow's.
+pub(super) fn producer_id(transactional_id: &str, i: usize) -> String {
+    match i {
+        0 => transactional_id.to_string(),
+        i => format!("{transactional_id}.{i}"),
+    }
+}
+
+/// Starts the flow's `n` producers side by side, once the inputs are known to exist
+/// (`inputs_exist`): `connect_to_cluster` names an input topic, and a producer's metadata request
+/// may create a topic that does not exist (`allow.auto.create.topics`).
+fn start_producers(
+    n: usize,
+    settings: &Settings,
+    deliveries: &Arc<Deliveries>,
+    setup: &Setup<'_>,
+    at_least_once: bool,
+    inputs_exist: impl FnOnce() -> bool,
+) -> Result<Vec<(ThreadedProducer<FlowProducerContext>, ClientConfig, String)>, FlowError> {
+    let configs: Vec<(ClientConfig, String)> = (0..n)
+        .map(|i| {
+            let id = producer_id(&settings.transactional_id, i);
+            let mut config = settings.producer.clone();
+            if !at_least_once {
+                config.set("transactional.id", &id);
+            }
+            (config, id)
+        })
+        .collect();
+    if !inputs_exist() {
+        return Err(FlowError::Config("not started: the input topics were not found".into()));
+    }
+    let producers = std::thread::scope(|s| {
+        let started: Vec<_> = configs
+            .iter()
+            .map(|(config, _)| s.spawn(move || start_producer(config, settings, deliveries, setup, at_least_once)))
+            .collect();
+        started
+            .into_iter()
+            .map(|p| p.join().unwrap_or_else(|_| Err(FlowError::Crashed("the producer's start panicked".into()))))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    Ok(producers.into_iter().zip(configs).map(|(p, (config, id))| (p, config, id)).collect())
+}
+
 /// Starts a flow: reads the inputs' metadata, checks (or claims) the Kafka journal and starts the
 /// transactional producer beside them, all within the setup timeout; opens the storage; and
 /// subscribes the consumer. The loop runs next ([`FlowThread::run`]).
@@ -302,7 +342,7 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     outputs: Outputs<S>,
     stop: &AtomicU8,
     metrics: Arc<Metrics>,
-    guarantee: impl FnOnce(Arc<Sink>) -> G,
+    guarantee: impl FnOnce(Vec<Arc<Sink>>) -> G,
 ) -> Result<FlowThread<S, G>, FlowError> {
     let run_started = Instant::now();
     let is_kafka = |e: &FlowError| matches!(e, FlowError::Kafka { .. });
@@ -313,15 +353,15 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     // when librdkafka's first try finds the coordinator not ready) does not depend on the input's
     // metadata nor on the Kafka journal's checks (its topic; its owner in the registry): it runs
     // beside them.
-    let (journal, producer) = std::thread::scope(|s| {
+    let (journal, producers) = std::thread::scope(|s| {
         let (inputs_ok, inputs_checked) = std::sync::mpsc::channel::<()>();
         let (settings_, deliveries_, setup_) = (&settings, &deliveries, &setup);
         let producer = s.spawn(move || {
             let started = Instant::now();
-            let producer =
-                start_producer(settings_, deliveries_, setup_, at_least_once, || inputs_checked.recv().is_ok());
-            tracing::debug!(producer_ms = started.elapsed().as_millis() as u64, "producer started");
-            producer
+            let inputs_exist = || inputs_checked.recv().is_ok();
+            let producers = start_producers(G::PRODUCERS, settings_, deliveries_, setup_, at_least_once, inputs_exist);
+            tracing::debug!(producer_ms = started.elapsed().as_millis() as u64, "producers started");
+            producers
         });
         let partitions = with_backoff(
             "reading the input topics' metadata",
@@ -350,9 +390,9 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
                 _ => Ok(None),
             }
         });
-        let producer =
-            producer.join().unwrap_or_else(|_| Err(FlowError::Crashed("the producer's start panicked".into())));
-        Ok::<_, FlowError>((checked?, producer?))
+        let producers =
+            producer.join().unwrap_or_else(|_| Err(FlowError::Crashed("the producers' start panicked".into())));
+        Ok::<_, FlowError>((checked?, producers?))
     })?;
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {
@@ -393,21 +433,20 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
         }
         _ => None,
     };
-    let sink = Arc::new(Sink::new(
-        producer,
-        settings.producer.clone(),
-        deliveries,
-        settings.transactional_id.clone(),
-        settings.inputs.first().cloned(),
-    ));
+    let sinks: Vec<Arc<Sink>> = producers
+        .into_iter()
+        .map(|(producer, config, id)| {
+            Arc::new(Sink::new(producer, config, deliveries.clone(), id, settings.inputs.first().cloned()))
+        })
+        .collect();
     // Exactly once over the sled journal (the state of record): a transaction's outputs are kept
     // in its sled write, to be produced again if its Kafka commit fails.
     let keep_outbox = G::TRANSACTIONAL && matches!(settings.journal, FlowJournal::Sled(_));
-    let emitter = Emitter::start(outputs, sink.clone(), metrics.clone(), keep_outbox)?;
+    let emitter = Emitter::start(outputs, sinks[0].clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
         tasks: TaskManager::new(),
-        guarantee: guarantee(sink),
+        guarantee: guarantee(sinks),
         emitter,
         // Set once a restore finds inputs applied beyond the committed offsets (sled positions).
         skip_applied: false,
