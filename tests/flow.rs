@@ -647,6 +647,64 @@ async fn journal_records_are_written_per_key_and_transaction() {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 1)).await.unwrap(), accounts);
 }
 
+/// Exactly once, the flow's two producers take turns: while one commits a transaction, the next
+/// transaction's records go to the other once the first one's are acknowledged. With every key in
+/// one partition and commits every 5 ms while commands keep coming, a key's records are produced
+/// by one producer, then the other, many times over: its replies still come in command order, and
+/// its journal records hold its events in sequence, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_records_keep_their_order_while_two_producers_take_turns() {
+    let s = setup(1).await;
+    let cmds = workload(1500, 4, 61);
+    let (replies, accounts) = expected(&cmds);
+    let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .commit_interval(Duration::from_millis(5))
+        .run()
+        .unwrap();
+    feed_slowly(&s, &cmds).join().unwrap();
+    let recs = await_replies(&s, replies).await;
+    crate::patterns::assert_order(&cmds, &recs);
+    let transactions = flow.metrics().transactions;
+    assert!(transactions >= 20, "commits followed one another while commands came: {transactions}");
+    flow.drain_and_shutdown().await.unwrap();
+
+    let journal = {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut config = rdkafka::ClientConfig::new();
+            config.set("bootstrap.servers", &s.brokers);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let journal = rt.block_on(KafkaJournal::ensure(config, &s.journal, 1)).unwrap();
+            let mut records = Vec::new();
+            journal
+                .restore_partition(0, Duration::from_secs(30), |k, e| {
+                    records.push((String::from_utf8(k.to_vec()).unwrap(), e))
+                })
+                .unwrap();
+            records
+        })
+        .await
+        .unwrap()
+    };
+    // Per key, in the journal's order: each record's first event follows the previous record's
+    // last (a closed account's tombstone starts it again from sequence 1).
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for (key, entry) in &journal {
+        let Some(entry) = entry else {
+            last.remove(key);
+            continue;
+        };
+        if entry.events.is_empty() {
+            continue;
+        }
+        let first = entry.last_seq.0 + 1 - entry.events.len() as u64;
+        let before = last.insert(key.clone(), entry.last_seq.0).unwrap_or(0);
+        assert_eq!(first, before + 1, "{key}'s journal records follow one another in sequence");
+    }
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 1)).await.unwrap(), accounts);
+}
+
 /// `describe --group` shows the group's committed offsets, lag and journal; `reset --dry-run`
 /// changes nothing; `reset` refuses while an instance runs, and after it a rerun of the group
 /// starts from scratch: every command is processed again on empty state (balances are not

@@ -66,7 +66,7 @@ fn enriched_bank(s: &Setup, service: &Service, parallelism: usize, guarantee: Gu
 }
 
 /// Replies of one account must come in the order its commands were sent.
-fn assert_order(cmds: &[(String, String, BankCommand)], replies: &[crate::util::broker::Rec]) {
+pub(crate) fn assert_order(cmds: &[(String, String, BankCommand)], replies: &[crate::util::broker::Rec]) {
     let mut sent: HashMap<&str, Vec<&str>> = HashMap::new();
     for (account, id, _) in cmds {
         sent.entry(account).or_default().push(id);
