@@ -327,13 +327,29 @@ impl Sink {
         std::thread::Builder::new()
             .name("eventstage-commit".into())
             .spawn(move || {
+                let thread_started = Instant::now();
                 // Past the timeout the commit fails (its own flush does), and the records of the
                 // next transaction wait for its outcome.
                 if flush(&sink.producer.load_full(), TXN_TIMEOUT) {
                     flushed_.store(true, Ordering::Release);
                 }
+                let flushed_at = thread_started.elapsed();
                 let sent = sending.map_or(Ok(()), |sending| sending.wait(&sink));
-                let outcome = durable().map(|()| sent.and_then(|()| sink.commit_transaction()));
+                let offsets_at = thread_started.elapsed();
+                let stored = durable();
+                let durable_at = thread_started.elapsed();
+                let outcome = stored.map(|()| sent.and_then(|()| sink.commit_transaction()));
+                // Where a commit's time goes: the seal on the flow thread, then on this thread the
+                // acknowledgements, the offsets' round trips, the storage's write, the commit.
+                tracing::debug!(
+                    transactional_id = %sink.transactional_id,
+                    seal_us = thread_started.duration_since(started).as_micros() as u64,
+                    flushed_us = flushed_at.as_micros() as u64,
+                    offsets_us = offsets_at.as_micros() as u64,
+                    durable_us = durable_at.as_micros() as u64,
+                    committed_us = thread_started.elapsed().as_micros() as u64,
+                    "commit"
+                );
                 let _ = tx.send(outcome);
             })
             .map_err(|e| FlowError::Crashed(format!("cannot start a thread for the transaction's commit: {e}")))?;
