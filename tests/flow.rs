@@ -601,6 +601,27 @@ async fn a_broker_outage_mid_run_loses_and_duplicates_nothing() {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
 
+/// The records of partition 0 of the setup's (one-partition) Kafka journal, in order: key and
+/// entry (None: a tombstone).
+async fn journal_records(s: &Setup) -> Vec<(String, Option<eventstage::journal::kafka::JournalEntry>)> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &s.brokers);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let journal = rt.block_on(KafkaJournal::ensure(config, &s.journal, 1)).unwrap();
+        let mut records = Vec::new();
+        journal
+            .restore_partition(0, Duration::from_secs(30), |k, e| {
+                records.push((String::from_utf8(k.to_vec()).unwrap(), e))
+            })
+            .unwrap();
+        records
+    })
+    .await
+    .unwrap()
+}
+
 /// The Kafka journal writes one record per key and transaction (its events of the transaction and
 /// its state after them), and splits a hot key's events over records of at most 1000 events: the
 /// records of one key still hold every event once, in sequence.
@@ -622,24 +643,7 @@ async fn journal_records_are_written_per_key_and_transaction() {
     flow.drain_and_shutdown().await.unwrap();
     await_replies(&s, replies).await;
 
-    let records = {
-        let s = s.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut config = rdkafka::ClientConfig::new();
-            config.set("bootstrap.servers", &s.brokers);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let journal = rt.block_on(KafkaJournal::ensure(config, &s.journal, 1)).unwrap();
-            let mut records = Vec::new();
-            journal
-                .restore_partition(0, Duration::from_secs(30), |k, e| {
-                    records.push((String::from_utf8(k.to_vec()).unwrap(), e.unwrap()))
-                })
-                .unwrap();
-            records
-        })
-        .await
-        .unwrap()
-    };
+    let records: Vec<_> = journal_records(&s).await.into_iter().map(|(k, e)| (k, e.unwrap())).collect();
     let hot: Vec<_> = records.iter().filter(|(k, _)| k == "hot").map(|(_, e)| e).collect();
     assert_eq!(hot.iter().map(|e| e.last_seq.0).collect::<Vec<_>>(), [1000, 2000, 2500]);
     assert_eq!(hot.iter().map(|e| e.events.len()).collect::<Vec<_>>(), [1000, 1000, 500]);
@@ -669,24 +673,7 @@ async fn a_keys_records_keep_their_order_while_two_producers_take_turns() {
     assert!(transactions >= 20, "commits followed one another while commands came: {transactions}");
     flow.drain_and_shutdown().await.unwrap();
 
-    let journal = {
-        let s = s.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut config = rdkafka::ClientConfig::new();
-            config.set("bootstrap.servers", &s.brokers);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let journal = rt.block_on(KafkaJournal::ensure(config, &s.journal, 1)).unwrap();
-            let mut records = Vec::new();
-            journal
-                .restore_partition(0, Duration::from_secs(30), |k, e| {
-                    records.push((String::from_utf8(k.to_vec()).unwrap(), e))
-                })
-                .unwrap();
-            records
-        })
-        .await
-        .unwrap()
-    };
+    let journal = journal_records(&s).await;
     // Per key, in the journal's order: each record's first event follows the previous record's
     // last (a closed account's tombstone starts it again from sequence 1).
     let mut last: HashMap<String, u64> = HashMap::new();

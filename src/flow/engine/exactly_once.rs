@@ -269,7 +269,12 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         loop {
             let sink = self.guarantee.sinks[i].clone();
             match sink.abort() {
-                Ok(()) => {}
+                // The first time round the caller's abort did it already.
+                Ok(aborted) => {
+                    if aborted {
+                        self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Err(e) if sink.heals(&e) => {
                     // The new producer's (empty) transaction is aborted next time round.
                     self.replace(i, &e)?;
@@ -277,7 +282,6 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
                 }
                 Err(e) => return Err(sink.error("abort transaction".into(), e)),
             }
-            self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
             sink.begin()?;
             for o in &outbox {
                 sink.produce_output(0, o)?;
@@ -391,6 +395,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
             self.redo_outbox(i, consumer, &offsets)?;
             self.tasks.mark_committed();
+            self.guarantee.consecutive_aborts = 0;
         }
         self.rewind(consumer)?;
         self.resume()
@@ -418,6 +423,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         for sink in &self.guarantee.sinks {
             sink.abort().map_err(|e| sink.error("abort transaction".into(), e))?;
         }
+        // One abort of the flow's work, whichever producers held part of it.
         self.metrics.aborts.fetch_add(1, Ordering::Relaxed);
         self.guarantee.consecutive_aborts += 1;
         let aborts = self.guarantee.consecutive_aborts;

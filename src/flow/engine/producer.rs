@@ -168,13 +168,14 @@ impl Sink {
         Ok(())
     }
 
-    /// Aborts the transaction begun (and the failed commit's), if there is one.
-    pub(super) fn abort(&self) -> KafkaResult<()> {
-        if self.in_txn.load(Ordering::Relaxed) {
-            self.producer().abort_transaction(TXN_TIMEOUT)?;
-            self.in_txn.store(false, Ordering::Relaxed);
+    /// Aborts the transaction begun (or the failed commit's), if there is one: whether there was.
+    pub(super) fn abort(&self) -> KafkaResult<bool> {
+        if !self.in_txn.load(Ordering::Relaxed) {
+            return Ok(false);
         }
-        Ok(())
+        self.producer().abort_transaction(TXN_TIMEOUT)?;
+        self.in_txn.store(false, Ordering::Relaxed);
+        Ok(true)
     }
 
     fn reset_opened(&self) {
