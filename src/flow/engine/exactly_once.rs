@@ -1,8 +1,9 @@
 //! Exactly once: the open Kafka transaction holds the outputs, the journal records and the
-//! consumed offsets, and commits or aborts them as one. This guarantee alone drives the
-//! transactional producer: the begin, the offsets, the commit and the abort, and the producer's
-//! replacement after a wedged call, a fatal error or a transaction the broker timed out; over the
-//! sled journal (the state of record), the outbox produced again after a failed commit.
+//! consumed offsets, and commits or aborts them as one. This guarantee alone drives the flow's two
+//! transactional producers, which take turns (see [`ExactlyOnce`]): the begin, the offsets, the
+//! commit and the abort, and a producer's replacement after a wedged call, a fatal error or a
+//! transaction the broker timed out; over the sled journal (the state of record), the outbox
+//! produced again after a failed commit.
 
 use super::core::{Core, FlowConsumer};
 use super::guarantee::{Guarantee, Wait};

@@ -1,7 +1,7 @@
-//! The flow's producer: the transactional producer shared by the flow thread (journal records,
-//! transactions) and the emitter thread (output records), its replacement when it breaks, the
-//! acknowledgements counted per at-least-once batch, and how a transactional error is
-//! classified.
+//! A flow's producer (`Sink`; exactly once has two that take turns), shared by the flow thread
+//! (journal records, transactions) and the emitter thread (output records): its commit on a
+//! thread of its own, its replacement when it breaks, the acknowledgements counted per
+//! at-least-once batch, and how a transactional error is classified.
 
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
@@ -45,7 +45,7 @@ pub(super) fn classify(e: &KafkaError) -> TxnFailure {
     }
 }
 
-/// The transactional producer, shared by the flow thread (journal records, transactions) and the
+/// A producer of the flow, shared by the flow thread (journal records, transactions) and the
 /// emitter thread (output records). It can be replaced by a new one of the same transactional id
 /// while the flow runs (see [`Sink::start_send_offsets`]).
 pub(super) struct Sink {
