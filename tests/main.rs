@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 pub(crate) mod damage;
 mod flow;
+mod flow_journal;
 mod fuzz;
 mod instances;
 mod journal_kafka;

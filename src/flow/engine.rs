@@ -1,6 +1,6 @@
 //! The flow engine: one thread per flow with its consumer, its producers (exactly once: two
-//! transactional ones taking turns) and the state of the partitions it owns. `startup` builds it, `thread` runs its loop; see
-//! ARCHITECTURE.md for the parts and the walk of one record.
+//! transactional ones taking turns) and the state of the partitions it owns. `startup` builds it,
+//! `thread` runs its loop; see ARCHITECTURE.md for the parts and the walk of one record.
 
 mod at_least_once;
 mod core;

@@ -310,11 +310,10 @@ impl Sink {
     /// Commits the open transaction on a thread of its own: waits for every record it produced
     /// to be acknowledged (then [`Committing::flushed`] says so: the flow's other producer may
     /// produce the next transaction's records, which land after these), for its offsets
-    /// (`sending`) and for the storage's write (`durable`), then commits. rdkafka's
-    /// `commit_transaction` flushes first, and with a `ThreadedProducer` its flush waits in
-    /// 100 ms polling steps while the background thread takes the delivery reports; waiting here
-    /// in 200 µs steps makes a commit cost milliseconds instead of 100 ms. A retriable failure
-    /// of the commit is retried twice. Nothing may be produced with this producer until the
+    /// (`sending`) and for the storage's write (`durable`), then commits. The acknowledgements
+    /// are waited for with librdkafka's own flush (see [`flush`]), not by `commit_transaction`'s,
+    /// which with a `ThreadedProducer` waits in 100 ms polling steps. A retriable failure of the
+    /// commit is retried twice. Nothing may be produced with this producer until the
     /// outcome is taken and its next transaction begun.
     pub(super) fn start_commit(
         self: &Arc<Self>,

@@ -289,7 +289,7 @@ fn start_producer(
 
 /// The transactional id of a flow's producer `i`: the flow's own for the first, with `.i`
 /// appended for the others (exactly once alternates two). Stable per instance, like the flow's.
-pub(super) fn producer_id(transactional_id: &str, i: usize) -> String {
+fn producer_id(transactional_id: &str, i: usize) -> String {
     match i {
         0 => transactional_id.to_string(),
         i => format!("{transactional_id}.{i}"),
