@@ -12,7 +12,7 @@ use super::core::{Core, FlowConsumer};
 use super::guarantee::{Guarantee, Wait};
 use super::producer::Sink;
 use super::state::PartitionState;
-use super::storage::{Out, Storage};
+use super::storage::{Out, Storage, Write};
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::record::InputRecord;
@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 pub(super) struct PendingBatch {
     id: usize,
     offsets: TopicPartitionList,
-    /// Whether the storage wrote the batch's journal.
+    /// What its tasks' stores sealed: the batch's journal, written once its outputs are
+    /// acknowledged.
+    writes: Vec<Write>,
+    /// Whether the batch's journal was written.
     journaled: bool,
 }
 
@@ -57,21 +60,21 @@ impl Committer {
 }
 
 impl Committer {
-    /// Starts filling the next batch, the batch filled so far (`offsets`: what it consumed up to)
-    /// on its way; returns its id.
-    pub(super) fn seal(&mut self, offsets: Option<TopicPartitionList>) -> usize {
+    /// Starts filling the next batch, the batch filled so far on its way (`sealed`: what it
+    /// consumed up to, and its journal to write); returns its id.
+    pub(super) fn seal(&mut self, sealed: Option<(TopicPartitionList, Vec<Write>)>) -> usize {
         let id = self.filling;
         self.inputs = 0;
         self.full = false;
-        if let Some(offsets) = offsets {
-            self.queue.push_back(PendingBatch { id, offsets, journaled: false });
+        if let Some((offsets, writes)) = sealed {
+            self.queue.push_back(PendingBatch { id, offsets, writes, journaled: false });
             self.filling += 1;
         }
         id
     }
 
-    /// Moves pending batches along, oldest first: their journal is written (by `storage`) once
-    /// their outputs are acknowledged, their offsets committed once the journal is.
+    /// Moves pending batches along, oldest first: their journal is written once their outputs are
+    /// acknowledged (and made durable by `storage`), their offsets committed once the journal is.
     pub(super) fn advance<S: EventSourced, C: ConsumerContext>(
         &mut self,
         sink: &Sink,
@@ -100,7 +103,10 @@ impl Committer {
             if !front.journaled {
                 // Its records are counted under the batch, so the offsets wait for them too.
                 front.journaled = true;
-                storage.write_batch(id, Out { sink, batch: id })?;
+                for write in std::mem::take(&mut front.writes) {
+                    write(Out { sink, batch: id })?;
+                }
+                storage.durable()?()?;
                 continue;
             }
             let Some(done) = self.queue.pop_front() else { return Ok(()) };
@@ -194,7 +200,6 @@ impl Guarantee for AtLeastOnce {
         // Their offsets cannot be committed any more and their journal must not land after the
         // new owner restored.
         c.guarantee.committer.queue.clear();
-        c.storage.drop_batches();
         c.discard_open_work();
         Ok(())
     }
@@ -210,12 +215,12 @@ impl<S: EventSourced> Core<S, AtLeastOnce> {
         self.emitter.hand_off()?;
         let sealed = if self.tasks.dirty {
             let (offsets, positions) = self.pending_offsets()?;
+            let writes = self.tasks.seal_stores(positions)?.into_iter().map(|s| s.write).collect();
             // Handed to the committer: the next batch starts here.
             self.tasks.seal();
             self.tasks.mark_committed();
-            self.storage.seal_batch(self.guarantee.committer.filling, &self.tasks, positions)?;
             self.settle_overlays();
-            Some(offsets)
+            Some((offsets, writes))
         } else {
             None
         };

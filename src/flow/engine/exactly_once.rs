@@ -8,10 +8,10 @@
 use super::core::{Core, FlowConsumer};
 use super::guarantee::{Guarantee, Wait};
 use super::producer::{classify, Committing, SendingOffsets, Sink, TxnFailure};
-use super::state::PartitionState;
+use super::state::{PartitionState, Positions};
 use super::storage::Out;
 use crate::flow::error::FlowError;
-use crate::flow::record::InputRecord;
+use crate::flow::record::{InputRecord, OutputRecord};
 use crate::flow::shared::{kafka, TXN_TIMEOUT};
 use crate::stage::EventSourced;
 use rdkafka::consumer::Consumer;
@@ -40,10 +40,10 @@ pub(super) struct ExactlyOnce {
     consecutive_aborts: u32,
     /// The last commit failed in a way an abort heals (librdkafka's abortable state).
     abortable: bool,
-    /// The committing transaction's producer and offsets, once the storage of record (sled) holds
-    /// it: a failed commit of it is made good by producing its outbox again with them, never by a
-    /// rewind.
-    redo: Option<(usize, TopicPartitionList)>,
+    /// The committing transaction once the storage of record (sled) holds it: its producer, its
+    /// offsets and its outbox (per task). A failed commit of it is made good by producing the
+    /// outbox again with the offsets, never by a rewind.
+    redo: Option<Redo>,
     /// The commit under way (by the producer that is not `open`), while the next transaction is
     /// processed.
     committing: Option<Committing>,
@@ -64,6 +64,13 @@ impl ExactlyOnce {
     fn other(&self) -> usize {
         (self.open + 1) % self.sinks.len()
     }
+}
+
+/// A transaction the storage of record holds (see [`ExactlyOnce::redo`]).
+struct Redo {
+    producer: usize,
+    offsets: TopicPartitionList,
+    outbox: Vec<Arc<Vec<OutputRecord>>>,
 }
 
 /// What [`Core::recover`] makes of a failure.
@@ -168,32 +175,47 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         // them. Under load those round trips took 20-60 ms of each commit.
         let (tpl, positions) = self.pending_offsets()?;
         let mut offsets = self.start_offsets(consumer, &sink, &tpl);
-        let prepared = self.flush_outputs().and_then(|()| {
-            // A storage that is the state of record (sled) holds the transaction from here on.
-            let out = Out { sink: &sink, batch: 0 };
-            self.storage.seal_transaction(&self.tasks, positions, out)
-        });
-        if prepared.is_err() {
+        let written = self.flush_outputs().and_then(|()| self.write_sealed(&sink, positions));
+        if written.is_err() {
             // No other transactional call may run while the offsets' call does.
             if let Some(o) = offsets.take() {
                 let _ = o.wait(&sink);
             }
         }
-        let held_by_storage = prepared?;
+        let outbox = written?;
         self.tasks.seal();
-        if held_by_storage {
-            // From here on a failed commit is made good from the outbox, never by a rewind.
-            self.guarantee.redo = Some((self.guarantee.open, tpl));
+        if let Some(outbox) = outbox {
+            // A storage that is the state of record (sled) holds the transaction from here on: a
+            // failed commit is made good from the outbox, never by a rewind.
+            self.guarantee.redo = Some(Redo { producer: self.guarantee.open, offsets: tpl, outbox });
             self.settle_overlays();
         } else {
             self.seal_overlays();
         }
         self.emitter.hold();
-        let durable = self.storage.durable();
+        let durable = self.storage.durable()?;
         self.guarantee.committing = Some(sink.start_commit(offsets, durable, started)?);
         // The next transaction is the other producer's (begun when its last commit ended).
         self.guarantee.open = self.guarantee.other();
         Ok(())
+    }
+
+    /// Seals every task that consumed inputs in the open transaction (up to `positions`) and writes
+    /// what each must: journal records into the transaction, or a local journal's batch. Returns
+    /// the transaction's outbox when a storage of record holds it now.
+    fn write_sealed(
+        &mut self,
+        sink: &Sink,
+        positions: Positions,
+    ) -> Result<Option<Vec<Arc<Vec<OutputRecord>>>>, FlowError> {
+        let mut outbox = None;
+        for sealed in self.tasks.seal_stores(positions)? {
+            (sealed.write)(Out { sink, batch: 0 })?;
+            if let Some(kept) = sealed.outbox {
+                outbox.get_or_insert_with(Vec::new).push(kept);
+            }
+        }
+        Ok(outbox)
     }
 
     /// Moves the commit under way along (`wait`: until it ended). Once its records are all
@@ -259,13 +281,9 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
 
     /// After the sled write, the Kafka transaction must commit the same outputs and offsets:
     /// producer `i` aborts and tries again with the outbox until it does (or is fenced).
-    fn redo_outbox(
-        &mut self,
-        i: usize,
-        consumer: &FlowConsumer<S, ExactlyOnce>,
-        offsets: &TopicPartitionList,
-    ) -> Result<(), FlowError> {
-        let outbox = self.storage.outbox();
+    fn redo_outbox(&mut self, consumer: &FlowConsumer<S, ExactlyOnce>, redo: &Redo) -> Result<(), FlowError> {
+        let Redo { producer: i, offsets, outbox } = redo;
+        let i = *i;
         let mut delay = Duration::from_millis(100);
         loop {
             let sink = self.guarantee.sinks[i].clone();
@@ -284,7 +302,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
                 Err(e) => return Err(sink.error("abort transaction".into(), e)),
             }
             sink.begin()?;
-            for o in &outbox {
+            for o in outbox.iter().flat_map(|kept| kept.iter()) {
                 sink.produce_output(0, o)?;
             }
             let offsets = self.start_offsets(consumer, &sink, offsets);
@@ -392,9 +410,9 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             }
             aborted => aborted?,
         }
-        if let Some((i, offsets)) = redo {
+        if let Some(redo) = redo {
             tracing::warn!(error = %e, "the transaction failed after the sled write; producing its outbox again");
-            self.redo_outbox(i, consumer, &offsets)?;
+            self.redo_outbox(consumer, &redo)?;
             self.tasks.mark_committed();
             self.guarantee.consecutive_aborts = 0;
         }

@@ -8,10 +8,9 @@ mod checkpoint;
 pub use checkpoint::Standby;
 pub(crate) use checkpoint::StoreSettings;
 
-use super::state::{KeyMap, PartitionState, TaskManager};
-use super::storage::{
-    encode_events, encode_state, Change, Durable, Out, Positions, Recorded, Restored, Restoring, Storage,
-};
+use super::state::{KeyMap, PartitionState};
+use super::storage::{encode_events, encode_state, Change, Durable, Recorded, Restored, Restoring};
+use super::storage::{Sealed, Storage, TaskStore, Write};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::control::Metrics;
@@ -22,7 +21,7 @@ use crate::stage::{EntityKey, EventSourced};
 use checkpoint::Checkpoints;
 use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo, SourcePosition};
 use rdkafka::ClientConfig;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,14 +33,14 @@ const RESTORE_STALL: Duration = Duration::from_secs(60);
 /// record size for a key that takes thousands of commands in one commit interval).
 const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
 
-/// A journal record to write: partition, key, value (`None`: a tombstone).
-type JournalRecord = (i32, Vec<u8>, Option<Vec<u8>>);
+/// A journal record to write: key, value (`None`: a tombstone).
+type JournalRecord = (Vec<u8>, Option<Vec<u8>>);
 
 /// Per partition, the newest journal entry per key read from the journal (`None`: deleted), and
 /// the local store's rows, if any.
 type Latest = BTreeMap<i32, (BTreeMap<Vec<u8>, Option<JournalEntry>>, Option<sled::Tree>)>;
 
-/// What a partition's open transaction or batch has not journaled yet.
+/// What a task's open transaction or batch has not journaled yet.
 struct Unjournaled<S: EventSourced> {
     /// Per key, the events not yet in a journal record: a key's record is written once per
     /// transaction (at commit, with its state then), so a hot key costs one journal record per
@@ -49,9 +48,9 @@ struct Unjournaled<S: EventSourced> {
     events: KeyMap<S::Key, Vec<Envelope>>,
     /// Records made before the commit, written before the per-key records, in the order they
     /// were made: deletions (tombstones; at-least-once, markers that keep the input positions)
-    /// and the full records of hot keys (key, value; `None`: tombstone). Nothing is produced
-    /// before the seal: while a transaction commits, the next one's records must wait.
-    ordered: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// and the full records of hot keys. Nothing is produced before the seal: while a
+    /// transaction commits, the next one's records must wait.
+    ordered: Vec<JournalRecord>,
 }
 
 impl<S: EventSourced> Default for Unjournaled<S> {
@@ -60,96 +59,43 @@ impl<S: EventSourced> Default for Unjournaled<S> {
     }
 }
 
-pub(super) struct KafkaStorage<S: EventSourced> {
+/// What the Kafka storage's tasks share: the journal, the local state store over it, and how
+/// records are made.
+struct Shared {
     journal: KafkaJournal,
     /// The local state store over the journal, if the flow has one.
     checkpoints: Option<Checkpoints>,
     codec: Codec,
     at_least_once: bool,
     metrics: Arc<Metrics>,
-    open: BTreeMap<i32, Unjournaled<S>>,
-    /// The local store's rows per partition: a key's state is read from there when first used.
-    rows: BTreeMap<i32, sled::Tree>,
-    /// At-least-once: the journal records of sealed batches, oldest first.
-    batches: VecDeque<(usize, Vec<JournalRecord>)>,
-    /// The journal's timestamp of the last change (snapshots in records are stamped with it).
-    last_ts: u64,
 }
 
-impl<S: EventSourced> KafkaStorage<S> {
+/// The Kafka journal (see the module documentation); each task's store is a [`KafkaTask`].
+pub(super) struct KafkaStorage {
+    shared: Arc<Shared>,
+}
+
+impl KafkaStorage {
     /// The storage over `journal`, with the local state store of `store` (its follower reads the
     /// journal with the `common` client settings).
     pub(super) fn open(
         journal: KafkaJournal,
         store: Option<&StoreSettings>,
         common: &ClientConfig,
+        stage: &str,
         codec: Codec,
         at_least_once: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FlowError> {
         let checkpoints = match store {
-            Some(store) => Some(Checkpoints::start(store, &journal, common, S::NAME, metrics.clone())?),
+            Some(store) => Some(Checkpoints::start(store, &journal, common, stage, metrics.clone())?),
             None => None,
         };
-        Ok(Self {
-            journal,
-            checkpoints,
-            codec,
-            at_least_once,
-            metrics,
-            open: BTreeMap::new(),
-            rows: BTreeMap::new(),
-            batches: VecDeque::new(),
-            last_ts: 0,
-        })
+        Ok(Self { shared: Arc::new(Shared { journal, checkpoints, codec, at_least_once, metrics }) })
     }
+}
 
-    /// A journal record's value: the key's `events`, its state after them (at `seq`) and the input
-    /// positions that state includes.
-    fn journal_value(
-        &self,
-        key: &S::Key,
-        events: Vec<Envelope>,
-        seq: SeqNo,
-        state: &S::State,
-        sources: Vec<SourcePosition>,
-    ) -> Result<Vec<u8>, FlowError> {
-        let snapshot = Envelope::snapshot(
-            self.codec.id(),
-            S::STATE_VERSION,
-            self.last_ts,
-            encode_state::<S>(self.codec, key, state)?,
-        );
-        Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
-    }
-
-    /// The input positions `key`'s state includes, for its journal record: at least once (a
-    /// redelivered input below them is skipped); exactly-once records leave them to the
-    /// transaction, which commits the offsets with the record.
-    fn sources(&self, part: &PartitionState<S>, key: &S::Key) -> Vec<SourcePosition> {
-        match self.at_least_once {
-            true => part.applied.get(key).cloned().unwrap_or_default(),
-            false => Vec::new(),
-        }
-    }
-
-    /// The open transaction's or batch's journal records: those made before (deletions, hot keys'
-    /// records) in order, then one record per key it changed, with its state now and its
-    /// [`sources`](Self::sources).
-    fn journal_records(&mut self, tasks: &TaskManager<S>) -> Result<Vec<JournalRecord>, FlowError> {
-        let mut records = Vec::new();
-        for (p, open) in std::mem::take(&mut self.open) {
-            records.extend(open.ordered.into_iter().map(|(k, v)| (p, k, v)));
-            let Some(part) = tasks.state(p) else { continue };
-            for (key, events) in open.events {
-                let Some(entity) = part.overlay.get(&key) else { continue };
-                let value = self.journal_value(&key, events, entity.seq, &entity.state, self.sources(part, &key))?;
-                records.push((p, key.to_bytes().into_owned(), Some(value)));
-            }
-        }
-        Ok(records)
-    }
-
+impl Shared {
     /// The newest journal entry per key (`None`: deleted) of each partition of `wanted` and, if
     /// the flow has a local store and `use_store`, its rows of the partition: the journal's
     /// records after the store's checkpoint (or all of them), read by one consumer for all
@@ -174,15 +120,115 @@ impl<S: EventSourced> KafkaStorage<S> {
         }
         Ok(latest)
     }
+}
 
-    /// Drops partition `p`'s local store (`why` it cannot be used) and restores the partition's
+impl<S: EventSourced> Storage<S> for KafkaStorage {
+    fn name(&self) -> String {
+        let store = if self.shared.checkpoints.is_some() { " (with a local state store)" } else { "" };
+        format!("kafka:{}{store}", self.shared.journal.topic())
+    }
+
+    fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
+        let metrics = &self.shared.metrics;
+        metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        let latest = self.shared.latest_entries(wanted, true);
+        metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
+        let mut restored = Vec::new();
+        for (p, (entries, rows)) in latest? {
+            let state = restore_entries::<S>(p, entries, rows.is_some())?;
+            let store =
+                KafkaTask::<S> { p, shared: self.shared.clone(), open: Unjournaled::default(), rows, last_ts: 0 };
+            restored.push((p, Restored { state, store: Box::new(store), redo: None }));
+        }
+        if let Some(checkpoints) = &self.shared.checkpoints {
+            wanted.iter().for_each(|&p| checkpoints.follow(p));
+        }
+        Ok(restored)
+    }
+
+    /// The journal records are part of the transaction or batch: nothing to wait for.
+    fn durable(&mut self) -> Result<Durable, FlowError> {
+        Ok(Box::new(|| Ok(())))
+    }
+
+    fn release(&mut self, p: i32) {
+        if let Some(checkpoints) = &self.shared.checkpoints {
+            checkpoints.release(p);
+        }
+    }
+
+    /// The local store reads the journal up to what this instance committed last.
+    fn close(&mut self) {
+        if let Some(checkpoints) = &self.shared.checkpoints {
+            checkpoints.close();
+        }
+    }
+}
+
+/// A task's part of the Kafka journal: its partition's records not written yet, and its local
+/// store rows.
+struct KafkaTask<S: EventSourced> {
+    /// The journal partition (the task's input partition).
+    p: i32,
+    shared: Arc<Shared>,
+    open: Unjournaled<S>,
+    /// The local store's rows of the partition: a key's state is read from there when first used.
+    rows: Option<sled::Tree>,
+    /// The journal's timestamp of the last change (snapshots in records are stamped with it).
+    last_ts: u64,
+}
+
+impl<S: EventSourced> KafkaTask<S> {
+    /// A journal record's value: the key's `events`, its state after them (at `seq`) and the input
+    /// positions that state includes.
+    fn journal_value(
+        &self,
+        key: &S::Key,
+        events: Vec<Envelope>,
+        seq: SeqNo,
+        state: &S::State,
+        sources: Vec<SourcePosition>,
+    ) -> Result<Vec<u8>, FlowError> {
+        let codec = self.shared.codec;
+        let snapshot =
+            Envelope::snapshot(codec.id(), S::STATE_VERSION, self.last_ts, encode_state::<S>(codec, key, state)?);
+        Ok(JournalEntry { last_seq: seq, events, state: Some(snapshot), sources }.encode())
+    }
+
+    /// The input positions `key`'s state includes, for its journal record: at least once (a
+    /// redelivered input below them is skipped); exactly-once records leave them to the
+    /// transaction, which commits the offsets with the record.
+    fn sources(&self, part: &PartitionState<S>, key: &S::Key) -> Vec<SourcePosition> {
+        match self.shared.at_least_once {
+            true => part.applied.get(key).cloned().unwrap_or_default(),
+            false => Vec::new(),
+        }
+    }
+
+    /// The open transaction's or batch's journal records: those made before (deletions, hot keys'
+    /// records) in order, then one record per key it changed, with its state now and its
+    /// [`sources`](Self::sources).
+    fn journal_records(&mut self, part: &PartitionState<S>) -> Result<Vec<JournalRecord>, FlowError> {
+        let open = std::mem::take(&mut self.open);
+        let mut records = open.ordered;
+        records.reserve(open.events.len());
+        for (key, events) in open.events {
+            let Some(entity) = part.overlay.get(&key) else { continue };
+            let value = self.journal_value(&key, events, entity.seq, &entity.state, self.sources(part, &key))?;
+            records.push((key.to_bytes().into_owned(), Some(value)));
+        }
+        Ok(records)
+    }
+
+    /// Drops the partition's local store (`why` it cannot be used) and restores the partition's
     /// committed state from the journal in full, keeping the open transaction's changes.
-    fn restore_in_full(&mut self, p: i32, part: &mut PartitionState<S>, why: &str) -> Result<(), FlowError> {
-        if let Some(checkpoints) = &self.checkpoints {
+    fn restore_in_full(&mut self, part: &mut PartitionState<S>, why: &str) -> Result<(), FlowError> {
+        let p = self.p;
+        if let Some(checkpoints) = &self.shared.checkpoints {
             checkpoints.drop_partition(p, why);
         }
-        self.rows.remove(&p);
-        let (entries, _) = self.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
+        self.rows = None;
+        let (entries, _) = self.shared.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
         let mut restored = restore_entries::<S>(p, entries, false)?;
         for (key, sources) in std::mem::take(&mut part.applied) {
             if part.overlay.contains_key(&key) || part.sealed.contains_key(&key) {
@@ -191,41 +237,18 @@ impl<S: EventSourced> KafkaStorage<S> {
         }
         part.committed = restored.committed;
         part.applied = restored.applied;
-        if let Some(checkpoints) = &self.checkpoints {
+        if let Some(checkpoints) = &self.shared.checkpoints {
             checkpoints.follow(p);
         }
         Ok(())
     }
 }
 
-impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
-    fn name(&self) -> String {
-        let store = if self.checkpoints.is_some() { " (with a local state store)" } else { "" };
-        format!("kafka:{}{store}", self.journal.topic())
-    }
-
-    fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
-        self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
-        let latest = self.latest_entries(wanted, true);
-        self.metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
-        let mut restored = Vec::new();
-        for (p, (entries, rows)) in latest? {
-            let state = restore_entries::<S>(p, entries, rows.is_some())?;
-            if let Some(rows) = rows {
-                self.rows.insert(p, rows);
-            }
-            restored.push((p, Restored { state, redo: None }));
-        }
-        if let Some(checkpoints) = &self.checkpoints {
-            wanted.iter().for_each(|&p| checkpoints.follow(p));
-        }
-        Ok(restored)
-    }
-
+impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
     /// Reads `key`'s state from the local store, the first time it is used. A row that cannot be
     /// read drops the partition's store and restores it from the journal in full.
-    fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError> {
-        let Some(rows) = self.rows.get(&p) else { return Ok(()) };
+    fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError> {
+        let Some(rows) = &self.rows else { return Ok(()) };
         if part.holds(key) {
             return Ok(());
         }
@@ -236,12 +259,12 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
                 Ok(entry) => Some(entry),
                 Err(e) => {
                     let why = format!("the row of key {} does not decode ({e})", printable_key(&raw));
-                    return self.restore_in_full(p, part, &why);
+                    return self.restore_in_full(part, &why);
                 }
             },
-            Err(e) => return self.restore_in_full(p, part, &format!("sled: {e}")),
+            Err(e) => return self.restore_in_full(part, &format!("sled: {e}")),
         };
-        self.metrics.store_rows.fetch_add(u64::from(entry.is_some()), Ordering::Relaxed);
+        self.shared.metrics.store_rows.fetch_add(u64::from(entry.is_some()), Ordering::Relaxed);
         let found = match entry {
             Some(entry) => entity_of::<S>(&raw, entry)?,
             None => None,
@@ -257,33 +280,31 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
 
     fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError> {
         self.last_ts = c.ts;
-        let envelopes = encode_events::<S>(self.codec, c.key, c.events, c.ts)?;
+        let envelopes = encode_events::<S>(self.shared.codec, c.key, c.events, c.ts)?;
         let raw = || c.key.to_bytes().into_owned();
         if S::is_deleted(c.state) {
             // At least once not a tombstone: the deletion must keep the input positions it
             // includes, so that the deleting input, delivered again, is skipped rather than handled
             // again.
-            let value = self.at_least_once.then(|| {
+            let value = self.shared.at_least_once.then(|| {
                 let sources = self.sources(part, c.key);
                 JournalEntry { last_seq: SeqNo::ZERO, events: Vec::new(), state: None, sources }.encode()
             });
-            let open = self.open.entry(c.p).or_default();
             // Records of the key written later in this transaction or batch (a new entity under
             // the same key) must come after the deletion.
-            open.events.remove(c.key);
-            open.ordered.push((raw(), value));
+            self.open.events.remove(c.key);
+            self.open.ordered.push((raw(), value));
             return Ok(Recorded { end_soon: false, forgotten: true });
         }
-        let open = self.open.entry(c.p).or_default();
         // No copy of the key for a key already pending (the common case for a busy key).
-        let pending = match open.events.get_mut(c.key) {
+        let pending = match self.open.events.get_mut(c.key) {
             Some(pending) => {
                 pending.extend(envelopes);
                 pending.len()
             }
             None => {
                 let n = envelopes.len();
-                open.events.insert(c.key.clone(), envelopes);
+                self.open.events.insert(c.key.clone(), envelopes);
                 n
             }
         };
@@ -292,69 +313,34 @@ impl<S: EventSourced> Storage<S> for KafkaStorage<S> {
         }
         // A hot key: its record so far is made now, with its state now, and the open work is
         // asked to end soon.
-        let events = open.events.remove(c.key).unwrap_or_default();
+        let events = self.open.events.remove(c.key).unwrap_or_default();
         let seq = SeqNo(c.before.0 + c.events.len() as u64);
         let value = self.journal_value(c.key, events, seq, c.state, self.sources(part, c.key))?;
-        self.open.entry(c.p).or_default().ordered.push((raw(), Some(value)));
+        self.open.ordered.push((raw(), Some(value)));
         Ok(Recorded { end_soon: true, forgotten: false })
     }
 
-    fn keep_output(&mut self, _: i32, _: OutputRecord) {}
+    fn keep_output(&mut self, _: OutputRecord) {}
 
-    /// Writes one journal record per key the transaction changed (without input positions: the
-    /// transaction commits the offsets); the transaction commits them with the outputs.
-    fn seal_transaction(&mut self, tasks: &TaskManager<S>, _: Positions, out: Out<'_>) -> Result<bool, FlowError> {
-        let topic = self.journal.topic().to_string();
-        for (p, k, v) in self.journal_records(tasks)? {
-            out.produce(&topic, p, &k, v.as_deref())?;
+    /// One journal record per key the open work changed, produced when the guarantee writes it:
+    /// at once into the transaction (without input positions: the transaction commits the
+    /// offsets), or counted under the batch once its outputs are acknowledged (its offsets wait
+    /// for them).
+    fn seal(&mut self, part: &PartitionState<S>, _: Vec<SourcePosition>) -> Result<Sealed, FlowError> {
+        let records = self.journal_records(part)?;
+        if records.is_empty() {
+            return Ok(Sealed::nothing());
         }
-        Ok(false)
-    }
-
-    /// The journal records are part of the transaction: nothing to wait for.
-    fn durable(&mut self) -> Durable {
-        Box::new(|| Ok(()))
-    }
-
-    fn outbox(&self) -> Vec<OutputRecord> {
-        Vec::new()
-    }
-
-    fn seal_batch(&mut self, id: usize, tasks: &TaskManager<S>, _: Positions) -> Result<(), FlowError> {
-        let records = self.journal_records(tasks)?;
-        self.batches.push_back((id, records));
-        Ok(())
-    }
-
-    /// Produces the batch's journal records, counted under the batch: its offsets wait for them.
-    fn write_batch(&mut self, id: usize, out: Out<'_>) -> Result<(), FlowError> {
-        let Some((sealed, records)) = self.batches.pop_front() else { return Ok(()) };
-        debug_assert_eq!(sealed, id, "batches are written in the order they were sealed");
-        let topic = self.journal.topic();
-        records.iter().try_for_each(|(p, k, v)| out.produce(topic, *p, k, v.as_deref()))
-    }
-
-    fn drop_batches(&mut self) {
-        self.batches.clear();
+        let (shared, p) = (self.shared.clone(), self.p);
+        let write: Write = Box::new(move |out| {
+            let topic = shared.journal.topic();
+            records.iter().try_for_each(|(k, v)| out.produce(topic, p, k, v.as_deref()))
+        });
+        Ok(Sealed { write, outbox: None })
     }
 
     fn discard(&mut self) {
-        self.open.clear();
-    }
-
-    fn release(&mut self, p: i32) {
-        self.open.remove(&p);
-        self.rows.remove(&p);
-        if let Some(checkpoints) = &self.checkpoints {
-            checkpoints.release(p);
-        }
-    }
-
-    /// The local store reads the journal up to what this instance committed last.
-    fn close(&mut self) {
-        if let Some(checkpoints) = self.checkpoints.take() {
-            checkpoints.close();
-        }
+        self.open = Unjournaled::default();
     }
 }
 

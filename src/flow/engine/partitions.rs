@@ -74,8 +74,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         // journal reads their partitions in parallel).
         let wanted = self.tasks.unrestored();
         for (p, restored) in self.storage.restore(&wanted, Restoring { tasks: &mut self.tasks })? {
-            self.tasks.restored(p, restored.state);
-            if let Some(outbox) = restored.redo {
+            if let Some(outbox) = self.tasks.restored(p, restored) {
                 // Committed again with the offsets the storage holds, and the outputs again.
                 self.tasks.dirty = true;
                 for o in outbox {

@@ -97,10 +97,10 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             Err(reason) => return self.dead_letter(&input, reason),
         };
         let p = input.partition;
-        let Some(part) = self.tasks.state_mut(p) else {
+        let Some((part, store)) = self.tasks.restored_mut(p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };
-        self.storage.fault_in(p, part, &key)?;
+        store.fault_in(part, &key)?;
         if part.includes(&key, &input.topic, input.offset) {
             // Delivered again (at-least-once): its events are journaled and its outputs were
             // acknowledged before they were.
@@ -140,9 +140,9 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         self.emitter.outcome(self.guarantee.batch(), Outcome { input, key, events, outcome, state, context })
     }
 
-    /// Records in the storage what one command changed: `events` applied to `key` (at sequence
-    /// `before`), leaving `state`. True when the storage forgot the key (a deletion it journals
-    /// as a tombstone: the key starts again from its default state).
+    /// Records in partition `p`'s store what one command changed: `events` applied to `key` (at
+    /// sequence `before`), leaving `state`. True when the store forgot the key (a deletion it
+    /// journals as a tombstone: the key starts again from its default state).
     fn journal(
         &mut self,
         p: i32,
@@ -151,9 +151,9 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         events: &[S::Event],
         state: &S::State,
     ) -> Result<bool, FlowError> {
-        let Some(part) = self.tasks.state(p) else { return Ok(false) };
-        let change = Change { p, key, before, events, state, ts: self.wall_ms };
-        let recorded = self.storage.record(change, part)?;
+        let Some((part, store)) = self.tasks.restored_mut(p) else { return Ok(false) };
+        let change = Change { key, before, events, state, ts: self.wall_ms };
+        let recorded = store.record(change, part)?;
         if recorded.end_soon {
             self.guarantee.end_soon();
         }

@@ -1,38 +1,36 @@
-//! The sled journal as a flow's storage (one instance): events and due snapshots are staged per
-//! transaction and written with the input positions and the outbox before the Kafka commit (see
-//! `backend`), and a restored partition reconciles sled's positions with the group's
-//! committed offsets.
+//! The sled journal as a flow's storage (one instance): each task stages its partition's events
+//! and due snapshots, and its seal writes them with the input positions and the outbox in one
+//! sled batch before the Kafka commit (see `backend`); a restored partition reconciles sled's
+//! positions with the group's committed offsets.
 
 mod backend;
 
-use backend::SledBackend;
+use backend::{PartitionJournal, Pending};
 
-use super::state::{PartitionState, TaskManager};
+use super::state::PartitionState;
 use super::storage::{encode_events, encode_state};
-use super::storage::{Change, Durable, Out, Positions, Recorded, Restored, Restoring, Storage};
+use super::storage::{Change, Durable, Recorded, Restored, Restoring, Sealed, Storage, TaskStore};
 use crate::codec::Codec;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::stage::{EntityKey, EventSourced};
-use backend::Staged;
-use eventstage_journal::{EventRecord, SeqNo, SnapshotRecord};
-use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use eventstage_journal::{EventRecord, SeqNo, SledStore, SnapshotRecord, SourcePosition};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// The sled journal (see the module documentation); each task's store is a [`SledTask`].
 pub(super) struct SledStorage {
-    backend: SledBackend,
+    dir: PathBuf,
+    store: SledStore,
     /// Runs the sled journal's async calls.
-    rt: tokio::runtime::Runtime,
+    rt: Arc<tokio::runtime::Runtime>,
     codec: Codec,
     snapshot_every: u64,
     metrics: Arc<Metrics>,
-    /// At-least-once: what sealed batches will write, oldest first.
-    batches: VecDeque<(usize, Staged, Positions)>,
-    /// Exactly-once: the fsync of the sealed transaction, running until the Kafka commit.
-    flushing: Option<std::thread::JoinHandle<Result<(), FlowError>>>,
 }
 
 impl SledStorage {
@@ -44,8 +42,8 @@ impl SledStorage {
         snapshot_every: u64,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FlowError> {
-        let backend = SledBackend::open(dir)?;
-        Ok(Self { backend, rt, codec, snapshot_every, metrics, batches: VecDeque::new(), flushing: None })
+        let store = SledStore::open(dir)?;
+        Ok(Self { dir: dir.to_path_buf(), store, rt: Arc::new(rt), codec, snapshot_every, metrics })
     }
 
     /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
@@ -56,18 +54,17 @@ impl SledStorage {
         p: i32,
         at: &mut Restoring<'_, S>,
     ) -> Result<Restored<S>, FlowError> {
-        let restored = self.backend.restore::<S>(&self.rt, p)?;
+        let (journal, restored) = PartitionJournal::restore::<S>(&self.store, self.rt.clone(), p)?;
         let stored: HashMap<(String, i32), i64> =
             restored.positions.iter().map(|pos| ((pos.topic.clone(), pos.partition), pos.next_offset)).collect();
         let mut ahead = false;
         let mut seeks = Vec::new();
-        let dir = self.backend.dir().display().to_string();
         for (topic, o) in at.tasks.task_offsets_mut(p).into_iter().flatten() {
             let sled_next = stored.get(&(topic.clone(), p)).copied().unwrap_or(-1);
             if sled_next < o.committed {
                 return Err(FlowError::Config(format!(
                     "the sled journal at {} is behind the group's committed offset of {topic}[{p}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
-                    dir,
+                    self.dir.display(),
                     o.committed
                 )));
             }
@@ -81,14 +78,24 @@ impl SledStorage {
             }
         }
         at.tasks.pending_seeks.extend(seeks);
-        let state = PartitionState::new(restored.entities.into_iter().collect());
-        Ok(Restored { state, redo: ahead.then_some(restored.outbox) })
+        let store = SledTask::<S> {
+            journal: Arc::new(journal),
+            codec: self.codec,
+            snapshot_every: self.snapshot_every,
+            pending: Pending::default(),
+            stage: PhantomData,
+        };
+        Ok(Restored {
+            state: PartitionState::new(restored.entities.into_iter().collect()),
+            store: Box::new(store),
+            redo: ahead.then_some(restored.outbox),
+        })
     }
 }
 
 impl<S: EventSourced> Storage<S> for SledStorage {
     fn name(&self) -> String {
-        format!("sled:{}", self.backend.dir().display())
+        format!("sled:{}", self.dir.display())
     }
 
     fn restore(&mut self, wanted: &[i32], mut at: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
@@ -102,8 +109,42 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         Ok(restored)
     }
 
+    /// One fsync of the sled database (every partition's journal is in it), on a thread of its
+    /// own from now on. A failed write stops the flow: the restart recovers from whatever sled
+    /// holds.
+    fn durable(&mut self) -> Result<Durable, FlowError> {
+        let store = self.store.clone();
+        let flushing = std::thread::Builder::new()
+            .name("eventstage-sled-flush".into())
+            .spawn(move || store.flush().map_err(FlowError::from))
+            .map_err(|e| FlowError::Config(format!("cannot start the sled flush thread: {e}")))?;
+        Ok(Box::new(move || {
+            flushing.join().map_err(|_| FlowError::Crashed("the sled flush thread panicked".into()))??;
+            crash_point_after_sled_write();
+            Ok(())
+        }))
+    }
+
+    /// The task's journal handle goes with its task.
+    fn release(&mut self, _: i32) {}
+
+    /// Every commit was flushed: nothing is left to write.
+    fn close(&mut self) {}
+}
+
+/// A task's part of the sled journal: its partition's journal, and what its open transaction or
+/// batch will write there.
+struct SledTask<S: EventSourced> {
+    journal: Arc<PartitionJournal>,
+    codec: Codec,
+    snapshot_every: u64,
+    pending: Pending,
+    stage: PhantomData<fn() -> S>,
+}
+
+impl<S: EventSourced> TaskStore<S> for SledTask<S> {
     /// Partitions are restored in full: nothing to read.
-    fn fault_in(&mut self, _: i32, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
+    fn fault_in(&mut self, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
         Ok(())
     }
 
@@ -114,82 +155,43 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         let seq = SeqNo(c.before.0 + envelopes.len() as u64);
         let raw_key = c.key.to_bytes().into_owned();
         let every = self.snapshot_every;
-        let snapshot = if every > 0 && seq.0 / every > c.before.0 / every {
+        if every > 0 && seq.0 / every > c.before.0 / every {
             let envelope = eventstage_journal::Envelope::snapshot(
                 self.codec.id(),
                 S::STATE_VERSION,
                 c.ts,
                 encode_state::<S>(self.codec, c.key, c.state)?,
             );
-            Some(SnapshotRecord { key: raw_key.clone(), seq, envelope })
-        } else {
-            None
-        };
-        let records = (c.before.0 + 1..)
-            .zip(envelopes)
-            .map(|(n, envelope)| EventRecord { key: raw_key.clone(), seq: SeqNo(n), envelope })
-            .collect();
-        self.backend.stage(c.p, records, snapshot);
+            self.pending.snapshots.push(SnapshotRecord { key: raw_key.clone(), seq, envelope });
+        }
+        let records = (c.before.0 + 1..).zip(envelopes).map(|(n, envelope)| EventRecord {
+            key: raw_key.clone(),
+            seq: SeqNo(n),
+            envelope,
+        });
+        self.pending.events.extend(records);
         // A deleted entity keeps its events (and its sequence) in the sled journal.
         Ok(Recorded::default())
     }
 
-    fn keep_output(&mut self, p: i32, record: OutputRecord) {
-        self.backend.stage_output(p, record);
+    fn keep_output(&mut self, record: OutputRecord) {
+        self.pending.outbox.push(record);
     }
 
-    /// sled is the state of record: the transaction's events, positions and outbox are written,
-    /// and fsynced on a thread of their own while the transaction's offsets travel and its last
-    /// records are acknowledged; [`durable`](Storage::durable) waits for it, on the commit's
-    /// thread, before the Kafka commit. A failed write stops the flow: the restart recovers from
-    /// whatever sled holds.
-    fn seal_transaction(&mut self, _: &TaskManager<S>, positions: Positions, _: Out<'_>) -> Result<bool, FlowError> {
-        Storage::<S>::durable(self)()?;
-        self.backend.write_unflushed::<S>(&self.rt, positions)?;
-        self.flushing = Some(self.backend.flush_in_background()?);
-        Ok(true)
-    }
-
-    fn durable(&mut self) -> Durable {
-        let flushing = self.flushing.take();
-        Box::new(move || {
-            let Some(flushing) = flushing else { return Ok(()) };
-            flushing.join().map_err(|_| FlowError::Crashed("the sled flush thread panicked".into()))??;
-            crash_point_after_sled_write();
-            Ok(())
-        })
-    }
-
-    fn outbox(&self) -> Vec<OutputRecord> {
-        self.backend.written().to_vec()
-    }
-
-    fn seal_batch(&mut self, id: usize, _: &TaskManager<S>, positions: Positions) -> Result<(), FlowError> {
-        self.batches.push_back((id, self.backend.take_staged(), positions));
-        Ok(())
-    }
-
-    /// One sled write (and fsync) with the batch's events and positions.
-    fn write_batch(&mut self, id: usize, _: Out<'_>) -> Result<(), FlowError> {
-        let Some((sealed, staged, positions)) = self.batches.pop_front() else { return Ok(()) };
-        debug_assert_eq!(sealed, id, "batches are written in the order they were sealed");
-        self.backend.write_staged::<S>(&self.rt, staged, positions, true)
-    }
-
-    fn drop_batches(&mut self) {
-        self.batches.clear();
+    /// sled is the state of record: once written, the partition's batch (events, snapshots,
+    /// positions, outbox) holds the transaction, and the Kafka transaction must commit the same
+    /// outputs.
+    fn seal(&mut self, _: &PartitionState<S>, positions: Vec<SourcePosition>) -> Result<Sealed, FlowError> {
+        let Pending { events, snapshots, outbox } = std::mem::take(&mut self.pending);
+        let outbox = Arc::new(outbox);
+        let (journal, kept) = (self.journal.clone(), outbox.clone());
+        let write = Box::new(move |_: super::storage::Out<'_>| journal.write(events, snapshots, positions, &kept));
+        Ok(Sealed { write, outbox: Some(outbox) })
     }
 
     fn discard(&mut self) {
-        self.backend.discard();
+        self.pending = Pending::default();
     }
-
-    fn release(&mut self, p: i32) {
-        self.backend.release(p);
-    }
-
-    /// Every commit was flushed: nothing is left to write.
-    fn close(&mut self) {}
 }
 
 /// Fault injection for the crash tests: with `EVENTSTAGE_CRASH_AFTER_SLED_WRITES=n` in the

@@ -397,10 +397,11 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {
             let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
-            Box::new(KafkaStorage::<S>::open(
+            Box::new(KafkaStorage::open(
                 journal,
                 settings.store.as_ref(),
                 &settings.common,
+                S::NAME,
                 settings.codec,
                 at_least_once,
                 metrics.clone(),

@@ -1,13 +1,18 @@
 //! The flow's per-partition state: each key's committed entity, the changes of the transaction
 //! being committed and of the open one, the consumer offsets, and what this instance is assigned.
 
-use crate::flow::record::InputRecord;
+use super::storage::{Restored, Sealed, TaskStore};
+use crate::flow::error::FlowError;
+use crate::flow::record::{InputRecord, OutputRecord};
 use crate::replay::Entity;
 use crate::stage::EventSourced;
 use eventstage_journal::SourcePosition;
 use std::collections::{BTreeMap, HashMap};
 /// Per-key maps of the flow's state (ahash: cheaper than SipHash for short keys).
 pub(super) type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
+/// The input positions of a transaction or batch: per partition, the next input offsets.
+pub(super) type Positions = BTreeMap<i32, Vec<SourcePosition>>;
 
 pub(super) struct PartitionState<S: EventSourced> {
     /// State as of the last committed transaction.
@@ -75,15 +80,16 @@ pub(super) struct Offsets {
 }
 
 /// A task (Kafka Streams' `StreamTask`): input partition `p` of every input topic (the inputs are
-/// co-partitioned: partition `p` of each holds the same keys), with its keys' state and its
-/// offsets per input topic. The task manager creates it when the group assigns one of its topic
-/// partitions, has the storage restore it, and closes it when the last of them is revoked.
+/// co-partitioned: partition `p` of each holds the same keys), with its keys' state, its store
+/// and its offsets per input topic. The task manager creates it when the group assigns one of
+/// its topic partitions, has the storage restore it, and closes it when the last of them is
+/// revoked.
 pub(super) struct Task<S: EventSourced> {
     pub(super) state: PartitionState<S>,
+    /// Its part of the storage, once restored.
+    store: Option<Box<dyn TaskStore<S>>>,
     /// Per input topic.
     pub(super) offsets: BTreeMap<String, Offsets>,
-    /// The storage restored its committed state.
-    restored: bool,
 }
 
 /// The task manager: the tasks of the partitions this instance owns, and what the consumer is to
@@ -101,14 +107,47 @@ impl<S: EventSourced> TaskManager<S> {
         Self { tasks: BTreeMap::new(), pending_seeks: Vec::new(), dirty: false }
     }
 
-    /// Partition `p`'s state.
-    pub(super) fn state(&self, p: i32) -> Option<&PartitionState<S>> {
-        self.tasks.get(&p).map(|t| &t.state)
-    }
-
     /// Partition `p`'s state, to change.
     pub(super) fn state_mut(&mut self, p: i32) -> Option<&mut PartitionState<S>> {
         self.tasks.get_mut(&p).map(|t| &mut t.state)
+    }
+
+    /// Partition `p`'s state and store, once restored.
+    pub(super) fn restored_mut(&mut self, p: i32) -> Option<(&mut PartitionState<S>, &mut dyn TaskStore<S>)> {
+        let task = self.tasks.get_mut(&p)?;
+        Some((&mut task.state, task.store.as_deref_mut()?))
+    }
+
+    /// Keeps an output record of partition `p`'s open transaction with its state (see
+    /// [`TaskStore::keep_output`]).
+    pub(super) fn keep_output(&mut self, p: i32, record: OutputRecord) {
+        if let Some(store) = self.tasks.get_mut(&p).and_then(|t| t.store.as_mut()) {
+            store.keep_output(record);
+        }
+    }
+
+    /// Seals the open transaction or batch of every task that consumed inputs in it (up to
+    /// `positions`): what each must write.
+    pub(super) fn seal_stores(&mut self, positions: Positions) -> Result<Vec<Sealed>, FlowError> {
+        let mut sealed = Vec::with_capacity(positions.len());
+        for (p, positions) in positions {
+            let Some(task) = self.tasks.get_mut(&p) else { continue };
+            if let Some(store) = &mut task.store {
+                sealed.push(store.seal(&task.state, positions)?);
+            }
+        }
+        Ok(sealed)
+    }
+
+    /// Forgets the open work's changes, in every task's state and store.
+    pub(super) fn discard(&mut self) {
+        for task in self.tasks.values_mut() {
+            task.state.overlay.clear();
+            task.state.sealed.clear();
+            if let Some(store) = &mut task.store {
+                store.discard();
+            }
+        }
     }
 
     /// Every task's state.
@@ -141,8 +180,8 @@ impl<S: EventSourced> TaskManager<S> {
     pub(super) fn assign(&mut self, topic: &str, p: i32, committed: i64) {
         let task = self.tasks.entry(p).or_insert_with(|| Task {
             state: PartitionState::default(),
+            store: None,
             offsets: BTreeMap::new(),
-            restored: false,
         });
         let applied_until = task.offsets.get(topic).map_or(-1, |o| o.applied_until);
         let offsets = Offsets { committed, sealed: committed, next: committed, applied_until };
@@ -151,15 +190,17 @@ impl<S: EventSourced> TaskManager<S> {
 
     /// The partitions whose tasks wait for their restore.
     pub(super) fn unrestored(&self) -> Vec<i32> {
-        self.tasks.iter().filter(|(_, t)| !t.restored).map(|(p, _)| *p).collect()
+        self.tasks.iter().filter(|(_, t)| t.store.is_none()).map(|(p, _)| *p).collect()
     }
 
-    /// Partition `p`'s task has its committed state.
-    pub(super) fn restored(&mut self, p: i32, state: PartitionState<S>) {
+    /// Partition `p`'s task has its committed state and its store; returns the outputs to
+    /// produce again, if any (see [`Restored::redo`]).
+    pub(super) fn restored(&mut self, p: i32, restored: Restored<S>) -> Option<Vec<OutputRecord>> {
         if let Some(task) = self.tasks.get_mut(&p) {
-            task.state = state;
-            task.restored = true;
+            task.state = restored.state;
+            task.store = Some(restored.store);
         }
+        restored.redo
     }
 
     /// `topic`'s partition `p` was revoked; true when that closed partition `p`'s task (no input

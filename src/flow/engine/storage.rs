@@ -6,12 +6,16 @@
 //!   the input positions and the outbox of each commit;
 //! - [`NoStorage`]: in memory only (stateless stages, tests).
 //!
-//! The engine calls the same steps whatever the storage: restore the partitions it is assigned,
-//! read a key's state when first used, record what a command changed, seal a transaction (exactly
-//! once) or a batch (at least once), and release the partitions it loses.
+//! A storage comes in two parts. The [`Storage`] is shared by the flow: it restores the
+//! partitions a flow is assigned, making each task's [`TaskStore`], and makes what was written
+//! durable. A task's store is the task's own: it reads a key's state when first used, records
+//! what a command changed, and seals the task's part of a transaction (exactly once) or batch
+//! (at least once) into a [`Sealed`]: what must be written, which the guarantee runs when it
+//! decides (into the transaction at once; once the batch's outputs are acknowledged).
 
 use super::producer::Sink;
-use super::state::{PartitionState, TaskManager};
+use super::state::PartitionState;
+use super::state::TaskManager;
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::error::FlowError;
@@ -20,7 +24,7 @@ use crate::stage::EntityKey;
 use crate::stage::EventSourced;
 use eventstage_journal::{printable_key, Envelope};
 use eventstage_journal::{SeqNo, SourcePosition};
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Produces a storage's Kafka records (journal records) in the open transaction or, at least
 /// once, counted under the batch being filled.
@@ -36,10 +40,9 @@ impl Out<'_> {
     }
 }
 
-/// What one command changed: it applied `events` to `key` (at sequence `before`) in partition `p`,
-/// leaving `state`; `ts` is the journal's timestamp (ms since the epoch).
+/// What one command changed: it applied `events` to `key` (at sequence `before`), leaving
+/// `state`; `ts` is the journal's timestamp (ms since the epoch).
 pub(super) struct Change<'a, S: EventSourced> {
-    pub(super) p: i32,
     pub(super) key: &'a S::Key,
     pub(super) before: SeqNo,
     pub(super) events: &'a [S::Event],
@@ -47,7 +50,7 @@ pub(super) struct Change<'a, S: EventSourced> {
     pub(super) ts: u64,
 }
 
-/// What [`Storage::record`] did with a change.
+/// What [`TaskStore::record`] did with a change.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Recorded {
     /// The open work should end soon (a key holds the most events one journal record takes and
@@ -66,77 +69,80 @@ pub(super) struct Restoring<'a, S: EventSourced> {
     pub(super) tasks: &'a mut TaskManager<S>,
 }
 
-/// A restored partition.
+/// A restored partition: its task's state and store.
 pub(super) struct Restored<S: EventSourced> {
     pub(super) state: PartitionState<S>,
+    pub(super) store: Box<dyn TaskStore<S>>,
     /// Inputs were applied before a crash but their transaction did not commit in Kafka (sled):
     /// the outputs to produce again, and the consumed offsets must be committed again.
     pub(super) redo: Option<Vec<OutputRecord>>,
 }
 
-/// Makes a sealed transaction's write durable (see [`Storage::durable`]).
+/// Makes what a storage wrote durable (see [`Storage::durable`]).
 pub(super) type Durable = Box<dyn FnOnce() -> Result<(), FlowError> + Send>;
 
-/// The journal positions of a transaction or batch: per partition, the next input offsets.
-pub(super) type Positions = BTreeMap<i32, Vec<SourcePosition>>;
+/// Writes a task's sealed work: its journal records into the transaction or batch (`Out`), or a
+/// local journal's batch.
+pub(super) type Write = Box<dyn FnOnce(Out<'_>) -> Result<(), FlowError> + Send>;
 
-/// How a flow's state is restored, recorded and sealed (see the module documentation).
+/// What a task's sealed transaction or batch must write.
+pub(super) struct Sealed {
+    pub(super) write: Write,
+    /// From a storage of record (sled), which holds the transaction once `write` ran: the
+    /// transaction's outputs (its outbox), which the Kafka transaction must then commit, produced
+    /// again after a failed commit. `None`: the Kafka transaction is the record, and a failed
+    /// commit is made good by a rewind.
+    pub(super) outbox: Option<Arc<Vec<OutputRecord>>>,
+}
+
+impl Sealed {
+    /// Nothing to write.
+    pub(super) fn nothing() -> Self {
+        Self { write: Box::new(|_| Ok(())), outbox: None }
+    }
+}
+
+/// The flow's storage, shared by its tasks (see the module documentation).
 pub(super) trait Storage<S: EventSourced>: Send {
     /// What the flow's start-up line calls it.
     fn name(&self) -> String;
 
-    /// Restores the committed state of partitions `wanted`.
+    /// Restores the committed state of partitions `wanted`, each with its task's store.
     fn restore(&mut self, wanted: &[i32], at: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError>;
 
-    /// Makes `key`'s committed state part of `part` before the key is first used (a storage that
-    /// restores partitions in full has nothing to do).
-    fn fault_in(&mut self, p: i32, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError>;
+    /// What makes every [`Sealed::write`] so far durable: the sled journal's fsync starts here
+    /// and runs while the transaction's offsets travel and its last records are acknowledged;
+    /// the guarantee runs the result before the Kafka commit (exactly once) or the offset commit
+    /// (at least once).
+    fn durable(&mut self) -> Result<Durable, FlowError>;
 
-    /// Records what one command changed (`part`: its partition's state before the change).
-    /// Produces nothing: what must be written is written when the open work is sealed.
-    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError>;
-
-    /// Keeps an output record of the open transaction with its state (the sled journal's outbox,
-    /// exactly once: the emitter hands its records over only then).
-    fn keep_output(&mut self, p: i32, record: OutputRecord);
-
-    /// Exactly-once, before the Kafka commit: writes what the open transaction changed (`parts`:
-    /// the partitions' state with the transaction's changes; `positions`: the offsets it consumed
-    /// up to). Returns true when the storage is the state of record and holds the transaction now:
-    /// the Kafka transaction must then commit the same outputs (see [`outbox`](Self::outbox)).
-    fn seal_transaction(
-        &mut self,
-        tasks: &TaskManager<S>,
-        positions: Positions,
-        out: Out<'_>,
-    ) -> Result<bool, FlowError>;
-
-    /// Exactly-once: what makes the sealed transaction's write durable, run on the commit's
-    /// thread right before the Kafka commit (the sled journal's fsync runs from the seal on, while
-    /// the transaction's offsets travel and its last records are acknowledged).
-    fn durable(&mut self) -> Durable;
-
-    /// The outputs of the last sealed transaction, to produce again after a failed Kafka commit.
-    fn outbox(&self) -> Vec<OutputRecord>;
-
-    /// At-least-once: takes what batch `id` changed; it is written by
-    /// [`write_batch`](Self::write_batch) once the batch's outputs are acknowledged.
-    fn seal_batch(&mut self, id: usize, tasks: &TaskManager<S>, positions: Positions) -> Result<(), FlowError>;
-
-    /// Writes the oldest sealed batch, `id`.
-    fn write_batch(&mut self, id: usize, out: Out<'_>) -> Result<(), FlowError>;
-
-    /// Forgets the sealed batches not written yet (their partitions were lost).
-    fn drop_batches(&mut self);
-
-    /// Forgets what the open transaction or batch recorded (it was aborted).
-    fn discard(&mut self);
-
-    /// Partition `p` went to another instance.
+    /// Partition `p`'s task closed: it went to another instance.
     fn release(&mut self, p: i32);
 
     /// The flow stopped cleanly: anything kept beside the journal is brought up to date.
     fn close(&mut self);
+}
+
+/// A task's part of the storage: its partition's keys as read and as changed by its open work.
+pub(super) trait TaskStore<S: EventSourced>: Send {
+    /// Makes `key`'s committed state part of `part` before the key is first used (a storage that
+    /// restores partitions in full has nothing to do).
+    fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError>;
+
+    /// Records what one command changed (`part`: the partition's state before the change).
+    /// Writes nothing: what must be written is handed over when the open work is sealed.
+    fn record(&mut self, change: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError>;
+
+    /// Keeps an output record of the open transaction with its state (the sled journal's outbox,
+    /// exactly once: the emitter hands its records over only then).
+    fn keep_output(&mut self, record: OutputRecord);
+
+    /// Seals the open transaction or batch, which consumed up to `positions` (`part`: the
+    /// partition's state with its changes): returns what must be written.
+    fn seal(&mut self, part: &PartitionState<S>, positions: Vec<SourcePosition>) -> Result<Sealed, FlowError>;
+
+    /// Forgets what the open transaction or batch recorded (it was aborted).
+    fn discard(&mut self);
 }
 
 /// No storage: state lives in memory only and starts empty.
@@ -148,10 +154,24 @@ impl<S: EventSourced> Storage<S> for NoStorage {
     }
 
     fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
-        Ok(wanted.iter().map(|&p| (p, Restored { state: PartitionState::default(), redo: None })).collect())
+        let restored = |&p: &i32| {
+            let store: Box<dyn TaskStore<S>> = Box::new(NoStorage);
+            (p, Restored { state: PartitionState::default(), store, redo: None })
+        };
+        Ok(wanted.iter().map(restored).collect())
     }
 
-    fn fault_in(&mut self, _: i32, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
+    fn durable(&mut self) -> Result<Durable, FlowError> {
+        Ok(Box::new(|| Ok(())))
+    }
+
+    fn release(&mut self, _: i32) {}
+
+    fn close(&mut self) {}
+}
+
+impl<S: EventSourced> TaskStore<S> for NoStorage {
+    fn fault_in(&mut self, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
         Ok(())
     }
 
@@ -159,35 +179,13 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         Ok(Recorded::default())
     }
 
-    fn keep_output(&mut self, _: i32, _: OutputRecord) {}
+    fn keep_output(&mut self, _: OutputRecord) {}
 
-    fn seal_transaction(&mut self, _: &TaskManager<S>, _: Positions, _: Out<'_>) -> Result<bool, FlowError> {
-        Ok(false)
+    fn seal(&mut self, _: &PartitionState<S>, _: Vec<SourcePosition>) -> Result<Sealed, FlowError> {
+        Ok(Sealed::nothing())
     }
-
-    fn durable(&mut self) -> Durable {
-        Box::new(|| Ok(()))
-    }
-
-    fn outbox(&self) -> Vec<OutputRecord> {
-        Vec::new()
-    }
-
-    fn seal_batch(&mut self, _: usize, _: &TaskManager<S>, _: Positions) -> Result<(), FlowError> {
-        Ok(())
-    }
-
-    fn write_batch(&mut self, _: usize, _: Out<'_>) -> Result<(), FlowError> {
-        Ok(())
-    }
-
-    fn drop_batches(&mut self) {}
 
     fn discard(&mut self) {}
-
-    fn release(&mut self, _: i32) {}
-
-    fn close(&mut self) {}
 }
 
 /// Encodes `state` (of `key`) with the flow's codec; a state restores could not read is refused.

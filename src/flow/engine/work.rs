@@ -5,13 +5,13 @@
 
 use super::core::{Core, FlowConsumer};
 use super::guarantee::{Guarantee, Wait};
+use super::state::Positions;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::flow::shared::kafka;
 use crate::stage::EventSourced;
 use eventstage_journal::SourcePosition;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
 
 impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// Commits what the flow did since the last commit: the open transaction, or the batch being
@@ -42,18 +42,16 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// once), the records it produced go to the outbox.
     pub(super) fn flush_outputs(&mut self) -> Result<(), FlowError> {
         for (p, o) in self.emitter.flush()? {
-            self.storage.keep_output(p, o);
+            self.tasks.keep_output(p, o);
         }
         Ok(())
     }
 
     /// The offsets consumed since the last commit, for the consumer group and (per partition) as
     /// the journal's source positions.
-    pub(super) fn pending_offsets(
-        &self,
-    ) -> Result<(TopicPartitionList, BTreeMap<i32, Vec<SourcePosition>>), FlowError> {
+    pub(super) fn pending_offsets(&self) -> Result<(TopicPartitionList, Positions), FlowError> {
         let mut tpl = TopicPartitionList::new();
-        let mut positions: BTreeMap<i32, Vec<SourcePosition>> = BTreeMap::new();
+        let mut positions = Positions::new();
         for (topic, p, o) in self.tasks.offsets() {
             if o.next > o.sealed && o.next >= 0 {
                 tpl.add_partition_offset(topic, p, Offset::Offset(o.next)).map_err(|e| kafka("offsets", e))?;
@@ -94,11 +92,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
     /// written, sled writes not yet made, records waiting for enrichment.
     pub(super) fn discard_open_work(&mut self) {
-        for part in self.tasks.states_mut() {
-            part.overlay.clear();
-            part.sealed.clear();
-        }
-        self.storage.discard();
+        self.tasks.discard();
         self.emitter.discard_held();
         if let Some(pipeline) = &mut self.pipeline {
             pipeline.clear();

@@ -14,13 +14,14 @@
 use crate::codec::Codec;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
+use crate::flow::shared::lock;
 use crate::replay::{recover, Entity};
 use crate::stage::EventSourced;
 use eventstage_journal::{
     Batch, EventRecord, Journal, Progress, SledJournal, SledStore, SnapshotRecord, SourcePosition,
 };
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// The outbox of the last write: the bincode of its records, in chunks of at most
 /// [`OUTBOX_CHUNK`] bytes under `flow/outbox/<i>` (i: u32 BE) and their count (u32 BE) under
@@ -36,29 +37,25 @@ fn outbox_chunk_key(i: u32) -> Vec<u8> {
     key
 }
 
-/// What one partition's open transaction will write.
+/// What one partition's open transaction or batch will write.
 #[derive(Default)]
 pub(super) struct Pending {
-    events: Vec<EventRecord>,
-    snapshots: Vec<SnapshotRecord>,
-    outbox: Vec<OutputRecord>,
+    pub(super) events: Vec<EventRecord>,
+    pub(super) snapshots: Vec<SnapshotRecord>,
+    pub(super) outbox: Vec<OutputRecord>,
 }
 
-pub(super) struct SledBackend {
-    dir: PathBuf,
-    store: SledStore,
-    journals: BTreeMap<i32, SledJournal>,
-    pending: BTreeMap<i32, Pending>,
-    /// The outbox of the last sled write, until Kafka commits it.
-    written: Vec<OutputRecord>,
-    /// Per partition, the outbox chunks stored (those beyond a new outbox are deleted), and
-    /// whether the partition still holds an outbox in the format before.
-    chunks: BTreeMap<i32, (u32, bool)>,
+/// One partition's sled journal (`<stage>/p<partition>`), as a flow reads and writes it.
+pub(super) struct PartitionJournal {
+    p: i32,
+    stage: &'static str,
+    journal: SledJournal,
+    /// Runs the sled journal's async calls.
+    rt: Arc<tokio::runtime::Runtime>,
+    /// The outbox chunks stored (those beyond a new outbox are deleted), and whether the
+    /// partition still holds an outbox in the format before.
+    chunks: Mutex<(u32, bool)>,
 }
-
-/// What a batch will write, taken out of the backend (at-least-once: written once the batch's
-/// outputs are acknowledged, while later batches stage theirs).
-pub(super) type Staged = BTreeMap<i32, Pending>;
 
 /// A partition restored from sled.
 pub(super) struct Restored<S: EventSourced> {
@@ -67,37 +64,15 @@ pub(super) struct Restored<S: EventSourced> {
     pub(super) outbox: Vec<OutputRecord>,
 }
 
-impl SledBackend {
-    pub(super) fn open(dir: &Path) -> Result<Self, FlowError> {
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            store: SledStore::open(dir)?,
-            journals: BTreeMap::new(),
-            pending: BTreeMap::new(),
-            written: Vec::new(),
-            chunks: BTreeMap::new(),
-        })
-    }
-
-    pub(super) fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn journal<S: EventSourced>(&mut self, p: i32) -> Result<SledJournal, FlowError> {
-        if let Some(j) = self.journals.get(&p) {
-            return Ok(j.clone());
-        }
-        let j = self.store.journal(&format!("{}/p{p}", S::NAME))?;
-        self.journals.insert(p, j.clone());
-        Ok(j)
-    }
-
+impl PartitionJournal {
+    /// Restores partition `p` of `S`'s journal in `store`: its entities, the input positions they
+    /// include and the outbox of its last write.
     pub(super) fn restore<S: EventSourced>(
-        &mut self,
-        rt: &tokio::runtime::Runtime,
+        store: &SledStore,
+        rt: Arc<tokio::runtime::Runtime>,
         p: i32,
-    ) -> Result<Restored<S>, FlowError> {
-        let journal = self.journal::<S>(p)?;
+    ) -> Result<(Self, Restored<S>), FlowError> {
+        let journal = store.journal(&format!("{}/p{p}", S::NAME))?;
         let (map, stats) = rt.block_on(recover::<S, _>(&journal, &Progress::none()))?;
         let positions = rt.block_on(journal.positions())?;
         let decode_err = |source| crate::Error::Decode {
@@ -134,7 +109,6 @@ impl SledBackend {
                 None => Vec::new(),
             }
         };
-        self.chunks.insert(p, (count, legacy.is_some()));
         tracing::info!(
             partition = p,
             keys = stats.keys,
@@ -142,114 +116,45 @@ impl SledBackend {
             events = stats.events,
             "restored partition state from sled"
         );
-        Ok(Restored { entities: map.into_iter().collect(), positions, outbox })
+        let restored = Restored { entities: map.into_iter().collect(), positions, outbox };
+        let journal = Self { p, stage: S::NAME, journal, rt, chunks: Mutex::new((count, legacy.is_some())) };
+        Ok((journal, restored))
     }
 
-    pub(super) fn stage(&mut self, p: i32, events: Vec<EventRecord>, snapshot: Option<SnapshotRecord>) {
-        let pending = self.pending.entry(p).or_default();
-        pending.events.extend(events);
-        pending.snapshots.extend(snapshot);
-    }
-
-    pub(super) fn stage_output(&mut self, p: i32, record: OutputRecord) {
-        self.pending.entry(p).or_default().outbox.push(record);
-    }
-
-    /// Forgets the open transaction (it was aborted before anything was written to sled).
-    pub(super) fn discard(&mut self) {
-        self.pending.clear();
-    }
-
-    pub(super) fn release(&mut self, p: i32) {
-        self.pending.remove(&p);
-        self.journals.remove(&p);
-        self.chunks.remove(&p);
-    }
-
-    /// Writes every touched partition's batch (events, snapshots, positions, outbox) with
-    /// `positions` (the positions to store per partition), without waiting for the disk: the
-    /// caller makes it durable with
-    /// [`flush_in_background`](Self::flush_in_background) and waits for that before anything
-    /// depends on it.
-    pub(super) fn write_unflushed<S: EventSourced>(
-        &mut self,
-        rt: &tokio::runtime::Runtime,
-        positions: BTreeMap<i32, Vec<SourcePosition>>,
+    /// Writes one sled batch with the partition's `events`, `snapshots`, the input `positions`
+    /// they include and its `outbox`, without waiting for the disk: the caller makes it durable
+    /// (one fsync of the sled database for every partition) before anything depends on it.
+    pub(super) fn write(
+        &self,
+        events: Vec<EventRecord>,
+        snapshots: Vec<SnapshotRecord>,
+        positions: Vec<SourcePosition>,
+        outbox: &[OutputRecord],
     ) -> Result<(), FlowError> {
-        let staged = self.take_staged();
-        self.write_staged::<S>(rt, staged, positions, false)
-    }
-
-    /// Makes everything written so far durable (one fsync of the sled database) on a thread of
-    /// its own.
-    pub(super) fn flush_in_background(&self) -> Result<std::thread::JoinHandle<Result<(), FlowError>>, FlowError> {
-        let store = self.store.clone();
-        std::thread::Builder::new()
-            .name("eventstage-sled-flush".into())
-            .spawn(move || store.flush().map_err(FlowError::from))
-            .map_err(|e| FlowError::Config(format!("cannot start the sled flush thread: {e}")))
-    }
-
-    /// Takes what the open batch staged.
-    pub(super) fn take_staged(&mut self) -> Staged {
-        std::mem::take(&mut self.pending)
-    }
-
-    /// Writes `staged` with `positions` (see [`write_unflushed`](Self::write_unflushed)), and
-    /// fsyncs it if `flush`.
-    pub(super) fn write_staged<S: EventSourced>(
-        &mut self,
-        rt: &tokio::runtime::Runtime,
-        mut staged: Staged,
-        positions: BTreeMap<i32, Vec<SourcePosition>>,
-        flush: bool,
-    ) -> Result<(), FlowError> {
-        let mut written = Vec::new();
-        let mut appended = Vec::new();
-        for (p, positions) in positions {
-            if !self.journals.contains_key(&p) && !staged.contains_key(&p) {
-                continue; // released since: the partition is another instance's now
-            }
-            let pending = staged.remove(&p).unwrap_or_default();
-            let outbox = Codec::Bincode.encode(&pending.outbox).map_err(|source| crate::Error::Encode {
-                stage: S::NAME.into(),
-                key: format!("(outbox of partition {p})"),
-                source,
-            })?;
-            let (before, legacy) = self.chunks.get(&p).copied().unwrap_or_default();
-            let mut meta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-            let mut count = 0u32;
-            for chunk in outbox.chunks(OUTBOX_CHUNK) {
-                meta.push((outbox_chunk_key(count), Some(chunk.to_vec())));
-                count += 1;
-            }
-            meta.extend((count..before).map(|i| (outbox_chunk_key(i), None)));
-            meta.push((OUTBOX_CHUNKS.to_vec(), Some(count.to_be_bytes().to_vec())));
-            if legacy {
-                meta.push((OUTBOX_LEGACY.to_vec(), None));
-            }
-            let batch = Batch { events: pending.events, snapshots: pending.snapshots, positions, meta };
-            let journal = self.journal::<S>(p)?;
-            // One sled value per key and transaction (see `SledJournal::append_grouped`).
-            rt.block_on(journal.append_grouped(batch))?;
-            self.chunks.insert(p, (count, false));
-            appended.push(journal);
-            written.extend(pending.outbox);
+        let p = self.p;
+        let outbox = Codec::Bincode.encode(outbox).map_err(|source| crate::Error::Encode {
+            stage: self.stage.into(),
+            key: format!("(outbox of partition {p})"),
+            source,
+        })?;
+        let mut chunks = lock(&self.chunks);
+        let (before, legacy) = *chunks;
+        let mut meta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut count = 0u32;
+        for chunk in outbox.chunks(OUTBOX_CHUNK) {
+            meta.push((outbox_chunk_key(count), Some(chunk.to_vec())));
+            count += 1;
         }
-        // One sled database under every partition: the first flush makes them all durable, the
-        // others find nothing left to write.
-        if flush {
-            for journal in appended {
-                rt.block_on(journal.flush())?;
-            }
+        meta.extend((count..before).map(|i| (outbox_chunk_key(i), None)));
+        meta.push((OUTBOX_CHUNKS.to_vec(), Some(count.to_be_bytes().to_vec())));
+        if legacy {
+            meta.push((OUTBOX_LEGACY.to_vec(), None));
         }
-        self.written = written;
+        let batch = Batch { events, snapshots, positions, meta };
+        // One sled value per key and transaction (see `SledJournal::append_grouped`).
+        self.rt.block_on(self.journal.append_grouped(batch))?;
+        *chunks = (count, false);
         Ok(())
-    }
-
-    /// The outputs of the last write, for producing them again.
-    pub(super) fn written(&self) -> &[OutputRecord] {
-        &self.written
     }
 }
 
@@ -257,23 +162,21 @@ impl SledBackend {
 mod tests {
     use super::*;
     use crate::stages::bank::Bank;
+    use std::path::Path;
 
     fn records(n: usize) -> Vec<OutputRecord> {
         (0..n).map(|i| OutputRecord::new("replies", format!("k{i}"), vec![7u8; 20])).collect()
     }
 
-    fn reopened(dir: &Path, rt: &tokio::runtime::Runtime) -> (SledBackend, Vec<OutputRecord>) {
-        let mut backend = SledBackend::open(dir).unwrap();
-        let outbox = backend.restore::<Bank>(rt, 0).unwrap().outbox;
-        (backend, outbox)
+    fn reopened(dir: &Path, rt: &Arc<tokio::runtime::Runtime>) -> (PartitionJournal, Vec<OutputRecord>) {
+        let store = SledStore::open(dir).unwrap();
+        let (journal, restored) = PartitionJournal::restore::<Bank>(&store, rt.clone(), 0).unwrap();
+        (journal, restored.outbox)
     }
 
-    fn write(backend: &mut SledBackend, rt: &tokio::runtime::Runtime, outbox: &[OutputRecord]) {
-        for o in outbox {
-            backend.stage_output(0, o.clone());
-        }
-        let staged = backend.take_staged();
-        backend.write_staged::<Bank>(rt, staged, BTreeMap::from([(0, Vec::new())]), true).unwrap();
+    fn write(journal: &PartitionJournal, rt: &tokio::runtime::Runtime, outbox: &[OutputRecord]) {
+        journal.write(Vec::new(), Vec::new(), Vec::new(), outbox).unwrap();
+        rt.block_on(journal.journal.flush()).unwrap();
     }
 
     /// An outbox stored as one value (the format before) is read, and replaced by chunks; a
@@ -290,28 +193,26 @@ mod tests {
             rt.block_on(journal.append(batch)).unwrap();
             rt.block_on(journal.flush()).unwrap();
         }
-        let (mut backend, outbox) = reopened(dir.path(), &rt);
+        let rt = Arc::new(rt);
+        let (journal, outbox) = reopened(dir.path(), &rt);
         assert_eq!(outbox, records(3));
 
         let big = records(5000);
-        write(&mut backend, &rt, &big);
-        drop(backend);
-        let (mut backend, outbox) = reopened(dir.path(), &rt);
+        write(&journal, &rt, &big);
+        drop(journal);
+        let (journal, outbox) = reopened(dir.path(), &rt);
         assert_eq!(outbox, big);
-        let journal = backend.journal::<Bank>(0).unwrap();
-        assert_eq!(rt.block_on(journal.meta(OUTBOX_LEGACY)).unwrap(), None, "the old value is gone");
-        let chunks = rt.block_on(journal.meta(OUTBOX_CHUNKS)).unwrap().unwrap();
-        let chunks = u32::from_be_bytes(chunks.try_into().unwrap());
+        let meta = |journal: &PartitionJournal, key: &[u8]| rt.block_on(journal.journal.meta(key)).unwrap();
+        assert_eq!(meta(&journal, OUTBOX_LEGACY), None, "the old value is gone");
+        let chunks = u32::from_be_bytes(meta(&journal, OUTBOX_CHUNKS).unwrap().try_into().unwrap());
         assert!(chunks > 2, "{chunks} chunks");
 
-        write(&mut backend, &rt, &records(1));
-        drop((backend, journal));
-        let (backend, outbox) = reopened(dir.path(), &rt);
+        write(&journal, &rt, &records(1));
+        drop(journal);
+        let (journal, outbox) = reopened(dir.path(), &rt);
         assert_eq!(outbox, records(1));
-        let mut backend = backend;
-        let journal = backend.journal::<Bank>(0).unwrap();
         for i in 1..chunks {
-            assert_eq!(rt.block_on(journal.meta(&outbox_chunk_key(i))).unwrap(), None, "chunk {i} is gone");
+            assert_eq!(meta(&journal, &outbox_chunk_key(i)), None, "chunk {i} is gone");
         }
     }
 }

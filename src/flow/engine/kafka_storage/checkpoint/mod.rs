@@ -53,7 +53,7 @@ pub(super) struct Checkpoints {
     /// behind its back (the follower drops a partition only when asked, or one not owned).
     owned: Owned,
     commands: Sender<Command>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     /// Without standbys: asks for a released partition's end offset.
     marks: Option<BaseConsumer<ReaderContext>>,
@@ -104,7 +104,15 @@ impl Checkpoints {
             ),
             Standby::Recent | Standby::All => None,
         };
-        Ok(Self { store, topic: journal.topic().to_string(), owned, commands, thread: Some(thread), metrics, marks })
+        Ok(Self {
+            store,
+            topic: journal.topic().to_string(),
+            owned,
+            commands,
+            thread: std::sync::Mutex::new(Some(thread)),
+            metrics,
+            marks,
+        })
     }
 
     /// Partition `p`'s checkpoint, for a restore on its assignment (`marks`: the journal
@@ -156,12 +164,12 @@ impl Checkpoints {
 
     /// Brings every checkpoint up to the journal's end and stops the follower (waits up to
     /// [`CLOSE_TIMEOUT`]).
-    pub(super) fn close(mut self) {
+    pub(super) fn close(&self) {
         self.stop(true);
     }
 
-    fn stop(&mut self, catch_up: bool) {
-        let Some(thread) = self.thread.take() else { return };
+    fn stop(&self, catch_up: bool) {
+        let Some(thread) = lock(&self.thread).take() else { return };
         let (tx, rx) = std::sync::mpsc::channel();
         let command = if catch_up { Command::Close(tx) } else { Command::Quit };
         if self.commands.send(command).is_ok() && catch_up {
