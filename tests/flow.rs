@@ -440,6 +440,112 @@ async fn rebalances(consumer: &[(&str, &str)]) {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts);
 }
 
+/// A task restores on a thread of its own (Kafka Streams' state updater): while an instance reads
+/// the journal of a partition it takes over, its other partition goes on being processed. The
+/// restore is held on purpose: a transaction left open on the journal partition keeps it reading
+/// (a restore waits for open transactions to end, then reads up to the last stable offset), so
+/// the other partition's replies come while it is still under way. Then the partition it took
+/// over answers from the state its restore read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_being_restored_does_not_stop_the_others() {
+    use eventstage::flow::RebalanceEvent;
+    use eventstage::journal::{Envelope, JournalEntry, SeqNo};
+    use eventstage::stages::bank::Bank;
+    use eventstage::EventSourced;
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    use std::sync::{Arc, Mutex};
+    let s = setup(2).await;
+    let owned: Arc<Mutex<Vec<i32>>> = Arc::default();
+    let start = |name: &str, owned: Option<Arc<Mutex<Vec<i32>>>>| {
+        let mut flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+            .journal_topic(&s.journal)
+            .transactional_id(unique(name))
+            .commit_interval(Duration::from_millis(50))
+            .consumer_property("group.protocol", "consumer");
+        if let Some(owned) = owned {
+            flow = flow.on_rebalance(move |event, _| {
+                if let RebalanceEvent::Assigned(tps) = event {
+                    owned.lock().unwrap().extend(tps.iter().map(|tp| tp.partition));
+                }
+            });
+        }
+        flow.run().unwrap()
+    };
+    let a = start("a", None);
+    crate::util::wait_until_within("the first instance to own both partitions", crate::util::DEADLINE * 2, || {
+        let m = a.metrics();
+        m.assigned_partitions == 2 && m.restoring_partitions == 0
+    })
+    .await;
+    let b = start("b", Some(owned.clone()));
+    crate::util::wait_until_within("the second instance to own a partition", crate::util::DEADLINE * 2, || {
+        owned.lock().unwrap().len() == 1 && a.metrics().assigned_partitions == 1
+    })
+    .await;
+    let moved = owned.lock().unwrap()[0];
+    let other = 1 - moved;
+
+    // The moved partition's journal: an account with 77 in it, committed; then a transaction
+    // left open.
+    let codec = Codec::default();
+    let account = Account { open: true, balance: 77 };
+    let snapshot = Envelope::snapshot(codec.id(), Bank::STATE_VERSION, 0, codec.encode(&account).unwrap());
+    let entry = JournalEntry { last_seq: SeqNo(2), events: Vec::new(), state: Some(snapshot), sources: Vec::new() };
+    let transactional = |id: &str| {
+        let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &s.brokers)
+            .set("transactional.id", unique(id))
+            .create()
+            .unwrap();
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+        p.begin_transaction().unwrap();
+        p
+    };
+    let value = entry.encode();
+    let history = transactional("history");
+    history.send(BaseRecord::to(&s.journal).partition(moved).key("rich").payload(&value)).map_err(|(e, _)| e).unwrap();
+    history.commit_transaction(Duration::from_secs(30)).unwrap();
+    let open = transactional("open");
+    open.send(BaseRecord::to(&s.journal).partition(moved).key("pending").payload(&value)).map_err(|(e, _)| e).unwrap();
+    open.flush(Duration::from_secs(30)).unwrap();
+
+    // The second instance leaves: the first takes the partition over and restores it.
+    b.drain_and_shutdown().await.unwrap();
+    crate::util::wait_until("the first instance to restore the partition it takes over", || {
+        a.metrics().restoring_partitions == 1
+    })
+    .await;
+    let input = |p: i32, key: &str, id: &str, cmd: BankCommand| {
+        let producer = producer(&s.brokers);
+        producer.send(BaseRecord::to(&s.topics.input).partition(p).key(key).payload(&wire(id, cmd))).unwrap();
+        flush(&producer);
+    };
+    let reply = |id: &str, balance: u64| {
+        (id.to_string(), WireReply { id: id.into(), ok: true, balance: Some(balance), error: None })
+    };
+    let before = a.metrics();
+    input(other, "fresh", "c1", BankCommand::Open);
+    input(other, "fresh", "c2", BankCommand::Deposit(5));
+    crate::util::wait_until("the other partition's commands to be processed and committed", || {
+        let m = a.metrics();
+        m.records_in >= before.records_in + 2 && m.transactions > before.transactions
+    })
+    .await;
+    assert_eq!(
+        a.metrics().restoring_partitions,
+        1,
+        "the other partition was processed while the restore was under way"
+    );
+
+    // Once restored, the moved partition answers from the committed journal (not the open
+    // transaction's record).
+    input(moved, "rich", "c3", BankCommand::Withdraw(7));
+    let replies: HashMap<String, WireReply> = [reply("c1", 0), reply("c2", 5), reply("c3", 70)].into();
+    await_replies(&s, replies).await;
+    open.abort_transaction(Duration::from_secs(30)).unwrap();
+    a.drain_and_shutdown().await.unwrap();
+}
+
 /// The window the outbox exists for, hit on purpose: the process dies right after a sled write and
 /// before the Kafka commit. The restarted flow does not apply those inputs again and produces their
 /// outputs from the outbox: still exactly one reply per command.

@@ -229,12 +229,13 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         self
     }
 
-    /// A synchronous rebalance listener, called on the flow's thread inside the rebalance: on
-    /// assignment once the partitions' state is restored and before any of their records is
-    /// processed (it may [`seek`](RebalanceActions::seek)); on revocation once the flow has
-    /// finished and committed their in-flight work, before their state is released; on loss after
-    /// their uncommitted work was dropped. Keep it short: the group waits for it. Each call adds
-    /// a listener; they run in the order they were added.
+    /// A synchronous rebalance listener, called on the flow's thread: on assignment once the
+    /// partitions' state is restored (a restore runs on a thread of its own, the partitions paused,
+    /// while the flow goes on with the others) and before any of their records is processed (it
+    /// may [`seek`](RebalanceActions::seek)); inside the rebalance on revocation, once the flow has
+    /// finished and committed their in-flight work, before their state is released, and on loss
+    /// after their uncommitted work was dropped. Keep it short: the flow (and on revocation the
+    /// group) waits for it. Each call adds a listener; they run in the order they were added.
     #[must_use]
     pub fn on_rebalance(
         mut self,

@@ -9,7 +9,7 @@ pub use checkpoint::Standby;
 pub(crate) use checkpoint::StoreSettings;
 
 use super::state::{KeyMap, PartitionState};
-use super::storage::{encode_events, encode_state, Change, Durable, Recorded, Restored, Restoring};
+use super::storage::{encode_events, encode_state, Change, Durable, Recorded, RestoreJob, Restored};
 use super::storage::{Sealed, Storage, TaskStore, Write};
 use crate::codec::Codec;
 use crate::error::Error;
@@ -128,22 +128,23 @@ impl<S: EventSourced> Storage<S> for KafkaStorage {
         format!("kafka:{}{store}", self.shared.journal.topic())
     }
 
-    fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
-        let metrics = &self.shared.metrics;
-        metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
-        let latest = self.shared.latest_entries(wanted, true);
-        metrics.restoring_partitions.fetch_sub(wanted.len() as u64, Ordering::Relaxed);
-        let mut restored = Vec::new();
-        for (p, (entries, rows)) in latest? {
-            let state = restore_entries::<S>(p, entries, rows.is_some())?;
-            let store =
-                KafkaTask::<S> { p, shared: self.shared.clone(), open: Unjournaled::default(), rows, last_ts: 0 };
-            restored.push((p, Restored { state, store: Box::new(store), redo: None }));
-        }
-        if let Some(checkpoints) = &self.shared.checkpoints {
-            wanted.iter().for_each(|&p| checkpoints.follow(p));
-        }
-        Ok(restored)
+    /// Reads the partitions' journal (after their checkpoint, with a local store) with one
+    /// consumer, in parallel.
+    fn restore(&mut self, wanted: &[i32]) -> RestoreJob<S> {
+        let (shared, wanted) = (self.shared.clone(), wanted.to_vec());
+        Box::new(move || {
+            let mut restored = Vec::new();
+            for (p, (entries, rows)) in shared.latest_entries(&wanted, true)? {
+                let state = restore_entries::<S>(p, entries, rows.is_some())?;
+                let open = Unjournaled::default();
+                let store = KafkaTask::<S> { p, shared: shared.clone(), open, rows, last_ts: 0 };
+                restored.push((p, Restored { state, store: Box::new(store), applied: None }));
+            }
+            if let Some(checkpoints) = &shared.checkpoints {
+                wanted.iter().for_each(|&p| checkpoints.follow(p));
+            }
+            Ok(restored)
+        })
     }
 
     /// The journal records are part of the transaction or batch: nothing to wait for.

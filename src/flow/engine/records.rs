@@ -49,6 +49,10 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
 
     /// Takes a consumed record: decodes it, then hands it to the enrichment pipeline or the stage.
     pub(super) fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), FlowError> {
+        if !self.tasks.takes(msg.topic(), msg.partition(), msg.offset()) {
+            // Its task restores: read again once it has.
+            return Ok(());
+        }
         let input = InputRecord {
             topic: msg.topic().to_string(),
             partition: msg.partition(),

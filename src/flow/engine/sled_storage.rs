@@ -1,7 +1,7 @@
 //! The sled journal as a flow's storage (one instance): each task stages its partition's events
 //! and due snapshots, and its seal writes them with the input positions and the outbox in one
-//! sled batch before the Kafka commit (see `backend`); a restored partition reconciles sled's
-//! positions with the group's committed offsets.
+//! sled batch before the Kafka commit (see `backend`); a restored partition's positions are
+//! reconciled with the group's committed offsets by the task that takes it.
 
 mod backend;
 
@@ -9,14 +9,12 @@ use backend::{PartitionJournal, Pending};
 
 use super::state::PartitionState;
 use super::storage::{encode_events, encode_state};
-use super::storage::{Change, Durable, Recorded, Restored, Restoring, Sealed, Storage, TaskStore};
+use super::storage::{Applied, Change, Durable, Recorded, RestoreJob, Restored, Sealed, Storage, TaskStore};
 use crate::codec::Codec;
-use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::stage::{EntityKey, EventSourced};
 use eventstage_journal::{EventRecord, SeqNo, SledStore, SnapshotRecord, SourcePosition};
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -30,7 +28,6 @@ pub(super) struct SledStorage {
     rt: Arc<tokio::runtime::Runtime>,
     codec: Codec,
     snapshot_every: u64,
-    metrics: Arc<Metrics>,
 }
 
 impl SledStorage {
@@ -40,56 +37,9 @@ impl SledStorage {
         rt: tokio::runtime::Runtime,
         codec: Codec,
         snapshot_every: u64,
-        metrics: Arc<Metrics>,
     ) -> Result<Self, FlowError> {
         let store = SledStore::open(dir)?;
-        Ok(Self { dir: dir.to_path_buf(), store, rt: Arc::new(rt), codec, snapshot_every, metrics })
-    }
-
-    /// Restores partition `p` from sled and reconciles sled's positions with the group's committed
-    /// offsets: positions behind them mean the store is not this group's (an error); positions
-    /// ahead mean a crash between the sled write and the Kafka commit (the outbox is produced again).
-    fn restore_partition<S: EventSourced>(
-        &mut self,
-        p: i32,
-        at: &mut Restoring<'_, S>,
-    ) -> Result<Restored<S>, FlowError> {
-        let (journal, restored) = PartitionJournal::restore::<S>(&self.store, self.rt.clone(), p)?;
-        let stored: HashMap<(String, i32), i64> =
-            restored.positions.iter().map(|pos| ((pos.topic.clone(), pos.partition), pos.next_offset)).collect();
-        let mut ahead = false;
-        let mut seeks = Vec::new();
-        for (topic, o) in at.tasks.task_offsets_mut(p).into_iter().flatten() {
-            let sled_next = stored.get(&(topic.clone(), p)).copied().unwrap_or(-1);
-            if sled_next < o.committed {
-                return Err(FlowError::Config(format!(
-                    "the sled journal at {} is behind the group's committed offset of {topic}[{p}] ({sled_next} < {}): its state was lost or belongs to another instance; a sled journal must stay with the instance that wrote it (use a Kafka journal to move partitions between instances)",
-                    self.dir.display(),
-                    o.committed
-                )));
-            }
-            o.applied_until = sled_next;
-            if sled_next > o.committed {
-                tracing::warn!(topic = %topic, partition = p, kafka = o.committed, sled = sled_next,
-                    "inputs were applied before a crash but not committed to Kafka: producing their outputs again from the outbox");
-                o.next = sled_next;
-                seeks.push((topic.clone(), p, sled_next));
-                ahead = true;
-            }
-        }
-        at.tasks.pending_seeks.extend(seeks);
-        let store = SledTask::<S> {
-            journal: Arc::new(journal),
-            codec: self.codec,
-            snapshot_every: self.snapshot_every,
-            pending: Pending::default(),
-            stage: PhantomData,
-        };
-        Ok(Restored {
-            state: PartitionState::new(restored.entities.into_iter().collect()),
-            store: Box::new(store),
-            redo: ahead.then_some(restored.outbox),
-        })
+        Ok(Self { dir: dir.to_path_buf(), store, rt: Arc::new(rt), codec, snapshot_every })
     }
 }
 
@@ -98,15 +48,29 @@ impl<S: EventSourced> Storage<S> for SledStorage {
         format!("sled:{}", self.dir.display())
     }
 
-    fn restore(&mut self, wanted: &[i32], mut at: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
-        let mut restored = Vec::new();
-        for &p in wanted {
-            self.metrics.restoring_partitions.fetch_add(1, Ordering::Relaxed);
-            let partition = self.restore_partition::<S>(p, &mut at);
-            self.metrics.restoring_partitions.fetch_sub(1, Ordering::Relaxed);
-            restored.push((p, partition?));
-        }
-        Ok(restored)
+    /// Reads each partition's journal (snapshots, then the events after them), its input
+    /// positions and the outbox of its last write: the engine reconciles the positions with the
+    /// group's committed offsets (see [`Applied`]).
+    fn restore(&mut self, wanted: &[i32]) -> RestoreJob<S> {
+        let (store, rt, wanted) = (self.store.clone(), self.rt.clone(), wanted.to_vec());
+        let (codec, snapshot_every) = (self.codec, self.snapshot_every);
+        Box::new(move || {
+            let mut restored = Vec::new();
+            for p in wanted {
+                let (journal, partition) = PartitionJournal::restore::<S>(&store, rt.clone(), p)?;
+                let task = SledTask::<S> {
+                    journal: Arc::new(journal),
+                    codec,
+                    snapshot_every,
+                    pending: Pending::default(),
+                    stage: PhantomData,
+                };
+                let applied = Applied { positions: partition.positions, outbox: partition.outbox };
+                let state = PartitionState::new(partition.entities.into_iter().collect());
+                restored.push((p, Restored { state, store: Box::new(task), applied: Some(applied) }));
+            }
+            Ok(restored)
+        })
     }
 
     /// One fsync of the sled database (every partition's journal is in it), on a thread of its

@@ -407,13 +407,9 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
                 metrics.clone(),
             )?)
         }
-        FlowJournal::Sled(dir) => Box::new(SledStorage::open(
-            dir,
-            blocking_runtime()?,
-            settings.codec,
-            settings.snapshot_every,
-            metrics.clone(),
-        )?),
+        FlowJournal::Sled(dir) => {
+            Box::new(SledStorage::open(dir, blocking_runtime()?, settings.codec, settings.snapshot_every)?)
+        }
         FlowJournal::None => Box::new(NoStorage),
     };
     let mut parts = parts;

@@ -1,7 +1,7 @@
 //! The flow's per-partition state: each key's committed entity, the changes of the transaction
 //! being committed and of the open one, the consumer offsets, and what this instance is assigned.
 
-use super::storage::{Restored, Sealed, TaskStore};
+use super::storage::{Restoration, RestoreJob, Sealed, TaskStore};
 use crate::flow::error::FlowError;
 use crate::flow::record::{InputRecord, OutputRecord};
 use crate::replay::Entity;
@@ -88,14 +88,35 @@ pub(super) struct Task<S: EventSourced> {
     pub(super) state: PartitionState<S>,
     /// Its part of the storage, once restored.
     store: Option<Box<dyn TaskStore<S>>>,
+    /// While it restores: the first input offset per topic polled before its partitions were
+    /// paused, dropped (the partition is sought back to it once restored).
+    dropped: BTreeMap<String, i64>,
     /// Per input topic.
     pub(super) offsets: BTreeMap<String, Offsets>,
+}
+
+/// A restore under way on a thread of its own (see [`RestoreJob`]).
+pub(super) struct RestoreRun<S: EventSourced> {
+    pub(super) partitions: Vec<i32>,
+    pub(super) started: std::time::Instant,
+    thread: std::thread::JoinHandle<Restoration<S>>,
+}
+
+impl<S: EventSourced> RestoreRun<S> {
+    /// The restored partitions (waits for the restore to end).
+    pub(super) fn join(self) -> Restoration<S> {
+        self.thread.join().map_err(|_| FlowError::Crashed("a restore thread panicked".into()))?
+    }
 }
 
 /// The task manager: the tasks of the partitions this instance owns, and what the consumer is to
 /// do about them.
 pub(super) struct TaskManager<S: EventSourced> {
     tasks: BTreeMap<i32, Task<S>>,
+    /// Restores under way.
+    restores: Vec<RestoreRun<S>>,
+    /// Topic partitions to pause once librdkafka has made the assignment: their tasks restore.
+    pub(super) pending_pauses: Vec<(String, i32)>,
     /// Seeks to do once librdkafka has made the assignment.
     pub(super) pending_seeks: Vec<(String, i32, i64)>,
     /// Inputs were consumed since the last commit.
@@ -104,7 +125,13 @@ pub(super) struct TaskManager<S: EventSourced> {
 
 impl<S: EventSourced> TaskManager<S> {
     pub(super) fn new() -> Self {
-        Self { tasks: BTreeMap::new(), pending_seeks: Vec::new(), dirty: false }
+        Self {
+            tasks: BTreeMap::new(),
+            restores: Vec::new(),
+            pending_pauses: Vec::new(),
+            pending_seeks: Vec::new(),
+            dirty: false,
+        }
     }
 
     /// Partition `p`'s state, to change.
@@ -181,26 +208,74 @@ impl<S: EventSourced> TaskManager<S> {
         let task = self.tasks.entry(p).or_insert_with(|| Task {
             state: PartitionState::default(),
             store: None,
+            dropped: BTreeMap::new(),
             offsets: BTreeMap::new(),
         });
+        if task.store.is_none() {
+            self.pending_pauses.push((topic.to_string(), p));
+        }
         let applied_until = task.offsets.get(topic).map_or(-1, |o| o.applied_until);
         let offsets = Offsets { committed, sealed: committed, next: committed, applied_until };
         task.offsets.insert(topic.to_string(), offsets);
     }
 
-    /// The partitions whose tasks wait for their restore.
+    /// The partitions whose tasks wait for a restore to start.
     pub(super) fn unrestored(&self) -> Vec<i32> {
-        self.tasks.iter().filter(|(_, t)| t.store.is_none()).map(|(p, _)| *p).collect()
+        let restoring = |p: &i32| self.restores.iter().any(|r| r.partitions.contains(p));
+        self.tasks.iter().filter(|(p, t)| t.store.is_none() && !restoring(p)).map(|(p, _)| *p).collect()
     }
 
-    /// Partition `p`'s task has its committed state and its store; returns the outputs to
-    /// produce again, if any (see [`Restored::redo`]).
-    pub(super) fn restored(&mut self, p: i32, restored: Restored<S>) -> Option<Vec<OutputRecord>> {
-        if let Some(task) = self.tasks.get_mut(&p) {
-            task.state = restored.state;
-            task.store = Some(restored.store);
+    /// Starts `job`, the restore of partitions `wanted`, on a thread of its own.
+    pub(super) fn start_restore(&mut self, wanted: Vec<i32>, job: RestoreJob<S>) -> Result<(), FlowError> {
+        let thread = std::thread::Builder::new()
+            .name("eventstage-restore".into())
+            .spawn(job)
+            .map_err(|e| FlowError::Config(format!("cannot start a restore thread: {e}")))?;
+        self.restores.push(RestoreRun { partitions: wanted, started: std::time::Instant::now(), thread });
+        Ok(())
+    }
+
+    /// Whether a restore ended and waits for its tasks to take it.
+    pub(super) fn restore_ended(&self) -> bool {
+        self.restores.iter().any(|r| r.thread.is_finished())
+    }
+
+    /// The restores that ended (`all`: every restore, to be waited for).
+    pub(super) fn take_restores(&mut self, all: bool) -> Vec<RestoreRun<S>> {
+        let (ended, running) =
+            std::mem::take(&mut self.restores).into_iter().partition(|r| all || r.thread.is_finished());
+        self.restores = running;
+        ended
+    }
+
+    /// Whether partition `p`'s task has its state: else the input at `offset` of `topic`, polled
+    /// before its partition was paused, is dropped until it has (see [`Self::restored`]).
+    pub(super) fn takes(&mut self, topic: &str, p: i32, offset: i64) -> bool {
+        let Some(task) = self.tasks.get_mut(&p) else { return true };
+        if task.store.is_some() {
+            return true;
         }
-        restored.redo
+        task.dropped.entry(topic.to_string()).or_insert(offset);
+        false
+    }
+
+    /// Partition `p`'s task (if it is still here) takes its committed state and its store;
+    /// returns the offsets per topic to seek to: inputs dropped while it restored.
+    pub(super) fn restored(
+        &mut self,
+        p: i32,
+        state: PartitionState<S>,
+        store: Box<dyn TaskStore<S>>,
+    ) -> Vec<(String, i64)> {
+        let Some(task) = self.tasks.get_mut(&p) else { return Vec::new() };
+        task.state = state;
+        task.store = Some(store);
+        std::mem::take(&mut task.dropped).into_iter().collect()
+    }
+
+    /// The input topics of partition `p`'s task.
+    pub(super) fn topics(&self, p: i32) -> Vec<String> {
+        self.tasks.get(&p).map(|t| t.offsets.keys().cloned().collect()).unwrap_or_default()
     }
 
     /// `topic`'s partition `p` was revoked; true when that closed partition `p`'s task (no input

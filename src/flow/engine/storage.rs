@@ -15,7 +15,6 @@
 
 use super::producer::Sink;
 use super::state::PartitionState;
-use super::state::TaskManager;
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::error::FlowError;
@@ -61,22 +60,30 @@ pub(super) struct Recorded {
     pub(super) forgotten: bool,
 }
 
-/// The engine's consumer positions while a storage restores partitions: a storage that keeps
-/// input positions of its own (sled) reconciles them with the group's committed offsets.
-pub(super) struct Restoring<'a, S: EventSourced> {
-    /// The tasks: their offsets per input topic, and the seeks to make once librdkafka has made
-    /// the assignment.
-    pub(super) tasks: &'a mut TaskManager<S>,
-}
-
 /// A restored partition: its task's state and store.
 pub(super) struct Restored<S: EventSourced> {
     pub(super) state: PartitionState<S>,
     pub(super) store: Box<dyn TaskStore<S>>,
-    /// Inputs were applied before a crash but their transaction did not commit in Kafka (sled):
-    /// the outputs to produce again, and the consumed offsets must be committed again.
-    pub(super) redo: Option<Vec<OutputRecord>>,
+    /// From a storage of record that keeps input positions of its own (sled): what its state
+    /// includes, reconciled with the group's committed offsets when the task takes it.
+    pub(super) applied: Option<Applied>,
 }
+
+/// A storage of record's input positions of a restored partition (see [`Restored::applied`]).
+pub(super) struct Applied {
+    /// The next input offset per topic its state includes.
+    pub(super) positions: Vec<SourcePosition>,
+    /// The outputs of its last write: produced again when its positions are ahead of the group's
+    /// committed offsets (a crash between its write and the Kafka commit).
+    pub(super) outbox: Vec<OutputRecord>,
+}
+
+/// Restores partitions: run on a thread of its own while the flow goes on with its other tasks
+/// (Kafka Streams' state updater), the partitions paused until their tasks take the result.
+pub(super) type RestoreJob<S> = Box<dyn FnOnce() -> Restoration<S> + Send>;
+
+/// What a [`RestoreJob`] returns: the restored partitions.
+pub(super) type Restoration<S> = Result<Vec<(i32, Restored<S>)>, FlowError>;
 
 /// Makes what a storage wrote durable (see [`Storage::durable`]).
 pub(super) type Durable = Box<dyn FnOnce() -> Result<(), FlowError> + Send>;
@@ -107,8 +114,9 @@ pub(super) trait Storage<S: EventSourced>: Send {
     /// What the flow's start-up line calls it.
     fn name(&self) -> String;
 
-    /// Restores the committed state of partitions `wanted`, each with its task's store.
-    fn restore(&mut self, wanted: &[i32], at: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError>;
+    /// What restores the committed state of partitions `wanted`, each with its task's store (see
+    /// [`RestoreJob`]).
+    fn restore(&mut self, wanted: &[i32]) -> RestoreJob<S>;
 
     /// What makes every [`Sealed::write`] so far durable: the sled journal's fsync starts here
     /// and runs while the transaction's offsets travel and its last records are acknowledged;
@@ -153,12 +161,15 @@ impl<S: EventSourced> Storage<S> for NoStorage {
         "none".into()
     }
 
-    fn restore(&mut self, wanted: &[i32], _: Restoring<'_, S>) -> Result<Vec<(i32, Restored<S>)>, FlowError> {
-        let restored = |&p: &i32| {
-            let store: Box<dyn TaskStore<S>> = Box::new(NoStorage);
-            (p, Restored { state: PartitionState::default(), store, redo: None })
-        };
-        Ok(wanted.iter().map(restored).collect())
+    fn restore(&mut self, wanted: &[i32]) -> RestoreJob<S> {
+        let wanted = wanted.to_vec();
+        Box::new(move || {
+            let restored = |p: i32| {
+                let store: Box<dyn TaskStore<S>> = Box::new(NoStorage);
+                (p, Restored { state: PartitionState::default(), store, applied: None })
+            };
+            Ok(wanted.into_iter().map(restored).collect())
+        })
     }
 
     fn durable(&mut self) -> Result<Durable, FlowError> {

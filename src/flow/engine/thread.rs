@@ -63,6 +63,9 @@ impl<S: EventSourced, G: Guarantee> FlowThread<S, G> {
         if let Some(e) = c.failure.take() {
             return Err(e);
         }
+        if c.tasks.restore_ended() {
+            c.take_restores(&self.consumer, false)?;
+        }
         match record {
             Some(Ok(msg)) => c.process(&msg)?,
             // A fatal consumer error ends the consumer for good (librdkafka retries nothing):
