@@ -199,12 +199,18 @@ pub(crate) fn pass_through_latency(
     secs: Duration,
     await_deliveries: bool,
     commit_interval: Duration,
+    outputs_per_input: usize,
 ) -> Result<Latency> {
     let (input, output) = (unique("lat-pt-in"), unique("lat-pt-out"));
-    create_topics(rt, brokers, &[&input, &output])?;
+    // Latency is read on `output`; the other outputs only add their volume.
+    let also: Vec<String> = (1..outputs_per_input).map(|i| format!("{output}-{i}")).collect();
+    let mut topics = vec![input.as_str(), output.as_str()];
+    topics.extend(also.iter().map(String::as_str));
+    create_topics(rt, brokers, &topics)?;
     let deadline = Instant::now() + secs + RUN_DEADLINE;
     let pt = PassThrough {
         commit_every: commit_interval,
+        also: also.clone(),
         ..PassThrough::new(brokers, &input, &output, None, await_deliveries, deadline)
     };
     let stop = pt.stop.clone();
@@ -217,7 +223,7 @@ pub(crate) fn pass_through_latency(
     });
     stop.store(true, Ordering::Relaxed);
     let stats = join(worker)?;
-    delete_topics(rt, brokers, &[&input, &output]);
+    delete_topics(rt, brokers, &topics);
     let paced = result?;
     Ok(Latency {
         commit_interval,

@@ -16,7 +16,9 @@
 //!    `ThreadedProducer`, rdkafka 0.39's `commit_transaction` flushes with `poll(100 ms)` on a queue
 //!    the producer's own thread serves, so a commit with records in flight takes ~100 ms more;
 //! 3. end-to-end latency (send → reply visible to a `read_committed` reader) with commands paced at
-//!    half of the flow's throughput from 1 (and, for reference, of both pass-throughs at that rate);
+//!    half of the flow's throughput from 1 (and, for reference, of both pass-throughs at that rate;
+//!    with `EVENTSTAGE_E2E_ONLY=latency`, also of the pass-through producing the flow's reply +
+//!    event volume, two records per input, at each commit interval);
 //! 4. the restore rate of `KafkaJournal` over a journal topic of N records (written here the way a
 //!    flow writes them: the bank's key, its events and its state after them, over 1000 accounts;
 //!    the flow itself writes one record per key and commit interval, far fewer), against bare
@@ -208,8 +210,13 @@ fn run() -> Result<()> {
             let interval = Duration::from_millis(interval);
             progress(&format!("  latency with commits every {interval:?}"));
             Report::latency("bank flow", &flow_latency(&rt, b, rate, latency_secs, interval)?);
-            let pass = pass_through_latency(&rt, b, rate, latency_secs, true, interval)?;
+            let pass = pass_through_latency(&rt, b, rate, latency_secs, true, interval, 1)?;
             Report::latency("pass-through awaiting deliveries", &pass);
+            let volume = pass_through_latency(&rt, b, rate, latency_secs, true, interval, 2)?;
+            Report::latency(
+                "pass-through awaiting deliveries, two output records per input (the flow's reply + event volume)",
+                &volume,
+            );
         }
         return Ok(());
     }
@@ -243,8 +250,8 @@ fn run() -> Result<()> {
     let rate = 0.5 * throughput.flow.median.run.window_rate();
     progress(&format!("3/6 latency at {rate:.0} commands/s for {} s each", latency_secs.as_secs()));
     let flow_latency = flow_latency(&rt, b, rate, latency_secs, COMMIT_INTERVAL)?;
-    let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false, COMMIT_INTERVAL)?;
-    let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true, COMMIT_INTERVAL)?;
+    let pass_latency = pass_through_latency(&rt, b, rate, latency_secs, false, COMMIT_INTERVAL, 1)?;
+    let pass_drained_latency = pass_through_latency(&rt, b, rate, latency_secs, true, COMMIT_INTERVAL, 1)?;
 
     progress("4/6 journal restore rate");
     let journal = unique("restore-journal");
