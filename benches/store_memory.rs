@@ -11,7 +11,10 @@
 //! `cache_capacity`, fjall's `cache_size`.
 //!
 //! `cargo bench --bench store_memory`; `EVENTSTAGE_STORE_KEYS` (default 10^7),
-//! `EVENTSTAGE_STORE_CACHE_MB` (default 64). Memory is whole-process RSS from `/proc/self/status`
+//! `EVENTSTAGE_STORE_CACHE_MB` (default 64), `EVENTSTAGE_STORE_PARTITIONS` (default 1: the keys
+//! spread over this many trees or keyspaces, one per partition as the local store keeps them),
+//! `EVENTSTAGE_STORE_MEMTABLE_MB` (fjall: the memtable budget, split over the keyspaces; default
+//! fjall's own, 64 MiB per keyspace), `EVENTSTAGE_STORE_ONLY` (`sled` or `fjall`). Memory is whole-process RSS from `/proc/self/status`
 //! (Linux) after each phase; the peak is the kernel's high-water mark over the whole run.
 
 use eventstage::journal::{Envelope, JournalEntry, SeqNo};
@@ -27,12 +30,14 @@ const OPS: u64 = 1_000_000;
 fn main() {
     let keys = env_number("EVENTSTAGE_STORE_KEYS", 10_000_000);
     let cache_mb = env_number("EVENTSTAGE_STORE_CACHE_MB", 64);
+    let partitions = env_number("EVENTSTAGE_STORE_PARTITIONS", 1).max(1);
     if let Ok(store) = std::env::var(CHILD) {
-        run(&store, keys, cache_mb);
+        run(&store, keys, cache_mb, partitions);
         return;
     }
-    println!("local store rows: {keys} keys, cache budget {cache_mb} MiB, each store in a process of its own");
-    for store in ["sled", "fjall"] {
+    println!("local store rows: {keys} keys in {partitions} partition(s), cache budget {cache_mb} MiB, each store in a process of its own");
+    let only = std::env::var("EVENTSTAGE_STORE_ONLY").ok();
+    for store in ["sled", "fjall"].into_iter().filter(|s| only.as_deref().is_none_or(|o| o == *s)) {
         let out = Command::new(std::env::current_exe().expect("this binary's path"))
             .env(CHILD, store)
             .output()
@@ -45,52 +50,62 @@ fn main() {
     }
 }
 
-/// The operations a store is measured on.
+/// The operations a store is measured on (`p`: the partition's tree or keyspace).
 trait Rows {
-    fn put(&self, key: &[u8], value: &[u8]);
-    fn get(&self, key: &[u8]) -> bool;
+    fn put(&self, p: usize, key: &[u8], value: &[u8]);
+    fn get(&self, p: usize, key: &[u8]) -> bool;
     /// Makes every write durable.
     fn persist(&self);
 }
 
-struct Sled(sled::Tree, sled::Db);
+struct Sled(Vec<sled::Tree>, sled::Db);
 
 impl Rows for Sled {
-    fn put(&self, key: &[u8], value: &[u8]) {
-        self.0.insert(key, value).expect("sled insert");
+    fn put(&self, p: usize, key: &[u8], value: &[u8]) {
+        self.0[p].insert(key, value).expect("sled insert");
     }
-    fn get(&self, key: &[u8]) -> bool {
-        self.0.get(key).expect("sled get").is_some()
+    fn get(&self, p: usize, key: &[u8]) -> bool {
+        self.0[p].get(key).expect("sled get").is_some()
     }
     fn persist(&self) {
         self.1.flush().expect("sled flush");
     }
 }
 
-struct Fjall(fjall::Keyspace, fjall::Database);
+struct Fjall(Vec<fjall::Keyspace>, fjall::Database);
 
 impl Rows for Fjall {
-    fn put(&self, key: &[u8], value: &[u8]) {
-        self.0.insert(key, value).expect("fjall insert");
+    fn put(&self, p: usize, key: &[u8], value: &[u8]) {
+        self.0[p].insert(key, value).expect("fjall insert");
     }
-    fn get(&self, key: &[u8]) -> bool {
-        self.0.get(key).expect("fjall get").is_some()
+    fn get(&self, p: usize, key: &[u8]) -> bool {
+        self.0[p].get(key).expect("fjall get").is_some()
     }
     fn persist(&self) {
         self.1.persist(fjall::PersistMode::SyncAll).expect("fjall persist");
     }
 }
 
-fn run(store: &str, keys: u64, cache_mb: u64) {
+fn run(store: &str, keys: u64, cache_mb: u64, partitions: u64) {
+    let names: Vec<String> = (0..partitions).map(|p| format!("p{p}")).collect();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let rows: Box<dyn Rows> = match store {
         "sled" => {
             let db = sled::Config::new().path(dir.path()).cache_capacity(cache_mb << 20).open().expect("open sled");
-            Box::new(Sled(db.open_tree("p0").expect("sled tree"), db))
+            let trees = names.iter().map(|n| db.open_tree(n).expect("sled tree")).collect();
+            Box::new(Sled(trees, db))
         }
         _ => {
             let db = fjall::Database::builder(dir.path()).cache_size(cache_mb << 20).open().expect("open fjall");
-            Box::new(Fjall(db.keyspace("p0", fjall::KeyspaceCreateOptions::default).expect("fjall keyspace"), db))
+            // fjall's memtables are per keyspace (64 MiB each by default): a budget for all of them
+            // is split over the keyspaces.
+            let memtable = std::env::var("EVENTSTAGE_STORE_MEMTABLE_MB").ok().and_then(|v| v.parse::<u64>().ok());
+            let options = || match memtable {
+                Some(mb) => fjall::KeyspaceCreateOptions::default().max_memtable_size((mb << 20) / partitions),
+                None => fjall::KeyspaceCreateOptions::default(),
+            };
+            let keyspaces = names.iter().map(|n| db.keyspace(n, options).expect("fjall keyspace"));
+            Box::new(Fjall(keyspaces.collect(), db))
         }
     };
     // A key's row: its newest journal entry, as the flow's local store keeps it.
@@ -101,10 +116,14 @@ fn run(store: &str, keys: u64, cache_mb: u64) {
             .encode()
     };
     // Keys in a random order: a permutation of 0..keys (the multiplier is prime to 2 and 5).
-    let key = |i: u64| format!("acct-{:010}", i.wrapping_mul(2_654_435_761) % keys).into_bytes();
+    let key = |i: u64| {
+        let k = i.wrapping_mul(2_654_435_761) % keys;
+        ((k % partitions) as usize, format!("acct-{k:010}").into_bytes())
+    };
     let started = Instant::now();
     for i in 0..keys {
-        rows.put(&key(i), &row(i % 1000));
+        let (p, k) = key(i);
+        rows.put(p, &k, &row(i % 1000));
     }
     rows.persist();
     let wrote = started.elapsed();
@@ -113,14 +132,16 @@ fn run(store: &str, keys: u64, cache_mb: u64) {
     let mut rng = Lcg(7);
     let started = Instant::now();
     for _ in 0..OPS {
-        assert!(rows.get(&key(rng.below(keys))), "every key has a row");
+        let (p, k) = key(rng.below(keys));
+        assert!(rows.get(p, &k), "every key has a row");
     }
     let read = started.elapsed();
     let (after_reads, _) = memory();
 
     let started = Instant::now();
     for j in 0..OPS {
-        rows.put(&key(rng.below(keys)), &row(j % 1000 + 1));
+        let (p, k) = key(rng.below(keys));
+        rows.put(p, &k, &row(j % 1000 + 1));
     }
     rows.persist();
     let rewrote = started.elapsed();
