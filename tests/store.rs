@@ -2,9 +2,9 @@
 //! and a partition that comes back read only the journal's records after the local checkpoint; a
 //! store that cannot be trusted is dropped and the state restored from the journal in full.
 
-use crate::flow::{await_replies, expected, feed_async, journal_state, setup, workload, Setup};
+use crate::flow::{await_replies, expected, feed_async, feed_slowly, journal_state, setup, workload, Setup};
 use crate::util::broker::unique;
-use eventstage::flow::{FlowControl, FlowError};
+use eventstage::flow::{FlowControl, FlowError, Guarantee};
 use eventstage::journal::KafkaJournal;
 use eventstage::stages::bank_flow::bank_flow;
 use std::path::Path;
@@ -195,4 +195,103 @@ async fn an_unusable_local_store_is_dropped_and_restored_from_the_journal() {
     assert_eq!((m.store_dropped, m.store_rows), (1, 0), "{m:?}");
     flow.drain_and_shutdown().await.unwrap();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&t, 2)).await.unwrap(), accounts);
+}
+
+/// Room for about 20 accounts in the state cache (an entry of the bank weighs about 150 bytes).
+const SMALL_CACHE: u64 = 3000;
+
+fn start_cached(s: &Setup, dir: &Path, guarantee: Guarantee) -> FlowControl {
+    bank_flow(&s.brokers, &s.group, s.topics.clone())
+        .journal_topic(&s.journal)
+        .state_dir(dir)
+        .state_cache(SMALL_CACHE)
+        .guarantee(guarantee)
+        // The store's follower writes a second behind the flow: a key evicted before the store has
+        // its newest state would come back older than it is.
+        .checkpoint_interval(Duration::from_secs(1))
+        .transactional_id(unique("txn"))
+        .commit_interval(Duration::from_millis(50))
+        .run()
+        .unwrap()
+}
+
+/// Issue 24: a state cache with room for about 20 of 300 accounts evicts keys on every commit and
+/// reads them back from the local store, and every reply is as the model says: across an abort
+/// (the dropped transaction changed keys that were evicted before it, and their committed state
+/// must come back, not its changes) and a restart. The cache never holds more than its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_cache_smaller_than_the_state_evicts_keys_and_reads_them_back_right() {
+    let s = setup(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cmds = workload(2400, 300, 34);
+    let flow = start_cached(&s, dir.path(), Guarantee::ExactlyOnce);
+    // Slowly: many commits, each evicting.
+    feed_slowly(&s, &cmds[..1000]).join().unwrap();
+    await_replies(&s, expected(&cmds[..1000]).0).await;
+    let m = flow.metrics();
+    assert!(m.cache_evictions > 100 && m.cache_misses > 100, "keys were evicted and read back: {m:?}");
+    assert!(m.cache_bytes <= SMALL_CACHE, "the cache holds at most its budget: {m:?}");
+
+    // The open transaction is aborted while commands flow: the inputs it held come again.
+    let feeder = feed_slowly(&s, &cmds[1000..1600]);
+    crate::util::wait_until("the flow to process part of the next commands", || flow.metrics().records_in >= 1250)
+        .await;
+    flow.abort().await.unwrap();
+    feeder.join().unwrap();
+
+    let flow = start_cached(&s, dir.path(), Guarantee::ExactlyOnce);
+    feed_async(&s, &cmds[1600..]).await;
+    let (replies, accounts) = expected(&cmds);
+    await_replies(&s, replies).await;
+    let m = flow.metrics();
+    assert!(m.cache_evictions > 0 && m.cache_misses > 0, "{m:?}");
+    assert!(m.cache_bytes <= SMALL_CACHE, "{m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// At least once, a batch's keys stay in memory until its journal records are acknowledged and in
+/// the local store; evicted keys come back with the input positions their state includes. Every
+/// reply is as the model says, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_least_once_flow_with_a_small_state_cache_answers_right() {
+    let s = setup(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cmds = workload(1200, 300, 35);
+    let flow = start_cached(&s, dir.path(), Guarantee::AtLeastOnce);
+    feed_slowly(&s, &cmds[..800]).join().unwrap();
+    await_replies(&s, expected(&cmds[..800]).0).await;
+    let m = flow.metrics();
+    assert!(m.cache_evictions > 100 && m.cache_misses > 100, "keys were evicted and read back: {m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+
+    let flow = start_cached(&s, dir.path(), Guarantee::AtLeastOnce);
+    feed_async(&s, &cmds[800..]).await;
+    let (replies, accounts) = expected(&cmds);
+    await_replies(&s, replies).await;
+    assert_eq!(flow.metrics().skipped_redeliveries, 0);
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
+/// A state cache is refused, with the fix, where it could not be kept: without a local store (an
+/// evicted key could only be read back by reading its whole journal partition), on a journal that
+/// is not Kafka's, and with a budget of 0.
+#[test]
+fn a_state_cache_it_cannot_keep_is_refused() {
+    use eventstage::stages::bank_flow::BankTopics;
+    let topics = BankTopics { input: "in".into(), replies: "out".into(), events: "events".into() };
+    let refused = |flow: eventstage::flow::FlowBuilder<eventstage::stages::bank::Bank>| match flow.run() {
+        Err(FlowError::Config(msg)) => msg,
+        Err(e) => panic!("not a configuration error: {e}"),
+        Ok(_) => panic!("started"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let flow = || bank_flow("127.0.0.1:1", "g", topics.clone());
+    let msg = refused(flow().state_cache(1 << 20));
+    assert!(msg.contains("state directory") && msg.contains("--state-dir"), "{msg}");
+    let msg = refused(flow().sled_journal(dir.path()).state_cache(1 << 20));
+    assert!(msg.contains("no Kafka journal"), "{msg}");
+    let msg = refused(flow().state_dir(dir.path()).state_cache(0));
+    assert!(msg.contains("0 bytes"), "{msg}");
 }

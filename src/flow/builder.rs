@@ -35,6 +35,7 @@ pub struct FlowBuilder<S: EventSourced, C = ()> {
     state_retention: Duration,
     checkpoint_interval: Duration,
     standby: Standby,
+    state_cache: Option<u64>,
     snapshot_every: u64,
     decoder: Option<Decoder<S>>,
     outputs: Option<Outputs<S>>,
@@ -87,6 +88,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             state_retention: Duration::from_secs(24 * 3600),
             checkpoint_interval: Duration::from_secs(1),
             standby: Standby::None,
+            state_cache: None,
             snapshot_every: 100,
             decoder: None,
             outputs: None,
@@ -175,6 +177,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             state_retention: self.state_retention,
             checkpoint_interval: self.checkpoint_interval,
             standby: self.standby,
+            state_cache: self.state_cache,
             snapshot_every: self.snapshot_every,
             decoder: Some(decoder),
             outputs: None,
@@ -395,6 +398,26 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         self
     }
 
+    /// With a [`state_dir`](Self::state_dir): hold at most about `bytes` of committed state in
+    /// memory, one budget for all the partitions of this flow (split evenly over them), instead of
+    /// every key. Committed keys beyond it are evicted (S3-FIFO: keys used once do not push out
+    /// the ones used often) and read from the local store when next used. Keys changed by the
+    /// open transaction, or committed but not yet in the local store (its follower reads the
+    /// journal a little behind the flow), are never evicted and come on top of the budget; the
+    /// metrics show both (`cache_bytes`, `cache_unstored`).
+    ///
+    /// A budget needs the local store: without one, an evicted key could only be read back by
+    /// reading its whole journal partition, so [`run`](Self::run) refuses it rather than keep a
+    /// budget it cannot. Default: none (every key of the owned partitions stays in memory).
+    ///
+    /// What an entry weighs: the inline sizes of its key, state and bookkeeping, plus the key's
+    /// bytes; memory a state owns beyond its inline size (a `String` field's text) is not counted.
+    #[must_use]
+    pub fn state_cache(mut self, bytes: u64) -> Self {
+        self.state_cache = Some(bytes);
+        self
+    }
+
     /// With the sled journal: a snapshot of a key every this many events (0: none). Default: 100.
     #[must_use]
     pub fn snapshot_every(mut self, n: u64) -> Self {
@@ -551,6 +574,22 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
                 )))
             }
         };
+        match (self.state_cache, &store, &journal) {
+            (Some(0), _, _) => {
+                return Err(FlowError::Config("the state cache's budget is 0 bytes: give it room for the keys in use (e.g. 256 MiB), or leave it out to keep every key in memory".into()))
+            }
+            (Some(_), None, FlowJournal::Kafka(_)) => {
+                return Err(FlowError::Config(
+                    "a state cache evicts keys that the local state store holds, and this flow has none: give it a state directory (FlowBuilder::state_dir, --state-dir), or leave the cache out to keep every key in memory".into(),
+                ))
+            }
+            (Some(_), _, FlowJournal::Sled(_) | FlowJournal::None) => {
+                return Err(FlowError::Config(
+                    "a state cache bounds the state a flow keeps over the Kafka journal and its local state store; this flow has no Kafka journal (it keeps every key in memory): leave the cache out, or journal to Kafka with a state directory".into(),
+                ))
+            }
+            _ => {}
+        }
         let settings = engine::Settings {
             common,
             consumer,
@@ -561,6 +600,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             group: self.group_id.clone(),
             take_over_journal: self.take_over_journal,
             store,
+            state_cache: self.state_cache,
             snapshot_every: self.snapshot_every,
             commit_interval: self.commit_interval,
             bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),

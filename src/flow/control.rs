@@ -27,6 +27,13 @@ pub(crate) struct Metrics {
     pub(crate) enrich_in_flight: AtomicU64,
     pub(crate) max_enrich_in_flight: AtomicU64,
     pub(crate) rebalances: AtomicU64,
+    pub(crate) cache_bytes: AtomicU64,
+    pub(crate) cache_entries: AtomicU64,
+    pub(crate) cache_unstored: AtomicU64,
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    pub(crate) cache_evictions: AtomicU64,
+    pub(crate) store_lag: AtomicU64,
 }
 
 /// A snapshot of a flow's counters.
@@ -68,6 +75,23 @@ pub struct FlowMetrics {
     pub max_enrich_in_flight: u64,
     /// Rebalances this instance took part in (assignments and revocations).
     pub rebalances: u64,
+    /// With a state cache ([`FlowBuilder::state_cache`](crate::flow::FlowBuilder::state_cache)):
+    /// bytes of committed state in the cache, as weighed against the budget.
+    pub cache_bytes: u64,
+    /// Committed keys in memory: in the cache, or every key without one.
+    pub cache_entries: u64,
+    /// With a state cache: committed keys the local store does not have yet (held in memory
+    /// beside the cache, never evicted).
+    pub cache_unstored: u64,
+    /// Keys found in memory when used (with a local store).
+    pub cache_hits: u64,
+    /// Keys read from the local store when used (not in memory).
+    pub cache_misses: u64,
+    /// Keys the state cache evicted.
+    pub cache_evictions: u64,
+    /// With a state cache: journal records acknowledged that the local store does not have yet
+    /// (its follower's lag behind the flow).
+    pub store_lag: u64,
 }
 
 impl Metrics {
@@ -91,6 +115,13 @@ impl Metrics {
             enrich_in_flight: l(&self.enrich_in_flight),
             max_enrich_in_flight: l(&self.max_enrich_in_flight),
             rebalances: l(&self.rebalances),
+            cache_bytes: l(&self.cache_bytes),
+            cache_entries: l(&self.cache_entries),
+            cache_unstored: l(&self.cache_unstored),
+            cache_hits: l(&self.cache_hits),
+            cache_misses: l(&self.cache_misses),
+            cache_evictions: l(&self.cache_evictions),
+            store_lag: l(&self.store_lag),
         }
     }
 }

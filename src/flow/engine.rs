@@ -3,6 +3,7 @@
 //! `thread` runs its loop; see ARCHITECTURE.md for the parts and the walk of one record.
 
 mod at_least_once;
+mod cache;
 mod core;
 mod emitter;
 mod enrich;

@@ -37,6 +37,20 @@ pub mod names {
     pub const ASSIGNED_PARTITIONS: &str = "eventstage_flow_assigned_partitions";
     /// Partitions being restored now (gauge).
     pub const RESTORING_PARTITIONS: &str = "eventstage_flow_restoring_partitions";
+    /// Bytes of committed state in the state cache, as weighed against its budget (gauge).
+    pub const CACHE_BYTES: &str = "eventstage_flow_cache_bytes";
+    /// Committed keys in memory: in the state cache, or every key without one (gauge).
+    pub const CACHE_ENTRIES: &str = "eventstage_flow_cache_entries";
+    /// Committed keys the local store does not have yet, held beside the cache (gauge).
+    pub const CACHE_UNSTORED: &str = "eventstage_flow_cache_unstored_entries";
+    /// Keys found in memory when used, with a local store (counter).
+    pub const CACHE_HITS: &str = "eventstage_flow_cache_hits_total";
+    /// Keys read from the local store when used (counter).
+    pub const CACHE_MISSES: &str = "eventstage_flow_cache_misses_total";
+    /// Keys the state cache evicted (counter).
+    pub const CACHE_EVICTIONS: &str = "eventstage_flow_cache_evictions_total";
+    /// Journal records acknowledged that the local store does not have yet (gauge).
+    pub const STORE_LAG: &str = "eventstage_flow_store_lag_records";
     /// Latency of each commit, in seconds (histogram).
     pub const COMMIT_SECONDS: &str = "eventstage_flow_commit_seconds";
 }
@@ -56,6 +70,13 @@ pub(crate) struct Exported {
     lag: Gauge,
     assigned: Gauge,
     restoring: Gauge,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
+    cache_unstored: Gauge,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_evictions: Counter,
+    store_lag: Gauge,
     commit_seconds: Histogram,
 }
 
@@ -76,6 +97,13 @@ impl Exported {
             lag: gauge!(names::LAG, l()),
             assigned: gauge!(names::ASSIGNED_PARTITIONS, l()),
             restoring: gauge!(names::RESTORING_PARTITIONS, l()),
+            cache_bytes: gauge!(names::CACHE_BYTES, l()),
+            cache_entries: gauge!(names::CACHE_ENTRIES, l()),
+            cache_unstored: gauge!(names::CACHE_UNSTORED, l()),
+            cache_hits: counter!(names::CACHE_HITS, l()),
+            cache_misses: counter!(names::CACHE_MISSES, l()),
+            cache_evictions: counter!(names::CACHE_EVICTIONS, l()),
+            store_lag: gauge!(names::STORE_LAG, l()),
             commit_seconds: histogram!(names::COMMIT_SECONDS, l()),
             labels,
         }
@@ -95,6 +123,13 @@ impl Exported {
         self.lag.set(m.lag as f64);
         self.assigned.set(m.assigned_partitions as f64);
         self.restoring.set(m.restoring_partitions as f64);
+        self.cache_bytes.set(m.cache_bytes as f64);
+        self.cache_entries.set(m.cache_entries as f64);
+        self.cache_unstored.set(m.cache_unstored as f64);
+        self.cache_hits.absolute(m.cache_hits);
+        self.cache_misses.absolute(m.cache_misses);
+        self.cache_evictions.absolute(m.cache_evictions);
+        self.store_lag.set(m.store_lag as f64);
     }
 
     /// Records one commit's latency.

@@ -51,6 +51,11 @@ pub(crate) struct FlowArgs {
     /// after the checkpoint. A damaged or foreign store is dropped with a warning and rebuilt.
     #[arg(long, value_name = "DIR", requires = "brokers")]
     state_dir: Option<std::path::PathBuf>,
+    /// With --state-dir: hold at most this much committed state in memory (e.g. `256MiB`), one
+    /// budget for all partitions; other keys are read from the local store when used. Default:
+    /// every key of the owned partitions stays in memory.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, requires = "state_dir")]
+    state_cache: Option<u64>,
     /// With --state-dir: how often the local store is checkpointed while the journal changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "brokers")]
     checkpoint_interval: Duration,
@@ -160,6 +165,25 @@ fn print_metrics(m: &FlowMetrics, exactly_once: bool) {
         m.store_rows,
         m.lag
     );
+    if m.cache_hits + m.cache_misses > 0 {
+        println!(
+            "state:    {} keys in memory ({} in the cache, {} not yet in the local store), {} found in memory, {} read from the local store, {} evicted, local store {} journal records behind",
+            m.cache_entries + m.cache_unstored,
+            bytesize::ByteSize(m.cache_bytes).display().iec(),
+            m.cache_unstored,
+            m.cache_hits,
+            m.cache_misses,
+            m.cache_evictions,
+            m.store_lag
+        );
+    }
+}
+
+/// A size in bytes: `268435456`, `256MiB`, `1.5GB`.
+fn parse_bytes(raw: &str) -> Result<u64, String> {
+    raw.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{raw}` is not a size ({e}); e.g. 256MiB"))
 }
 
 /// The demo's journal, transactional id and group settings on a bank flow.
@@ -183,6 +207,10 @@ fn configure<S: eventstage::EventSourced>(
         .commit_interval(args.commit_interval)
         .setup_timeout(args.timeout)
         .consumer_property("session.timeout.ms", "10000");
+    let flow = match args.state_cache {
+        Some(bytes) => flow.state_cache(bytes),
+        None => flow,
+    };
     let flow = match &args.state_dir {
         Some(dir) => {
             flow.state_dir(dir).checkpoint_interval(args.checkpoint_interval).standby(match args.standby.as_str() {

@@ -42,16 +42,18 @@ pub(super) struct Committer {
     pub(super) settings: CommitterSettings,
     pub(super) queue: VecDeque<PendingBatch>,
     /// The batch being filled: its records' acknowledgements are counted under this id.
-    filling: usize,
+    pub(super) filling: usize,
     /// Inputs in the batch being filled.
     pub(super) inputs: usize,
     /// The batch being filled must end now (a key holds the most events a journal record takes).
     pub(super) full: bool,
+    /// The last batch whose journal records were acknowledged, not yet told to the tasks.
+    journaled: Option<usize>,
 }
 
 impl Committer {
     pub(super) fn new(settings: CommitterSettings) -> Self {
-        Self { settings, queue: VecDeque::new(), filling: 0, inputs: 0, full: false }
+        Self { settings, queue: VecDeque::new(), filling: 0, inputs: 0, full: false, journaled: None }
     }
 
     pub(super) fn due(&self) -> bool {
@@ -110,6 +112,7 @@ impl Committer {
                 continue;
             }
             let Some(done) = self.queue.pop_front() else { return Ok(()) };
+            self.journaled = Some(done.id);
             if done.offsets.count() > 0 {
                 // The last commit before a revocation or shutdown is synchronous; the others
                 // overlap with processing (a failed one is superseded by the next).
@@ -176,7 +179,11 @@ impl Guarantee for AtLeastOnce {
         wait: Wait,
     ) -> Result<(), FlowError> {
         let Core { guarantee, storage, metrics, .. } = c;
-        guarantee.committer.advance(&guarantee.sink, &mut **storage, consumer, metrics, wait)
+        let advanced = guarantee.committer.advance(&guarantee.sink, &mut **storage, consumer, metrics, wait);
+        if let Some(id) = guarantee.committer.journaled.take() {
+            c.tasks.journaled(id as u64);
+        }
+        advanced
     }
 
     /// Nothing to abort: the flow stops, and the inputs of the batches not committed come again.
@@ -219,7 +226,9 @@ impl<S: EventSourced> Core<S, AtLeastOnce> {
             // Handed to the committer: the next batch starts here.
             self.tasks.seal();
             self.tasks.mark_committed();
-            self.settle_overlays();
+            // Its journal is written and acknowledged later: its keys stay in memory until then.
+            let generation = self.guarantee.committer.filling as u64;
+            self.settle_overlays(Some(generation));
             Some((offsets, writes))
         } else {
             None

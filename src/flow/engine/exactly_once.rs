@@ -188,7 +188,7 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
             // A storage that is the state of record (sled) holds the transaction from here on: a
             // failed commit is made good from the outbox, never by a rewind.
             self.guarantee.redo = Some(Redo { producer: self.guarantee.open, offsets: tpl, outbox });
-            self.settle_overlays();
+            self.settle_overlays(None);
         } else {
             self.seal_overlays();
         }
@@ -238,7 +238,8 @@ impl<S: EventSourced> Core<S, ExactlyOnce> {
         }
         self.guarantee.redo = None;
         sink.committed();
-        self.settle_sealed();
+        // Its journal records were all acknowledged before the commit.
+        self.settle_sealed(None);
         self.tasks.mark_committed();
         self.guarantee.consecutive_aborts = 0;
         if let Some(started) = started {

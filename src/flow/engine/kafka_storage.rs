@@ -8,6 +8,7 @@ mod checkpoint;
 pub use checkpoint::Standby;
 pub(crate) use checkpoint::StoreSettings;
 
+use super::cache::{self, CacheSettings, Committed};
 use super::state::{KeyMap, PartitionState};
 use super::storage::{encode_events, encode_state, Change, Durable, Recorded, RestoreJob, Restored};
 use super::storage::{Sealed, Storage, TaskStore, Write};
@@ -36,9 +37,16 @@ const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
 /// A journal record to write: key, value (`None`: a tombstone).
 type JournalRecord = (Vec<u8>, Option<Vec<u8>>);
 
-/// Per partition, the newest journal entry per key read from the journal (`None`: deleted), and
-/// the local store's rows, if any.
-type Latest = BTreeMap<i32, (BTreeMap<Vec<u8>, Option<JournalEntry>>, Option<sled::Tree>)>;
+/// Per partition, what a restore read: the newest journal entry per key (`None`: deleted), the
+/// local store's rows if any, and the offset after the last journal record read.
+type Latest = BTreeMap<i32, Read>;
+
+#[derive(Default)]
+struct Read {
+    entries: BTreeMap<Vec<u8>, Option<JournalEntry>>,
+    rows: Option<sled::Tree>,
+    end: i64,
+}
 
 /// What a task's open transaction or batch has not journaled yet.
 struct Unjournaled<S: EventSourced> {
@@ -68,6 +76,8 @@ struct Shared {
     codec: Codec,
     at_least_once: bool,
     metrics: Arc<Metrics>,
+    /// The state cache, if the flow has one (it has a local store then).
+    cache: Option<CacheSettings>,
 }
 
 /// The Kafka journal (see the module documentation); each task's store is a [`KafkaTask`].
@@ -77,21 +87,24 @@ pub(super) struct KafkaStorage {
 
 impl KafkaStorage {
     /// The storage over `journal`, with the local state store of `store` (its follower reads the
-    /// journal with the `common` client settings).
+    /// journal with the `common` client settings) and the state cache over it, if any.
     pub(super) fn open(
         journal: KafkaJournal,
-        store: Option<&StoreSettings>,
+        store: Option<(&StoreSettings, Option<CacheSettings>)>,
         common: &ClientConfig,
         stage: &str,
         codec: Codec,
         at_least_once: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FlowError> {
-        let checkpoints = match store {
-            Some(store) => Some(Checkpoints::start(store, &journal, common, stage, metrics.clone())?),
-            None => None,
+        let (checkpoints, cache) = match store {
+            Some((store, cache)) => {
+                let progress = cache.as_ref().map(|c| c.progress.clone());
+                (Some(Checkpoints::start(store, &journal, common, stage, metrics.clone(), progress)?), cache)
+            }
+            None => (None, None),
         };
-        Ok(Self { shared: Arc::new(Shared { journal, checkpoints, codec, at_least_once, metrics }) })
+        Ok(Self { shared: Arc::new(Shared { journal, checkpoints, codec, at_least_once, metrics, cache }) })
     }
 }
 
@@ -101,18 +114,26 @@ impl Shared {
     /// records after the store's checkpoint (or all of them), read by one consumer for all
     /// partitions in parallel.
     fn latest_entries(&self, wanted: &[i32], use_store: bool) -> Result<Latest, FlowError> {
-        let mut latest: Latest = wanted.iter().map(|&p| (p, (BTreeMap::new(), None))).collect();
+        let mut latest: Latest = wanted.iter().map(|&p| (p, Read::default())).collect();
         let mut from: Vec<(i32, i64)> = wanted.iter().map(|&p| (p, 0)).collect();
         if let (Some(checkpoints), false, true) = (&self.checkpoints, wanted.is_empty(), use_store) {
             let marks = self.journal.watermarks(wanted)?;
             for (p, start) in &mut from {
                 let loaded = checkpoints.load(*p, marks.get(p).copied().unwrap_or_default())?;
                 *start = loaded.from;
-                latest.insert(*p, (BTreeMap::new(), loaded.rows));
+                // With a state cache, evicted keys are read from the rows even when the store had
+                // none of the partition's yet (the follower writes them behind the flow).
+                let rows = match (loaded.rows, &self.cache) {
+                    (None, Some(_)) => Some(checkpoints.rows(*p)?),
+                    (rows, _) => rows,
+                };
+                latest.insert(*p, Read { rows, ..Read::default() });
             }
         }
-        let stats = self.journal.restore_partitions_from(&from, RESTORE_STALL, |p, _, key, entry| {
-            latest.entry(p).or_default().0.insert(key.to_vec(), entry);
+        let stats = self.journal.restore_partitions_from(&from, RESTORE_STALL, |p, offset, key, entry| {
+            let read = latest.entry(p).or_default();
+            read.entries.insert(key.to_vec(), entry);
+            read.end = read.end.max(offset + 1);
         })?;
         self.metrics.restored_records.fetch_add(stats.records, Ordering::Relaxed);
         if !wanted.is_empty() {
@@ -134,8 +155,9 @@ impl<S: EventSourced> Storage<S> for KafkaStorage {
         let (shared, wanted) = (self.shared.clone(), wanted.to_vec());
         Box::new(move || {
             let mut restored = Vec::new();
-            for (p, (entries, rows)) in shared.latest_entries(&wanted, true)? {
-                let state = restore_entries::<S>(p, entries, rows.is_some())?;
+            for (p, read) in shared.latest_entries(&wanted, true)? {
+                let rows = read.rows.clone();
+                let state = shared.restore_entries::<S>(p, read)?;
                 let open = Unjournaled::default();
                 let store = KafkaTask::<S> { p, shared: shared.clone(), open, rows, last_ts: 0 };
                 restored.push((p, Restored { state, store: Box::new(store), applied: None }));
@@ -229,8 +251,13 @@ impl<S: EventSourced> KafkaTask<S> {
             checkpoints.drop_partition(p, why);
         }
         self.rows = None;
-        let (entries, _) = self.shared.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
-        let mut restored = restore_entries::<S>(p, entries, false)?;
+        let read = self.shared.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
+        if let (Some(checkpoints), Some(_)) = (&self.shared.checkpoints, &self.shared.cache) {
+            // The partition's new, empty rows: every key restored stays in memory until the
+            // follower wrote it there again.
+            self.rows = Some(checkpoints.rows(p)?);
+        }
+        let mut restored = self.shared.restore_entries::<S>(p, read)?;
         for (key, sources) in std::mem::take(&mut part.applied) {
             if part.overlay.contains_key(&key) || part.sealed.contains_key(&key) {
                 restored.applied.insert(key, sources);
@@ -250,7 +277,9 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
     /// read drops the partition's store and restores it from the journal in full.
     fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError> {
         let Some(rows) = &self.rows else { return Ok(()) };
-        if part.holds(key) {
+        let held = part.holds(key);
+        cache::count(&self.shared.metrics, held);
+        if held {
             return Ok(());
         }
         let raw = key.to_bytes();
@@ -272,10 +301,7 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
         };
         // A key without a row is remembered too (as the default state): it is not looked up again.
         let (entity, sources) = found.unwrap_or_else(|| (Entity::default(), Vec::new()));
-        if !sources.is_empty() {
-            part.applied.insert(key.clone(), sources);
-        }
-        part.committed.insert(key.clone(), entity);
+        part.read(key.clone(), entity, sources);
         Ok(())
     }
 
@@ -361,36 +387,41 @@ fn entity_of<S: EventSourced>(raw: &[u8], entry: JournalEntry) -> Result<Option<
     Ok(Some((Entity { state: Arc::new(state), seq: entry.last_seq }, entry.sources)))
 }
 
-/// The state of partition `p` from the newest journal entry of each key (`None`: deleted), on top
-/// of the local store's rows if it has them (read as keys are first used).
-fn restore_entries<S: EventSourced>(
-    p: i32,
-    latest: BTreeMap<Vec<u8>, Option<JournalEntry>>,
-    has_rows: bool,
-) -> Result<PartitionState<S>, FlowError> {
-    let mut committed = KeyMap::with_capacity_and_hasher(latest.len(), ahash::RandomState::new());
-    let mut applied = KeyMap::default();
-    for (raw, entry) in latest {
-        let key = S::Key::from_bytes(&raw)
-            .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
-        match entry {
-            Some(entry) => {
-                if let Some((entity, sources)) = entity_of::<S>(&raw, entry)? {
-                    committed.insert(key.clone(), entity);
-                    if !sources.is_empty() {
-                        applied.insert(key, sources);
+impl Shared {
+    /// The state of partition `p` from what a restore `read`: the newest journal entry of each key
+    /// (`None`: deleted), on top of the local store's rows if it has them (read as keys are first
+    /// used).
+    fn restore_entries<S: EventSourced>(&self, p: i32, read: Read) -> Result<PartitionState<S>, FlowError> {
+        let has_rows = read.rows.is_some();
+        let mut entities = KeyMap::with_capacity_and_hasher(read.entries.len(), ahash::RandomState::new());
+        let mut applied = KeyMap::default();
+        for (raw, entry) in read.entries {
+            let key = S::Key::from_bytes(&raw)
+                .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
+            match entry {
+                Some(entry) => {
+                    if let Some((entity, sources)) = entity_of::<S>(&raw, entry)? {
+                        entities.insert(key.clone(), entity);
+                        if !sources.is_empty() {
+                            applied.insert(key, sources);
+                        }
                     }
                 }
+                // Deleted after the store's checkpoint: its row there is older.
+                None if has_rows => {
+                    entities.insert(key, Entity::default());
+                }
+                None => {}
             }
-            // Deleted after the store's checkpoint: its row there is older.
-            None if has_rows => {
-                committed.insert(key, Entity::default());
-            }
-            None => {}
         }
+        tracing::info!(partition = p, keys = entities.len(), local_store = has_rows, "restored partition state");
+        let mut committed = match &self.cache {
+            Some(cache) => Committed::cached(p, cache),
+            None => Committed::default(),
+        };
+        committed.restored(entities, read.end);
+        let mut restored = PartitionState::new(committed);
+        restored.applied = applied;
+        Ok(restored)
     }
-    tracing::info!(partition = p, keys = committed.len(), local_store = has_rows, "restored partition state");
-    let mut restored = PartitionState::new(committed);
-    restored.applied = applied;
-    Ok(restored)
 }

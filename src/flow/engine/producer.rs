@@ -3,6 +3,7 @@
 //! thread of its own, its replacement when it breaks, the acknowledgements counted per
 //! at-least-once batch, and how a transactional error is classified.
 
+use super::cache::StoreProgress;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::flow::shared::{kafka, lock, TXN_TIMEOUT};
@@ -503,6 +504,8 @@ pub(super) struct Deliveries {
     counting: bool,
     state: Mutex<DeliveryState>,
     acked: Condvar,
+    /// With a state cache: where the journal records' acknowledged offsets go.
+    pub(super) journal: std::sync::OnceLock<Arc<StoreProgress>>,
 }
 
 #[derive(Default)]
@@ -561,9 +564,16 @@ impl ProducerContext for FlowProducerContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
-        if let Err((e, msg)) = result {
-            if self.deliveries.counting {
-                lock(&self.deliveries.state).failure.get_or_insert_with(|| (msg.topic().to_string(), e.clone()));
+        match result {
+            Err((e, msg)) => {
+                if self.deliveries.counting {
+                    lock(&self.deliveries.state).failure.get_or_insert_with(|| (msg.topic().to_string(), e.clone()));
+                }
+            }
+            Ok(msg) => {
+                if let Some(journal) = self.deliveries.journal.get() {
+                    journal.acknowledged(msg.topic(), msg.partition(), msg.offset());
+                }
             }
         }
         self.deliveries.done(batch);

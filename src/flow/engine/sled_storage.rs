@@ -7,6 +7,7 @@ mod backend;
 
 use backend::{PartitionJournal, Pending};
 
+use super::cache::Committed;
 use super::state::PartitionState;
 use super::storage::{encode_events, encode_state};
 use super::storage::{Applied, Change, Durable, Recorded, RestoreJob, Restored, Sealed, Storage, TaskStore};
@@ -66,7 +67,7 @@ impl<S: EventSourced> Storage<S> for SledStorage {
                     stage: PhantomData,
                 };
                 let applied = Applied { positions: partition.positions, outbox: partition.outbox };
-                let state = PartitionState::new(partition.entities.into_iter().collect());
+                let state = PartitionState::new(Committed::All(partition.entities.into_iter().collect()));
                 restored.push((p, Restored { state, store: Box::new(task), applied: Some(applied) }));
             }
             Ok(restored)

@@ -2,6 +2,7 @@
 //! partition count, a journal taken over from another group, and the error of a consumer that
 //! cannot go on.
 
+use super::cache::{CacheSettings, StoreProgress};
 use super::core::{Core, FlowConsumer, FlowContext, Parts};
 use super::emitter::Emitter;
 use super::enrich::Pipeline;
@@ -42,6 +43,8 @@ pub(crate) struct Settings {
     pub(crate) group: String,
     pub(crate) take_over_journal: bool,
     pub(crate) store: Option<StoreSettings>,
+    /// The state cache's budget in bytes (`None`: every key stays in memory).
+    pub(crate) state_cache: Option<u64>,
     pub(crate) snapshot_every: u64,
     pub(crate) commit_interval: Duration,
     pub(crate) bad_input: BadInput,
@@ -397,9 +400,14 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {
             let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
+            let cache = settings.state_cache.map(|budget| {
+                let progress = Arc::new(StoreProgress::new(journal.topic(), journal.partitions().max(0) as usize));
+                let _ = deliveries.journal.set(progress.clone());
+                CacheSettings { budget, progress, metrics: metrics.clone() }
+            });
             Box::new(KafkaStorage::open(
                 journal,
-                settings.store.as_ref(),
+                settings.store.as_ref().map(|store| (store, cache)),
                 &settings.common,
                 S::NAME,
                 settings.codec,
@@ -442,7 +450,7 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     let emitter = Emitter::start(outputs, sinks[0].clone(), metrics.clone(), keep_outbox)?;
     let core = Arc::new(Mutex::new(Core {
         parts,
-        tasks: TaskManager::new(),
+        tasks: TaskManager::new(settings.state_cache),
         guarantee: guarantee(sinks),
         emitter,
         // Set once a restore finds inputs applied beyond the committed offsets (sled positions).

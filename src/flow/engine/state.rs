@@ -1,6 +1,7 @@
 //! The flow's per-partition state: each key's committed entity, the changes of the transaction
 //! being committed and of the open one, the consumer offsets, and what this instance is assigned.
 
+use super::cache::{Committed, Usage};
 use super::storage::{Restoration, RestoreJob, Sealed, TaskStore};
 use crate::flow::error::FlowError;
 use crate::flow::record::{InputRecord, OutputRecord};
@@ -15,8 +16,8 @@ pub(super) type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
 pub(super) type Positions = BTreeMap<i32, Vec<SourcePosition>>;
 
 pub(super) struct PartitionState<S: EventSourced> {
-    /// State as of the last committed transaction.
-    pub(super) committed: KeyMap<S::Key, Entity<S>>,
+    /// State as of the last committed transaction: every key, or those a state cache holds.
+    pub(super) committed: Committed<S>,
     /// Changes of the transaction being committed while the next one is open (exactly once): they
     /// become committed when its commit succeeds, and are dropped when it fails.
     pub(super) sealed: KeyMap<S::Key, Entity<S>>,
@@ -29,13 +30,45 @@ pub(super) struct PartitionState<S: EventSourced> {
 
 impl<S: EventSourced> Default for PartitionState<S> {
     fn default() -> Self {
-        Self::new(KeyMap::default())
+        Self::new(Committed::default())
     }
 }
 
 impl<S: EventSourced> PartitionState<S> {
-    pub(super) fn new(committed: KeyMap<S::Key, Entity<S>>) -> Self {
+    pub(super) fn new(committed: Committed<S>) -> Self {
         Self { committed, sealed: KeyMap::default(), overlay: KeyMap::default(), applied: KeyMap::default() }
+    }
+
+    /// `key`'s committed entity as read from the store (with the input positions it includes).
+    pub(super) fn read(&mut self, key: S::Key, entity: Entity<S>, sources: Vec<SourcePosition>) {
+        if !sources.is_empty() {
+            self.applied.insert(key.clone(), sources);
+        }
+        let evicted = self.committed.insert_read(key, entity);
+        self.forget_evicted(evicted);
+    }
+
+    /// The transaction being committed committed (`generation`: see [`Committed::settle`]).
+    pub(super) fn settle(&mut self, generation: Option<u64>) {
+        let sealed = std::mem::take(&mut self.sealed);
+        let evicted = self.committed.settle(sealed, generation);
+        self.forget_evicted(evicted);
+    }
+
+    /// Moves what the local store caught up with to the cache.
+    pub(super) fn store_caught_up(&mut self) {
+        let evicted = self.committed.store_caught_up();
+        self.forget_evicted(evicted);
+    }
+
+    /// Evicted keys' input positions go with them (their journal records carry them).
+    fn forget_evicted(&mut self, evicted: Vec<S::Key>) {
+        if self.applied.is_empty() {
+            return;
+        }
+        for key in evicted {
+            self.applied.remove(&key);
+        }
     }
 
     /// `key`'s newest state: the open transaction's, else the one being committed, else the
@@ -46,7 +79,7 @@ impl<S: EventSourced> PartitionState<S> {
 
     /// Whether `key` has a state in memory (it need not be read from a store).
     pub(super) fn holds(&self, key: &S::Key) -> bool {
-        self.overlay.contains_key(key) || self.sealed.contains_key(key) || self.committed.contains_key(key)
+        self.overlay.contains_key(key) || self.sealed.contains_key(key) || self.committed.contains(key)
     }
 
     /// Whether `key`'s state already includes the input at `offset` of `topic`.
@@ -121,16 +154,48 @@ pub(super) struct TaskManager<S: EventSourced> {
     pub(super) pending_seeks: Vec<(String, i32, i64)>,
     /// Inputs were consumed since the last commit.
     pub(super) dirty: bool,
+    /// The state cache's budget in bytes, split evenly over the tasks (`None`: no cache).
+    cache_budget: Option<u64>,
 }
 
 impl<S: EventSourced> TaskManager<S> {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(cache_budget: Option<u64>) -> Self {
         Self {
             tasks: BTreeMap::new(),
             restores: Vec::new(),
             pending_pauses: Vec::new(),
             pending_seeks: Vec::new(),
             dirty: false,
+            cache_budget,
+        }
+    }
+
+    /// The transaction (or batch) being committed committed: its changes become every task's
+    /// committed state (`generation`: see [`Committed::settle`]).
+    pub(super) fn settle(&mut self, generation: Option<u64>) {
+        self.tasks.values_mut().for_each(|t| t.state.settle(generation));
+    }
+
+    /// The guarantee's batches up to `generation` are journaled: their keys may leave memory once
+    /// the local store has them.
+    pub(super) fn journaled(&mut self, generation: u64) {
+        for task in self.tasks.values_mut() {
+            task.state.committed.journaled(generation);
+            task.state.store_caught_up();
+        }
+    }
+
+    /// What every task holds in memory.
+    pub(super) fn usage(&self) -> Usage {
+        self.tasks.values().map(|t| t.state.committed.usage()).fold(Usage::default(), Usage::add)
+    }
+
+    /// Splits the cache's budget evenly over the tasks restored.
+    fn share_budget(&mut self) {
+        let Some(budget) = self.cache_budget else { return };
+        let n = self.tasks.values().filter(|t| t.store.is_some()).count().max(1) as u64;
+        for task in self.tasks.values_mut() {
+            task.state.committed.set_budget(budget / n);
         }
     }
 
@@ -274,7 +339,9 @@ impl<S: EventSourced> TaskManager<S> {
         let Some(task) = self.tasks.get_mut(&p) else { return Vec::new() };
         task.state = state;
         task.store = Some(store);
-        std::mem::take(&mut task.dropped).into_iter().collect()
+        let dropped = std::mem::take(&mut task.dropped).into_iter().collect();
+        self.share_budget();
+        dropped
     }
 
     /// The input topics of partition `p`'s task.
@@ -289,6 +356,7 @@ impl<S: EventSourced> TaskManager<S> {
         task.offsets.remove(topic);
         if task.offsets.is_empty() {
             self.tasks.remove(&p);
+            self.share_budget();
             return true;
         }
         false

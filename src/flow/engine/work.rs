@@ -67,9 +67,9 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
 
     /// The open transaction's (or batch's) state becomes the state of record at once (no commit
     /// is under way: at least once, or the sled journal holding the transaction).
-    pub(super) fn settle_overlays(&mut self) {
+    pub(super) fn settle_overlays(&mut self, generation: Option<u64>) {
         self.seal_overlays();
-        self.settle_sealed();
+        self.settle_sealed(generation);
     }
 
     /// The open transaction's state goes to its commit: the next transaction's changes start in
@@ -81,12 +81,17 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         }
     }
 
-    /// The transaction being committed committed: its state becomes the state of record.
-    pub(super) fn settle_sealed(&mut self) {
-        for part in self.tasks.states_mut() {
-            let sealed = std::mem::take(&mut part.sealed);
-            part.committed.extend(sealed);
-        }
+    /// The transaction being committed committed: its state becomes the state of record
+    /// (`generation`: the guarantee's, when its journal records are not acknowledged yet; see
+    /// [`TaskManager::journaled`](super::state::TaskManager::journaled)).
+    pub(super) fn settle_sealed(&mut self, generation: Option<u64>) {
+        self.tasks.settle(generation);
+        let usage = self.tasks.usage();
+        let set = |a: &std::sync::atomic::AtomicU64, v| a.store(v, std::sync::atomic::Ordering::Relaxed);
+        set(&self.metrics.cache_bytes, usage.bytes);
+        set(&self.metrics.cache_entries, usage.entries);
+        set(&self.metrics.cache_unstored, usage.unstored);
+        set(&self.metrics.store_lag, usage.store_lag);
     }
 
     /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet

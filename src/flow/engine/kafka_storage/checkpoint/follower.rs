@@ -1,6 +1,7 @@
 //! The follower thread: reads the committed journal partitions it follows and writes their rows
 //! and checkpoints to the local store.
 
+use super::super::super::cache::StoreProgress;
 use super::common::{Command, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
 use super::store::LocalStore;
 use crate::flow::error::FlowError;
@@ -11,6 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The follower writes a checkpoint once this many changed rows are pending, whatever the interval.
@@ -54,6 +56,8 @@ pub(super) struct Follower {
     partitions: BTreeMap<i32, Followed>,
     pending: usize,
     last_write: Instant,
+    /// Where the flow's state cache learns how far the store has each partition's rows.
+    progress: Option<Arc<StoreProgress>>,
 }
 
 impl Follower {
@@ -63,6 +67,7 @@ impl Follower {
         topic: &str,
         consumer: BaseConsumer<ReaderContext>,
         settings: &StoreSettings,
+        progress: Option<Arc<StoreProgress>>,
     ) -> Self {
         Self {
             owned,
@@ -75,6 +80,7 @@ impl Follower {
             partitions: BTreeMap::new(),
             pending: 0,
             last_write: Instant::now(),
+            progress,
         }
     }
 
@@ -183,6 +189,7 @@ impl Follower {
         self.consumer.incremental_assign(&tpl).map_err(|e| kafka("checkpoint follower assign", e))?;
         self.partitions
             .insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None, at_end: false, released });
+        self.stored(p, next);
         Ok(())
     }
 
@@ -194,7 +201,15 @@ impl Follower {
             self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
         }
         self.store.clear(p)?;
+        self.stored(p, 0);
         self.store.flush()
+    }
+
+    /// The store has partition `p`'s rows up to journal offset `next` (readable by the flow).
+    fn stored(&self, p: i32, next: i64) {
+        if let Some(progress) = &self.progress {
+            progress.stored(p, next);
+        }
     }
 
     fn end_of(&self, p: i32) -> Result<i64, FlowError> {
@@ -271,6 +286,9 @@ impl Follower {
             self.store.write(p, std::mem::take(&mut f.rows), f.next, released)?;
             f.moved = false;
             wrote = true;
+            if let Some(progress) = &self.progress {
+                progress.stored(p, f.next);
+            }
         }
         if wrote {
             self.store.flush()?;

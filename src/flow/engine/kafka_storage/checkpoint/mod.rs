@@ -30,6 +30,7 @@ mod store;
 pub use common::Standby;
 pub(crate) use common::StoreSettings;
 
+use super::super::cache::StoreProgress;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, lock};
@@ -67,6 +68,7 @@ impl Checkpoints {
         common: &ClientConfig,
         stage: &str,
         metrics: Arc<Metrics>,
+        progress: Option<Arc<StoreProgress>>,
     ) -> Result<Self, FlowError> {
         let store = LocalStore::open(&settings.dir, journal.topic(), stage, &metrics)?;
         store.expire(settings.retention)?;
@@ -82,7 +84,7 @@ impl Checkpoints {
             .map_err(|e| kafka("checkpoint consumer", e))?;
         let (commands, rx) = std::sync::mpsc::channel();
         let owned = Owned::default();
-        let follower = Follower::new(owned.clone(), store.clone(), journal.topic(), consumer, settings);
+        let follower = Follower::new(owned.clone(), store.clone(), journal.topic(), consumer, settings, progress);
         // Standbys from the start: every partition, or those this store kept after they went.
         let standbys = match settings.standby {
             Standby::All => (0..journal.partitions()).collect(),
@@ -127,6 +129,11 @@ impl Checkpoints {
                 Ok(Loaded::empty())
             }
         }
+    }
+
+    /// Partition `p`'s rows (an empty tree when the store has none).
+    pub(super) fn rows(&self, p: i32) -> Result<sled::Tree, FlowError> {
+        self.store.rows(p)
     }
 
     /// Drops partition `p`'s rows and checkpoint because of `why` (the follower does it, so that
