@@ -25,25 +25,51 @@ async fn crash_loop_with_the_sled_journal() {
     crash_loop(true, "exactly-once").await;
 }
 
+/// Issue 24: the same with a local store and a state cache with room for a few of each
+/// partition's accounts: keys are evicted on every commit and read back from a store its follower
+/// writes behind the flow, across SIGKILLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_with_a_small_state_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().display().to_string();
+    let cache = ["--state-dir", &dir, "--state-cache", "4KiB", "--checkpoint-interval", "300ms"];
+    let out = crash_loop_with(false, "exactly-once", &cache, 600).await;
+    // "... N found in memory, M read from the local store, K evicted, ..."
+    let count = |what: &str| -> u64 {
+        let line = out.lines().find(|l| l.starts_with("state:")).unwrap_or_else(|| panic!("no state line: {out}"));
+        let before = line.split(what).next().unwrap();
+        before.rsplit(", ").next().unwrap().trim().parse().unwrap_or_else(|_| panic!("{what} in {line}"))
+    };
+    assert!(count(" evicted") > 0 && count(" read from the local store") > 0, "{out}");
+}
+
 /// The bank flow (`eventstage demo`) SIGKILLed at 10 random moments and restarted, then drained.
 /// Exactly-once: one reply per command, as the model says. At-least-once: at least one, every
 /// copy as the model says (a command handled twice would answer from a state that already
 /// includes it). Both: the journal's state equals the model (no event applied twice).
 pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
+    crash_loop_with(sled, guarantee, &[], 0).await;
+}
+
+/// [`crash_loop`] with the demo's `extra` arguments, the last `fed_last` commands fed slowly to
+/// the last instance; returns what it printed when drained.
+async fn crash_loop_with(sled: bool, guarantee: &str, extra: &[&str], fed_last: usize) -> String {
     let s = setup(4).await;
     let txn = unique("txn");
     let sled_dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let journal =
         if sled { format!("sled:{}", sled_dir.path().join("j").display()) } else { format!("kafka:{}", s.journal) };
-    let args: Vec<String> =
+    let mut args: Vec<String> =
         ["--journal", &journal, "--commit-interval", "50ms", "--guarantee", guarantee].map(String::from).to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
     let cmds = workload(3000, 60, 7);
     let (replies, accounts) = expected(&cmds);
     let seed: u64 = rand::random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (during, last) = cmds.split_at(cmds.len() - fed_last);
     let feeder = std::thread::spawn({
-        let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), cmds.clone());
+        let (b, t, c) = (s.brokers.clone(), s.topics.input.clone(), during.to_vec());
         move || {
             for chunk in c.chunks(100) {
                 feed(&b, &t, chunk);
@@ -58,6 +84,10 @@ pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
     }
     feeder.join().unwrap();
     let demo = Demo::start(&s, &txn, &args, logs.path());
+    for chunk in last.chunks(50) {
+        feed(&s.brokers, &s.topics.input, chunk);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     if guarantee == "at-least-once" {
         let s = s.clone();
         let checked = tokio::task::spawn_blocking(move || check_replies_at_least_once(&s, &replies)).await;
@@ -70,12 +100,13 @@ pub(crate) async fn crash_loop(sled: bool, guarantee: &str) {
         await_replies(&s, replies).await;
     }
     // A clean drain on SIGTERM.
-    demo.drain();
+    let out = demo.drain();
     if sled {
         assert_eq!(sled_state(&sled_dir.path().join("j"), 4).await, accounts, "seed {seed}");
     } else {
         assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
     }
+    out
 }
 
 /// `eventstage demo` as a child process of the test.

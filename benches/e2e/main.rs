@@ -43,11 +43,15 @@
 //!    store, sled journal: see `storage.rs`.
 //! 9. the bank flow scaled out: 1, 2 and 4 instances in one group over 8 partitions, with the CPU
 //!    per command: see `scaling.rs`.
+//! 10. state larger than memory: the bank flow opening K new accounts with a local store, by state
+//!     cache budget, its memory (peak and end) and rate: see `cache.rs`
+//!     (`EVENTSTAGE_E2E_ONLY=cache`, `EVENTSTAGE_E2E_CACHE_KEYS`, default 10^6,
+//!     `EVENTSTAGE_E2E_CACHE_MIB`, the budgets in MiB, 0 for none, default `0,128`).
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
 //! `EVENTSTAGE_E2E_INSTANCES` (the instance counts of section 9, default `1,2,4`),
-//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling`
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
 //! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
@@ -66,6 +70,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod broker;
+mod cache;
 mod cpu;
 mod io;
 mod latency;
@@ -178,6 +183,14 @@ fn run() -> Result<()> {
         let restarts = restart::run(&rt, b, &restart_keys)?;
         println!();
         restarts.print();
+        return Ok(());
+    }
+    if only.as_deref() == Some("cache") {
+        progress("10/10 state larger than memory (EVENTSTAGE_E2E_ONLY=cache)");
+        let keys = env_number("EVENTSTAGE_E2E_CACHE_KEYS", 1_000_000)?.max(1);
+        let rows = cache::run(&rt, b, keys, &env_list("EVENTSTAGE_E2E_CACHE_MIB", "0,128")?)?;
+        println!();
+        cache::print(&rows);
         return Ok(());
     }
     if only.as_deref() == Some("table") {

@@ -1,0 +1,121 @@
+//! Section 10 (`EVENTSTAGE_E2E_ONLY=cache`): state larger than memory (issue 24). The bank flow
+//! (`eventstage demo` in a child process, with a local store) opens K accounts, one `open` command
+//! per new key, fed before it starts, with each state cache budget of `EVENTSTAGE_E2E_CACHE_MIB`
+//! (0: no cache, every key in memory). The figures: the process's resident memory sampled every
+//! 250 ms (its peak, and when the last reply is visible), the rate (K over the time from the
+//! spawn to the last reply), and the flow's own summary after a drain (keys in memory, evictions,
+//! the local store's lag). Every reply is checked: each `open` answered ok with balance 0.
+
+use super::*;
+use eventstage::stages::bank_flow::WireReply;
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+pub(crate) struct CacheRow {
+    pub(crate) keys: u64,
+    pub(crate) budget_mib: u64,
+    pub(crate) rate: f64,
+    pub(crate) peak_rss_mib: u64,
+    pub(crate) end_rss_mib: u64,
+    /// The demo's `state:` line after its drain.
+    pub(crate) state: String,
+}
+
+pub(crate) fn print(rows: &[CacheRow]) {
+    println!("the bank flow opening K new accounts with a local store: memory by state cache budget");
+    println!("  {:>9}  {:>12} {:>10} {:>10} {:>10}", "K", "cache", "cmds/s", "peak RSS", "end RSS");
+    for r in rows {
+        let budget = if r.budget_mib == 0 { "none".to_string() } else { format!("{} MiB", r.budget_mib) };
+        println!("  {:>9}  {:>12} {:>10.0} {:>6} MiB {:>6} MiB", r.keys, budget, r.rate, r.peak_rss_mib, r.end_rss_mib);
+        println!("             {}", r.state);
+    }
+}
+
+fn key(i: u64) -> String {
+    format!("acct-{i:08}")
+}
+
+pub(crate) fn run(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budgets: &[u64]) -> Result<Vec<CacheRow>> {
+    let mut rows = Vec::new();
+    for &budget_mib in budgets {
+        progress(&format!("  {keys} accounts, state cache {budget_mib} MiB (0: none)"));
+        rows.push(one(rt, brokers, keys, budget_mib)?);
+    }
+    Ok(rows)
+}
+
+fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) -> Result<CacheRow> {
+    let topics =
+        BankTopics { input: unique("cache-in"), replies: unique("cache-replies"), events: unique("cache-events") };
+    create_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events])?;
+    let (journal, group) = (unique("cache-journal"), unique("cache-group"));
+    let p = producer(brokers, 20)?;
+    for i in 0..keys {
+        send(&p, &topics.input, &key(i), &wire(format!("open-{i}"), "open", None))?;
+    }
+    p.flush(Duration::from_secs(300)).context("flush the opens")?;
+    drop(p);
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventstage"));
+    cmd.args(["demo", "--brokers", brokers, "--input", &topics.input])
+        .args(["--replies", &topics.replies, "--events", &topics.events, "--group", &group])
+        .args(["--journal", &format!("kafka:{journal}"), "--transactional-id", &unique("cache-txn")])
+        .args(["--partitions", &PARTITIONS.to_string()])
+        .arg("--state-dir")
+        .arg(dir.path());
+    if budget_mib > 0 {
+        cmd.args(["--state-cache", &format!("{budget_mib}MiB")]);
+    }
+    let started = Instant::now();
+    let mut child = cmd
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start eventstage demo")?;
+    let pid = child.id();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = rss_mib(pid).unwrap_or(0).max(peak);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            peak
+        })
+    };
+    let mut wrong = 0u64;
+    let read = read_committed(
+        brokers,
+        &topics.replies,
+        Instant::now() + Duration::from_secs(3600),
+        Duration::ZERO,
+        |v| match serde_json::from_slice::<WireReply>(v) {
+            Ok(r) if r.ok && r.balance == Some(0) => {}
+            _ => wrong += 1,
+        },
+        |n| n >= keys,
+    );
+    let took = started.elapsed();
+    let end_rss_mib = rss_mib(pid).unwrap_or(0);
+    stop.store(true, Ordering::Relaxed);
+    let peak_rss_mib = sampler.join().map_err(|_| anyhow!("the sampler panicked"))?.max(end_rss_mib);
+    let pid = pid.to_string();
+    Command::new("kill").args(["-TERM", &pid]).status()?;
+    let status = child.wait()?;
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout.read_to_string(&mut out)?;
+    }
+    read?;
+    if !status.success() {
+        bail!("the demo exited with {status}: {out}");
+    }
+    if wrong > 0 {
+        bail!("{wrong} of {keys} replies were not `ok` with balance 0");
+    }
+    delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
+    let state = out.lines().find(|l| l.starts_with("state:")).unwrap_or("(no state line)").to_string();
+    Ok(CacheRow { keys, budget_mib, rate: keys as f64 / took.as_secs_f64(), peak_rss_mib, end_rss_mib, state })
+}
