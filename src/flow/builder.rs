@@ -398,9 +398,11 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         self
     }
 
-    /// With a [`state_dir`](Self::state_dir): hold at most about `bytes` of committed state in
-    /// memory, one budget for all the partitions of this flow (split evenly over them), instead of
-    /// every key. Committed keys beyond it are evicted (S3-FIFO: keys used once do not push out
+    /// With a [`state_dir`](Self::state_dir): hold at most about `bytes` of state in memory, one
+    /// budget for all the partitions of this flow and its local store, instead of every key: a
+    /// quarter (at most 256 MiB) is the local store's page cache, the rest holds committed keys,
+    /// split evenly over the partitions (the page cache gets at least 1 MiB, beyond the budget if
+    /// it is smaller than 4 MiB). Committed keys beyond it are evicted (S3-FIFO: keys used once do not push out
     /// the ones used often) and read from the local store when next used. Keys changed by the
     /// open transaction, or committed but not yet in the local store (its follower reads the
     /// journal a little behind the flow), are never evicted and come on top of the budget; the
@@ -565,6 +567,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
                 retention: self.state_retention,
                 interval: self.checkpoint_interval,
                 standby: self.standby,
+                page_cache: self.state_cache.map(store_page_cache),
             })
             }
             (Some(dir), _) => {
@@ -600,7 +603,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             group: self.group_id.clone(),
             take_over_journal: self.take_over_journal,
             store,
-            state_cache: self.state_cache,
+            state_cache: self.state_cache.map(|budget| budget - (budget / 4).min(256 << 20)),
             snapshot_every: self.snapshot_every,
             commit_interval: self.commit_interval,
             bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),
@@ -642,4 +645,9 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         spawned.map_err(|e| FlowError::Config(format!("cannot start the flow thread: {e}")))?;
         Ok(FlowControl { stop, metrics, done })
     }
+}
+
+/// The local store's page cache out of a state cache's `budget` (see [`FlowBuilder::state_cache`]).
+fn store_page_cache(budget: u64) -> u64 {
+    (budget / 4).clamp(1 << 20, 256 << 20)
 }

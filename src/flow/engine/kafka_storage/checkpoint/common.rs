@@ -39,6 +39,8 @@ pub(crate) struct StoreSettings {
     /// A checkpoint is written at least this often while the journal changes.
     pub(crate) interval: Duration,
     pub(crate) standby: Standby,
+    /// The store's page cache in bytes (`None`: sled's default, 1 GiB).
+    pub(crate) page_cache: Option<u64>,
 }
 
 /// A partition's checkpoint, for a restore.

@@ -70,7 +70,7 @@ impl Checkpoints {
         metrics: Arc<Metrics>,
         progress: Option<Arc<StoreProgress>>,
     ) -> Result<Self, FlowError> {
-        let store = LocalStore::open(&settings.dir, journal.topic(), stage, &metrics)?;
+        let store = LocalStore::open(&settings.dir, journal.topic(), stage, settings.page_cache, &metrics)?;
         store.expire(settings.retention)?;
         let mut config = common.clone();
         config
@@ -78,7 +78,10 @@ impl Checkpoints {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // librdkafka prefetches up to 64 MiB by default; 16 MiB (about 100 000 journal records)
+            // keeps the follower busy and the process smaller.
+            .set("queued.max.messages.kbytes", "16384");
         let consumer: BaseConsumer<ReaderContext> = config
             .create_with_context(ReaderContext { what: "checkpoint follower" })
             .map_err(|e| kafka("checkpoint consumer", e))?;

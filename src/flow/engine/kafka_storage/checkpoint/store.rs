@@ -35,7 +35,13 @@ impl LocalStore {
     /// another topic or stage, or one sled cannot open, is emptied with a warning (it is a cache of
     /// the journal); a directory holding anything else, or a store another process has open, is
     /// an error.
-    pub(super) fn open(dir: &Path, topic: &str, stage: &str, metrics: &Metrics) -> Result<Self, FlowError> {
+    pub(super) fn open(
+        dir: &Path,
+        topic: &str,
+        stage: &str,
+        page_cache: Option<u64>,
+        metrics: &Metrics,
+    ) -> Result<Self, FlowError> {
         let expected = Marker { format: FORMAT_VERSION, journal: topic.into(), stage: stage.into() };
         let marker_path = dir.join(MARKER);
         let sled_dir = dir.join("sled");
@@ -79,7 +85,14 @@ impl LocalStore {
             let raw = serde_json::to_vec_pretty(&expected).map_err(|e| config_err(dir, e))?;
             std::fs::write(&marker_path, raw).map_err(|e| config_err(dir, format!("cannot write {MARKER}: {e}")))?;
         }
-        let db = match sled::Config::new().path(&sled_dir).open() {
+        let config = || {
+            let config = sled::Config::new().path(&sled_dir);
+            match page_cache {
+                Some(bytes) => config.cache_capacity(bytes),
+                None => config,
+            }
+        };
+        let db = match config().open() {
             Ok(db) => db,
             Err(e) if e.to_string().contains("lock") => {
                 return Err(config_err(
@@ -92,7 +105,7 @@ impl LocalStore {
                 metrics.store_dropped.fetch_add(1, Ordering::Relaxed);
                 remove_dir(&sled_dir)
                     .map_err(|e| config_err(dir, format!("cannot remove {}: {e}", sled_dir.display())))?;
-                sled::Config::new().path(&sled_dir).open().map_err(|e| config_err(dir, format!("sled: {e}")))?
+                config().open().map_err(|e| config_err(dir, format!("sled: {e}")))?
             }
         };
         let offsets = db.open_tree("offsets").map_err(|e| config_err(dir, format!("sled: {e}")))?;
