@@ -102,7 +102,8 @@ pub(crate) fn check_replies(s: &Setup, expected: &HashMap<String, WireReply>) ->
     for r in &recs {
         let reply: WireReply = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
         *seen.entry(reply.id.clone()).or_default() += 1;
-        assert_eq!(Some(&reply), expected.get(&reply.id), "reply to {}", reply.id);
+        let key = r.key.as_deref().map(String::from_utf8_lossy);
+        assert_eq!(Some(&reply), expected.get(&reply.id), "reply to {} (key {key:?})", reply.id);
     }
     let dupes: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(dupes.is_empty(), "duplicate replies: {dupes:?}");
@@ -123,7 +124,8 @@ pub(crate) fn check_replies_at_least_once(s: &Setup, expected: &HashMap<String, 
     let recs = read_committed(&s.brokers, &s.topics.replies, |r| distinct(r) >= n, Duration::from_millis(500));
     for r in &recs {
         let reply: WireReply = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
-        assert_eq!(Some(&reply), expected.get(&reply.id), "reply to {}", reply.id);
+        let key = r.key.as_deref().map(String::from_utf8_lossy);
+        assert_eq!(Some(&reply), expected.get(&reply.id), "reply to {} (key {key:?})", reply.id);
     }
     assert_eq!(distinct(&recs), n, "a reply per command");
     recs

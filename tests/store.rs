@@ -123,11 +123,11 @@ async fn a_partition_that_comes_back_reads_only_what_the_other_instance_wrote() 
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
 
-/// Edits the sled database of a state directory (the flow must not be running).
-fn edit_store(dir: &Path, edit: impl FnOnce(&sled::Db)) {
-    let db = sled::open(dir.join("sled")).unwrap();
+/// Edits the fjall database of a state directory (the flow must not be running).
+fn edit_store(dir: &Path, edit: impl FnOnce(&fjall::Database)) {
+    let db = fjall::Database::builder(dir.join("fjall")).open().unwrap();
     edit(&db);
-    db.flush().unwrap();
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
 }
 
 /// A row that does not decode, a checkpoint ahead of the journal (its topic deleted and created
@@ -152,7 +152,7 @@ async fn an_unusable_local_store_is_dropped_and_restored_from_the_journal() {
 
     // A damaged row, of an account the next commands use (rows are read when first used).
     edit_store(dir.path(), |db| {
-        let trees = ["p0", "p1"].map(|p| db.open_tree(p).unwrap());
+        let trees = ["p0", "p1"].map(|p| db.keyspace(p, fjall::KeyspaceCreateOptions::default).unwrap());
         let (rows, account) = cmds[400..550]
             .iter()
             .find_map(|(account, _, _)| trees.iter().find(|t| t.contains_key(account).unwrap()).map(|t| (t, account)))
@@ -169,7 +169,7 @@ async fn an_unusable_local_store_is_dropped_and_restored_from_the_journal() {
 
     // A checkpoint ahead of the journal's end.
     edit_store(dir.path(), |db| {
-        let offsets = db.open_tree("offsets").unwrap();
+        let offsets = db.keyspace("offsets", fjall::KeyspaceCreateOptions::default).unwrap();
         let mut ahead = (1i64 << 40).to_be_bytes().to_vec();
         ahead.extend_from_slice(&0u64.to_be_bytes());
         offsets.insert(1i32.to_be_bytes(), ahead).unwrap();
@@ -185,11 +185,25 @@ async fn an_unusable_local_store_is_dropped_and_restored_from_the_journal() {
     let s1 = s.clone();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s1, 2)).await.unwrap(), accounts);
 
+    // A store of the format before (sled) is dropped, its directory too, and rebuilt in fjall.
+    let old = tempfile::tempdir().unwrap();
+    let marker = serde_json::json!({ "format": 1, "journal": s.journal, "stage": "bank" });
+    std::fs::write(old.path().join("eventstage-state.json"), marker.to_string()).unwrap();
+    std::fs::create_dir(old.path().join("sled")).unwrap();
+    std::fs::write(old.path().join("sled").join("db"), b"sled's files").unwrap();
+    let flow = start(&s, old.path());
+    feed_async(&s, &cmds[700..750]).await;
+    await_replies(&s, expected(&cmds[..750]).0).await;
+    let m = flow.metrics();
+    assert_eq!(m.store_dropped, 1, "{m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+    assert!(!old.path().join("sled").exists() && old.path().join("fjall").exists());
+
     // The store of another flow's journal, used by a flow of new topics and journal.
     let t = setup(2).await;
     let flow = start(&t, dir.path());
-    feed_async(&t, &cmds[700..]).await;
-    let (replies, accounts) = expected(&cmds[700..]);
+    feed_async(&t, &cmds[750..]).await;
+    let (replies, accounts) = expected(&cmds[750..]);
     await_replies(&t, replies).await;
     let m = flow.metrics();
     assert_eq!((m.store_dropped, m.store_rows), (1, 0), "{m:?}");

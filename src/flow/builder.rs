@@ -1,7 +1,7 @@
 //! [`FlowBuilder`]: a flow's settings, and starting it.
 
 use crate::flow::control::{FlowControl, FlowStopper, Metrics, RUN};
-use crate::flow::engine::{self, Standby, StoreSettings};
+use crate::flow::engine::{self, Standby, StoreMemory, StoreSettings};
 use crate::flow::error::{describe, BoxError, FlowError};
 use crate::flow::record::{Context, Decoder, InputRecord, OutputRecord, Outputs, Processed};
 use crate::flow::settings::{
@@ -567,7 +567,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
                 retention: self.state_retention,
                 interval: self.checkpoint_interval,
                 standby: self.standby,
-                page_cache: self.state_cache.map(store_page_cache),
+                memory: store_memory(self.state_cache),
             })
             }
             (Some(dir), _) => {
@@ -647,7 +647,10 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     }
 }
 
-/// The local store's page cache out of a state cache's `budget` (see [`FlowBuilder::state_cache`]).
-fn store_page_cache(budget: u64) -> u64 {
-    (budget / 4).clamp(1 << 20, 256 << 20)
+/// What the local store may hold in memory: out of a state cache's `budget`, a quarter (at most
+/// 256 MiB, at least 2 MiB), half of it for its block cache and half for its memtables; without a
+/// state cache, 64 MiB of each.
+fn store_memory(budget: Option<u64>) -> StoreMemory {
+    let store = budget.map_or(128 << 20, |budget| (budget / 4).clamp(2 << 20, 256 << 20));
+    StoreMemory { cache: store / 2, memtables: store / 2 }
 }

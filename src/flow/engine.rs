@@ -22,7 +22,7 @@ mod work;
 
 pub(super) use self::core::{Parts, Tasks};
 pub use kafka_storage::Standby;
-pub(super) use kafka_storage::StoreSettings;
+pub(super) use kafka_storage::{StoreMemory, StoreSettings};
 pub(super) use startup::Settings;
 
 use crate::flow::control::Metrics;

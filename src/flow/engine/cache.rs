@@ -469,6 +469,26 @@ mod tests {
         assert!(c.usage().entries <= 1);
     }
 
+    /// Why a key read from the store is handed to its command directly: the cache may evict the
+    /// very entry it was given (a key evicted before comes back as a ghost into the hot queue,
+    /// which evicts to keep its share). Found by the crash loop with a 4 KiB cache: the command
+    /// saw the default state of an open account.
+    #[test]
+    fn a_full_cache_may_evict_the_key_it_was_just_given() {
+        let mut evicted_itself = false;
+        for room in 1..8 {
+            let (mut c, _, _) = cache(room);
+            for i in 0..200u64 {
+                let k = (i * 7919) % 23;
+                if c.get(&format!("acct-{k}")).is_none() {
+                    let evicted = c.insert_read(format!("acct-{k}"), entity(k));
+                    evicted_itself |= evicted.contains(&format!("acct-{k}"));
+                }
+            }
+        }
+        assert!(evicted_itself, "some insert evicted the key it inserted");
+    }
+
     #[test]
     fn without_a_cache_every_key_stays() {
         let mut c = Committed::<Bank>::default();

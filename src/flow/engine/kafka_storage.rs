@@ -6,7 +6,7 @@
 mod checkpoint;
 
 pub use checkpoint::Standby;
-pub(crate) use checkpoint::StoreSettings;
+pub(crate) use checkpoint::{StoreMemory, StoreSettings};
 
 use super::cache::{self, CacheSettings, Committed};
 use super::state::{KeyMap, PartitionState};
@@ -19,7 +19,7 @@ use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::replay::{decode_state, Entity};
 use crate::stage::{EntityKey, EventSourced};
-use checkpoint::Checkpoints;
+use checkpoint::{Checkpoints, Rows};
 use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo, SourcePosition};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
@@ -44,7 +44,7 @@ type Latest = BTreeMap<i32, Read>;
 #[derive(Default)]
 struct Read {
     entries: BTreeMap<Vec<u8>, Option<JournalEntry>>,
-    rows: Option<sled::Tree>,
+    rows: Option<Rows>,
     end: i64,
 }
 
@@ -196,7 +196,7 @@ struct KafkaTask<S: EventSourced> {
     shared: Arc<Shared>,
     open: Unjournaled<S>,
     /// The local store's rows of the partition: a key's state is read from there when first used.
-    rows: Option<sled::Tree>,
+    rows: Option<Rows>,
     /// The journal's timestamp of the last change (snapshots in records are stamped with it).
     last_ts: u64,
 }
@@ -275,12 +275,12 @@ impl<S: EventSourced> KafkaTask<S> {
 impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
     /// Reads `key`'s state from the local store, the first time it is used. A row that cannot be
     /// read drops the partition's store and restores it from the journal in full.
-    fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError> {
-        let Some(rows) = &self.rows else { return Ok(()) };
+    fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<Option<Entity<S>>, FlowError> {
+        let Some(rows) = &self.rows else { return Ok(None) };
         let held = part.holds(key);
         cache::count(&self.shared.metrics, held);
         if held {
-            return Ok(());
+            return Ok(None);
         }
         let raw = key.to_bytes();
         let entry = match rows.get(raw.as_ref()) {
@@ -289,10 +289,10 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
                 Ok(entry) => Some(entry),
                 Err(e) => {
                     let why = format!("the row of key {} does not decode ({e})", printable_key(&raw));
-                    return self.restore_in_full(part, &why);
+                    return self.restore_in_full(part, &why).map(|()| None);
                 }
             },
-            Err(e) => return self.restore_in_full(part, &format!("sled: {e}")),
+            Err(e) => return self.restore_in_full(part, &format!("fjall: {e}")).map(|()| None),
         };
         self.shared.metrics.store_rows.fetch_add(u64::from(entry.is_some()), Ordering::Relaxed);
         let found = match entry {
@@ -301,8 +301,7 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
         };
         // A key without a row is remembered too (as the default state): it is not looked up again.
         let (entity, sources) = found.unwrap_or_else(|| (Entity::default(), Vec::new()));
-        part.read(key.clone(), entity, sources);
-        Ok(())
+        Ok(Some(part.read(key.clone(), entity, sources)))
     }
 
     fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError> {

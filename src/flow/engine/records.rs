@@ -104,14 +104,17 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         let Some((part, store)) = self.tasks.restored_mut(p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
         };
-        store.fault_in(part, &key)?;
+        let read = store.fault_in(part, &key)?;
         if part.includes(&key, &input.topic, input.offset) {
             // Delivered again (at-least-once): its events are journaled and its outputs were
             // acknowledged before they were.
             self.metrics.skipped_redeliveries.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let entity = part.get(&key).cloned().unwrap_or_default();
+        let entity = match read {
+            Some(entity) => entity,
+            None => part.get(&key).cloned().unwrap_or_default(),
+        };
         let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
             Ok(executed) => (executed.events, executed.outcome, executed.state),
             Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),

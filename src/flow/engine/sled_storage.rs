@@ -14,6 +14,7 @@ use super::storage::{Applied, Change, Durable, Recorded, RestoreJob, Restored, S
 use crate::codec::Codec;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
+use crate::replay::Entity;
 use crate::stage::{EntityKey, EventSourced};
 use eventstage_journal::{EventRecord, SeqNo, SledStore, SnapshotRecord, SourcePosition};
 use std::marker::PhantomData;
@@ -109,8 +110,8 @@ struct SledTask<S: EventSourced> {
 
 impl<S: EventSourced> TaskStore<S> for SledTask<S> {
     /// Partitions are restored in full: nothing to read.
-    fn fault_in(&mut self, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
-        Ok(())
+    fn fault_in(&mut self, _: &mut PartitionState<S>, _: &S::Key) -> Result<Option<Entity<S>>, FlowError> {
+        Ok(None)
     }
 
     /// Stages the command's events, and a snapshot when the sequence crosses a multiple of the

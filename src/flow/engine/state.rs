@@ -39,13 +39,16 @@ impl<S: EventSourced> PartitionState<S> {
         Self { committed, sealed: KeyMap::default(), overlay: KeyMap::default(), applied: KeyMap::default() }
     }
 
-    /// `key`'s committed entity as read from the store (with the input positions it includes).
-    pub(super) fn read(&mut self, key: S::Key, entity: Entity<S>, sources: Vec<SourcePosition>) {
-        if !sources.is_empty() {
-            self.applied.insert(key.clone(), sources);
-        }
-        let evicted = self.committed.insert_read(key, entity);
+    /// `key`'s committed entity as read from the store (with the input positions it includes);
+    /// returns it, for the command at hand: the cache may have evicted it at once to make room.
+    pub(super) fn read(&mut self, key: S::Key, entity: Entity<S>, sources: Vec<SourcePosition>) -> Entity<S> {
+        let evicted = self.committed.insert_read(key.clone(), entity.clone());
         self.forget_evicted(evicted);
+        // After the evictions: the command at hand needs them even if the key itself was evicted.
+        if !sources.is_empty() {
+            self.applied.insert(key, sources);
+        }
+        entity
     }
 
     /// The transaction being committed committed (`generation`: see [`Committed::settle`]).

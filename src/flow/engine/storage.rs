@@ -19,6 +19,7 @@ use crate::codec::Codec;
 use crate::error::Error;
 use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
+use crate::replay::Entity;
 use crate::stage::EntityKey;
 use crate::stage::EventSourced;
 use eventstage_journal::{printable_key, Envelope};
@@ -133,9 +134,10 @@ pub(super) trait Storage<S: EventSourced>: Send {
 
 /// A task's part of the storage: its partition's keys as read and as changed by its open work.
 pub(super) trait TaskStore<S: EventSourced>: Send {
-    /// Makes `key`'s committed state part of `part` before the key is first used (a storage that
-    /// restores partitions in full has nothing to do).
-    fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<(), FlowError>;
+    /// Makes `key`'s committed state part of `part` before the key is used (a storage that
+    /// restores partitions in full has nothing to do). Returns the entity when it was read: a
+    /// state cache may evict it again at once to make room, so the caller uses it from here.
+    fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<Option<Entity<S>>, FlowError>;
 
     /// Records what one command changed (`part`: the partition's state before the change).
     /// Writes nothing: what must be written is handed over when the open work is sealed.
@@ -182,8 +184,8 @@ impl<S: EventSourced> Storage<S> for NoStorage {
 }
 
 impl<S: EventSourced> TaskStore<S> for NoStorage {
-    fn fault_in(&mut self, _: &mut PartitionState<S>, _: &S::Key) -> Result<(), FlowError> {
-        Ok(())
+    fn fault_in(&mut self, _: &mut PartitionState<S>, _: &S::Key) -> Result<Option<Entity<S>>, FlowError> {
+        Ok(None)
     }
 
     fn record(&mut self, _: Change<'_, S>, _: &PartitionState<S>) -> Result<Recorded, FlowError> {

@@ -1,6 +1,8 @@
 //! What the local state store, its follower and the checkpoints share: the settings, the
 //! follower's commands, a loaded checkpoint.
 
+use super::store::Rows;
+pub(crate) use super::store::StoreMemory;
 use crate::flow::error::FlowError;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
@@ -39,15 +41,15 @@ pub(crate) struct StoreSettings {
     /// A checkpoint is written at least this often while the journal changes.
     pub(crate) interval: Duration,
     pub(crate) standby: Standby,
-    /// The store's page cache in bytes (`None`: sled's default, 1 GiB).
-    pub(crate) page_cache: Option<u64>,
+    /// What the store may hold in memory.
+    pub(crate) memory: StoreMemory,
 }
 
 /// A partition's checkpoint, for a restore.
 pub(crate) struct Loaded {
     /// The newest entry per key as of the checkpoint (perhaps newer: see the module docs), read
     /// when a key is first used (`None`: nothing stored).
-    pub(crate) rows: Option<sled::Tree>,
+    pub(crate) rows: Option<Rows>,
     /// The journal offset to read the tail from.
     pub(crate) from: i64,
 }

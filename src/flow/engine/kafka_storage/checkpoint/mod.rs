@@ -28,7 +28,8 @@ mod follower;
 mod store;
 
 pub use common::Standby;
-pub(crate) use common::StoreSettings;
+pub(crate) use common::{StoreMemory, StoreSettings};
+pub(super) use store::Rows;
 
 use super::super::cache::StoreProgress;
 use crate::flow::control::Metrics;
@@ -70,7 +71,8 @@ impl Checkpoints {
         metrics: Arc<Metrics>,
         progress: Option<Arc<StoreProgress>>,
     ) -> Result<Self, FlowError> {
-        let store = LocalStore::open(&settings.dir, journal.topic(), stage, settings.page_cache, &metrics)?;
+        let store =
+            LocalStore::open(&settings.dir, journal.topic(), stage, journal.partitions(), settings.memory, &metrics)?;
         store.expire(settings.retention)?;
         let mut config = common.clone();
         config
@@ -135,7 +137,7 @@ impl Checkpoints {
     }
 
     /// Partition `p`'s rows (an empty tree when the store has none).
-    pub(super) fn rows(&self, p: i32) -> Result<sled::Tree, FlowError> {
+    pub(super) fn rows(&self, p: i32) -> Result<Rows, FlowError> {
         self.store.rows(p)
     }
 

@@ -1,5 +1,7 @@
-//! The sled store of a state directory: its marker file, rows and checkpoints (see the module
-//! docs of `checkpoint`).
+//! The fjall store of a state directory: its marker file, rows and checkpoints (see the module
+//! docs of `checkpoint`). fjall (an LSM tree) keeps its memory within a block cache and memtables
+//! of a set size, whatever the number of keys; sled, used before, kept about 30 bytes per key in
+//! memory while open (`benches/RESULTS.md`, "The local store at 10^7 keys").
 
 use super::common::{config_err, Loaded};
 use crate::flow::control::Metrics;
@@ -11,9 +13,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const MARKER: &str = "eventstage-state.json";
-const FORMAT_VERSION: u32 = 1;
-/// Rows per sled batch.
+/// 1: sled (before 2026-12-05); 2: fjall.
+const FORMAT_VERSION: u32 = 2;
+/// The database's directory in the state directory.
+const DATA: &str = "fjall";
+/// The directory format 1 kept its sled database in.
+const OLD_DATA: &str = "sled";
+/// Rows per write batch.
 const CHUNK: usize = 10_000;
+
+/// A partition's rows: entity key -> the key's newest journal record value.
+pub(crate) type Rows = fjall::Keyspace;
 
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq, Debug)]
 struct Marker {
@@ -22,29 +32,40 @@ struct Marker {
     stage: String,
 }
 
-/// The sled store of a flow's state directory.
+/// The fjall store of a flow's state directory.
 #[derive(Clone)]
 pub(super) struct LocalStore {
     pub(super) dir: PathBuf,
-    db: sled::Db,
-    offsets: sled::Tree,
+    db: fjall::Database,
+    offsets: fjall::Keyspace,
+    /// The memtable size of each partition's rows.
+    memtable: u64,
+}
+
+/// What the store may hold in memory: its block cache, and its memtables (split over the
+/// journal's partitions, each at least 1 MiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoreMemory {
+    pub(crate) cache: u64,
+    pub(crate) memtables: u64,
 }
 
 impl LocalStore {
-    /// Opens (or creates) the store in `dir` for the journal `topic` of stage `stage`. A store of
-    /// another topic or stage, or one sled cannot open, is emptied with a warning (it is a cache of
-    /// the journal); a directory holding anything else, or a store another process has open, is
-    /// an error.
+    /// Opens (or creates) the store in `dir` for the journal `topic` (of `partitions` partitions)
+    /// of stage `stage`. A store of another topic or stage, of an older format, or one fjall cannot
+    /// open, is emptied with a warning (it is a cache of the journal); a directory holding anything
+    /// else, or a store another process has open, is an error.
     pub(super) fn open(
         dir: &Path,
         topic: &str,
         stage: &str,
-        page_cache: Option<u64>,
+        partitions: i32,
+        memory: StoreMemory,
         metrics: &Metrics,
     ) -> Result<Self, FlowError> {
         let expected = Marker { format: FORMAT_VERSION, journal: topic.into(), stage: stage.into() };
         let marker_path = dir.join(MARKER);
-        let sled_dir = dir.join("sled");
+        let data_dir = dir.join(DATA);
         let mut stale: Option<String> = None;
         if marker_path.exists() {
             let found = std::fs::read(&marker_path)
@@ -52,6 +73,12 @@ impl LocalStore {
                 .map(|raw| serde_json::from_slice::<Marker>(&raw));
             match found? {
                 Ok(m) if m == expected => {}
+                Ok(m) if m.format < FORMAT_VERSION => {
+                    stale = Some(format!(
+                        "it is of format {} (sled), written by an older eventstage; this one keeps its store in fjall (format {FORMAT_VERSION})",
+                        m.format
+                    ))
+                }
                 Ok(m) if m.format > FORMAT_VERSION => {
                     return Err(config_err(
                         dir,
@@ -78,51 +105,54 @@ impl LocalStore {
         if let Some(why) = &stale {
             tracing::warn!(dir = %dir.display(), "the local state store is not this flow's: {why}; dropping it and restoring every partition from the journal");
             metrics.store_dropped.fetch_add(1, Ordering::Relaxed);
-            remove_dir(&sled_dir).map_err(|e| config_err(dir, format!("cannot remove {}: {e}", sled_dir.display())))?;
+            for data in [&data_dir, &dir.join(OLD_DATA)] {
+                remove_dir(data).map_err(|e| config_err(dir, format!("cannot remove {}: {e}", data.display())))?;
+            }
         }
         if stale.is_some() || !marker_path.exists() {
             std::fs::create_dir_all(dir).map_err(|e| config_err(dir, format!("cannot create the directory: {e}")))?;
             let raw = serde_json::to_vec_pretty(&expected).map_err(|e| config_err(dir, e))?;
             std::fs::write(&marker_path, raw).map_err(|e| config_err(dir, format!("cannot write {MARKER}: {e}")))?;
         }
-        let config = || {
-            let config = sled::Config::new().path(&sled_dir);
-            match page_cache {
-                Some(bytes) => config.cache_capacity(bytes),
-                None => config,
-            }
-        };
-        let db = match config().open() {
+        let open = || fjall::Database::builder(&data_dir).cache_size(memory.cache).open();
+        let db = match open() {
             Ok(db) => db,
-            Err(e) if e.to_string().contains("lock") => {
+            Err(fjall::Error::Locked) => {
                 return Err(config_err(
                     dir,
-                    format!("sled: {e} (another process has this state directory open: give every instance a directory of its own)"),
+                    "fjall: the database is locked (another process has this state directory open: give every instance a directory of its own)",
                 ))
             }
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "the local state store is damaged (sled cannot open it); dropping it and restoring every partition from the journal");
+                tracing::warn!(dir = %dir.display(), error = %e, "the local state store is damaged (fjall cannot open it); dropping it and restoring every partition from the journal");
                 metrics.store_dropped.fetch_add(1, Ordering::Relaxed);
-                remove_dir(&sled_dir)
-                    .map_err(|e| config_err(dir, format!("cannot remove {}: {e}", sled_dir.display())))?;
-                config().open().map_err(|e| config_err(dir, format!("sled: {e}")))?
+                remove_dir(&data_dir)
+                    .map_err(|e| config_err(dir, format!("cannot remove {}: {e}", data_dir.display())))?;
+                open().map_err(|e| config_err(dir, format!("fjall: {e}")))?
             }
         };
-        let offsets = db.open_tree("offsets").map_err(|e| config_err(dir, format!("sled: {e}")))?;
-        Ok(Self { dir: dir.to_path_buf(), db, offsets })
+        let memtable = (memory.memtables / partitions.max(1) as u64).max(1 << 20);
+        let offsets = db
+            .keyspace("offsets", || fjall::KeyspaceCreateOptions::default().max_memtable_size(1 << 20))
+            .map_err(|e| config_err(dir, format!("fjall: {e}")))?;
+        Ok(Self { dir: dir.to_path_buf(), db, offsets, memtable })
     }
 
     pub(super) fn storage(&self, e: impl std::fmt::Display) -> FlowError {
-        config_err(&self.dir, format!("sled: {e}"))
+        config_err(&self.dir, format!("fjall: {e}"))
     }
 
-    pub(super) fn rows(&self, p: i32) -> Result<sled::Tree, FlowError> {
-        self.db.open_tree(format!("p{p}")).map_err(|e| self.storage(e))
+    pub(super) fn rows(&self, p: i32) -> Result<Rows, FlowError> {
+        let memtable = self.memtable;
+        self.db
+            .keyspace(&format!("p{p}"), || fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable))
+            .map_err(|e| self.storage(e))
     }
 
     /// Partition `p`'s checkpoint: (next offset, released at).
     pub(super) fn position(&self, p: i32) -> Result<Option<(i64, u64)>, String> {
         let Some(v) = self.offsets.get(p.to_be_bytes()).map_err(|e| e.to_string())? else { return Ok(None) };
+        let v: &[u8] = &v;
         match (v.get(..8), v.get(8..16)) {
             (Some(o), Some(r)) if v.len() == 16 => Ok(Some((
                 i64::from_be_bytes(o.try_into().unwrap_or_default()),
@@ -136,8 +166,8 @@ impl LocalStore {
     pub(super) fn partitions(&self) -> Result<Vec<i32>, FlowError> {
         let mut out = Vec::new();
         for item in self.offsets.iter() {
-            let (k, _) = item.map_err(|e| self.storage(e))?;
-            if let Some(p) = k.as_ref().try_into().ok().map(i32::from_be_bytes) {
+            let k = item.key().map_err(|e| self.storage(e))?;
+            if let Some(p) = <[u8; 4]>::try_from(k.as_ref()).ok().map(i32::from_be_bytes) {
                 out.push(p);
             }
         }
@@ -147,7 +177,8 @@ impl LocalStore {
     /// Drops partition `p`'s rows and checkpoint.
     pub(super) fn clear(&self, p: i32) -> Result<(), FlowError> {
         self.offsets.remove(p.to_be_bytes()).map_err(|e| self.storage(e))?;
-        self.db.drop_tree(format!("p{p}")).map_err(|e| self.storage(e))?;
+        let rows = self.rows(p)?;
+        self.db.delete_keyspace(rows).map_err(|e| self.storage(e))?;
         Ok(())
     }
 
@@ -184,29 +215,26 @@ impl LocalStore {
         released: u64,
     ) -> Result<(), FlowError> {
         let tree = self.rows(p)?;
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
+        let mut batch = self.db.batch();
         for (k, v) in rows {
-            if in_batch == CHUNK {
-                tree.apply_batch(std::mem::take(&mut batch)).map_err(|e| self.storage(e))?;
-                in_batch = 0;
+            if batch.len() == CHUNK {
+                std::mem::replace(&mut batch, self.db.batch()).commit().map_err(|e| self.storage(e))?;
             }
-            in_batch += 1;
             match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
+                Some(v) => batch.insert(&tree, k, v),
+                None => batch.remove(&tree, k),
             }
         }
-        tree.apply_batch(batch).map_err(|e| self.storage(e))?;
         let mut value = Vec::with_capacity(16);
         value.extend_from_slice(&next.to_be_bytes());
         value.extend_from_slice(&released.to_be_bytes());
+        batch.commit().map_err(|e| self.storage(e))?;
         self.offsets.insert(p.to_be_bytes(), value).map_err(|e| self.storage(e))?;
         Ok(())
     }
 
     pub(super) fn flush(&self) -> Result<(), FlowError> {
-        self.db.flush().map(|_| ()).map_err(|e| self.storage(e))
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| self.storage(e))
     }
 
     /// Drops the rows of partitions released longer than `retention` ago.
