@@ -17,7 +17,12 @@ pub(crate) struct CacheRow {
     pub(crate) rate: f64,
     pub(crate) peak_rss_mib: u64,
     pub(crate) end_rss_mib: u64,
-    /// The demo's `state:` line after its drain.
+    /// The restart after SIGKILL: spawn to the probe's reply, RSS then, and the restarted
+    /// instance's `metrics:` line.
+    pub(crate) restart: Duration,
+    pub(crate) restart_rss_mib: u64,
+    pub(crate) restart_metrics: String,
+    /// The restarted demo's `state:` line after its drain.
     pub(crate) state: String,
 }
 
@@ -27,6 +32,12 @@ pub(crate) fn print(rows: &[CacheRow]) {
     for r in rows {
         let budget = if r.budget_mib == 0 { "none".to_string() } else { format!("{} MiB", r.budget_mib) };
         println!("  {:>9}  {:>12} {:>10.0} {:>6} MiB {:>6} MiB", r.keys, budget, r.rate, r.peak_rss_mib, r.end_rss_mib);
+        println!(
+            "             restart after SIGKILL: {} ms to the first reply, RSS {} MiB",
+            r.restart.as_millis(),
+            r.restart_rss_mib
+        );
+        println!("             {}", r.restart_metrics);
         println!("             {}", r.state);
     }
 }
@@ -56,22 +67,25 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     p.flush(Duration::from_secs(300)).context("flush the opens")?;
     drop(p);
     let dir = tempfile::tempdir()?;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventstage"));
-    cmd.args(["demo", "--brokers", brokers, "--input", &topics.input])
-        .args(["--replies", &topics.replies, "--events", &topics.events, "--group", &group])
-        .args(["--journal", &format!("kafka:{journal}"), "--transactional-id", &unique("cache-txn")])
-        .args(["--partitions", &PARTITIONS.to_string()])
-        .arg("--state-dir")
-        .arg(dir.path());
-    if budget_mib > 0 {
-        cmd.args(["--state-cache", &format!("{budget_mib}MiB")]);
-    }
+    let txn = unique("cache-txn");
+    let spawn = || -> Result<std::process::Child> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventstage"));
+        cmd.args(["demo", "--brokers", brokers, "--input", &topics.input])
+            .args(["--replies", &topics.replies, "--events", &topics.events, "--group", &group])
+            .args(["--journal", &format!("kafka:{journal}"), "--transactional-id", &txn])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .arg("--state-dir")
+            .arg(dir.path());
+        if budget_mib > 0 {
+            cmd.args(["--state-cache", &format!("{budget_mib}MiB")]);
+        }
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start eventstage demo")
+    };
     let started = Instant::now();
-    let mut child = cmd
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start eventstage demo")?;
+    let mut child = spawn()?;
     let pid = child.id();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -101,21 +115,60 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     let end_rss_mib = rss_mib(pid).unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
     let peak_rss_mib = sampler.join().map_err(|_| anyhow!("the sampler panicked"))?.max(end_rss_mib);
-    let pid = pid.to_string();
+    child.kill()?;
+    child.wait()?;
+    read?;
+    if wrong > 0 {
+        bail!("{wrong} of {keys} replies were not `ok` with balance 0");
+    }
+
+    // The restart: a deposit of 1 to an account, fed before the spawn.
+    let p = producer(brokers, 0)?;
+    send(&p, &topics.input, &key(keys / 2), &wire("probe".into(), "deposit", Some(1)))?;
+    p.flush(Duration::from_secs(30)).context("flush the probe")?;
+    let restarted = Instant::now();
+    let mut child = spawn()?;
+    let probe = std::cell::Cell::new(None);
+    read_committed(
+        brokers,
+        &topics.replies,
+        Instant::now() + Duration::from_secs(600),
+        Duration::ZERO,
+        |v| {
+            if let Ok(r) = serde_json::from_slice::<WireReply>(v) {
+                if r.id == "probe" {
+                    probe.set(Some(r.balance));
+                }
+            }
+        },
+        |_| probe.get().is_some(),
+    )?;
+    let restart = restarted.elapsed();
+    let restart_rss_mib = rss_mib(child.id()).unwrap_or(0);
+    if probe.get() != Some(Some(1)) {
+        bail!("the probe's reply says balance {:?}, not 1: the state was not restored", probe.get());
+    }
+    let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
     let status = child.wait()?;
     let mut out = String::new();
     if let Some(mut stdout) = child.stdout.take() {
         stdout.read_to_string(&mut out)?;
     }
-    read?;
     if !status.success() {
         bail!("the demo exited with {status}: {out}");
     }
-    if wrong > 0 {
-        bail!("{wrong} of {keys} replies were not `ok` with balance 0");
-    }
     delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
-    let state = out.lines().find(|l| l.starts_with("state:")).unwrap_or("(no state line)").to_string();
-    Ok(CacheRow { keys, budget_mib, rate: keys as f64 / took.as_secs_f64(), peak_rss_mib, end_rss_mib, state })
+    let line = |prefix: &str| out.lines().find(|l| l.starts_with(prefix)).unwrap_or("(none)").to_string();
+    Ok(CacheRow {
+        keys,
+        budget_mib,
+        rate: keys as f64 / took.as_secs_f64(),
+        peak_rss_mib,
+        end_rss_mib,
+        restart,
+        restart_rss_mib,
+        restart_metrics: line("metrics:"),
+        state: line("state:"),
+    })
 }
