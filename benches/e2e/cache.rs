@@ -126,27 +126,32 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     let p = producer(brokers, 0)?;
     send(&p, &topics.input, &key(keys / 2), &wire("probe".into(), "deposit", Some(1)))?;
     p.flush(Duration::from_secs(30)).context("flush the probe")?;
+    // The replies written from now on (the topic holds K already).
+    let replies: BaseConsumer =
+        eventstage_testkafka::read_committed_reader(brokers).set("fetch.wait.max.ms", "10").create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        let (_, high) = replies.fetch_watermarks(&topics.replies, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(&topics.replies, p, Offset::Offset(high))?;
+    }
+    replies.assign(&tpl)?;
     let restarted = Instant::now();
     let mut child = spawn()?;
-    let probe = std::cell::Cell::new(None);
-    read_committed(
-        brokers,
-        &topics.replies,
-        Instant::now() + Duration::from_secs(600),
-        Duration::ZERO,
-        |v| {
-            if let Ok(r) = serde_json::from_slice::<WireReply>(v) {
-                if r.id == "probe" {
-                    probe.set(Some(r.balance));
-                }
-            }
-        },
-        |_| probe.get().is_some(),
-    )?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let probe = loop {
+        if Instant::now() > deadline {
+            bail!("no reply to the probe within 10 minutes of the restart");
+        }
+        let Some(Ok(m)) = replies.poll(Duration::from_millis(5)) else { continue };
+        match m.payload().map(serde_json::from_slice::<WireReply>) {
+            Some(Ok(r)) if r.id == "probe" => break r.balance,
+            _ => {}
+        }
+    };
     let restart = restarted.elapsed();
     let restart_rss_mib = rss_mib(child.id()).unwrap_or(0);
-    if probe.get() != Some(Some(1)) {
-        bail!("the probe's reply says balance {:?}, not 1: the state was not restored", probe.get());
+    if probe != Some(1) {
+        bail!("the probe's reply says balance {probe:?}, not 1: the state was not restored");
     }
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
