@@ -22,6 +22,9 @@ pub(crate) struct CacheRow {
     pub(crate) restart: Duration,
     pub(crate) restart_rss_mib: u64,
     pub(crate) restart_metrics: String,
+    /// The hot working set: deposits per second, and the RSS at the end.
+    pub(crate) hot_rate: f64,
+    pub(crate) hot_rss_mib: u64,
     /// The restarted demo's `state:` line after its drain.
     pub(crate) state: String,
 }
@@ -38,6 +41,7 @@ pub(crate) fn print(rows: &[CacheRow]) {
             r.restart_rss_mib
         );
         println!("             {}", r.restart_metrics);
+        println!("             hot 1 %: {:.0} deposits/s, RSS {} MiB at the end", r.hot_rate, r.hot_rss_mib);
         println!("             {}", r.state);
     }
 }
@@ -153,6 +157,7 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     if probe != Some(1) {
         bail!("the probe's reply says balance {probe:?}, not 1: the state was not restored");
     }
+    let (hot_rate, hot_rss_mib) = hot(brokers, &topics, keys, &replies, child.id())?;
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
     let status = child.wait()?;
@@ -174,6 +179,48 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
         restart,
         restart_rss_mib,
         restart_metrics: line("metrics:"),
+        hot_rate,
+        hot_rss_mib,
         state: line("state:"),
     })
+}
+
+/// The hot working set (see the module documentation): deposits to the hottest 1 % of `keys`
+/// accounts, read back from `replies` (positioned after the probe's reply); returns the rate and
+/// the RSS of process `pid` at the end.
+fn hot(brokers: &str, topics: &BankTopics, keys: u64, replies: &BaseConsumer, pid: u32) -> Result<(f64, u64)> {
+    let n = env_number("EVENTSTAGE_E2E_CACHE_HOT", 1_000_000)?;
+    let hot = (keys / 100).max(1);
+    let mut rng = StdRng::seed_from_u64(24);
+    let mut balances: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    // The probe deposited 1 to the middle account.
+    balances.insert(keys / 2, 1);
+    let mut expected = Vec::with_capacity(n as usize);
+    let started = Instant::now();
+    let p = producer(brokers, 5)?;
+    for i in 0..n {
+        // The hottest 1 %: accounts spread over the key space (every 100th).
+        let account = rng.random_range(0..hot) * 100;
+        let amount = rng.random_range(1..100);
+        let balance = balances.entry(account).or_default();
+        *balance += amount;
+        expected.push(*balance);
+        send(&p, &topics.input, &key(account), &wire(format!("hot-{i}"), "deposit", Some(amount)))?;
+    }
+    p.flush(Duration::from_secs(120)).context("flush the deposits")?;
+    let mut seen = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while seen < n {
+        if Instant::now() > deadline {
+            bail!("{seen} of {n} deposits answered within 30 minutes");
+        }
+        let Some(Ok(m)) = replies.poll(Duration::from_millis(5)) else { continue };
+        let Some(Ok(r)) = m.payload().map(serde_json::from_slice::<WireReply>) else { continue };
+        let Some(i) = r.id.strip_prefix("hot-").and_then(|i| i.parse::<usize>().ok()) else { continue };
+        if r.balance != Some(expected[i]) {
+            bail!("the reply to {} says balance {:?}, not {}", r.id, r.balance, expected[i]);
+        }
+        seen += 1;
+    }
+    Ok((n as f64 / started.elapsed().as_secs_f64(), rss_mib(pid).unwrap_or(0)))
 }
