@@ -254,11 +254,29 @@ async fn a_state_cache_smaller_than_the_state_evicts_keys_and_reads_them_back_ri
     feeder.join().unwrap();
 
     let flow = start_cached(&s, dir.path(), Guarantee::ExactlyOnce);
-    feed_async(&s, &cmds[1600..]).await;
+    feed_async(&s, &cmds[1600..2000]).await;
+    await_replies(&s, expected(&cmds[..2000]).0).await;
+    let m = flow.metrics();
+    assert!(m.cache_evictions > 0 && m.cache_misses > 0, "{m:?}");
+    assert!(m.cache_bytes <= SMALL_CACHE, "{m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+
+    // A row that does not decode: its partition is restored from the journal in full, and every
+    // key of it stays in memory until the follower has written its rows again.
+    edit_store(dir.path(), |db| {
+        let trees = ["p0", "p1"].map(|p| db.keyspace(p, fjall::KeyspaceCreateOptions::default).unwrap());
+        let (rows, account) = cmds[2000..]
+            .iter()
+            .find_map(|(account, _, _)| trees.iter().find(|t| t.contains_key(account).unwrap()).map(|t| (t, account)))
+            .expect("an account of the next commands has a row");
+        rows.insert(account.as_bytes(), b"not a journal entry".to_vec()).unwrap();
+    });
+    let flow = start_cached(&s, dir.path(), Guarantee::ExactlyOnce);
+    feed_slowly(&s, &cmds[2000..]).join().unwrap();
     let (replies, accounts) = expected(&cmds);
     await_replies(&s, replies).await;
     let m = flow.metrics();
-    assert!(m.cache_evictions > 0 && m.cache_misses > 0, "{m:?}");
+    assert_eq!(m.store_dropped, 1, "{m:?}");
     assert!(m.cache_bytes <= SMALL_CACHE, "{m:?}");
     flow.drain_and_shutdown().await.unwrap();
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);

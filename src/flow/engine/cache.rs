@@ -263,6 +263,14 @@ impl<S: EventSourced> Committed<S> {
         }
     }
 
+    /// The cache's share of the budget (`None`: no cache).
+    pub(super) fn budget(&self) -> Option<u64> {
+        match self {
+            Self::All(_) => None,
+            Self::Cached(c) => Some(c.cache.capacity()),
+        }
+    }
+
     /// Sets the cache's share of the budget (what no longer fits is evicted).
     pub(super) fn set_budget(&mut self, bytes: u64) {
         if let Self::Cached(c) = self {
@@ -465,8 +473,11 @@ mod tests {
             assert_eq!(balance(&c, k), Some(k), "a key just read is in memory");
         }
         assert!(c.usage().entries <= 4);
-        c.set_budget(u64::from(weigh::<Bank>(&"acct-0".to_string())));
+        let one = u64::from(weigh::<Bank>(&"acct-0".to_string()));
+        c.set_budget(one);
         assert!(c.usage().entries <= 1);
+        assert_eq!(c.budget(), Some(one));
+        assert_eq!(Committed::<Bank>::default().budget(), None);
     }
 
     /// Why a key read from the store is handed to its command directly: the cache may evict the

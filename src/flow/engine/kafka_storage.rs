@@ -263,6 +263,10 @@ impl<S: EventSourced> KafkaTask<S> {
                 restored.applied.insert(key, sources);
             }
         }
+        // The partition keeps its share of the cache's budget.
+        if let Some(share) = part.committed.budget() {
+            restored.committed.set_budget(share);
+        }
         part.committed = restored.committed;
         part.applied = restored.applied;
         if let Some(checkpoints) = &self.shared.checkpoints {
