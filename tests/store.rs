@@ -130,6 +130,19 @@ fn edit_store(dir: &Path, edit: impl FnOnce(&fjall::Database)) {
     db.persist(fjall::PersistMode::SyncAll).unwrap();
 }
 
+/// Overwrites the row of an account of `next` (the commands to come) with bytes that do not
+/// decode (rows are read when a key is first used).
+fn damage_a_row(dir: &Path, next: &[(String, String, eventstage::stages::bank::BankCommand)]) {
+    edit_store(dir, |db| {
+        let trees = ["p0", "p1"].map(|p| db.keyspace(p, fjall::KeyspaceCreateOptions::default).unwrap());
+        let (rows, account) = next
+            .iter()
+            .find_map(|(account, _, _)| trees.iter().find(|t| t.contains_key(account).unwrap()).map(|t| (t, account)))
+            .expect("an account of the next commands has a row");
+        rows.insert(account.as_bytes(), b"not a journal entry".to_vec()).unwrap();
+    });
+}
+
 /// A row that does not decode, a checkpoint ahead of the journal (its topic deleted and created
 /// again), and a store of another flow's journal: each is dropped with a warning and the state
 /// restored from the journal in full, and the flow answers exactly as the model says. A store
@@ -151,14 +164,7 @@ async fn an_unusable_local_store_is_dropped_and_restored_from_the_journal() {
     flow.drain_and_shutdown().await.unwrap();
 
     // A damaged row, of an account the next commands use (rows are read when first used).
-    edit_store(dir.path(), |db| {
-        let trees = ["p0", "p1"].map(|p| db.keyspace(p, fjall::KeyspaceCreateOptions::default).unwrap());
-        let (rows, account) = cmds[400..550]
-            .iter()
-            .find_map(|(account, _, _)| trees.iter().find(|t| t.contains_key(account).unwrap()).map(|t| (t, account)))
-            .expect("an account of the next commands has a row");
-        rows.insert(account.as_bytes(), b"not a journal entry".to_vec()).unwrap();
-    });
+    damage_a_row(dir.path(), &cmds[400..550]);
     let flow = start(&s, dir.path());
     feed_async(&s, &cmds[400..550]).await;
     await_replies(&s, expected(&cmds[..550]).0).await;
@@ -263,14 +269,7 @@ async fn a_state_cache_smaller_than_the_state_evicts_keys_and_reads_them_back_ri
 
     // A row that does not decode: its partition is restored from the journal in full, and every
     // key of it stays in memory until the follower has written its rows again.
-    edit_store(dir.path(), |db| {
-        let trees = ["p0", "p1"].map(|p| db.keyspace(p, fjall::KeyspaceCreateOptions::default).unwrap());
-        let (rows, account) = cmds[2000..]
-            .iter()
-            .find_map(|(account, _, _)| trees.iter().find(|t| t.contains_key(account).unwrap()).map(|t| (t, account)))
-            .expect("an account of the next commands has a row");
-        rows.insert(account.as_bytes(), b"not a journal entry".to_vec()).unwrap();
-    });
+    damage_a_row(dir.path(), &cmds[2000..]);
     let flow = start_cached(&s, dir.path(), Guarantee::ExactlyOnce);
     feed_slowly(&s, &cmds[2000..]).join().unwrap();
     let (replies, accounts) = expected(&cmds);
