@@ -120,15 +120,14 @@ fn weigh<S: EventSourced>(key: &S::Key) -> u32 {
     (inline + key.to_bytes().len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
 }
 
-/// A committed batch whose keys wait for the local store.
-struct Batch<K> {
+/// A committed batch whose keys wait for the local store (they are in `unstored` with its id).
+struct Batch {
     id: u64,
     /// The guarantee's generation of the batch: it is journaled once the guarantee says so (at
     /// least once: when its records were acknowledged); `None`: journaled when committed.
     generation: Option<u64>,
     /// The journal offset its records are all below, once known.
     below: Option<i64>,
-    keys: Vec<K>,
 }
 
 /// The committed state of a partition with a state cache (see the module documentation).
@@ -138,7 +137,7 @@ pub(super) struct Cached<S: EventSourced> {
     /// Committed keys the local store does not have yet, with the batch that committed them last.
     unstored: KeyMap<S::Key, (Entity<S>, u64)>,
     /// Their batches, oldest first.
-    batches: VecDeque<Batch<S::Key>>,
+    batches: VecDeque<Batch>,
     next_batch: u64,
     cache: Cache<S::Key, Slot<S>, ByWeight, ahash::RandomState, Evictions>,
 }
@@ -218,13 +217,11 @@ impl<S: EventSourced> Committed<S> {
                 if !changes.is_empty() {
                     let id = c.next_batch;
                     c.next_batch += 1;
-                    let mut keys = Vec::with_capacity(changes.len());
                     for (key, entity) in changes {
                         c.cache.remove(&key);
-                        keys.push(key.clone());
                         c.unstored.insert(key, (entity, id));
                     }
-                    c.batches.push_back(Batch { id, generation, below: None, keys });
+                    c.batches.push_back(Batch { id, generation, below: None });
                 }
                 c.journaled(None);
                 c.cache_stored()
@@ -240,9 +237,8 @@ impl<S: EventSourced> Committed<S> {
             Self::Cached(c) => {
                 let id = c.next_batch;
                 c.next_batch += 1;
-                let keys = entities.keys().cloned().collect();
                 c.unstored.extend(entities.into_iter().map(|(k, e)| (k, (e, id))));
-                c.batches.push_back(Batch { id, generation: None, below: Some(end), keys });
+                c.batches.push_back(Batch { id, generation: None, below: Some(end) });
             }
         }
     }
@@ -315,23 +311,33 @@ impl<S: EventSourced> Cached<S> {
     }
 
     /// See [`Committed::store_caught_up`].
+    ///
+    /// Batches are stored in order (their stamps only grow), so the stored ones are a prefix: one
+    /// pass over the waiting keys moves those whose newest batch is in it (a key committed again
+    /// by a later batch waits for that one). The pass runs when the store caught up with a batch,
+    /// not per commit: a key committed in every commit costs one insert per commit.
     fn cache_stored(&mut self) -> Vec<S::Key> {
-        let mut evicted = Vec::new();
         let written = self.progress.written(self.p);
+        let mut stored = None;
         while let Some(b) = self.batches.front() {
             match b.below {
-                Some(below) if below <= written => {}
+                Some(below) if below <= written => stored = Some(b.id),
                 _ => break,
             }
-            let Some(batch) = self.batches.pop_front() else { break };
-            for key in batch.keys {
-                // Committed again by a later batch: it waits for that one.
-                if self.unstored.get(&key).is_some_and(|(_, id)| *id == batch.id) {
-                    if let Some((key, (entity, _))) = self.unstored.remove_entry(&key) {
-                        evicted.extend(self.cache_insert(key, entity));
-                    }
-                }
+            self.batches.pop_front();
+        }
+        let Some(upto) = stored else { return Vec::new() };
+        let mut moved = Vec::new();
+        self.unstored.retain(|key, (entity, id)| {
+            let keep = *id > upto;
+            if !keep {
+                moved.push((key.clone(), entity.clone()));
             }
+            keep
+        });
+        let mut evicted = Vec::new();
+        for (key, entity) in moved {
+            evicted.extend(self.cache_insert(key, entity));
         }
         evicted
     }
