@@ -567,7 +567,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
                 retention: self.state_retention,
                 interval: self.checkpoint_interval,
                 standby: self.standby,
-                memory: store_memory(self.state_cache),
+                memory: split_budget(self.state_cache).0,
             })
             }
             (Some(dir), _) => {
@@ -603,7 +603,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             group: self.group_id.clone(),
             take_over_journal: self.take_over_journal,
             store,
-            state_cache: self.state_cache.map(|budget| budget - (budget / 4).min(256 << 20)),
+            state_cache: split_budget(self.state_cache).1,
             snapshot_every: self.snapshot_every,
             commit_interval: self.commit_interval,
             bad_input: self.bad_input.unwrap_or(BadInput::DeadLetter(format!("{first}.dlq"))),
@@ -647,10 +647,13 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     }
 }
 
-/// What the local store may hold in memory: out of a state cache's `budget`, a quarter (at most
-/// 256 MiB, at least 2 MiB), half of it for its block cache and half for its memtables; without a
-/// state cache, 64 MiB of each.
-fn store_memory(budget: Option<u64>) -> StoreMemory {
-    let store = budget.map_or(128 << 20, |budget| (budget / 4).clamp(2 << 20, 256 << 20));
-    StoreMemory { cache: store / 2, memtables: store / 2 }
+/// A state cache's `budget` split (see [`FlowBuilder::state_cache`]): what the local store may hold
+/// in memory, a quarter (at most 256 MiB, at least 2 MiB), half for its block cache and half for
+/// its memtables; and the rest, for committed keys. Without a state cache: 64 MiB of each for the
+/// store, and no bound on the keys.
+fn split_budget(budget: Option<u64>) -> (StoreMemory, Option<u64>) {
+    let quarter = budget.map(|budget| (budget / 4).min(256 << 20));
+    let store = quarter.map_or(128 << 20, |q| q.max(2 << 20));
+    let keys = budget.zip(quarter).map(|(budget, q)| budget - q);
+    (StoreMemory { cache: store / 2, memtables: store / 2 }, keys)
 }
