@@ -27,8 +27,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Subscribe, then take the snapshot: no change falls between the two (a change the snapshot
     // already has may be printed again).
     let mut changes = Box::pin(table.watch());
-    for (key, value) in table.snapshot().iter() {
-        println!("{key} = {value}");
+    for row in table.snapshot().iter() {
+        let row = row?;
+        println!("{} = {}", row.key(), *row);
     }
     let stats = table.stats();
     println!(

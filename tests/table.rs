@@ -45,7 +45,7 @@ pub(crate) fn random_writes(brokers: &str, topic: &str, n: usize, keys: usize, s
 }
 
 pub(crate) fn contents(table: &Table<String, String>) -> Model {
-    table.snapshot().iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+    table.snapshot().iter().map(|r| r.map(|v| (v.key().clone(), v.to_string())).unwrap()).collect()
 }
 
 pub(crate) async fn open(brokers: &str, topic: &str) -> Table<String, String> {
@@ -67,11 +67,40 @@ async fn writes(brokers: &str, topic: &str, n: usize, keys: usize, seed: u64, mo
 /// its watch stream replays exactly the live changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_equals_the_last_write_wins_model() {
+    equals_the_last_write_wins_model(None).await;
+}
+
+/// The same with a row cache of 16 KiB over a local store (about 100 of the 300 keys fit): rows
+/// are read back from the store on every pass, and every read agrees with the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_a_row_cache_equals_the_last_write_wins_model() {
+    equals_the_last_write_wins_model(Some(16 * 1024)).await;
+}
+
+async fn equals_the_last_write_wins_model(cache: Option<u64>) {
     let (b, topic) = compacted_topic(3).await;
     let model = writes(&b, &topic, 3000, 300, 1, Model::new()).await;
-    let table = open(&b, &topic).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = match cache {
+        None => open(&b, &topic).await,
+        Some(bytes) => Table::builder(&b, &topic)
+            .keys(Decoder::utf8())
+            .values(Decoder::utf8())
+            .store(dir.path())
+            .cache(bytes)
+            .open()
+            .await
+            .unwrap(),
+    };
     tokio::time::timeout(crate::util::DEADLINE, table.caught_up()).await.expect("catches up").unwrap();
     assert_eq!(contents(&table), model, "after catching up");
+    let every_key = |table: &Table<String, String>, model: &Model| {
+        for k in 0..310 {
+            let key = format!("k{k:04}");
+            assert_eq!(table.get(key.as_str()).as_deref(), model.get(&key), "get({key})");
+        }
+    };
+    every_key(&table, &model);
     let stats = table.stats();
     assert_eq!(stats.records_read, 3000);
     assert_eq!(stats.keys as usize, model.len());
@@ -100,11 +129,29 @@ async fn a_table_equals_the_last_write_wins_model() {
     let some = model.keys().nth(model.len() / 2).unwrap();
     assert_eq!(table.get(some.as_str()).as_deref(), model.get(some));
     assert!(!table.contains_key("no such key"));
-    let range: Vec<_> = snap.range("k0100".to_string().."k0200".to_string()).map(|(k, _)| k.clone()).collect();
+    let range: Vec<_> =
+        snap.range("k0100".to_string().."k0200".to_string()).map(|r| r.unwrap().key().clone()).collect();
     let expect: Vec<_> = model.range("k0100".to_string().."k0200".to_string()).map(|(k, _)| k.clone()).collect();
     assert_eq!(range, expect);
-    let prefixed: Vec<_> = snap.prefix("k01").map(|(k, _)| k.clone()).collect();
+    let prefixed: Vec<_> = snap.prefix("k01").map(|r| r.unwrap().key().clone()).collect();
     assert_eq!(prefixed, model.keys().filter(|k| k.starts_with("k01")).cloned().collect::<Vec<_>>());
+    assert_eq!(snap.len(), model.len());
+    assert_eq!(snap.get("k0001").unwrap().as_deref(), model.get("k0001"));
+    every_key(&table, &model);
+    let stats = table.stats();
+    assert_eq!(stats.keys as usize, model.len());
+    let bytes: usize = model.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert_eq!(stats.bytes as usize, bytes, "the bytes of the rows");
+    if let Some(budget) = cache {
+        // Two passes over 310 keys, with room for about 64 rows: nearly every read is a miss.
+        assert!(stats.cache_misses >= 600 && stats.cache_hits < 20, "{stats:?}");
+        let hot = model.keys().next().unwrap();
+        for _ in 0..5 {
+            assert_eq!(table.get(hot.as_str()).as_deref(), model.get(hot));
+        }
+        assert!(table.stats().cache_hits >= stats.cache_hits + 4, "a key read again is in the cache");
+        assert!(stats.cache_bytes <= budget && stats.cache_entries < 300, "{stats:?}");
+    }
     table.close().await.unwrap();
 }
 
@@ -138,6 +185,66 @@ async fn a_restart_from_the_store_reads_only_the_tail() {
     let err = Table::builder(&b, &other).store(dir.path()).open().await.unwrap_err();
     assert!(matches!(err, TableError::StoreMismatch { .. }), "{err}");
     assert!(err.to_string().contains("use another store directory"), "{err}");
+}
+
+/// A table with a row cache keeps its rows in the store: a store written by a table held in
+/// memory is taken over (its rows counted once), a restart loads nothing and reads only the tail,
+/// and settings that cannot work are refused with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_a_row_cache_reads_its_rows_from_the_store() {
+    let (b, topic) = compacted_topic(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let model = writes(&b, &topic, 2000, 400, 5, Model::new()).await;
+    let builder = || Table::builder(&b, &topic).keys(Decoder::utf8()).values(Decoder::utf8()).store(dir.path());
+    // Written by checkpoints, in memory.
+    let table = builder().open().await.unwrap();
+    table.caught_up().await.unwrap();
+    table.close().await.unwrap();
+
+    let model = writes(&b, &topic, 300, 400, 6, model).await;
+    let table = builder().cache(8 * 1024).open().await.unwrap();
+    assert_eq!(table.len(), contents(&table).len(), "the store's rows, counted");
+    table.caught_up().await.unwrap();
+    assert_eq!(table.stats().records_read, 300, "only the tail is read");
+    assert_eq!(contents(&table), model);
+    assert_eq!(table.len(), model.len());
+    table.close().await.unwrap();
+
+    let model = writes(&b, &topic, 200, 400, 7, model).await;
+    let table = builder().cache(8 * 1024).open().await.unwrap();
+    let stats = table.stats();
+    assert_eq!(stats.cache_entries, 0, "nothing is loaded up front");
+    table.caught_up().await.unwrap();
+    assert_eq!(table.stats().records_read, 200, "only the tail is read");
+    for (k, v) in &model {
+        assert_eq!(table.try_get(k.as_str()).unwrap().as_deref(), Some(v), "get({k})");
+    }
+    assert_eq!(contents(&table), model);
+    assert_eq!(table.stats().bytes as usize, model.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
+    table.close().await.unwrap();
+
+    // And back to memory: the store's rows are loaded.
+    let table = builder().open().await.unwrap();
+    table.caught_up().await.unwrap();
+    assert_eq!(table.stats().records_read, 0);
+    assert_eq!(contents(&table), model);
+    table.close().await.unwrap();
+
+    // What cannot work.
+    let refused = |e: TableError, needle: &str| {
+        assert!(matches!(e, TableError::Settings { .. }) && e.to_string().contains(needle), "{e}");
+    };
+    let e = Table::builder(&b, &topic).keys(Decoder::utf8()).cache(1 << 20).open().await.unwrap_err();
+    refused(e, "needs a local store");
+    refused(builder().cache(0).open().await.unwrap_err(), "0 bytes");
+    let e = Table::builder(&b, &topic)
+        .keys(Decoder::new("text", |b: &[u8]| Ok(String::from_utf8_lossy(b).into_owned())))
+        .store(dir.path())
+        .cache(1 << 20)
+        .open()
+        .await
+        .unwrap_err();
+    refused(e, "with_encoder");
 }
 
 fn transactional(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
@@ -177,11 +284,11 @@ async fn aborted_transactional_writes_never_appear() {
     let table = open(&b, &topic).await;
     table.caught_up().await.unwrap();
     assert_eq!(table.len(), 50);
-    assert!(table.snapshot().iter().all(|(_, v)| v.as_str() == "committed-1"));
+    assert!(table.snapshot().iter().all(|v| v.unwrap().as_str() == "committed-1"));
 
     let mut changes = Box::pin(table.watch());
     write("aborted-2", "committed-2").await.unwrap();
-    wait_until("the committed values", || table.snapshot().iter().all(|(_, v)| v.as_str() == "committed-2")).await;
+    wait_until("the committed values", || table.snapshot().iter().all(|v| v.unwrap().as_str() == "committed-2")).await;
     for _ in 0..50 {
         let c = changes.next().await.unwrap().unwrap();
         assert_eq!(c.new.as_deref().map(String::as_str), Some("committed-2"), "only committed values are applied");
@@ -357,6 +464,16 @@ async fn the_cli_dumps_gets_and_counts_tables() {
     let (code, out, _) = cli(&["stats"]);
     assert_eq!(code, 0);
     assert!(out.contains("tombstones seen    1") && out.contains("records read       5"), "{out}");
+    // The same store with a row cache: the rows stay in the store, and `get` reads them there.
+    let cached = ["--store", store_arg.as_str(), "--cache", "1MiB"];
+    let (code, out, err) = cli(&[&["get", "bob"][..], &cached].concat());
+    assert_eq!((code, out.trim()), (0, r#"bob  {"limit": 50}"#), "{err}");
+    let (code, out, err) = cli(&[&["stats", "--format", "json"][..], &cached].concat());
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((stats["keys"].as_u64(), stats["cache"]["budget"].as_u64()), (Some(2), Some(786_432)), "{stats}");
+    let (code, _, err) = cli(&["get", "bob", "--cache", "1MiB"]);
+    assert!(code == 2 && err.contains("--store"), "{code} {err}");
 
     // A value that is not JSON: counted and skipped, or an error naming where it is.
     send(&p, &topic, "dave", b"{not json");

@@ -27,6 +27,17 @@ fn send_to(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, partition:
 /// reads only its tail after the store's checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assigned_table_reads_only_its_partitions() {
+    assigned_table_reads_only_its_partitions(None).await;
+}
+
+/// The same with a row cache: a revoked partition's rows stay in the store, out of sight, and
+/// come back with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assigned_table_with_a_row_cache_reads_only_its_partitions() {
+    assigned_table_reads_only_its_partitions(Some(32 * 1024)).await;
+}
+
+async fn assigned_table_reads_only_its_partitions(cache: Option<u64>) {
     let (b, topic) = compacted_topic(4).await;
     // Per partition, the last-write-wins model of what the test wrote there.
     let mut models: Vec<Model> = vec![Model::new(); 4];
@@ -52,14 +63,13 @@ async fn an_assigned_table_reads_only_its_partitions() {
     let union =
         |models: &[Model], ps: &[i32]| -> Model { ps.iter().flat_map(|&p| models[p as usize].clone()).collect() };
     let dir = tempfile::tempdir().unwrap();
-    let table = Table::builder(&b, &topic)
-        .keys(Decoder::utf8())
-        .values(Decoder::utf8())
-        .partitions(Partitions::Assigned)
-        .store(dir.path())
-        .open()
-        .await
-        .unwrap();
+    let mut builder =
+        Table::builder(&b, &topic).keys(Decoder::utf8()).values(Decoder::utf8()).partitions(Partitions::Assigned);
+    builder = builder.store(dir.path());
+    if let Some(bytes) = cache {
+        builder = builder.cache(bytes);
+    }
+    let table = builder.open().await.unwrap();
     table.caught_up().await.unwrap();
     assert!(table.is_empty(), "nothing is read before an assignment");
 
@@ -68,9 +78,16 @@ async fn an_assigned_table_reads_only_its_partitions() {
     assert_eq!(table.len(), contents(&table).len());
     assert_eq!(table.stats().positions.keys().copied().collect::<Vec<_>>(), vec![0, 2]);
 
+    for (k, v) in union(&models, &[0, 2]) {
+        assert_eq!(table.get(k.as_str()).as_deref(), Some(&v), "get({k})");
+    }
     table.revoke(&[0]).await.unwrap();
     assert_eq!(contents(&table), union(&models, &[2]), "revoke drops the partition's rows");
     assert_eq!(table.get("k0000"), None);
+    assert_eq!(table.len(), models[2].len());
+    for k in models[0].keys() {
+        assert_eq!(table.get(k.as_str()), None, "get({k}) of a revoked partition");
+    }
     assert_eq!(table.stats().positions.keys().copied().collect::<Vec<_>>(), vec![2]);
 
     // New records on partition 0 while it is not read; then it comes back with partition 1.
@@ -83,6 +100,10 @@ async fn an_assigned_table_reads_only_its_partitions() {
     let partition_1_records = models[1].len() as u64; // a lower bound: it is read from its start
     table.assign(&[0, 1]).await.unwrap();
     assert_eq!(contents(&table), union(&models, &[0, 1, 2]));
+    assert_eq!(table.len(), union(&models, &[0, 1, 2]).len());
+    for (k, v) in union(&models, &[0, 1, 2]) {
+        assert_eq!(table.get(k.as_str()).as_deref(), Some(&v), "get({k})");
+    }
     let after = table.stats();
     let read = after.records_read - before.records_read;
     assert!(read >= partition_1_records, "partition 1 is read from its start ({read} records)");

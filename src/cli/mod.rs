@@ -267,6 +267,16 @@ impl Cli {
 /// Set by `--quiet`.
 static QUIET: AtomicBool = AtomicBool::new(false);
 
+/// A size in bytes, as the command line takes it: `268435456`, `256MiB`, `1.5GB`.
+///
+/// # Errors
+/// Text that is not a size, with an example of one.
+pub fn parse_bytes(raw: &str) -> Result<u64, String> {
+    raw.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{raw}` is not a size ({e}); e.g. 256MiB"))
+}
+
 /// True when the command line was given `--quiet`: print only errors and the data asked for (no
 /// progress, notes or warnings). Your own commands of [`Cli::run_with`] honour it this way.
 pub fn quiet() -> bool {

@@ -25,6 +25,10 @@ pub(super) struct TableArgs {
     /// read then).
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
+    /// With --store: hold the rows in the store and at most this much of them in memory (e.g.
+    /// `64MiB`), for tables larger than memory. Keys as string, hex or base64.
+    #[arg(long, global = true, value_name = "BYTES", value_parser = super::parse_bytes, requires = "store")]
+    cache: Option<u64>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -112,9 +116,26 @@ impl DataFormat {
             Self::Json => {
                 serde_json::from_str::<Value>(key).with_context(|| format!("`{key}` is not JSON"))?.to_string()
             }
-            Self::Hex => key.to_ascii_lowercase(),
-            Self::String | Self::Base64 => key.to_string(),
+            Self::Hex | Self::Base64 => {
+                let normalized = if self == Self::Hex { key.to_ascii_lowercase() } else { key.to_string() };
+                if self.parse(&normalized).is_none() {
+                    anyhow::bail!("`{key}` is not {}", if self == Self::Hex { "hex" } else { "base64" });
+                }
+                normalized
+            }
+            Self::String => key.to_string(),
         })
+    }
+
+    /// The bytes a key [`render`](Self::render)ed as `text` came from (`None` for JSON, which is
+    /// normalized, and for text this format does not print).
+    fn parse(self, text: &str) -> Option<Vec<u8>> {
+        match self {
+            Self::String => Some(text.as_bytes().to_vec()),
+            Self::Json => None,
+            Self::Base64 => base64::engine::general_purpose::STANDARD.decode(text).ok(),
+            Self::Hex => hex::decode(text).ok(),
+        }
     }
 }
 
@@ -155,13 +176,21 @@ pub(super) async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::R
             })
         }
     };
+    let mut keys = Decoder::new(&format!("{key_format:?}").to_lowercase(), move |b| key_format.render(b));
+    if key_format != DataFormat::Json {
+        // The bytes a key was rendered from (JSON keys are normalized, so not given back).
+        keys = keys.with_encoder(move |k: &String| key_format.parse(k).unwrap_or_default());
+    }
     let mut builder = Table::builder(&brokers, &topic)
-        .keys(Decoder::new(&format!("{key_format:?}").to_lowercase(), move |b| key_format.render(b)))
+        .keys(keys)
         .values(values)
         .bad_input(if args.on_bad_input == OnBad::Stop { BadInput::Stop } else { BadInput::Skip })
         .timeout(args.timeout);
     if let Some(dir) = &args.store {
         builder = builder.store(dir);
+    }
+    if let Some(bytes) = args.cache {
+        builder = builder.cache(bytes);
     }
     let started = Instant::now();
     let table = builder.open().await.with_context(|| format!("materializing topic `{topic}`"))?;
@@ -199,9 +228,13 @@ pub(super) async fn run_table(registry: &Registry, args: TableArgs) -> anyhow::R
     let code = match &args.command {
         TableCommand::Dump => {
             let snap = table.snapshot();
-            let width = snap.iter().map(|(k, _)| k.len()).max().unwrap_or(0).min(60);
-            for (k, v) in snap.iter() {
-                line(&mut out, args.format, width, k, v)?;
+            let mut width = 0;
+            for row in snap.iter().take(10_000) {
+                width = width.max(row.with_context(|| format!("reading table `{topic}`"))?.key().len());
+            }
+            for row in snap.iter() {
+                let v = row.with_context(|| format!("reading table `{topic}`"))?;
+                line(&mut out, args.format, width.min(60), v.key(), &v)?;
             }
             ExitCode::SUCCESS
         }
@@ -265,6 +298,13 @@ fn print_stats(
                 "bad_input": s.bad_input,
                 "end_offsets": s.end_offsets,
                 "positions": s.positions,
+                "cache": (s.cache_budget > 0).then(|| json!({
+                    "budget": s.cache_budget,
+                    "bytes": s.cache_bytes,
+                    "entries": s.cache_entries,
+                    "hits": s.cache_hits,
+                    "misses": s.cache_misses,
+                })),
                 "elapsed_ms": elapsed.as_millis() as u64,
             })
         ),
@@ -276,6 +316,13 @@ fn print_stats(
             writeln!(out, "loaded from store  {}", s.loaded_from_store)?;
             writeln!(out, "tombstones seen    {}", s.tombstones)?;
             writeln!(out, "bad input          {}", s.bad_input)?;
+            if s.cache_budget > 0 {
+                writeln!(
+                    out,
+                    "row cache          {} of {} bytes, {} rows; {} hits, {} store reads",
+                    s.cache_bytes, s.cache_budget, s.cache_entries, s.cache_hits, s.cache_misses
+                )?;
+            }
             for (p, end) in &s.end_offsets {
                 writeln!(out, "partition {p:<8} end offset {end}")?;
             }

@@ -17,6 +17,7 @@ impl Table<Vec<u8>, Vec<u8>> {
                 topic: topic.into(),
                 partitions: Partitions::All,
                 store: None,
+                cache: None,
                 bad_input: BadInput::Skip,
                 properties: Vec::new(),
                 checkpoint_interval: Duration::from_secs(1),
@@ -43,6 +44,7 @@ pub(super) struct Settings {
     pub(super) topic: String,
     pub(super) partitions: Partitions,
     pub(super) store: Option<PathBuf>,
+    pub(super) cache: Option<u64>,
     pub(super) bad_input: BadInput,
     pub(super) properties: Vec<(String, String)>,
     pub(super) checkpoint_interval: Duration,
@@ -59,6 +61,7 @@ impl<K, V> fmt::Debug for TableBuilder<K, V> {
             .field("values", &self.values)
             .field("partitions", &self.settings.partitions)
             .field("store", &self.settings.store)
+            .field("cache", &self.settings.cache)
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +92,29 @@ impl<K, V> TableBuilder<K, V> {
     #[must_use]
     pub fn store(mut self, dir: impl Into<PathBuf>) -> Self {
         self.settings.store = Some(dir.into());
+        self
+    }
+
+    /// Holds the table's rows in its local store ([`store`](Self::store), required) and only the
+    /// rows used lately in memory, within `bytes` for the whole table: for tables larger than
+    /// memory. Default: none (every row in memory).
+    ///
+    /// - A quarter of the budget (at most 256 MiB) is the store's block cache and memtables; the
+    ///   rest holds decoded rows (an S3-FIFO cache: a burst of keys read once does not push out
+    ///   the hot ones). A row weighs its key and value bytes plus about 150 bytes.
+    /// - [`Table::get`] of a row not in memory reads the store (tens of µs), and keeps the row.
+    /// - Each batch of records the table applies is written to the store at once, in one atomic
+    ///   write with its offsets; [`Table::snapshot`] is a consistent view of the store (whole
+    ///   batches), and iterates in the order of the record keys' bytes.
+    /// - A restart reads nothing up front: the store holds the rows, and the table reads the
+    ///   topic from the store's offsets.
+    /// - The key decoder must be able to give back a key's bytes ([`Decoder::with_encoder`];
+    ///   [`Decoder::utf8`] and [`Decoder::bytes`] can).
+    ///
+    /// Opening refuses a cache without a store, a key decoder without an encoder, and 0 bytes.
+    #[must_use]
+    pub fn cache(mut self, bytes: u64) -> Self {
+        self.settings.cache = Some(bytes);
         self
     }
 

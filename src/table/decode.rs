@@ -25,13 +25,15 @@ use std::sync::Arc;
 pub struct Decoder<T> {
     name: Arc<str>,
     decode: Arc<DecodeFn<T>>,
+    encode: Option<Arc<EncodeFn<T>>>,
 }
 
 type DecodeFn<T> = dyn Fn(&[u8]) -> Result<T, String> + Send + Sync;
+type EncodeFn<T> = dyn Fn(&T) -> Vec<u8> + Send + Sync;
 
 impl<T> Clone for Decoder<T> {
     fn clone(&self) -> Self {
-        Self { name: self.name.clone(), decode: self.decode.clone() }
+        Self { name: self.name.clone(), decode: self.decode.clone(), encode: self.encode.clone() }
     }
 }
 
@@ -44,7 +46,38 @@ impl<T> fmt::Debug for Decoder<T> {
 impl<T> Decoder<T> {
     /// A decoder from a function; `name` appears in error messages.
     pub fn new(name: &str, decode: impl Fn(&[u8]) -> Result<T, String> + Send + Sync + 'static) -> Self {
-        Self { name: name.into(), decode: Arc::new(decode) }
+        Self { name: name.into(), decode: Arc::new(decode), encode: None }
+    }
+
+    /// The same decoder, with the function that gives back the bytes a value was decoded from.
+    /// A table with a row cache ([`TableBuilder::cache`](super::TableBuilder::cache)) needs it for
+    /// its keys: a key not in memory is looked up in the local store by its record key bytes, so
+    /// `encode(decode(bytes))` must give `bytes` back. Range and prefix scans of such a table run
+    /// in the order of these bytes. [`Decoder::utf8`] and [`Decoder::bytes`] have it already.
+    ///
+    /// ```
+    /// use eventstage::table::Decoder;
+    ///
+    /// let ids = Decoder::new("u64 text", |b: &[u8]| {
+    ///     std::str::from_utf8(b).map_err(|e| e.to_string())?.parse::<u64>().map_err(|e| e.to_string())
+    /// })
+    /// .with_encoder(|id: &u64| id.to_string().into_bytes());
+    /// assert_eq!(ids.encode(&42).as_deref(), Some(&b"42"[..]));
+    /// ```
+    #[must_use]
+    pub fn with_encoder(mut self, encode: impl Fn(&T) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        self.encode = Some(Arc::new(encode));
+        self
+    }
+
+    /// The bytes `value` was decoded from, when the decoder has an encoder.
+    pub fn encode(&self, value: &T) -> Option<Vec<u8>> {
+        self.encode.as_ref().map(|e| e(value))
+    }
+
+    /// True when the decoder has an encoder.
+    pub fn can_encode(&self) -> bool {
+        self.encode.is_some()
     }
 
     /// Decodes `bytes`.
@@ -64,7 +97,7 @@ impl<T> Decoder<T> {
 impl Decoder<Vec<u8>> {
     /// The bytes as they are.
     pub fn bytes() -> Self {
-        Self::new("bytes", |b| Ok(b.to_vec()))
+        Self::new("bytes", |b| Ok(b.to_vec())).with_encoder(Vec::clone)
     }
 }
 
@@ -72,6 +105,7 @@ impl Decoder<String> {
     /// UTF-8 text.
     pub fn utf8() -> Self {
         Self::new("utf-8", |b| std::str::from_utf8(b).map(str::to_owned).map_err(|e| e.to_string()))
+            .with_encoder(|s: &String| s.as_bytes().to_vec())
     }
 }
 

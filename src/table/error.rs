@@ -99,4 +99,12 @@ pub enum TableError {
     /// The table was closed.
     #[error("the table was closed")]
     Closed,
+    /// The builder's settings cannot work together (the message says which and the fix).
+    #[error("table `{topic}`: {message}")]
+    Settings {
+        /// The topic.
+        topic: String,
+        /// What is wrong, and the fix.
+        message: String,
+    },
 }

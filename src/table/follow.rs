@@ -2,9 +2,11 @@
 //! batches, publishing each batch to the readers and checkpointing the store.
 
 use super::assignment::Reply;
+use super::cache::RowCache;
 use super::exported::Exported;
 use super::rows::{Entry, Index, Probe, Rows};
-use super::store::{PendingRow, TableStore, Writer};
+use super::store::{Count, PendingRow, StoreMemory, TableStore, Writer};
+use super::stored::Stored;
 use super::{
     BadInput, Change, Command, Counters, Decoder, Partitions, Progress, Shared, Status, TableBuilder, TableError,
 };
@@ -36,6 +38,8 @@ const MAX_PENDING_ROWS: usize = 200_000;
 const MAX_WAITING_ROWS: usize = 1_000_000;
 /// How often a table of all partitions looks for new partitions.
 const METADATA_REFRESH: Duration = Duration::from_secs(30);
+/// A row cache's budget gives at most this much to the store's block cache and memtables.
+const MAX_STORE_SHARE: u64 = 256 << 20;
 
 struct TableContext {
     topic: String,
@@ -66,7 +70,12 @@ where
     K: Ord + std::hash::Hash + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
+    let cache = cache_budget(&b)?;
     let mut config = ClientConfig::new();
+    if cache.is_some() {
+        // The rows are bounded: so is what librdkafka fetches ahead (64 MiB by default).
+        config.set("queued.max.messages.kbytes", "16384");
+    }
     config
         .set("bootstrap.servers", &b.settings.brokers)
         .set("group.id", format!("eventstage-table-{}", b.settings.topic))
@@ -97,12 +106,23 @@ where
         Partitions::Assigned => Vec::new(),
     };
 
-    let store = b.settings.store.as_deref().map(|dir| TableStore::open(dir, &b.settings.topic)).transpose()?;
+    let memory = cache.map_or(StoreMemory::CHECKPOINTS, |(_, store)| store);
+    let store = b.settings.store.as_deref().map(|dir| TableStore::open(dir, &b.settings.topic, memory)).transpose()?;
     let marks = watermarks(&consumer, &b.settings.topic, &partitions, b.settings.timeout)?;
     // Sized for the records in the topic (an upper bound of its keys, capped): growing a hash map
     // of a million keys rehashes every key several times on the catch-up path.
     let records: i64 = marks.values().map(|(low, high)| high - low).sum();
-    let capacity = (records.max(0) as usize).min(MAX_PRESIZED_KEYS);
+    let capacity = if cache.is_some() { 0 } else { (records.max(0) as usize).min(MAX_PRESIZED_KEYS) };
+    let stored = match (&store, cache) {
+        (Some(store), Some((rows, _))) => Some(Arc::new(Stored {
+            store: store.clone(),
+            cache: RowCache::new(rows),
+            keys: b.keys.clone(),
+            values: b.values.clone(),
+            owned: ArcSwap::from_pointee(BTreeMap::new()),
+        })),
+        _ => None,
+    };
     let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         topic: b.settings.topic.clone(),
@@ -114,8 +134,11 @@ where
         progress: Mutex::new(Default::default()),
         commands,
         stop: AtomicBool::new(false),
+        stored: stored.clone(),
     });
-    let writer = store.clone().map(Writer::start).transpose()?;
+    // A table with a row cache writes each applied batch itself; one held in memory checkpoints
+    // in the background.
+    let writer = if stored.is_some() { None } else { store.clone().map(Writer::start).transpose()? };
     let mut follower = Follower {
         shared: shared.clone(),
         keys: b.keys,
@@ -123,6 +146,10 @@ where
         bad_input: b.settings.bad_input,
         store,
         writer,
+        stored,
+        batch: HashMap::new(),
+        counts: BTreeMap::new(),
+        unflushed: false,
         rows: Rows::new(),
         pending_rows: HashMap::new(),
         positions: BTreeMap::new(),
@@ -139,16 +166,38 @@ where
         exported: Exported::new(&b.settings.topic),
     };
     follower.read(&consumer, &marks)?;
-    follower.publish(&mut Vec::new());
+    follower.publish(&mut Vec::new())?;
     if follower.catching_up.is_empty() {
         shared.status.send_replace(Status::Following);
     }
-    tracing::info!(topic = %shared.topic, ?partitions, loaded = follower.rows.len(), from = ?follower.positions, to = ?follower.ends, "table opened");
+    tracing::info!(topic = %shared.topic, ?partitions, loaded = follower.keys(), from = ?follower.positions, to = ?follower.ends, "table opened");
     let thread = std::thread::Builder::new()
         .name("eventstage-table".into())
         .spawn(move || follower.run(&consumer))
         .map_err(|e| TableError::Crashed(format!("cannot start the table thread: {e}")))?;
     Ok((shared, thread))
+}
+
+/// A row cache's budget split between the rows and the store (`None`: no cache), or why the
+/// settings cannot have one.
+fn cache_budget<K, V>(b: &TableBuilder<K, V>) -> Result<Option<(u64, StoreMemory)>, TableError> {
+    let Some(bytes) = b.settings.cache else { return Ok(None) };
+    let refuse = |message: &str| Err(TableError::Settings { topic: b.settings.topic.clone(), message: message.into() });
+    if bytes == 0 {
+        return refuse("a row cache of 0 bytes cannot hold a row: give it a budget (e.g. 64 MiB), or no cache to hold every row in memory");
+    }
+    if b.settings.store.is_none() {
+        return refuse("a row cache needs a local store (`store(dir)`, CLI `--store DIR`): the rows it does not hold are read from it");
+    }
+    if !b.keys.can_encode() {
+        return refuse(&format!(
+            "a row cache needs a key decoder that gives back a key's bytes (`Decoder::with_encoder`); `{}` has none (utf8 and bytes do)",
+            b.keys.name()
+        ));
+    }
+    let share = (bytes / 4).min(MAX_STORE_SHARE);
+    let store = StoreMemory { cache: (share / 2).max(1 << 20), memtable: (share / 2).max(1 << 20) };
+    Ok(Some(((bytes - share).max(1), store)))
 }
 
 fn partition_count(consumer: &TableConsumer, brokers: &str, topic: &str, timeout: Duration) -> Result<i32, TableError> {
@@ -243,6 +292,13 @@ fn load<K, V>(
     Ok((rows, bytes))
 }
 
+/// A key of a batch, and its new row (decoded, and its value's bytes for the store; `None`:
+/// deleted).
+type Pending<K, V> = (K, Option<(Entry<K, V>, Vec<u8>)>);
+
+/// A key's row before a record: its partition, size, and the row when it was decoded.
+type OldRow<K, V> = (i32, u32, Option<Entry<K, V>>);
+
 /// Someone waiting for partitions to be caught up (see [`Table::assign`](super::Table::assign)).
 type Waiter = (BTreeSet<i32>, Reply);
 
@@ -252,8 +308,19 @@ struct Follower<K, V> {
     values: Decoder<V>,
     bad_input: BadInput,
     store: Option<TableStore>,
-    /// Writes the store's checkpoints in the background.
+    /// Writes the store's checkpoints in the background (a table held in memory).
     writer: Option<Writer>,
+    /// A table with a row cache: the store holds its rows.
+    stored: Option<Arc<Stored<K, V>>>,
+    /// With a row cache: the rows of the batch being applied, by record key (written to the store
+    /// when it is published): the decoded key, and the new row with its value bytes (`None`:
+    /// deleted).
+    batch: HashMap<Vec<u8>, Pending<K, V>>,
+    /// With a row cache: the rows and bytes of each partition read, as the store will hold them
+    /// once the batch is written.
+    counts: BTreeMap<i32, Count>,
+    /// With a row cache: batches were written since the last flush.
+    unflushed: bool,
     /// The follower's working copy; each batch publishes a clone (O(1): the map is persistent).
     rows: Rows<K, V>,
     /// Rows changed since the last checkpoint, newest per key.
@@ -322,13 +389,15 @@ where
                 };
                 if let Err(e) = applied {
                     // What was applied before the failing record stays readable.
-                    self.publish(&mut changes);
+                    self.publish(&mut changes)?;
                     return Err(e);
                 }
             }
-            let behind = polled == MAX_BATCH && !self.caught_up_now;
+            // With a row cache every batch is written (and published) at once: its rows are held
+            // in memory until then.
+            let behind = polled == MAX_BATCH && !self.caught_up_now && self.stored.is_none();
             if polled > 0 && (!behind || last_publish.elapsed() >= PUBLISH_WHILE_BEHIND) {
-                self.publish(&mut changes);
+                self.publish(&mut changes)?;
                 last_publish = Instant::now();
             }
             if self.caught_up_now {
@@ -336,8 +405,9 @@ where
             }
             self.wake_waiters();
             self.export(consumer, false);
+            let pending = self.unflushed || !self.pending_rows.is_empty();
             if self.pending_rows.len() >= MAX_PENDING_ROWS
-                || (!self.pending_rows.is_empty() && last_checkpoint.elapsed() >= self.checkpoint_interval)
+                || (pending && last_checkpoint.elapsed() >= self.checkpoint_interval)
             {
                 if self.checkpoint(false)? {
                     last_checkpoint = Instant::now();
@@ -350,8 +420,7 @@ where
                 last_refresh = Instant::now();
             }
         }
-        self.publish(&mut changes);
-        Ok(())
+        self.publish(&mut changes)
     }
 
     fn apply(&mut self, msg: &BorrowedMessage<'_>, changes: &mut Vec<Change<K, V>>) -> Result<(), TableError> {
@@ -364,27 +433,35 @@ where
         match decode(&self.keys, &self.values, msg.key(), msg.payload()) {
             Ok((key, value)) => {
                 let raw_key = msg.key().unwrap_or_default();
-                let (old, new) = match value {
+                if value.is_none() {
+                    counters.tombstones.fetch_add(1, Ordering::Relaxed);
+                }
+                let size = (raw_key.len() + msg.payload_len()) as u32;
+                counters.bytes.fetch_add(if value.is_some() { i64::from(size) } else { 0 }, Ordering::Relaxed);
+                let new = value.map(|value| Entry::new(key.clone(), value, size, p));
+                let old = match self.stored.clone() {
+                    Some(stored) => self.apply_stored(&stored, raw_key, msg.payload(), &key, new.clone())?,
                     None => {
-                        counters.tombstones.fetch_add(1, Ordering::Relaxed);
-                        self.shared.index.remove(&key);
-                        (self.rows.remove(&Probe(&key)), None)
-                    }
-                    Some(value) => {
-                        let size = (raw_key.len() + msg.payload_len()) as u32;
-                        let entry = Entry::new(key.clone(), value, size, p);
-                        counters.bytes.fetch_add(i64::from(size), Ordering::Relaxed);
-                        self.shared.index.insert(entry.clone());
-                        (self.rows.insert(entry.clone()), Some(entry))
+                        let old = match &new {
+                            None => {
+                                self.shared.index.remove(&key);
+                                self.rows.remove(&Probe(&key))
+                            }
+                            Some(entry) => {
+                                self.shared.index.insert(entry.clone());
+                                self.rows.insert(entry.clone())
+                            }
+                        };
+                        if let Some(old) = &old {
+                            counters.bytes.fetch_sub(i64::from(old.size), Ordering::Relaxed);
+                        }
+                        if self.store.is_some() {
+                            let row = msg.payload().map(|v| (p, v.to_vec()));
+                            self.pending_rows.insert(raw_key.to_vec(), row);
+                        }
+                        old
                     }
                 };
-                if let Some(old) = &old {
-                    counters.bytes.fetch_sub(i64::from(old.size), Ordering::Relaxed);
-                }
-                if self.store.is_some() {
-                    let row = msg.payload().map(|v| (p, v.to_vec()));
-                    self.pending_rows.insert(raw_key.to_vec(), row);
-                }
                 if self.shared.changes.receiver_count() > 0 {
                     changes.push(Change {
                         key,
@@ -414,13 +491,72 @@ where
         Ok(())
     }
 
+    /// Applies a record to a table with a row cache: the row joins the batch (written to the store
+    /// when it is published), and the partitions' counts follow. Returns the key's row before
+    /// (decoded only when someone watches the table's changes).
+    fn apply_stored(
+        &mut self,
+        stored: &Stored<K, V>,
+        raw_key: &[u8],
+        payload: Option<&[u8]>,
+        key: &K,
+        new: Option<Entry<K, V>>,
+    ) -> Result<Option<Entry<K, V>>, TableError> {
+        let watched = self.shared.changes.receiver_count() > 0;
+        // The row before: in this batch, in the cache, else in the store.
+        let old: Option<OldRow<K, V>> = match self.batch.get(raw_key) {
+            Some((_, row)) => row.as_ref().map(|(e, _)| (e.partition, e.size, Some(e.clone()))),
+            None => match stored.cache.peek(key) {
+                Some(e) => Some((e.partition, e.size, Some(e))),
+                None => match stored.store.get(raw_key)? {
+                    None => None,
+                    Some((partition, row)) => {
+                        let value = stored.store.split(&row)?.1;
+                        let size = (raw_key.len() + value.len()) as u32;
+                        // A stored value the decoder no longer reads is not a row to report.
+                        let entry = watched
+                            .then(|| stored.values.decode(value).ok())
+                            .flatten()
+                            .map(|v| Entry::new(key.clone(), v, size, partition));
+                        Some((partition, size, entry))
+                    }
+                },
+            },
+        };
+        let counters = &self.shared.counters;
+        if let Some((partition, size, _)) = &old {
+            counters.bytes.fetch_sub(i64::from(*size), Ordering::Relaxed);
+            if let Some(c) = self.counts.get_mut(partition) {
+                c.rows = c.rows.saturating_sub(1);
+                c.bytes = c.bytes.saturating_sub(u64::from(*size));
+            }
+        }
+        if let Some(e) = &new {
+            let c = self.counts.entry(e.partition).or_default();
+            c.rows += 1;
+            c.bytes += u64::from(e.size);
+        }
+        let row = new.zip(payload).map(|(e, v)| (e, v.to_vec()));
+        self.batch.insert(raw_key.to_vec(), (key.clone(), row));
+        Ok(old.and_then(|(_, _, e)| e))
+    }
+
+    /// Keys in the table.
+    fn keys(&self) -> usize {
+        match &self.stored {
+            Some(_) => self.counts.values().map(|c| c.rows).sum::<u64>() as usize,
+            None => self.rows.len(),
+        }
+    }
+
     /// Starts reading the partitions of `marks` (their first and end offsets): loads their rows
     /// from the store, then assigns them to the consumer from the store's checkpoint (or their
     /// first offset).
     fn read(&mut self, consumer: &TableConsumer, marks: &BTreeMap<i32, (i64, i64)>) -> Result<(), TableError> {
         let topic = self.shared.topic.clone();
         self.collect_checkpoint(true)?; // the store's offsets and rows as of its last checkpoint
-        let checkpoints = self.store.as_ref().map(TableStore::offsets).transpose()?.unwrap_or_default();
+        let positions = self.store.as_ref().map(TableStore::positions).transpose()?.unwrap_or_default();
+        let checkpoints: BTreeMap<i32, i64> = positions.iter().map(|(&p, pos)| (p, pos.next)).collect();
         let mut tpl = TopicPartitionList::new();
         let mut starts = BTreeMap::new();
         for (&p, &(low, high)) in marks {
@@ -435,7 +571,9 @@ where
             tpl.add_partition_offset(&topic, p, Offset::Offset(start)).map_err(|e| kafka("assign", e))?;
             starts.insert(p, start);
         }
-        if let Some(store) = &self.store {
+        if let (Some(store), Some(_)) = (self.store.clone(), &self.stored) {
+            self.open_stored(&store, marks, &positions, &starts)?;
+        } else if let Some(store) = &self.store {
             let started = Instant::now();
             let wanted = marks.keys().copied().collect();
             let counters = &self.shared.counters;
@@ -466,6 +604,39 @@ where
         Ok(())
     }
 
+    /// With a row cache: the rows of the partitions of `marks` are in the store already; their
+    /// counts come from the store's positions (a store written by checkpoints has none: its rows
+    /// are counted once, and the counts written).
+    fn open_stored(
+        &mut self,
+        store: &TableStore,
+        marks: &BTreeMap<i32, (i64, i64)>,
+        positions: &BTreeMap<i32, super::store::Position>,
+        starts: &BTreeMap<i32, i64>,
+    ) -> Result<(), TableError> {
+        let uncounted: Vec<i32> =
+            marks.keys().copied().filter(|p| positions.get(p).and_then(|pos| pos.count).is_none()).collect();
+        let counted = if uncounted.is_empty() {
+            BTreeMap::new()
+        } else {
+            let started = Instant::now();
+            let counted = store.count()?;
+            tracing::info!(topic = %self.shared.topic, partitions = ?uncounted, ms = started.elapsed().as_millis() as u64, "counted the store's rows (it was written without counts)");
+            let writes = uncounted.iter().map(|&p| (p, starts[&p], counted.get(&p).copied().unwrap_or_default()));
+            store.apply(std::iter::empty(), writes.collect::<Vec<_>>())?;
+            counted
+        };
+        let counters = &self.shared.counters;
+        for &p in marks.keys() {
+            let count =
+                positions.get(&p).and_then(|pos| pos.count).or_else(|| counted.get(&p).copied()).unwrap_or_default();
+            counters.loaded_from_store.fetch_add(count.rows, Ordering::Relaxed);
+            counters.bytes.fetch_add(count.bytes as i64, Ordering::Relaxed);
+            self.counts.insert(p, count);
+        }
+        Ok(())
+    }
+
     /// Carries out an [`assign`](super::Table::assign) or [`revoke`](super::Table::revoke). Only a
     /// failing store stops the table; other errors go to the caller.
     fn command(
@@ -483,7 +654,7 @@ where
                 match read {
                     Ok(()) => {
                         tracing::info!(topic = %self.shared.topic, partitions = ?new, "table reads assigned partitions");
-                        self.publish(changes);
+                        self.publish(changes)?;
                         self.waiters.push((new.into_iter().collect(), reply));
                     }
                     Err(e @ TableError::Store { .. }) => {
@@ -498,7 +669,7 @@ where
             Command::Revoke(partitions, reply) => {
                 let gone: BTreeSet<i32> = partitions.into_iter().filter(|p| self.positions.contains_key(p)).collect();
                 let revoked = self.revoke(consumer, &gone);
-                self.publish(changes);
+                self.publish(changes)?;
                 let _ = reply.send(revoked.clone());
                 revoked?;
             }
@@ -521,6 +692,19 @@ where
         }
         if let Err(e) = consumer.incremental_unassign(&tpl) {
             tracing::warn!(topic = %self.shared.topic, error = %e, "could not unassign revoked partitions");
+        }
+        if let Some(stored) = &self.stored {
+            // Their rows stay in the store (a partition assigned again reads only its tail), out
+            // of sight: readers skip the rows of partitions the table does not read.
+            let mut bytes = 0;
+            for p in gone {
+                bytes += self.counts.remove(p).map_or(0, |c| c.bytes);
+            }
+            self.shared.counters.bytes.fetch_sub(bytes as i64, Ordering::Relaxed);
+            stored.owned.store(Arc::new(self.counts.clone()));
+            stored.cache.drop_partitions(gone);
+            tracing::info!(topic = %self.shared.topic, partitions = ?gone, "table dropped revoked partitions");
+            return Ok(());
         }
         let dropped: Vec<Entry<K, V>> = self.rows.iter().filter(|e| gone.contains(&e.partition)).cloned().collect();
         let mut bytes = 0;
@@ -562,7 +746,7 @@ where
         }
         tracing::info!(
             topic = %self.shared.topic,
-            keys = self.rows.len(),
+            keys = self.keys(),
             records = self.shared.counters.records_read.load(Ordering::Relaxed),
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "table caught up"
@@ -573,21 +757,54 @@ where
     /// Publishes the table's metrics (once a second, or `now`).
     fn export(&mut self, consumer: &TableConsumer, now: bool) {
         // Counting the index's keys visits every shard: only when publishing.
-        let keys = || self.shared.index.len();
+        let keys = if self.stored.is_some() { Some(self.keys()) } else { None };
+        let keys = || keys.unwrap_or_else(|| self.shared.index.len());
         let topic = &self.shared.topic;
         let end_of = |p| consumer.fetch_watermarks(topic, p, Duration::from_secs(1)).ok().map(|(_, high)| high);
         self.exported.publish(now, end_of, &self.shared.counters, keys, &self.positions, self.catching_up.len());
     }
 
-    /// Makes the applied records visible: the new map to readers, then the changes to watchers.
-    fn publish(&mut self, changes: &mut Vec<Change<K, V>>) {
-        self.shared.rows.store(Arc::new(self.rows.clone()));
+    /// Makes the applied records visible: the new map to readers (with a row cache: the batch
+    /// written to the store), then the changes to watchers.
+    fn publish(&mut self, changes: &mut Vec<Change<K, V>>) -> Result<(), TableError> {
+        match &self.stored {
+            Some(stored) => self.write_batch(&stored.clone())?,
+            None => self.shared.rows.store(Arc::new(self.rows.clone())),
+        }
         *self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()) =
             Progress { positions: self.positions.clone(), ends: self.ends.clone() };
         for c in changes.drain(..) {
             // An error only means that every watcher has gone.
             let _ = self.shared.changes.send(c);
         }
+        Ok(())
+    }
+
+    /// With a row cache: writes the batch and the positions to the store in one atomic write,
+    /// then tells the cache (see the `cache` module docs) and publishes the counts.
+    fn write_batch(&mut self, stored: &Stored<K, V>) -> Result<(), TableError> {
+        let batch = std::mem::take(&mut self.batch);
+        let rows: Vec<(Vec<u8>, PendingRow)> = batch
+            .iter()
+            .map(|(raw, (_, row))| (raw.clone(), row.as_ref().map(|(e, v)| (e.partition, v.clone()))))
+            .collect();
+        let positions: Vec<(i32, i64, Count)> = self
+            .positions
+            .iter()
+            .map(|(&p, &next)| (p, next, self.counts.get(&p).copied().unwrap_or_default()))
+            .collect();
+        stored.cache.begin_write();
+        let written = stored.store.apply(rows, positions);
+        if written.is_ok() {
+            for (key, row) in batch.values() {
+                stored.cache.written(key, row.as_ref().map(|(e, _)| e));
+            }
+            self.unflushed = true;
+        }
+        stored.cache.end_write();
+        written?;
+        stored.owned.store(Arc::new(self.counts.clone()));
+        Ok(())
     }
 
     /// Hands the rows changed since the last checkpoint and the positions to the store's writer.
@@ -595,6 +812,16 @@ where
     /// rows keep collecting (newest per key) for the next one, unless there are too many of them.
     /// Returns whether a checkpoint was started.
     fn checkpoint(&mut self, durable: bool) -> Result<bool, TableError> {
+        if let Some(stored) = &self.stored {
+            // The batches are written already: a checkpoint makes them durable.
+            if !self.unflushed {
+                return Ok(false);
+            }
+            stored.store.flush()?;
+            self.unflushed = false;
+            self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
         let wait = durable || self.pending_rows.len() >= MAX_WAITING_ROWS;
         self.collect_checkpoint(wait)?;
         let Some(writer) = &mut self.writer else { return Ok(false) };

@@ -16,8 +16,9 @@
 //!     .await?;
 //! limits.caught_up().await?; // read up to the end offsets seen at open
 //! let limit = limits.get("acct-1").map(|l| *l);
-//! for (account, limit) in limits.snapshot().range("acct-1".to_string().."acct-2".to_string()) {
-//!     println!("{account}: {limit}");
+//! for row in limits.snapshot().range("acct-1".to_string().."acct-2".to_string()) {
+//!     let row = row?; // a table with a row cache reads its store, which can fail
+//!     println!("{}: {}", row.key(), *row);
 //! }
 //! # Ok(())
 //! # }
@@ -43,6 +44,7 @@
 
 mod assignment;
 mod builder;
+mod cache;
 mod decode;
 mod error;
 mod exported;
@@ -50,6 +52,7 @@ mod follow;
 mod rows;
 mod snapshot;
 mod store;
+mod stored;
 
 use assignment::Command;
 pub use builder::TableBuilder;
@@ -163,6 +166,16 @@ pub struct TableStats {
     pub checkpoints: u64,
     /// True once the table has read up to [`end_offsets`](Self::end_offsets).
     pub caught_up: bool,
+    /// The row cache's budget in bytes ([`TableBuilder::cache`]; 0: no cache, every row in memory).
+    pub cache_budget: u64,
+    /// Bytes the row cache holds (as it weighs its rows).
+    pub cache_bytes: u64,
+    /// Rows in the row cache.
+    pub cache_entries: u64,
+    /// Lookups answered from the row cache.
+    pub cache_hits: u64,
+    /// Lookups that read the local store.
+    pub cache_misses: u64,
 }
 
 /// Where the follower thread is.
@@ -206,6 +219,8 @@ struct Shared<K, V> {
     progress: Mutex<Progress>,
     commands: tokio::sync::mpsc::UnboundedSender<Command>,
     stop: AtomicBool,
+    /// A table with a row cache: its rows are in the store (`rows` and `index` stay empty).
+    stored: Option<Arc<stored::Stored<K, V>>>,
 }
 
 /// Stops the follower when the last handle is dropped.
@@ -252,27 +267,57 @@ where
         &self.shared().topic
     }
 
-    /// The value of `key`, if present. Never blocks.
+    /// The value of `key`, if present. Never blocks, and never touches the network; a table with
+    /// a row cache reads a key it does not hold in memory from its local store (a store that
+    /// cannot be read is logged and reads as `None`: [`try_get`](Self::try_get) returns the error).
     pub fn get<Q>(&self, key: &Q) -> Option<Value<K, V>>
     where
-        Q: Hash + Eq + ?Sized,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
         K: std::borrow::Borrow<Q>,
     {
-        self.shared().index.get(key)
+        match self.try_get(key) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(topic = %self.topic(), error = %e, "table lookup failed");
+                None
+            }
+        }
+    }
+
+    /// The value of `key`, if present, or why the local store could not say (a table held in
+    /// memory never fails).
+    ///
+    /// # Errors
+    /// A store that cannot be read, or a stored row the table's decoders no longer read.
+    pub fn try_get<Q>(&self, key: &Q) -> Result<Option<Value<K, V>>, TableError>
+    where
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        K: std::borrow::Borrow<Q>,
+    {
+        match &self.shared().stored {
+            Some(stored) => stored.get(key),
+            None => Ok(self.shared().index.get(key)),
+        }
     }
 
     /// True when `key` is present.
     pub fn contains_key<Q>(&self, key: &Q) -> bool
     where
-        Q: Hash + Eq + ?Sized,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
         K: std::borrow::Borrow<Q>,
     {
-        self.shared().index.contains_key(key)
+        match &self.shared().stored {
+            Some(_) => self.get(key).is_some(),
+            None => self.shared().index.contains_key(key),
+        }
     }
 
     /// Keys in the table.
     pub fn len(&self) -> usize {
-        self.shared().index.len()
+        match &self.shared().stored {
+            Some(stored) => stored.len() as usize,
+            None => self.shared().index.len(),
+        }
     }
 
     /// True when the table has no keys.
@@ -283,7 +328,11 @@ where
     /// A consistent, immutable view of the whole table (O(1) to take): iterate it, range over it
     /// and scan prefixes while the table goes on changing.
     pub fn snapshot(&self) -> TableSnapshot<K, V> {
-        TableSnapshot { rows: self.shared().rows.load_full() }
+        let view = match &self.shared().stored {
+            Some(stored) => snapshot::View::Store(stored.view()),
+            None => snapshot::View::Memory(self.shared().rows.load_full()),
+        };
+        TableSnapshot { view }
     }
 
     /// Resolves once the table has read every partition up to its end offset as of
@@ -331,8 +380,9 @@ where
         let s = self.shared();
         let c = &s.counters;
         let progress = s.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let usage = s.stored.as_ref().map(|stored| stored.cache.usage()).unwrap_or_default();
         TableStats {
-            keys: s.index.len() as u64,
+            keys: self.len() as u64,
             bytes: c.bytes.load(Ordering::Relaxed).max(0) as u64,
             records_read: c.records_read.load(Ordering::Relaxed),
             loaded_from_store: c.loaded_from_store.load(Ordering::Relaxed),
@@ -342,6 +392,11 @@ where
             positions: progress.positions,
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             caught_up: matches!(*s.status.borrow(), Status::Following),
+            cache_budget: usage.budget,
+            cache_bytes: usage.bytes,
+            cache_entries: usage.entries,
+            cache_hits: usage.hits,
+            cache_misses: usage.misses,
         }
     }
 

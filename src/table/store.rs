@@ -1,28 +1,39 @@
-//! A table's local store: sled, holding the newest row per key and the consumed offsets, so a
-//! restart reads only the topic's tail.
+//! A table's local store: fjall (an LSM tree, with a block cache and memtables of a set size),
+//! holding the newest row per key, the consumed offsets and, per partition, how many rows and
+//! bytes it holds.
 //!
-//! A checkpoint writes the changed rows in batches of [`CHUNK`] and the offsets last, then flushes.
-//! A crash in between leaves rows newer than the stored offsets; the restart reads the topic again
-//! from those offsets and applies the same records in the same order, which ends in the same rows
-//! (last write wins is idempotent). So the store is never ahead of what a restart can repair.
-//! (One sled batch for a whole catch-up would pin sled's epoch and log for millions of writes.)
+//! Two ways to write it:
+//! - **Checkpoints** (a table that holds every row in memory): the changed rows in batches of
+//!   [`CHUNK`], the offsets last, then a flush. A crash in between leaves rows newer than the
+//!   stored offsets; the restart reads the topic again from those offsets and applies the same
+//!   records in the same order, which ends in the same rows (last write wins is idempotent). So
+//!   the store is never ahead of what a restart can repair.
+//! - **Applied batches** (a table with a row cache, [`TableBuilder::cache`](super::TableBuilder::cache)):
+//!   the store is where the rows are. Each batch of records the follower applies is one atomic
+//!   write of its rows, the offsets and the partitions' counts, so the store (and every snapshot
+//!   of it) always holds whole batches; a flush makes them durable once per checkpoint interval.
 //!
 //! ```text
 //! DIR/eventstage-table.json   identifies the directory: format version and topic
-//! DIR/sled/                   the sled database, tree `table`:
-//!     o | partition (i32 BE)  -> next offset to read (i64 BE)
-//!     r | record key          -> partition (i32 BE) | record value
+//! DIR/fjall/                  the database:
+//!     keyspace `rows`:    record key -> partition (i32 BE) | record value
+//!     keyspace `offsets`: partition (i32 BE) -> next offset to read (i64 BE)
+//!                         [| rows (u64 BE) | bytes (u64 BE): written with applied batches]
 //! ```
+//!
+//! Format 1 kept the same entries in sled (`DIR/sled/`); a store of format 1 is dropped with a
+//! warning and the table is read again from its topic.
 
 use super::TableError;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 const MARKER: &str = "eventstage-table.json";
-const FORMAT_VERSION: u32 = 1;
-const OFFSET: u8 = b'o';
-const ROW: u8 = b'r';
-/// Rows per sled batch.
+/// 1: sled (before 2026-12-05); 2: fjall.
+const FORMAT_VERSION: u32 = 2;
+const DATA: &str = "fjall";
+const OLD_DATA: &str = "sled";
+/// Rows per write batch of a checkpoint.
 const CHUNK: usize = 10_000;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -31,22 +42,58 @@ struct Marker {
     topic: String,
 }
 
-/// A row to write at the next checkpoint: `Some((partition, value))`, or `None` to delete the key.
+/// A row to write: `Some((partition, value))`, or `None` to delete the key.
 pub(super) type PendingRow = Option<(i32, Vec<u8>)>;
+
+/// How many rows of a partition the store holds, and their bytes (keys and values as read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Count {
+    pub(super) rows: u64,
+    pub(super) bytes: u64,
+}
+
+/// A partition's entry in the `offsets` keyspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Position {
+    pub(super) next: i64,
+    /// Written with applied batches only.
+    pub(super) count: Option<Count>,
+}
+
+/// What the store may hold in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StoreMemory {
+    pub(super) cache: u64,
+    pub(super) memtable: u64,
+}
+
+impl StoreMemory {
+    /// For a table that holds its rows in memory (the store is written once a second).
+    pub(super) const CHECKPOINTS: Self = Self { cache: 8 << 20, memtable: 16 << 20 };
+}
 
 #[derive(Clone)]
 pub(super) struct TableStore {
     path: PathBuf,
-    tree: sled::Tree,
-    // Kept open for the tree's lifetime; flushed at each checkpoint.
-    db: sled::Db,
+    db: fjall::Database,
+    rows: fjall::Keyspace,
+    offsets: fjall::Keyspace,
+}
+
+/// Removes `dir` and what it holds; a missing one is fine.
+fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 impl TableStore {
     /// Opens (or creates) the store at `path` for `topic`.
-    pub(super) fn open(path: &Path, topic: &str) -> Result<Self, TableError> {
+    pub(super) fn open(path: &Path, topic: &str, memory: StoreMemory) -> Result<Self, TableError> {
         let err = |message: String| TableError::Store { path: path.display().to_string(), message };
         let marker_path = path.join(MARKER);
+        let mut write_marker = !marker_path.exists();
         if marker_path.exists() {
             let raw = std::fs::read(&marker_path).map_err(|e| err(format!("cannot read {MARKER}: {e}")))?;
             let marker: Marker = serde_json::from_slice(&raw).map_err(|e| TableError::NotAStore {
@@ -66,6 +113,11 @@ impl TableStore {
                     expected: topic.into(),
                 });
             }
+            if marker.format < FORMAT_VERSION {
+                tracing::warn!(path = %path.display(), format = marker.format, "the table store is of an older format (sled); dropping it and reading the table from its topic again");
+                remove_dir(&path.join(OLD_DATA)).map_err(|e| err(format!("cannot remove the old store: {e}")))?;
+                write_marker = true;
+            }
         } else {
             let occupied = path.exists()
                 && std::fs::read_dir(path)
@@ -79,20 +131,33 @@ impl TableStore {
                 });
             }
             std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create the directory: {e}")))?;
+        }
+        if write_marker {
             let marker = serde_json::to_vec_pretty(&Marker { format: FORMAT_VERSION, topic: topic.into() })
                 .map_err(|e| err(e.to_string()))?;
             std::fs::write(&marker_path, marker).map_err(|e| err(format!("cannot write {MARKER}: {e}")))?;
         }
-        let db = sled::Config::new().path(path.join("sled")).open().map_err(|e| {
-            let hint = if e.to_string().contains("lock") {
-                " (is another process using this store? one table per store directory)"
-            } else {
-                ""
-            };
-            err(format!("sled: {e}{hint}"))
-        })?;
-        let tree = db.open_tree("table").map_err(|e| err(format!("sled: {e}")))?;
-        Ok(Self { path: path.to_path_buf(), tree, db })
+        // fjall's smallest journal bound: a start after a crash replays at most this much.
+        let db = fjall::Database::builder(path.join(DATA))
+            .cache_size(memory.cache)
+            .max_journaling_size(64 << 20)
+            .open()
+            .map_err(|e| {
+                match e {
+                fjall::Error::Locked => err(
+                    "fjall: the database is locked (is another process using this store? one table per store directory)"
+                        .into(),
+                ),
+                e => err(format!("fjall: {e}; delete the directory to rebuild the table from its topic")),
+            }
+            })?;
+        let keyspace = |name: &str, memtable: u64| {
+            db.keyspace(name, || fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable))
+                .map_err(|e| err(format!("fjall: {e}")))
+        };
+        let rows = keyspace("rows", memory.memtable)?;
+        let offsets = keyspace("offsets", 1 << 20)?;
+        Ok(Self { path: path.to_path_buf(), db, rows, offsets })
     }
 
     /// The store's directory, for messages.
@@ -100,43 +165,107 @@ impl TableStore {
         self.path.display().to_string()
     }
 
-    fn storage(&self, e: impl std::fmt::Display) -> TableError {
-        TableError::Store { path: self.path.display().to_string(), message: e.to_string() }
+    pub(super) fn storage(&self, e: impl std::fmt::Display) -> TableError {
+        TableError::Store { path: self.path.display().to_string(), message: format!("fjall: {e}") }
     }
 
-    fn damaged(&self, what: String) -> TableError {
+    pub(super) fn damaged(&self, what: String) -> TableError {
         TableError::Store {
             path: self.path.display().to_string(),
             message: format!("damaged: {what}; delete the directory to rebuild the table from its topic"),
         }
     }
 
-    /// The checkpointed next offset of each partition.
-    pub(super) fn offsets(&self) -> Result<BTreeMap<i32, i64>, TableError> {
+    /// The checkpointed position of each partition.
+    pub(super) fn positions(&self) -> Result<BTreeMap<i32, Position>, TableError> {
+        self.positions_in(&self.db.snapshot())
+    }
+
+    /// The positions as of `snapshot`.
+    pub(super) fn positions_in(&self, snapshot: &fjall::Snapshot) -> Result<BTreeMap<i32, Position>, TableError> {
+        use fjall::Readable;
         let mut out = BTreeMap::new();
-        for item in self.tree.scan_prefix([OFFSET]) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let p = k.get(1..5).and_then(|b| b.try_into().ok()).map(i32::from_be_bytes);
-            let o = v.as_ref().try_into().ok().map(i64::from_be_bytes);
-            match (p, o) {
-                (Some(p), Some(o)) => out.insert(p, o),
-                _ => return Err(self.damaged("an offset entry has the wrong size".into())),
+        for item in snapshot.iter(&self.offsets) {
+            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+            let p = <[u8; 4]>::try_from(k.as_ref()).ok().map(i32::from_be_bytes);
+            let word = |i: usize| v.get(i * 8..i * 8 + 8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+            let position = match (p, v.len()) {
+                (Some(p), 8 | 24) => {
+                    let next = word(0).map(i64::from_be_bytes).unwrap_or_default();
+                    let count = match (word(1), word(2)) {
+                        (Some(rows), Some(bytes)) => {
+                            Some(Count { rows: u64::from_be_bytes(rows), bytes: u64::from_be_bytes(bytes) })
+                        }
+                        _ => None,
+                    };
+                    (p, Position { next, count })
+                }
+                _ => return Err(self.damaged(format!("an offset entry has {} bytes, not 8 or 24", v.len()))),
             };
+            out.insert(position.0, position.1);
         }
         Ok(out)
     }
 
     /// Every stored row: `(key, partition, value)`, in key order.
     pub(super) fn rows(&self) -> impl Iterator<Item = Result<(Vec<u8>, i32, Vec<u8>), TableError>> + '_ {
-        self.tree.scan_prefix([ROW]).map(move |item| {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let partition = v
-                .get(..4)
-                .and_then(|b| b.try_into().ok())
-                .map(i32::from_be_bytes)
-                .ok_or_else(|| self.damaged("a row is shorter than its partition header".into()))?;
-            Ok((k[1..].to_vec(), partition, v[4..].to_vec()))
+        self.rows.iter().map(move |item| {
+            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+            let (partition, value) = self.split(&v)?;
+            Ok((k.to_vec(), partition, value.to_vec()))
         })
+    }
+
+    /// A stored row's partition and value.
+    pub(super) fn split<'a>(&self, row: &'a [u8]) -> Result<(i32, &'a [u8]), TableError> {
+        match row.split_first_chunk::<4>() {
+            Some((p, value)) => Ok((i32::from_be_bytes(*p), value)),
+            None => Err(self.damaged("a row is shorter than its partition header".into())),
+        }
+    }
+
+    /// The row of `key`: its partition and value.
+    pub(super) fn get(&self, key: &[u8]) -> Result<Option<(i32, fjall::Slice)>, TableError> {
+        match self.rows.get(key).map_err(|e| self.storage(e))? {
+            Some(row) => Ok(Some((self.split(&row)?.0, row))),
+            None => Ok(None),
+        }
+    }
+
+    /// A consistent view of the store (whole applied batches).
+    pub(super) fn snapshot(&self) -> fjall::Snapshot {
+        self.db.snapshot()
+    }
+
+    /// The `rows` keyspace, to read through a snapshot.
+    pub(super) fn rows_keyspace(&self) -> &fjall::Keyspace {
+        &self.rows
+    }
+
+    /// Counts the rows and bytes of each partition (one pass over the store), for a store
+    /// written by checkpoints, which do not keep counts.
+    pub(super) fn count(&self) -> Result<BTreeMap<i32, Count>, TableError> {
+        let mut out: BTreeMap<i32, Count> = BTreeMap::new();
+        for item in self.rows.iter() {
+            let (k, v) = item.into_inner().map_err(|e| self.storage(e))?;
+            let (p, value) = self.split(&v)?;
+            let c = out.entry(p).or_default();
+            c.rows += 1;
+            c.bytes += (k.len() + value.len()) as u64;
+        }
+        Ok(out)
+    }
+
+    fn put(batch: &mut fjall::OwnedWriteBatch, rows: &fjall::Keyspace, key: &[u8], row: PendingRow) {
+        match row {
+            Some((partition, value)) => {
+                let mut v = Vec::with_capacity(4 + value.len());
+                v.extend_from_slice(&partition.to_be_bytes());
+                v.extend_from_slice(&value);
+                batch.insert(rows, key, v);
+            }
+            None => batch.remove(rows, key),
+        }
     }
 
     /// Writes `rows`, then `offsets`, and flushes them to disk (see the module docs).
@@ -145,36 +274,46 @@ impl TableStore {
         rows: HashMap<Vec<u8>, PendingRow>,
         offsets: &BTreeMap<i32, i64>,
     ) -> Result<(), TableError> {
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
-        let mut key = Vec::new();
+        let mut batch = self.db.batch();
         for (k, row) in rows {
-            if in_batch == CHUNK {
-                self.tree.apply_batch(std::mem::take(&mut batch)).map_err(|e| self.storage(e))?;
-                in_batch = 0;
+            if batch.len() == CHUNK {
+                std::mem::replace(&mut batch, self.db.batch()).commit().map_err(|e| self.storage(e))?;
             }
-            in_batch += 1;
-            key.clear();
-            key.push(ROW);
-            key.extend_from_slice(&k);
-            match row {
-                Some((partition, value)) => {
-                    let mut v = Vec::with_capacity(4 + value.len());
-                    v.extend_from_slice(&partition.to_be_bytes());
-                    v.extend_from_slice(&value);
-                    batch.insert(key.as_slice(), v);
-                }
-                None => batch.remove(key.as_slice()),
-            }
+            Self::put(&mut batch, &self.rows, &k, row);
         }
+        batch.commit().map_err(|e| self.storage(e))?;
+        let mut batch = self.db.batch();
         for (p, o) in offsets {
-            let mut k = vec![OFFSET];
-            k.extend_from_slice(&p.to_be_bytes());
-            batch.insert(k, &o.to_be_bytes());
+            batch.insert(&self.offsets, p.to_be_bytes(), o.to_be_bytes());
         }
-        self.tree.apply_batch(batch).map_err(|e| self.storage(e))?;
-        self.db.flush().map_err(|e| self.storage(e))?;
-        Ok(())
+        batch.commit().map_err(|e| self.storage(e))?;
+        self.flush()
+    }
+
+    /// Writes an applied batch: `rows`, and the positions and counts of the partitions it
+    /// changed, in one atomic write (not yet durable: see [`flush`](Self::flush)).
+    pub(super) fn apply(
+        &self,
+        rows: impl IntoIterator<Item = (Vec<u8>, PendingRow)>,
+        positions: impl IntoIterator<Item = (i32, i64, Count)>,
+    ) -> Result<(), TableError> {
+        let mut batch = self.db.batch();
+        for (k, row) in rows {
+            Self::put(&mut batch, &self.rows, &k, row);
+        }
+        for (p, next, count) in positions {
+            let mut v = Vec::with_capacity(24);
+            v.extend_from_slice(&next.to_be_bytes());
+            v.extend_from_slice(&count.rows.to_be_bytes());
+            v.extend_from_slice(&count.bytes.to_be_bytes());
+            batch.insert(&self.offsets, p.to_be_bytes(), v);
+        }
+        batch.commit().map_err(|e| self.storage(e))
+    }
+
+    /// Makes what was written durable.
+    pub(super) fn flush(&self) -> Result<(), TableError> {
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| self.storage(e))
     }
 }
 
@@ -182,7 +321,7 @@ impl TableStore {
 type Job = (HashMap<Vec<u8>, PendingRow>, BTreeMap<i32, i64>);
 
 /// Writes checkpoints on a thread of its own, one at a time, so that reading the topic never
-/// waits for sled (a sled insert costs several µs; reading a record, well under one).
+/// waits for the store.
 pub(super) struct Writer {
     jobs: Option<std::sync::mpsc::SyncSender<Job>>,
     done: std::sync::mpsc::Receiver<Result<(), TableError>>,

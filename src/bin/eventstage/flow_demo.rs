@@ -54,7 +54,7 @@ pub(crate) struct FlowArgs {
     /// With --state-dir: hold at most this much committed state in memory (e.g. `256MiB`), one
     /// budget for all partitions; other keys are read from the local store when used. Default:
     /// every key of the owned partitions stays in memory.
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, requires = "state_dir")]
+    #[arg(long, value_name = "BYTES", value_parser = eventstage::cli::parse_bytes, requires = "state_dir")]
     state_cache: Option<u64>,
     /// With --state-dir: how often the local store is checkpointed while the journal changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "brokers")]
@@ -177,13 +177,6 @@ fn print_metrics(m: &FlowMetrics, exactly_once: bool) {
             m.store_lag
         );
     }
-}
-
-/// A size in bytes: `268435456`, `256MiB`, `1.5GB`.
-fn parse_bytes(raw: &str) -> Result<u64, String> {
-    raw.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("`{raw}` is not a size ({e}); e.g. 256MiB"))
 }
 
 /// The demo's journal, transactional id and group settings on a bank flow.
