@@ -51,6 +51,8 @@ mod codec;
 mod error;
 #[cfg(feature = "kafka")]
 pub mod flow;
+#[cfg(feature = "kafka")]
+mod local_store;
 mod replay;
 mod runtime;
 mod stage;

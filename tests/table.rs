@@ -245,6 +245,26 @@ async fn a_table_with_a_row_cache_reads_its_rows_from_the_store() {
         .await
         .unwrap_err();
     refused(e, "with_encoder");
+
+    // A store of format 1 (sled, before 2026-12-05) is dropped and the table read again.
+    let old = tempfile::tempdir().unwrap();
+    let marker = serde_json::json!({ "format": 1, "topic": topic });
+    std::fs::write(old.path().join("eventstage-table.json"), marker.to_string()).unwrap();
+    std::fs::create_dir(old.path().join("sled")).unwrap();
+    std::fs::write(old.path().join("sled").join("db"), b"sled pages").unwrap();
+    let table = Table::builder(&b, &topic)
+        .keys(Decoder::utf8())
+        .values(Decoder::utf8())
+        .store(old.path())
+        .cache(1 << 20)
+        .open()
+        .await
+        .unwrap();
+    table.caught_up().await.unwrap();
+    assert_eq!(contents(&table), model);
+    assert_eq!(table.stats().records_read, 2500, "read again from the topic");
+    assert!(!old.path().join("sled").exists() && old.path().join("fjall").exists());
+    table.close().await.unwrap();
 }
 
 fn transactional(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {

@@ -47,11 +47,15 @@
 //!     cache budget, its memory (peak and end) and rate: see `cache.rs`
 //!     (`EVENTSTAGE_E2E_ONLY=cache`, `EVENTSTAGE_E2E_CACHE_KEYS`, default 10^6,
 //!     `EVENTSTAGE_E2E_CACHE_MIB`, the budgets in MiB, 0 for none, default `0,128`).
+//! 12. a table larger than memory: K rows read by `eventstage table stats --store` with a row
+//!     cache, its memory and rate, then reopened and looked up at random: see `table_cache.rs`
+//!     (`EVENTSTAGE_E2E_ONLY=table-cache`, `EVENTSTAGE_E2E_TABLE_CACHE_KEYS`, default 10^7,
+//!     `EVENTSTAGE_E2E_TABLE_CACHE_MIB`, default `64`).
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
 //! `EVENTSTAGE_E2E_INSTANCES` (the instance counts of section 9, default `1,2,4`),
-//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache`
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|table-cache`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
 //! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
@@ -81,6 +85,7 @@ mod restore;
 mod scaling;
 mod storage;
 mod table;
+mod table_cache;
 mod throughput;
 
 use broker::*;
@@ -191,6 +196,13 @@ fn run() -> Result<()> {
         let rows = cache::run(&rt, b, keys, &env_list("EVENTSTAGE_E2E_CACHE_MIB", "0,128")?)?;
         println!();
         cache::print(&rows);
+        return Ok(());
+    }
+    if only.as_deref() == Some("table-cache") {
+        progress("12/12 a table larger than memory (EVENTSTAGE_E2E_ONLY=table-cache)");
+        let rows = table_cache::run(&rt, b)?;
+        println!();
+        table_cache::print(&rows);
         return Ok(());
     }
     if only.as_deref() == Some("table") {

@@ -152,8 +152,7 @@ impl TableStore {
             }
             })?;
         let keyspace = |name: &str, memtable: u64| {
-            db.keyspace(name, || fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable))
-                .map_err(|e| err(format!("fjall: {e}")))
+            db.keyspace(name, || crate::local_store::rows_keyspace(memtable)).map_err(|e| err(format!("fjall: {e}")))
         };
         let rows = keyspace("rows", memory.memtable)?;
         let offsets = keyspace("offsets", 1 << 20)?;
