@@ -137,20 +137,13 @@ impl TableStore {
                 .map_err(|e| err(e.to_string()))?;
             std::fs::write(&marker_path, marker).map_err(|e| err(format!("cannot write {MARKER}: {e}")))?;
         }
-        // fjall's smallest journal bound: a start after a crash replays at most this much.
-        let db = fjall::Database::builder(path.join(DATA))
-            .cache_size(memory.cache)
-            .max_journaling_size(64 << 20)
-            .open()
-            .map_err(|e| {
-                match e {
-                fjall::Error::Locked => err(
-                    "fjall: the database is locked (is another process using this store? one table per store directory)"
-                        .into(),
-                ),
-                e => err(format!("fjall: {e}; delete the directory to rebuild the table from its topic")),
-            }
-            })?;
+        let db = crate::local_store::database(&path.join(DATA), memory.cache).open().map_err(|e| match e {
+            fjall::Error::Locked => err(
+                "fjall: the database is locked (is another process using this store? one table per store directory)"
+                    .into(),
+            ),
+            e => err(format!("fjall: {e}; delete the directory to rebuild the table from its topic")),
+        })?;
         let keyspace = |name: &str, memtable: u64| {
             db.keyspace(name, || crate::local_store::rows_keyspace(memtable)).map_err(|e| err(format!("fjall: {e}")))
         };

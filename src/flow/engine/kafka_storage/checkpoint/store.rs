@@ -114,10 +114,7 @@ impl LocalStore {
             let raw = serde_json::to_vec_pretty(&expected).map_err(|e| config_err(dir, e))?;
             std::fs::write(&marker_path, raw).map_err(|e| config_err(dir, format!("cannot write {MARKER}: {e}")))?;
         }
-        // fjall keeps up to 512 MiB of journal by default, replayed at a start after SIGKILL; the
-        // checkpoints' keyspace, written rarely, holds old journals until it is flushed. Its
-        // smallest bound keeps that replay short.
-        let open = || fjall::Database::builder(&data_dir).cache_size(memory.cache).max_journaling_size(64 << 20).open();
+        let open = || crate::local_store::database(&data_dir, memory.cache).open();
         let db = match open() {
             Ok(db) => db,
             Err(fjall::Error::Locked) => {
