@@ -147,7 +147,10 @@ pub(crate) fn run(
     for system in systems {
         let row = match system {
             System::Eventstage => {
-                progress(&format!("  eventstage demo, state cache {cache_mib} MiB: {keys} opens, then {n} deposits"));
+                progress(&format!(
+                    "  eventstage demo, state cache {}: {keys} opens, then {n} deposits",
+                    if cache_mib > 0 { format!("{cache_mib} MiB") } else { "none".into() }
+                ));
                 let label = if cache_mib > 0 {
                     format!("eventstage ({cache_mib} MiB cache)")
                 } else {
