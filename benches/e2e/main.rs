@@ -47,6 +47,13 @@
 //!     cache budget, its memory (peak and end) and rate: see `cache.rs`
 //!     (`EVENTSTAGE_E2E_ONLY=cache`, `EVENTSTAGE_E2E_CACHE_KEYS`, default 10^6,
 //!     `EVENTSTAGE_E2E_CACHE_MIB`, the budgets in MiB, 0 for none, default `0,128`).
+//! 11. uniform random keys over K accounts, eventstage beside a Kafka Streams application of the
+//!     same contract (`benches/kstreams`: Processor API, RocksDB, `exactly_once_v2`; built with
+//!     Maven on first use): K opens, then N deposits to uniformly random accounts; the rates,
+//!     latency p50/p99 and peak memory of each, same broker, same run: see `uniform.rs`
+//!     (`EVENTSTAGE_E2E_ONLY=uniform`, `EVENTSTAGE_E2E_UNIFORM_KEYS`, default 10^7,
+//!     `EVENTSTAGE_E2E_UNIFORM_N`, default 10^6, `EVENTSTAGE_E2E_UNIFORM_MIB`, eventstage's state
+//!     cache, default 128, `EVENTSTAGE_E2E_UNIFORM_SYSTEMS`, default `eventstage,kstreams`).
 //! 12. a table larger than memory: K rows read by `eventstage table stats --store` with a row
 //!     cache, its memory and rate, then reopened and looked up at random: see `table_cache.rs`
 //!     (`EVENTSTAGE_E2E_ONLY=table-cache`, `EVENTSTAGE_E2E_TABLE_CACHE_KEYS`, default 10^7,
@@ -55,9 +62,10 @@
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
 //! `EVENTSTAGE_E2E_INSTANCES` (the instance counts of section 9, default `1,2,4`),
-//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|table-cache`
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|uniform|table-cache`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
-//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s), `EVENTSTAGE_E2E_THREADS` (print the CPU
+//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s, or section 7, 8, 9, 10, 11; sections 10
+//! and 11 run only so), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
 //! 3 four times a second: consumed commands, transactions, last commit latency),
 //! `EVENTSTAGE_E2E_FLOW_PRODUCER` / `EVENTSTAGE_E2E_FLOW_CONSUMER` (librdkafka properties for the
@@ -87,6 +95,7 @@ mod storage;
 mod table;
 mod table_cache;
 mod throughput;
+mod uniform;
 
 use broker::*;
 use cpu::*;
@@ -203,6 +212,18 @@ fn run() -> Result<()> {
         let rows = table_cache::run(&rt, b)?;
         println!();
         table_cache::print(&rows);
+        return Ok(());
+    }
+    if only.as_deref() == Some("uniform") {
+        progress("11/11 uniform random keys, eventstage and Kafka Streams (EVENTSTAGE_E2E_ONLY=uniform)");
+        let keys = env_number("EVENTSTAGE_E2E_UNIFORM_KEYS", 10_000_000)?.max(1);
+        let n = env_number("EVENTSTAGE_E2E_UNIFORM_N", 1_000_000)?.max(1);
+        let mib = env_number("EVENTSTAGE_E2E_UNIFORM_MIB", 128)?;
+        let systems = std::env::var("EVENTSTAGE_E2E_UNIFORM_SYSTEMS").unwrap_or_else(|_| "eventstage,kstreams".into());
+        let rows = uniform::run(&rt, b, keys, n, mib, &systems)?;
+        println!();
+        uniform::print(&rows, keys, n);
+        progress(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
         return Ok(());
     }
     if only.as_deref() == Some("table") {
