@@ -20,7 +20,7 @@
 //! DIR/eventstage-state.json   identifies the directory: format version, journal topic, stage
 //! DIR/sled/                   the sled database:
 //!     tree `offsets`: partition (i32 BE) -> next journal offset (i64 BE) | released at (u64 BE ms, 0: held)
-//!     tree `p<partition>`: entity key -> the key's newest journal record value
+//!     keyspace `p<partition>`: entity key -> the key's newest journal record value, without its events
 //! ```
 
 mod common;
