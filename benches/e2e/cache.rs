@@ -131,14 +131,7 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     send(&p, &topics.input, &key(keys / 2), &wire("probe".into(), "deposit", Some(1)))?;
     p.flush(Duration::from_secs(30)).context("flush the probe")?;
     // The replies written from now on (the topic holds K already).
-    let replies: BaseConsumer =
-        eventstage_testkafka::read_committed_reader(brokers).set("fetch.wait.max.ms", "10").create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        let (_, high) = replies.fetch_watermarks(&topics.replies, p, Duration::from_secs(10))?;
-        tpl.add_partition_offset(&topics.replies, p, Offset::Offset(high))?;
-    }
-    replies.assign(&tpl)?;
+    let replies = reader_at_end(brokers, &topics.replies)?;
     let restarted = Instant::now();
     let mut child = spawn()?;
     let deadline = Instant::now() + Duration::from_secs(600);

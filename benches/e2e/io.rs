@@ -136,6 +136,20 @@ pub(crate) struct Counter {
 }
 
 /// Counts committed records of `topic` on a thread of its own until `n` are visible.
+/// A read_committed consumer of `topic` positioned at its end now: it reads only what is written
+/// from now on.
+pub(crate) fn reader_at_end(brokers: &str, topic: &str) -> Result<BaseConsumer> {
+    let reader: BaseConsumer =
+        eventstage_testkafka::read_committed_reader(brokers).set("fetch.wait.max.ms", "10").create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        let (_, high) = reader.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    reader.assign(&tpl)?;
+    Ok(reader)
+}
+
 pub(crate) fn count_committed(brokers: &str, topic: &str, n: u64) -> Counter {
     let (brokers, topic) = (brokers.to_string(), topic.to_string());
     let seen = Arc::new(AtomicU64::new(0));

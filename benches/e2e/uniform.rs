@@ -347,14 +347,7 @@ fn phases(
     progress(&format!("    {keys} accounts open in {:.1} s ({open_rate:.0}/s); deposits", open_took.as_secs_f64()));
 
     // The replies written from now on (the topic holds the K replies to the opens).
-    let replies: BaseConsumer =
-        eventstage_testkafka::read_committed_reader(brokers).set("fetch.wait.max.ms", "10").create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        let (_, high) = replies.fetch_watermarks(&topics.replies, p, Duration::from_secs(10))?;
-        tpl.add_partition_offset(&topics.replies, p, Offset::Offset(high))?;
-    }
-    replies.assign(&tpl)?;
+    let replies = reader_at_end(brokers, &topics.replies)?;
     let n = deposits.account.len();
     let base = Instant::now();
     let abort = Arc::new(AtomicBool::new(false));

@@ -20,9 +20,9 @@ const MAX_PENDING: usize = 100_000;
 
 /// The row the local store keeps of a journal record: the entry without its events, which a
 /// read from the store does not use (it takes the state, its sequence number and the input
-/// positions). A bank account's row shrinks from about 115 to 80 bytes, and fjall's flushes and
-/// compactions copy that much less. A record that does not decode is kept as it is: reading it
-/// back reports the damage.
+/// positions). A bank account's row after one deposit shrinks from about 98 to 67 bytes (three
+/// 24-byte envelope headers become two), and fjall's flushes and compactions copy that much less.
+/// A record that does not decode is kept as it is: reading it back reports the damage.
 fn stored_row(value: &[u8]) -> Vec<u8> {
     match JournalEntry::decode(value) {
         Ok(entry) if !entry.events.is_empty() && entry.state.is_some() => {
