@@ -248,12 +248,12 @@ impl TableStore {
         Ok(out)
     }
 
-    fn put(batch: &mut fjall::OwnedWriteBatch, rows: &fjall::Keyspace, key: &[u8], row: PendingRow) {
+    fn put(batch: &mut fjall::OwnedWriteBatch, rows: &fjall::Keyspace, key: &[u8], row: Option<(i32, &[u8])>) {
         match row {
             Some((partition, value)) => {
                 let mut v = Vec::with_capacity(4 + value.len());
                 v.extend_from_slice(&partition.to_be_bytes());
-                v.extend_from_slice(&value);
+                v.extend_from_slice(value);
                 batch.insert(rows, key, v);
             }
             None => batch.remove(rows, key),
@@ -271,7 +271,7 @@ impl TableStore {
             if batch.len() == CHUNK {
                 std::mem::replace(&mut batch, self.db.batch()).commit().map_err(|e| self.storage(e))?;
             }
-            Self::put(&mut batch, &self.rows, &k, row);
+            Self::put(&mut batch, &self.rows, &k, row.as_ref().map(|(p, v)| (*p, v.as_slice())));
         }
         batch.commit().map_err(|e| self.storage(e))?;
         let mut batch = self.db.batch();
@@ -284,14 +284,14 @@ impl TableStore {
 
     /// Writes an applied batch: `rows`, and the positions and counts of the partitions it
     /// changed, in one atomic write (not yet durable: see [`flush`](Self::flush)).
-    pub(super) fn apply(
+    pub(super) fn apply<'a>(
         &self,
-        rows: impl IntoIterator<Item = (Vec<u8>, PendingRow)>,
+        rows: impl IntoIterator<Item = (&'a [u8], Option<(i32, &'a [u8])>)>,
         positions: impl IntoIterator<Item = (i32, i64, Count)>,
     ) -> Result<(), TableError> {
         let mut batch = self.db.batch();
         for (k, row) in rows {
-            Self::put(&mut batch, &self.rows, &k, row);
+            Self::put(&mut batch, &self.rows, k, row);
         }
         for (p, next, count) in positions {
             let mut v = Vec::with_capacity(24);

@@ -1,29 +1,28 @@
-//! The follower thread: opens the topic, loads the store, then consumes and applies records in
-//! batches, publishing each batch to the readers and checkpointing the store.
+//! The follower thread: consumes and applies records in batches, publishing each batch to the
+//! readers and checkpointing the store. Opening the table is in `open`; what a table with a row
+//! cache does differently (its rows written to the store per batch) is in `cached`.
+
+mod cached;
+mod open;
+
+pub(super) use open::start;
 
 use super::assignment::Reply;
-use super::cache::RowCache;
 use super::exported::Exported;
-use super::rows::{Entry, Index, Probe, Rows};
-use super::store::{Count, PendingRow, StoreMemory, TableStore, Writer};
+use super::rows::{Entry, Probe, Rows};
+use super::store::{Count, PendingRow, TableStore, Writer};
 use super::stored::Stored;
-use super::{
-    BadInput, Change, Command, Counters, Decoder, Partitions, Progress, Shared, Status, TableBuilder, TableError,
-};
-use arc_swap::ArcSwap;
+use super::{BadInput, Change, Command, Counters, Decoder, Progress, Shared, Status, TableError};
+use open::{existing, watermarks};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, watch};
-
-/// The index is sized up front for at most this many keys.
-const MAX_PRESIZED_KEYS: usize = 1 << 22;
 
 /// Records applied (and published) together at most.
 const MAX_BATCH: usize = 10_000;
@@ -38,8 +37,6 @@ const MAX_PENDING_ROWS: usize = 200_000;
 const MAX_WAITING_ROWS: usize = 1_000_000;
 /// How often a table of all partitions looks for new partitions.
 const METADATA_REFRESH: Duration = Duration::from_secs(30);
-/// A row cache's budget gives at most this much to the store's block cache and memtables.
-const MAX_STORE_SHARE: u64 = 256 << 20;
 
 struct TableContext {
     topic: String,
@@ -59,180 +56,6 @@ type TableConsumer = BaseConsumer<TableContext>;
 
 fn kafka(context: &str, e: KafkaError) -> TableError {
     TableError::Kafka { context: context.into(), source: e }
-}
-
-/// What [`start`] hands to the table: the shared state and the follower thread.
-pub(super) type Started<K, V> = (Arc<Shared<K, V>>, std::thread::JoinHandle<()>);
-
-/// Opens the table: metadata, store, assignment; starts the follower thread.
-pub(super) fn start<K, V>(b: TableBuilder<K, V>) -> Result<Started<K, V>, TableError>
-where
-    K: Ord + std::hash::Hash + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
-{
-    let cache = cache_budget(&b)?;
-    let mut config = ClientConfig::new();
-    if cache.is_some() {
-        // The rows are bounded: so is what librdkafka fetches ahead (64 MiB by default).
-        config.set("queued.max.messages.kbytes", "16384");
-    }
-    config
-        .set("bootstrap.servers", &b.settings.brokers)
-        .set("group.id", format!("eventstage-table-{}", b.settings.topic))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false")
-        // The follower takes 10 000 records at a time, so while it reads a backlog librdkafka's
-        // fetch queue is often full; with the default 1 s backoff before the next fetch the table
-        // read 129k rows/s on Apache Kafka, with 10 ms 500-590k (the e2e bench, 1M keys).
-        .set("fetch.queue.backoff.ms", "10");
-    for (k, v) in &b.settings.properties {
-        config.set(k, v);
-    }
-    config.set("isolation.level", "read_committed");
-    let consumer: TableConsumer = config
-        .create_with_context(TableContext { topic: b.settings.topic.clone() })
-        .map_err(|e| kafka("create the consumer", e))?;
-
-    let count = partition_count(&consumer, &b.settings.brokers, &b.settings.topic, b.settings.timeout)?;
-    let partitions: Vec<i32> = match &b.settings.partitions {
-        Partitions::All => (0..count).collect(),
-        Partitions::Only(ps) => {
-            existing(&b.settings.topic, ps, count)?;
-            ps.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
-        }
-        Partitions::Assigned => Vec::new(),
-    };
-
-    let memory = cache.map_or(StoreMemory::CHECKPOINTS, |(_, store)| store);
-    let store = b.settings.store.as_deref().map(|dir| TableStore::open(dir, &b.settings.topic, memory)).transpose()?;
-    let marks = watermarks(&consumer, &b.settings.topic, &partitions, b.settings.timeout)?;
-    // Sized for the records in the topic (an upper bound of its keys, capped): growing a hash map
-    // of a million keys rehashes every key several times on the catch-up path.
-    let records: i64 = marks.values().map(|(low, high)| high - low).sum();
-    let capacity = if cache.is_some() { 0 } else { (records.max(0) as usize).min(MAX_PRESIZED_KEYS) };
-    let stored = match (&store, cache) {
-        (Some(store), Some((rows, _))) => Some(Arc::new(Stored {
-            store: store.clone(),
-            cache: RowCache::new(rows),
-            keys: b.keys.clone(),
-            values: b.values.clone(),
-            owned: ArcSwap::from_pointee(BTreeMap::new()),
-        })),
-        _ => None,
-    };
-    let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        topic: b.settings.topic.clone(),
-        rows: ArcSwap::from_pointee(Rows::new()),
-        index: Index::with_capacity(capacity),
-        changes: broadcast::channel(b.settings.watch_capacity).0,
-        status: watch::channel(Status::CatchingUp).0,
-        counters: Counters::default(),
-        progress: Mutex::new(Default::default()),
-        commands,
-        stop: AtomicBool::new(false),
-        stored: stored.clone(),
-    });
-    // A table with a row cache writes each applied batch itself; one held in memory checkpoints
-    // in the background.
-    let writer = if stored.is_some() { None } else { store.clone().map(Writer::start).transpose()? };
-    let mut follower = Follower {
-        shared: shared.clone(),
-        keys: b.keys,
-        values: b.values,
-        bad_input: b.settings.bad_input,
-        store,
-        writer,
-        stored,
-        batch: HashMap::new(),
-        counts: BTreeMap::new(),
-        unflushed: false,
-        rows: Rows::new(),
-        pending_rows: HashMap::new(),
-        positions: BTreeMap::new(),
-        ends: BTreeMap::new(),
-        catching_up: BTreeSet::new(),
-        caught_up_now: false,
-        follow_all: matches!(b.settings.partitions, Partitions::All),
-        count,
-        checkpoint_interval: b.settings.checkpoint_interval,
-        timeout: b.settings.timeout,
-        commands: commands_rx,
-        waiters: Vec::new(),
-        started: Instant::now(),
-        exported: Exported::new(&b.settings.topic),
-    };
-    follower.read(&consumer, &marks)?;
-    follower.publish(&mut Vec::new())?;
-    if follower.catching_up.is_empty() {
-        shared.status.send_replace(Status::Following);
-    }
-    tracing::info!(topic = %shared.topic, ?partitions, loaded = follower.keys(), from = ?follower.positions, to = ?follower.ends, "table opened");
-    let thread = std::thread::Builder::new()
-        .name("eventstage-table".into())
-        .spawn(move || follower.run(&consumer))
-        .map_err(|e| TableError::Crashed(format!("cannot start the table thread: {e}")))?;
-    Ok((shared, thread))
-}
-
-/// A row cache's budget split between the rows and the store (`None`: no cache), or why the
-/// settings cannot have one.
-fn cache_budget<K, V>(b: &TableBuilder<K, V>) -> Result<Option<(u64, StoreMemory)>, TableError> {
-    let Some(bytes) = b.settings.cache else { return Ok(None) };
-    let refuse = |message: &str| Err(TableError::Settings { topic: b.settings.topic.clone(), message: message.into() });
-    if bytes == 0 {
-        return refuse("a row cache of 0 bytes cannot hold a row: give it a budget (e.g. 64 MiB), or no cache to hold every row in memory");
-    }
-    if b.settings.store.is_none() {
-        return refuse("a row cache needs a local store (`store(dir)`, CLI `--store DIR`): the rows it does not hold are read from it");
-    }
-    if !b.keys.can_encode() {
-        return refuse(&format!(
-            "a row cache needs a key decoder that gives back a key's bytes (`Decoder::with_encoder`); `{}` has none (utf8 and bytes do)",
-            b.keys.name()
-        ));
-    }
-    let share = (bytes / 4).min(MAX_STORE_SHARE);
-    let store = StoreMemory { cache: (share / 2).max(1 << 20), memtable: (share / 2).max(1 << 20) };
-    Ok(Some(((bytes - share).max(1), store)))
-}
-
-fn partition_count(consumer: &TableConsumer, brokers: &str, topic: &str, timeout: Duration) -> Result<i32, TableError> {
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|source| TableError::Unreachable { brokers: brokers.into(), source })?;
-    match md.topics().iter().find(|t| t.name() == topic) {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
-        _ => Err(TableError::MissingTopic { topic: topic.into(), brokers: brokers.into() }),
-    }
-}
-
-/// `Err` naming the first of `partitions` that a topic of `count` partitions does not have.
-fn existing(topic: &str, partitions: &[i32], count: i32) -> Result<(), TableError> {
-    match partitions.iter().find(|&&p| p < 0 || p >= count) {
-        Some(&partition) => Err(TableError::NoSuchPartition { topic: topic.into(), partition, count }),
-        None => Ok(()),
-    }
-}
-
-/// The first and end offsets of each of `partitions`, as of now.
-fn watermarks(
-    consumer: &TableConsumer,
-    topic: &str,
-    partitions: &[i32],
-    timeout: Duration,
-) -> Result<BTreeMap<i32, (i64, i64)>, TableError> {
-    partitions
-        .iter()
-        .map(|&p| {
-            let marks =
-                consumer.fetch_watermarks(topic, p, timeout).map_err(|e| kafka("read the partition ends", e))?;
-            Ok((p, marks))
-        })
-        .collect()
 }
 
 /// Decodes a record's key and value; `Err` says why it cannot be a row.
@@ -295,9 +118,6 @@ fn load<K, V>(
 /// A key of a batch, and its new row (decoded, and its value's bytes for the store; `None`:
 /// deleted).
 type Pending<K, V> = (K, Option<(Entry<K, V>, Vec<u8>)>);
-
-/// A key's row before a record: its partition, size, and the row when it was decoded.
-type OldRow<K, V> = (i32, u32, Option<Entry<K, V>>);
 
 /// Someone waiting for partitions to be caught up (see [`Table::assign`](super::Table::assign)).
 type Waiter = (BTreeSet<i32>, Reply);
@@ -491,56 +311,6 @@ where
         Ok(())
     }
 
-    /// Applies a record to a table with a row cache: the row joins the batch (written to the store
-    /// when it is published), and the partitions' counts follow. Returns the key's row before
-    /// (decoded only when someone watches the table's changes).
-    fn apply_stored(
-        &mut self,
-        stored: &Stored<K, V>,
-        raw_key: &[u8],
-        payload: Option<&[u8]>,
-        key: &K,
-        new: Option<Entry<K, V>>,
-    ) -> Result<Option<Entry<K, V>>, TableError> {
-        let watched = self.shared.changes.receiver_count() > 0;
-        // The row before: in this batch, in the cache, else in the store.
-        let old: Option<OldRow<K, V>> = match self.batch.get(raw_key) {
-            Some((_, row)) => row.as_ref().map(|(e, _)| (e.partition, e.size, Some(e.clone()))),
-            None => match stored.cache.peek(key) {
-                Some(e) => Some((e.partition, e.size, Some(e))),
-                None => match stored.store.get(raw_key)? {
-                    None => None,
-                    Some((partition, row)) => {
-                        let value = stored.store.split(&row)?.1;
-                        let size = (raw_key.len() + value.len()) as u32;
-                        // A stored value the decoder no longer reads is not a row to report.
-                        let entry = watched
-                            .then(|| stored.values.decode(value).ok())
-                            .flatten()
-                            .map(|v| Entry::new(key.clone(), v, size, partition));
-                        Some((partition, size, entry))
-                    }
-                },
-            },
-        };
-        let counters = &self.shared.counters;
-        if let Some((partition, size, _)) = &old {
-            counters.bytes.fetch_sub(i64::from(*size), Ordering::Relaxed);
-            if let Some(c) = self.counts.get_mut(partition) {
-                c.rows = c.rows.saturating_sub(1);
-                c.bytes = c.bytes.saturating_sub(u64::from(*size));
-            }
-        }
-        if let Some(e) = &new {
-            let c = self.counts.entry(e.partition).or_default();
-            c.rows += 1;
-            c.bytes += u64::from(e.size);
-        }
-        let row = new.zip(payload).map(|(e, v)| (e, v.to_vec()));
-        self.batch.insert(raw_key.to_vec(), (key.clone(), row));
-        Ok(old.and_then(|(_, _, e)| e))
-    }
-
     /// Keys in the table.
     fn keys(&self) -> usize {
         match &self.stored {
@@ -600,39 +370,6 @@ where
             if starts[&p] < high {
                 self.catching_up.insert(p);
             }
-        }
-        Ok(())
-    }
-
-    /// With a row cache: the rows of the partitions of `marks` are in the store already; their
-    /// counts come from the store's positions (a store written by checkpoints has none: its rows
-    /// are counted once, and the counts written).
-    fn open_stored(
-        &mut self,
-        store: &TableStore,
-        marks: &BTreeMap<i32, (i64, i64)>,
-        positions: &BTreeMap<i32, super::store::Position>,
-        starts: &BTreeMap<i32, i64>,
-    ) -> Result<(), TableError> {
-        let uncounted: Vec<i32> =
-            marks.keys().copied().filter(|p| positions.get(p).and_then(|pos| pos.count).is_none()).collect();
-        let counted = if uncounted.is_empty() {
-            BTreeMap::new()
-        } else {
-            let started = Instant::now();
-            let counted = store.count()?;
-            tracing::info!(topic = %self.shared.topic, partitions = ?uncounted, ms = started.elapsed().as_millis() as u64, "counted the store's rows (it was written without counts)");
-            let writes = uncounted.iter().map(|&p| (p, starts[&p], counted.get(&p).copied().unwrap_or_default()));
-            store.apply(std::iter::empty(), writes.collect::<Vec<_>>())?;
-            counted
-        };
-        let counters = &self.shared.counters;
-        for &p in marks.keys() {
-            let count =
-                positions.get(&p).and_then(|pos| pos.count).or_else(|| counted.get(&p).copied()).unwrap_or_default();
-            counters.loaded_from_store.fetch_add(count.rows, Ordering::Relaxed);
-            counters.bytes.fetch_add(count.bytes as i64, Ordering::Relaxed);
-            self.counts.insert(p, count);
         }
         Ok(())
     }
@@ -777,33 +514,6 @@ where
             // An error only means that every watcher has gone.
             let _ = self.shared.changes.send(c);
         }
-        Ok(())
-    }
-
-    /// With a row cache: writes the batch and the positions to the store in one atomic write,
-    /// then tells the cache (see the `cache` module docs) and publishes the counts.
-    fn write_batch(&mut self, stored: &Stored<K, V>) -> Result<(), TableError> {
-        let batch = std::mem::take(&mut self.batch);
-        let rows: Vec<(Vec<u8>, PendingRow)> = batch
-            .iter()
-            .map(|(raw, (_, row))| (raw.clone(), row.as_ref().map(|(e, v)| (e.partition, v.clone()))))
-            .collect();
-        let positions: Vec<(i32, i64, Count)> = self
-            .positions
-            .iter()
-            .map(|(&p, &next)| (p, next, self.counts.get(&p).copied().unwrap_or_default()))
-            .collect();
-        stored.cache.begin_write();
-        let written = stored.store.apply(rows, positions);
-        if written.is_ok() {
-            for (key, row) in batch.values() {
-                stored.cache.written(key, row.as_ref().map(|(e, _)| e));
-            }
-            self.unflushed = true;
-        }
-        stored.cache.end_write();
-        written?;
-        stored.owned.store(Arc::new(self.counts.clone()));
         Ok(())
     }
 
