@@ -128,3 +128,17 @@ pub fn rate(per_second: f64) -> String {
         format!("{per_second:.0} /s")
     }
 }
+
+/// Bytes of the files under `path`, all the way down.
+pub fn dir_size(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

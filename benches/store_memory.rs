@@ -17,10 +17,11 @@
 //! fjall's own, 64 MiB per keyspace), `EVENTSTAGE_STORE_ONLY` (`sled` or `fjall`). Memory is whole-process RSS from `/proc/self/status`
 //! (Linux) after each phase; the peak is the kernel's high-water mark over the whole run.
 
+mod shared;
+
 use eventstage::journal::{Envelope, JournalEntry, SeqNo};
 use eventstage::stages::bank::{Account, Bank};
 use eventstage::{Codec, EventSourced};
-use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -147,7 +148,7 @@ fn run(store: &str, keys: u64, cache_mb: u64, partitions: u64) {
     let rewrote = started.elapsed();
     let (after_rewrites, peak) = memory();
     drop(rows);
-    let disk = dir_size(dir.path());
+    let disk = shared::dir_size(dir.path());
 
     let per_s = |n: u64, d: std::time::Duration| n as f64 / d.as_secs_f64();
     println!(
@@ -171,19 +172,6 @@ fn memory() -> (u64, u64) {
             .map_or(0, |kb| kb / 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn dir_size(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// A small deterministic generator (the same keys for both stores).

@@ -91,6 +91,8 @@ mod report;
 mod restart;
 mod restore;
 mod scaling;
+#[path = "../shared.rs"]
+mod shared;
 mod storage;
 mod table;
 mod table_cache;

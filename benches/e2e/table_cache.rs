@@ -42,21 +42,6 @@ fn key(i: u64) -> String {
     format!("row-{i:08}")
 }
 
-fn dir_mib(dir: &std::path::Path) -> u64 {
-    fn walk(p: &std::path::Path) -> u64 {
-        std::fs::read_dir(p).map_or(0, |d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-    }
-    walk(dir) >> 20
-}
-
 pub(crate) fn run(rt: &tokio::runtime::Runtime, brokers: &str) -> Result<Vec<TableCacheRow>> {
     let keys = env_number("EVENTSTAGE_E2E_TABLE_CACHE_KEYS", 10_000_000)?.max(1);
     let budgets = super::env_list("EVENTSTAGE_E2E_TABLE_CACHE_MIB", "64")?;
@@ -121,7 +106,7 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, topic: &str, keys: u64, budg
     if stats["keys"].as_u64() != Some(keys) {
         bail!("the table has {} keys, the topic {keys}", stats["keys"]);
     }
-    let store_mib = dir_mib(&store);
+    let store_mib = crate::shared::dir_size(&store) >> 20;
 
     // Reopened in this process.
     let before = rss_mib(std::process::id()).unwrap_or(0) as i64;
