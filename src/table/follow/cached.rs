@@ -111,7 +111,11 @@ where
             .map(|(raw, (_, row))| (raw.as_slice(), row.as_ref().map(|(e, v)| (e.partition, v.as_slice()))));
         let counts = &self.counts;
         let positions = self.positions.iter().map(|(&p, &next)| (p, next, counts.get(&p).copied().unwrap_or_default()));
-        stored.cache.begin_write();
+        // A batch of offsets only (a partition's end, transaction markers) changes no cached row.
+        let changes_rows = !batch.is_empty();
+        if changes_rows {
+            stored.cache.begin_write();
+        }
         let written = stored.store.apply(rows, positions);
         if written.is_ok() {
             for (key, row) in batch.values() {
@@ -119,7 +123,9 @@ where
             }
             self.unflushed = true;
         }
-        stored.cache.end_write();
+        if changes_rows {
+            stored.cache.end_write();
+        }
         written?;
         stored.owned.store(Arc::new(self.counts.clone()));
         Ok(())
