@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Restart: the state comes back from the journal.
     let stage = StageRuntime::open_sled(Bank, &path, RuntimeConfig::default()).await?;
-    println!("after restart: {:?} (journal at {})", stage.handle().get(&alice), path.display());
+    println!("after restart: {:?} (journal at {})", stage.handle().get(&alice).await?, path.display());
     stage.shutdown().await?;
     Ok(())
 }

@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     stage.shutdown().await?;
 
     let stage = StageRuntime::open_sled(Inventory, &path, RuntimeConfig::default()).await?;
-    let stock = stage.handle().get(&sku).expect("the SKU has history");
+    let stock = stage.handle().get(&sku).await?.expect("the SKU has history");
     println!(
         "after restart: {} on hand, {} reserved, {} available",
         stock.on_hand,

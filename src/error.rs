@@ -61,6 +61,18 @@ pub enum Error {
         /// The failure that stopped it.
         cause: String,
     },
+    /// A stage runtime with a state cache could not read a key's state from its journal (damage,
+    /// a record that does not decode, a storage failure): the command had no effect. Commands to
+    /// other keys go on.
+    #[error("stage `{stage}`: the state of key {key} cannot be read from the journal ({cause}); the command had no effect. Run `eventstage journal verify` on the journal to find the damage")]
+    Unreadable {
+        /// Stage name.
+        stage: String,
+        /// Entity key, printed.
+        key: String,
+        /// Why.
+        cause: String,
+    },
     /// The runtime was shut down.
     #[error("stage `{0}` is shut down")]
     Closed(String),

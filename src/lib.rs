@@ -68,5 +68,5 @@ pub use codec::{Codec, CodecError};
 pub use error::{Error, Result};
 pub use eventstage_journal as journal;
 pub use replay::{rebuild, RecoveryStats};
-pub use runtime::{Durability, RuntimeConfig, StageHandle, StageRuntime};
+pub use runtime::{Durability, RuntimeConfig, StageHandle, StageRuntime, StateCacheStats};
 pub use stage::{Effect, EntityKey, EventSourced, PersistThen};

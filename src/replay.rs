@@ -31,6 +31,19 @@ impl<S: EventSourced> Default for Entity<S> {
     }
 }
 
+/// What a state cache's entry costs beside the inline sizes of its key, slot and state: the cache's
+/// links and index, the state's `Arc` counts, an allocation's rounding. Measured: see
+/// `benches/RESULTS.md` ("A bounded state cache").
+const ENTRY_OVERHEAD: usize = 64;
+
+/// What a state cache's entry of `key` weighs in its budget: the inline sizes of its key, its slot
+/// (`slot` bytes, the entity included) and its state, the key's bytes, and [`ENTRY_OVERHEAD`].
+/// Memory a state owns beyond its inline size (a `String` field's text) is not counted.
+pub(crate) fn entry_weight<S: EventSourced>(key: &S::Key, slot: usize) -> u32 {
+    let inline = size_of::<S::Key>() + slot + size_of::<S::State>() + 2 * size_of::<usize>();
+    (inline + key.to_bytes().len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
+}
+
 /// What a recovery read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -77,8 +90,16 @@ pub(crate) struct Folder<S: EventSourced> {
     /// Keys whose snapshot this build cannot read: replayed from their first event afterwards.
     refetch: Vec<Vec<u8>>,
     skipping: Option<Vec<u8>>,
+    /// Only the keys this accepts are rebuilt (all when `None`); the records of the others are
+    /// skipped.
+    keep: Option<KeyFilter<S>>,
+    /// The key of the records being skipped because `keep` refused it.
+    ignored: Option<Vec<u8>>,
     pub(crate) stats: RecoveryStats,
 }
+
+/// Which keys a scan rebuilds.
+pub(crate) type KeyFilter<S> = Box<dyn Fn(&<S as EventSourced>::Key) -> bool + Send>;
 
 impl<S: EventSourced> Folder<S> {
     pub(crate) fn new() -> Self {
@@ -87,6 +108,8 @@ impl<S: EventSourced> Folder<S> {
             current: None,
             refetch: Vec::new(),
             skipping: None,
+            keep: None,
+            ignored: None,
             stats: RecoveryStats::default(),
         }
     }
@@ -97,11 +120,22 @@ impl<S: EventSourced> Folder<S> {
         }
     }
 
-    /// Makes `raw` the current key, going on from where the fold left it if it was seen before.
-    fn resume(&mut self, raw: &[u8]) -> Result<()> {
+    /// The key of `raw`, or `None` when `keep` refuses it (its records are then skipped).
+    fn key(&mut self, raw: &[u8]) -> Result<Option<S::Key>> {
         self.close_current();
         let key =
             S::Key::from_bytes(raw).ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(raw) })?;
+        if self.keep.as_ref().is_some_and(|keep| !keep(&key)) {
+            self.ignored = Some(raw.to_vec());
+            return Ok(None);
+        }
+        self.ignored = None;
+        Ok(Some(key))
+    }
+
+    /// Makes `raw` the current key, going on from where the fold left it if it was seen before.
+    fn resume(&mut self, raw: &[u8]) -> Result<()> {
+        let Some(key) = self.key(raw)? else { return Ok(()) };
         let (state, seq) = match self.map.remove(&key) {
             Some(e) => (Arc::unwrap_or_clone(e.state), e.seq),
             None => (S::State::default(), SeqNo::ZERO),
@@ -111,9 +145,7 @@ impl<S: EventSourced> Folder<S> {
     }
 
     fn start(&mut self, raw: &[u8], state: S::State, seq: SeqNo) -> Result<()> {
-        self.close_current();
-        let key =
-            S::Key::from_bytes(raw).ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(raw) })?;
+        let Some(key) = self.key(raw)? else { return Ok(()) };
         self.current = Some(Current { raw: raw.to_vec(), key, state, seq });
         Ok(())
     }
@@ -145,7 +177,13 @@ impl<S: EventSourced> Folder<S> {
         }
         self.skipping = None;
         if self.current.as_ref().is_none_or(|c| c.raw != rec.key) {
+            if self.ignored.as_deref() == Some(rec.key.as_slice()) {
+                return Ok(());
+            }
             self.resume(&rec.key)?;
+            if self.current.is_none() {
+                return Ok(());
+            }
         }
         let event = decode_event::<S>(rec)?;
         let Some(cur) = self.current.as_mut() else { return Ok(()) };
@@ -173,9 +211,39 @@ pub(crate) async fn recover<S: EventSourced, J: Journal>(
     journal: &J,
     progress: &Progress,
 ) -> Result<(BTreeMap<S::Key, Entity<S>>, RecoveryStats)> {
+    fold_recovered(journal, journal.recover(), Folder::new(), progress).await
+}
+
+/// Rebuilds the keys of `keys` (their stored bytes) that have events, each from its latest snapshot
+/// and the events after it: what a runtime with a bounded cache reads when keys are first used.
+pub(crate) async fn recover_keys<S: EventSourced, J: Journal>(
+    journal: &J,
+    keys: Vec<Vec<u8>>,
+) -> Result<BTreeMap<S::Key, Entity<S>>> {
+    if keys.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let stream = journal.recover_keys(keys);
+    Ok(fold_recovered(journal, stream, Folder::new(), &Progress::none()).await?.0)
+}
+
+/// Rebuilds the keys `keep` accepts from the whole journal: only they are held while it is read.
+pub(crate) async fn recover_matching<S: EventSourced, J: Journal>(
+    journal: &J,
+    keep: impl Fn(&S::Key) -> bool + Send + 'static,
+) -> Result<BTreeMap<S::Key, Entity<S>>> {
+    let folder = Folder { keep: Some(Box::new(keep)), ..Folder::new() };
+    Ok(fold_recovered(journal, journal.recover(), folder, &Progress::none()).await?.0)
+}
+
+async fn fold_recovered<S: EventSourced, J: Journal>(
+    journal: &J,
+    stream: impl futures::Stream<Item = eventstage_journal::Result<Vec<Recovered>>>,
+    mut folder: Folder<S>,
+    progress: &Progress,
+) -> Result<(BTreeMap<S::Key, Entity<S>>, RecoveryStats)> {
     let started = Instant::now();
-    let mut folder = Folder::<S>::new();
-    let mut stream = std::pin::pin!(journal.recover());
+    let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
         for item in chunk? {
             match &item {

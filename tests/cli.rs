@@ -313,7 +313,7 @@ async fn sigkill_at_random_moments_leaves_a_consistent_journal() {
         last_events = report.events;
         let stage = StageRuntime::open(Bank, journal.clone(), RuntimeConfig::default()).await.unwrap();
         let recovered: BTreeMap<String, Account> =
-            stage.handle().snapshot().into_iter().map(|(k, v)| (k, Account::clone(&v))).collect();
+            stage.handle().snapshot().await.unwrap().into_iter().map(|(k, v)| (k, Account::clone(&v))).collect();
         let replayed: BTreeMap<String, Account> = rebuild::<Bank, _>(&journal, EventQuery::all(), &Progress::none())
             .await
             .unwrap()

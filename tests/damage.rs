@@ -43,7 +43,7 @@ pub(crate) async fn bank_journal(path: &Path, commands: usize, seed: u64) -> BTr
     for t in tasks {
         t.await.unwrap();
     }
-    let live = h.snapshot().into_iter().map(|(k, v)| (k, Account::clone(&v))).collect();
+    let live = h.snapshot().await.unwrap().into_iter().map(|(k, v)| (k, Account::clone(&v))).collect();
     stage.shutdown().await.unwrap();
     live
 }

@@ -110,7 +110,7 @@ fn the_runtime_refuses_events_it_could_not_replay() {
         let stage = StageRuntime::open_sled(Seats, &path, RuntimeConfig::default()).await.unwrap();
         let err = stage.handle().ask("show-1".into(), (true, 5)).await.unwrap_err();
         assert_unreadable(&err, "SeatEvent", "#[serde(tag");
-        assert_eq!(stage.handle().get(&"show-1".to_string()), None, "a refused command changes nothing");
+        assert_eq!(stage.handle().get(&"show-1".to_string()).await.unwrap(), None, "a refused command changes nothing");
         stage.shutdown().await.unwrap();
         let journal = SledJournal::open(&path, Seats::NAME).unwrap();
         assert_eq!(journal.stats().await.unwrap().events, 0, "nothing was persisted");
@@ -123,10 +123,10 @@ fn the_runtime_refuses_events_it_could_not_replay() {
         assert_eq!(h.ask("show-1".into(), (true, 5)).await.unwrap(), Ok(1));
         assert_eq!(h.ask("show-1".into(), (true, 7)).await.unwrap(), Ok(2));
         assert_eq!(h.ask("show-1".into(), (false, 5)).await.unwrap(), Ok(1));
-        let live = h.get(&"show-1".to_string()).map(|s| (*s).clone());
+        let live = h.get(&"show-1".to_string()).await.unwrap().map(|s| (*s).clone());
         stage.shutdown().await.unwrap();
         let stage = StageRuntime::open_sled(Seats, &path, json).await.unwrap();
-        assert_eq!(stage.handle().get(&"show-1".to_string()).map(|s| (*s).clone()), live);
+        assert_eq!(stage.handle().get(&"show-1".to_string()).await.unwrap().map(|s| (*s).clone()), live);
         assert_eq!(live, Some(BTreeSet::from([7])));
         stage.shutdown().await.unwrap();
     });
@@ -147,7 +147,7 @@ fn the_runtime_checks_every_event_not_only_the_first() {
         assert_eq!(h.ask("k".into(), Some("third".into())).await.unwrap(), Ok(2));
         stage.shutdown().await.unwrap();
         let stage = StageRuntime::open_sled(Notes, &path, RuntimeConfig::default()).await.unwrap();
-        assert_eq!(stage.handle().get(&"k".to_string()).as_deref(), Some(&2));
+        assert_eq!(stage.handle().get(&"k".to_string()).await.unwrap().as_deref(), Some(&2));
         stage.shutdown().await.unwrap();
     });
 }

@@ -65,12 +65,18 @@ proptest! {
 
     /// Invariant 1 on sled: every reply equals the reference model, and the state rebuilt on reopen
     /// (snapshots + tails, for any snapshot interval and batch size) equals the live state and the model.
+    /// With a state cache of a few entries, keys leave memory all the time and are read back from
+    /// the journal: the same replies and states.
     #[test]
     fn replay_equals_live_and_model(cmds in proptest::collection::vec((0u8..6, bank_command()), 1..200),
-                                    snapshot_every in 0u64..6, max_batch in 1usize..50) {
+                                    snapshot_every in 0u64..6, max_batch in 1usize..50,
+                                    cache in proptest::option::of(1u64..600)) {
         rt().block_on(async {
             let dir = TempDir::new().unwrap();
-            let config = RuntimeConfig::default().snapshot_every(snapshot_every).max_batch(max_batch);
+            let mut config = RuntimeConfig::default().snapshot_every(snapshot_every).max_batch(max_batch);
+            if let Some(bytes) = cache {
+                config = config.state_cache(bytes);
+            }
             let stage = StageRuntime::open(Bank, SledJournal::open(dir.path(), "bank").unwrap(), config.clone()).await.unwrap();
             let handle = stage.handle();
             let mut expected: BTreeMap<String, Account> = BTreeMap::new();
@@ -97,14 +103,19 @@ proptest! {
                     assert_eq!(reply, model(account, *c), "reply to {c:?} on {key}");
                 }
             }
-            let live = plain(handle.snapshot());
+            let live = plain(handle.snapshot().await.unwrap());
             for (key, account) in &expected {
                 // Keys whose every command was rejected have no events, hence no state.
                 assert_eq!(live.get(key).unwrap_or(&Account::default()), account, "live state of {key} equals the model");
             }
             stage.shutdown().await.unwrap();
             let reopened = StageRuntime::open(Bank, SledJournal::open(dir.path(), "bank").unwrap(), config).await.unwrap();
-            assert_eq!(plain(reopened.handle().snapshot()), live, "replayed state equals live state");
+            let h = reopened.handle();
+            for key in expected.keys() {
+                assert_eq!(h.get(key).await.unwrap().as_deref(), live.get(key), "{key} read back on its own");
+            }
+            assert_eq!(plain(h.snapshot().await.unwrap()), live, "replayed state equals live state");
+            assert_eq!(h.len().await.unwrap(), live.len());
             reopened.shutdown().await.unwrap();
         });
     }
@@ -124,7 +135,7 @@ async fn group_commit_and_durable_replies() {
         .await;
     // Appended but not flushed: no reply yet, and queries do not see the state either.
     assert!(!first.is_finished());
-    assert!(handle.get(&"a".to_string()).is_none());
+    assert!(handle.get(&"a".to_string()).await.unwrap().is_none());
     let mut rest = Vec::new();
     for i in 0..99 {
         let h = handle.clone();
@@ -204,8 +215,8 @@ async fn snapshots_make_restart_read_snapshot_plus_tail() {
         let stage = StageRuntime::open(Bank, SledJournal::open(&path, "bank").unwrap(), config).await.unwrap();
         let rec = stage.recovery();
         assert_eq!((rec.keys, rec.snapshots, rec.events), (1, snapshots, tail), "snapshot_every {every}");
-        assert_eq!(*stage.handle().get(&"a".into()).unwrap(), Account { open: true, balance: 190 });
-        assert_eq!(stage.handle().seq(&"a".into()), SeqNo(96));
+        assert_eq!(*stage.handle().get(&"a".into()).await.unwrap().unwrap(), Account { open: true, balance: 190 });
+        assert_eq!(stage.handle().seq(&"a".into()).await.unwrap(), SeqNo(96));
         stage.shutdown().await.unwrap();
     }
 }
@@ -245,7 +256,7 @@ async fn open_sled_names_the_journal_after_the_stage() {
     stage.shutdown().await.unwrap();
     assert_eq!(eventstage::journal::SledStore::open(dir.path()).unwrap().journal_names(), ["bank"]);
     let stage = StageRuntime::open_sled(Bank, dir.path(), RuntimeConfig::default()).await.unwrap();
-    assert_eq!(*stage.handle().get(&"a".into()).unwrap(), Account { open: true, balance: 0 });
+    assert_eq!(*stage.handle().get(&"a".into()).await.unwrap().unwrap(), Account { open: true, balance: 0 });
     stage.shutdown().await.unwrap();
     // Not a store: the journal's error.
     let file = dir.path().join("file");
@@ -286,7 +297,7 @@ async fn a_panicking_handler_fails_only_its_command() {
     assert_eq!(a.unwrap(), Ok(1));
     assert!(matches!(b, Err(Error::HandlerPanicked { ref message, .. }) if message.contains("unlucky")), "{b:?}");
     assert_eq!(c.unwrap(), Ok(3));
-    assert_eq!(*h.get(&"k".into()).unwrap(), 3);
+    assert_eq!(*h.get(&"k".into()).await.unwrap().unwrap(), 3);
     stage.shutdown().await.unwrap();
 }
 
@@ -302,7 +313,7 @@ async fn a_journal_failure_stops_the_stage() {
     assert!(err.is_fatal());
     let again = h.ask("a".into(), BankCommand::Deposit(5)).await.unwrap_err();
     assert!(again.to_string().contains("reopen it to recover"), "{again}");
-    assert_eq!(h.get(&"a".into()).unwrap().balance, 0, "the failed batch never became state");
+    assert_eq!(h.get(&"a".into()).await.unwrap().unwrap().balance, 0, "the failed batch never became state");
 }
 
 fn record(key: &str, seq: u64, version: u16, payload: Vec<u8>) -> EventRecord {
@@ -323,7 +334,7 @@ async fn old_event_versions_are_upcast_on_replay() {
     ];
     journal.append(Batch { events: old, ..Batch::default() }).await.unwrap();
     let stage = StageRuntime::open(Inventory, journal.clone(), RuntimeConfig::default()).await.unwrap();
-    let stock = stage.handle().get(&"sku-1".into()).unwrap();
+    let stock = stage.handle().get(&"sku-1".into()).await.unwrap().unwrap();
     assert_eq!((stock.on_hand, stock.available()), (10, 7));
     let levels = stage
         .handle()
@@ -340,7 +351,7 @@ async fn old_event_versions_are_upcast_on_replay() {
         "new events are written as v2"
     );
     let reopened = StageRuntime::open(Inventory, journal, RuntimeConfig::default()).await.unwrap();
-    assert_eq!(reopened.handle().get(&"sku-1".into()).unwrap().on_hand, 7);
+    assert_eq!(reopened.handle().get(&"sku-1".into()).await.unwrap().unwrap().on_hand, 7);
     let _: InventoryEvent = Inventory::upcast(2, Codec::Bincode, &all[2].envelope.payload).unwrap();
     reopened.shutdown().await.unwrap();
 }
@@ -364,7 +375,10 @@ async fn snapshots_of_another_state_version_are_ignored() {
     };
     journal.append(batch).await.unwrap();
     let stage = StageRuntime::open(Inventory, journal, RuntimeConfig::default()).await.unwrap();
-    assert_eq!(*stage.handle().get(&"sku".into()).unwrap(), Stock { on_hand: 9, reservations: Default::default() });
+    assert_eq!(
+        *stage.handle().get(&"sku".into()).await.unwrap().unwrap(),
+        Stock { on_hand: 9, reservations: Default::default() }
+    );
     stage.shutdown().await.unwrap();
 }
 
@@ -382,4 +396,120 @@ async fn undecodable_events_stop_recovery_with_their_location() {
     let err = StageRuntime::open(Bank, journal, RuntimeConfig::default()).await.unwrap_err();
     assert!(matches!(err, Error::Decode { ref key, seq: 2, .. } if key == "a"), "{err}");
     assert!(err.to_string().contains("upcast"), "the message says what to do: {err}");
+}
+
+/// A runtime with a state cache on sled: nothing is read on open, a key is read (latest snapshot
+/// and tail) when first used, keys evicted all the time come back right, and the queries over
+/// all keys read the journal.
+#[test]
+fn a_state_cache_reads_keys_when_first_used() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    const KEYS: usize = 2_000;
+    const TASKS: usize = 16;
+    rt().block_on(async {
+        let dir = TempDir::new().unwrap();
+        // About 25 keys fit: nearly every command misses and reads its key from the journal.
+        let config = RuntimeConfig::default().snapshot_every(4).state_cache(4 << 10);
+        let stage = StageRuntime::open_sled(Bank, dir.path(), config.clone()).await.unwrap();
+        let h = stage.handle();
+        let key = |k: usize| format!("acct-{k:04}");
+        // Each task owns the keys `k % TASKS == t`, so its replies follow its own model in order.
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(t as u64);
+                let mut model_of: BTreeMap<String, Account> = BTreeMap::new();
+                for i in 0..600 {
+                    let k = key(rng.random_range(0..KEYS / TASKS) * TASKS + t);
+                    let cmd =
+                        if i % 5 == 0 { BankCommand::Open } else { BankCommand::Deposit(rng.random_range(1..100)) };
+                    let reply = h.ask(k.clone(), cmd).await.unwrap();
+                    assert_eq!(reply, model(model_of.entry(k.clone()).or_default(), cmd), "{cmd:?} on {k}");
+                }
+                model_of
+            }));
+        }
+        let mut expected = BTreeMap::new();
+        for t in tasks {
+            expected.extend(t.await.unwrap().into_iter().filter(|(_, a)| a.open));
+        }
+        let stats = h.cache_stats().expect("a state cache");
+        assert!(stats.evictions > 1_000 && stats.misses > 5_000, "keys left memory and came back: {stats:?}");
+        assert!(stats.bytes <= stats.budget && stats.entries > 0, "{stats:?}");
+        assert_eq!(plain(h.snapshot().await.unwrap()), expected, "the journal's state is the model's");
+        let range = key(100)..key(400);
+        let in_range: Vec<_> = expected.range(range.clone()).map(|(k, a)| (k.clone(), a.clone())).collect();
+        let got: Vec<_> = h.range(range).await.unwrap().into_iter().map(|(k, a)| (k, Account::clone(&a))).collect();
+        assert_eq!(got, in_range);
+        assert_eq!(h.len().await.unwrap(), expected.len());
+        stage.shutdown().await.unwrap();
+
+        // A restart reads nothing; every key comes back on first use, commands go on from it.
+        let reopened = StageRuntime::open_sled(Bank, dir.path(), config).await.unwrap();
+        let rec = reopened.recovery();
+        assert_eq!((rec.keys, rec.snapshots, rec.events), (0, 0, 0));
+        let h = reopened.handle();
+        for (k, account) in expected.iter().rev() {
+            assert_eq!(h.get(k).await.unwrap().as_deref(), Some(account), "{k}");
+        }
+        assert_eq!(h.get(&key(KEYS)).await.unwrap(), None, "a key without events has no state");
+        for (k, account) in expected.iter_mut().step_by(7) {
+            let reply = h.ask(k.clone(), BankCommand::Deposit(1)).await.unwrap();
+            assert_eq!(reply, model(account, BankCommand::Deposit(1)), "{k}");
+        }
+        reopened.shutdown().await.unwrap();
+        let all = StageRuntime::open_sled(Bank, dir.path(), RuntimeConfig::default()).await.unwrap();
+        assert_eq!(plain(all.handle().snapshot().await.unwrap()), expected, "a full recovery agrees");
+        all.shutdown().await.unwrap();
+    });
+}
+
+/// With a state cache, a key whose records do not decode fails its own commands and queries
+/// ([`Error::Unreadable`], the decode error), not the stage: the other keys go on, and nothing is
+/// written for the broken key.
+#[tokio::test]
+async fn a_state_cache_fails_only_the_commands_of_a_key_it_cannot_read() {
+    let journal = MemoryJournal::new("bank");
+    let opened = Codec::Bincode.encode(&eventstage::stages::bank::BankEvent::Opened).unwrap();
+    let events =
+        vec![record("a", 1, 1, opened.clone()), record("a", 2, 1, vec![0xff, 0xfe]), record("b", 1, 1, opened)];
+    journal.append(Batch { events, ..Batch::default() }).await.unwrap();
+    let stage = StageRuntime::open(Bank, journal.clone(), RuntimeConfig::default().state_cache(1 << 20)).await.unwrap();
+    let h = stage.handle();
+    let (a, b) = tokio::join!(h.ask("a".into(), BankCommand::Deposit(5)), h.ask("b".into(), BankCommand::Deposit(5)));
+    let err = a.unwrap_err();
+    assert!(matches!(err, Error::Unreadable { ref key, .. } if key == "a"), "{err}");
+    assert!(err.to_string().contains("journal verify"), "the message says what to do: {err}");
+    assert_eq!(b.unwrap(), Ok(5));
+    let err = h.get(&"a".into()).await.unwrap_err();
+    assert!(matches!(err, Error::Decode { ref key, seq: 2, .. } if key == "a"), "{err}");
+    assert!(h.snapshot().await.is_err(), "a snapshot of every key cannot leave one out");
+    assert_eq!(h.get(&"b".into()).await.unwrap().unwrap().balance, 5);
+    stage.shutdown().await.unwrap();
+    let stats = journal.stats().await.unwrap();
+    assert_eq!((stats.events, stats.batches), (4, 2), "only b's deposit was written");
+}
+
+/// With a state cache, a reader that does not find a key in memory reads the journal, but never
+/// a batch the journal has not made durable yet: it waits for the batch's flush.
+#[tokio::test]
+async fn a_state_cache_never_reads_a_batch_before_it_is_durable() {
+    let journal = Gated::new(MemoryJournal::new("bank"));
+    let stage = StageRuntime::open(Bank, journal.clone(), RuntimeConfig::default().state_cache(1 << 20)).await.unwrap();
+    let h = stage.handle();
+    journal.close_gate();
+    let open = tokio::spawn({
+        let h = h.clone();
+        async move { h.ask("c".into(), BankCommand::Open).await }
+    });
+    wait_until("the batch to be appended", || journal.appends.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+    // The journal has c's event, not yet flushed: a query must not return it (nor anything else
+    // that could be rolled back) while the flush is held.
+    let read = tokio::time::timeout(std::time::Duration::from_millis(300), h.get(&"c".into())).await;
+    assert!(read.is_err(), "a query returned a state the journal had not made durable: {read:?}");
+    journal.open_gate();
+    assert_eq!(open.await.unwrap().unwrap(), Ok(0));
+    assert!(h.get(&"c".into()).await.unwrap().unwrap().open);
+    stage.shutdown().await.unwrap();
 }

@@ -85,6 +85,15 @@ pub trait Journal: Send + Sync + 'static {
     /// then the events after it.
     fn recover(&self) -> impl Stream<Item = Result<Vec<Recovered>>> + Send + 'static;
 
+    /// What [`recover`](Journal::recover) yields for the given keys only, in the order given: per
+    /// key, its latest snapshot if any, then the events after it; a key without events yields
+    /// nothing. A runtime that holds only some keys in memory reads a key with this when it is
+    /// first used, so its cost follows the keys asked for (a seek per key), not the journal.
+    fn recover_keys(&self, keys: Vec<Vec<u8>>) -> impl Stream<Item = Result<Vec<Recovered>>> + Send + 'static;
+
+    /// The number of keys with at least one event. May read the journal's whole key index.
+    fn key_count(&self) -> impl Future<Output = Result<u64>> + Send;
+
     /// The last stored source position of every `(topic, partition)`.
     fn positions(&self) -> impl Future<Output = Result<Vec<SourcePosition>>> + Send;
 

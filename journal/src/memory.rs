@@ -45,6 +45,18 @@ impl Inner {
     fn last_seq(&self, key: &[u8]) -> u64 {
         self.events.get(key).map_or(0, |v| v.len() as u64)
     }
+
+    /// `key`'s latest snapshot, then its events after it.
+    fn recover_key(&self, key: &[u8], events: &[(Envelope, u64)], out: &mut Vec<Recovered>) {
+        let mut from = 1;
+        if let Some(snap) = self.snapshots.get(key) {
+            from = snap.seq.0 + 1;
+            out.push(Recovered::Snapshot(snap.clone()));
+        }
+        for (envelope, seq) in events.iter().filter(|(_, s)| *s >= from) {
+            out.push(Recovered::Event(EventRecord { key: key.to_vec(), seq: SeqNo(*seq), envelope: envelope.clone() }));
+        }
+    }
 }
 
 fn chunks<T: Send + 'static>(items: Vec<T>) -> impl Stream<Item = Result<Vec<T>>> + Send + 'static {
@@ -136,20 +148,24 @@ impl Journal for MemoryJournal {
         let inner = self.lock();
         let mut out = Vec::new();
         for (key, events) in &inner.events {
-            let mut from = 1;
-            if let Some(snap) = inner.snapshots.get(key) {
-                from = snap.seq.0 + 1;
-                out.push(Recovered::Snapshot(snap.clone()));
-            }
-            for (envelope, seq) in events.iter().filter(|(_, s)| *s >= from) {
-                out.push(Recovered::Event(EventRecord {
-                    key: key.clone(),
-                    seq: SeqNo(*seq),
-                    envelope: envelope.clone(),
-                }));
+            inner.recover_key(key, events, &mut out);
+        }
+        chunks(out)
+    }
+
+    fn recover_keys(&self, keys: Vec<Vec<u8>>) -> impl Stream<Item = Result<Vec<Recovered>>> + Send + 'static {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for key in &keys {
+            if let Some(events) = inner.events.get(key) {
+                inner.recover_key(key, events, &mut out);
             }
         }
         chunks(out)
+    }
+
+    async fn key_count(&self) -> Result<u64> {
+        Ok(self.lock().events.len() as u64)
     }
 
     async fn positions(&self) -> Result<Vec<SourcePosition>> {

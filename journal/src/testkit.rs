@@ -69,6 +69,7 @@ pub async fn conformance<J: Journal, F: Future<Output = J>>(mut make: impl FnMut
 async fn empty<J: Journal>(j: &J) {
     assert!(collect_events(j, EventQuery::all()).await.is_empty());
     assert!(collect_recovered(j).await.is_empty());
+    assert_eq!(j.key_count().await.expect("key_count"), 0);
     assert!(j.positions().await.expect("positions").is_empty());
     let stats = j.stats().await.expect("stats");
     assert_eq!((stats.keys, stats.events, stats.batches), (0, 0, 0));
@@ -173,6 +174,14 @@ async fn snapshots_and_recovery<J: Journal>(j: &J) {
     let rec = collect_recovered(j).await;
     assert!(matches!(&rec[0], Recovered::Snapshot(s) if s.seq.0 == 6 && s.envelope.payload == b"state@6"));
     assert_eq!(rec.iter().filter(|r| r.key() == b"s").count(), 1);
+    // One key's part of recover, for the keys asked in the order asked; an unknown key yields nothing.
+    j.append(Batch { events: vec![event(b"t", 2, b"t2", 2)], ..Batch::default() }).await.expect("append");
+    let rec = collect_recovered(j).await;
+    let part = |k: &[u8]| rec.iter().filter(|r| r.key() == k).cloned().collect::<Vec<_>>();
+    let asked = j.recover_keys(vec![b"t".to_vec(), b"none".to_vec(), b"s".to_vec()]).try_concat().await;
+    assert_eq!(asked.expect("recover_keys"), [part(b"t"), part(b"s")].concat());
+    assert!(j.recover_keys(Vec::new()).try_concat().await.expect("recover_keys").is_empty());
+    assert_eq!(j.key_count().await.expect("key_count"), 2);
     assert_eq!(j.stats().await.expect("stats").snapshots, 1);
     assert!(j.verify(Progress::none()).await.expect("verify").is_ok());
 }
@@ -266,8 +275,21 @@ pub fn to_batches(batches: &[ModelBatch], model: &mut Model) -> Vec<Batch> {
 /// Rebuilds the model state (concatenated payloads per key) from [`Journal::recover`], the way a
 /// stage would: start from the snapshot, fold the tail.
 pub async fn fold_recovered<J: Journal>(j: &J) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    fold(collect_recovered(j).await)
+}
+
+/// [`fold_recovered`] of [`Journal::recover_keys`] for `keys`: the model state of those keys, each
+/// read on its own, as a runtime that loads keys when first used reads them.
+///
+/// # Panics
+/// On a journal error.
+pub async fn fold_recovered_keys<J: Journal>(j: &J, keys: Vec<Vec<u8>>) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    fold(j.recover_keys(keys).try_concat().await.expect("recover_keys"))
+}
+
+fn fold(recovered: Vec<Recovered>) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut state: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    for r in collect_recovered(j).await {
+    for r in recovered {
         match r {
             Recovered::Snapshot(s) => {
                 state.insert(s.key, s.envelope.payload);

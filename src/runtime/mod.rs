@@ -2,12 +2,16 @@
 //! batches commands, persists each batch with one journal write (group commit) and replies once the
 //! events are durable.
 
+mod cached;
 mod writer;
+
+pub use cached::StateCacheStats;
 
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::replay::{recover, Entity, RecoveryStats};
 use crate::stage::EventSourced;
+use cached::Cached;
 use eventstage_journal::{Journal, Progress, SeqNo, SourcePosition};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -46,6 +50,9 @@ pub struct RuntimeConfig {
     pub codec: Codec,
     /// Called during recovery with the number of records read so far.
     pub recovery_progress: Progress,
+    /// Hold at most about this many bytes of state in memory instead of every key (see
+    /// [`state_cache`](Self::state_cache)). Default: `None`, every key in memory.
+    pub state_cache: Option<u64>,
 }
 
 impl Default for RuntimeConfig {
@@ -57,6 +64,7 @@ impl Default for RuntimeConfig {
             snapshot_every: 100,
             codec: Codec::Bincode,
             recovery_progress: Progress::none(),
+            state_cache: None,
         }
     }
 }
@@ -92,6 +100,26 @@ impl RuntimeConfig {
         self.codec = c;
         self
     }
+    /// Hold at most about `bytes` of state in memory instead of every key. Nothing is read on
+    /// open: a key's state is read from the journal (its latest snapshot and the events after it)
+    /// when a command or a query first uses it, and the keys used least lately leave memory when
+    /// the budget is full (S3-FIFO: keys used once do not push out the ones used often). A restart
+    /// costs the same whatever the number of keys; a key's first use costs a journal read (a seek
+    /// for its snapshot and tail in a sled journal).
+    ///
+    /// Queries over all keys then read the journal: [`StageHandle::snapshot`],
+    /// [`StageHandle::range`] and [`StageHandle::len`] read it whole, holding back the next
+    /// journal write meanwhile (that is what keeps them consistent).
+    ///
+    /// What an entry weighs: the inline sizes of its key, state and bookkeeping, plus the key's
+    /// bytes; memory a state owns beyond its inline size (a `String` field's text) is not
+    /// counted. The journal's own memory (sled's page cache) comes on top: see
+    /// [`SledStoreBuilder`](eventstage_journal::SledStoreBuilder).
+    #[must_use]
+    pub fn state_cache(mut self, bytes: u64) -> Self {
+        self.state_cache = Some(bytes);
+        self
+    }
     /// Sets [`recovery_progress`](Self::recovery_progress).
     #[must_use]
     pub fn recovery_progress(mut self, p: Progress) -> Self {
@@ -109,20 +137,27 @@ pub(crate) struct Request<S: EventSourced> {
     position: Option<SourcePosition>,
 }
 
+/// Where the runtime holds its keys' durable states.
+pub(crate) enum States<S: EventSourced> {
+    /// Every key, recovered on open. RwLock: reads (queries) are many and short; the writer takes
+    /// the write lock once per batch to publish the batch's new states, after they are durable.
+    All(RwLock<BTreeMap<S::Key, Entity<S>>>),
+    /// The keys used lately, over the journal ([`RuntimeConfig::state_cache`]).
+    Cached(Cached<S>),
+}
+
 /// State shared by the writer and every handle.
 pub(crate) struct Shared<S: EventSourced> {
-    // RwLock: reads (queries) are many and short; the writer takes the write lock once per batch to
-    // publish the batch's new states, after they are durable.
-    states: RwLock<BTreeMap<S::Key, Entity<S>>>,
+    states: States<S>,
     closed: AtomicBool,
     close: Notify,
     stopped: Mutex<Option<String>>,
 }
 
-impl<S: EventSourced> Shared<S> {
-    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<S::Key, Entity<S>>> {
-        self.states.read().unwrap_or_else(|p| p.into_inner())
-    }
+fn read<S: EventSourced>(
+    states: &RwLock<BTreeMap<S::Key, Entity<S>>>,
+) -> RwLockReadGuard<'_, BTreeMap<S::Key, Entity<S>>> {
+    states.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A running stage over a journal. Create it with [`StageRuntime::open`], talk to it through
@@ -143,24 +178,37 @@ impl<S: EventSourced, J: Journal> fmt::Debug for StageRuntime<S, J> {
 
 impl<S: EventSourced, J: Journal + Clone> StageRuntime<S, J> {
     /// Recovers the state from the journal (latest snapshot plus the events after it, per key) and
-    /// starts the writer task. Must be called inside a tokio runtime.
+    /// starts the writer task. Must be called inside a tokio runtime. With a
+    /// [`state_cache`](RuntimeConfig::state_cache), nothing is recovered: keys are read when first
+    /// used.
     ///
     /// # Errors
     /// Journal failures, damaged records and records the stage cannot decode: the stage does not start
-    /// on a history it cannot read completely.
+    /// on a history it cannot read completely. With a state cache, a key that cannot be read fails
+    /// the commands and queries that use it ([`Error::Unreadable`]), not the stage.
     pub async fn open(stage: S, journal: J, config: RuntimeConfig) -> Result<Self> {
-        let (states, recovery) = recover::<S, J>(&journal, &config.recovery_progress).await?;
+        let states = match config.state_cache {
+            None => {
+                let (states, recovery) = recover::<S, J>(&journal, &config.recovery_progress).await?;
+                tracing::info!(
+                    stage = S::NAME,
+                    keys = recovery.keys,
+                    snapshots = recovery.snapshots,
+                    events = recovery.events,
+                    elapsed_ms = recovery.elapsed.as_millis() as u64,
+                    "recovered"
+                );
+                (States::All(RwLock::new(states)), recovery)
+            }
+            Some(budget) => {
+                tracing::info!(stage = S::NAME, budget, "opened with a state cache; keys are read when first used");
+                (States::Cached(Cached::new(budget, journal.clone())), RecoveryStats::default())
+            }
+        };
+        let (states, recovery) = states;
         let positions = journal.positions().await?;
-        tracing::info!(
-            stage = S::NAME,
-            keys = recovery.keys,
-            snapshots = recovery.snapshots,
-            events = recovery.events,
-            elapsed_ms = recovery.elapsed.as_millis() as u64,
-            "recovered"
-        );
         let shared = Arc::new(Shared {
-            states: RwLock::new(states),
+            states,
             closed: AtomicBool::new(false),
             close: Notify::new(),
             stopped: Mutex::new(None),
@@ -231,7 +279,7 @@ impl<S: EventSourced, J: Journal> StageRuntime<S, J> {
         self.handle.clone()
     }
 
-    /// What recovery read on open.
+    /// What recovery read on open (nothing with a [`state_cache`](RuntimeConfig::state_cache)).
     pub fn recovery(&self) -> RecoveryStats {
         self.recovery
     }
@@ -248,16 +296,22 @@ impl<S: EventSourced, J: Journal> StageRuntime<S, J> {
     }
 
     /// Stops accepting commands, finishes every command already queued, flushes the journal and
-    /// stops the writer. `ask` on any handle then returns [`Error::Closed`].
+    /// stops the writer. `ask` on any handle then returns [`Error::Closed`]; with a
+    /// [`state_cache`](RuntimeConfig::state_cache), so do queries of keys not in memory (the
+    /// journal is let go, whatever handles remain).
     ///
     /// # Errors
     /// When the final flush fails.
     pub async fn shutdown(self) -> Result<()> {
         self.handle.shared.closed.store(true, Ordering::SeqCst);
         self.handle.shared.close.notify_one();
+        let shared = self.handle.shared.clone();
         drop(self.handle);
         if let Err(e) = self.writer.await {
             tracing::error!(stage = S::NAME, error = %e, "writer task failed");
+        }
+        if let States::Cached(cached) = &shared.states {
+            cached.close();
         }
         self.journal.flush().await?;
         Ok(())
@@ -336,19 +390,57 @@ impl<S: EventSourced> StageHandle<S> {
         self.shared.stopped.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The durable state of `key`, if it has any events. Never waits for the writer.
-    pub fn get(&self, key: &S::Key) -> Option<Arc<S::State>> {
-        self.shared.read().get(key).map(|e| e.state.clone())
+    /// The durable state of `key`, if it has any events. Never waits for the writer; with a
+    /// [`state_cache`](RuntimeConfig::state_cache), a key not in memory is read from the journal
+    /// (between two journal writes) and kept.
+    ///
+    /// # Errors
+    /// With a state cache: the journal's failure, or a record of the key that does not decode.
+    pub async fn get(&self, key: &S::Key) -> Result<Option<Arc<S::State>>> {
+        Ok(self.entity(key).await?.map(|e| e.state))
     }
 
     /// The sequence number of `key`'s last durable event (0 when none).
-    pub fn seq(&self, key: &S::Key) -> SeqNo {
-        self.shared.read().get(key).map_or(SeqNo::ZERO, |e| e.seq)
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn seq(&self, key: &S::Key) -> Result<SeqNo> {
+        Ok(self.entity(key).await?.map_or(SeqNo::ZERO, |e| e.seq))
     }
 
-    /// Number of keys with state.
-    pub fn len(&self) -> usize {
-        self.shared.read().len()
+    async fn entity(&self, key: &S::Key) -> Result<Option<Entity<S>>> {
+        match &self.shared.states {
+            States::All(states) => Ok(read(states).get(key).cloned()),
+            States::Cached(cached) => cached.get(key).await,
+        }
+    }
+
+    /// Number of keys with state. With a [`state_cache`](RuntimeConfig::state_cache), counted in
+    /// the journal's key index.
+    ///
+    /// # Errors
+    /// With a state cache: the journal's failure.
+    pub async fn len(&self) -> Result<usize> {
+        match &self.shared.states {
+            States::All(states) => Ok(read(states).len()),
+            States::Cached(cached) => Ok(cached.count().await? as usize),
+        }
+    }
+
+    /// True when no key has state.
+    ///
+    /// # Errors
+    /// As [`len`](Self::len).
+    pub async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// The state cache's counters; `None` without a [`state_cache`](RuntimeConfig::state_cache).
+    pub fn cache_stats(&self) -> Option<StateCacheStats> {
+        match &self.shared.states {
+            States::All(_) => None,
+            States::Cached(cached) => Some(cached.stats()),
+        }
     }
 
     /// Commands waiting in the queue for the writer (at most `queue_capacity`).
@@ -356,19 +448,47 @@ impl<S: EventSourced> StageHandle<S> {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// True when no key has state.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// A consistent snapshot of every key's state, in key order: the state after some whole batch,
-    /// never part of one. Cheap per key (states are shared, not copied).
-    pub fn snapshot(&self) -> BTreeMap<S::Key, Arc<S::State>> {
-        self.shared.read().iter().map(|(k, e)| (k.clone(), e.state.clone())).collect()
+    /// never part of one. Cheap per key (states are shared, not copied). With a
+    /// [`state_cache`](RuntimeConfig::state_cache), read from the whole journal while no batch is
+    /// written.
+    ///
+    /// # Errors
+    /// With a state cache: the journal's failure, or a record that does not decode.
+    pub async fn snapshot(&self) -> Result<BTreeMap<S::Key, Arc<S::State>>> {
+        self.collect(|_| true).await
     }
 
-    /// Keys in `range`, in order, with their states (a consistent snapshot of that range).
-    pub fn range<R: std::ops::RangeBounds<S::Key>>(&self, range: R) -> Vec<(S::Key, Arc<S::State>)> {
-        self.shared.read().range(range).map(|(k, e)| (k.clone(), e.state.clone())).collect()
+    /// Keys in `range`, in order, with their states (a consistent snapshot of that range). With a
+    /// [`state_cache`](RuntimeConfig::state_cache), read from the whole journal while no batch is
+    /// written; only the keys in `range` are held.
+    ///
+    /// # Errors
+    /// As [`snapshot`](Self::snapshot).
+    pub async fn range<R>(&self, range: R) -> Result<Vec<(S::Key, Arc<S::State>)>>
+    where
+        R: std::ops::RangeBounds<S::Key> + Send + Sync + 'static,
+    {
+        if let States::All(states) = &self.shared.states {
+            return Ok(read(states).range(range).map(|(k, e)| (k.clone(), e.state.clone())).collect());
+        }
+        Ok(self.collect(move |k| range.contains(k)).await?.into_iter().collect())
+    }
+
+    async fn collect(
+        &self,
+        keep: impl Fn(&S::Key) -> bool + Send + Sync + 'static,
+    ) -> Result<BTreeMap<S::Key, Arc<S::State>>> {
+        let states = match &self.shared.states {
+            States::All(states) => {
+                return Ok(read(states)
+                    .iter()
+                    .filter(|(k, _)| keep(k))
+                    .map(|(k, e)| (k.clone(), e.state.clone()))
+                    .collect())
+            }
+            States::Cached(cached) => cached.scan(Box::new(keep)).await?,
+        };
+        Ok(states.into_iter().map(|(k, e)| (k, e.state)).collect())
     }
 }

@@ -6,7 +6,7 @@
 //! Commands keep arriving while a batch is being written, so the next batch grows with the load: one
 //! fsync serves many callers.
 
-use super::{Durability, Outcome, Request, RuntimeConfig, Shared};
+use super::{read, Durability, Outcome, Request, RuntimeConfig, Shared, States};
 use crate::error::{Error, Result};
 use crate::replay::Entity;
 use crate::stage::{EntityKey, EventSourced};
@@ -124,6 +124,24 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
         let now = now_ms();
         // Working copies of the entities this batch touched: (state before the batch's seq, entity).
         let mut touched: HashMap<S::Key, (u64, Entity<S>)> = HashMap::new();
+        // With a state cache: keys whose state the journal could not give, with the reason.
+        let mut unreadable: HashMap<S::Key, String> = HashMap::new();
+        match &self.shared.states {
+            States::All(states) => {
+                let states = read(states);
+                for r in requests.iter() {
+                    if !touched.contains_key(&r.key) {
+                        let entity = states.get(&r.key).cloned().unwrap_or_default();
+                        touched.insert(r.key.clone(), (entity.seq.0, entity));
+                    }
+                }
+            }
+            States::Cached(cached) => {
+                // The keys alone cross the await (a command need not be Sync).
+                let keys: Vec<&S::Key> = requests.iter().map(|r| &r.key).collect();
+                cached.load_batch(keys.into_iter(), &mut touched, &mut unreadable).await;
+            }
+        }
         let mut pending: Vec<Pending<S>> = Vec::with_capacity(requests.len());
         let mut batch = Batch::default();
         // The furthest position of each source partition this batch consumed, stored with its events.
@@ -133,12 +151,10 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
                 let next = positions.entry((p.topic, p.partition)).or_insert(p.next_offset);
                 *next = (*next).max(p.next_offset);
             }
-            if !touched.contains_key(&key) {
-                let entity = self.shared.read().get(&key).cloned().unwrap_or_else(|| Entity {
-                    state: Arc::new(S::State::default()),
-                    seq: eventstage_journal::SeqNo::ZERO,
-                });
-                touched.insert(key.clone(), (entity.seq.0, entity));
+            if let Some(cause) = unreadable.get(&key) {
+                let key = printable_key(&key.to_bytes());
+                pending.push((reply, Err(Error::Unreadable { stage: S::NAME.into(), key, cause: cause.clone() })));
+                continue;
             }
             let Some((_, entity)) = touched.get_mut(&key) else { continue };
             let (outcome, persisted) = self.run_command(&key, entity, command, now);
@@ -164,6 +180,11 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
             .map(|((topic, partition), next_offset)| SourcePosition { topic, partition, next_offset })
             .collect();
         if !batch.is_empty() {
+            // Readers that miss the cache wait until the batch's states are in it (see cached.rs).
+            let _gate = match &self.shared.states {
+                States::Cached(cached) => Some(cached.gate.write().await),
+                States::All(_) => None,
+            };
             let written = match self.journal.append(batch).await {
                 Ok(_) if self.config.durability == Durability::Durable => self.journal.flush().await,
                 Ok(_) => Ok(()),
@@ -176,10 +197,18 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
                 }
                 return Err(Error::Journal(e));
             }
-            let mut states = self.shared.states.write().unwrap_or_else(|p| p.into_inner());
-            for (key, (before, entity)) in touched {
-                if entity.seq.0 != before {
-                    states.insert(key, entity);
+            let changed = touched.into_iter().filter(|(_, (before, entity))| entity.seq.0 != *before);
+            match &self.shared.states {
+                States::All(states) => {
+                    let mut states = states.write().unwrap_or_else(|p| p.into_inner());
+                    for (key, (_, entity)) in changed {
+                        states.insert(key, entity);
+                    }
+                }
+                States::Cached(cached) => {
+                    for (key, (_, entity)) in changed {
+                        cached.insert(key, entity);
+                    }
                 }
             }
         }

@@ -116,6 +116,15 @@ impl<J: Journal + Clone> Journal for Gated<J> {
     fn recover(&self) -> impl Stream<Item = Result<Vec<Recovered>, JournalError>> + Send + 'static {
         self.inner.recover()
     }
+    fn recover_keys(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Stream<Item = Result<Vec<Recovered>, JournalError>> + Send + 'static {
+        self.inner.recover_keys(keys)
+    }
+    fn key_count(&self) -> impl Future<Output = Result<u64, JournalError>> + Send {
+        self.inner.key_count()
+    }
     fn positions(&self) -> impl Future<Output = Result<Vec<SourcePosition>, JournalError>> + Send {
         self.inner.positions()
     }

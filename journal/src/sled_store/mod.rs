@@ -493,26 +493,53 @@ impl JournalInner {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let (key, _) = decode_key(&k[1..])
                 .ok_or_else(|| self.damaged(format!("unparseable head key {}", printable_key(&k))))?;
-            let last = be_u64(&v)
-                .ok_or_else(|| self.damaged(format!("head of key {} is not 8 bytes", printable_key(&key))))?;
-            let mut from = 1;
-            if let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? {
-                // Saturating: the seq is read from the record (a damaged one may say u64::MAX).
-                from = snap.get(..8).and_then(be_u64).map_or(1, |seq| seq.saturating_add(1));
-                if !out.push(Raw::Snapshot(key.clone(), snap)) {
-                    return Ok(());
-                }
-            }
-            if from > last {
-                continue;
-            }
-            // A group stored under `from` or later may begin before it: its events before `from`
-            // are in the snapshot.
-            if !self.send_raw(self.tree.range(event_key(&key, from)..=event_key(&key, last)), from, out)? {
+            if !self.recover_key_blocking(key, &v, out)? {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Sends `key`'s latest snapshot, then its events after it; `head` is its head record (its last
+    /// seq). False when the reader went away.
+    fn recover_key_blocking(&self, key: Vec<u8>, head: &[u8], out: &mut Chunker<Raw, JournalError>) -> Result<bool> {
+        let last =
+            be_u64(head).ok_or_else(|| self.damaged(format!("head of key {} is not 8 bytes", printable_key(&key))))?;
+        let mut from = 1;
+        if let Some(snap) = self.tree.get(prefixed_key(S, &key)).map_err(|e| self.storage(e))? {
+            // Saturating: the seq is read from the record (a damaged one may say u64::MAX).
+            from = snap.get(..8).and_then(be_u64).map_or(1, |seq| seq.saturating_add(1));
+            if !out.push(Raw::Snapshot(key.clone(), snap)) {
+                return Ok(false);
+            }
+        }
+        if from > last {
+            return Ok(true);
+        }
+        // A group stored under `from` or later may begin before it: its events before `from` are in
+        // the snapshot.
+        self.send_raw(self.tree.range(event_key(&key, from)..=event_key(&key, last)), from, out)
+    }
+
+    fn recover_keys_blocking(&self, keys: Vec<Vec<u8>>, out: &mut Chunker<Raw, JournalError>) -> Result<()> {
+        // As recover: the move of records being read to the archive must wait.
+        let _archive = read(&self.archive);
+        for key in keys {
+            let Some(head) = self.tree.get(prefixed_key(K, &key)).map_err(|e| self.storage(e))? else { continue };
+            if !self.recover_key_blocking(key, &head, out)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn key_count_blocking(&self) -> Result<u64> {
+        let mut n = 0;
+        for item in self.tree.scan_prefix([K]).keys() {
+            item.map_err(|e| self.storage(e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Decodes a chunk of raw records on the reader's side of the channel, so storage iteration and
@@ -640,6 +667,22 @@ impl Journal for SledJournal {
             }
         })
         .map(move |chunk| reader.decode_recovered(chunk?))
+    }
+
+    fn recover_keys(&self, keys: Vec<Vec<u8>>) -> impl Stream<Item = Result<Vec<Recovered>>> + Send + 'static {
+        let (inner, reader) = (self.inner.clone(), self.inner.clone());
+        blocking_stream(4, move |tx| {
+            let mut out = Chunker::new(tx);
+            match inner.recover_keys_blocking(keys, &mut out) {
+                Ok(()) => out.finish(),
+                Err(e) => out.fail(e),
+            }
+        })
+        .map(move |chunk| reader.decode_recovered(chunk?))
+    }
+
+    fn key_count(&self) -> impl std::future::Future<Output = Result<u64>> + Send {
+        self.spawn(JournalInner::key_count_blocking)
     }
 
     fn positions(&self) -> impl std::future::Future<Output = Result<Vec<SourcePosition>>> + Send {

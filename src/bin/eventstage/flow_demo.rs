@@ -51,11 +51,12 @@ pub(crate) struct FlowArgs {
     /// after the checkpoint. A damaged or foreign store is dropped with a warning and rebuilt.
     #[arg(long, value_name = "DIR", requires = "brokers")]
     state_dir: Option<std::path::PathBuf>,
-    /// With --state-dir: hold at most this much committed state in memory (e.g. `256MiB`), one
-    /// budget for all partitions; other keys are read from the local store when used. Default:
-    /// every key of the owned partitions stays in memory.
-    #[arg(long, value_name = "BYTES", value_parser = eventstage::cli::parse_bytes, requires = "state_dir")]
-    state_cache: Option<u64>,
+    /// Hold at most this much state in memory (e.g. `256MiB`); other keys are read when used.
+    /// Embedded: from the sled journal (nothing is read at start). With --brokers (needs
+    /// --state-dir): committed state, one budget for all partitions, read from the local store.
+    /// Default: every key (of the owned partitions) stays in memory.
+    #[arg(long, value_name = "BYTES", value_parser = eventstage::cli::parse_bytes)]
+    pub(crate) state_cache: Option<u64>,
     /// With --state-dir: how often the local store is checkpointed while the journal changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "brokers")]
     checkpoint_interval: Duration,
@@ -236,6 +237,9 @@ fn default_transactional_id(group: &str) -> String {
 #[cfg(feature = "kafka")]
 pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let Some(brokers) = args.brokers.clone() else { bail!("--brokers is required for the flow demo") };
+    if args.state_cache.is_some() && args.state_dir.is_none() {
+        bail!("--state-cache with --brokers needs a local store to read evicted keys from: add --state-dir DIR");
+    }
     let journal_arg = args.journal.clone().unwrap_or_else(|| format!("kafka:{}-journal", args.group));
     let journal = match journal_arg.split_once(':') {
         Some(("kafka", topic)) if !topic.is_empty() => eventstage::flow::FlowJournal::Kafka(topic.into()),

@@ -18,16 +18,11 @@
 use super::state::KeyMap;
 use crate::flow::control::Metrics;
 use crate::replay::Entity;
-use crate::stage::{EntityKey, EventSourced};
+use crate::stage::EventSourced;
 use quick_cache::unsync::Cache;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// What a cache entry costs beside the inline sizes of its key, entity and state: the cache's
-/// slot links and index, the state's `Arc` counts, an allocation's rounding. Measured: see
-/// `benches/RESULTS.md` ("A bounded state cache").
-const ENTRY_OVERHEAD: usize = 64;
 
 /// How far the journal's records of each partition were acknowledged, and how far the local
 /// store has them: a committed key may leave memory once the store has its record.
@@ -112,12 +107,9 @@ impl<S: EventSourced> quick_cache::Lifecycle<S::Key, Slot<S>> for Evictions {
     }
 }
 
-/// What an entry of `key` and `entity` weighs in the budget: the inline sizes of its key, entity
-/// and state, the key's bytes, and [`ENTRY_OVERHEAD`]. Memory a state owns beyond its inline size
-/// (a `String` field's text) is not counted.
+/// What an entry of `key` weighs in the budget.
 fn weigh<S: EventSourced>(key: &S::Key) -> u32 {
-    let inline = size_of::<S::Key>() + size_of::<Slot<S>>() + size_of::<S::State>() + 2 * size_of::<usize>();
-    (inline + key.to_bytes().len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
+    crate::replay::entry_weight::<S>(key, size_of::<Slot<S>>())
 }
 
 /// A committed batch whose keys wait for the local store (they are in `unstored` with its id).
