@@ -33,6 +33,16 @@ fn demo_runs_restarts_and_matches() {
     let (code, out, _) = run_cli(&["journal", "stats", "--journal", data.to_str().unwrap(), "--format", "json"]);
     assert_eq!(code, 0);
     assert!(json_lines(&out)[0]["keys"].as_u64().unwrap() > 40);
+    // With a state cache of a few accounts: nothing is recovered up front, accounts are read when
+    // used (and evicted), and the replay still equals what the commands saw.
+    let cached = [&args[..], &["--state-cache", "2KiB"]].concat();
+    let (code, out, err) = run_cli(&cached);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("accounts are read from the journal when first used"), "{out}");
+    assert!(!out.contains("accounts from an earlier run"), "{out}");
+    let evicted = out.lines().find_map(|l| l.strip_prefix("cache:")?.split(", ").last()?.strip_suffix(" evicted"));
+    assert!(evicted.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{out}");
+    assert!(out.contains("replayed state equals live state: yes"), "{out}");
 }
 
 #[tokio::test]
@@ -335,6 +345,9 @@ fn demo_flags_that_do_not_apply_are_refused_and_an_unreachable_cluster_is_named_
     let (code, _, err) = run_cli(&["demo", "--brokers", "127.0.0.1:1", "--commands", "5"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot be used with"), "{err}");
+    let (code, _, err) = run_cli(&["demo", "--brokers", "127.0.0.1:1", "--state-cache", "1MiB"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("add --state-dir DIR"), "{err}");
     let (code, _, err) = run_cli(&["demo", "--brokers", "127.0.0.1:1", "--commit-interval", "0s"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("at least 1ms"), "{err}");

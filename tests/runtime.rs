@@ -486,6 +486,7 @@ async fn a_state_cache_fails_only_the_commands_of_a_key_it_cannot_read() {
     assert!(matches!(err, Error::Decode { ref key, seq: 2, .. } if key == "a"), "{err}");
     assert!(h.snapshot().await.is_err(), "a snapshot of every key cannot leave one out");
     assert_eq!(h.get(&"b".into()).await.unwrap().unwrap().balance, 5);
+    assert_eq!(h.cache_stats().unwrap().evictions, 0, "a key's newer state replacing its older one is no eviction");
     stage.shutdown().await.unwrap();
     let stats = journal.stats().await.unwrap();
     assert_eq!((stats.events, stats.batches), (4, 2), "only b's deposit was written");

@@ -69,17 +69,21 @@ impl<S: EventSourced> quick_cache::Weighter<S::Key, Slot<S>> for ByWeight {
     }
 }
 
-/// Counts evictions.
+/// Counts the entries an insert pushed out. quick_cache also reports the value an insert
+/// replaces (the same key's older state) this way, which is not an eviction: see
+/// [`Cached::insert`].
 #[derive(Clone)]
-struct Evictions(Arc<AtomicU64>);
+struct Evictions;
 
 impl<S: EventSourced> quick_cache::Lifecycle<S::Key, Slot<S>> for Evictions {
-    type RequestState = ();
+    type RequestState = u64;
 
-    fn begin_request(&self) -> Self::RequestState {}
+    fn begin_request(&self) -> Self::RequestState {
+        0
+    }
 
-    fn on_evict(&self, (): &mut Self::RequestState, _: S::Key, _: Slot<S>) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    fn on_evict(&self, out: &mut Self::RequestState, _: S::Key, _: Slot<S>) {
+        *out += 1;
     }
 }
 
@@ -111,12 +115,11 @@ pub(crate) struct Cached<S: EventSourced> {
     source: std::sync::Mutex<Option<Arc<dyn Source<S>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
-    evictions: Arc<AtomicU64>,
+    evictions: AtomicU64,
 }
 
 impl<S: EventSourced> Cached<S> {
     pub(super) fn new(budget: u64, source: impl Source<S>) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
         // quick_cache sizes its table by the expected count of entries: about 128 bytes each.
         let estimated = budget / 128;
         Self {
@@ -125,14 +128,14 @@ impl<S: EventSourced> Cached<S> {
                 budget.max(1),
                 ByWeight,
                 ahash::RandomState::new(),
-                Evictions(evictions.clone()),
+                Evictions,
             ),
             budget,
             gate: tokio::sync::RwLock::new(()),
             source: std::sync::Mutex::new(Some(Arc::new(source))),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            evictions,
+            evictions: AtomicU64::new(0),
         }
     }
 
@@ -169,7 +172,10 @@ impl<S: EventSourced> Cached<S> {
     pub(super) fn insert(&self, key: S::Key, entity: Entity<S>) {
         if entity.seq.0 > 0 {
             let weight = entry_weight::<S>(&key, size_of::<Slot<S>>());
-            self.cache.insert(key, Slot { entity, weight });
+            // A replaced older state is reported like an eviction (see `Evictions`).
+            let replaced = u64::from(self.cache.peek(&key).is_some());
+            let out = self.cache.insert_with_lifecycle(key, Slot { entity, weight });
+            self.evictions.fetch_add(out.saturating_sub(replaced), Ordering::Relaxed);
         }
     }
 

@@ -219,8 +219,10 @@ impl JournalInner {
     /// Moves the event records that the snapshots of keys written since the last move cover into
     /// the archive; returns how many records moved. Called every second by the store's archiver: history moves once the store's threshold of
     /// records written since the last move is reached, or when no batch was appended since the
-    /// previous call (idle time); the first move of a process covers every key.
-    pub(super) fn archive_pending(&self) -> Result<u64> {
+    /// previous call (idle time); the first move of a process covers every key. A move stops
+    /// after the step at which `stop` says the journal is being closed (the next open's first move
+    /// covers what is left).
+    pub(super) fn archive_pending(&self, stop: &dyn Fn() -> bool) -> Result<u64> {
         let Some(after) = self.store.archive_history else { return Ok(0) };
         let applied = self.applied.load(Ordering::Acquire);
         let idle = self.archiver_seen.swap(applied, Ordering::AcqRel) == applied;
@@ -229,15 +231,15 @@ impl JournalInner {
             return Ok(0);
         }
         if !self.swept.load(Ordering::Acquire) {
-            return self.archive_all();
+            return self.archive_all(stop);
         }
         let keys: Vec<Vec<u8>> = lock(&self.to_archive).drain().collect();
-        self.archive_keys(keys)
+        Ok(self.archive_keys(keys, stop)?.0)
     }
 
     /// Moves the event records every snapshot covers into the archive (for stores written before
     /// archiving, or without it); returns how many records moved.
-    pub(super) fn archive_all(&self) -> Result<u64> {
+    pub(super) fn archive_all(&self, stop: &dyn Fn() -> bool) -> Result<u64> {
         lock(&self.to_archive).clear();
         let mut keys = Vec::new();
         for item in self.tree.scan_prefix([S]) {
@@ -246,12 +248,17 @@ impl JournalInner {
                 keys.push(key);
             }
         }
-        let moved = self.archive_keys(keys)?;
-        self.swept.store(true, Ordering::Release);
+        let (moved, whole) = self.archive_keys(keys, stop)?;
+        if whole {
+            self.swept.store(true, Ordering::Release);
+        }
         Ok(moved)
     }
 
-    fn archive_keys(&self, keys: impl IntoIterator<Item = Vec<u8>>) -> Result<u64> {
+    /// Moves the history the snapshots of `keys` cover, one step (about [`ARCHIVE_STEP`] bytes of
+    /// frames) at a time: readers of a key's snapshot and tail wait for one step, not for the
+    /// whole move. Returns the records moved, and false when `stop` ended it early.
+    fn archive_keys(&self, keys: impl IntoIterator<Item = Vec<u8>>, stop: &dyn Fn() -> bool) -> Result<(u64, bool)> {
         let mut archive = write(&self.archive);
         let mut frames = Vec::new();
         // Each moved record's storage key, and where its frame ends in `frames`.
@@ -273,12 +280,17 @@ impl JournalInner {
             }
             if frames.len() >= ARCHIVE_STEP {
                 moved += self.commit_move(&mut archive, &mut frames, &mut staged)?;
+                drop(archive);
+                if stop() {
+                    return Ok((moved, false));
+                }
+                archive = write(&self.archive);
             }
         }
         if !frames.is_empty() {
             moved += self.commit_move(&mut archive, &mut frames, &mut staged)?;
         }
-        Ok(moved)
+        Ok((moved, true))
     }
 
     /// Writes `frames` to the archive (one fsync), then removes their records from sled in small

@@ -269,7 +269,7 @@ impl SledJournal {
     /// # Errors
     /// When sled or the archive file cannot be read or written; nothing is lost either way.
     pub async fn archive_history(&self) -> Result<u64> {
-        self.spawn(JournalInner::archive_all).await
+        self.spawn(|j| j.archive_all(&|| false)).await
     }
 
     /// The sled tree holding this journal, for benchmarks comparing against raw sled iteration.

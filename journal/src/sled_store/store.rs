@@ -287,7 +287,9 @@ fn archive_loop(store: &Weak<StoreInner>) {
         std::thread::sleep(ARCHIVE_EVERY);
         let Some(store) = store.upgrade() else { return };
         for journal in store.live_journals() {
-            match journal.archive_pending() {
+            // The archiver's is the only handle left: the journal is being closed.
+            let closing = || Arc::strong_count(&journal) == 1;
+            match journal.archive_pending(&closing) {
                 Ok(0) => {}
                 Ok(moved) => tracing::debug!(journal = %journal.name, records = moved, "history moved to the archive"),
                 // Nothing is lost: the records stay in sled, and the next snapshot of the key tries again.

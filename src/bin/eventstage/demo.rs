@@ -76,6 +76,17 @@ fn command(rng: &mut StdRng) -> BankCommand {
     }
 }
 
+/// The process's resident memory and its peak so far in bytes (`VmRSS`, `VmHWM`), where the OS
+/// says (Linux).
+fn memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let kb = status.lines().find_map(|l| l.strip_prefix(name))?.trim().trim_end_matches("kB").trim();
+        Some(kb.parse::<u64>().ok()? * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 fn plain(states: BTreeMap<String, Arc<Account>>) -> BTreeMap<String, Account> {
     states.into_iter().map(|(k, v)| (k, Account::clone(&v))).collect()
 }
@@ -161,6 +172,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
+    // Before the checks below, which read every account.
+    let memory = memory();
     let cache = runtime.handle().cache_stats();
     let live = plain(runtime.handle().snapshot().await?);
     let stats = journal.stats().await?;
@@ -191,6 +204,13 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         stats.snapshots,
         stats.keys
     );
+    if let Some((rss, peak)) = memory {
+        println!(
+            "memory:   {} resident after the commands, {} at the peak (the whole process)",
+            bytesize::ByteSize::b(rss).display().iec(),
+            bytesize::ByteSize::b(peak).display().iec()
+        );
+    }
     if let Some(c) = cache {
         println!(
             "cache:    {} accounts in memory ({} of {}), {} hits, {} read from the journal, {} evicted",
