@@ -36,12 +36,37 @@ impl<S: EventSourced> Default for Entity<S> {
 /// `benches/RESULTS.md` ("A bounded state cache").
 const ENTRY_OVERHEAD: usize = 64;
 
-/// What a state cache's entry of `key` weighs in its budget: the inline sizes of its key, its slot
-/// (`slot` bytes, the entity included) and its state, the key's bytes, and [`ENTRY_OVERHEAD`].
-/// Memory a state owns beyond its inline size (a `String` field's text) is not counted.
-pub(crate) fn entry_weight<S: EventSourced>(key: &S::Key, slot: usize) -> u32 {
-    let inline = size_of::<S::Key>() + slot + size_of::<S::State>() + 2 * size_of::<usize>();
-    (inline + key.to_bytes().len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32
+/// An entity in a state cache (the flows' and the stage runtime's), with what it weighs.
+pub(crate) struct Slot<S: EventSourced> {
+    pub(crate) entity: Entity<S>,
+    pub(crate) weight: u32,
+}
+
+impl<S: EventSourced> Clone for Slot<S> {
+    fn clone(&self) -> Self {
+        Self { entity: self.entity.clone(), weight: self.weight }
+    }
+}
+
+impl<S: EventSourced> Slot<S> {
+    /// `key`'s `entity`, weighed: the inline sizes of its key, slot and state, the key's bytes,
+    /// and [`ENTRY_OVERHEAD`]. Memory a state owns beyond its inline size (a `String` field's
+    /// text) is not counted.
+    pub(crate) fn new(key: &S::Key, entity: Entity<S>) -> Self {
+        let inline = size_of::<S::Key>() + size_of::<Self>() + size_of::<S::State>() + 2 * size_of::<usize>();
+        let weight = (inline + key.to_bytes().len() + ENTRY_OVERHEAD).min(u32::MAX as usize) as u32;
+        Self { entity, weight }
+    }
+}
+
+/// Weighs a state cache's entries by their [`Slot::weight`].
+#[derive(Clone)]
+pub(crate) struct ByWeight;
+
+impl<S: EventSourced> quick_cache::Weighter<S::Key, Slot<S>> for ByWeight {
+    fn weight(&self, _: &S::Key, slot: &Slot<S>) -> u64 {
+        u64::from(slot.weight)
+    }
 }
 
 /// What a recovery read.

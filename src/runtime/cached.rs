@@ -14,7 +14,7 @@
 //!   the journal has not made durable yet, and never adds a state older than the cache's.
 
 use crate::error::{Error, Result};
-use crate::replay::{entry_weight, recover_keys, recover_matching, Entity, KeyFilter};
+use crate::replay::{recover_keys, recover_matching, ByWeight, Entity, KeyFilter, Slot};
 use crate::stage::{EntityKey, EventSourced};
 use eventstage_journal::{printable_key, Journal};
 use futures::future::BoxFuture;
@@ -45,27 +45,6 @@ impl<S: EventSourced, J: Journal> Source<S> for J {
 
     fn count(&self) -> BoxFuture<'_, Result<u64>> {
         Box::pin(async move { Ok(self.key_count().await?) })
-    }
-}
-
-/// A cached entity and what it weighs.
-struct Slot<S: EventSourced> {
-    entity: Entity<S>,
-    weight: u32,
-}
-
-impl<S: EventSourced> Clone for Slot<S> {
-    fn clone(&self) -> Self {
-        Self { entity: self.entity.clone(), weight: self.weight }
-    }
-}
-
-#[derive(Clone)]
-struct ByWeight;
-
-impl<S: EventSourced> quick_cache::Weighter<S::Key, Slot<S>> for ByWeight {
-    fn weight(&self, _: &S::Key, slot: &Slot<S>) -> u64 {
-        u64::from(slot.weight)
     }
 }
 
@@ -171,10 +150,10 @@ impl<S: EventSourced> Cached<S> {
     /// Adds `key`'s durable state (a key without events is not cached: it has no state).
     pub(super) fn insert(&self, key: S::Key, entity: Entity<S>) {
         if entity.seq.0 > 0 {
-            let weight = entry_weight::<S>(&key, size_of::<Slot<S>>());
             // A replaced older state is reported like an eviction (see `Evictions`).
             let replaced = u64::from(self.cache.peek(&key).is_some());
-            let out = self.cache.insert_with_lifecycle(key, Slot { entity, weight });
+            let slot = Slot::new(&key, entity);
+            let out = self.cache.insert_with_lifecycle(key, slot);
             self.evictions.fetch_add(out.saturating_sub(replaced), Ordering::Relaxed);
         }
     }

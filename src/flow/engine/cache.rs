@@ -17,7 +17,7 @@
 
 use super::state::KeyMap;
 use crate::flow::control::Metrics;
-use crate::replay::Entity;
+use crate::replay::{ByWeight, Entity, Slot};
 use crate::stage::EventSourced;
 use quick_cache::unsync::Cache;
 use std::collections::VecDeque;
@@ -75,21 +75,6 @@ pub(super) struct CacheSettings {
     pub(super) metrics: Arc<Metrics>,
 }
 
-/// A cached entry and what it weighs.
-struct Slot<S: EventSourced> {
-    entity: Entity<S>,
-    weight: u32,
-}
-
-#[derive(Clone)]
-struct ByWeight;
-
-impl<S: EventSourced> quick_cache::Weighter<S::Key, Slot<S>> for ByWeight {
-    fn weight(&self, _: &S::Key, slot: &Slot<S>) -> u64 {
-        u64::from(slot.weight)
-    }
-}
-
 /// Collects the keys a cache request evicted (their input positions go with them).
 #[derive(Clone)]
 struct Evictions(Arc<Metrics>);
@@ -105,11 +90,6 @@ impl<S: EventSourced> quick_cache::Lifecycle<S::Key, Slot<S>> for Evictions {
         self.0.cache_evictions.fetch_add(1, Ordering::Relaxed);
         evicted.push(key);
     }
-}
-
-/// What an entry of `key` weighs in the budget.
-fn weigh<S: EventSourced>(key: &S::Key) -> u32 {
-    crate::replay::entry_weight::<S>(key, size_of::<Slot<S>>())
 }
 
 /// A committed batch whose keys wait for the local store (they are in `unstored` with its id).
@@ -282,8 +262,8 @@ impl<S: EventSourced> Committed<S> {
 
 impl<S: EventSourced> Cached<S> {
     fn cache_insert(&mut self, key: S::Key, entity: Entity<S>) -> Vec<S::Key> {
-        let weight = weigh::<S>(&key);
-        self.cache.insert_with_lifecycle(key, Slot { entity, weight })
+        let slot = Slot::new(&key, entity);
+        self.cache.insert_with_lifecycle(key, slot)
     }
 
     /// Stamps the batches journaled (up to `generation`, and those journaled when committed) with
@@ -338,7 +318,7 @@ impl<S: EventSourced> Cached<S> {
 /// What partitions hold in memory (summed over partitions with [`Usage::add`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Usage {
-    /// Bytes in the cache (as weighed: see `weigh`).
+    /// Bytes in the cache (as weighed: see `Slot::new`).
     pub(super) bytes: u64,
     /// Entries in the cache (every committed key, without a cache).
     pub(super) entries: u64,
@@ -387,7 +367,7 @@ mod tests {
     fn cache(entries: u64) -> (Committed<Bank>, Arc<StoreProgress>, Arc<Metrics>) {
         let progress = Arc::new(StoreProgress::new("journal", 1));
         let metrics = Arc::new(Metrics::default());
-        let budget = entries * u64::from(weigh::<Bank>(&"acct-0".to_string()));
+        let budget = entries * u64::from(Slot::<Bank>::new(&"acct-0".to_string(), Entity::default()).weight);
         let settings = CacheSettings { budget, progress: progress.clone(), metrics: metrics.clone() };
         (Committed::cached(0, &settings), progress, metrics)
     }
@@ -410,7 +390,8 @@ mod tests {
         let usage = c.usage();
         assert_eq!(usage.unstored, 0);
         assert!(
-            usage.entries <= 10 && usage.bytes <= 10 * u64::from(weigh::<Bank>(&"acct-0".to_string())),
+            usage.entries <= 10
+                && usage.bytes <= 10 * u64::from(Slot::<Bank>::new(&"acct-0".to_string(), Entity::default()).weight),
             "{usage:?}"
         );
         assert_eq!(evicted.len() as u64, 100 - usage.entries);
@@ -471,7 +452,7 @@ mod tests {
             assert_eq!(balance(&c, k), Some(k), "a key just read is in memory");
         }
         assert!(c.usage().entries <= 4);
-        let one = u64::from(weigh::<Bank>(&"acct-0".to_string()));
+        let one = u64::from(Slot::<Bank>::new(&"acct-0".to_string(), Entity::default()).weight);
         c.set_budget(one);
         assert!(c.usage().entries <= 1);
         assert_eq!(c.budget(), Some(one));
