@@ -132,12 +132,13 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             let elapsed_ms = elapsed.as_millis() as u64;
             tracing::info!(partitions = %Partitions(&restored_here), elapsed_ms, "assigned and restored");
             // The listeners hear of the partitions once their state is here (their seeks are made
-            // with the others, before the partitions resume).
+            // with the others, once the partitions resumed).
             self.notify(RebalanceEvent::Assigned(restored_here));
-            self.seek_pending(consumer)?;
             if resume.count() > 0 {
                 consumer.resume(&resume).map_err(|e| kafka("resume restored partitions", e))?;
+                self.wake_fetchers(consumer, &resume)?;
             }
+            self.seek_pending(consumer)?;
         }
         Ok(())
     }
@@ -175,6 +176,30 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             for o in applied.outbox {
                 self.emit(p, o)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Seeks the `resumed` partitions that no other seek is asked for to where they resume (the
+    /// task's next offset; the beginning when the group committed none, as `auto.offset.reset`).
+    /// librdkafka's resume of a partition whose fetcher was started does not wake the broker
+    /// thread that fetches it: that thread would notice at its next wake-up, up to a second
+    /// later (a second of every restart here, after the restore). A seek starts the fetcher
+    /// again, which wakes it. Made after the resume: a seek of a paused partition wakes the
+    /// thread too early, to find the partition paused.
+    fn wake_fetchers(&mut self, consumer: &FlowConsumer<S, G>, resumed: &TopicPartitionList) -> Result<(), FlowError> {
+        let mut tpl = TopicPartitionList::new();
+        for el in resumed.elements() {
+            let (topic, p) = (el.topic(), el.partition());
+            if self.tasks.pending_seeks.iter().any(|(t, sp, _)| t == topic && *sp == p) {
+                continue;
+            }
+            let Some(next) = self.tasks.offsets_mut(topic, p).map(|o| o.next) else { continue };
+            let at = if next >= 0 { Offset::Offset(next) } else { Offset::Beginning };
+            tpl.add_partition_offset(topic, p, at).map_err(|e| kafka("seek", e))?;
+        }
+        if tpl.count() > 0 {
+            consumer.seek_partitions(tpl, TXN_TIMEOUT).map_err(|e| kafka("seek resumed partitions", e))?;
         }
         Ok(())
     }
