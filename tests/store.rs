@@ -281,6 +281,33 @@ async fn a_state_cache_smaller_than_the_state_evicts_keys_and_reads_them_back_ri
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
 }
 
+/// Issue 24: with a state cache, a new instance with an empty local store (a first start, a
+/// takeover without standbys) does not read the journal into memory: its tail is larger than the
+/// cache, so the store's follower writes it first and the keys are read from the store when
+/// used. Every reply afterwards is as the model says, and the journal records read into memory
+/// are only what the follower had not written when it reached the end (none here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_journal_tail_is_restored_through_the_store_not_into_memory() {
+    let s = setup(2).await;
+    let cmds = workload(1600, 300, 35);
+    let first = tempfile::tempdir().unwrap();
+    let flow = start_cached(&s, first.path(), Guarantee::ExactlyOnce);
+    feed_async(&s, &cmds[..1000]).await;
+    await_replies(&s, expected(&cmds[..1000]).0).await;
+    flow.drain_and_shutdown().await.unwrap();
+
+    let empty = tempfile::tempdir().unwrap();
+    let flow = start_cached(&s, empty.path(), Guarantee::ExactlyOnce);
+    feed_slowly(&s, &cmds[1000..]).join().unwrap();
+    let (replies, accounts) = expected(&cmds);
+    await_replies(&s, replies).await;
+    let m = flow.metrics();
+    assert_eq!(m.restored_records, 0, "the journal tail went through the store, not into memory: {m:?}");
+    assert!(m.cache_misses > 100 && m.cache_bytes <= SMALL_CACHE, "keys were read from the store: {m:?}");
+    flow.drain_and_shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 2)).await.unwrap(), accounts);
+}
+
 /// At least once, a batch's keys stay in memory until its journal records are acknowledged and in
 /// the local store; evicted keys come back with the input positions their state includes. Every
 /// reply is as the model says, before and after a restart.

@@ -62,7 +62,7 @@ impl StoreProgress {
         self.acked.get(p as usize).map_or(i64::MAX, |a| a.load(Ordering::Relaxed))
     }
 
-    fn written(&self, p: i32) -> i64 {
+    pub(super) fn written(&self, p: i32) -> i64 {
         self.written.get(p as usize).map_or(0, |w| w.load(Ordering::Acquire))
     }
 }

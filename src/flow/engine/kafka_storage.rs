@@ -30,6 +30,15 @@ use std::time::Duration;
 /// A restore that reads nothing for this long fails.
 const RESTORE_STALL: Duration = Duration::from_secs(60);
 
+/// With a state cache, a restore whose journal tail would take more of the cache than this
+/// (records times [`RESTORED_RECORD_BYTES`]) goes through the local store: see
+/// [`Shared::restore_through_store`].
+const RESTORED_RECORD_BYTES: u64 = 128;
+
+/// How long the follower may write nothing of a tail it is restoring through the store before
+/// the rest is read into memory instead.
+const STORE_RESTORE_STALL: Duration = Duration::from_secs(10);
+
 /// A key's journal record is made before the commit once it holds this many events (bounds the
 /// record size for a key that takes thousands of commands in one commit interval).
 const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
@@ -129,6 +138,9 @@ impl Shared {
                 };
                 latest.insert(*p, Read { rows, ..Read::default() });
             }
+            if let Some(cache) = &self.cache {
+                self.restore_through_store(checkpoints, cache, &marks, &mut from);
+            }
         }
         let stats = self.journal.restore_partitions_from(&from, RESTORE_STALL, |p, offset, key, entry| {
             let read = latest.entry(p).or_default();
@@ -140,6 +152,60 @@ impl Shared {
             tracing::info!(partitions = ?wanted, journal_records = stats.records, elapsed_ms = stats.elapsed.as_millis() as u64, "read the journal");
         }
         Ok(latest)
+    }
+}
+
+impl Shared {
+    /// With a state cache, a journal tail larger than the cache could hold (a first start on an
+    /// empty store, a takeover without standbys, a store far behind) is not read into memory:
+    /// the local store's follower writes it to the store first, and only what it has not written
+    /// when it reaches the end (or stops making progress) is read into memory. Kafka Streams
+    /// restores into its stores the same way. The tail's keys are then read from the store when
+    /// used, as every evicted key is; memory holds the budget during a restore too.
+    fn restore_through_store(
+        &self,
+        checkpoints: &Checkpoints,
+        cache: &CacheSettings,
+        marks: &BTreeMap<i32, (i64, i64)>,
+        from: &mut [(i32, i64)],
+    ) {
+        let fits = cache.budget / (from.len() as u64).max(1) / RESTORED_RECORD_BYTES;
+        let large: Vec<(i32, i64)> = from
+            .iter()
+            .filter_map(|&(p, start)| {
+                let high = marks.get(&p).map_or(0, |m| m.1);
+                (u64::try_from(high - start).unwrap_or(0) > fits).then_some((p, high))
+            })
+            .collect();
+        if large.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        for &(p, _) in &large {
+            checkpoints.follow(p);
+        }
+        let mut last = (large.iter().map(|&(p, _)| cache.progress.written(p)).sum::<i64>(), started);
+        loop {
+            let written: i64 = large.iter().map(|&(p, _)| cache.progress.written(p)).sum();
+            if large.iter().all(|&(p, high)| cache.progress.written(p) >= high) {
+                break;
+            }
+            if written > last.0 {
+                last = (written, std::time::Instant::now());
+            } else if last.1.elapsed() > STORE_RESTORE_STALL {
+                tracing::warn!(partitions = ?large.iter().map(|l| l.0).collect::<Vec<_>>(),
+                    "the local store's follower wrote nothing of the restored journal tail for 10 s; reading the rest into memory");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (p, start) in from.iter_mut() {
+            if large.iter().any(|l| l.0 == *p) {
+                *start = (*start).max(cache.progress.written(*p));
+            }
+        }
+        tracing::info!(partitions = ?large.iter().map(|l| l.0).collect::<Vec<_>>(), elapsed_ms = started.elapsed().as_millis() as u64,
+            "restored through the local store (the journal tail was larger than the state cache)");
     }
 }
 
