@@ -4,7 +4,9 @@
 //! (0: no cache, every key in memory). The figures: the process's resident memory sampled every
 //! 250 ms (its peak, and when the last reply is visible), the rate (K over the time from the
 //! spawn to the last reply), and the flow's own summary after a drain (keys in memory, evictions,
-//! the local store's lag). Every reply is checked: each `open` answered ok with balance 0.
+//! the local store's lag). Every reply is checked: each `open` answered ok with balance 0. Then a
+//! restart after SIGKILL, a hot 1 %, and a new instance of the group with an empty local store
+//! (the whole journal restored): the time to its first reply and its peak RSS.
 
 use super::*;
 use eventstage::stages::bank_flow::WireReply;
@@ -27,6 +29,11 @@ pub(crate) struct CacheRow {
     pub(crate) hot_rss_mib: u64,
     /// The restarted demo's `state:` line after its drain.
     pub(crate) state: String,
+    /// A new instance with an empty local store (a new machine, a takeover without standbys):
+    /// spawn to the reply to a probe, its peak RSS meanwhile, and its `metrics:` line.
+    pub(crate) fresh: Duration,
+    pub(crate) fresh_peak_rss_mib: u64,
+    pub(crate) fresh_metrics: String,
 }
 
 pub(crate) fn print(rows: &[CacheRow]) {
@@ -43,6 +50,12 @@ pub(crate) fn print(rows: &[CacheRow]) {
         println!("             {}", r.restart_metrics);
         println!("             hot 1 %: {:.0} deposits/s, RSS {} MiB at the end", r.hot_rate, r.hot_rss_mib);
         println!("             {}", r.state);
+        println!(
+            "             a new instance with an empty store: {} ms to the first reply, peak RSS {} MiB",
+            r.fresh.as_millis(),
+            r.fresh_peak_rss_mib
+        );
+        println!("             {}", r.fresh_metrics);
     }
 }
 
@@ -72,14 +85,14 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     drop(p);
     let dir = tempfile::tempdir()?;
     let txn = unique("cache-txn");
-    let spawn = || -> Result<std::process::Child> {
+    let spawn_in = |dir: &std::path::Path| -> Result<std::process::Child> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventstage"));
         cmd.args(["demo", "--brokers", brokers, "--input", &topics.input])
             .args(["--replies", &topics.replies, "--events", &topics.events, "--group", &group])
             .args(["--journal", &format!("kafka:{journal}"), "--transactional-id", &txn])
             .args(["--partitions", &PARTITIONS.to_string()])
             .arg("--state-dir")
-            .arg(dir.path());
+            .arg(dir);
         if budget_mib > 0 {
             cmd.args(["--state-cache", &format!("{budget_mib}MiB")]);
         }
@@ -88,6 +101,7 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
             .spawn()
             .context("start eventstage demo")
     };
+    let spawn = || spawn_in(dir.path());
     let started = Instant::now();
     let mut child = spawn()?;
     let pid = child.id();
@@ -161,8 +175,9 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     if !status.success() {
         bail!("the demo exited with {status}: {out}");
     }
+    let line = |out: &str, prefix: &str| out.lines().find(|l| l.starts_with(prefix)).unwrap_or("(none)").to_string();
+    let (fresh, fresh_peak_rss_mib, fresh_metrics) = fresh_instance(brokers, &topics, keys, &replies, &spawn_in)?;
     delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
-    let line = |prefix: &str| out.lines().find(|l| l.starts_with(prefix)).unwrap_or("(none)").to_string();
     Ok(CacheRow {
         keys,
         budget_mib,
@@ -171,11 +186,67 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
         end_rss_mib,
         restart,
         restart_rss_mib,
-        restart_metrics: line("metrics:"),
+        restart_metrics: line(&out, "metrics:"),
         hot_rate,
         hot_rss_mib,
-        state: line("state:"),
+        state: line(&out, "state:"),
+        fresh,
+        fresh_peak_rss_mib,
+        fresh_metrics,
     })
+}
+
+/// A new instance of the group with an empty local store: the whole journal is restored (through
+/// the store when it is larger than the cache). A deposit to an account, fed before the spawn, is
+/// the probe; returns the time from the spawn to its reply, the peak RSS meanwhile, and the
+/// instance's `metrics:` line after a drain.
+fn fresh_instance(
+    brokers: &str,
+    topics: &BankTopics,
+    keys: u64,
+    replies: &BaseConsumer,
+    spawn_in: &dyn Fn(&std::path::Path) -> Result<std::process::Child>,
+) -> Result<(Duration, u64, String)> {
+    let p = producer(brokers, 0)?;
+    send(&p, &topics.input, &key(keys / 3), &wire("fresh-probe".into(), "deposit", Some(1)))?;
+    p.flush(Duration::from_secs(30)).context("flush the probe")?;
+    let empty = tempfile::tempdir()?;
+    let started = Instant::now();
+    let mut child = spawn_in(empty.path())?;
+    let pid = child.id();
+    let mut peak = 0;
+    let mut sampled = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let balance = loop {
+        if Instant::now() > deadline {
+            bail!("no reply to the probe within 30 minutes of the new instance's start");
+        }
+        if sampled.elapsed() >= Duration::from_millis(250) {
+            peak = rss_mib(pid).unwrap_or(0).max(peak);
+            sampled = Instant::now();
+        }
+        let Some(Ok(m)) = replies.poll(Duration::from_millis(5)) else { continue };
+        match m.payload().map(serde_json::from_slice::<WireReply>) {
+            Some(Ok(r)) if r.id == "fresh-probe" => break r.balance,
+            _ => {}
+        }
+    };
+    let took = started.elapsed();
+    peak = rss_mib(pid).unwrap_or(0).max(peak);
+    if balance != Some(1) {
+        bail!("the new instance's probe reply says balance {balance:?}, not 1");
+    }
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    let status = child.wait()?;
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout.read_to_string(&mut out)?;
+    }
+    if !status.success() {
+        bail!("the new instance exited with {status}: {out}");
+    }
+    let metrics = out.lines().find(|l| l.starts_with("metrics:")).unwrap_or("(none)").to_string();
+    Ok((took, peak, metrics))
 }
 
 /// The hot working set (see the module documentation): deposits to the hottest 1 % of `keys`

@@ -182,7 +182,7 @@ impl Shared {
         }
         let started = std::time::Instant::now();
         for &(p, _) in &large {
-            checkpoints.follow(p);
+            checkpoints.restore(p);
         }
         let mut last = (large.iter().map(|&(p, _)| cache.progress.written(p)).sum::<i64>(), started);
         loop {

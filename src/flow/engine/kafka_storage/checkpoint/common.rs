@@ -67,6 +67,9 @@ pub(super) fn config_err(dir: &Path, message: impl std::fmt::Display) -> FlowErr
 pub(super) enum Command {
     /// Keep partition `p`'s checkpoint current: it is assigned here.
     Follow(i32),
+    /// As `Follow`, for a restore that waits for the store to have partition `p` up to its end:
+    /// its rows are written as soon as the end is reached, not at the next checkpoint.
+    Restore(i32),
     /// Keep partition `p`'s checkpoint current: a standby (it may be owned elsewhere).
     Standby(i32),
     /// Partition `p` went to another instance: read it up to its end when it went (taken on the

@@ -70,6 +70,9 @@ pub(super) struct Follower {
     partitions: BTreeMap<i32, Followed>,
     pending: usize,
     last_write: Instant,
+    /// Partitions a restore waits for (`Command::Restore`): written as soon as they are read to
+    /// their end.
+    restoring: std::collections::BTreeSet<i32>,
     /// Where the flow's state cache learns how far the store has each partition's rows.
     progress: Option<Arc<StoreProgress>>,
 }
@@ -94,6 +97,7 @@ impl Follower {
             partitions: BTreeMap::new(),
             pending: 0,
             last_write: Instant::now(),
+            restoring: std::collections::BTreeSet::new(),
             progress,
         }
     }
@@ -129,7 +133,7 @@ impl Follower {
             if !self.partitions.is_empty() {
                 self.read(Duration::from_millis(100))?;
             }
-            if self.pending >= MAX_PENDING || self.last_write.elapsed() >= self.interval {
+            if self.pending >= MAX_PENDING || self.last_write.elapsed() >= self.interval || self.restored_to_end() {
                 self.write()?;
             }
             self.let_go()?;
@@ -140,6 +144,10 @@ impl Follower {
     fn handle(&mut self, command: Command) -> Result<bool, FlowError> {
         match command {
             Command::Follow(p) => self.follow(p, false)?,
+            Command::Restore(p) => {
+                self.follow(p, false)?;
+                self.restoring.insert(p);
+            }
             Command::Standby(p) => self.follow(p, true)?,
             Command::Release(p, end) => match self.standby {
                 Standby::None => {
@@ -205,6 +213,15 @@ impl Follower {
             .insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None, at_end: false, released });
         self.stored(p, next);
         Ok(())
+    }
+
+    /// True once a partition a restore waits for was read to its end: it is written now (and no
+    /// longer waited for).
+    fn restored_to_end(&mut self) -> bool {
+        let partitions = &self.partitions;
+        let before = self.restoring.len();
+        self.restoring.retain(|p| partitions.get(p).is_some_and(|f| !f.at_end));
+        self.restoring.len() < before
     }
 
     fn reset(&mut self, p: i32) -> Result<(), FlowError> {

@@ -152,6 +152,12 @@ impl Checkpoints {
         }
     }
 
+    /// Keeps partition `p`'s checkpoint current from now on, for a restore that waits for the
+    /// store to have it up to its end (its rows are written as soon as they are read).
+    pub(super) fn restore(&self, p: i32) {
+        let _ = self.commands.send(Command::Restore(p));
+    }
+
     /// Keeps partition `p`'s checkpoint current from now on.
     pub(super) fn follow(&self, p: i32) {
         let _ = self.commands.send(Command::Follow(p));
