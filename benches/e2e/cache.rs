@@ -165,17 +165,7 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
         bail!("the probe's reply says balance {probe:?}, not 1: the state was not restored");
     }
     let (hot_rate, hot_rss_mib) = hot(brokers, &topics, keys, &replies, child.id())?;
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status()?;
-    let status = child.wait()?;
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        stdout.read_to_string(&mut out)?;
-    }
-    if !status.success() {
-        bail!("the demo exited with {status}: {out}");
-    }
-    let line = |out: &str, prefix: &str| out.lines().find(|l| l.starts_with(prefix)).unwrap_or("(none)").to_string();
+    let out = drain(&mut child, "the demo")?;
     let (fresh, fresh_peak_rss_mib, fresh_metrics) = fresh_instance(brokers, &topics, keys, &replies, &spawn_in)?;
     delete_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events, &journal]);
     Ok(CacheRow {
@@ -236,17 +226,27 @@ fn fresh_instance(
     if balance != Some(1) {
         bail!("the new instance's probe reply says balance {balance:?}, not 1");
     }
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    let out = drain(&mut child, "the new instance")?;
+    Ok((took, peak, line(&out, "metrics:")))
+}
+
+/// Stops a demo with SIGTERM (it drains and prints its summary) and returns what it printed.
+fn drain(child: &mut std::process::Child, what: &str) -> Result<String> {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     let status = child.wait()?;
     let mut out = String::new();
     if let Some(mut stdout) = child.stdout.take() {
         stdout.read_to_string(&mut out)?;
     }
     if !status.success() {
-        bail!("the new instance exited with {status}: {out}");
+        bail!("{what} exited with {status}: {out}");
     }
-    let metrics = out.lines().find(|l| l.starts_with("metrics:")).unwrap_or("(none)").to_string();
-    Ok((took, peak, metrics))
+    Ok(out)
+}
+
+/// The first line of `out` that starts with `prefix`.
+fn line(out: &str, prefix: &str) -> String {
+    out.lines().find(|l| l.starts_with(prefix)).unwrap_or("(none)").to_string()
 }
 
 /// The hot working set (see the module documentation): deposits to the hottest 1 % of `keys`
