@@ -19,7 +19,7 @@ use crate::stage::{EntityKey, EventSourced};
 use eventstage_journal::{printable_key, Journal};
 use futures::future::BoxFuture;
 use quick_cache::sync::Cache;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -179,15 +179,16 @@ impl<S: EventSourced> Cached<S> {
     /// The durable state of every key of a batch for the writer, into `touched` (key → seq before
     /// the batch, entity); the keys it could not read go to `unreadable` with the reason. Runs
     /// between batches: nothing is being appended, so what the journal has is durable.
-    pub(super) async fn load_batch<'k>(
+    pub(super) async fn load_batch(
         &self,
-        keys: impl Iterator<Item = &'k S::Key>,
+        keys: Vec<&S::Key>,
         touched: &mut HashMap<S::Key, (u64, Entity<S>)>,
         unreadable: &mut HashMap<S::Key, String>,
     ) {
+        let mut seen = HashSet::with_capacity(keys.len());
         let mut missing = Vec::new();
         for key in keys {
-            if touched.contains_key(key) || missing.contains(key) {
+            if !seen.insert(key) {
                 continue;
             }
             match self.cached(key) {
@@ -208,7 +209,7 @@ impl<S: EventSourced> Cached<S> {
             }
         };
         let raw = missing.iter().map(|k| k.to_bytes().into_owned()).collect();
-        let loaded = match source.load(raw).await {
+        let mut loaded = match source.load(raw).await {
             Ok(loaded) => loaded,
             // One key's damage must not fail the others: read them one by one to find it.
             Err(_) => {
@@ -226,7 +227,6 @@ impl<S: EventSourced> Cached<S> {
                 loaded
             }
         };
-        let mut loaded = loaded;
         for key in missing {
             if unreadable.contains_key(&key) {
                 continue;

@@ -187,7 +187,7 @@ impl<S: EventSourced, J: Journal + Clone> StageRuntime<S, J> {
     /// on a history it cannot read completely. With a state cache, a key that cannot be read fails
     /// the commands and queries that use it ([`Error::Unreadable`]), not the stage.
     pub async fn open(stage: S, journal: J, config: RuntimeConfig) -> Result<Self> {
-        let states = match config.state_cache {
+        let (states, recovery) = match config.state_cache {
             None => {
                 let (states, recovery) = recover::<S, J>(&journal, &config.recovery_progress).await?;
                 tracing::info!(
@@ -205,7 +205,6 @@ impl<S: EventSourced, J: Journal + Clone> StageRuntime<S, J> {
                 (States::Cached(Cached::new(budget, journal.clone())), RecoveryStats::default())
             }
         };
-        let (states, recovery) = states;
         let positions = journal.positions().await?;
         let shared = Arc::new(Shared {
             states,

@@ -138,8 +138,7 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
             }
             States::Cached(cached) => {
                 // The keys alone cross the await (a command need not be Sync).
-                let keys: Vec<&S::Key> = requests.iter().map(|r| &r.key).collect();
-                cached.load_batch(keys.into_iter(), &mut touched, &mut unreadable).await;
+                cached.load_batch(requests.iter().map(|r| &r.key).collect(), &mut touched, &mut unreadable).await;
             }
         }
         let mut pending: Vec<Pending<S>> = Vec::with_capacity(requests.len());

@@ -153,9 +153,7 @@ impl Shared {
         }
         Ok(latest)
     }
-}
 
-impl Shared {
     /// With a state cache, a journal tail larger than the cache could hold (a first start on an
     /// empty store, a takeover without standbys, a store far behind) is not read into memory:
     /// the local store's follower writes it to the store first, and only what it has not written
@@ -180,32 +178,29 @@ impl Shared {
         if large.is_empty() {
             return;
         }
+        let partitions: Vec<i32> = large.iter().map(|&(p, _)| p).collect();
+        let written = || partitions.iter().map(|&p| cache.progress.written(p)).sum::<i64>();
         let started = std::time::Instant::now();
-        for &(p, _) in &large {
-            checkpoints.restore(p);
-        }
-        let mut last = (large.iter().map(|&(p, _)| cache.progress.written(p)).sum::<i64>(), started);
-        loop {
-            let written: i64 = large.iter().map(|&(p, _)| cache.progress.written(p)).sum();
-            if large.iter().all(|&(p, high)| cache.progress.written(p) >= high) {
-                break;
-            }
-            if written > last.0 {
-                last = (written, std::time::Instant::now());
-            } else if last.1.elapsed() > STORE_RESTORE_STALL {
-                tracing::warn!(partitions = ?large.iter().map(|l| l.0).collect::<Vec<_>>(),
-                    "the local store's follower wrote nothing of the restored journal tail for 10 s; reading the rest into memory");
+        partitions.iter().for_each(|&p| checkpoints.restore(p));
+        // The follower's progress, and when it last moved.
+        let mut moved = (written(), started);
+        while !large.iter().all(|&(p, high)| cache.progress.written(p) >= high) {
+            if written() > moved.0 {
+                moved = (written(), std::time::Instant::now());
+            } else if moved.1.elapsed() > STORE_RESTORE_STALL {
+                tracing::warn!(?partitions, "the local store's follower wrote nothing of the restored journal tail for 10 s; reading the rest into memory");
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        for (p, start) in from.iter_mut() {
-            if large.iter().any(|l| l.0 == *p) {
-                *start = (*start).max(cache.progress.written(*p));
-            }
+        for (p, start) in from.iter_mut().filter(|(p, _)| partitions.contains(p)) {
+            *start = (*start).max(cache.progress.written(*p));
         }
-        tracing::info!(partitions = ?large.iter().map(|l| l.0).collect::<Vec<_>>(), elapsed_ms = started.elapsed().as_millis() as u64,
-            "restored through the local store (the journal tail was larger than the state cache)");
+        tracing::info!(
+            ?partitions,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "restored through the local store (the journal tail was larger than the state cache)"
+        );
     }
 }
 
