@@ -21,7 +21,9 @@
 //! is N over first send → last reply visible; a command's latency is reply visible to the reader −
 //! its send (as section 3 measures it; with the input produced at full speed it is mostly the
 //! backlog's wait). The child's resident memory is sampled every 250 ms, its peak reported per
-//! phase. At the end the child gets SIGTERM and its topics are deleted.
+//! phase; its CPU time per thread is taken at the phase boundaries (`cpu, opens:` and `cpu,
+//! deposits:` lines: cores used, CPU per command, the busiest threads). At the end the child gets
+//! SIGTERM and its topics are deleted.
 //!
 //! `EVENTSTAGE_E2E_UNIFORM_KEYS` (K, default 10^7), `EVENTSTAGE_E2E_UNIFORM_N` (N, default 10^6),
 //! `EVENTSTAGE_E2E_UNIFORM_MIB` (eventstage's state cache, default 128; 0: none, every key in
@@ -54,6 +56,8 @@ pub(crate) struct Row {
     /// What the process printed when it stopped (eventstage's `metrics:` and `state:` lines, the
     /// Kafka Streams application's counts).
     pub(crate) summary: Vec<String>,
+    /// Where the process's CPU went in each phase (see [`ThreadCpu`]).
+    pub(crate) cpu: Vec<String>,
 }
 
 pub(crate) fn print(rows: &[Row], keys: u64, n: u64) {
@@ -76,7 +80,7 @@ pub(crate) fn print(rows: &[Row], keys: u64, n: u64) {
             r.open_peak_rss_mib,
             r.peak_rss_mib
         );
-        for line in &r.summary {
+        for line in r.summary.iter().chain(&r.cpu) {
             println!("      {line}");
         }
     }
@@ -276,7 +280,7 @@ fn measure(
     let result = phases(brokers, keys, deposits, system, topics, &mut guard, &peak, started);
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    let (open_rate, open_peak_rss_mib, rate, p50, p99) = result?;
+    let (open_rate, open_peak_rss_mib, rate, p50, p99, cpu) = result?;
     let peak_rss_mib = peak.load(Ordering::Relaxed);
 
     // Stop: SIGTERM, then wait.
@@ -296,11 +300,12 @@ fn measure(
         .filter(|l| l.starts_with("metrics:") || l.starts_with("state:") || l.starts_with("bank-streams:"))
         .map(str::to_string)
         .collect();
-    Ok(Row { system: system.to_string(), open_rate, open_peak_rss_mib, rate, p50, p99, peak_rss_mib, summary })
+    Ok(Row { system: system.to_string(), open_rate, open_peak_rss_mib, rate, p50, p99, peak_rss_mib, summary, cpu })
 }
 
 /// The opens (the spawn to the K-th reply), then the deposits; returns the open rate, the peak RSS
-/// while opening, the deposit rate and its p50 and p99 latency.
+/// while opening, the deposit rate, its p50 and p99 latency, and where the child's CPU went in
+/// each phase.
 #[allow(clippy::too_many_arguments)]
 fn phases(
     brokers: &str,
@@ -311,8 +316,9 @@ fn phases(
     guard: &mut Guard,
     peak: &AtomicU64,
     started: Instant,
-) -> Result<(f64, u64, f64, Duration, Duration)> {
+) -> Result<(f64, u64, f64, Duration, Duration, Vec<String>)> {
     let child = guard.0.as_mut().ok_or_else(|| anyhow!("no child"))?;
+    let pid = child.id();
     let mut wrong = 0u64;
     let mut first_wrong = None;
     let mut exited = None;
@@ -345,6 +351,8 @@ fn phases(
         bail!("{system}: {wrong} of {keys} replies to `open` were not ok with balance 0, the first: {first_wrong:?}");
     }
     progress(&format!("    {keys} accounts open in {:.1} s ({open_rate:.0}/s); deposits", open_took.as_secs_f64()));
+    let opened = ThreadCpu::of(pid);
+    let mut cpu = vec![opened.since(&ThreadCpu::default(), open_took, keys, "opens")];
 
     // The replies written from now on (the topic holds the K replies to the opens).
     let replies = reader_at_end(brokers, &topics.replies)?;
@@ -410,6 +418,7 @@ fn phases(
         std::thread::sleep(Duration::from_millis(10));
     }
     let visible = join(reader).with_context(|| format!("{system}: the deposits"))?;
+    cpu.push(ThreadCpu::of(pid).since(&opened, base.elapsed(), n as u64, "deposits"));
     let last = visible.iter().copied().max().unwrap_or(0);
     let rate = n as f64 / Duration::from_nanos(last.saturating_sub(sent[0])).as_secs_f64();
     let mut micros: Vec<u64> = visible.iter().zip(&sent).map(|(v, s)| v.saturating_sub(*s) / 1000).collect();
@@ -417,7 +426,66 @@ fn phases(
     let (p50, p99) =
         (Duration::from_micros(percentile(&micros, 0.5)), Duration::from_micros(percentile(&micros, 0.99)));
     progress(&format!("    {n} deposits: {rate:.0}/s, p50 {} p99 {}", ms(p50), ms(p99)));
-    Ok((open_rate, open_peak, rate, p50, p99))
+    Ok((open_rate, open_peak, rate, p50, p99, cpu))
+}
+
+/// A process's CPU time so far (user and system, in clock ticks) per thread name, from
+/// `/proc/PID/task/*/stat`: which threads a phase kept busy, and the CPU a command cost the whole
+/// process, a figure that does not depend on what else ran on the machine (the rates do).
+#[derive(Default)]
+struct ThreadCpu(std::collections::BTreeMap<String, u64>);
+
+impl ThreadCpu {
+    fn of(pid: u32) -> Self {
+        let mut by_name = std::collections::BTreeMap::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Self(by_name) };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+            // `pid (name) state ppid ...`: the name may hold spaces and parentheses.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+            // After the name: state (0), ..., utime (11), stime (12).
+            *by_name.entry(stat[open + 1..close].to_string()).or_insert(0) += ticks(11) + ticks(12);
+        }
+        Self(by_name)
+    }
+
+    /// One line: the cores the process used over `wall`, the CPU per command, and its busiest
+    /// threads in cores.
+    fn since(&self, before: &Self, wall: Duration, commands: u64, phase: &str) -> String {
+        let hz = clock_ticks_per_second();
+        let mut used: Vec<(&str, u64)> = self
+            .0
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.saturating_sub(before.0.get(name).copied().unwrap_or(0))))
+            .collect();
+        used.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+        let total: u64 = used.iter().map(|(_, t)| t).sum();
+        let cores = |t: u64| t as f64 / hz / wall.as_secs_f64().max(1e-9);
+        let threads: Vec<String> =
+            used.iter().take(6).filter(|(_, t)| *t > 0).map(|(name, t)| format!("{name} {:.2}", cores(*t))).collect();
+        format!(
+            "cpu, {phase}: {:.2} cores, {:.1} µs per command; {}",
+            cores(total),
+            total as f64 / hz / commands.max(1) as f64 * 1e6,
+            threads.join(", ")
+        )
+    }
+}
+
+/// `getconf CLK_TCK` (100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// The cargo target directory.
