@@ -144,7 +144,9 @@ impl LocalStore {
 
     pub(super) fn rows(&self, p: i32) -> Result<Rows, FlowError> {
         let memtable = self.memtable;
-        self.db.keyspace(&format!("p{p}"), || crate::local_store::rows_keyspace(memtable)).map_err(|e| self.storage(e))
+        self.db
+            .keyspace(&format!("p{p}"), || crate::local_store::flow_rows_keyspace(memtable))
+            .map_err(|e| self.storage(e))
     }
 
     /// Partition `p`'s checkpoint: (next offset, released at).
