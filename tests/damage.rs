@@ -277,6 +277,51 @@ async fn damaged_sled_files_never_panic_or_shorten_history() {
     assert!(out.contains("missing"), "{out}");
 }
 
+/// Damage that sled reports only when it reads the page (the store opens): `verify` reports it
+/// itself (exit 1, the place it stopped, JSON with `--format json`) instead of failing with the
+/// advice to run `verify`. A journal of the demo's 200 000 commands, 8 bytes overwritten at
+/// places near the end of sled's file, where its newest pages are.
+#[test]
+fn damage_sled_finds_while_reading_is_reported_by_verify() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("j");
+    let (code, _, err) = run_cli(&["demo", "--data", path.to_str().unwrap(), "--commands", "200000"]);
+    assert_eq!(code, 0, "{err}");
+    let db_len = std::fs::metadata(path.join("sled").join("db")).unwrap().len();
+    let mut found_while_reading = 0;
+    for step in 0..40u64 {
+        let at = (db_len as f64 * (0.95 + 0.00125 * step as f64)) as usize;
+        let copy = dir.path().join("case");
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_dir(&path, &copy);
+        let db = copy.join("sled").join("db");
+        let mut bytes = std::fs::read(&db).unwrap();
+        bytes[at..at + 8].copy_from_slice(&0xdead_beef_dead_beef_u64.to_be_bytes());
+        std::fs::write(&db, bytes).unwrap();
+        let (verify, out, err) =
+            run_cli(&["journal", "verify", "--journal", copy.to_str().unwrap(), "--format", "json"]);
+        let what = format!("8 bytes at {at} of {db_len}");
+        assert!(verify == 0 || verify == 1, "{what}: verify exits 0 or 1, not {verify}: {out} {err}");
+        let reports: Vec<serde_json::Value> =
+            out.lines().map(|l| serde_json::from_str(l).expect("one JSON report per line")).collect();
+        let problems: Vec<&str> = reports
+            .iter()
+            .flat_map(|r| r["problems"].as_array().into_iter().flatten())
+            .filter_map(|p| p["what"].as_str())
+            .collect();
+        assert_eq!(verify == 1, !problems.is_empty(), "{what}: exit 1 exactly when it lists damage: {out}");
+        if let Some(p) = problems.iter().find(|p| p.contains("sled cannot read the records")) {
+            found_while_reading += 1;
+            assert!(p.contains("after key acct-") || p.contains("from the first on"), "{what}: says where: {p}");
+            // What verify lists, a replay refuses.
+            let (replay, _, err) = run_cli(&["journal", "replay", "--journal", copy.to_str().unwrap()]);
+            assert_eq!(replay, 2, "{what}: {err}");
+            assert!(err.contains("damaged"), "{what}: {err}");
+        }
+    }
+    assert!(found_while_reading > 0, "some of the places hold pages sled reads and finds damaged");
+}
+
 /// Sets every file and directory under `dir` read-only (or back to writable).
 fn set_readonly(dir: &Path, readonly: bool) {
     for entry in std::fs::read_dir(dir).unwrap() {

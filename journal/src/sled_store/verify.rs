@@ -44,8 +44,8 @@ impl JournalInner {
         }
         // Pass 1: events in sled. Keys come in order, each key's seqs in order.
         let mut current: Option<(Vec<u8>, u64)> = None;
-        for item in self.tree.scan_prefix([E]) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
+        let mut unread = None;
+        for (k, v) in self.readable(E, "events", &mut unread) {
             report.records += 1;
             if report.records % 4096 == 0 {
                 progress.report(report.records);
@@ -71,10 +71,13 @@ impl JournalInner {
             lasts.insert(ck, last);
         }
         report.keys = lasts.len() as u64;
+        // The checks below that need every key's last event are left out when sled could not read
+        // them all: each key after the damage would be reported again.
+        let events_read = unread.is_none();
+        problems.extend(unread.take());
         // Pass 2: the head index must agree with the events.
         let mut heads = 0u64;
-        for item in self.tree.scan_prefix([K]) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
+        for (k, v) in self.readable(K, "head index", &mut unread) {
             report.records += 1;
             heads += 1;
             let Some((key, _)) = decode_key(&k[1..]) else {
@@ -84,6 +87,7 @@ impl JournalInner {
             let head = be_u64(&v);
             match (head, lasts.get(&key)) {
                 (None, _) => problems.push(Problem::at(&key, None, "head index value is not 8 bytes")),
+                _ if !events_read => {}
                 (Some(h), Some(&l)) if h != l => problems.push(Problem::at(
                     &key,
                     Some(h),
@@ -97,13 +101,14 @@ impl JournalInner {
                 _ => {}
             }
         }
-        if heads < report.keys {
+        let heads_read = unread.is_none();
+        problems.extend(unread.take());
+        if heads < report.keys && events_read && heads_read {
             problems
                 .push(Problem::general(format!("{} keys have events but no head index entry", report.keys - heads)));
         }
         // Pass 3: snapshots.
-        for item in self.tree.scan_prefix([S]) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
+        for (k, v) in self.readable(S, "snapshots", &mut unread) {
             report.records += 1;
             report.snapshots += 1;
             let Some((key, _)) = decode_key(&k[1..]) else {
@@ -114,7 +119,7 @@ impl JournalInner {
                 Ok(s) if s.envelope.kind != RecordKind::Snapshot => {
                     problems.push(Problem::at(&key, Some(s.seq.0), "snapshot slot holds an event record"))
                 }
-                Ok(s) if lasts.get(&key).is_none_or(|&l| s.seq.0 > l) => {
+                Ok(s) if events_read && lasts.get(&key).is_none_or(|&l| s.seq.0 > l) => {
                     problems.push(Problem::at(&key, Some(s.seq.0), "snapshot is ahead of the key's events"))
                 }
                 Ok(_) => {}
@@ -124,14 +129,15 @@ impl JournalInner {
                 Err(e) => problems.push(Problem::at(&key, None, e.to_string())),
             }
         }
+        problems.extend(unread.take());
         // Pass 4: positions and the batch counter against the commit mark.
-        for item in self.tree.scan_prefix([P]) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
+        for (k, v) in self.readable(P, "input positions", &mut unread) {
             report.records += 1;
             if parse_position(&k, &v).is_none() {
                 problems.push(Problem::general(format!("unparseable position record {}", printable_key(&k))));
             }
         }
+        problems.extend(unread.take());
         let found = *lock(&self.write);
         if self.marked > found {
             problems.push(Problem::general(format!(
@@ -149,6 +155,46 @@ impl JournalInner {
         progress.report(report.records);
         report.problems = problems.finish();
         Ok(report)
+    }
+
+    /// The records under `prefix`, in order, until one sled cannot read (damage in its files that
+    /// it finds only on reading a page): that one becomes the problem left in `unread`, naming
+    /// where the walk stopped, and the walk ends there (sled does not step past such a page).
+    fn readable<'a>(
+        &'a self,
+        prefix: u8,
+        part: &'a str,
+        unread: &'a mut Option<Problem>,
+    ) -> impl Iterator<Item = (sled::IVec, sled::IVec)> + 'a {
+        let mut after: Option<sled::IVec> = None;
+        self.tree.scan_prefix([prefix]).map_while(move |item| match item {
+            Ok((k, v)) => {
+                after = Some(k.clone());
+                Some((k, v))
+            }
+            Err(e) => {
+                let from = match after.as_deref() {
+                    None => "from the first on".to_string(),
+                    Some(k) => match parse_event_key(k) {
+                        Some((key, seq)) => format!("after key {} seq {seq}", printable_key(&key)),
+                        None => match decode_key(&k[1..]) {
+                            Some((key, _)) => format!("after key {}", printable_key(&key)),
+                            None => format!("after storage key {}", printable_key(k)),
+                        },
+                    },
+                };
+                // sled's own text of a corruption ends in a backtrace placeholder.
+                let why = match e {
+                    sled::Error::Corruption { at: Some(at), .. } => format!("corrupted data in its files at {at:?}"),
+                    sled::Error::Corruption { at: None, .. } => "corrupted data in its files".into(),
+                    other => other.to_string(),
+                };
+                *unread = Some(Problem::general(format!(
+                    "{part}: sled cannot read the records {from} ({why}); they were not checked: restore the journal from a backup"
+                )));
+                None
+            }
+        })
     }
 }
 
@@ -218,6 +264,12 @@ impl Problems {
             self.list.push(p);
         } else {
             self.dropped += 1;
+        }
+    }
+
+    fn extend(&mut self, more: impl IntoIterator<Item = Problem>) {
+        for p in more {
+            self.push(p);
         }
     }
 
