@@ -353,3 +353,52 @@ fn a_state_cache_it_cannot_keep_is_refused() {
     let msg = refused(flow().state_dir(dir.path()).state_cache(0));
     assert!(msg.contains("0 bytes"), "{msg}");
 }
+
+/// At least once, a deletion's journal record keeps the input positions it includes, and a restore
+/// keeps them too: after a crash that lost the committed offset of the deleting input, that input,
+/// delivered again, is skipped rather than handled again on a deleted key (it answered "account is
+/// not open" before, found by `at_least_once_crash_loop_with_the_kafka_journal`). Restored from the
+/// journal alone, and with a local store, whose row of the key is the deletion's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_least_once_deletion_delivered_again_is_skipped() {
+    use eventstage::stages::bank::BankCommand;
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    for with_store in [false, true] {
+        let s = setup(1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let start = || {
+            let flow = bank_flow(&s.brokers, &s.group, s.topics.clone())
+                .journal_topic(&s.journal)
+                .guarantee(Guarantee::AtLeastOnce)
+                .commit_interval(Duration::from_millis(50));
+            let flow = if with_store { flow.state_dir(dir.path()) } else { flow };
+            flow.run().unwrap()
+        };
+        let cmd = |key: &str, id: &str, c: BankCommand| (key.to_string(), id.to_string(), c);
+        let mut cmds = vec![cmd("acct-1", "open", BankCommand::Open), cmd("acct-1", "close", BankCommand::Close)];
+        let flow = start();
+        feed_async(&s, &cmds).await;
+        await_replies(&s, expected(&cmds).0).await;
+        flow.drain_and_shutdown().await.unwrap();
+
+        // The group's offset back to the close (input offset 1), as if the flow had crashed after
+        // journaling it and before committing its offset.
+        let group: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &s.brokers).set("group.id", &s.group).create().unwrap();
+        let mut back = TopicPartitionList::new();
+        back.add_partition_offset(&s.topics.input, 0, Offset::Offset(1)).unwrap();
+        group.commit(&back, CommitMode::Sync).unwrap();
+        drop(group);
+
+        let flow = start();
+        // Answered after the close (one partition): once it is, the close was seen again.
+        cmds.push(cmd("acct-2", "after", BankCommand::Open));
+        feed_async(&s, &cmds[2..]).await;
+        let replies = expected(&cmds).0;
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || crate::flow::check_replies_at_least_once(&s2, &replies)).await.unwrap();
+        assert_eq!(flow.metrics().skipped_redeliveries, 1, "the close was delivered again and skipped");
+        flow.drain_and_shutdown().await.unwrap();
+    }
+}

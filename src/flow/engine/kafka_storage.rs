@@ -360,13 +360,14 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
             Err(e) => return self.restore_in_full(part, &format!("fjall: {e}")).map(|()| None),
         };
         self.shared.metrics.store_rows.fetch_add(u64::from(entry.is_some()), Ordering::Relaxed);
-        let found = match entry {
+        let (entity, sources) = match entry {
             Some(entry) => entity_of::<S>(&raw, entry)?,
-            None => None,
+            None => (None, Vec::new()),
         };
-        // A key without a row is remembered too (as the default state): it is not looked up again.
-        let (entity, sources) = found.unwrap_or_else(|| (Entity::default(), Vec::new()));
-        Ok(Some(part.read(key.clone(), entity, sources)))
+        // A key without a row (or deleted) is remembered too, as the default state: it is not
+        // looked up again. A deletion marker's input positions hold: the deleting input, delivered
+        // again, is skipped.
+        Ok(Some(part.read(key.clone(), entity.unwrap_or_default(), sources)))
     }
 
     fn record(&mut self, c: Change<'_, S>, part: &PartitionState<S>) -> Result<Recorded, FlowError> {
@@ -435,20 +436,20 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
     }
 }
 
-/// A key's entity and the input positions its state includes.
-type Found<S> = (Entity<S>, Vec<SourcePosition>);
-
-/// A key's entity and the input positions its state includes, from its journal entry (`None`:
-/// an at-least-once deletion marker, without state).
-fn entity_of<S: EventSourced>(raw: &[u8], entry: JournalEntry) -> Result<Option<Found<S>>, FlowError> {
-    let Some(env) = &entry.state else { return Ok(None) };
+/// A key's entity (`None`: an at-least-once deletion marker, without state) and the input
+/// positions its journal entry includes (a deletion marker's too).
+fn entity_of<S: EventSourced>(
+    raw: &[u8],
+    entry: JournalEntry,
+) -> Result<(Option<Entity<S>>, Vec<SourcePosition>), FlowError> {
+    let Some(env) = &entry.state else { return Ok((None, entry.sources)) };
     let state = decode_state::<S>(env).map_err(|source| Error::Decode {
         stage: S::NAME.into(),
         key: printable_key(raw),
         seq: entry.last_seq.0,
         source,
     })?;
-    Ok(Some((Entity { state: Arc::new(state), seq: entry.last_seq }, entry.sources)))
+    Ok((Some(Entity { state: Arc::new(state), seq: entry.last_seq }), entry.sources))
 }
 
 impl Shared {
@@ -464,11 +465,22 @@ impl Shared {
                 .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
             match entry {
                 Some(entry) => {
-                    if let Some((entity, sources)) = entity_of::<S>(&raw, entry)? {
-                        entities.insert(key.clone(), entity);
-                        if !sources.is_empty() {
-                            applied.insert(key, sources);
+                    let (entity, sources) = entity_of::<S>(&raw, entry)?;
+                    match entity {
+                        Some(entity) => {
+                            entities.insert(key.clone(), entity);
                         }
+                        // An at-least-once deletion marker after the store's checkpoint: its row
+                        // there is older.
+                        None if has_rows => {
+                            entities.insert(key.clone(), Entity::default());
+                        }
+                        None => {}
+                    }
+                    // A deletion marker's too: the input that deleted the key, delivered again
+                    // after a crash, is skipped rather than handled again.
+                    if !sources.is_empty() {
+                        applied.insert(key, sources);
                     }
                 }
                 // Deleted after the store's checkpoint: its row there is older.
