@@ -313,10 +313,10 @@ fn damage_sled_finds_while_reading_is_reported_by_verify() {
         if let Some(p) = problems.iter().find(|p| p.contains("sled cannot read the records")) {
             found_while_reading += 1;
             assert!(p.contains("after key acct-") || p.contains("from the first on"), "{what}: says where: {p}");
-            // What verify lists, a replay refuses.
+            // A replay reads snapshots and the events after them, not every page verify walks: it
+            // either does not need the damaged page, or refuses with the same diagnosis.
             let (replay, _, err) = run_cli(&["journal", "replay", "--journal", copy.to_str().unwrap()]);
-            assert_eq!(replay, 2, "{what}: {err}");
-            assert!(err.contains("damaged"), "{what}: {err}");
+            assert!(replay == 0 || (replay == 2 && err.contains("damaged")), "{what}: replay exits {replay}: {err}");
         }
     }
     assert!(found_while_reading > 0, "some of the places hold pages sled reads and finds damaged");
