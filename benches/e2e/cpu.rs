@@ -33,8 +33,13 @@ pub(crate) fn tasks_cpu(pid: &str, matches: impl Fn(&str) -> bool) -> Option<f64
 
 /// CPU seconds used so far by each thread name of this process (threads of one name summed).
 pub(crate) fn threads() -> BTreeMap<String, f64> {
+    threads_of("self")
+}
+
+/// CPU seconds used so far by each thread name of process `pid` (threads of one name summed).
+pub(crate) fn threads_of(pid: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
     for e in dir.flatten() {
         let dir = e.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim_end().to_string();
@@ -57,17 +62,24 @@ pub(crate) fn print_threads(
     secs: f64,
     n: u64,
 ) {
+    let used = used(before, after);
+    let total: f64 = used.iter().map(|(_, v)| v).sum();
+    eprintln!("[e2e] threads of {what}: {:.1} µs CPU per record in this process", total * 1e6 / n as f64);
+    for (name, cpu) in used.iter().take(12) {
+        eprintln!("[e2e]     {name:<18} {:.2} cores  {:.2} µs/record", cpu / secs, cpu * 1e6 / n as f64);
+    }
+}
+
+/// The CPU seconds each thread name used between two [`threads`] snapshots, busiest first (names
+/// that used none left out).
+pub(crate) fn used(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
     let mut used: Vec<(String, f64)> = after
         .iter()
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
         .filter(|(_, v)| *v > 0.0)
         .collect();
     used.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = used.iter().map(|(_, v)| v).sum();
-    eprintln!("[e2e] threads of {what}: {:.1} µs CPU per record in this process", total * 1e6 / n as f64);
-    for (name, cpu) in used.iter().take(12) {
-        eprintln!("[e2e]     {name:<18} {:.2} cores  {:.2} µs/record", cpu / secs, cpu * 1e6 / n as f64);
-    }
+    used
 }
 
 /// CPU seconds used so far by this process, by one of its threads, and by the broker.

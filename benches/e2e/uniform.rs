@@ -56,7 +56,7 @@ pub(crate) struct Row {
     /// What the process printed when it stopped (eventstage's `metrics:` and `state:` lines, the
     /// Kafka Streams application's counts).
     pub(crate) summary: Vec<String>,
-    /// Where the process's CPU went in each phase (see [`ThreadCpu`]).
+    /// Where the process's CPU went in each phase (see [`cpu_line`]).
     pub(crate) cpu: Vec<String>,
 }
 
@@ -351,8 +351,8 @@ fn phases(
         bail!("{system}: {wrong} of {keys} replies to `open` were not ok with balance 0, the first: {first_wrong:?}");
     }
     progress(&format!("    {keys} accounts open in {:.1} s ({open_rate:.0}/s); deposits", open_took.as_secs_f64()));
-    let opened = ThreadCpu::of(pid);
-    let mut cpu = vec![opened.since(&ThreadCpu::default(), open_took, keys, "opens")];
+    let opened = threads_of(&pid.to_string());
+    let mut cpu = vec![cpu_line(&BTreeMap::new(), &opened, open_took, keys, "opens")];
 
     // The replies written from now on (the topic holds the K replies to the opens).
     let replies = reader_at_end(brokers, &topics.replies)?;
@@ -418,7 +418,7 @@ fn phases(
         std::thread::sleep(Duration::from_millis(10));
     }
     let visible = join(reader).with_context(|| format!("{system}: the deposits"))?;
-    cpu.push(ThreadCpu::of(pid).since(&opened, base.elapsed(), n as u64, "deposits"));
+    cpu.push(cpu_line(&opened, &threads_of(&pid.to_string()), base.elapsed(), n as u64, "deposits"));
     let last = visible.iter().copied().max().unwrap_or(0);
     let rate = n as f64 / Duration::from_nanos(last.saturating_sub(sent[0])).as_secs_f64();
     let mut micros: Vec<u64> = visible.iter().zip(&sent).map(|(v, s)| v.saturating_sub(*s) / 1000).collect();
@@ -429,63 +429,26 @@ fn phases(
     Ok((open_rate, open_peak, rate, p50, p99, cpu))
 }
 
-/// A process's CPU time so far (user and system, in clock ticks) per thread name, from
-/// `/proc/PID/task/*/stat`: which threads a phase kept busy, and the CPU a command cost the whole
-/// process, a figure that does not depend on what else ran on the machine (the rates do).
-#[derive(Default)]
-struct ThreadCpu(std::collections::BTreeMap<String, u64>);
-
-impl ThreadCpu {
-    fn of(pid: u32) -> Self {
-        let mut by_name = std::collections::BTreeMap::new();
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Self(by_name) };
-        for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-            // `pid (name) state ppid ...`: the name may hold spaces and parentheses.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-            // After the name: state (0), ..., utime (11), stime (12).
-            *by_name.entry(stat[open + 1..close].to_string()).or_insert(0) += ticks(11) + ticks(12);
-        }
-        Self(by_name)
-    }
-
-    /// One line: the cores the process used over `wall`, the CPU per command, and its busiest
-    /// threads in cores.
-    fn since(&self, before: &Self, wall: Duration, commands: u64, phase: &str) -> String {
-        let hz = clock_ticks_per_second();
-        let mut used: Vec<(&str, u64)> = self
-            .0
-            .iter()
-            .map(|(name, t)| (name.as_str(), t.saturating_sub(before.0.get(name).copied().unwrap_or(0))))
-            .collect();
-        used.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
-        let total: u64 = used.iter().map(|(_, t)| t).sum();
-        let cores = |t: u64| t as f64 / hz / wall.as_secs_f64().max(1e-9);
-        let threads: Vec<String> =
-            used.iter().take(6).filter(|(_, t)| *t > 0).map(|(name, t)| format!("{name} {:.2}", cores(*t))).collect();
-        format!(
-            "cpu, {phase}: {:.2} cores, {:.1} µs per command; {}",
-            cores(total),
-            total as f64 / hz / commands.max(1) as f64 * 1e6,
-            threads.join(", ")
-        )
-    }
-}
-
-/// `getconf CLK_TCK` (100 on Linux).
-fn clock_ticks_per_second() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+/// One line of where a process's CPU went between two [`threads_of`] snapshots taken `wall`
+/// apart: the cores it used, the CPU per command, and its busiest threads in cores. CPU per
+/// command does not depend on what else ran on the machine (the rates do).
+fn cpu_line(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    wall: Duration,
+    commands: u64,
+    phase: &str,
+) -> String {
+    let used = used(before, after);
+    let total: f64 = used.iter().map(|(_, t)| t).sum();
+    let secs = wall.as_secs_f64().max(1e-9);
+    let threads: Vec<String> = used.iter().take(6).map(|(name, t)| format!("{name} {:.2}", t / secs)).collect();
+    format!(
+        "cpu, {phase}: {:.2} cores, {:.1} µs per command; {}",
+        total / secs,
+        total / commands.max(1) as f64 * 1e6,
+        threads.join(", ")
+    )
 }
 
 /// The cargo target directory.

@@ -185,8 +185,9 @@ impl Shared {
         // The follower's progress, and when it last moved.
         let mut moved = (written(), started);
         while !large.iter().all(|&(p, high)| cache.progress.written(p) >= high) {
-            if written() > moved.0 {
-                moved = (written(), std::time::Instant::now());
+            let now = written();
+            if now > moved.0 {
+                moved = (now, std::time::Instant::now());
             } else if moved.1.elapsed() > STORE_RESTORE_STALL {
                 tracing::warn!(?partitions, "the local store's follower wrote nothing of the restored journal tail for 10 s; reading the rest into memory");
                 break;
@@ -360,10 +361,7 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
             Err(e) => return self.restore_in_full(part, &format!("fjall: {e}")).map(|()| None),
         };
         self.shared.metrics.store_rows.fetch_add(u64::from(entry.is_some()), Ordering::Relaxed);
-        let (entity, sources) = match entry {
-            Some(entry) => entity_of::<S>(&raw, entry)?,
-            None => (None, Vec::new()),
-        };
+        let (entity, sources) = entity_of::<S>(&raw, entry)?;
         // A key without a row (or deleted) is remembered too, as the default state: it is not
         // looked up again. A deletion marker's input positions hold: the deleting input, delivered
         // again, is skipped.
@@ -436,12 +434,14 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
     }
 }
 
-/// A key's entity (`None`: an at-least-once deletion marker, without state) and the input
-/// positions its journal entry includes (a deletion marker's too).
+/// A key's entity and the input positions its journal entry includes, from its newest entry or
+/// row. No entity for a tombstone or no row (`None`) and for an at-least-once deletion marker
+/// (no state), whose positions still hold.
 fn entity_of<S: EventSourced>(
     raw: &[u8],
-    entry: JournalEntry,
+    entry: Option<JournalEntry>,
 ) -> Result<(Option<Entity<S>>, Vec<SourcePosition>), FlowError> {
+    let Some(entry) = entry else { return Ok((None, Vec::new())) };
     let Some(env) = &entry.state else { return Ok((None, entry.sources)) };
     let state = decode_state::<S>(env).map_err(|source| Error::Decode {
         stage: S::NAME.into(),
@@ -463,31 +463,21 @@ impl Shared {
         for (raw, entry) in read.entries {
             let key = S::Key::from_bytes(&raw)
                 .ok_or_else(|| Error::BadKey { stage: S::NAME.into(), key: printable_key(&raw) })?;
-            match entry {
-                Some(entry) => {
-                    let (entity, sources) = entity_of::<S>(&raw, entry)?;
-                    match entity {
-                        Some(entity) => {
-                            entities.insert(key.clone(), entity);
-                        }
-                        // An at-least-once deletion marker after the store's checkpoint: its row
-                        // there is older.
-                        None if has_rows => {
-                            entities.insert(key.clone(), Entity::default());
-                        }
-                        None => {}
-                    }
-                    // A deletion marker's too: the input that deleted the key, delivered again
-                    // after a crash, is skipped rather than handled again.
-                    if !sources.is_empty() {
-                        applied.insert(key, sources);
-                    }
+            let (entity, sources) = entity_of::<S>(&raw, entry)?;
+            match entity {
+                Some(entity) => {
+                    entities.insert(key.clone(), entity);
                 }
                 // Deleted after the store's checkpoint: its row there is older.
                 None if has_rows => {
-                    entities.insert(key, Entity::default());
+                    entities.insert(key.clone(), Entity::default());
                 }
                 None => {}
+            }
+            // A deletion marker's too: the input that deleted the key, delivered again after a
+            // crash, is skipped rather than handled again.
+            if !sources.is_empty() {
+                applied.insert(key, sources);
             }
         }
         tracing::info!(partition = p, keys = entities.len(), local_store = has_rows, "restored partition state");
