@@ -33,12 +33,25 @@ pub(crate) fn rows_keyspace(memtable: u64) -> fjall::KeyspaceCreateOptions {
         .index_block_pinning_policy(fjall::config::PinningPolicy::all(true))
 }
 
-/// [`rows_keyspace`] for a flow's local store, whose rows change all the time: its first level
-/// gathers [`FLOW_FIRST_LEVEL_TABLES`] tables before a merge. A store created before keeps the
-/// threshold it was created with (fjall keeps it with the keyspace).
+/// [`rows_keyspace`] for a flow's local store, whose rows change all the time and are read by
+/// key on every command whose key is not in memory:
+///
+/// - its first level gathers [`FLOW_FIRST_LEVEL_TABLES`] tables before a merge;
+/// - **data blocks are not compressed** (fjall compresses those of its third level on with LZ4,
+///   where most rows of a large store live). With a state cache far smaller than the state, a
+///   command's key is read from a block not in fjall's block cache: read from the page cache, and
+///   decompressed. Uncompressed, 10^6 uniform deposits over 10^7 accounts took 33.8 µs of the
+///   process's CPU per deposit instead of 37.4-40.8, and 10^7 opens 14.4 µs instead of 17.3-17.9
+///   (`benches/RESULTS.md`, "The local store's rows uncompressed"); Kafka Streams' RocksDB stores
+///   do not compress either. The store takes more disk (never memory: the block cache keeps its
+///   size).
+///
+/// A store created before keeps the threshold and compression it was created with (fjall keeps
+/// them with the keyspace).
 pub(crate) fn flow_rows_keyspace(memtable: u64) -> fjall::KeyspaceCreateOptions {
     let merges = fjall::compaction::Leveled::default().with_l0_threshold(FLOW_FIRST_LEVEL_TABLES);
-    rows_keyspace(memtable).compaction_strategy(std::sync::Arc::new(merges))
+    let uncompressed = fjall::config::CompressionPolicy::all(fjall::CompressionType::None);
+    rows_keyspace(memtable).compaction_strategy(std::sync::Arc::new(merges)).data_block_compression_policy(uncompressed)
 }
 
 /// A database at `dir` with a block cache of `cache` bytes.

@@ -47,6 +47,10 @@ async fn a_restart_reads_only_the_journal_after_the_local_checkpoint() {
     let flow = start(&s, dir.path());
     feed_async(&s, &cmds[..500]).await;
     await_replies(&s, expected(&cmds[..500]).0).await;
+    let m = flow.metrics();
+    // Exactly once, the flow hands the store what it commits: nothing is read back.
+    assert!(m.store_handed_rows > 0, "{m:?}");
+    assert_eq!(m.store_read_records, 0, "the store read back what the flow wrote: {m:?}");
     flow.drain_and_shutdown().await.unwrap();
 
     let flow = start(&s, dir.path());
@@ -55,7 +59,7 @@ async fn a_restart_reads_only_the_journal_after_the_local_checkpoint() {
     let m = flow.metrics();
     assert!(m.store_rows > 0, "the state came from the local store: {m:?}");
     assert_eq!(m.restored_records, 0, "a clean shutdown leaves the checkpoint at the journal's end: {m:?}");
-    assert_eq!(m.store_dropped, 0);
+    assert_eq!((m.store_dropped, m.store_read_records), (0, 0), "{m:?}");
     flow.drain_and_shutdown().await.unwrap();
 
     // Without the store, the whole journal is read again.

@@ -18,6 +18,8 @@ pub(crate) struct Metrics {
     pub(crate) restored_records: AtomicU64,
     pub(crate) store_rows: AtomicU64,
     pub(crate) store_dropped: AtomicU64,
+    pub(crate) store_read_records: AtomicU64,
+    pub(crate) store_handed_rows: AtomicU64,
     pub(crate) restoring_partitions: AtomicU64,
     pub(crate) last_commit_us: AtomicU64,
     pub(crate) max_commit_us: AtomicU64,
@@ -57,6 +59,12 @@ pub struct FlowMetrics {
     /// Times the local state store, or a partition of it, was unusable (damaged, of another
     /// journal, ahead of the journal) and was dropped and restored from the journal in full.
     pub store_dropped: u64,
+    /// Journal records the local state store's follower read from the broker: the partitions it
+    /// keeps as standbys, the journal's tail after a restore, and (at least once) every record.
+    pub store_read_records: u64,
+    /// Rows the flow handed its local state store as their transactions committed (exactly once):
+    /// the store does not read them back from the broker.
+    pub store_handed_rows: u64,
     /// Partitions being restored right now.
     pub restoring_partitions: u64,
     /// Latency of the last commit.
@@ -106,6 +114,8 @@ impl Metrics {
             restored_records: l(&self.restored_records),
             store_rows: l(&self.store_rows),
             store_dropped: l(&self.store_dropped),
+            store_read_records: l(&self.store_read_records),
+            store_handed_rows: l(&self.store_handed_rows),
             restoring_partitions: l(&self.restoring_partitions),
             last_commit: Duration::from_micros(l(&self.last_commit_us)),
             max_commit: Duration::from_micros(l(&self.max_commit_us)),

@@ -26,6 +26,10 @@ pub mod names {
     pub const RESTORED_RECORDS: &str = "eventstage_flow_restored_records_total";
     /// Rows restores loaded from the local state store (counter).
     pub const STORE_ROWS: &str = "eventstage_flow_store_rows_total";
+    /// Journal records the local store's follower read from the broker (counter).
+    pub const STORE_READ_RECORDS: &str = "eventstage_flow_store_read_records_total";
+    /// Rows the flow handed its local store as their transactions committed (counter).
+    pub const STORE_HANDED_ROWS: &str = "eventstage_flow_store_handed_rows_total";
     /// Inputs delivered again whose events the journal already held, skipped (counter).
     pub const SKIPPED_REDELIVERIES: &str = "eventstage_flow_skipped_redeliveries_total";
     /// Rebalances this instance took part in: assignments and revocations (counter).
@@ -65,6 +69,8 @@ pub(crate) struct Exported {
     aborts: Counter,
     restored_records: Counter,
     store_rows: Counter,
+    store_read_records: Counter,
+    store_handed_rows: Counter,
     skipped_redeliveries: Counter,
     rebalances: Counter,
     lag: Gauge,
@@ -92,6 +98,8 @@ impl Exported {
             aborts: counter!(names::ABORTS, l()),
             restored_records: counter!(names::RESTORED_RECORDS, l()),
             store_rows: counter!(names::STORE_ROWS, l()),
+            store_read_records: counter!(names::STORE_READ_RECORDS, l()),
+            store_handed_rows: counter!(names::STORE_HANDED_ROWS, l()),
             skipped_redeliveries: counter!(names::SKIPPED_REDELIVERIES, l()),
             rebalances: counter!(names::REBALANCES, l()),
             lag: gauge!(names::LAG, l()),
@@ -118,6 +126,8 @@ impl Exported {
         self.aborts.absolute(m.aborts);
         self.restored_records.absolute(m.restored_records);
         self.store_rows.absolute(m.store_rows);
+        self.store_read_records.absolute(m.store_read_records);
+        self.store_handed_rows.absolute(m.store_handed_rows);
         self.skipped_redeliveries.absolute(m.skipped_redeliveries);
         self.rebalances.absolute(m.rebalances);
         self.lag.set(m.lag as f64);

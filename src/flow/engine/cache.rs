@@ -58,7 +58,8 @@ impl StoreProgress {
         }
     }
 
-    fn acked(&self, p: i32) -> i64 {
+    /// The offset after partition `p`'s highest journal record the broker acknowledged.
+    pub(super) fn acked(&self, p: i32) -> i64 {
         self.acked.get(p as usize).map_or(i64::MAX, |a| a.load(Ordering::Relaxed))
     }
 

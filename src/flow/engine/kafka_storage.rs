@@ -8,7 +8,7 @@ mod checkpoint;
 pub use checkpoint::Standby;
 pub(crate) use checkpoint::{StoreMemory, StoreSettings};
 
-use super::cache::{self, CacheSettings, Committed};
+use super::cache::{self, CacheSettings, Committed, StoreProgress};
 use super::state::{KeyMap, PartitionState};
 use super::storage::{encode_events, encode_state, Change, Durable, Recorded, RestoreJob, Restored};
 use super::storage::{Sealed, Storage, TaskStore, Write};
@@ -19,7 +19,7 @@ use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::replay::{decode_state, Entity};
 use crate::stage::{EntityKey, EventSourced};
-use checkpoint::{Checkpoints, Rows};
+use checkpoint::{Checkpoints, JournalRecord, Rows};
 use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo, SourcePosition};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
@@ -43,9 +43,6 @@ const STORE_RESTORE_STALL: Duration = Duration::from_secs(10);
 /// record size for a key that takes thousands of commands in one commit interval).
 const MAX_EVENTS_PER_JOURNAL_RECORD: usize = 1000;
 
-/// A journal record to write: key, value (`None`: a tombstone).
-type JournalRecord = (Vec<u8>, Option<Vec<u8>>);
-
 /// Per partition, what a restore read: the newest journal entry per key (`None`: deleted), the
 /// local store's rows if any, and the offset after the last journal record read.
 type Latest = BTreeMap<i32, Read>;
@@ -54,7 +51,16 @@ type Latest = BTreeMap<i32, Read>;
 struct Read {
     entries: BTreeMap<Vec<u8>, Option<JournalEntry>>,
     rows: Option<Rows>,
+    /// Where the journal was read from (the local store's checkpoint, or 0).
+    from: i64,
     end: i64,
+}
+
+impl Read {
+    /// Where the records written after this restore start: everything before was read.
+    fn read_up_to(&self) -> i64 {
+        self.from.max(self.end)
+    }
 }
 
 /// What a task's open transaction or batch has not journaled yet.
@@ -87,6 +93,10 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// The state cache, if the flow has one (it has a local store then).
     cache: Option<CacheSettings>,
+    /// Exactly once with a local store: the flow hands the store the journal records of each
+    /// transaction it commits (the follower does not read them back from the broker), stamped
+    /// with how far the partition's records were acknowledged then.
+    direct: Option<Arc<StoreProgress>>,
 }
 
 /// The Kafka journal (see the module documentation); each task's store is a [`KafkaTask`].
@@ -96,24 +106,27 @@ pub(super) struct KafkaStorage {
 
 impl KafkaStorage {
     /// The storage over `journal`, with the local state store of `store` (its follower reads the
-    /// journal with the `common` client settings) and the state cache over it, if any.
+    /// journal with the `common` client settings; `progress` learns how far the journal's records
+    /// were acknowledged) and the state cache over it, if any.
     pub(super) fn open(
         journal: KafkaJournal,
-        store: Option<(&StoreSettings, Option<CacheSettings>)>,
+        store: Option<(&StoreSettings, Arc<StoreProgress>, Option<CacheSettings>)>,
         common: &ClientConfig,
         stage: &str,
         codec: Codec,
         at_least_once: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FlowError> {
-        let (checkpoints, cache) = match store {
-            Some((store, cache)) => {
-                let progress = cache.as_ref().map(|c| c.progress.clone());
-                (Some(Checkpoints::start(store, &journal, common, stage, metrics.clone(), progress)?), cache)
+        let (checkpoints, cache, direct) = match store {
+            Some((store, progress, cache)) => {
+                let checkpoints =
+                    Checkpoints::start(store, &journal, common, stage, metrics.clone(), progress.clone())?;
+                (Some(checkpoints), cache, (!at_least_once).then_some(progress))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
-        Ok(Self { shared: Arc::new(Shared { journal, checkpoints, codec, at_least_once, metrics, cache }) })
+        let shared = Shared { journal, checkpoints, codec, at_least_once, metrics, cache, direct };
+        Ok(Self { shared: Arc::new(shared) })
     }
 }
 
@@ -130,13 +143,14 @@ impl Shared {
             for (p, start) in &mut from {
                 let loaded = checkpoints.load(*p, marks.get(p).copied().unwrap_or_default())?;
                 *start = loaded.from;
+                let from = loaded.from;
                 // With a state cache, evicted keys are read from the rows even when the store had
                 // none of the partition's yet (the follower writes them behind the flow).
                 let rows = match (loaded.rows, &self.cache) {
                     (None, Some(_)) => Some(checkpoints.rows(*p)?),
                     (rows, _) => rows,
                 };
-                latest.insert(*p, Read { rows, ..Read::default() });
+                latest.insert(*p, Read { rows, from, ..Read::default() });
             }
             if let Some(cache) = &self.cache {
                 self.restore_through_store(checkpoints, cache, &marks, &mut from);
@@ -152,6 +166,17 @@ impl Shared {
             tracing::info!(partitions = ?wanted, journal_records = stats.records, elapsed_ms = stats.elapsed.as_millis() as u64, "read the journal");
         }
         Ok(latest)
+    }
+
+    /// The local store keeps partition `p` current from now on (restored: its journal was read up
+    /// to `read_up_to`): exactly once, with the rows of what the flow commits; else by reading the
+    /// journal.
+    fn keep_current(&self, p: i32, read_up_to: i64) {
+        match (&self.checkpoints, &self.direct) {
+            (Some(checkpoints), Some(_)) => checkpoints.own(p, read_up_to),
+            (Some(checkpoints), None) => checkpoints.follow(p),
+            (None, _) => {}
+        }
     }
 
     /// With a state cache, a journal tail larger than the cache could hold (a first start on an
@@ -217,16 +242,16 @@ impl<S: EventSourced> Storage<S> for KafkaStorage {
         let (shared, wanted) = (self.shared.clone(), wanted.to_vec());
         Box::new(move || {
             let mut restored = Vec::new();
+            let mut read_up_to = Vec::new();
             for (p, read) in shared.latest_entries(&wanted, true)? {
                 let rows = read.rows.clone();
+                read_up_to.push((p, read.read_up_to()));
                 let state = shared.restore_entries::<S>(p, read)?;
-                let open = Unjournaled::default();
-                let store = KafkaTask::<S> { p, shared: shared.clone(), open, rows, last_ts: 0 };
+                let (open, committing) = (Unjournaled::default(), None);
+                let store = KafkaTask::<S> { p, shared: shared.clone(), open, committing, rows, last_ts: 0 };
                 restored.push((p, Restored { state, store: Box::new(store), applied: None }));
             }
-            if let Some(checkpoints) = &shared.checkpoints {
-                wanted.iter().for_each(|&p| checkpoints.follow(p));
-            }
+            read_up_to.into_iter().for_each(|(p, up_to)| shared.keep_current(p, up_to));
             Ok(restored)
         })
     }
@@ -257,6 +282,9 @@ struct KafkaTask<S: EventSourced> {
     p: i32,
     shared: Arc<Shared>,
     open: Unjournaled<S>,
+    /// The journal records of the transaction being committed, for the local store once it
+    /// committed (see [`Shared::direct`]).
+    committing: Option<Arc<Vec<JournalRecord>>>,
     /// The local store's rows of the partition: a key's state is read from there when first used.
     rows: Option<Rows>,
     /// The journal's timestamp of the last change (snapshots in records are stamped with it).
@@ -314,6 +342,7 @@ impl<S: EventSourced> KafkaTask<S> {
         }
         self.rows = None;
         let read = self.shared.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
+        let read_up_to = read.read_up_to();
         if let (Some(checkpoints), Some(_)) = (&self.shared.checkpoints, &self.shared.cache) {
             // The partition's new, empty rows: every key restored stays in memory until the
             // follower wrote it there again.
@@ -331,9 +360,9 @@ impl<S: EventSourced> KafkaTask<S> {
         }
         part.committed = restored.committed;
         part.applied = restored.applied;
-        if let Some(checkpoints) = &self.shared.checkpoints {
-            checkpoints.follow(p);
-        }
+        // A transaction committing meanwhile hands its rows over once it committed: the store
+        // takes them after what was read here (again, if the read included them).
+        self.shared.keep_current(p, read_up_to);
         Ok(())
     }
 }
@@ -421,7 +450,11 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
         if records.is_empty() {
             return Ok(Sealed::nothing());
         }
-        let (shared, p) = (self.shared.clone(), self.p);
+        let (shared, p, records) = (self.shared.clone(), self.p, Arc::new(records));
+        if self.shared.direct.is_some() {
+            debug_assert!(self.committing.is_none(), "one transaction commits at a time");
+            self.committing = Some(records.clone());
+        }
         let write: Write = Box::new(move |out| {
             let topic = shared.journal.topic();
             records.iter().try_for_each(|(k, v)| out.produce(topic, p, k, v.as_deref()))
@@ -429,8 +462,18 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
         Ok(Sealed { write, outbox: None })
     }
 
+    /// The local store takes the committed transaction's records, all below the partition's
+    /// newest acknowledged offset (the next transaction's records are produced after this).
+    fn committed(&mut self) {
+        let Some(records) = self.committing.take() else { return };
+        if let (Some(checkpoints), Some(progress)) = (&self.shared.checkpoints, &self.shared.direct) {
+            checkpoints.committed(self.p, records, progress.acked(self.p));
+        }
+    }
+
     fn discard(&mut self) {
         self.open = Unjournaled::default();
+        self.committing = None;
     }
 }
 

@@ -400,14 +400,21 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {
             let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
-            let cache = settings.state_cache.map(|budget| {
+            // With a local store: how far the journal's records were acknowledged, for the store's
+            // checkpoints of what the flow commits and for the state cache.
+            let progress = settings.store.as_ref().map(|_| {
                 let progress = Arc::new(StoreProgress::new(journal.topic(), journal.partitions().max(0) as usize));
                 let _ = deliveries.journal.set(progress.clone());
-                CacheSettings { budget, progress, metrics: metrics.clone() }
+                progress
+            });
+            let cache = settings.state_cache.zip(progress.clone()).map(|(budget, progress)| CacheSettings {
+                budget,
+                progress,
+                metrics: metrics.clone(),
             });
             Box::new(KafkaStorage::open(
                 journal,
-                settings.store.as_ref().map(|store| (store, cache)),
+                settings.store.as_ref().zip(progress).map(|(store, progress)| (store, progress, cache)),
                 &settings.common,
                 S::NAME,
                 settings.codec,

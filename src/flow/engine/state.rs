@@ -176,7 +176,12 @@ impl<S: EventSourced> TaskManager<S> {
     /// The transaction (or batch) being committed committed: its changes become every task's
     /// committed state (`generation`: see [`Committed::settle`]).
     pub(super) fn settle(&mut self, generation: Option<u64>) {
-        self.tasks.values_mut().for_each(|t| t.state.settle(generation));
+        for task in self.tasks.values_mut() {
+            task.state.settle(generation);
+            if let Some(store) = &mut task.store {
+                store.committed();
+            }
+        }
     }
 
     /// The guarantee's batches up to `generation` are journaled: their keys may leave memory once

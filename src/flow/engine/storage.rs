@@ -151,6 +151,10 @@ pub(super) trait TaskStore<S: EventSourced>: Send {
     /// partition's state with its changes): returns what must be written.
     fn seal(&mut self, part: &PartitionState<S>, positions: Vec<SourcePosition>) -> Result<Sealed, FlowError>;
 
+    /// The transaction sealed last committed (exactly once; called when its state becomes the
+    /// state of record).
+    fn committed(&mut self) {}
+
     /// Forgets what the open transaction or batch recorded (it was aborted).
     fn discard(&mut self);
 }

@@ -70,6 +70,14 @@ pub(super) enum Command {
     /// As `Follow`, for a restore that waits for the store to have partition `p` up to its end:
     /// its rows are written as soon as the end is reached, not at the next checkpoint.
     Restore(i32),
+    /// Keep partition `p`'s checkpoint current: it is assigned here, to a flow that hands over the
+    /// rows of each transaction it commits (exactly once, see [`Command::Rows`]). The journal is
+    /// read up to `until` (the end of what the restore read: records from there on are the flow's
+    /// own), and from then on the flow's rows are written.
+    Own(i32, i64),
+    /// The records of partition `p` of a transaction the flow committed, in the order written, and
+    /// the journal offset they are all below (the newest acknowledged record of the partition).
+    Rows(i32, Arc<Vec<JournalRecord>>, i64),
     /// Keep partition `p`'s checkpoint current: a standby (it may be owned elsewhere).
     Standby(i32),
     /// Partition `p` went to another instance: read it up to its end when it went (taken on the
@@ -82,6 +90,9 @@ pub(super) enum Command {
     /// Stop following partition `p` and drop its rows and checkpoint; answer when done.
     Reset(i32, Sender<()>),
 }
+
+/// A journal record: key, value (`None`: a tombstone).
+pub(crate) type JournalRecord = (Vec<u8>, Option<Vec<u8>>);
 
 /// The partitions the flow owns (see [`Checkpoints::owned`]).
 pub(super) type Owned = Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>;

@@ -2,8 +2,9 @@
 //! and checkpoints to the local store.
 
 use super::super::super::cache::StoreProgress;
-use super::common::{Command, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
+use super::common::{Command, JournalRecord, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
 use super::store::LocalStore;
+use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, lock, now_ms};
 use eventstage_journal::kafka::{JournalEntry, ReaderContext};
@@ -11,6 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,15 +49,57 @@ struct Followed {
     /// When the partition went to another instance (ms since the epoch; 0: owned, or a standby of
     /// [`Standby::All`]).
     released: u64,
+    /// The consumer reads the partition (not once the flow hands over its rows).
+    assigned: bool,
+    /// Owned by a flow that hands over its committed rows ([`Command::Own`]): the journal is read
+    /// up to this offset; the records from there on are the flow's own, and come from it.
+    own_from: Option<i64>,
+    /// The journal was read up to `own_from`: the partition's rows come from the flow only.
+    direct: bool,
+    /// The flow's rows that came before the journal was read up to `own_from`, in order, with the
+    /// offset each batch is below.
+    queued: Vec<(Arc<Vec<JournalRecord>>, i64)>,
 }
 
 impl Followed {
+    /// A partition the consumer reads from `next` on.
+    fn new(next: i64, released: u64) -> Self {
+        Self {
+            next,
+            rows: HashMap::new(),
+            moved: false,
+            until: None,
+            at_end: false,
+            released,
+            assigned: true,
+            own_from: None,
+            direct: false,
+            queued: Vec::new(),
+        }
+    }
+
     /// Whether the partition was read up to `end` (an offset taken earlier). A partition ending
     /// in a transaction marker is read to its end when the consumer reports the end with only that
     /// one offset unread (librdkafka's position does not always move past a final marker). The
     /// checkpoint stores `next` either way: letting go early only lengthens the next tail.
     fn reached(&self, end: i64) -> bool {
         self.next >= end || (self.at_end && self.next + 1 >= end)
+    }
+
+    /// Takes a batch of the flow's committed records (below journal offset `next`); returns how
+    /// many rows it added. A batch the consumer already read (it read the partition up to `next`
+    /// before it learnt that the flow owns it) is skipped: its rows could be older than those read
+    /// after it.
+    fn take(&mut self, records: &[JournalRecord], next: i64) -> usize {
+        if next <= self.next {
+            return 0;
+        }
+        for (key, value) in records {
+            self.rows.insert(key.clone(), value.as_deref().map(stored_row));
+        }
+        self.next = self.next.max(next);
+        self.moved = true;
+        records.len()
     }
 }
 
@@ -73,8 +117,10 @@ pub(super) struct Follower {
     /// Partitions a restore waits for (`Command::Restore`): written as soon as they are read to
     /// their end.
     restoring: std::collections::BTreeSet<i32>,
-    /// Where the flow's state cache learns how far the store has each partition's rows.
-    progress: Option<Arc<StoreProgress>>,
+    /// Where the flow (its state cache, a restore through the store) learns how far the store
+    /// has each partition's rows.
+    progress: Arc<StoreProgress>,
+    metrics: Arc<Metrics>,
 }
 
 impl Follower {
@@ -84,7 +130,8 @@ impl Follower {
         topic: &str,
         consumer: BaseConsumer<ReaderContext>,
         settings: &StoreSettings,
-        progress: Option<Arc<StoreProgress>>,
+        progress: Arc<StoreProgress>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             owned,
@@ -99,6 +146,7 @@ impl Follower {
             last_write: Instant::now(),
             restoring: std::collections::BTreeSet::new(),
             progress,
+            metrics,
         }
     }
 
@@ -113,7 +161,14 @@ impl Follower {
             // With nothing to read, wait for a command instead of polling. Every queued command is
             // handled before reading on, so that a released partition's end is taken when it is
             // released, not after the new owner has written.
-            let wait = if self.partitions.is_empty() { Duration::from_millis(500) } else { Duration::ZERO };
+            // Partitions whose rows all come from the flow need no reading: their rows arrive as
+            // commands.
+            let consuming = self.partitions.values().any(|f| f.assigned);
+            let wait = match (self.partitions.is_empty(), consuming) {
+                (true, _) => Duration::from_millis(500),
+                (false, false) => Duration::from_millis(100),
+                (false, true) => Duration::ZERO,
+            };
             let mut next = commands.recv_timeout(wait);
             loop {
                 match next {
@@ -130,8 +185,9 @@ impl Follower {
                     TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
                 });
             }
-            if !self.partitions.is_empty() {
+            if consuming {
                 self.read(Duration::from_millis(100))?;
+                self.go_direct()?;
             }
             if self.pending >= MAX_PENDING || self.last_write.elapsed() >= self.interval || self.restored_to_end() {
                 self.write()?;
@@ -144,13 +200,39 @@ impl Follower {
     fn handle(&mut self, command: Command) -> Result<bool, FlowError> {
         match command {
             Command::Follow(p) => self.follow(p, false)?,
+            Command::Own(p, from) => {
+                self.follow(p, false)?;
+                if let Some(f) = self.partitions.get_mut(&p).filter(|f| !f.direct) {
+                    f.own_from = Some(from);
+                }
+                self.go_direct()?;
+            }
+            Command::Rows(p, records, next) => match self.partitions.get_mut(&p) {
+                Some(f) if f.direct => {
+                    let taken = f.take(&records, next);
+                    self.taken(taken);
+                }
+                Some(f) if f.own_from.is_some() => f.queued.push((records, next)),
+                // Never expected (a partition is owned before its rows come); the checkpoint does
+                // not move past rows it lacks.
+                _ => tracing::warn!(partition = p, "local state store: committed rows of a partition it does not keep; a restore reads them from the journal"),
+            },
             Command::Restore(p) => {
                 self.follow(p, false)?;
                 self.restoring.insert(p);
             }
             Command::Standby(p) => self.follow(p, true)?,
             Command::Release(p, end) => match self.standby {
+                Standby::None if self.partitions.get(&p).is_some_and(|f| f.direct) => {
+                    // Every row the flow committed came before: done.
+                    if let Some(f) = self.partitions.get_mut(&p) {
+                        f.own_from = None;
+                        f.until = Some(f.next);
+                        f.moved = true;
+                    }
+                }
                 Standby::None => {
+                    self.disown(p)?;
                     let end = match end {
                         Some(end) => end,
                         None => self.end_of(p)?,
@@ -162,12 +244,13 @@ impl Follower {
                     }
                 }
                 Standby::Recent => {
+                    self.disown(p)?;
                     if let Some(f) = self.partitions.get_mut(&p) {
                         f.released = now_ms();
                         f.moved = true;
                     }
                 }
-                Standby::All => {}
+                Standby::All => self.disown(p)?,
             },
             Command::Close(done) => {
                 self.close()?;
@@ -209,9 +292,64 @@ impl Follower {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Offset(next)).map_err(|e| kafka("checkpoint follower", e))?;
         self.consumer.incremental_assign(&tpl).map_err(|e| kafka("checkpoint follower assign", e))?;
-        self.partitions
-            .insert(p, Followed { next, rows: HashMap::new(), moved: false, until: None, at_end: false, released });
+        self.partitions.insert(p, Followed::new(next, released));
         self.stored(p, next);
+        Ok(())
+    }
+
+    /// `n` rows the flow handed over were taken.
+    fn taken(&mut self, n: usize) {
+        self.pending += n;
+        self.metrics.store_handed_rows.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Partitions read up to where the flow's own records start take the flow's rows from now on:
+    /// the consumer lets them go, and the rows the flow handed over meanwhile are taken.
+    fn go_direct(&mut self) -> Result<(), FlowError> {
+        let mut tpl = TopicPartitionList::new();
+        for (&p, f) in &mut self.partitions {
+            let Some(from) = f.own_from.filter(|&from| !f.direct && f.reached(from)) else { continue };
+            f.direct = true;
+            for (records, next) in std::mem::take(&mut f.queued) {
+                let taken = f.take(&records, next);
+                self.pending += taken;
+                self.metrics.store_handed_rows.fetch_add(taken as u64, Ordering::Relaxed);
+            }
+            if f.assigned {
+                f.assigned = false;
+                tpl.add_partition(&self.topic, p);
+            }
+            tracing::debug!(
+                partition = p,
+                from,
+                "local state store: the flow's committed rows are written from here on"
+            );
+        }
+        if tpl.count() > 0 {
+            self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+        }
+        Ok(())
+    }
+
+    /// Partition `p` no longer hands over its rows: the consumer reads it again from `next` (rows
+    /// the flow handed over beyond `next` and not taken yet are read from the journal instead).
+    fn disown(&mut self, p: i32) -> Result<(), FlowError> {
+        let Some(f) = self.partitions.get_mut(&p).filter(|f| f.own_from.is_some() || f.direct) else {
+            return Ok(());
+        };
+        f.own_from = None;
+        f.direct = false;
+        f.queued.clear();
+        f.at_end = false;
+        // The consumer may have skipped records beyond `next` (the flow's): it starts over there.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, p, Offset::Offset(f.next))
+            .map_err(|e| kafka("checkpoint follower", e))?;
+        if f.assigned {
+            self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+        }
+        self.consumer.incremental_assign(&tpl).map_err(|e| kafka("checkpoint follower assign", e))?;
+        f.assigned = true;
         Ok(())
     }
 
@@ -227,9 +365,11 @@ impl Follower {
     fn reset(&mut self, p: i32) -> Result<(), FlowError> {
         if let Some(f) = self.partitions.remove(&p) {
             self.pending = self.pending.saturating_sub(f.rows.len());
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topic, p);
-            self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+            if f.assigned {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&self.topic, p);
+                self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+            }
         }
         self.store.clear(p)?;
         self.stored(p, 0);
@@ -238,9 +378,7 @@ impl Follower {
 
     /// The store has partition `p`'s rows up to journal offset `next` (readable by the flow).
     fn stored(&self, p: i32, next: i64) {
-        if let Some(progress) = &self.progress {
-            progress.stored(p, next);
-        }
+        self.progress.stored(p, next);
     }
 
     fn end_of(&self, p: i32) -> Result<i64, FlowError> {
@@ -282,11 +420,20 @@ impl Follower {
                 }
                 continue;
             }
+            if let Some(from) = f.own_from.filter(|from| msg.offset() >= *from) {
+                // The flow's own records: it hands their rows over itself, in order.
+                if f.next < from {
+                    f.next = from;
+                    f.moved = true;
+                }
+                continue;
+            }
             f.next = msg.offset() + 1;
             f.moved = true;
             f.at_end = false;
             f.rows.insert(msg.key().unwrap_or_default().to_vec(), msg.payload().map(stored_row));
             self.pending += 1;
+            self.metrics.store_read_records.fetch_add(1, Ordering::Relaxed);
             if self.pending >= MAX_PENDING {
                 break;
             }
@@ -296,6 +443,7 @@ impl Follower {
             for el in positions.elements() {
                 if let (Offset::Offset(o), Some(f)) = (el.offset(), self.partitions.get_mut(&el.partition())) {
                     let o = f.until.map_or(o, |end| o.min(end));
+                    let o = f.own_from.map_or(o, |from| o.min(from));
                     if o > f.next {
                         f.next = o;
                         f.moved = true;
@@ -317,9 +465,7 @@ impl Follower {
             self.store.write(p, std::mem::take(&mut f.rows), f.next, released)?;
             f.moved = false;
             wrote = true;
-            if let Some(progress) = &self.progress {
-                progress.stored(p, f.next);
-            }
+            self.progress.stored(p, f.next);
         }
         if wrote {
             self.store.flush()?;
@@ -348,33 +494,50 @@ impl Follower {
         for &p in &done {
             if let Some(mut f) = self.partitions.remove(&p) {
                 self.store.write(p, std::mem::take(&mut f.rows), f.next, now_ms())?;
+                if f.assigned {
+                    tpl.add_partition(&self.topic, p);
+                }
             }
-            tpl.add_partition(&self.topic, p);
         }
         let owned = self.owned.clone();
         let owned = lock(&owned);
         for &p in expired.iter().filter(|p| !owned.contains(p)) {
-            self.partitions.remove(&p);
+            let assigned = self.partitions.remove(&p).is_some_and(|f| f.assigned);
             tracing::info!(dir = %self.store.dir.display(), partition = p, "dropping the local rows of a standby partition released longer than the retention");
             self.store.clear(p)?;
-            tpl.add_partition(&self.topic, p);
+            if assigned {
+                tpl.add_partition(&self.topic, p);
+            }
         }
         drop(owned);
         self.store.flush()?;
-        self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+        if tpl.count() > 0 {
+            self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
+        }
         Ok(())
     }
 
     fn close(&mut self) -> Result<(), FlowError> {
         let deadline = Instant::now() + CLOSE_TIMEOUT;
+        // Partitions owned by the flow end where its own records start: it handed over the rows
+        // of everything it committed.
         let mut ends = BTreeMap::new();
-        for &p in self.partitions.keys() {
-            ends.insert(p, self.end_of(p)?);
+        for (&p, f) in &self.partitions {
+            match (f.direct, f.own_from) {
+                (true, _) => {}
+                (false, Some(from)) => {
+                    ends.insert(p, from);
+                }
+                (false, None) => {
+                    ends.insert(p, self.end_of(p)?);
+                }
+            }
         }
         while Instant::now() < deadline
             && ends.iter().any(|(p, end)| self.partitions.get(p).is_some_and(|f| !f.reached(*end)))
         {
             self.read(Duration::from_millis(50))?;
+            self.go_direct()?;
         }
         let behind: Vec<i32> = ends
             .iter()
@@ -411,5 +574,21 @@ mod tests {
         let marker = JournalEntry { state: None, ..entry }.encode();
         assert_eq!(stored_row(&marker), marker);
         assert_eq!(stored_row(b"not a journal record"), b"not a journal record");
+    }
+
+    #[test]
+    fn the_flows_rows_are_taken_in_order_and_a_batch_already_read_is_skipped() {
+        let row = |v: &str| (b"acct-1".to_vec(), Some(v.as_bytes().to_vec()));
+        // The consumer read the partition up to offset 20 before it learnt that the flow owns it.
+        let mut f = Followed::new(20, 0);
+        f.rows.insert(b"acct-1".to_vec(), Some(b"as of 19".to_vec()));
+        assert_eq!(f.take(&[row("as of 12")], 13), 0, "a batch below what was read is older");
+        assert_eq!(f.rows[&b"acct-1".to_vec()].as_deref(), Some(&b"as of 19"[..]));
+        assert_eq!(f.take(&[row("as of 24"), (b"acct-2".to_vec(), None)], 25), 2);
+        assert_eq!(f.take(&[row("as of 30")], 31), 1);
+        assert_eq!(f.next, 31);
+        assert_eq!(f.rows[&b"acct-1".to_vec()].as_deref(), Some(&b"as of 30"[..]));
+        assert_eq!(f.rows[&b"acct-2".to_vec()], None, "a tombstone is kept as one");
+        assert!(f.moved);
     }
 }

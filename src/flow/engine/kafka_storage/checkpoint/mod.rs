@@ -3,9 +3,14 @@
 //! state of record; the store is a checkpoint of it, so that a restart or an assignment reads only
 //! the journal's tail beyond the checkpoint instead of the whole partition.
 //!
-//! The store is written by a follower thread of its own that reads the journal partitions with
-//! `read_committed`: it only ever holds committed transactions, and the flow thread never waits for
-//! sled. Rows are written in chunks and a partition's offset last, then flushed. A crash in between
+//! The store is written by a follower thread of its own, and only ever holds committed
+//! transactions; the flow thread never waits for it. Exactly once, the flow hands the follower the
+//! journal records of each transaction it commits (`Command::Rows`, stamped with the offset they
+//! are all below: the partition's newest acknowledged record), so that what the flow just wrote is
+//! not read back from the broker; the follower reads the journal with `read_committed` only where
+//! the flow's own records do not reach: a restored partition's tail up to where the flow's writes
+//! start (`Command::Own`), standbys, partitions given away, and every partition at least once.
+//! Rows are written in chunks and a partition's offset last, then flushed. A crash in between
 //! leaves rows newer than the stored offset; a restore reads the journal again from that offset
 //! and applies the same records in the same order, which ends in the same state (the newest record
 //! per key wins), so the offset never runs ahead of the rows it describes. A SIGKILL wipes nothing:
@@ -27,6 +32,7 @@ mod common;
 mod follower;
 mod store;
 
+pub(super) use common::JournalRecord;
 pub use common::Standby;
 pub(crate) use common::{StoreMemory, StoreSettings};
 pub(super) use store::Rows;
@@ -69,7 +75,7 @@ impl Checkpoints {
         common: &ClientConfig,
         stage: &str,
         metrics: Arc<Metrics>,
-        progress: Option<Arc<StoreProgress>>,
+        progress: Arc<StoreProgress>,
     ) -> Result<Self, FlowError> {
         let store =
             LocalStore::open(&settings.dir, journal.topic(), stage, journal.partitions(), settings.memory, &metrics)?;
@@ -89,7 +95,8 @@ impl Checkpoints {
             .map_err(|e| kafka("checkpoint consumer", e))?;
         let (commands, rx) = std::sync::mpsc::channel();
         let owned = Owned::default();
-        let follower = Follower::new(owned.clone(), store.clone(), journal.topic(), consumer, settings, progress);
+        let follower =
+            Follower::new(owned.clone(), store.clone(), journal.topic(), consumer, settings, progress, metrics.clone());
         // Standbys from the start: every partition, or those this store kept after they went.
         let standbys = match settings.standby {
             Standby::All => (0..journal.partitions()).collect(),
@@ -161,6 +168,19 @@ impl Checkpoints {
     /// Keeps partition `p`'s checkpoint current from now on.
     pub(super) fn follow(&self, p: i32) {
         let _ = self.commands.send(Command::Follow(p));
+    }
+
+    /// Keeps partition `p`'s checkpoint current from now on with the rows of each transaction the
+    /// flow commits ([`Self::committed`]): the journal is read only up to `from`, where the
+    /// flow's own records start. The follower does not read back what the flow just wrote.
+    pub(super) fn own(&self, p: i32, from: i64) {
+        let _ = self.commands.send(Command::Own(p, from));
+    }
+
+    /// A transaction the flow committed wrote `records` to partition `p`, all below journal offset
+    /// `next`: they go to the store as the follower would have read them.
+    pub(super) fn committed(&self, p: i32, records: Arc<Vec<JournalRecord>>, next: i64) {
+        let _ = self.commands.send(Command::Rows(p, records, next));
     }
 
     /// Partition `p` was revoked: its checkpoint is brought up to the end of what was committed,
