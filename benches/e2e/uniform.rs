@@ -297,7 +297,7 @@ fn measure(
     }
     let summary = out
         .lines()
-        .filter(|l| l.starts_with("metrics:") || l.starts_with("state:") || l.starts_with("bank-streams:"))
+        .filter(|l| ["metrics:", "state:", "store:", "bank-streams:"].iter().any(|p| l.starts_with(p)))
         .map(str::to_string)
         .collect();
     Ok(Row { system: system.to_string(), open_rate, open_peak_rss_mib, rate, p50, p99, peak_rss_mib, summary, cpu })

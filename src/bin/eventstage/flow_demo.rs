@@ -178,6 +178,12 @@ fn print_metrics(m: &FlowMetrics, exactly_once: bool) {
             m.store_lag
         );
     }
+    if m.store_handed_rows + m.store_read_records > 0 {
+        println!(
+            "store:    {} rows handed over by the flow as their transactions committed, {} journal records read from the broker",
+            m.store_handed_rows, m.store_read_records
+        );
+    }
 }
 
 /// The demo's journal, transactional id and group settings on a bank flow.
