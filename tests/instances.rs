@@ -4,11 +4,11 @@
 //! and a takeover with standby replicas.
 
 use crate::crash::Demo;
-use crate::flow::{await_replies, expected, feed_async, journal_state, setup, workload};
+use crate::flow::{await_replies, expected, feed_async, journal_state, setup, workload, Setup};
 use crate::kafka::{feeder, kafka_journal, wait_for};
 use crate::util::broker::unique;
 use crate::util::DEADLINE;
-use eventstage::stages::bank::BankCommand;
+use eventstage::stages::bank::{Account, BankCommand};
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -152,7 +152,9 @@ fn history(accounts: u64) -> Vec<(String, String, BankCommand)> {
 /// Standby replicas (`--standby all`): two instances with local stores share four partitions
 /// after a history of 2000 accounts; one is SIGKILLed, and the survivor takes its partitions over
 /// reading almost nothing from the journal (its store kept them current), where a takeover
-/// without standbys reads their whole history. Every reply exactly once, journal = model.
+/// without standbys reads their whole history. Every reply exactly once, journal = model. Then the
+/// survivor restarts from its store, which its own commits since the takeover wrote (handed over,
+/// not read back): its answers and the journal still equal the model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_with_standby_replicas_reads_almost_nothing_from_the_journal() {
     let s = setup(4).await;
@@ -169,7 +171,8 @@ async fn a_takeover_with_standby_replicas_reads_almost_nothing_from_the_journal(
     // the survivor's local store).
     let cmds: Vec<_> = (0..300).map(|i| (format!("hist-{i}"), format!("after-{i}"), BankCommand::Deposit(1))).collect();
     let (replies, accounts) = expected(&[history.as_slice(), &cmds].concat());
-    let a = Demo::start(&s, &unique("txn-a"), &args(0), logs.path());
+    let txn_a = unique("txn-a");
+    let a = Demo::start(&s, &txn_a, &args(0), logs.path());
     let b = Demo::start(&s, &unique("txn-b"), &args(1), logs.path());
     let b_log = b.stderr.clone();
     // The last rebalance the second instance logged gave it partitions.
@@ -194,7 +197,24 @@ async fn a_takeover_with_standby_replicas_reads_almost_nothing_from_the_journal(
     eprintln!("journal records {all}; the survivor read {read} from the journal and {rows} local rows");
     assert!(rows > 0, "the survivor loaded its local store: {summary}");
     assert!(read * 10 < all, "the survivor read {read} of {all} journal records: the standbys were not current");
-    assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts);
+    assert_eq!(journal_state_of(&s).await, accounts);
+
+    // Restarted on its store: every account's balance comes from rows its flow handed over.
+    let again: Vec<_> =
+        (0..300).map(|i| (format!("hist-{i}"), format!("again-{i}"), BankCommand::Deposit(1))).collect();
+    let (replies, accounts) = expected(&[history.as_slice(), &cmds, &again].concat());
+    let a = Demo::start(&s, &txn_a, &args(0), logs.path());
+    feed_async(&s, &again).await;
+    await_replies(&s, replies).await;
+    let summary = a.drain();
+    let (read, rows) = restored(&summary);
+    assert!(rows > 0 && read * 10 < all, "the restart read {read} journal records and {rows} local rows: {summary}");
+    assert_eq!(journal_state_of(&s).await, accounts);
+}
+
+async fn journal_state_of(s: &Setup) -> std::collections::BTreeMap<String, Account> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap()
 }
 
 /// Journal records (and local store rows) the drained demo restored, from its summary.
