@@ -202,7 +202,12 @@ impl Follower {
             Command::Follow(p) => self.follow(p, false)?,
             Command::Own(p, from) => {
                 self.follow(p, false)?;
-                if let Some(f) = self.partitions.get_mut(&p).filter(|f| !f.direct) {
+                // Given away and back before the follower let it go: another owner may have written
+                // beyond what the flow handed over, and the consumer reads that first.
+                if self.partitions.get(&p).is_some_and(|f| f.direct && f.next < from) {
+                    self.disown(p)?;
+                }
+                if let Some(f) = self.partitions.get_mut(&p) {
                     f.own_from = Some(from);
                 }
                 self.go_direct()?;
