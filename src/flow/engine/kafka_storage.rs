@@ -119,9 +119,11 @@ impl KafkaStorage {
     ) -> Result<Self, FlowError> {
         let (checkpoints, cache, direct) = match store {
             Some((store, progress, cache)) => {
+                let direct = (!at_least_once).then_some(progress.clone());
+                let handed_over = direct.is_some();
                 let checkpoints =
-                    Checkpoints::start(store, &journal, common, stage, metrics.clone(), progress.clone())?;
-                (Some(checkpoints), cache, (!at_least_once).then_some(progress))
+                    Checkpoints::start(store, &journal, common, stage, metrics.clone(), progress, handed_over)?;
+                (Some(checkpoints), cache, direct)
             }
             None => (None, None, None),
         };

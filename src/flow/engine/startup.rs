@@ -401,10 +401,13 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
         FlowJournal::Kafka(_) => {
             let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
             // With a local store: how far the journal's records were acknowledged, for the store's
-            // checkpoints of what the flow commits and for the state cache.
+            // checkpoints of what the flow commits (exactly once) and for the state cache; the
+            // delivery callback stamps it only when one of them reads it.
             let progress = settings.store.as_ref().map(|_| {
                 let progress = Arc::new(StoreProgress::new(journal.topic(), journal.partitions().max(0) as usize));
-                let _ = deliveries.journal.set(progress.clone());
+                if !at_least_once || settings.state_cache.is_some() {
+                    let _ = deliveries.journal.set(progress.clone());
+                }
                 progress
             });
             let cache = settings.state_cache.zip(progress.clone()).map(|(budget, progress)| CacheSettings {

@@ -86,6 +86,13 @@ impl Followed {
         self.next >= end || (self.at_end && self.next + 1 >= end)
     }
 
+    /// Where the consumer's records stop being this partition's rows: the end of a released
+    /// partition (the new owner's records), or where the flow's own records start (it hands
+    /// them over).
+    fn limit(&self) -> Option<i64> {
+        self.until.into_iter().chain(self.own_from).min()
+    }
+
     /// Takes a batch of the flow's committed records (below journal offset `next`); returns how
     /// many rows it added. A batch the consumer already read (it read the partition up to `next`
     /// before it learnt that the flow owns it) is skipped: its rows could be older than those read
@@ -227,35 +234,17 @@ impl Follower {
                 self.restoring.insert(p);
             }
             Command::Standby(p) => self.follow(p, true)?,
-            Command::Release(p, end) => match self.standby {
-                Standby::None if self.partitions.get(&p).is_some_and(|f| f.direct) => {
+            Command::Release(p, end) => match (self.standby, self.partitions.get_mut(&p)) {
+                (Standby::None, Some(f)) if f.direct => {
                     // Every row the flow committed came before: done.
-                    if let Some(f) = self.partitions.get_mut(&p) {
-                        f.own_from = None;
-                        f.until = Some(f.next);
-                        f.moved = true;
-                    }
+                    f.own_from = None;
+                    f.until = Some(f.next);
+                    f.moved = true;
                 }
-                Standby::None => {
+                (standby, _) => {
                     self.disown(p)?;
-                    let end = match end {
-                        Some(end) => end,
-                        None => self.end_of(p)?,
-                    };
-                    if let Some(f) = self.partitions.get_mut(&p) {
-                        f.until = Some(end);
-                        // The release time is written with the next checkpoint, moved or not.
-                        f.moved = true;
-                    }
+                    self.release(p, end, standby)?;
                 }
-                Standby::Recent => {
-                    self.disown(p)?;
-                    if let Some(f) = self.partitions.get_mut(&p) {
-                        f.released = now_ms();
-                        f.moved = true;
-                    }
-                }
-                Standby::All => self.disown(p)?,
             },
             Command::Close(done) => {
                 self.close()?;
@@ -272,6 +261,32 @@ impl Follower {
             }
         }
         Ok(false)
+    }
+
+    /// Partition `p`, read by the consumer, went to another instance (`end`: the partition's end
+    /// then, if the flow took it).
+    fn release(&mut self, p: i32, end: Option<i64>, standby: Standby) -> Result<(), FlowError> {
+        match standby {
+            Standby::None => {
+                let end = match end {
+                    Some(end) => end,
+                    None => self.end_of(p)?,
+                };
+                if let Some(f) = self.partitions.get_mut(&p) {
+                    f.until = Some(end);
+                    // The release time is written with the next checkpoint, moved or not.
+                    f.moved = true;
+                }
+            }
+            Standby::Recent => {
+                if let Some(f) = self.partitions.get_mut(&p) {
+                    f.released = now_ms();
+                    f.moved = true;
+                }
+            }
+            Standby::All => {}
+        }
+        Ok(())
     }
 
     fn follow(&mut self, p: i32, standby: bool) -> Result<(), FlowError> {
@@ -311,15 +326,12 @@ impl Follower {
     /// Partitions read up to where the flow's own records start take the flow's rows from now on:
     /// the consumer lets them go, and the rows the flow handed over meanwhile are taken.
     fn go_direct(&mut self) -> Result<(), FlowError> {
-        let mut tpl = TopicPartitionList::new();
+        let (mut tpl, mut taken) = (TopicPartitionList::new(), 0);
         for (&p, f) in &mut self.partitions {
             let Some(from) = f.own_from.filter(|&from| !f.direct && f.reached(from)) else { continue };
             f.direct = true;
-            for (records, next) in std::mem::take(&mut f.queued) {
-                let taken = f.take(&records, next);
-                self.pending += taken;
-                self.metrics.store_handed_rows.fetch_add(taken as u64, Ordering::Relaxed);
-            }
+            taken +=
+                std::mem::take(&mut f.queued).into_iter().map(|(records, next)| f.take(&records, next)).sum::<usize>();
             if f.assigned {
                 f.assigned = false;
                 tpl.add_partition(&self.topic, p);
@@ -330,6 +342,7 @@ impl Follower {
                 "local state store: the flow's committed rows are written from here on"
             );
         }
+        self.taken(taken);
         if tpl.count() > 0 {
             self.consumer.incremental_unassign(&tpl).map_err(|e| kafka("checkpoint follower unassign", e))?;
         }
@@ -416,19 +429,12 @@ impl Follower {
                 }
             };
             let Some(f) = self.partitions.get_mut(&msg.partition()) else { continue };
-            if let Some(end) = f.until.filter(|end| msg.offset() >= *end) {
-                // Released, and read up to `end` (records come in order): what the new owner
-                // writes is not read (see `Standby::None`).
+            if let Some(end) = f.limit().filter(|end| msg.offset() >= *end) {
+                // Read up to its limit (records come in order): what the new owner of a released
+                // partition writes is not read (see `Standby::None`), and the flow hands over the
+                // rows of its own records itself.
                 if f.next < end {
                     f.next = end;
-                    f.moved = true;
-                }
-                continue;
-            }
-            if let Some(from) = f.own_from.filter(|from| msg.offset() >= *from) {
-                // The flow's own records: it hands their rows over itself, in order.
-                if f.next < from {
-                    f.next = from;
                     f.moved = true;
                 }
                 continue;
@@ -447,8 +453,7 @@ impl Follower {
         if let Ok(positions) = self.consumer.position() {
             for el in positions.elements() {
                 if let (Offset::Offset(o), Some(f)) = (el.offset(), self.partitions.get_mut(&el.partition())) {
-                    let o = f.until.map_or(o, |end| o.min(end));
-                    let o = f.own_from.map_or(o, |from| o.min(from));
+                    let o = f.limit().map_or(o, |end| o.min(end));
                     if o > f.next {
                         f.next = o;
                         f.moved = true;
@@ -527,16 +532,12 @@ impl Follower {
         // Partitions owned by the flow end where its own records start: it handed over the rows
         // of everything it committed.
         let mut ends = BTreeMap::new();
-        for (&p, f) in &self.partitions {
-            match (f.direct, f.own_from) {
-                (true, _) => {}
-                (false, Some(from)) => {
-                    ends.insert(p, from);
-                }
-                (false, None) => {
-                    ends.insert(p, self.end_of(p)?);
-                }
-            }
+        for (&p, f) in self.partitions.iter().filter(|(_, f)| !f.direct) {
+            let end = match f.own_from {
+                Some(from) => from,
+                None => self.end_of(p)?,
+            };
+            ends.insert(p, end);
         }
         while Instant::now() < deadline
             && ends.iter().any(|(p, end)| self.partitions.get(p).is_some_and(|f| !f.reached(*end)))

@@ -63,12 +63,14 @@ pub(super) struct Checkpoints {
     commands: Sender<Command>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
-    /// Without standbys: asks for a released partition's end offset.
+    /// Without standbys, for a flow that does not hand over its rows: asks for a released
+    /// partition's end offset.
     marks: Option<BaseConsumer<ReaderContext>>,
 }
 
 impl Checkpoints {
-    /// Opens the store in `settings.dir` and starts its follower.
+    /// Opens the store in `settings.dir` and starts its follower (`handed_over`: the flow hands
+    /// it the rows of what it commits, see [`Self::own`]).
     pub(super) fn start(
         settings: &StoreSettings,
         journal: &KafkaJournal,
@@ -76,6 +78,7 @@ impl Checkpoints {
         stage: &str,
         metrics: Arc<Metrics>,
         progress: Arc<StoreProgress>,
+        handed_over: bool,
     ) -> Result<Self, FlowError> {
         let store =
             LocalStore::open(&settings.dir, journal.topic(), stage, journal.partitions(), settings.memory, &metrics)?;
@@ -110,13 +113,16 @@ impl Checkpoints {
             .name("eventstage-checkpoint".into())
             .spawn(move || follower.run(&rx))
             .map_err(|e| config_err(&settings.dir, format!("cannot start the checkpoint thread: {e}")))?;
+        // A flow that hands over its rows has handed over everything it committed when it releases
+        // a partition: the follower needs no end offset (and asks itself for one of a partition it
+        // was still catching up with).
         let marks = match settings.standby {
-            Standby::None => Some(
+            Standby::None if !handed_over => Some(
                 common
                     .create_with_context(ReaderContext { what: "checkpoint watermarks" })
                     .map_err(|e| kafka("checkpoint watermarks client", e))?,
             ),
-            Standby::Recent | Standby::All => None,
+            Standby::None | Standby::Recent | Standby::All => None,
         };
         Ok(Self {
             store,
@@ -189,7 +195,7 @@ impl Checkpoints {
         lock(&self.owned).remove(&p);
         // Without standbys the follower stops at the partition's end as of now (this instance's
         // last commit), taken here: the follower may be busy reading, and by the time it asked,
-        // the new owner could have written.
+        // the new owner could have written (not for a flow that hands over its rows: `marks`).
         let end = self.marks.as_ref().and_then(|marks| match marks.fetch_watermarks(&self.topic, p, Duration::from_secs(5)) {
             Ok((_, high)) => Some(high),
             Err(e) => {
