@@ -19,7 +19,7 @@ use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::replay::{decode_state, Entity};
 use crate::stage::{EntityKey, EventSourced};
-use checkpoint::{Checkpoints, JournalRecord, Rows};
+use checkpoint::{read_row, Checkpoints, JournalRecord, Rows};
 use eventstage_journal::{printable_key, Envelope, JournalEntry, KafkaJournal, SeqNo, SourcePosition};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
@@ -382,7 +382,7 @@ impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
         let raw = key.to_bytes();
         let entry = match rows.get(raw.as_ref()) {
             Ok(None) => None,
-            Ok(Some(v)) => match JournalEntry::decode(&v) {
+            Ok(Some(v)) => match read_row(&v) {
                 Ok(entry) => Some(entry),
                 Err(e) => {
                     let why = format!("the row of key {} does not decode ({e})", printable_key(&raw));

@@ -3,11 +3,12 @@
 
 use super::super::super::cache::StoreProgress;
 use super::common::{Command, JournalRecord, Owned, Standby, StoreSettings, CLOSE_TIMEOUT};
+use super::row::stored_row;
 use super::store::LocalStore;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::shared::{kafka, lock, now_ms};
-use eventstage_journal::kafka::{JournalEntry, ReaderContext};
+use eventstage_journal::kafka::ReaderContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -19,20 +20,6 @@ use std::time::{Duration, Instant};
 
 /// The follower writes a checkpoint once this many changed rows are pending, whatever the interval.
 const MAX_PENDING: usize = 100_000;
-
-/// The row the local store keeps of a journal record: the entry without its events, which a
-/// read from the store does not use (it takes the state, its sequence number and the input
-/// positions). A bank account's row after one deposit shrinks from about 98 to 67 bytes (three
-/// 24-byte envelope headers become two), and fjall's flushes and compactions copy that much less.
-/// A record that does not decode is kept as it is: reading it back reports the damage.
-fn stored_row(value: &[u8]) -> Vec<u8> {
-    match JournalEntry::decode(value) {
-        Ok(entry) if !entry.events.is_empty() && entry.state.is_some() => {
-            JournalEntry { events: Vec::new(), ..entry }.encode()
-        }
-        _ => value.to_vec(),
-    }
-}
 
 /// A followed journal partition.
 struct Followed {
@@ -560,27 +547,6 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eventstage_journal::{CodecId, Envelope, SeqNo, SourcePosition};
-
-    #[test]
-    fn a_stored_row_keeps_the_state_and_positions_without_the_events() {
-        let entry = JournalEntry {
-            last_seq: SeqNo(7),
-            events: vec![Envelope::event(CodecId::BINCODE, 1, 5, b"deposited 5".to_vec())],
-            state: Some(Envelope::snapshot(CodecId::BINCODE, 1, 6, b"balance 12".to_vec())),
-            sources: vec![SourcePosition { topic: "in".into(), partition: 2, next_offset: 40 }],
-        };
-        let raw = entry.encode();
-        let row = stored_row(&raw);
-        assert!(row.len() < raw.len());
-        let read = JournalEntry::decode(&row).expect("decodes");
-        assert!(read.events.is_empty());
-        assert_eq!((read.last_seq, &read.state, &read.sources), (entry.last_seq, &entry.state, &entry.sources));
-        // A deletion marker (no state) and bytes that do not decode are kept as they are.
-        let marker = JournalEntry { state: None, ..entry }.encode();
-        assert_eq!(stored_row(&marker), marker);
-        assert_eq!(stored_row(b"not a journal record"), b"not a journal record");
-    }
 
     #[test]
     fn the_flows_rows_are_taken_in_order_and_a_batch_already_read_is_skipped() {

@@ -25,16 +25,18 @@
 //! DIR/eventstage-state.json   identifies the directory: format version, journal topic, stage
 //! DIR/sled/                   the sled database:
 //!     tree `offsets`: partition (i32 BE) -> next journal offset (i64 BE) | released at (u64 BE ms, 0: held)
-//!     keyspace `p<partition>`: entity key -> the key's newest journal record value, without its events
+//!     keyspace `p<partition>`: entity key -> the row of the key's newest journal record (see `row`)
 //! ```
 
 mod common;
 mod follower;
+mod row;
 mod store;
 
 pub(super) use common::JournalRecord;
 pub use common::Standby;
 pub(crate) use common::{StoreMemory, StoreSettings};
+pub(super) use row::read_row;
 pub(super) use store::Rows;
 
 use super::super::cache::StoreProgress;

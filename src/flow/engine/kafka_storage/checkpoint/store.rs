@@ -22,7 +22,7 @@ const OLD_DATA: &str = "sled";
 /// Rows per write batch.
 const CHUNK: usize = 10_000;
 
-/// A partition's rows: entity key -> the key's newest journal record value, without its events.
+/// A partition's rows: entity key -> the row of the key's newest journal record (`row`).
 pub(crate) type Rows = fjall::Keyspace;
 
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq, Debug)]
