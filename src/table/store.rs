@@ -267,7 +267,7 @@ impl TableStore {
         offsets: &BTreeMap<i32, i64>,
     ) -> Result<(), TableError> {
         let mut batch = self.db.batch();
-        for (k, row) in rows {
+        for (k, row) in crate::local_store::in_key_order(rows) {
             if batch.len() == CHUNK {
                 std::mem::replace(&mut batch, self.db.batch()).commit().map_err(|e| self.storage(e))?;
             }

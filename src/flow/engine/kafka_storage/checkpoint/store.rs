@@ -216,7 +216,7 @@ impl LocalStore {
     ) -> Result<(), FlowError> {
         let tree = self.rows(p)?;
         let mut batch = self.db.batch();
-        for (k, v) in rows {
+        for (k, v) in crate::local_store::in_key_order(rows) {
             if batch.len() == CHUNK {
                 std::mem::replace(&mut batch, self.db.batch()).commit().map_err(|e| self.storage(e))?;
             }
