@@ -11,7 +11,11 @@
 //!   `num.stream.threads=1`, every other setting Kafka Streams' default) in `java -Xmx1g`. It is
 //!   built on first use with `mvn compile dependency:copy-dependencies` in a copy of
 //!   `benches/kstreams` under `target/eventstage-kstreams/<hash of its files>` (Maven Central,
-//!   about 10 s; later runs only check a marker file).
+//!   about 10 s; later runs only check a marker file);
+//! - `kstreams-bounded`: the same with RocksDB bounded to eventstage's budget
+//!   (`EVENTSTAGE_E2E_UNIFORM_MIB`) for all its stores, as Kafka Streams' documentation bounds it
+//!   ("Bounded memory usage": one shared block cache holding index and filter blocks, memtables
+//!   charged to it).
 //!
 //! For each: K `open` commands (one per account) are produced before the process starts; the open
 //! rate is K over the time from the spawn to the last reply visible to a `read_committed` reader,
@@ -28,7 +32,8 @@
 //! `EVENTSTAGE_E2E_UNIFORM_KEYS` (K, default 10^7), `EVENTSTAGE_E2E_UNIFORM_N` (N, default 10^6),
 //! `EVENTSTAGE_E2E_UNIFORM_MIB` (eventstage's state cache, default 128; 0: none, every key in
 //! memory),
-//! `EVENTSTAGE_E2E_UNIFORM_SYSTEMS` (which and in what order, default `eventstage,kstreams`).
+//! `EVENTSTAGE_E2E_UNIFORM_SYSTEMS` (which and in what order, default `eventstage,kstreams`; also
+//! `kstreams-bounded`).
 
 use super::*;
 use eventstage::stages::bank_flow::WireReply;
@@ -66,12 +71,12 @@ pub(crate) fn print(rows: &[Row], keys: u64, n: u64) {
          exactly-once, commits every {COMMIT_INTERVAL:?}, one process each"
     );
     println!(
-        "  {:<28} {:>9} {:>11} {:>9} {:>9} {:>15} {:>18}",
+        "  {:<40} {:>9} {:>11} {:>9} {:>9} {:>15} {:>18}",
         "system", "opens/s", "deposits/s", "p50", "p99", "peak RSS opens", "peak RSS deposits"
     );
     for r in rows {
         println!(
-            "  {:<28} {:>9.0} {:>11.0} {:>9} {:>9} {:>11} MiB {:>14} MiB",
+            "  {:<40} {:>9.0} {:>11.0} {:>9} {:>9} {:>11} MiB {:>14} MiB",
             r.system,
             r.open_rate,
             r.rate,
@@ -84,10 +89,11 @@ pub(crate) fn print(rows: &[Row], keys: u64, n: u64) {
             println!("      {line}");
         }
     }
-    let find = |prefix: &str| rows.iter().find(|r| r.system.starts_with(prefix));
-    if let (Some(e), Some(k)) = (find("eventstage"), find("Kafka Streams")) {
+    let Some(e) = rows.iter().find(|r| r.system.starts_with("eventstage")) else { return };
+    for k in rows.iter().filter(|r| r.system.starts_with("Kafka Streams")) {
         println!(
-            "  eventstage / Kafka Streams: deposits/s {:.2}x, opens/s {:.2}x, p99 {:.2}x",
+            "  eventstage / {}: deposits/s {:.2}x, opens/s {:.2}x, p99 {:.2}x",
+            k.system,
             e.rate / k.rate,
             e.open_rate / k.open_rate,
             e.p99.as_secs_f64() / k.p99.as_secs_f64().max(1e-9)
@@ -126,7 +132,10 @@ impl Deposits {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum System {
     Eventstage,
+    /// Kafka Streams' defaults.
     KafkaStreams,
+    /// Kafka Streams with RocksDB bounded to eventstage's budget (`BankStreams --rocksdb-memory-mib`).
+    KafkaStreamsBounded,
 }
 
 pub(crate) fn run(
@@ -142,10 +151,14 @@ pub(crate) fn run(
         .map(|s| match s.trim() {
             "eventstage" => Ok(System::Eventstage),
             "kstreams" => Ok(System::KafkaStreams),
-            other => bail!("EVENTSTAGE_E2E_UNIFORM_SYSTEMS: `{other}` is not eventstage or kstreams"),
+            "kstreams-bounded" => Ok(System::KafkaStreamsBounded),
+            other => {
+                bail!("EVENTSTAGE_E2E_UNIFORM_SYSTEMS: `{other}` is not eventstage, kstreams or kstreams-bounded")
+            }
         })
         .collect::<Result<Vec<_>>>()?;
-    let classpath = if systems.contains(&System::KafkaStreams) { Some(kstreams_classpath()?) } else { None };
+    let jvm = systems.iter().any(|s| *s != System::Eventstage);
+    let classpath = if jvm { Some(kstreams_classpath()?) } else { None };
     let deposits = Deposits::new(keys, n);
     let mut rows = Vec::new();
     for system in systems {
@@ -175,10 +188,15 @@ pub(crate) fn run(
                     cmd
                 })?
             }
-            System::KafkaStreams => {
-                progress(&format!("  Kafka Streams (RocksDB, exactly_once_v2): {keys} opens, then {n} deposits"));
+            System::KafkaStreams | System::KafkaStreamsBounded => {
+                let bounded = (system == System::KafkaStreamsBounded).then_some(cache_mib.max(1));
+                let label = match bounded {
+                    Some(mib) => format!("Kafka Streams 4.1.1 (RocksDB, {mib} MiB)"),
+                    None => "Kafka Streams 4.1.1 (RocksDB)".into(),
+                };
+                progress(&format!("  {label}, exactly_once_v2: {keys} opens, then {n} deposits"));
                 let classpath = classpath.as_deref().unwrap_or_default();
-                one(rt, brokers, keys, &deposits, "Kafka Streams 4.1.1 (RocksDB)", |s| {
+                one(rt, brokers, keys, &deposits, &label, |s| {
                     let mut cmd = Command::new(java());
                     cmd.args([KSTREAMS_HEAP, "-cp", classpath, MAIN_CLASS, "--brokers", brokers])
                         .args(["--application-id", &s.group, "--input", &s.topics.input])
@@ -186,6 +204,9 @@ pub(crate) fn run(
                         .arg("--state-dir")
                         .arg(s.dir)
                         .args(["--commit-interval-ms", &COMMIT_INTERVAL.as_millis().to_string(), "--threads", "1"]);
+                    if let Some(mib) = bounded {
+                        cmd.args(["--rocksdb-memory-mib", &mib.to_string()]);
+                    }
                     cmd
                 })?
             }

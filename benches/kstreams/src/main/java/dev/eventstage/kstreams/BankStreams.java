@@ -23,8 +23,14 @@ import org.apache.kafka.streams.processor.api.ProcessorContext;
 import org.apache.kafka.streams.processor.api.ProcessorSupplier;
 import org.apache.kafka.streams.processor.api.Record;
 import org.apache.kafka.streams.state.KeyValueStore;
+import org.apache.kafka.streams.state.RocksDBConfigSetter;
 import org.apache.kafka.streams.state.StoreBuilder;
 import org.apache.kafka.streams.state.Stores;
+import org.rocksdb.BlockBasedTableConfig;
+import org.rocksdb.LRUCache;
+import org.rocksdb.Options;
+import org.rocksdb.RocksDB;
+import org.rocksdb.WriteBufferManager;
 
 /**
  * The bank of eventstage's {@code src/stages/bank.rs} as a Kafka Streams application, with the wire
@@ -40,8 +46,15 @@ import org.apache.kafka.streams.state.Stores;
  * skipped (eventstage sends it to a dead-letter topic).
  *
  * <p>Usage: {@code BankStreams --brokers H:P --application-id ID --input T --replies T --events T
- * --state-dir DIR [--commit-interval-ms 100] [--threads 1]}. Runs until SIGTERM, then closes and
- * prints one line {@code bank-streams: N commands, R rejected, U not commands}.
+ * --state-dir DIR [--commit-interval-ms 100] [--threads 1] [--rocksdb-memory-mib M]}. Runs until SIGTERM,
+ * then closes and prints one line {@code bank-streams: N commands, R rejected, U not commands}.
+ *
+ * <p>{@code --rocksdb-memory-mib M} bounds RocksDB's memory to M MiB for all stores together, with
+ * the {@link RocksDBConfigSetter} of Kafka Streams' documentation ("Bounded memory usage"): one
+ * block cache shared by every store, holding the index and filter blocks too, with the memtables
+ * charged to it by a shared write buffer manager. Without it, every setting is Kafka Streams'
+ * default (a 50 MiB block cache and up to three 16 MiB memtables per store and partition, index
+ * and filter blocks outside the cache).
  */
 public final class BankStreams {
   static final String STORE = "accounts";
@@ -74,6 +87,10 @@ public final class BankStreams {
     props.put(StreamsConfig.STATE_DIR_CONFIG, opts.get("state-dir"));
     props.put(StreamsConfig.COMMIT_INTERVAL_MS_CONFIG, opts.getOrDefault("commit-interval-ms", "100"));
     props.put(StreamsConfig.NUM_STREAM_THREADS_CONFIG, opts.getOrDefault("threads", "1"));
+    if (opts.containsKey("rocksdb-memory-mib")) {
+      BoundedMemory.init(Long.parseLong(opts.get("rocksdb-memory-mib")) << 20);
+      props.put(StreamsConfig.ROCKSDB_CONFIG_SETTER_CLASS_CONFIG, BoundedMemory.class);
+    }
 
     KafkaStreams streams = new KafkaStreams(topology(opts.get("input"), opts.get("replies"), opts.get("events")), props);
     CountDownLatch stopped = new CountDownLatch(1);
@@ -97,8 +114,40 @@ public final class BankStreams {
   private static void usage(String why) {
     System.err.println("bank-streams: " + why);
     System.err.println("usage: BankStreams --brokers H:P --application-id ID --input T --replies T --events T "
-        + "--state-dir DIR [--commit-interval-ms 100] [--threads 1]");
+        + "--state-dir DIR [--commit-interval-ms 100] [--threads 1] [--rocksdb-memory-mib M]");
     System.exit(2);
+  }
+
+  /**
+   * RocksDB within one memory bound for every store of the process, as Kafka Streams' documentation
+   * shows it ("Bounded memory usage"): a quarter of the bound for memtables, charged to the shared
+   * block cache; a tenth of the cache kept for index and filter blocks (high priority).
+   */
+  public static final class BoundedMemory implements RocksDBConfigSetter {
+    private static LRUCache cache;
+    private static WriteBufferManager writeBufferManager;
+
+    static synchronized void init(long bytes) {
+      RocksDB.loadLibrary();
+      cache = new LRUCache(bytes, -1, false, 0.1);
+      writeBufferManager = new WriteBufferManager(bytes / 4, cache);
+    }
+
+    @Override
+    public void setConfig(String storeName, Options options, Map<String, Object> configs) {
+      BlockBasedTableConfig table = (BlockBasedTableConfig) options.tableFormatConfig();
+      table.setBlockCache(cache);
+      table.setCacheIndexAndFilterBlocks(true);
+      table.setCacheIndexAndFilterBlocksWithHighPriority(true);
+      table.setPinTopLevelIndexAndFilter(true);
+      options.setWriteBufferManager(writeBufferManager);
+      options.setTableFormatConfig(table);
+    }
+
+    @Override
+    public void close(String storeName, Options options) {
+      // The cache and the write buffer manager are shared by every store: never closed here.
+    }
   }
 
   static Topology topology(String input, String replies, String events) {
