@@ -315,13 +315,17 @@ fn sample(body: &str, name: &str) -> Option<f64> {
 
 /// `demo --metrics-addr`: /ready turns 200 once the partitions are restored, /health is 200 while
 /// the flow runs, /metrics (Prometheus text) has the flow's counters, which move with the load,
-/// and a histogram of its commits.
+/// and a histogram of its commits; `describe --instances` shows what the running instance holds
+/// (its state cache's figures are those of /metrics), and fails naming an instance it cannot ask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_serves_prometheus_metrics_health_and_readiness() {
     let s = setup(2).await;
     let logs = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
     let mut args = kafka_journal(&s, "100ms");
     args.extend(["--metrics-addr".to_string(), "127.0.0.1:0".to_string()]);
+    args.extend(["--state-dir".to_string(), state.path().display().to_string()]);
+    args.extend(["--state-cache".to_string(), "16MiB".to_string()]);
     let demo = Demo::start(&s, "", &args, logs.path());
     let addr = demo
         .running
@@ -364,6 +368,35 @@ async fn a_flow_serves_prometheus_metrics_health_and_readiness() {
     assert!(sample(&body, "eventstage_flow_commit_seconds_count").is_some_and(|c| c >= 1.0), "{body}");
     assert!(sample(&body, "eventstage_flow_rebalances_total").is_some_and(|c| c >= 1.0), "{body}");
     assert_eq!(sample(&body, "eventstage_flow_assigned_partitions"), Some(2.0), "{body}");
+    // Every command looked its key up in the cache: a hit, or a miss read from the store.
+    let (hits, misses) =
+        (sample(&body, "eventstage_flow_cache_hits_total"), sample(&body, "eventstage_flow_cache_misses_total"));
+    let (hits, misses) = (hits.unwrap_or(0.0), misses.unwrap_or(0.0));
+    assert_eq!(hits + misses, 300.0, "{body}");
+
+    let app = ["--brokers", &s.brokers, "--group", &s.group, "--input", &s.topics.input, "--journal", &s.journal];
+    let describe = |instances: String| {
+        let app = app.map(String::from);
+        move || {
+            let mut a: Vec<&str> = vec!["describe"];
+            a.extend(app.iter().map(String::as_str));
+            a.extend(["--instances", &instances]);
+            crate::util::run_cli(&a)
+        }
+    };
+    let (code, out, err) = tokio::task::spawn_blocking(describe(addr.clone())).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("instance {addr}: 2 partitions")), "{out}");
+    assert!(out.contains(&format!("{hits} hits, {misses} misses")), "the figures of /metrics: {out}");
+    assert!(out.contains("local store:"), "{out}");
+    // An address where nothing answers: the rest is shown, the instance named, exit 1.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = gone.local_addr().unwrap().to_string();
+    drop(gone);
+    let (code, out, err) = tokio::task::spawn_blocking(describe(format!("{addr},{nobody}"))).await.unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("instance {addr}:")), "{out}");
+    assert!(err.contains(&format!("instance {nobody}: cannot read its metrics")), "{err}");
     let rest = demo.drain();
     assert!(rest.contains("300 records in"), "{rest}");
 }

@@ -32,6 +32,18 @@ pub(crate) struct GroupArgs {
     timeout: Duration,
 }
 
+/// `describe`'s own flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DescribeArgs {
+    #[command(flatten)]
+    app: GroupArgs,
+    /// Running instances of the flow to ask for their state: the addresses they serve `/metrics`
+    /// on (`demo --metrics-addr`), comma-separated. Each shows its partitions, lag, state cache
+    /// (bytes, entries, hits, misses, evictions) and local store (rows read, lag).
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+    instances: Vec<String>,
+}
+
 /// `reset`'s own flags.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ResetArgs {
@@ -120,8 +132,9 @@ impl GroupArgs {
     }
 }
 
-/// `eventstage describe --group G`.
-pub(crate) async fn describe(args: GroupArgs) -> anyhow::Result<ExitCode> {
+/// `eventstage describe --group G [--instances HOST:PORT,...]`.
+pub(crate) async fn describe(describe: DescribeArgs) -> anyhow::Result<ExitCode> {
+    let args = describe.app;
     let offsets = tokio::task::spawn_blocking({
         let args = args.clone();
         move || args.input_offsets()
@@ -149,7 +162,110 @@ pub(crate) async fn describe(args: GroupArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    let mut unreachable = 0;
+    for addr in &describe.instances {
+        match instance_metrics(addr, args.timeout).await {
+            Ok(body) => println!("{}", InstanceFigures::parse(&body, &args.group).describe(addr)),
+            Err(e) => {
+                unreachable += 1;
+                eprintln!("instance {addr}: cannot read its metrics ({e:#}): is an instance of group {} running with --metrics-addr {addr}?", args.group);
+            }
+        }
+    }
+    Ok(if unreachable > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `GET /metrics` of a running instance (its Prometheus text).
+async fn instance_metrics(addr: &str, timeout: Duration) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.context("connecting")?;
+        stream
+            .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(timeout, get).await.context("no answer within --timeout")??;
+    let (head, body) = response.split_once("\r\n\r\n").context("not an HTTP response")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("none");
+    if status != "200" {
+        bail!("GET /metrics answered {status}");
+    }
+    Ok(body.to_string())
+}
+
+/// What a running instance's metrics say about a group's flow (summed over its stages).
+#[derive(Debug, Default, PartialEq)]
+struct InstanceFigures {
+    /// Whether any sample of the group was found.
+    found: bool,
+    partitions: f64,
+    lag: f64,
+    cache_bytes: f64,
+    cache_entries: f64,
+    unstored: f64,
+    hits: f64,
+    misses: f64,
+    evictions: f64,
+    store_rows: f64,
+    store_lag: f64,
+}
+
+impl InstanceFigures {
+    /// The figures of `group` in a Prometheus text `body`.
+    fn parse(body: &str, group: &str) -> Self {
+        use eventstage::flow::metric_names as n;
+        let label = format!("group=\"{group}\"");
+        let mut f = Self::default();
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((key, value)) = line.rsplit_once(' ') else { continue };
+            let Some((name, labels)) = key.split_once('{') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            if !labels.split(',').any(|l| l == label || l == format!("{label}}}")) {
+                continue;
+            }
+            let field = match name {
+                n::ASSIGNED_PARTITIONS => &mut f.partitions,
+                n::LAG => &mut f.lag,
+                n::CACHE_BYTES => &mut f.cache_bytes,
+                n::CACHE_ENTRIES => &mut f.cache_entries,
+                n::CACHE_UNSTORED => &mut f.unstored,
+                n::CACHE_HITS => &mut f.hits,
+                n::CACHE_MISSES => &mut f.misses,
+                n::CACHE_EVICTIONS => &mut f.evictions,
+                n::STORE_ROWS => &mut f.store_rows,
+                n::STORE_LAG => &mut f.store_lag,
+                _ => continue,
+            };
+            *field += value;
+            f.found = true;
+        }
+        f
+    }
+
+    /// Its lines in `describe`'s output.
+    fn describe(&self, addr: &str) -> String {
+        if !self.found {
+            return format!("instance {addr}: runs no flow of this group (no metrics labelled with it)");
+        }
+        let lookups = self.hits + self.misses;
+        let hit_rate = if lookups > 0.0 { format!("{:.1} %", 100.0 * self.hits / lookups) } else { "-".into() };
+        format!(
+            "instance {addr}: {} partitions, lag {}\n  state cache: {} in {} entries (+{} committed, not yet in the local store), {} hits, {} misses ({hit_rate} hits), {} evictions\n  local store: {} rows read, {} journal records behind",
+            self.partitions,
+            self.lag,
+            bytesize::ByteSize::b(self.cache_bytes as u64).display().iec(),
+            self.cache_entries,
+            self.unstored,
+            self.hits,
+            self.misses,
+            self.evictions,
+            self.store_rows,
+            self.store_lag,
+        )
+    }
 }
 
 /// `eventstage reset --group G`: deletes the group's committed offsets (its next run reads the
@@ -228,4 +344,28 @@ pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         println!("deleted journal {topic} (the next run creates it again, empty); a flow's local state store (--state-dir) notices and rebuilds");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instances_figures_are_those_of_the_group_summed_over_its_stages() {
+        let body = "# TYPE eventstage_flow_cache_hits_total counter
+eventstage_flow_cache_hits_total{group=\"g1\",stage=\"bank\"} 900
+eventstage_flow_cache_hits_total{group=\"g1\",stage=\"other\"} 100
+eventstage_flow_cache_hits_total{group=\"g10\",stage=\"bank\"} 5
+eventstage_flow_cache_misses_total{stage=\"bank\",group=\"g1\"} 250
+eventstage_flow_cache_bytes{group=\"g1\"} 1048576
+eventstage_flow_assigned_partitions{group=\"g1\",stage=\"bank\"} 2
+eventstage_flow_commit_seconds_bucket{group=\"g1\",stage=\"bank\",le=\"0.1\"} 7
+not a sample
+";
+        let f = InstanceFigures::parse(body, "g1");
+        assert_eq!((f.hits, f.misses, f.cache_bytes, f.partitions), (1000.0, 250.0, 1048576.0, 2.0));
+        let text = f.describe("h:1");
+        assert!(text.contains("1000 hits, 250 misses (80.0 % hits)") && text.contains("1.0 MiB"), "{text}");
+        assert!(InstanceFigures::parse(body, "g2").describe("h:1").contains("runs no flow of this group"));
+    }
 }

@@ -26,9 +26,10 @@ enum Command {
     /// `--brokers`, run the bank stage as an exactly-once Kafka flow instead, until Ctrl-C/SIGTERM.
     Demo(Box<demo::DemoArgs>),
     /// A flow's group: committed input offsets and lag per partition, and its Kafka journal's
-    /// owner and positions.
+    /// owner and positions; with `--instances`, what running instances hold (partitions, state
+    /// cache, local store).
     #[cfg(feature = "kafka")]
-    Describe(group::GroupArgs),
+    Describe(group::DescribeArgs),
     /// Make a flow's next run start from scratch: delete its group's committed offsets and empty
     /// its Kafka journal (every instance stopped first). `--dry-run` prints what it would do.
     #[cfg(feature = "kafka")]
