@@ -156,6 +156,42 @@ impl JournalEntry {
     }
 }
 
+/// A metadata error of a topic that was just created, or whose partition has no leader for a moment.
+fn transient(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Code::UnknownPartition
+                | Code::UnknownTopicOrPartition
+                | Code::UnknownTopic
+                | Code::LeaderNotAvailable
+                | Code::NotLeaderForPartition
+        )
+    )
+}
+
+/// Partition `p`'s low and high watermarks, asked again while the cluster is still electing its
+/// leader (a topic just created, a broker restarting: the broker answers `NotLeaderForPartition`
+/// or the partition is missing from the metadata for a moment), for up to 30 s.
+fn watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    p: i32,
+) -> rdkafka::error::KafkaResult<(i64, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        match consumer.fetch_watermarks(topic, p, left) {
+            Err(e) if transient(&e) && Instant::now() < deadline => {
+                tracing::debug!(error = %e, topic, partition = p, "no leader for the partition yet; asking again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The context of a consumer that reads journal partitions to their end (a restore, a checkpoint
 /// follower): reaching the end of a partition is how it knows where it is, not an error worth
 /// logging. Other client errors are logged with `what` the consumer is.
@@ -422,9 +458,8 @@ impl KafkaJournal {
         partitions
             .iter()
             .map(|&p| {
-                let marks = consumer
-                    .fetch_watermarks(&self.topic, p, Duration::from_secs(30))
-                    .map_err(|e| kafka_err(&self.topic, "watermarks", e))?;
+                let marks =
+                    watermarks(&consumer, &self.topic, p).map_err(|e| kafka_err(&self.topic, "watermarks", e))?;
                 Ok((p, marks))
             })
             .collect()
@@ -570,7 +605,7 @@ impl KafkaJournal {
         let all: Detached<BaseConsumer<ReaderContext>> =
             Detached::new(config.create_with_context(RESTORE).map_err(|e| kafka_err(topic, "watermarks consumer", e))?);
         let marks = |consumer: &BaseConsumer<ReaderContext>, p: i32| {
-            consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).map_err(|e| kafka_err(topic, "watermarks", e))
+            watermarks(consumer, topic, p).map_err(|e| kafka_err(topic, "watermarks", e))
         };
         let deadline = Instant::now() + SETTLE;
         let mut ends = BTreeMap::new();

@@ -113,17 +113,7 @@ impl KafkaJournal {
         let registry = OWNERS_TOPIC;
         // A registry just created (by this claim, or another instance's) or whose leader moves is
         // missing from the metadata for a moment: "unknown partition" then means "not yet".
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (low, high) = loop {
-            match consumer.fetch_watermarks(registry, 0, Duration::from_secs(30)) {
-                Ok(marks) => break marks,
-                Err(e) if transient(&e) && Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "the owner registry is not in the metadata yet; retrying");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(kafka_err(registry, "watermarks", e)),
-            }
-        };
+        let (low, high) = super::watermarks(consumer, registry, 0).map_err(|e| kafka_err(registry, "watermarks", e))?;
         let start = from.unwrap_or(low).max(low);
         if high <= start {
             return Ok((known, high));
@@ -172,19 +162,4 @@ fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str) -> Option<i64> 
         Offset::Offset(o) => Some(o),
         _ => None,
     }
-}
-
-/// A metadata error of a topic that was just created, or whose partition has no leader for a moment.
-fn transient(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            Code::UnknownPartition
-                | Code::UnknownTopicOrPartition
-                | Code::UnknownTopic
-                | Code::LeaderNotAvailable
-                | Code::NotLeaderForPartition
-        )
-    )
 }
