@@ -4,7 +4,7 @@
 //! (like a Kafka Streams changelog), so the newest record per key alone rebuilds the key exactly:
 //! replay is compaction-safe. A deleted entity writes a tombstone (null value).
 //!
-//! The value is an [`Envelope`] of kind [`RecordKind::Entry`] whose payload is:
+//! The value is an [`Envelope`](crate::Envelope) of kind [`RecordKind::Entry`](crate::RecordKind::Entry) whose payload is:
 //!
 //! ```text
 //! u64 LE   last seq (the seq of the last event in this entry)
@@ -24,196 +24,24 @@
 //! Writes happen inside the flow's Kafka transaction (see the `eventstage` crate), so the journal,
 //! the outputs and the consumed offsets commit atomically; restore reads with `read_committed`.
 
-use crate::envelope::HEADER_LEN;
-use crate::error::{EnvelopeError, JournalError, Result};
-use crate::{CodecId, Envelope, RecordKind, SeqNo, SourcePosition};
+use crate::error::{JournalError, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+mod client;
+mod entry;
 mod owners;
+pub use client::{Detached, ReaderContext};
+pub use entry::JournalEntry;
 pub use owners::{Claim, OWNERS_TOPIC};
 
-/// One journal record's content.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalEntry {
-    /// Sequence number of the last event in `events` (or of the state, when `events` is empty).
-    pub last_seq: SeqNo,
-    /// The events, in order; the first has seq `last_seq - events.len() + 1`.
-    pub events: Vec<Envelope>,
-    /// The key's state after the events, as a snapshot envelope.
-    pub state: Option<Envelope>,
-    /// The inputs the state includes: per input topic partition, the next offset after the last
-    /// input applied to this key (written by at-least-once flows; empty otherwise).
-    pub sources: Vec<SourcePosition>,
-}
-
-fn kafka_err(topic: &str, what: &str, e: KafkaError) -> JournalError {
-    JournalError::Storage { path: format!("kafka topic {topic}").into(), message: format!("{what}: {e}") }
-}
-
-fn damaged(topic: &str, what: String) -> JournalError {
-    JournalError::Damaged { journal: format!("kafka topic {topic}"), what }
-}
-
-/// True for a consumer error the client does not recover from. The others (all brokers down for
-/// a moment, a transport failure, a leader moving) are reports: librdkafka reconnects and fetches
-/// again, and a read that makes no progress ends at its own deadline, naming the last of them.
-pub(crate) fn consumer_error_is_fatal(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    match e {
-        KafkaError::MessageConsumption(code) => {
-            matches!(code, Code::TopicAuthorizationFailed | Code::GroupAuthorizationFailed)
-        }
-        _ => true,
-    }
-}
-
-impl JournalEntry {
-    /// The record value.
-    pub fn encode(&self) -> Vec<u8> {
-        let events: usize = self.events.iter().map(|e| 4 + e.encoded_len()).sum();
-        let state = 4 + self.state.as_ref().map_or(0, Envelope::encoded_len);
-        let sources: usize = self.sources.iter().map(|s| 14 + s.topic.len()).sum();
-        // The entry's own header is written over the first bytes once the payload is complete.
-        let mut payload = Vec::with_capacity(HEADER_LEN + 12 + events + state + 4 + sources);
-        payload.resize(HEADER_LEN, 0);
-        payload.extend_from_slice(&self.last_seq.0.to_le_bytes());
-        payload.extend_from_slice(&(self.events.len() as u32).to_le_bytes());
-        for e in &self.events {
-            payload.extend_from_slice(&(e.encoded_len() as u32).to_le_bytes());
-            e.encode_into(&mut payload);
-        }
-        match &self.state {
-            Some(s) => {
-                payload.extend_from_slice(&(s.encoded_len() as u32).to_le_bytes());
-                s.encode_into(&mut payload);
-            }
-            None => payload.extend_from_slice(&0u32.to_le_bytes()),
-        }
-        let type_version = if self.sources.is_empty() {
-            1
-        } else {
-            payload.extend_from_slice(&(self.sources.len() as u32).to_le_bytes());
-            for s in &self.sources {
-                let topic = &s.topic.as_bytes()[..s.topic.len().min(u16::MAX as usize)];
-                payload.extend_from_slice(&(topic.len() as u16).to_le_bytes());
-                payload.extend_from_slice(topic);
-                payload.extend_from_slice(&s.partition.to_le_bytes());
-                payload.extend_from_slice(&s.next_offset.to_le_bytes());
-            }
-            2
-        };
-        let ts = self.events.last().or(self.state.as_ref()).map_or(0, |e| e.timestamp_ms);
-        Envelope::seal(RecordKind::Entry, CodecId::RAW, type_version, ts, payload)
-    }
-
-    /// Decodes a record value.
-    ///
-    /// # Errors
-    /// When the bytes are not a valid entry (the message says what is wrong).
-    pub fn decode(value: &[u8]) -> Result<Self, EnvelopeError> {
-        let outer = Envelope::decode(value)?;
-        if outer.kind != RecordKind::Entry {
-            return Err(EnvelopeError::UnknownKind(outer.kind as u8));
-        }
-        let p = &outer.payload;
-        let mut at = 0usize;
-        let mut take = |n: usize| -> Result<&[u8], EnvelopeError> {
-            let s = p.get(at..at + n).ok_or(EnvelopeError::Truncated { len: p.len(), needed: at + n })?;
-            at += n;
-            Ok(s)
-        };
-        let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let last_seq = SeqNo(u64::from_le_bytes(take(8)?.try_into().unwrap_or_default()));
-        let n = u32_at(take(4)?);
-        let mut events = Vec::with_capacity(n.min(1024));
-        for _ in 0..n {
-            let len = u32_at(take(4)?);
-            events.push(Envelope::decode(take(len)?)?);
-        }
-        let len = u32_at(take(4)?);
-        let state = if len == 0 { None } else { Some(Envelope::decode(take(len)?)?) };
-        let mut sources = Vec::new();
-        if outer.type_version >= 2 {
-            let m = u32_at(take(4)?);
-            for _ in 0..m {
-                let b = take(2)?;
-                let len = u16::from_le_bytes([b[0], b[1]]) as usize;
-                let topic = String::from_utf8_lossy(take(len)?).into_owned();
-                let b = take(4)?;
-                let partition = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                let next_offset = i64::from_le_bytes(take(8)?.try_into().unwrap_or_default());
-                sources.push(SourcePosition { topic, partition, next_offset });
-            }
-        }
-        Ok(Self { last_seq, events, state, sources })
-    }
-}
-
-/// A metadata error of a topic that was just created, or whose partition has no leader for a moment.
-fn transient(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            Code::UnknownPartition
-                | Code::UnknownTopicOrPartition
-                | Code::UnknownTopic
-                | Code::LeaderNotAvailable
-                | Code::NotLeaderForPartition
-        )
-    )
-}
-
-/// Partition `p`'s low and high watermarks, asked again while the cluster is still electing its
-/// leader (a topic just created, a broker restarting: the broker answers `NotLeaderForPartition`
-/// or the partition is missing from the metadata for a moment), for up to 30 s.
-fn watermarks<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    p: i32,
-) -> rdkafka::error::KafkaResult<(i64, i64)> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
-        match consumer.fetch_watermarks(topic, p, left) {
-            Err(e) if transient(&e) && Instant::now() < deadline => {
-                tracing::debug!(error = %e, topic, partition = p, "no leader for the partition yet; asking again");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            other => return other,
-        }
-    }
-}
-
-/// The context of a consumer that reads journal partitions to their end (a restore, a checkpoint
-/// follower): reaching the end of a partition is how it knows where it is, not an error worth
-/// logging. Other client errors are logged with `what` the consumer is.
-#[derive(Debug, Clone, Copy)]
-pub struct ReaderContext {
-    /// What the consumer is, for its log lines (e.g. "journal restore consumer").
-    pub what: &'static str,
-}
-
-impl ClientContext for ReaderContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        let eof = matches!(error, KafkaError::PartitionEOF(_))
-            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
-        if !eof {
-            tracing::error!(%error, reason, consumer = self.what, "Kafka client error");
-        }
-    }
-}
-
-impl ConsumerContext for ReaderContext {}
-
-const RESTORE: ReaderContext = ReaderContext { what: "journal restore consumer" };
+use client::{consumer_error_is_fatal, damaged, kafka_err, watermarks, RESTORE};
 
 /// How long a restore waits for a journal partition's open transactions to end (see
 /// [`KafkaJournal::restore_partitions_from`]).
@@ -228,42 +56,6 @@ pub struct RestoreStats {
     pub end_offset: i64,
     /// Wall time.
     pub elapsed: Duration,
-}
-
-/// A short-lived Kafka client that is dropped on a thread of its own. rdkafka's `AdminClient`
-/// joins its polling thread when dropped, which polls every 100 ms, and closing a consumer waits
-/// for librdkafka's threads: dropped in place, each short-lived client (the journal's check, the
-/// owner registry's, a restore's reader, a metadata probe) added up to 100 ms to a flow's start.
-#[doc(hidden)]
-pub struct Detached<T: Send + 'static>(Option<T>);
-
-impl<T: Send + 'static> Detached<T> {
-    /// Wraps `client`.
-    pub fn new(client: T) -> Self {
-        Self(Some(client))
-    }
-}
-
-impl<T: Send + 'static> std::ops::Deref for Detached<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        self.0.as_ref().expect("present until dropped")
-    }
-}
-
-impl<T: Send + 'static> std::fmt::Debug for Detached<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Detached(..)")
-    }
-}
-
-impl<T: Send + 'static> Drop for Detached<T> {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            // If the thread cannot start, the closure (and the client) is dropped here instead.
-            let _ = std::thread::Builder::new().name("eventstage-client-drop".into()).spawn(move || drop(client));
-        }
-    }
 }
 
 /// A compacted Kafka topic used as a journal. Cheap to clone.
@@ -664,49 +456,5 @@ impl KafkaJournal {
             }
         })?;
         Ok(latest)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entries_round_trip_and_damage_is_detected() {
-        let entry = JournalEntry {
-            last_seq: SeqNo(7),
-            events: vec![
-                Envelope::event(CodecId::BINCODE, 1, 5, b"e6".to_vec()),
-                Envelope::event(CodecId::BINCODE, 1, 6, b"e7".to_vec()),
-            ],
-            state: Some(Envelope::snapshot(CodecId::BINCODE, 1, 6, b"state".to_vec())),
-            sources: Vec::new(),
-        };
-        let positioned = JournalEntry {
-            sources: vec![SourcePosition { topic: "cmds".into(), partition: 3, next_offset: 42 }],
-            ..entry.clone()
-        };
-        for entry in [entry, positioned] {
-            let bytes = entry.encode();
-            assert_eq!(JournalEntry::decode(&bytes).unwrap(), entry);
-            for i in 0..bytes.len() {
-                let mut d = bytes.clone();
-                d[i] ^= 1;
-                assert!(JournalEntry::decode(&d).is_err(), "flip at {i}");
-            }
-        }
-        let empty = JournalEntry { last_seq: SeqNo(1), events: vec![], state: None, sources: Vec::new() };
-        assert_eq!(JournalEntry::decode(&empty.encode()).unwrap(), empty);
-    }
-
-    #[test]
-    fn a_broker_down_for_a_moment_does_not_end_a_read() {
-        use rdkafka::types::RDKafkaErrorCode as Code;
-        // Seen in CI: a journal read ended with "AllBrokersDown" the client was retrying.
-        for code in [Code::AllBrokersDown, Code::BrokerTransportFailure, Code::NotLeaderForPartition] {
-            assert!(!consumer_error_is_fatal(&KafkaError::MessageConsumption(code)), "{code:?}");
-        }
-        assert!(consumer_error_is_fatal(&KafkaError::MessageConsumption(Code::TopicAuthorizationFailed)));
-        assert!(consumer_error_is_fatal(&KafkaError::MessageConsumptionFatal(Code::Fenced)));
     }
 }

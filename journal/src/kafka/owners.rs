@@ -1,7 +1,8 @@
 //! The owner registry: which consumer group a Kafka journal belongs to ([`OWNERS_TOPIC`]), and
 //! a group claiming a journal, or taking it over.
 
-use super::{consumer_error_is_fatal, kafka_err, Detached, KafkaJournal, ReaderContext};
+use super::client::{consumer_error_is_fatal, kafka_err, watermarks};
+use super::{Detached, KafkaJournal, ReaderContext};
 use crate::error::{JournalError, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -113,7 +114,7 @@ impl KafkaJournal {
         let registry = OWNERS_TOPIC;
         // A registry just created (by this claim, or another instance's) or whose leader moves is
         // missing from the metadata for a moment: "unknown partition" then means "not yet".
-        let (low, high) = super::watermarks(consumer, registry, 0).map_err(|e| kafka_err(registry, "watermarks", e))?;
+        let (low, high) = watermarks(consumer, registry, 0).map_err(|e| kafka_err(registry, "watermarks", e))?;
         let start = from.unwrap_or(low).max(low);
         if high <= start {
             return Ok((known, high));
