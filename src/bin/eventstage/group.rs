@@ -221,9 +221,9 @@ impl InstanceFigures {
         let mut f = Self::default();
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             let Some((key, value)) = line.rsplit_once(' ') else { continue };
-            let Some((name, labels)) = key.split_once('{') else { continue };
+            let Some((name, labels)) = key.strip_suffix('}').and_then(|k| k.split_once('{')) else { continue };
             let Ok(value) = value.parse::<f64>() else { continue };
-            if !labels.split(',').any(|l| l == label || l == format!("{label}}}")) {
+            if !labels.split(',').any(|l| l == label) {
                 continue;
             }
             let field = match name {
