@@ -2,6 +2,7 @@
 
 mod util;
 
+mod app;
 mod cli;
 mod crash;
 pub(crate) mod damage;

@@ -3,11 +3,12 @@
 use crate::flow::control::{FlowControl, FlowStopper, Metrics, RUN};
 use crate::flow::engine::{self, Standby, StoreMemory, StoreSettings};
 use crate::flow::error::{describe, BoxError, FlowError};
-use crate::flow::record::{Context, Decoder, InputRecord, OutputRecord, Outputs, Processed};
+use crate::flow::record::{Context, Decoder, InputRecord, OutputRecord, Outputs, Processed, RouteFn};
+use crate::flow::route::{Placement, Routed};
 use crate::flow::settings::{
     self, BadInput, CommitterSettings, EnrichSettings, FlowJournal, Guarantee, RebalanceActions, RebalanceEvent,
 };
-use crate::stage::EventSourced;
+use crate::stage::{EntityKey, EventSourced};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,6 +40,9 @@ pub struct FlowBuilder<S: EventSourced, C = ()> {
     snapshot_every: u64,
     decoder: Option<Decoder<S>>,
     outputs: Option<Outputs<S>>,
+    route: Option<RouteFn<S>>,
+    /// Set by the application the flow is a stage of: where its keys live.
+    placement: Option<Placement>,
     bad_input: Option<BadInput>,
     codec: crate::Codec,
     guarantee: Guarantee,
@@ -50,6 +54,8 @@ pub struct FlowBuilder<S: EventSourced, C = ()> {
     static_membership: bool,
     /// The output mapping was set before the decoder's context type changed: refused at `run`.
     outputs_lost: bool,
+    /// The same for the route mapping.
+    route_lost: bool,
     context: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -92,6 +98,8 @@ impl<S: EventSourced> FlowBuilder<S> {
             snapshot_every: 100,
             decoder: None,
             outputs: None,
+            route: None,
+            placement: None,
             bad_input: None,
             codec: crate::Codec::Bincode,
             guarantee: Guarantee::ExactlyOnce,
@@ -102,6 +110,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             setup_timeout: Duration::from_secs(30),
             static_membership: false,
             outputs_lost: false,
+            route_lost: false,
             context: std::marker::PhantomData,
         }
     }
@@ -181,6 +190,8 @@ impl<S: EventSourced> FlowBuilder<S> {
             snapshot_every: self.snapshot_every,
             decoder: Some(decoder),
             outputs: None,
+            route: None,
+            placement: self.placement,
             bad_input: self.bad_input,
             codec: self.codec,
             guarantee: self.guarantee,
@@ -191,6 +202,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             setup_timeout: self.setup_timeout,
             static_membership: self.static_membership,
             outputs_lost: self.outputs.is_some(),
+            route_lost: self.route.is_some(),
             context: std::marker::PhantomData,
         }
     }
@@ -433,21 +445,24 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     /// decoder's context ([`Processed::context`]).
     #[must_use]
     pub fn outputs(mut self, map: impl Fn(&Processed<'_, S, C>) -> Vec<OutputRecord> + Send + 'static) -> Self {
-        self.outputs = Some(Box::new(move |p: &Processed<'_, S, Context>| {
-            let Some(context) = p.context.downcast_ref::<C>() else {
-                // The builder sets the decoder and this mapping with the same `C`: unreachable.
-                panic!("the decoder's context is not a {}", std::any::type_name::<C>())
-            };
-            map(&Processed {
-                input: p.input,
-                key: p.key,
-                events: p.events,
-                outcome: p.outcome,
-                state: p.state,
-                context,
-            })
-        }));
+        self.outputs = Some(Box::new(move |p: &Processed<'_, S, Context>| typed(p, |p| map(p))));
         self.outputs_lost = false;
+        self
+    }
+
+    /// The route mapping of a stage in an [`Application`](crate::flow::Application): the
+    /// commands an outcome sends to other stages, or to other keys of this one
+    /// ([`To::command`](crate::flow::To::command), with the [`To`](crate::flow::To) of the target
+    /// from [`Application::to`](crate::flow::Application::to)). Each goes through the target's
+    /// repartition topic, keyed by the target key, in the same transaction as this command's
+    /// journal records, outputs and offset, and is handled by the target once that commits.
+    /// Like the output mapping, it runs on the emitter thread, in order; a command routed here
+    /// says who sent it ([`Processed::sender`]). Default: none. A flow with a route mapping runs
+    /// only as a stage of an application.
+    #[must_use]
+    pub fn route(mut self, map: impl Fn(&Processed<'_, S, C>) -> Vec<Routed> + Send + 'static) -> Self {
+        self.route = Some(Box::new(move |p: &Processed<'_, S, Context>| typed(p, |p| map(p))));
+        self.route_lost = false;
         self
     }
 
@@ -492,6 +507,17 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             return Err(FlowError::Config(
                 "the output mapping was set before decoder_with_context, which changes the type it takes: set the outputs after the decoder".into(),
             ));
+        }
+        if self.route_lost {
+            return Err(FlowError::Config(
+                "the route mapping was set before decoder_with_context, which changes the type it takes: set the route after the decoder".into(),
+            ));
+        }
+        if self.route.is_some() && self.placement.is_none() {
+            return Err(FlowError::Config(format!(
+                "the flow of stage `{}` routes commands: run it as a stage of an Application (eventstage::flow::Application), which creates and consumes the repartition topics the commands go through",
+                S::NAME
+            )));
         }
         if self.commit_interval.is_zero() {
             return Err(FlowError::Config(
@@ -612,7 +638,16 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             committer: self.committer,
             setup_timeout: self.setup_timeout,
         };
-        let outputs = self.outputs.unwrap_or_else(|| Box::new(|_| Vec::new()));
+        let outputs = match (self.outputs, self.route) {
+            (None, None) => Box::new(|_: &Processed<'_, S, Context>| Vec::new()),
+            (Some(outputs), None) => outputs,
+            (outputs, Some(route)) => Box::new(move |p: &Processed<'_, S, Context>| {
+                let mut records = outputs.as_ref().map(|o| o(p)).unwrap_or_default();
+                let key = p.key.to_bytes();
+                records.extend(route(p).into_iter().map(|r| r.into_record(S::NAME, &key)));
+                records
+            }) as Outputs<S>,
+        };
         if self.committer.max_batch == 0 || self.committer.parallelism == 0 {
             return Err(FlowError::Config("committer max_batch and parallelism must be at least 1".into()));
         }
@@ -630,6 +665,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             on_rebalance: self.on_rebalance,
             on_rebalance_async: self.on_rebalance_async,
             tasks,
+            placement: self.placement,
         };
         let (stop2, metrics2) = (stop.0.clone(), metrics.clone());
         let spawned = std::thread::Builder::new().name(format!("eventstage-flow-{}", S::NAME)).spawn(move || {
@@ -647,6 +683,18 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     }
 }
 
+/// `p` with the decoder's context as the `C` the builder's mappings take.
+fn typed<S: EventSourced, C: 'static, T>(
+    p: &Processed<'_, S, Context>,
+    map: impl FnOnce(&Processed<'_, S, C>) -> T,
+) -> T {
+    let Some(context) = p.context.downcast_ref::<C>() else {
+        // The builder sets the decoder and its mappings with the same `C`: unreachable.
+        panic!("the decoder's context is not a {}", std::any::type_name::<C>())
+    };
+    map(&Processed { input: p.input, key: p.key, events: p.events, outcome: p.outcome, state: p.state, context })
+}
+
 /// A state cache's `budget` split (see [`FlowBuilder::state_cache`]): what the local store may hold
 /// in memory, a quarter (at most 256 MiB, at least 2 MiB), half for its block cache and half for
 /// its memtables; and the rest, for committed keys. Without a state cache: 64 MiB of each for the
@@ -656,4 +704,58 @@ fn split_budget(budget: Option<u64>) -> (StoreMemory, Option<u64>) {
     let store = quarter.map_or(128 << 20, |q| q.max(2 << 20));
     let keys = budget.zip(quarter).map(|(budget, q)| budget - q);
     (StoreMemory { cache: store / 2, memtables: store / 2 }, keys)
+}
+
+/// What an [`Application`](crate::flow::Application) gives each of its stages.
+pub(super) struct StageSpec {
+    /// The stage's repartition topic and where its keys live.
+    pub(super) placement: Placement,
+    /// The application's transactional id, for stages without one of their own.
+    pub(super) transactional_id: Option<String>,
+}
+
+impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
+    pub(super) fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    pub(super) fn group(&self) -> &str {
+        &self.group_id
+    }
+
+    pub(super) fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+
+    pub(super) fn state_dir_set(&self) -> Option<&std::path::Path> {
+        self.state_dir.as_deref()
+    }
+
+    pub(super) fn has_decoder(&self) -> bool {
+        self.decoder.is_some()
+    }
+
+    pub(super) fn producer_setting(&self, key: &str) -> Option<&str> {
+        self.producer.get(key).map(String::as_str)
+    }
+
+    /// The flow as a stage of an application: it reads its repartition topic beside its inputs
+    /// (routed commands as JSON, forwarded inputs as they came), keeps each key in the
+    /// partition Kafka's default partitioner gives it, and partitions what it writes the same way.
+    pub(super) fn into_stage(mut self, spec: StageSpec) -> Self
+    where
+        S::Command: serde::de::DeserializeOwned,
+        C: Default,
+    {
+        let topic = spec.placement.topic.clone();
+        self.inputs.push(topic.clone());
+        let context: fn() -> Context = || Box::new(C::default());
+        self.decoder = Some(crate::flow::route::application_decoder::<S>(topic, self.decoder.take(), context));
+        self.producer.insert("partitioner".into(), "murmur2_random".into());
+        if self.transactional_id.is_none() {
+            self.transactional_id = spec.transactional_id.map(|id| format!("{id}-{}", S::NAME));
+        }
+        self.placement = Some(spec.placement);
+        self
+    }
 }

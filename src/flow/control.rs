@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     pub(crate) lag: AtomicU64,
     pub(crate) assigned_partitions: AtomicU64,
     pub(crate) skipped_redeliveries: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
     pub(crate) enrich_in_flight: AtomicU64,
     pub(crate) max_enrich_in_flight: AtomicU64,
     pub(crate) rebalances: AtomicU64,
@@ -77,6 +78,9 @@ pub struct FlowMetrics {
     pub assigned_partitions: u64,
     /// Inputs delivered again whose events the journal already held (skipped, not applied twice).
     pub skipped_redeliveries: u64,
+    /// Inputs of a stage in an application that arrived in another partition than their key's
+    /// and were forwarded to it through the stage's repartition topic.
+    pub forwarded: u64,
     /// Enrichment calls running now.
     pub enrich_in_flight: u64,
     /// Most enrichment calls ever running at once.
@@ -122,6 +126,7 @@ impl Metrics {
             lag: l(&self.lag),
             assigned_partitions: l(&self.assigned_partitions),
             skipped_redeliveries: l(&self.skipped_redeliveries),
+            forwarded: l(&self.forwarded),
             enrich_in_flight: l(&self.enrich_in_flight),
             max_enrich_in_flight: l(&self.max_enrich_in_flight),
             rebalances: l(&self.rebalances),

@@ -32,6 +32,8 @@ pub mod names {
     pub const STORE_HANDED_ROWS: &str = "eventstage_flow_store_handed_rows_total";
     /// Inputs delivered again whose events the journal already held, skipped (counter).
     pub const SKIPPED_REDELIVERIES: &str = "eventstage_flow_skipped_redeliveries_total";
+    /// Inputs forwarded to their key's partition through the stage's repartition topic (counter).
+    pub const FORWARDED: &str = "eventstage_flow_forwarded_total";
     /// Rebalances this instance took part in: assignments and revocations (counter).
     pub const REBALANCES: &str = "eventstage_flow_rebalances_total";
     /// Records behind the end of the assigned input partitions (gauge; also per partition, with the
@@ -72,6 +74,7 @@ pub(crate) struct Exported {
     store_read_records: Counter,
     store_handed_rows: Counter,
     skipped_redeliveries: Counter,
+    forwarded: Counter,
     rebalances: Counter,
     lag: Gauge,
     assigned: Gauge,
@@ -101,6 +104,7 @@ impl Exported {
             store_read_records: counter!(names::STORE_READ_RECORDS, l()),
             store_handed_rows: counter!(names::STORE_HANDED_ROWS, l()),
             skipped_redeliveries: counter!(names::SKIPPED_REDELIVERIES, l()),
+            forwarded: counter!(names::FORWARDED, l()),
             rebalances: counter!(names::REBALANCES, l()),
             lag: gauge!(names::LAG, l()),
             assigned: gauge!(names::ASSIGNED_PARTITIONS, l()),
@@ -129,6 +133,7 @@ impl Exported {
         self.store_read_records.absolute(m.store_read_records);
         self.store_handed_rows.absolute(m.store_handed_rows);
         self.skipped_redeliveries.absolute(m.skipped_redeliveries);
+        self.forwarded.absolute(m.forwarded);
         self.rebalances.absolute(m.rebalances);
         self.lag.set(m.lag as f64);
         self.assigned.set(m.assigned_partitions as f64);

@@ -61,6 +61,7 @@
 //!   a synchronous hook inside the rebalance (after the flow restored or committed the partitions,
 //!   before their state is released), and an async one fed in order without blocking the poll loop.
 
+mod app;
 mod builder;
 mod consume;
 mod control;
@@ -68,14 +69,17 @@ mod engine;
 mod error;
 mod exported;
 mod record;
+mod route;
 mod settings;
 mod shared;
 
+pub use app::{AppStopper, Application, Running};
 pub use builder::FlowBuilder;
 pub use control::{FlowControl, FlowMetrics, FlowStatus, FlowStopper};
 pub use engine::Standby;
 pub use error::{BoxError, FlowError};
 pub use record::{InputRecord, OutputRecord, Processed};
+pub use route::{commands_topic, Routed, Sender, To};
 
 pub use exported::names as metric_names;
 

@@ -114,3 +114,5 @@ pub(crate) type Decoded<S> = (<S as EventSourced>::Key, <S as EventSourced>::Com
 pub(crate) type Decoder<S> = Box<dyn Fn(&InputRecord) -> Result<Decoded<S>, String> + Send>;
 /// Maps an outcome to zero, one or many output records.
 pub(crate) type Outputs<S> = Box<dyn Fn(&Processed<'_, S, Context>) -> Vec<OutputRecord> + Send>;
+/// Maps an outcome to the commands it routes to stages of its application.
+pub(crate) type RouteFn<S> = Box<dyn Fn(&Processed<'_, S, Context>) -> Vec<crate::flow::route::Routed> + Send>;

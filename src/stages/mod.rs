@@ -6,3 +6,6 @@ pub mod bank;
 #[cfg(feature = "kafka")]
 pub mod bank_flow;
 pub mod inventory;
+pub mod transfer;
+#[cfg(feature = "kafka")]
+pub mod transfer_flow;

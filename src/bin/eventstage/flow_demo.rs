@@ -92,6 +92,13 @@ pub(crate) struct FlowArgs {
     /// Partitions of topics the demo creates when they are missing.
     #[arg(long, default_value_t = 4, requires = "brokers")]
     partitions: i32,
+    /// Also run the transfer saga, in one application with the bank: transfers
+    /// (`{"id":"t1","from":"acct-1","to":"acct-2","amount":5}`) read from TOPIC withdraw from the
+    /// source account, then deposit to the target (a refused deposit refunds the source); one reply
+    /// per transfer on `<TOPIC>.replies`. Each stage has its own journal (`<group>-transfer-journal`
+    /// for the transfers) and, with --state-dir, its own store in a subdirectory.
+    #[arg(long, value_name = "TOPIC", requires = "brokers", conflicts_with = "limits")]
+    transfers: Option<String>,
     /// Withdrawal limits: a compacted topic (key = account id, value = the largest withdrawal, a
     /// JSON number) joined into every command; a withdrawal over the limit is rejected.
     #[arg(long, value_name = "TOPIC", requires = "brokers")]
@@ -190,9 +197,10 @@ fn print_metrics(m: &FlowMetrics, exactly_once: bool) {
 #[cfg(feature = "kafka")]
 fn configure<S: eventstage::EventSourced>(
     flow: eventstage::flow::FlowBuilder<S>,
-    journal: &eventstage::flow::FlowJournal,
+    journal: Option<&eventstage::flow::FlowJournal>,
     txn: &str,
     args: &FlowArgs,
+    state_dir: Option<std::path::PathBuf>,
 ) -> eventstage::flow::FlowBuilder<S> {
     let guarantee = if args.guarantee == "at-least-once" {
         eventstage::flow::Guarantee::AtLeastOnce
@@ -200,8 +208,11 @@ fn configure<S: eventstage::EventSourced>(
         eventstage::flow::Guarantee::ExactlyOnce
     };
     let flow = if args.take_over_journal { flow.take_over_journal() } else { flow };
+    let flow = match journal {
+        Some(journal) => flow.journal(journal.clone()),
+        None => flow,
+    };
     let flow = flow
-        .journal(journal.clone())
         .guarantee(guarantee)
         .transactional_id(txn)
         .commit_interval(args.commit_interval)
@@ -211,7 +222,7 @@ fn configure<S: eventstage::EventSourced>(
         Some(bytes) => flow.state_cache(bytes),
         None => flow,
     };
-    let flow = match &args.state_dir {
+    let flow = match state_dir {
         Some(dir) => {
             flow.state_dir(dir).checkpoint_interval(args.checkpoint_interval).standby(match args.standby.as_str() {
                 "all" => eventstage::flow::Standby::All,
@@ -255,7 +266,15 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     if args.take_over_journal && !matches!(journal, eventstage::flow::FlowJournal::Kafka(_)) {
         bail!("--take-over-journal applies to a Kafka journal (--journal kafka:TOPIC); a sled journal belongs to its directory");
     }
-    ensure_topics(&brokers, &[&args.input, &args.replies, &args.events], args.partitions, args.timeout).await?;
+    if args.transfers.is_some() && !matches!(journal, eventstage::flow::FlowJournal::Kafka(_)) {
+        bail!("--transfers runs the bank and the transfers as one application of several instances: it needs a Kafka journal (--journal kafka:TOPIC), not sled");
+    }
+    let mut topics_needed = vec![args.input.clone(), args.replies.clone(), args.events.clone()];
+    if let Some(transfers) = &args.transfers {
+        topics_needed.extend([transfers.clone(), eventstage::stages::transfer_flow::replies_topic(transfers)]);
+    }
+    let needed: Vec<&str> = topics_needed.iter().map(String::as_str).collect();
+    ensure_topics(&brokers, &needed, args.partitions, args.timeout).await?;
     let txn = args.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
     // Before the flow starts: the flow registers its metrics as it starts.
@@ -264,12 +283,26 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => Some(crate::serve::prepare(addr).await?),
         None => None,
     };
-    let flow = match &args.limits {
-        None => configure(bank_flow(&brokers, &args.group, topics), &journal, &txn, &args).run()?,
+    let state_dir =
+        |stage: &str| args.state_dir.as_ref().map(|d| if args.transfers.is_some() { d.join(stage) } else { d.clone() });
+    let launched = match (&args.limits, &args.transfers) {
+        (None, None) => Launched::flow(
+            configure(bank_flow(&brokers, &args.group, topics), Some(&journal), &txn, &args, state_dir("bank"))
+                .run()?,
+        ),
+        (None, Some(transfers)) => {
+            let app = eventstage::stages::transfer_flow::transfer_app(&brokers, &args.group, topics, transfers);
+            let app = eventstage::stages::transfer_flow::TransferApp {
+                bank: configure(app.bank, Some(&journal), &txn, &args, state_dir("bank")),
+                transfers: configure(app.transfers, None, &format!("{txn}-transfer"), &args, state_dir("transfer")),
+                app: app.app.setup_timeout(args.timeout),
+            };
+            Launched::application(app.into_application().start().await?)
+        }
         #[cfg(not(feature = "sled"))]
-        Some(_) => bail!("--limits needs the `sled` feature (a default feature)"),
+        (Some(_), _) => bail!("--limits needs the `sled` feature (a default feature)"),
         #[cfg(feature = "sled")]
-        Some(limits) => {
+        (Some(limits), _) => {
             let table = eventstage::table::Table::builder(&brokers, limits)
                 .keys(eventstage::table::Decoder::utf8())
                 .values(eventstage::table::Decoder::<u64>::json())
@@ -279,7 +312,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
             table.caught_up().await.with_context(|| format!("reading the limits table `{limits}`"))?;
             println!("limits:   {} accounts with a withdrawal limit in `{limits}`", table.len());
             let flow = eventstage::stages::bank_flow::bank_flow_with_limits(&brokers, &args.group, topics, table);
-            configure(flow, &journal, &txn, &args).run()?
+            Launched::flow(configure(flow, Some(&journal), &txn, &args, state_dir("bank")).run()?)
         }
     };
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -287,9 +320,8 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let served = match exporter {
         None => String::new(),
         Some(exporter) => {
-            let status = flow.status();
-            let ready: std::sync::Arc<dyn Fn() -> bool + Send + Sync> = std::sync::Arc::new(move || status.ready());
-            let bound = exporter.serve(crate::serve::Status { running: running.clone(), ready })?;
+            let bound =
+                exporter.serve(crate::serve::Status { running: running.clone(), ready: launched.ready.clone() })?;
             format!(", metrics on http://{bound}/metrics (/health, /ready)")
         }
     };
@@ -300,28 +332,77 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     };
     let exactly_once = args.guarantee != "at-least-once";
     let id = if exactly_once { format!(", transactional id {txn}") } else { String::new() };
+    let transfers = args.transfers.as_ref().map_or_else(String::new, |t| {
+        format!(", transfers {t} -> {}", eventstage::stages::transfer_flow::replies_topic(t))
+    });
     println!(
-        "flow running: {} -> {} / {}, {}, journal {}, group {}{id}, bad input to {}.dlq{served}; Ctrl-C or SIGTERM drains and stops",
+        "flow running: {} -> {} / {}{transfers}, {}, journal {}, group {}{id}, bad input to {}.dlq{served}; Ctrl-C or SIGTERM drains and stops",
         args.input, args.replies, args.events, args.guarantee, journal_arg, args.group, args.input
     );
     std::io::Write::flush(&mut std::io::stdout())?;
-    let stopper = flow.stopper();
+    let Launched { drain: stopper, done, .. } = launched;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(10));
-    let mut done = std::pin::pin!(flow.wait_with_metrics());
+    let mut done = done;
     loop {
         tokio::select! {
             r = &mut done => {
                 running.store(false, std::sync::atomic::Ordering::Release);
                 let (result, metrics) = r;
-                print_metrics(&metrics, exactly_once);
+                for (stage, m) in &metrics {
+                    if metrics.len() > 1 {
+                        println!("stage {stage}:");
+                    }
+                    print_metrics(m, exactly_once);
+                }
                 result?;
                 println!("flow stopped after draining");
                 return Ok(ExitCode::SUCCESS);
             }
-            _ = tokio::signal::ctrl_c() => { println!("draining..."); stopper.drain(); }
-            _ = term.recv() => { println!("draining..."); stopper.drain(); }
+            _ = tokio::signal::ctrl_c() => { println!("draining..."); stopper(); }
+            _ = term.recv() => { println!("draining..."); stopper(); }
             _ = ticker.tick() => {}
+        }
+    }
+}
+
+/// How a flow or application ended, and each stage's last counters.
+#[cfg(feature = "kafka")]
+type Ended = (Result<(), eventstage::flow::FlowError>, Vec<(&'static str, FlowMetrics)>);
+
+/// A running bank flow, or the bank and transfers application: how to drain it, whether it is
+/// ready, and its end with each stage's counters.
+#[cfg(feature = "kafka")]
+struct Launched {
+    drain: Box<dyn Fn() + Send>,
+    ready: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+    done: futures::future::BoxFuture<'static, Ended>,
+}
+
+#[cfg(feature = "kafka")]
+impl Launched {
+    fn flow(flow: eventstage::flow::FlowControl) -> Self {
+        let (stopper, status) = (flow.stopper(), flow.status());
+        Self {
+            drain: Box::new(move || stopper.drain()),
+            ready: std::sync::Arc::new(move || status.ready()),
+            done: Box::pin(async move {
+                let (result, metrics) = flow.wait_with_metrics().await;
+                (result, vec![("bank", metrics)])
+            }),
+        }
+    }
+
+    fn application(app: eventstage::flow::Running) -> Self {
+        let (stopper, statuses) = (app.stopper(), app.statuses());
+        let ready_statuses = statuses.clone();
+        Self {
+            drain: Box::new(move || stopper.drain()),
+            ready: std::sync::Arc::new(move || ready_statuses.iter().all(|(_, s)| s.ready())),
+            done: Box::pin(async move {
+                let result = app.wait().await;
+                (result, statuses.iter().map(|(name, s)| (*name, s.metrics())).collect())
+            }),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
 use crate::flow::exported::Exported;
 use crate::flow::record::Decoder;
+use crate::flow::route::Placement;
 use crate::flow::settings::{AsyncListener, Enrichment, SyncListener, Throttle};
 use crate::flow::settings::{BadInput, RebalanceEvent};
 use crate::stage::EventSourced;
@@ -27,6 +28,9 @@ pub(crate) struct Parts<S: EventSourced> {
     pub(crate) on_rebalance: Vec<SyncListener>,
     pub(crate) on_rebalance_async: Option<AsyncListener>,
     pub(crate) tasks: Option<Tasks>,
+    /// In an application: where the stage's keys live (a command of a key decoded in another
+    /// partition is forwarded there).
+    pub(crate) placement: Option<Placement>,
 }
 
 /// Where enrichment calls and async listeners run: the tokio runtime the flow was started from,

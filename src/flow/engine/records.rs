@@ -10,7 +10,7 @@ use crate::flow::error::FlowError;
 use crate::flow::record::{Decoded, InputRecord, OutputRecord};
 use crate::flow::settings::BadInput;
 use crate::replay::Entity;
-use crate::stage::EventSourced;
+use crate::stage::{EntityKey, EventSourced};
 use eventstage_journal::SeqNo;
 use rdkafka::message::{BorrowedMessage, Message};
 use std::sync::atomic::Ordering;
@@ -100,6 +100,20 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             Ok(decoded) => decoded,
             Err(reason) => return self.dead_letter(&input, reason),
         };
+        if let Some(placement) = &self.parts.placement {
+            let bytes = key.to_bytes();
+            let home = placement.partition_of(&bytes);
+            if home != input.partition {
+                if input.topic == placement.topic {
+                    // Written here by this application's own producers, which partition the same way.
+                    return self.dead_letter(&input, format!("the key {key:?} belongs in partition {home} of `{}`, not {}: was the topic written by a producer that does not partition by murmur2?", placement.topic, input.partition));
+                }
+                // Its producer partitioned by another function: the key's state lives in `home`.
+                let record = placement.forward(&input, &bytes);
+                self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+                return self.emit(input.partition, record);
+            }
+        }
         let p = input.partition;
         let Some((part, store)) = self.tasks.restored_mut(p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
