@@ -1,19 +1,25 @@
 //! Applications of several stages: the bank and the transfer saga, commands routed between them
 //! through repartition topics (issue 25), checked by an independent reader of the committed topics.
 
+use crate::crash::Demo;
 use crate::flow::{feed, setup, Setup};
+use crate::instances::committed;
+use crate::kafka::{feeder, kafka_journal, wait_for};
 use crate::util::broker::{create_topic, flush, producer, read_committed, send, unique, Rec};
+use crate::util::DEADLINE;
 use eventstage::flow::{commands_topic, Application, FlowError};
 use eventstage::stages::bank::{BankCommand, BankEvent};
 use eventstage::stages::bank_flow::WireReply;
 use eventstage::stages::transfer_flow::{replies_topic, transfer_app, WireTransfer, WireTransferReply};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The transfers of a test: (id, from, to, amount) over `accounts` accounts of which the last
 /// `unopened` are never opened (deposits to them are refused, withdrawals from them too).
-pub(crate) fn transfers(n: usize, accounts: usize, seed: u64) -> Vec<WireTransfer> {
+pub(crate) fn transfers(n: usize, accounts: usize, max_amount: u64, seed: u64) -> Vec<WireTransfer> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..n)
         .map(|i| {
@@ -23,7 +29,7 @@ pub(crate) fn transfers(n: usize, accounts: usize, seed: u64) -> Vec<WireTransfe
                 id: format!("t-{i}"),
                 from: format!("acct-{from}"),
                 to: format!("acct-{to}"),
-                amount: rng.random_range(1..80),
+                amount: rng.random_range(1..max_amount),
             }
         })
         .collect()
@@ -124,7 +130,7 @@ async fn transfers_between_accounts_are_one_exactly_once_application() {
     // Fed before the application starts: the bank commands come first in their partitions, and
     // the transfers wait for the bank's answers whatever the order.
     feed(&s.brokers, &s.topics.input, &bank);
-    let transfers = transfers(60, 10, 7);
+    let transfers = transfers(60, 10, 80, 7);
     feed_transfers(&s.brokers, &transfers_topic, &transfers);
     let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic);
     let app = app.into_application().start().await.expect("the application starts");
@@ -192,4 +198,155 @@ async fn an_application_that_cannot_run_as_built_says_why() {
         .decoder(eventstage::stages::bank_flow::decode);
     let err = app.stage(flow).start().await.expect_err("refused");
     assert!(err.to_string().contains("has 3 partitions, its stage's inputs have 2"), "{err}");
+}
+
+/// Feeds `transfers` in chunks of `chunk` every `every` until they are all sent or `stop` is set;
+/// returns how many it sent.
+fn transfer_feeder(
+    s: &Setup,
+    topic: &str,
+    transfers: &[WireTransfer],
+    chunk: usize,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let (b, t, all) = (s.brokers.clone(), topic.to_string(), transfers.to_vec());
+    std::thread::spawn(move || {
+        let mut sent = 0;
+        for part in all.chunks(chunk) {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            feed_transfers(&b, &t, part);
+            sent += part.len();
+            std::thread::sleep(every);
+        }
+        sent
+    })
+}
+
+/// The money the bank commands brought in, from their replies (each read exactly once): the
+/// accepted deposits minus the accepted withdrawals.
+fn money_in(s: &Setup, cmds: &[(String, String, BankCommand)]) -> i128 {
+    let ids: BTreeSet<&str> = cmds.iter().map(|(_, id, _)| id.as_str()).collect();
+    let done = |recs: &[Rec]| {
+        let seen: BTreeSet<String> = recs
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<WireReply>(r.value.as_deref()?).ok())
+            .map(|r| r.id)
+            .collect();
+        ids.iter().all(|id| seen.contains(*id))
+    };
+    let mut replies: BTreeMap<String, Vec<WireReply>> = BTreeMap::new();
+    for r in read_committed(&s.brokers, &s.topics.replies, done, Duration::from_secs(2)) {
+        let reply: WireReply = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        replies.entry(reply.id.clone()).or_default().push(reply);
+    }
+    assert_eq!(replies.len(), cmds.len(), "bank replies to commands never sent (a transfer's step answered?)");
+    cmds.iter()
+        .map(|(_, id, cmd)| {
+            let replies = &replies[id];
+            assert_eq!(replies.len(), 1, "bank command {id}: {replies:?}");
+            match (replies[0].ok, cmd) {
+                (true, BankCommand::Deposit(a)) => i128::from(*a),
+                (true, BankCommand::Withdraw(a)) => -i128::from(*a),
+                _ => 0,
+            }
+        })
+        .sum()
+}
+
+/// Two instances of the transfer application (`demo --transfers`) in one group while bank
+/// commands and transfers keep coming; one of them is SIGKILLed at a random moment, the survivor
+/// takes its partitions (its committed offsets move on every partition of both inputs), then the
+/// victim comes back and they move again; three rounds. Read back from the committed topics:
+/// every transfer ended exactly once, every bank command has one reply, no balance below zero,
+/// and the balances add up to what the bank commands brought in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_transfer_once() {
+    let s = setup(4).await;
+    let transfers_topic = unique("transfers");
+    create_topic(&s.brokers, &transfers_topic, 4, &[]).await;
+    create_topic(&s.brokers, &replies_topic(&transfers_topic), 4, &[]).await;
+    let logs = tempfile::tempdir().unwrap();
+    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
+    let mut history = Vec::new();
+    for a in &opened {
+        history.push((a.clone(), format!("open-{a}"), BankCommand::Open));
+        history.push((a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)));
+    }
+    feed(&s.brokers, &s.topics.input, &history);
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Deposits and withdrawals on the open accounts, beside transfers between all ten.
+    let chaos: Vec<(String, String, BankCommand)> = (0..3000)
+        .map(|i| {
+            let account = format!("acct-{}", rng.random_range(0..8));
+            let amount = rng.random_range(1..40);
+            let cmd = if rng.random_bool(0.5) { BankCommand::Deposit(amount) } else { BankCommand::Withdraw(amount) };
+            (account, format!("c-{i}"), cmd)
+        })
+        .collect();
+    let transfers = transfers(3000, 10, 25, seed);
+    let mut args = kafka_journal(&s, "50ms");
+    args.extend(["--transfers".to_string(), transfers_topic.clone()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bank_feeding = feeder(&s, &chaos, 5, Duration::from_millis(100), stop.clone());
+    let transfer_feeding =
+        transfer_feeder(&s, &transfers_topic, &transfers, 5, Duration::from_millis(100), stop.clone());
+    let slots = [unique("txn-a"), unique("txn-b")];
+    let mut demos: Vec<Option<Demo>> =
+        (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args, logs.path()))).collect();
+    for round in 0..3 {
+        let victim = round % 2;
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..2000)));
+        demos[victim].take().unwrap().kill();
+        let (b, g) = (s.brokers.clone(), s.group.clone());
+        let inputs = [s.topics.input.clone(), transfers_topic.clone()];
+        tokio::task::spawn_blocking(move || {
+            for t in &inputs {
+                let mut at_kill = None;
+                wait_for("the group's committed offsets", DEADLINE, || {
+                    at_kill = committed(&b, &g, t, 4);
+                    at_kill.is_some()
+                });
+                let at_kill = at_kill.unwrap_or_default();
+                wait_for(
+                    &format!("round {round} (seed {seed}): the survivor to commit on every partition of {t}"),
+                    DEADLINE * 2,
+                    || {
+                        committed(&b, &g, t, 4)
+                            .is_some_and(|now| now.iter().zip(&at_kill).all(|(now, then)| now > then))
+                    },
+                );
+            }
+        })
+        .await
+        .unwrap();
+        demos[victim] = Some(Demo::start(&s, &slots[victim], &args, logs.path()));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (sent_bank, sent_transfers) = (bank_feeding.join().unwrap(), transfer_feeding.join().unwrap());
+    feed(&s.brokers, &s.topics.input, &chaos[sent_bank..]);
+    feed_transfers(&s.brokers, &transfers_topic, &transfers[sent_transfers..]);
+    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
+    let (books, money) = {
+        let (s, topic, all) = (s.clone(), transfers_topic.clone(), [history.as_slice(), &chaos].concat());
+        tokio::task::spawn_blocking(move || {
+            let books = read_books(&s, &topic, &ids);
+            (books, money_in(&s, &all))
+        })
+        .await
+        .unwrap()
+    };
+    for demo in demos.into_iter().flatten() {
+        demo.drain();
+    }
+    eprintln!(
+        "seed {seed}: {} transfers ended, money {money}, {} completed, {} refunded",
+        books.replies.len(),
+        books.replies.values().filter(|r| r[0].status == "completed").count(),
+        books.replies.values().filter(|r| r[0].status == "refunded").count()
+    );
+    check_books(&books, &transfers, &opened, money);
 }

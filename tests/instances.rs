@@ -97,7 +97,7 @@ fn plain_log(path: &std::path::Path) -> String {
 
 /// The group's committed offsets of `topic`'s partitions (None: the coordinator did not answer in
 /// time, e.g. while it moves or loads).
-fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Option<Vec<i64>> {
+pub(crate) fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Option<Vec<i64>> {
     // read_uncommitted: the offset fetch then does not ask for stable offsets (KIP-447), which a
     // group committing transactions every 50 ms nearly never has.
     let c: BaseConsumer = ClientConfig::new()
