@@ -158,6 +158,42 @@ async fn transfers_between_accounts_are_one_exactly_once_application() {
     let forwarded: u64 = metrics.iter().map(|(_, m)| m.forwarded).sum();
     assert!(forwarded > 0, "nothing was forwarded: {metrics:?}");
     assert!(metrics.iter().all(|(_, m)| m.dead_letters == 0), "{metrics:?}");
+
+    // Operators see the application whole: describe lists both inputs, both repartition topics
+    // (each consumed to its end) and both stages' journals; a journal command reads the
+    // transfers' journal with the stage its name ends with; reset deletes all of it.
+    use crate::util::run_cli;
+    let inputs = format!("{},{transfers_topic}", s.topics.input);
+    let group = ["--brokers", &s.brokers, "--group", &s.group, "--input", &inputs];
+    let cli = |cmd: &str, extra: &[&str]| run_cli(&[&[cmd][..], &group[..], extra].concat());
+    let (code, out, err) = tokio::task::block_in_place(|| cli("describe", &[]));
+    assert_eq!(code, 0, "{err}");
+    for topic in ["bank-commands", "transfer-commands", "bank-journal", "transfer-journal"] {
+        assert!(out.contains(&format!("{}-{topic}", s.group)), "{topic}: {out}");
+    }
+    assert!(out.contains(&format!("owned by group {}", s.group)), "{out}");
+    // Every partition is consumed to its end: the inputs' lag is 0, the repartition topics' at
+    // most their last transaction marker.
+    for line in out.lines().filter(|l| l.starts_with(&s.topics.input) || l.starts_with(&transfers_topic)) {
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+    for line in out.lines().filter(|l| l.starts_with(&format!("{}-", s.group)) && l.contains("-commands ")) {
+        assert!(line.ends_with(" 0") || line.ends_with(" 1"), "{line}");
+    }
+    let journal = format!("kafka:{}-transfer-journal", s.group);
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        run_cli(&["journal", "replay", "--journal", &journal, "--brokers", &s.brokers, "--format", "json"])
+    });
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), transfers.len(), "one state per transfer: {out}");
+    let (code, out, err) = tokio::task::block_in_place(|| cli("reset", &[]));
+    assert_eq!(code, 0, "{err}");
+    for stage in ["bank", "transfer"] {
+        assert!(out.contains(&format!("deleted journal {}-{stage}-journal", s.group)), "{stage}: {out}");
+        assert!(out.contains(&format!("deleted repartition topic {}-{stage}-commands", s.group)), "{stage}: {out}");
+    }
+    let (_, out, _) = tokio::task::block_in_place(|| cli("describe", &[]));
+    assert!(!out.contains("-transfer-commands") && !out.contains("-transfer-journal"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -360,8 +360,8 @@ fn demo_flags_that_do_not_apply_are_refused_and_an_unreachable_cluster_is_named_
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
 }
 
-/// A Kafka journal's stage is the one --stage names, or the only one the binary knows; this one
-/// knows two, so replay asks which, naming them, before it asks the cluster anything.
+/// A Kafka journal's stage is the one --stage names, the only one the binary knows, or the one its name ends with; this one
+/// knows several and `j` names none, so replay asks which, naming them, before it asks the cluster anything.
 #[test]
 fn a_kafka_journal_replay_names_the_stages_to_choose_from() {
     let started = Instant::now();

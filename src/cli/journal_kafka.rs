@@ -34,9 +34,10 @@ pub(super) async fn run(registry: &Registry, args: &JournalArgs, topic: &str) ->
         .clone()
         .with_context(|| format!("--journal kafka:{topic} needs --brokers HOST:PORT (or EVENTSTAGE_BROKERS)"))?;
     let name = format!("kafka:{topic}");
-    // The stage decodes events and states: the one --stage names, else the only one registered (a
-    // Kafka journal's name is its topic's). Checked before the cluster is asked anything.
-    let chosen = registry.for_kafka_journal(args.stage.as_deref())?;
+    // The stage decodes events and states: the one --stage names, else the only one registered,
+    // else the one an application's journal name ends with. Checked before the cluster is asked
+    // anything.
+    let chosen = registry.for_kafka_journal(args.stage.as_deref(), topic)?;
     let stage = chosen.map(|(_, stage)| stage);
     if let JournalCommand::Replay(point) = &args.command {
         if stage.is_none() {

@@ -105,15 +105,17 @@ impl Registry {
         self.stages.get(stage)
     }
 
-    /// The stage a Kafka journal is read with (its topic does not name it): the one `named` by
-    /// `--stage`, else the only one registered; `None` when none is named and zero or several are
-    /// registered (then [`choices`](Self::choices) says what to do).
+    /// The stage a Kafka journal `topic` is read with: the one `named` by `--stage`, else the only
+    /// one registered, else the one the topic's name ends with as an application names its
+    /// stages' journals (`<group>-<stage>-journal`); `None` when none is named and none of these
+    /// picks one (then [`choices`](Self::choices) says what to do).
     ///
     /// # Errors
     /// `named` is not registered: the message lists those that are.
     pub(super) fn for_kafka_journal<'a>(
         &'a self,
         named: Option<&'a str>,
+        topic: &str,
     ) -> anyhow::Result<Option<(&'a str, &'a dyn ErasedStage)>> {
         match named {
             Some(name) => {
@@ -124,7 +126,16 @@ impl Registry {
             }
             None => match self.stages.iter().next() {
                 Some((name, stage)) if self.stages.len() == 1 => Ok(Some((*name, &**stage))),
-                _ => Ok(None),
+                _ => Ok(self
+                    .stages
+                    .iter()
+                    .find(|(name, _)| {
+                        topic
+                            .strip_suffix("-journal")
+                            .and_then(|t| t.strip_suffix(**name))
+                            .is_some_and(|t| t.ends_with('-'))
+                    })
+                    .map(|(name, stage)| (*name, &**stage))),
             },
         }
     }
@@ -158,21 +169,28 @@ mod tests {
     #[test]
     fn a_kafka_journal_is_read_with_the_named_stage_or_the_only_one() {
         let none = Registry::default();
-        assert!(none.for_kafka_journal(None).unwrap().is_none());
+        assert!(none.for_kafka_journal(None, "j").unwrap().is_none());
         assert!(none.choices().contains(".stage::<YourStage>()"), "{}", none.choices());
-        assert!(none.for_kafka_journal(Some("bank")).is_err());
+        assert!(none.for_kafka_journal(Some("bank"), "j").is_err());
 
         let mut one = Registry::default();
         one.register::<Bank>();
-        assert_eq!(one.for_kafka_journal(None).unwrap().map(|(name, _)| name), Some("bank"));
-        assert_eq!(one.for_kafka_journal(Some("bank")).unwrap().map(|(name, _)| name), Some("bank"));
-        let err = one.for_kafka_journal(Some("inventory")).err().unwrap();
+        assert_eq!(one.for_kafka_journal(None, "j").unwrap().map(|(name, _)| name), Some("bank"));
+        assert_eq!(one.for_kafka_journal(Some("bank"), "j").unwrap().map(|(name, _)| name), Some("bank"));
+        let err = one.for_kafka_journal(Some("inventory"), "j").err().unwrap();
         assert!(format!("{err:#}").contains("known: bank"), "{err:#}");
 
         let mut two = one.clone();
         two.register::<Inventory>();
-        assert!(two.for_kafka_journal(None).unwrap().is_none(), "two stages: none is chosen by itself");
+        assert!(two.for_kafka_journal(None, "j").unwrap().is_none(), "two stages: none is chosen by itself");
         assert_eq!(two.choices(), "this binary knows bank, inventory: name one");
-        assert_eq!(two.for_kafka_journal(Some("inventory")).unwrap().map(|(name, _)| name), Some("inventory"));
+        assert_eq!(two.for_kafka_journal(Some("inventory"), "j").unwrap().map(|(name, _)| name), Some("inventory"));
+        // An application's journal names its stage.
+        assert_eq!(
+            two.for_kafka_journal(None, "shop-inventory-journal").unwrap().map(|(name, _)| name),
+            Some("inventory")
+        );
+        assert!(two.for_kafka_journal(None, "shop-xinventory-journal").unwrap().is_none());
+        assert!(two.for_kafka_journal(None, "inventory-journal").unwrap().is_none());
     }
 }

@@ -54,6 +54,13 @@ pub(crate) struct ResetArgs {
     dry_run: bool,
 }
 
+/// An application's own topics (see [`GroupArgs::application_topics`]).
+struct AppTopics {
+    repartition: Vec<String>,
+    /// `--journal`'s first.
+    journals: Vec<String>,
+}
+
 /// One input partition of the group.
 struct InputOffset {
     topic: String,
@@ -70,9 +77,9 @@ struct JournalMarks {
 }
 
 impl GroupArgs {
-    /// The journal topic's owner and offsets; None when it does not exist.
-    async fn journal_marks(&self) -> anyhow::Result<Option<JournalMarks>> {
-        let (config, topic, timeout) = (self.config(), self.journal_topic(), self.timeout);
+    /// Journal `topic`'s owner and offsets; None when it does not exist.
+    async fn journal_marks(&self, topic: &str) -> anyhow::Result<Option<JournalMarks>> {
+        let (config, topic, timeout) = (self.config(), topic.to_string(), self.timeout);
         tokio::task::spawn_blocking(move || {
             let journal = match KafkaJournal::existing(config, &topic, timeout) {
                 Ok(j) => j,
@@ -90,19 +97,46 @@ impl GroupArgs {
         self.journal.clone().unwrap_or_else(|| format!("{}-journal", self.group))
     }
 
+    /// The topics of the group's application, found on the cluster by the names an
+    /// [`Application`](eventstage::flow::Application) gives them: its stages' repartition topics
+    /// (`<group>-<stage>-commands`) and their journals (`<group>-<stage>-journal`, beside the
+    /// `--journal` one).
+    fn application_topics(&self) -> anyhow::Result<AppTopics> {
+        let consumer: BaseConsumer = self.config().create()?;
+        let md = consumer
+            .fetch_metadata(None, self.timeout)
+            .with_context(|| format!("cannot reach the brokers at {}", self.brokers))?;
+        let prefix = format!("{}-", self.group);
+        let stage_topic = |name: &str, suffix: &str| {
+            name.strip_prefix(&prefix).and_then(|n| n.strip_suffix(suffix)).is_some_and(|stage| !stage.is_empty())
+        };
+        let mut found = AppTopics { repartition: Vec::new(), journals: vec![self.journal_topic()] };
+        for t in md.topics().iter().filter(|t| t.error().is_none()) {
+            if stage_topic(t.name(), "-commands") {
+                found.repartition.push(t.name().to_string());
+            } else if stage_topic(t.name(), "-journal") && !found.journals.iter().any(|j| j == t.name()) {
+                found.journals.push(t.name().to_string());
+            }
+        }
+        found.repartition.sort();
+        found.journals[1..].sort();
+        Ok(found)
+    }
+
     fn config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         c
     }
 
-    /// Every partition of the input topics, with the group's committed offset and its end.
-    fn input_offsets(&self) -> anyhow::Result<Vec<InputOffset>> {
+    /// Every partition of the input topics and of `more` (an application's repartition topics),
+    /// with the group's committed offset and its end.
+    fn input_offsets(&self, more: &[String]) -> anyhow::Result<Vec<InputOffset>> {
         let mut config = self.config();
         config.set("group.id", &self.group).set("enable.auto.commit", "false");
         let consumer: BaseConsumer = config.create()?;
         let mut tpl = TopicPartitionList::new();
-        for topic in &self.input {
+        for topic in self.input.iter().chain(more) {
             let md = consumer
                 .fetch_metadata(Some(topic), self.timeout)
                 .with_context(|| format!("cannot reach the brokers at {}", self.brokers))?;
@@ -135,9 +169,12 @@ impl GroupArgs {
 /// `eventstage describe --group G [--instances HOST:PORT,...]`.
 pub(crate) async fn describe(describe: DescribeArgs) -> anyhow::Result<ExitCode> {
     let args = describe.app;
-    let offsets = tokio::task::spawn_blocking({
+    let (offsets, topics) = tokio::task::spawn_blocking({
         let args = args.clone();
-        move || args.input_offsets()
+        move || {
+            let topics = args.application_topics()?;
+            anyhow::Ok((args.input_offsets(&topics.repartition)?, topics))
+        }
     })
     .await??;
     println!("group {} on {}", args.group, args.brokers);
@@ -150,15 +187,20 @@ pub(crate) async fn describe(describe: DescribeArgs) -> anyhow::Result<ExitCode>
         println!("{:<24} {:>9} {shown:>12} {:>12} {lag:>10}", o.topic, o.partition, o.end);
     }
     println!("lag in total: {total}");
-    let topic = args.journal_topic();
-    match args.journal_marks().await? {
-        None => println!("journal {topic}: none (the next run creates it)"),
-        Some(marks) => {
-            let owner = marks.owner.map_or_else(|| "no recorded owner".to_string(), |o| format!("owned by group {o}"));
-            println!("journal {topic} ({owner})");
-            println!("{:<24} {:>9} {:>12} {:>12}", "journal", "partition", "start", "end");
-            for (p, low, high) in marks.partitions {
-                println!("{topic:<24} {p:>9} {low:>12} {high:>12}");
+    if !topics.repartition.is_empty() {
+        println!("(a topic written in transactions, as a repartition topic is, ends with a transaction marker that is never consumed: 1 of lag per partition at rest)");
+    }
+    for topic in &topics.journals {
+        match args.journal_marks(topic).await? {
+            None => println!("journal {topic}: none (the next run creates it)"),
+            Some(marks) => {
+                let owner =
+                    marks.owner.map_or_else(|| "no recorded owner".to_string(), |o| format!("owned by group {o}"));
+                println!("journal {topic} ({owner})");
+                println!("{:<24} {:>9} {:>12} {:>12}", "journal", "partition", "start", "end");
+                for (p, low, high) in marks.partitions {
+                    println!("{topic:<24} {p:>9} {low:>12} {high:>12}");
+                }
             }
         }
     }
@@ -269,17 +311,23 @@ impl InstanceFigures {
 }
 
 /// `eventstage reset --group G`: deletes the group's committed offsets (its next run reads the
-/// inputs from the start) and its Kafka journal topic (its next run creates it again and starts
-/// with no state). The group must have no running member.
+/// inputs from the start), its Kafka journal topics (its next run creates them again and starts
+/// with no state) and an application's repartition topics (the commands in flight in them belong
+/// to the run being reset). The group must have no running member.
 pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     let app = &args.app;
-    let offsets = tokio::task::spawn_blocking({
+    let (offsets, topics) = tokio::task::spawn_blocking({
         let a = app.clone();
-        move || a.input_offsets()
+        move || {
+            let topics = a.application_topics()?;
+            anyhow::Ok((a.input_offsets(&topics.repartition)?, topics))
+        }
     })
     .await??;
-    let topic = app.journal_topic();
-    let journal = app.journal_marks().await?;
+    let mut journals = Vec::new();
+    for topic in &topics.journals {
+        journals.push((topic.clone(), app.journal_marks(topic).await?));
+    }
     let committed = offsets.iter().filter(|o| o.committed.is_some()).count();
     let verb = if args.dry_run { "would" } else { "will" };
     println!(
@@ -288,12 +336,17 @@ pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         offsets.len(),
         app.input.join(", ")
     );
-    match &journal {
-        Some(marks) => {
-            let records: i64 = marks.partitions.iter().map(|(_, l, h)| h - l).sum();
-            println!("{verb} delete journal {topic} ({records} records): the next run creates it again and starts with no state");
+    for (topic, marks) in &journals {
+        match marks {
+            Some(marks) => {
+                let records: i64 = marks.partitions.iter().map(|(_, l, h)| h - l).sum();
+                println!("{verb} delete journal {topic} ({records} records): the next run creates it again and starts with no state");
+            }
+            None => println!("journal {topic} does not exist: nothing to empty"),
         }
-        None => println!("journal {topic} does not exist: nothing to empty"),
+    }
+    for topic in &topics.repartition {
+        println!("{verb} delete repartition topic {topic}: the commands in flight in it belong to the run being reset; the next run creates it again");
     }
     if args.dry_run {
         println!("dry run: nothing changed");
@@ -314,34 +367,47 @@ pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         }
         println!("deleted the committed offsets of group {}", app.group);
     }
-    if journal.is_some() {
-        // A compacted topic refuses DeleteRecords: the journal topic is deleted, and the next run
-        // creates it again (empty). Deletion is asynchronous: wait until the topic is gone, so that
-        // a run started right after does not find it half-deleted.
-        for r in admin.delete_topics(&[&topic], &opts).await.context("deleting the journal topic")? {
-            if let Err((_, code)) = r {
-                if code != RDKafkaErrorCode::UnknownTopicOrPartition {
-                    bail!("cannot delete journal topic {topic}: {code}");
-                }
+    // A compacted topic refuses DeleteRecords: a journal topic is deleted, and the next run
+    // creates it again (empty); a repartition topic too.
+    let doomed: Vec<&str> = journals
+        .iter()
+        .filter(|(_, marks)| marks.is_some())
+        .map(|(t, _)| t.as_str())
+        .chain(topics.repartition.iter().map(String::as_str))
+        .collect();
+    if doomed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in admin.delete_topics(&doomed, &opts).await.context("deleting the application's topics")? {
+        if let Err((topic, code)) = r {
+            if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+                bail!("cannot delete topic {topic}: {code}");
             }
         }
-        let consumer: BaseConsumer = app.config().create()?;
-        let deadline = std::time::Instant::now() + app.timeout;
+    }
+    // Deletion is asynchronous: wait until the topics are gone, so that a run started right
+    // after does not find one half-deleted.
+    let consumer: BaseConsumer = app.config().create()?;
+    let deadline = std::time::Instant::now() + app.timeout;
+    for topic in &doomed {
         loop {
-            let md = consumer.fetch_metadata(Some(&topic), app.timeout).context("reading metadata")?;
-            let gone = md.topics().iter().all(|t| t.name() != topic || t.error().is_some());
-            if gone {
+            let md = consumer.fetch_metadata(Some(topic), app.timeout).context("reading metadata")?;
+            if md.topics().iter().all(|t| t.name() != *topic || t.error().is_some()) {
                 break;
             }
             if std::time::Instant::now() >= deadline {
                 bail!(
-                    "journal topic {topic} is still being deleted after {}; run reset again",
+                    "topic {topic} is still being deleted after {}; run reset again",
                     humantime::format_duration(app.timeout)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        println!("deleted journal {topic} (the next run creates it again, empty); a flow's local state store (--state-dir) notices and rebuilds");
+        if journals.iter().any(|(t, _)| t == topic) {
+            println!("deleted journal {topic} (the next run creates it again, empty); a flow's local state store (--state-dir) notices and rebuilds");
+        } else {
+            println!("deleted repartition topic {topic}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,7 +15,7 @@ mod serve;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use eventstage::cli::Cli;
-use eventstage::stages::{bank::Bank, inventory::Inventory};
+use eventstage::stages::{bank::Bank, inventory::Inventory, transfer::Transfers};
 use std::process::ExitCode;
 
 /// The binary's own commands, beside the library's `journal`, `table` and `completions`.
@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         .version(env!("CARGO_PKG_VERSION"))
         .stage::<Bank>()
         .stage::<Inventory>()
+        .stage::<Transfers>()
         .run_with(|command: Command| async move {
             match command {
                 Command::Demo(d) => demo::run(*d).await,
