@@ -52,6 +52,15 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+    /// The command's effect scheduled or cancelled a durable timer, which the in-process runtime
+    /// does not keep. The command had no effect.
+    #[error("stage `{stage}`: the command for key {key} schedules or cancels a timer; durable timers run in the flows of an Application (eventstage::flow::Application), the in-process runtime has none; the command had no effect")]
+    Timers {
+        /// Stage name.
+        stage: String,
+        /// Entity key, printed.
+        key: String,
+    },
     /// The runtime stopped after a journal failure: the in-memory state may be ahead of the journal,
     /// so it refuses further commands. Reopen the stage to recover the journal's state.
     #[error("stage `{stage}` stopped after a journal failure ({cause}); reopen it to recover")]

@@ -98,10 +98,30 @@ pub trait EventSourced: Send + Sync + Sized + 'static {
     }
 }
 
-/// What a command handler decided: persist events (possibly none), then reply.
+/// What a command handler decided: persist events (possibly none), then reply; and the entity's
+/// durable timers to schedule or cancel ([`schedule`](Effect::schedule)).
 pub struct Effect<S: EventSourced> {
     pub(crate) events: Vec<S::Event>,
     pub(crate) reply: Reply<S>,
+    pub(crate) timers: Vec<TimerOp<S>>,
+}
+
+/// A change of an entity's durable timers.
+pub(crate) enum TimerOp<S: EventSourced> {
+    /// `command` for the entity in `after`, under `name` (a timer of that name is replaced).
+    Schedule { name: String, after: std::time::Duration, command: S::Command },
+    /// The timer `name`, if pending, never fires.
+    Cancel { name: String },
+}
+
+impl<S: EventSourced> TimerOp<S> {
+    /// Its name, and its delay (`None`: a cancellation).
+    pub(crate) fn described(&self) -> (&str, Option<std::time::Duration>) {
+        match self {
+            TimerOp::Schedule { name, after, .. } => (name, Some(*after)),
+            TimerOp::Cancel { name } => (name, None),
+        }
+    }
 }
 
 /// A reply computed from the state after the events.
@@ -118,6 +138,8 @@ pub(crate) struct Executed<S: EventSourced> {
     pub(crate) events: Vec<S::Event>,
     pub(crate) outcome: Result<S::Reply, S::Rejection>,
     pub(crate) state: Option<S::State>,
+    /// The timers it scheduled or cancelled (an accepted command only).
+    pub(crate) timers: Vec<TimerOp<S>>,
 }
 
 /// Runs one command against `state`, the one way the runtime, the flow and the testkit do: the
@@ -129,17 +151,20 @@ pub(crate) fn execute<S: EventSourced>(
     command: S::Command,
 ) -> Result<Executed<S>, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match stage.handle(state, command) {
-        Err(rejection) => Executed { events: Vec::new(), outcome: Err(rejection), state: None },
-        Ok(effect) if effect.events.is_empty() => {
-            Executed { events: Vec::new(), outcome: Ok(effect.reply.resolve(state)), state: None }
-        }
+        Err(rejection) => Executed { events: Vec::new(), outcome: Err(rejection), state: None, timers: Vec::new() },
+        Ok(effect) if effect.events.is_empty() => Executed {
+            events: Vec::new(),
+            outcome: Ok(effect.reply.resolve(state)),
+            state: None,
+            timers: effect.timers,
+        },
         Ok(effect) => {
             let mut next = state.clone();
             for e in &effect.events {
                 S::apply(&mut next, e);
             }
             let reply = effect.reply.resolve(&next);
-            Executed { events: effect.events, outcome: Ok(reply), state: Some(next) }
+            Executed { events: effect.events, outcome: Ok(reply), state: Some(next), timers: effect.timers }
         }
     }))
     .map_err(|panic| panic_message(&*panic))
@@ -183,12 +208,45 @@ impl<S: EventSourced> Effect<S> {
 
     /// Reply without persisting anything (a query, or an idempotent no-op).
     pub fn reply(value: S::Reply) -> Self {
-        Self { events: Vec::new(), reply: Reply::Value(value) }
+        Self { events: Vec::new(), reply: Reply::Value(value), timers: Vec::new() }
     }
 
     /// The events this effect persists.
     pub fn events(&self) -> &[S::Event] {
         &self.events
+    }
+
+    /// Also schedules `command` for this entity `after` from now: a **durable timer** (Akka
+    /// Persistence's timers, Kafka Streams' punctuators, but per entity and surviving crashes).
+    /// It is written with this command's journal records, in the same transaction, and fires
+    /// once, not before its time (a little after: it is handled in the flow's loop), on whichever
+    /// instance owns the entity then, restarts and moves between instances included. Its
+    /// handling is exactly once like any command's: the timer is gone in the same transaction as
+    /// the fired command's effects. A timer of the same `name` is replaced; see
+    /// [`cancel`](Self::cancel). The fired command's input ([`Processed::timer`](crate::flow::Processed::timer))
+    /// names the timer.
+    ///
+    /// Timers run in the flows of an [`Application`](crate::flow::Application) (its stages'
+    /// commands are serde, and it keeps each stage's timers in the compacted topic
+    /// `<group>-<stage>-timers`); a flow outside one and the in-process runtime refuse a
+    /// command whose effect schedules or cancels one.
+    #[must_use]
+    pub fn schedule(mut self, name: impl Into<String>, after: std::time::Duration, command: S::Command) -> Self {
+        self.timers.push(TimerOp::Schedule { name: name.into(), after, command });
+        self
+    }
+
+    /// Also cancels this entity's timer `name` (nothing when none is pending), in the same
+    /// transaction as this command's journal records.
+    #[must_use]
+    pub fn cancel(mut self, name: impl Into<String>) -> Self {
+        self.timers.push(TimerOp::Cancel { name: name.into() });
+        self
+    }
+
+    /// The timers this effect schedules (name, delay) and cancels (name, `None`), in order.
+    pub fn timers(&self) -> Vec<(&str, Option<std::time::Duration>)> {
+        self.timers.iter().map(TimerOp::described).collect()
     }
 }
 
@@ -213,12 +271,12 @@ impl<S: EventSourced> fmt::Debug for PersistThen<S> {
 impl<S: EventSourced> PersistThen<S> {
     /// Reply with a value computed from the state after the events are applied.
     pub fn then_reply(self, reply: impl FnOnce(&S::State) -> S::Reply + Send + 'static) -> Effect<S> {
-        Effect { events: self.events, reply: Reply::FromState(Box::new(reply)) }
+        Effect { events: self.events, reply: Reply::FromState(Box::new(reply)), timers: Vec::new() }
     }
 
     /// Reply with a fixed value.
     pub fn reply(self, value: S::Reply) -> Effect<S> {
-        Effect { events: self.events, reply: Reply::Value(value) }
+        Effect { events: self.events, reply: Reply::Value(value), timers: Vec::new() }
     }
 }
 

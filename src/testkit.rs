@@ -80,6 +80,9 @@ pub struct Then<S: EventSourced> {
     pub outcome: Result<S::Reply, S::Rejection>,
     /// The state after the events.
     pub state: S::State,
+    /// The durable timers the effect scheduled (name, delay) or cancelled (name, `None`), in
+    /// order.
+    pub timers: Vec<(String, Option<std::time::Duration>)>,
 }
 
 impl<S: EventSourced> StageTest<S>
@@ -137,7 +140,8 @@ where
             }
         }
         let state = executed.state.unwrap_or_else(|| self.state.clone());
-        Then { events: executed.events, outcome: executed.outcome, state }
+        let timers = executed.timers.iter().map(|t| t.described()).map(|(n, d)| (n.to_string(), d)).collect();
+        Then { events: executed.events, outcome: executed.outcome, state, timers }
     }
 }
 
@@ -188,6 +192,18 @@ where
             Ok(reply) => panic!("expected rejection {expected:?}, the command was accepted with {reply:?}"),
         }
         assert!(self.events.is_empty(), "a rejected command persists nothing");
+        self
+    }
+
+    /// Asserts the durable timers the command scheduled (name, delay) and cancelled (name,
+    /// `None`), in order.
+    ///
+    /// # Panics
+    /// When they differ.
+    #[track_caller]
+    pub fn then_timers(self, expected: &[(&str, Option<std::time::Duration>)]) -> Self {
+        let got: Vec<(&str, Option<std::time::Duration>)> = self.timers.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+        assert_eq!(got, expected, "timers scheduled and cancelled");
         self
     }
 

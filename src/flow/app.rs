@@ -4,7 +4,7 @@
 use crate::flow::builder::{FlowBuilder, StageSpec};
 use crate::flow::control::{FlowControl, FlowMetrics, FlowStatus, FlowStopper};
 use crate::flow::error::FlowError;
-use crate::flow::route::{commands_topic, Placement, To};
+use crate::flow::route::{commands_topic, timers_topic, Placement, To};
 use crate::flow::shared::kafka;
 use crate::stage::EventSourced;
 use futures::future::BoxFuture;
@@ -101,7 +101,7 @@ impl Application {
     pub fn stage<S, C>(mut self, flow: FlowBuilder<S, C>) -> Self
     where
         S: EventSourced,
-        S::Command: DeserializeOwned,
+        S::Command: Serialize + DeserializeOwned,
         C: Default + Send + 'static,
     {
         self.stages.push(Box::new(Some(flow)));
@@ -200,13 +200,15 @@ impl Application {
                 }
             };
             let topic = commands_topic(&self.group, name);
-            ensure_topic(&common, &topic, partitions, deadline).await?;
-            specs.push(Placement { topic, partitions });
+            ensure_topic(&common, &topic, partitions, false, deadline).await?;
+            let timers = timers_topic(&self.group, name);
+            ensure_topic(&common, &timers, partitions, true, deadline).await?;
+            specs.push((Placement { topic, partitions }, timers));
         }
         let mut running: Vec<(&'static str, FlowControl)> = Vec::new();
-        for (mut stage, placement) in self.stages.into_iter().zip(specs) {
+        for (mut stage, (placement, timers)) in self.stages.into_iter().zip(specs) {
             let name = stage.name();
-            let spec = StageSpec { placement, transactional_id: self.transactional_id.clone() };
+            let spec = StageSpec { placement, timers, transactional_id: self.transactional_id.clone() };
             match stage.start(spec) {
                 Ok(control) => running.push((name, control)),
                 Err(e) => {
@@ -234,7 +236,7 @@ trait AppStage: Send {
 impl<S, C> AppStage for Option<FlowBuilder<S, C>>
 where
     S: EventSourced,
-    S::Command: DeserializeOwned,
+    S::Command: Serialize + DeserializeOwned,
     C: Default + Send + 'static,
 {
     fn name(&self) -> &'static str {
@@ -314,18 +316,28 @@ async fn partition_count(common: &ClientConfig, inputs: Vec<String>, deadline: I
     .map_err(|e| FlowError::Crashed(format!("the application's metadata request panicked: {e}")))?
 }
 
-/// Creates the repartition topic `topic` with `partitions` (or checks the count of the one there).
-async fn ensure_topic(common: &ClientConfig, topic: &str, partitions: i32, deadline: Instant) -> Result<(), FlowError> {
+/// Creates a stage's repartition topic, or (`compact`) its timers topic, `topic` with `partitions`
+/// (or checks the count of the one there).
+async fn ensure_topic(
+    common: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    compact: bool,
+    deadline: Instant,
+) -> Result<(), FlowError> {
     let admin: AdminClient<DefaultClientContext> = common.create().map_err(|e| kafka("admin client", e))?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    if compact {
+        new = new.set("cleanup.policy", "compact");
+    }
     let created = admin.create_topics(&[new], &opts).await.map_err(|e| kafka(format!("create topic {topic}"), e))?;
     for r in created {
         match r {
-            Ok(_) => tracing::info!(topic, partitions, "created the repartition topic"),
+            Ok(_) => tracing::info!(topic, partitions, compact, "created an application topic"),
             Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
-                return Err(FlowError::Config(format!("cannot create the repartition topic `{topic}`: {code}")))
+                return Err(FlowError::Config(format!("cannot create the application topic `{topic}`: {code}")))
             }
         }
     }
@@ -341,7 +353,7 @@ async fn ensure_topic(common: &ClientConfig, topic: &str, partitions: i32, deadl
         }
         if found != 0 || Instant::now() >= deadline {
             return Err(FlowError::Config(format!(
-                "the repartition topic `{topic}` has {found} partitions, its stage's inputs have {partitions}: a key must live in the same partition of both; delete the topic (once no command is in flight in it) to have it created again"
+                "the topic `{topic}` has {found} partitions, its stage's inputs have {partitions}: a key must live in the same partition of both; delete the topic (`eventstage reset` deletes an application's topics) to have it created again"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

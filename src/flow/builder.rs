@@ -43,6 +43,8 @@ pub struct FlowBuilder<S: EventSourced, C = ()> {
     route: Option<RouteFn<S>>,
     /// Set by the application the flow is a stage of: where its keys live.
     placement: Option<Placement>,
+    /// Set by the application the flow is a stage of: where its timers are kept.
+    timers: Option<engine::TimerSettings<S>>,
     bad_input: Option<BadInput>,
     codec: crate::Codec,
     guarantee: Guarantee,
@@ -100,6 +102,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             outputs: None,
             route: None,
             placement: None,
+            timers: None,
             bad_input: None,
             codec: crate::Codec::Bincode,
             guarantee: Guarantee::ExactlyOnce,
@@ -192,6 +195,7 @@ impl<S: EventSourced> FlowBuilder<S> {
             outputs: None,
             route: None,
             placement: self.placement,
+            timers: self.timers,
             bad_input: self.bad_input,
             codec: self.codec,
             guarantee: self.guarantee,
@@ -666,6 +670,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             on_rebalance_async: self.on_rebalance_async,
             tasks,
             placement: self.placement,
+            timers: self.timers,
         };
         let (stop2, metrics2) = (stop.0.clone(), metrics.clone());
         let spawned = std::thread::Builder::new().name(format!("eventstage-flow-{}", S::NAME)).spawn(move || {
@@ -710,6 +715,8 @@ fn split_budget(budget: Option<u64>) -> (StoreMemory, Option<u64>) {
 pub(super) struct StageSpec {
     /// The stage's repartition topic and where its keys live.
     pub(super) placement: Placement,
+    /// The stage's timers topic.
+    pub(super) timers: String,
     /// The application's transactional id, for stages without one of their own.
     pub(super) transactional_id: Option<String>,
 }
@@ -744,7 +751,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
     /// partition Kafka's default partitioner gives it, and partitions what it writes the same way.
     pub(super) fn into_stage(mut self, spec: StageSpec) -> Self
     where
-        S::Command: serde::de::DeserializeOwned,
+        S::Command: serde::Serialize + serde::de::DeserializeOwned,
         C: Default,
     {
         let topic = spec.placement.topic.clone();
@@ -756,6 +763,15 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             self.transactional_id = spec.transactional_id.map(|id| format!("{id}-{}", S::NAME));
         }
         self.placement = Some(spec.placement);
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        self.timers = Some(engine::TimerSettings {
+            topic: spec.timers,
+            config,
+            encode: |command| serde_json::to_vec(command).map_err(|e| e.to_string()),
+            decode: |bytes| serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+            context,
+        });
         self
     }
 }

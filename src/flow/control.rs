@@ -27,6 +27,8 @@ pub(crate) struct Metrics {
     pub(crate) assigned_partitions: AtomicU64,
     pub(crate) skipped_redeliveries: AtomicU64,
     pub(crate) forwarded: AtomicU64,
+    pub(crate) timers_fired: AtomicU64,
+    pub(crate) timers_pending: AtomicU64,
     pub(crate) enrich_in_flight: AtomicU64,
     pub(crate) max_enrich_in_flight: AtomicU64,
     pub(crate) rebalances: AtomicU64,
@@ -81,6 +83,10 @@ pub struct FlowMetrics {
     /// Inputs of a stage in an application that arrived in another partition than their key's
     /// and were forwarded to it through the stage's repartition topic.
     pub forwarded: u64,
+    /// Durable timers fired (a stage of an application).
+    pub timers_fired: u64,
+    /// Durable timers pending in the partitions this instance owns, as of the last commit.
+    pub timers_pending: u64,
     /// Enrichment calls running now.
     pub enrich_in_flight: u64,
     /// Most enrichment calls ever running at once.
@@ -127,6 +133,8 @@ impl Metrics {
             assigned_partitions: l(&self.assigned_partitions),
             skipped_redeliveries: l(&self.skipped_redeliveries),
             forwarded: l(&self.forwarded),
+            timers_fired: l(&self.timers_fired),
+            timers_pending: l(&self.timers_pending),
             enrich_in_flight: l(&self.enrich_in_flight),
             max_enrich_in_flight: l(&self.max_enrich_in_flight),
             rebalances: l(&self.rebalances),

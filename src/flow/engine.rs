@@ -18,12 +18,14 @@ mod startup;
 mod state;
 mod storage;
 mod thread;
+mod timers;
 mod work;
 
 pub(super) use self::core::{Parts, Tasks};
 pub use kafka_storage::Standby;
 pub(super) use kafka_storage::{StoreMemory, StoreSettings};
 pub(super) use startup::Settings;
+pub(crate) use timers::{TimerSettings, TIMER_HEADER};
 
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;

@@ -34,6 +34,10 @@ pub mod names {
     pub const SKIPPED_REDELIVERIES: &str = "eventstage_flow_skipped_redeliveries_total";
     /// Inputs forwarded to their key's partition through the stage's repartition topic (counter).
     pub const FORWARDED: &str = "eventstage_flow_forwarded_total";
+    /// Durable timers fired (counter).
+    pub const TIMERS_FIRED: &str = "eventstage_flow_timers_fired_total";
+    /// Durable timers pending in the owned partitions (gauge).
+    pub const TIMERS_PENDING: &str = "eventstage_flow_timers_pending";
     /// Rebalances this instance took part in: assignments and revocations (counter).
     pub const REBALANCES: &str = "eventstage_flow_rebalances_total";
     /// Records behind the end of the assigned input partitions (gauge; also per partition, with the
@@ -75,6 +79,8 @@ pub(crate) struct Exported {
     store_handed_rows: Counter,
     skipped_redeliveries: Counter,
     forwarded: Counter,
+    timers_fired: Counter,
+    timers_pending: Gauge,
     rebalances: Counter,
     lag: Gauge,
     assigned: Gauge,
@@ -105,6 +111,8 @@ impl Exported {
             store_handed_rows: counter!(names::STORE_HANDED_ROWS, l()),
             skipped_redeliveries: counter!(names::SKIPPED_REDELIVERIES, l()),
             forwarded: counter!(names::FORWARDED, l()),
+            timers_fired: counter!(names::TIMERS_FIRED, l()),
+            timers_pending: gauge!(names::TIMERS_PENDING, l()),
             rebalances: counter!(names::REBALANCES, l()),
             lag: gauge!(names::LAG, l()),
             assigned: gauge!(names::ASSIGNED_PARTITIONS, l()),
@@ -134,6 +142,8 @@ impl Exported {
         self.store_handed_rows.absolute(m.store_handed_rows);
         self.skipped_redeliveries.absolute(m.skipped_redeliveries);
         self.forwarded.absolute(m.forwarded);
+        self.timers_fired.absolute(m.timers_fired);
+        self.timers_pending.set(m.timers_pending as f64);
         self.rebalances.absolute(m.rebalances);
         self.lag.set(m.lag as f64);
         self.assigned.set(m.assigned_partitions as f64);

@@ -79,7 +79,7 @@ pub use control::{FlowControl, FlowMetrics, FlowStatus, FlowStopper};
 pub use engine::Standby;
 pub use error::{BoxError, FlowError};
 pub use record::{InputRecord, OutputRecord, Processed};
-pub use route::{commands_topic, Routed, Sender, To};
+pub use route::{commands_topic, timers_topic, Routed, Sender, To};
 
 pub use exported::names as metric_names;
 

@@ -36,6 +36,12 @@ pub fn commands_topic(group: &str, stage: &str) -> String {
     format!("{group}-{stage}-commands")
 }
 
+/// The compacted topic of `stage`'s durable timers in the application of consumer group `group`:
+/// per entity key, its pending timers.
+pub fn timers_topic(group: &str, stage: &str) -> String {
+    format!("{group}-{stage}-timers")
+}
+
 /// Where commands for stage `S` go: obtained from [`Application::to`](super::Application::to),
 /// used in a [`route`](crate::flow::FlowBuilder::route) mapping to build [`Routed`] commands.
 /// Cheap to clone.
@@ -126,6 +132,17 @@ impl<S: EventSourced, C> Processed<'_, S, C> {
     pub fn sender(&self) -> Option<Sender<'_>> {
         let stage = self.input.header(FROM_STAGE).and_then(|s| std::str::from_utf8(s).ok())?;
         Some(Sender { stage, key: self.input.header(FROM_KEY).unwrap_or_default() })
+    }
+}
+
+impl<S: EventSourced, C> Processed<'_, S, C> {
+    /// The name of the durable timer whose command this is
+    /// ([`Effect::schedule`](crate::Effect::schedule)); `None` for any other command.
+    pub fn timer(&self) -> Option<&str> {
+        if self.input.offset != -1 {
+            return None;
+        }
+        self.input.header(crate::flow::engine::TIMER_HEADER).and_then(|n| std::str::from_utf8(n).ok())
     }
 }
 

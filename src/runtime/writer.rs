@@ -85,6 +85,9 @@ impl<S: EventSourced, J: Journal> Writer<S, J> {
             Ok(executed) => executed,
             Err(message) => return (Err(panicked(message)), None),
         };
+        if !executed.timers.is_empty() {
+            return (Err(Error::Timers { stage: S::NAME.into(), key: printable_key(&key.to_bytes()) }), None);
+        }
         let Some(state) = executed.state else { return (Ok(executed.outcome), None) };
         // A user's Serialize may panic too: caught like the handlers.
         let encoded = catch_unwind(AssertUnwindSafe(|| {

@@ -57,6 +57,8 @@ pub(crate) struct ResetArgs {
 /// An application's own topics (see [`GroupArgs::application_topics`]).
 struct AppTopics {
     repartition: Vec<String>,
+    /// Its stages' durable timers (`<group>-<stage>-timers`).
+    timers: Vec<String>,
     /// `--journal`'s first.
     journals: Vec<String>,
 }
@@ -99,8 +101,8 @@ impl GroupArgs {
 
     /// The topics of the group's application, found on the cluster by the names an
     /// [`Application`](eventstage::flow::Application) gives them: its stages' repartition topics
-    /// (`<group>-<stage>-commands`) and their journals (`<group>-<stage>-journal`, beside the
-    /// `--journal` one).
+    /// (`<group>-<stage>-commands`), timers (`<group>-<stage>-timers`) and journals
+    /// (`<group>-<stage>-journal`, beside the `--journal` one).
     fn application_topics(&self) -> anyhow::Result<AppTopics> {
         let consumer: BaseConsumer = self.config().create()?;
         let md = consumer
@@ -110,15 +112,18 @@ impl GroupArgs {
         let stage_topic = |name: &str, suffix: &str| {
             name.strip_prefix(&prefix).and_then(|n| n.strip_suffix(suffix)).is_some_and(|stage| !stage.is_empty())
         };
-        let mut found = AppTopics { repartition: Vec::new(), journals: vec![self.journal_topic()] };
+        let mut found = AppTopics { repartition: Vec::new(), timers: Vec::new(), journals: vec![self.journal_topic()] };
         for t in md.topics().iter().filter(|t| t.error().is_none()) {
             if stage_topic(t.name(), "-commands") {
                 found.repartition.push(t.name().to_string());
+            } else if stage_topic(t.name(), "-timers") {
+                found.timers.push(t.name().to_string());
             } else if stage_topic(t.name(), "-journal") && !found.journals.iter().any(|j| j == t.name()) {
                 found.journals.push(t.name().to_string());
             }
         }
         found.repartition.sort();
+        found.timers.sort();
         found.journals[1..].sort();
         Ok(found)
     }
@@ -189,6 +194,9 @@ pub(crate) async fn describe(describe: DescribeArgs) -> anyhow::Result<ExitCode>
     println!("lag in total: {total}");
     if !topics.repartition.is_empty() {
         println!("(a topic written in transactions, as a repartition topic is, ends with a transaction marker that is never consumed: 1 of lag per partition at rest)");
+    }
+    for topic in &topics.timers {
+        println!("timers {topic} (each entity's pending durable timers; `eventstage_flow_timers_pending` of a running instance counts them)");
     }
     for topic in &topics.journals {
         match args.journal_marks(topic).await? {
@@ -348,6 +356,9 @@ pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     for topic in &topics.repartition {
         println!("{verb} delete repartition topic {topic}: the commands in flight in it belong to the run being reset; the next run creates it again");
     }
+    for topic in &topics.timers {
+        println!("{verb} delete timers topic {topic}: its pending timers belong to the run being reset; the next run creates it again");
+    }
     if args.dry_run {
         println!("dry run: nothing changed");
         return Ok(ExitCode::SUCCESS);
@@ -374,6 +385,7 @@ pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         .filter(|(_, marks)| marks.is_some())
         .map(|(t, _)| t.as_str())
         .chain(topics.repartition.iter().map(String::as_str))
+        .chain(topics.timers.iter().map(String::as_str))
         .collect();
     if doomed.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -405,6 +417,8 @@ pub(crate) async fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         }
         if journals.iter().any(|(t, _)| t == topic) {
             println!("deleted journal {topic} (the next run creates it again, empty); a flow's local state store (--state-dir) notices and rebuilds");
+        } else if topics.timers.iter().any(|t| t == topic) {
+            println!("deleted timers topic {topic}");
         } else {
             println!("deleted repartition topic {topic}");
         }

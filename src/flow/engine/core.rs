@@ -31,6 +31,8 @@ pub(crate) struct Parts<S: EventSourced> {
     /// In an application: where the stage's keys live (a command of a key decoded in another
     /// partition is forwarded there).
     pub(crate) placement: Option<Placement>,
+    /// In an application: where the stage's durable timers are kept.
+    pub(crate) timers: Option<super::timers::TimerSettings<S>>,
 }
 
 /// Where enrichment calls and async listeners run: the tokio runtime the flow was started from,

@@ -89,6 +89,20 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         if !wanted.is_empty() {
             self.metrics.restoring_partitions.fetch_add(wanted.len() as u64, Ordering::Relaxed);
             let job = self.storage.restore(&wanted);
+            let job = match &self.parts.timers {
+                None => job,
+                // The partitions' timers are read on the restore's thread too.
+                Some(t) => {
+                    let (config, topic) = (t.config.clone(), t.topic.clone());
+                    Box::new(move || {
+                        let mut restored = job()?;
+                        for (p, r) in &mut restored {
+                            r.state.timers.load(super::timers::read_partition(&config, &topic, *p)?);
+                        }
+                        Ok(restored)
+                    }) as super::storage::RestoreJob<S>
+                }
+            };
             self.tasks.start_restore(wanted, job)?;
             tracing::info!(partitions = %Partitions(&restoring), "assigned; restoring their state");
         }

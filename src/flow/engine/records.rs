@@ -6,16 +6,21 @@ use super::core::Core;
 use super::emitter::Outcome;
 use super::guarantee::Guarantee;
 use super::storage::Change;
+use super::timers::{self, Pending, TIMER_HEADER};
 use crate::flow::error::FlowError;
 use crate::flow::record::{Decoded, InputRecord, OutputRecord};
 use crate::flow::settings::BadInput;
+use crate::flow::shared::now_ms;
 use crate::replay::Entity;
-use crate::stage::{EntityKey, EventSourced};
+use crate::stage::{EntityKey, EventSourced, TimerOp};
 use eventstage_journal::SeqNo;
 use rdkafka::message::{BorrowedMessage, Message};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Timers fired per partition in one call of the flow loop (the rest at the next).
+const FIRE_AT_ONCE: usize = 256;
 
 impl<S: EventSourced, G: Guarantee> Core<S, G> {
     fn dead_letter(&mut self, input: &InputRecord, reason: String) -> Result<(), FlowError> {
@@ -114,6 +119,19 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
                 return self.emit(input.partition, record);
             }
         }
+        self.run_command(input, key, command, context)
+    }
+
+    /// Runs the stage on `command` for `key` (from `input`, or a fired timer): its state read,
+    /// the handlers run, its events journaled and its timers changed in the open transaction, its
+    /// outcome handed to the emitter.
+    fn run_command(
+        &mut self,
+        input: InputRecord,
+        key: S::Key,
+        command: S::Command,
+        context: crate::flow::record::Context,
+    ) -> Result<(), FlowError> {
         let p = input.partition;
         let Some((part, store)) = self.tasks.restored_mut(p) else {
             return Err(FlowError::Config(format!("partition {p} has no restored state")));
@@ -129,11 +147,15 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             Some(entity) => entity,
             None => part.get(&key).cloned().unwrap_or_default(),
         };
-        let (events, outcome, new_state) = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
-            Ok(executed) => (executed.events, executed.outcome, executed.state),
+        let executed = match crate::stage::execute(&self.parts.stage, &entity.state, command) {
+            Ok(executed) => executed,
             Err(message) => return self.dead_letter(&input, format!("handler panicked: {message}")),
         };
-        let state = match new_state {
+        if !executed.timers.is_empty() {
+            self.change_timers(p, &key, executed.timers)?;
+        }
+        let (events, outcome) = (executed.events, executed.outcome);
+        let state = match executed.state {
             None => entity.state,
             Some(state) => {
                 // Before journaling: a deletion's marker must include the deleting input.
@@ -159,6 +181,78 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
             }
         };
         self.emitter.outcome(self.guarantee.batch(), Outcome { input, key, events, outcome, state, context })
+    }
+
+    /// Schedules and cancels `key`'s timers in the open transaction, and writes its timers
+    /// record into it.
+    fn change_timers(&mut self, p: i32, key: &S::Key, ops: Vec<TimerOp<S>>) -> Result<(), FlowError> {
+        let Some(settings) = &self.parts.timers else {
+            return Err(FlowError::Config(format!(
+                "stage `{}` schedules or cancels a timer: durable timers run in the flows of an Application (eventstage::flow::Application), which keeps them in <group>-<stage>-timers; run the flow as a stage of one",
+                S::NAME
+            )));
+        };
+        let (topic, encode) = (settings.topic.clone(), settings.encode);
+        let Some(part) = self.tasks.state_mut(p) else { return Ok(()) };
+        let mut timers = part.timers.get(key).cloned().unwrap_or_default();
+        for op in ops {
+            match op {
+                TimerOp::Schedule { name, after, command } => {
+                    let command = encode(&command).map_err(|e| {
+                        FlowError::Config(format!(
+                            "stage `{}`: the command of timer `{name}` is not JSON: {e}",
+                            S::NAME
+                        ))
+                    })?;
+                    // The clock now, not the loop's: a timer never fires before its time.
+                    let due = now_ms().saturating_add(after.as_millis().min(u128::from(u64::MAX)) as u64);
+                    timers.insert(name, Pending { due, command: command.into() });
+                }
+                TimerOp::Cancel { name } => {
+                    timers.remove(&name);
+                }
+            }
+        }
+        let record = timers::record(&topic, &key.to_bytes(), &timers);
+        part.timers.set(key.clone(), timers);
+        self.emit(p, record)
+    }
+
+    /// Fires the timers due now (a bounded number per call): each is removed in the open
+    /// transaction and its command handled as an input whose record names the timer.
+    pub(super) fn fire_timers(&mut self) -> Result<(), FlowError> {
+        let Some(settings) = &self.parts.timers else { return Ok(()) };
+        let now = now_ms();
+        if !self.tasks.timer_due(now) {
+            return Ok(());
+        }
+        let (topic, decode, context) = (settings.topic.clone(), settings.decode, settings.context);
+        for p in self.tasks.restored_partitions() {
+            let Some(part) = self.tasks.state_mut(p) else { continue };
+            for (key, name, command) in part.timers.due(now, FIRE_AT_ONCE) {
+                let Some(part) = self.tasks.state_mut(p) else { break };
+                let mut timers = part.timers.get(&key).cloned().unwrap_or_default();
+                let due = timers.remove(&name).map_or(now, |t| t.due);
+                let bytes = key.to_bytes().into_owned();
+                let record = timers::record(&topic, &bytes, &timers);
+                part.timers.set(key.clone(), timers);
+                self.emit(p, record)?;
+                self.tasks.fired.insert(p);
+                self.tasks.dirty = true;
+                self.metrics.timers_fired.fetch_add(1, Ordering::Relaxed);
+                let input = InputRecord::new(topic.clone(), p, -1, Some(bytes), Some(command.to_vec()))
+                    .with_headers(vec![(TIMER_HEADER.into(), name.into_bytes())])
+                    .with_timestamp(due as i64);
+                match decode(&command) {
+                    Ok(command) => self.run_command(input, key, command, context())?,
+                    Err(e) => {
+                        let reason = format!("the command of a timer of stage `{}` does not decode ({e}): was the command type changed while timers were pending?", S::NAME);
+                        self.dead_letter(&input, reason)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Records in partition `p`'s store what one command changed: `events` applied to `key` (at

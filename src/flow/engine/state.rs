@@ -3,6 +3,7 @@
 
 use super::cache::{Committed, Usage};
 use super::storage::{Restoration, RestoreJob, Sealed, TaskStore};
+use super::timers::Timers;
 use crate::flow::error::FlowError;
 use crate::flow::record::{InputRecord, OutputRecord};
 use crate::replay::Entity;
@@ -26,6 +27,8 @@ pub(super) struct PartitionState<S: EventSourced> {
     /// Per key, the input positions its state includes (from journal records written by
     /// at-least-once flows, and kept up to date by them): inputs below are not applied again.
     pub(super) applied: KeyMap<S::Key, Vec<SourcePosition>>,
+    /// The entities' durable timers (a stage of an application).
+    pub(super) timers: Timers<S::Key>,
 }
 
 impl<S: EventSourced> Default for PartitionState<S> {
@@ -36,7 +39,13 @@ impl<S: EventSourced> Default for PartitionState<S> {
 
 impl<S: EventSourced> PartitionState<S> {
     pub(super) fn new(committed: Committed<S>) -> Self {
-        Self { committed, sealed: KeyMap::default(), overlay: KeyMap::default(), applied: KeyMap::default() }
+        Self {
+            committed,
+            sealed: KeyMap::default(),
+            overlay: KeyMap::default(),
+            applied: KeyMap::default(),
+            timers: Timers::default(),
+        }
     }
 
     /// `key`'s committed entity as read from the store (with the input positions it includes);
@@ -56,6 +65,7 @@ impl<S: EventSourced> PartitionState<S> {
         let sealed = std::mem::take(&mut self.sealed);
         let evicted = self.committed.settle(sealed, generation);
         self.forget_evicted(evicted);
+        self.timers.settle();
     }
 
     /// Moves what the local store caught up with to the cache.
@@ -157,6 +167,8 @@ pub(super) struct TaskManager<S: EventSourced> {
     pub(super) pending_seeks: Vec<(String, i32, i64)>,
     /// Inputs were consumed since the last commit.
     pub(super) dirty: bool,
+    /// Partitions whose timers fired since the last commit (their tasks commit with no input).
+    pub(super) fired: std::collections::BTreeSet<i32>,
     /// The state cache's budget in bytes, split evenly over the tasks (`None`: no cache).
     cache_budget: Option<u64>,
 }
@@ -169,6 +181,7 @@ impl<S: EventSourced> TaskManager<S> {
             pending_pauses: Vec::new(),
             pending_seeks: Vec::new(),
             dirty: false,
+            fired: std::collections::BTreeSet::new(),
             cache_budget,
         }
     }
@@ -244,6 +257,7 @@ impl<S: EventSourced> TaskManager<S> {
         for task in self.tasks.values_mut() {
             task.state.overlay.clear();
             task.state.sealed.clear();
+            task.state.timers.discard();
             if let Some(store) = &mut task.store {
                 store.discard();
             }
@@ -374,6 +388,7 @@ impl<S: EventSourced> TaskManager<S> {
     pub(super) fn seal(&mut self) {
         self.each_offsets(|o| o.sealed = o.next);
         self.dirty = false;
+        self.fired.clear();
     }
 
     /// The sealed offsets are committed (or handed to the at-least-once committer).
@@ -389,6 +404,22 @@ impl<S: EventSourced> TaskManager<S> {
             o.sealed = o.committed;
         });
         self.dirty = false;
+        self.fired.clear();
+    }
+
+    /// The partitions whose tasks are restored.
+    pub(super) fn restored_partitions(&self) -> Vec<i32> {
+        self.tasks.iter().filter(|(_, t)| t.store.is_some()).map(|(p, _)| *p).collect()
+    }
+
+    /// Whether a restored task has a timer due at `now`.
+    pub(super) fn timer_due(&self, now: u64) -> bool {
+        self.tasks.values().any(|t| t.store.is_some() && t.state.timers.next_due().is_some_and(|d| d <= now))
+    }
+
+    /// Timers pending in the restored tasks.
+    pub(super) fn timers_pending(&self) -> u64 {
+        self.tasks.values().map(|t| t.state.timers.len() as u64).sum()
     }
 
     fn each_offsets(&mut self, mut f: impl FnMut(&mut Offsets)) {

@@ -86,6 +86,9 @@ impl<S: EventSourced, G: Guarantee> FlowThread<S, G> {
             self.schedule.commit_ended(Instant::now());
         }
         let now = self.schedule.tick(waited).inspect(|_| c.wall_ms = now_ms());
+        if now.is_some() {
+            c.fire_timers()?;
+        }
         // A commit under way ends before the next starts; the flow processes meanwhile.
         if (self.schedule.due(now) || c.guarantee.due()) && !c.guarantee.busy() {
             let started = now.unwrap_or_else(Instant::now);

@@ -62,6 +62,10 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
                 });
             }
         }
+        // A task whose timers fired commits its journal records without an input.
+        for p in &self.tasks.fired {
+            positions.entry(*p).or_default();
+        }
         Ok((tpl, positions))
     }
 
@@ -78,6 +82,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         for part in self.tasks.states_mut() {
             debug_assert!(part.sealed.is_empty(), "one transaction commits at a time");
             std::mem::swap(&mut part.sealed, &mut part.overlay);
+            part.timers.seal();
         }
     }
 
@@ -92,6 +97,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
         set(&self.metrics.cache_entries, usage.entries);
         set(&self.metrics.cache_unstored, usage.unstored);
         set(&self.metrics.store_lag, usage.store_lag);
+        set(&self.metrics.timers_pending, self.tasks.timers_pending());
     }
 
     /// Forgets the open transaction's (or batch's) work: state changes, journal records not yet
