@@ -109,7 +109,13 @@ pub struct Effect<S: EventSourced> {
 /// A change of an entity's durable timers.
 pub(crate) enum TimerOp<S: EventSourced> {
     /// `command` for the entity in `after`, under `name` (a timer of that name is replaced).
-    Schedule { name: String, after: std::time::Duration, command: S::Command },
+    Schedule {
+        name: String,
+        after: std::time::Duration,
+        // Read by the flows (feature `kafka`), which keep timers.
+        #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+        command: S::Command,
+    },
     /// The timer `name`, if pending, never fires.
     Cancel { name: String },
 }
@@ -223,10 +229,10 @@ impl<S: EventSourced> Effect<S> {
     /// instance owns the entity then, restarts and moves between instances included. Its
     /// handling is exactly once like any command's: the timer is gone in the same transaction as
     /// the fired command's effects. A timer of the same `name` is replaced; see
-    /// [`cancel`](Self::cancel). The fired command's input ([`Processed::timer`](crate::flow::Processed::timer))
-    /// names the timer.
+    /// [`cancel`](Self::cancel). The fired command's input (`Processed::timer` in the flows'
+    /// mappings) names the timer.
     ///
-    /// Timers run in the flows of an [`Application`](crate::flow::Application) (its stages'
+    /// Timers run in the flows of an `eventstage::flow::Application` (feature `kafka`; its stages'
     /// commands are serde, and it keeps each stage's timers in the compacted topic
     /// `<group>-<stage>-timers`); a flow outside one and the in-process runtime refuse a
     /// command whose effect schedules or cancels one.

@@ -1,7 +1,7 @@
 //! Money transfers between bank accounts, as a saga: a transfer entity (keyed by transfer id)
 //! withdraws from the source account, then deposits to the target; a refused deposit refunds the
 //! source. The bank stage answers each step ([`TransferCommand::Step`]); the transfer decides the
-//! next one. See [`transfer_flow`](super::transfer_flow) for the two stages as one application.
+//! next one. See `stages::transfer_flow` (feature `kafka`) for the two stages as one application.
 
 use crate::stage::{Effect, EventSourced};
 use serde::{Deserialize, Serialize};
