@@ -2,13 +2,36 @@
 //! withdraws from the source account, then deposits to the target; a refused deposit refunds the
 //! source. The bank stage answers each step ([`TransferCommand::Step`]); the transfer decides the
 //! next one. See `stages::transfer_flow` (feature `kafka`) for the two stages as one application.
+//!
+//! **A withdrawal not answered in time.** Starting a transfer schedules a durable timer
+//! ([`Transfers::withdraw_timeout`]); the withdrawal's answer cancels it. When it fires first (the
+//! source account's partition is slow or moving), the transfer is rejected at once ("timed out").
+//! The withdrawal is not lost, only late: when its answer comes and it took the money, the
+//! transfer compensates by depositing it back to the source. Retrying the withdrawal instead
+//! would take the money twice (the bank's withdrawals are not idempotent), and a deposit or
+//! refund has no deadline: money already left the source, and the transfer waits for its fate to
+//! reply with the truth.
 
 use crate::stage::{Effect, EventSourced};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// The transfer stage.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Transfers;
+#[derive(Debug, Clone, Copy)]
+pub struct Transfers {
+    /// How long a transfer waits for its withdrawal before it is rejected as timed out (a late
+    /// withdrawal is then deposited back). Default: 30 s.
+    pub withdraw_timeout: Duration,
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Self { withdraw_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The name of the withdrawal's timer.
+pub const WITHDRAW_TIMER: &str = "withdraw-timeout";
 
 /// A step of a transfer, done by the bank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,7 +40,8 @@ pub enum Step {
     Withdraw,
     /// Put it into the target account.
     Deposit,
-    /// Put it back into the source account (the deposit was refused).
+    /// Put it back into the source account (the deposit was refused, or the withdrawal came
+    /// after the transfer timed out).
     Refund,
 }
 
@@ -61,6 +85,8 @@ pub enum TransferCommand {
         /// Refused with this reason (`None`: done).
         refused: Option<String>,
     },
+    /// The withdrawal's timer fired.
+    WithdrawTimedOut,
 }
 
 /// Events.
@@ -97,6 +123,37 @@ pub enum TransferEvent {
         /// The bank's reason.
         reason: String,
     },
+    /// The withdrawal was not answered in time: the transfer is rejected.
+    TimedOut {
+        /// How long it waited, in ms.
+        waited_ms: u64,
+    },
+    /// The withdrawal came after the transfer timed out and took the money: it goes back.
+    LateWithdrawal,
+    /// A late withdrawal's answer came, and it had taken nothing.
+    LateWithdrawalRefused,
+    /// The late withdrawal's money is back in the source account.
+    Compensated,
+    /// The source account refused the late withdrawal's money back (it was closed meanwhile):
+    /// the transfer holds the amount.
+    CompensationRefused {
+        /// The bank's reason.
+        reason: String,
+    },
+}
+
+impl TransferEvent {
+    /// Whether the event ends the transfer (its one reply says how).
+    pub fn ends(&self) -> bool {
+        matches!(
+            self,
+            TransferEvent::WithdrawalRefused { .. }
+                | TransferEvent::Deposited
+                | TransferEvent::Refunded
+                | TransferEvent::RefundRefused { .. }
+                | TransferEvent::TimedOut { .. }
+        )
+    }
 }
 
 /// Where a transfer is.
@@ -119,6 +176,12 @@ pub enum Status {
     Rejected,
     /// Done: the refund was refused; the transfer holds the amount.
     Held,
+    /// Done (rejected): the withdrawal was not answered in time; its answer is still to come.
+    TimedOut,
+    /// Done (rejected): the late withdrawal took the money, which is being deposited back.
+    Compensating,
+    /// Done (rejected): nothing moved in the end.
+    Compensated,
 }
 
 impl Status {
@@ -128,7 +191,7 @@ impl Status {
         match self {
             Status::Completed => Some("completed"),
             Status::Refunded => Some("refunded"),
-            Status::Rejected => Some("rejected"),
+            Status::Rejected | Status::TimedOut | Status::Compensating | Status::Compensated => Some("rejected"),
             Status::Held => Some("held"),
             Status::New | Status::Withdrawing | Status::Depositing | Status::Refunding => None,
         }
@@ -167,6 +230,9 @@ pub enum TransferRejection {
         /// The step answered.
         step: Step,
     },
+    /// A withdrawal timer that fired after its answer came (it was cancelled then).
+    #[error("the withdrawal was answered already")]
+    Answered,
 }
 
 impl EventSourced for Transfers {
@@ -180,24 +246,41 @@ impl EventSourced for Transfers {
 
     fn handle(&self, t: &Transfer, command: TransferCommand) -> Result<Effect<Self>, TransferRejection> {
         use TransferEvent as E;
+        let reply = |event: TransferEvent| Effect::persist([event]).then_reply(|t: &Transfer| t.status);
         let event = match command {
             TransferCommand::Start { .. } if t.status != Status::New => return Err(TransferRejection::Exists),
             TransferCommand::Start { amount: 0, .. } => return Err(TransferRejection::Invalid("the amount is 0")),
             TransferCommand::Start { from, to, .. } if from == to => {
                 return Err(TransferRejection::Invalid("the source and target accounts are the same"))
             }
-            TransferCommand::Start { from, to, amount } => E::Requested { from, to, amount },
+            TransferCommand::Start { from, to, amount } => {
+                return Ok(reply(E::Requested { from, to, amount }).schedule(
+                    WITHDRAW_TIMER,
+                    self.withdraw_timeout,
+                    TransferCommand::WithdrawTimedOut,
+                ))
+            }
+            TransferCommand::WithdrawTimedOut if t.status == Status::Withdrawing => {
+                E::TimedOut { waited_ms: self.withdraw_timeout.as_millis() as u64 }
+            }
+            TransferCommand::WithdrawTimedOut => return Err(TransferRejection::Answered),
             TransferCommand::Step { step, refused } => match (t.status, step, refused) {
-                (Status::Withdrawing, Step::Withdraw, None) => E::Withdrawn,
-                (Status::Withdrawing, Step::Withdraw, Some(reason)) => E::WithdrawalRefused { reason },
+                (Status::Withdrawing, Step::Withdraw, None) => return Ok(reply(E::Withdrawn).cancel(WITHDRAW_TIMER)),
+                (Status::Withdrawing, Step::Withdraw, Some(reason)) => {
+                    return Ok(reply(E::WithdrawalRefused { reason }).cancel(WITHDRAW_TIMER))
+                }
                 (Status::Depositing, Step::Deposit, None) => E::Deposited,
                 (Status::Depositing, Step::Deposit, Some(reason)) => E::DepositRefused { reason },
                 (Status::Refunding, Step::Refund, None) => E::Refunded,
                 (Status::Refunding, Step::Refund, Some(reason)) => E::RefundRefused { reason },
+                (Status::TimedOut, Step::Withdraw, None) => E::LateWithdrawal,
+                (Status::TimedOut, Step::Withdraw, Some(_)) => E::LateWithdrawalRefused,
+                (Status::Compensating, Step::Refund, None) => E::Compensated,
+                (Status::Compensating, Step::Refund, Some(reason)) => E::CompensationRefused { reason },
                 (status, step, _) => return Err(TransferRejection::Unexpected { status, step }),
             },
         };
-        Ok(Effect::persist([event]).then_reply(|t: &Transfer| t.status))
+        Ok(reply(event))
     }
 
     fn apply(t: &mut Transfer, event: &TransferEvent) {
@@ -228,6 +311,19 @@ impl EventSourced for Transfers {
                 t.reason =
                     Some(format!("{}; the refund was refused: {reason}", t.reason.as_deref().unwrap_or_default()));
             }
+            E::TimedOut { waited_ms } => {
+                t.status = Status::TimedOut;
+                t.reason = Some(format!("the source account did not answer the withdrawal within {waited_ms} ms"));
+            }
+            E::LateWithdrawal => t.status = Status::Compensating,
+            E::LateWithdrawalRefused | E::Compensated => t.status = Status::Compensated,
+            E::CompensationRefused { reason } => {
+                t.status = Status::Held;
+                t.reason = Some(format!(
+                    "{}; the late withdrawal's refund was refused: {reason}",
+                    t.reason.as_deref().unwrap_or_default()
+                ));
+            }
         }
     }
 }
@@ -250,34 +346,71 @@ mod tests {
         E::Requested { from: "a".into(), to: "b".into(), amount: 5 }
     }
 
+    fn stage() -> StageTest<Transfers> {
+        StageTest::new(Transfers { withdraw_timeout: Duration::from_secs(2) })
+    }
+
     #[test]
     fn a_transfer_withdraws_then_deposits() {
-        StageTest::new(Transfers).when(start(5)).then_events([requested()]).then_reply(Status::Withdrawing);
-        let t = StageTest::new(Transfers).given([requested()]);
-        t.when(step(Step::Withdraw, None)).then_events([E::Withdrawn]).then_reply(Status::Depositing);
+        stage()
+            .when(start(5))
+            .then_events([requested()])
+            .then_reply(Status::Withdrawing)
+            .then_timers(&[(WITHDRAW_TIMER, Some(Duration::from_secs(2)))]);
+        let t = stage().given([requested()]);
+        t.when(step(Step::Withdraw, None))
+            .then_events([E::Withdrawn])
+            .then_reply(Status::Depositing)
+            .then_timers(&[(WITHDRAW_TIMER, None)]);
         let t = t.given([E::Withdrawn]);
         t.when(step(Step::Deposit, None)).then_reply(Status::Completed);
         let t = t.given([E::Deposited]);
         t.when(step(Step::Deposit, None))
             .then_rejected(TransferRejection::Unexpected { status: Status::Completed, step: Step::Deposit });
         t.when(start(5)).then_rejected(TransferRejection::Exists);
+        t.when(TransferCommand::WithdrawTimedOut).then_rejected(TransferRejection::Answered);
     }
 
     #[test]
     fn a_refused_deposit_refunds_and_a_refused_withdrawal_rejects() {
-        let t = StageTest::new(Transfers).given([requested(), E::Withdrawn]);
+        let t = stage().given([requested(), E::Withdrawn]);
         t.when(step(Step::Deposit, Some("account is not open"))).then_reply(Status::Refunding);
         let t = t.given([E::DepositRefused { reason: "account is not open".into() }]);
         t.when(step(Step::Refund, None)).then_reply(Status::Refunded);
         t.when(step(Step::Refund, Some("account is not open"))).then_reply(Status::Held);
-        let t = StageTest::new(Transfers).given([requested()]);
-        t.when(step(Step::Withdraw, Some("insufficient funds"))).then_reply(Status::Rejected).then_state(Transfer {
-            status: Status::Rejected,
-            from: "a".into(),
-            to: "b".into(),
-            amount: 5,
-            reason: Some("insufficient funds".into()),
-        });
-        StageTest::new(Transfers).when(start(0)).then_rejected(TransferRejection::Invalid("the amount is 0"));
+        let t = stage().given([requested()]);
+        t.when(step(Step::Withdraw, Some("insufficient funds")))
+            .then_reply(Status::Rejected)
+            .then_timers(&[(WITHDRAW_TIMER, None)])
+            .then_state(Transfer {
+                status: Status::Rejected,
+                from: "a".into(),
+                to: "b".into(),
+                amount: 5,
+                reason: Some("insufficient funds".into()),
+            });
+        stage().when(start(0)).then_rejected(TransferRejection::Invalid("the amount is 0"));
+    }
+
+    #[test]
+    fn a_withdrawal_not_answered_in_time_rejects_and_a_late_one_is_given_back() {
+        let t = stage().given([requested()]);
+        t.when(TransferCommand::WithdrawTimedOut)
+            .then_events([E::TimedOut { waited_ms: 2000 }])
+            .then_reply(Status::TimedOut);
+        assert_eq!(Status::TimedOut.ended(), Some("rejected"));
+        let t = t.given([E::TimedOut { waited_ms: 2000 }]);
+        // The late withdrawal took the money: it goes back, without a second reply.
+        t.when(step(Step::Withdraw, None)).then_events([E::LateWithdrawal]).then_reply(Status::Compensating);
+        t.when(step(Step::Withdraw, Some("insufficient funds"))).then_reply(Status::Compensated);
+        let t = t.given([E::LateWithdrawal]);
+        t.when(step(Step::Refund, None)).then_events([E::Compensated]).then_reply(Status::Compensated);
+        t.when(step(Step::Refund, Some("account is not open"))).then_reply(Status::Held);
+        for e in
+            [E::LateWithdrawal, E::LateWithdrawalRefused, E::Compensated, E::CompensationRefused { reason: "x".into() }]
+        {
+            assert!(!e.ends(), "{e:?} comes after the transfer's reply");
+        }
+        assert!(E::TimedOut { waited_ms: 1 }.ends());
     }
 }

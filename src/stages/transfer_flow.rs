@@ -7,7 +7,9 @@
 //! - replies (`<transfers>.replies`): key = transfer id, value = JSON
 //!   `{"id": "<transfer id>", "status": "completed" | "refunded" | "rejected" | "held", "error":
 //!   <string or null>}`, exactly one per transfer once it ends (`held`: the source account refused
-//!   the refund, closed meanwhile, and the transfer holds the amount);
+//!   the refund, closed meanwhile, and the transfer holds the amount; `rejected` also when the
+//!   withdrawal was not answered within the timeout: a late withdrawal is then given back, see
+//!   [`transfer`](super::transfer));
 //! - the bank's topics keep their contract (see [`bank_flow`](super::bank_flow)): a reply per
 //!   bank command, an event per change of an account, the transfers' steps included (their
 //!   withdrawals and deposits are events of the accounts; they have no bank reply).
@@ -20,7 +22,7 @@
 
 use super::bank::{Bank, BankCommand};
 use super::bank_flow::{self, BankTopics};
-use super::transfer::{Status, Step, TransferCommand, TransferEvent, TransferRejection, Transfers};
+use super::transfer::{Step, TransferCommand, TransferEvent, TransferRejection, Transfers};
 use crate::flow::{Application, FlowBuilder, InputRecord, OutputRecord, Processed, Routed, To};
 use crate::stage::EventSourced;
 use serde::{Deserialize, Serialize};
@@ -70,13 +72,15 @@ pub fn decode(input: &InputRecord) -> Result<(String, TransferCommand), String> 
 /// The transfer's reply, when this command ended it (or refused to start it).
 fn reply(replies: &str, p: &Processed<'_, Transfers>) -> Vec<OutputRecord> {
     let (status, error) = match p.outcome {
-        Ok(status) => match status.ended() {
+        Ok(status) => match status.ended().filter(|_| p.events.iter().any(TransferEvent::ends)) {
             Some(ended) => (ended, p.state.reason.clone()),
             None => return Vec::new(),
         },
         Err(rejection @ (TransferRejection::Exists | TransferRejection::Invalid(_))) => {
             ("rejected", Some(rejection.to_string()))
         }
+        // A withdrawal timer that lost the race with its answer: nothing to say.
+        Err(TransferRejection::Answered) => return Vec::new(),
         Err(unexpected) => {
             tracing::warn!(transfer = %p.key, %unexpected, "an answer of the bank the transfer does not wait for; ignored");
             return Vec::new();
@@ -92,7 +96,9 @@ fn next_step(bank: &To<Bank>, p: &Processed<'_, Transfers>) -> Vec<Routed> {
     let step = match p.events.last() {
         Some(TransferEvent::Requested { .. }) => (Step::Withdraw, &t.from, BankCommand::Withdraw(t.amount)),
         Some(TransferEvent::Withdrawn) => (Step::Deposit, &t.to, BankCommand::Deposit(t.amount)),
-        Some(TransferEvent::DepositRefused { .. }) => (Step::Refund, &t.from, BankCommand::Deposit(t.amount)),
+        Some(TransferEvent::DepositRefused { .. } | TransferEvent::LateWithdrawal) => {
+            (Step::Refund, &t.from, BankCommand::Deposit(t.amount))
+        }
         _ => return Vec::new(),
     };
     let (step, account, command) = step;
@@ -130,9 +136,15 @@ impl TransferApp {
     }
 }
 
-/// The bank (`bank` topics) and the transfers (read from `transfers`) as one application of
-/// consumer group `group`.
-pub fn transfer_app(brokers: &str, group: &str, bank: BankTopics, transfers: &str) -> TransferApp {
+/// The bank (`bank` topics) and the transfers (read from `transfers`, each waiting at most
+/// `withdraw_timeout` for its withdrawal) as one application of consumer group `group`.
+pub fn transfer_app(
+    brokers: &str,
+    group: &str,
+    bank: BankTopics,
+    transfers: &str,
+    withdraw_timeout: std::time::Duration,
+) -> TransferApp {
     let app = Application::new(brokers, group);
     let (to_bank, to_transfers) = (app.to::<Bank>(), app.to::<Transfers>());
     let bank_flow = app
@@ -146,20 +158,9 @@ pub fn transfer_app(brokers: &str, group: &str, bank: BankTopics, transfers: &st
         .route(move |p| answer(&to_transfers, p));
     let replies = replies_topic(transfers);
     let transfer_flow = app
-        .flow(Transfers, [transfers])
+        .flow(Transfers { withdraw_timeout }, [transfers])
         .decoder(decode)
         .outputs(move |p| reply(&replies, p))
         .route(move |p| next_step(&to_bank, p));
     TransferApp { app, bank: bank_flow, transfers: transfer_flow }
-}
-
-/// The status a reply names, read back (for checkers).
-pub fn status_of(reply: &WireTransferReply) -> Option<Status> {
-    match reply.status.as_str() {
-        "completed" => Some(Status::Completed),
-        "refunded" => Some(Status::Refunded),
-        "rejected" => Some(Status::Rejected),
-        "held" => Some(Status::Held),
-        _ => None,
-    }
 }

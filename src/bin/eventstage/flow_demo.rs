@@ -99,6 +99,10 @@ pub(crate) struct FlowArgs {
     /// for the transfers) and, with --state-dir, its own store in a subdirectory.
     #[arg(long, value_name = "TOPIC", requires = "brokers", conflicts_with = "limits")]
     transfers: Option<String>,
+    /// With --transfers: how long a transfer waits for its withdrawal before it is rejected as
+    /// timed out (a durable timer; a withdrawal that comes later is deposited back).
+    #[arg(long, default_value = "30s", value_parser = positive_duration, requires = "transfers")]
+    transfer_timeout: Duration,
     /// Withdrawal limits: a compacted topic (key = account id, value = the largest withdrawal, a
     /// JSON number) joined into every command; a withdrawal over the limit is rejected.
     #[arg(long, value_name = "TOPIC", requires = "brokers")]
@@ -291,7 +295,13 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
                 .run()?,
         ),
         (None, Some(transfers)) => {
-            let app = eventstage::stages::transfer_flow::transfer_app(&brokers, &args.group, topics, transfers);
+            let app = eventstage::stages::transfer_flow::transfer_app(
+                &brokers,
+                &args.group,
+                topics,
+                transfers,
+                args.transfer_timeout,
+            );
             let app = eventstage::stages::transfer_flow::TransferApp {
                 bank: configure(app.bank, Some(&journal), &txn, &args, state_dir("bank")),
                 transfers: configure(app.transfers, None, &format!("{txn}-transfer"), &args, state_dir("transfer")),
