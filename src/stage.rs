@@ -232,10 +232,10 @@ impl<S: EventSourced> Effect<S> {
     /// [`cancel`](Self::cancel). The fired command's input (`Processed::timer` in the flows'
     /// mappings) names the timer.
     ///
-    /// Timers run in the flows of an `eventstage::flow::Application` (feature `kafka`; its stages'
-    /// commands are serde, and it keeps each stage's timers in the compacted topic
-    /// `<group>-<stage>-timers`); a flow outside one and the in-process runtime refuse a
-    /// command whose effect schedules or cancels one.
+    /// Timers run in the exactly-once flows of an `eventstage::flow::Application` (feature
+    /// `kafka`; its stages' commands are serde, and it keeps each stage's timers in the compacted
+    /// topic `<group>-<stage>-timers`); a flow outside one, an at-least-once stage and the
+    /// in-process runtime refuse a command whose effect schedules or cancels one.
     #[must_use]
     pub fn schedule(mut self, name: impl Into<String>, after: std::time::Duration, command: S::Command) -> Self {
         self.timers.push(TimerOp::Schedule { name: name.into(), after, command });

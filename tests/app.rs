@@ -45,6 +45,14 @@ pub(crate) fn feed_transfers(brokers: &str, topic: &str, transfers: &[WireTransf
     flush(&p);
 }
 
+/// Waits until the bank answered the `n` commands that open and fund the accounts. A bank
+/// command and a transfer's routed step reach the bank through different topics, in no set order:
+/// a transfer sent before its accounts are open may find them closed.
+async fn accounts_open(s: &Setup, n: usize) {
+    let (b, t) = (s.brokers.clone(), s.topics.replies.clone());
+    tokio::task::spawn_blocking(move || read_committed(&b, &t, |r| r.len() >= n, Duration::ZERO)).await.unwrap();
+}
+
 /// What an independent reader of the committed topics finds.
 pub(crate) struct Books {
     /// Each transfer's replies.
@@ -144,13 +152,12 @@ async fn transfers_between_accounts_are_one_exactly_once_application() {
         bank.push((a.clone(), format!("open-{a}"), BankCommand::Open));
         bank.push((a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)));
     }
-    // Fed before the application starts: the bank commands come first in their partitions, and
-    // the transfers wait for the bank's answers whatever the order.
     feed(&s.brokers, &s.topics.input, &bank);
     let transfers = transfers(60, 10, 80, 7);
-    feed_transfers(&s.brokers, &transfers_topic, &transfers);
     let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic, Duration::from_secs(30));
     let app = app.into_application().start().await.expect("the application starts");
+    accounts_open(&s, bank.len()).await;
+    feed_transfers(&s.brokers, &transfers_topic, &transfers);
     let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
     let books = {
         let (s, topic) = (s.clone(), transfers_topic.clone());
@@ -234,9 +241,10 @@ async fn a_transfer_whose_withdrawal_is_late_times_out_and_the_late_money_goes_b
         .collect();
     feed(&s.brokers, &s.topics.input, &bank);
     let transfers = transfers(60, 10, 30, 11);
-    feed_transfers(&s.brokers, &transfers_topic, &transfers);
     let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic, Duration::from_millis(1));
     let app = app.into_application().start().await.expect("the application starts");
+    accounts_open(&s, bank.len()).await;
+    feed_transfers(&s.brokers, &transfers_topic, &transfers);
     let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
     let books = {
         let (s, topic) = (s.clone(), transfers_topic.clone());
@@ -383,13 +391,14 @@ async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_t
     // A withdrawal late by more than 300 ms (its partition moving after a kill) times out the
     // transfer, and the late withdrawal is given back.
     args.extend(["--transfers", &transfers_topic, "--transfer-timeout", "300ms"].map(String::from));
+    let slots = [unique("txn-a"), unique("txn-b")];
+    let mut demos: Vec<Option<Demo>> =
+        (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args, logs.path()))).collect();
+    accounts_open(&s, history.len()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let bank_feeding = feeder(&s, &chaos, 5, Duration::from_millis(100), stop.clone());
     let transfer_feeding =
         transfer_feeder(&s, &transfers_topic, &transfers, 5, Duration::from_millis(100), stop.clone());
-    let slots = [unique("txn-a"), unique("txn-b")];
-    let mut demos: Vec<Option<Demo>> =
-        (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args, logs.path()))).collect();
     for round in 0..3 {
         let victim = round % 2;
         std::thread::sleep(Duration::from_millis(rng.random_range(200..2000)));
@@ -610,4 +619,113 @@ async fn the_runtime_refuses_a_timer_and_the_testkit_shows_it() {
     assert!(matches!(err, eventstage::Error::Timers { .. }) && err.to_string().contains("Application"), "{err}");
     assert!(stage.handle().get(&"a".into()).await.unwrap().is_none(), "the refused command had no effect");
     stage.shutdown().await.unwrap();
+}
+
+/// On three brokers (replication factor 3, min.insync.replicas 2), while bank commands and
+/// transfers flow through the transfer application, the leader of the bank's repartition topic's
+/// partition 0, then the bank stage's transaction coordinator, then the group coordinator are
+/// SIGKILLed and restarted, one at a time: the stages heal by themselves, every transfer ends
+/// exactly once and money is conserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transfer_application_survives_losing_brokers_on_three_nodes() {
+    use crate::kafka::{coordinator, leader};
+    use crate::util::broker::{own_cluster, Settings};
+    let mut cluster = own_cluster(Settings::three());
+    let s = crate::flow::setup_on(cluster.bootstrap(), 2).await;
+    let transfers_topic = unique("transfers");
+    create_topic(&s.brokers, &transfers_topic, 2, &[]).await;
+    create_topic(&s.brokers, &replies_topic(&transfers_topic), 2, &[]).await;
+    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
+    let history: Vec<_> = opened
+        .iter()
+        .flat_map(|a| {
+            [
+                (a.clone(), format!("open-{a}"), BankCommand::Open),
+                (a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)),
+            ]
+        })
+        .collect();
+    feed(&s.brokers, &s.topics.input, &history);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let chaos: Vec<(String, String, BankCommand)> = (0..4000)
+        .map(|i| {
+            let account = format!("acct-{}", rng.random_range(0..8));
+            let amount = rng.random_range(1..40);
+            let cmd = if rng.random_bool(0.5) { BankCommand::Deposit(amount) } else { BankCommand::Withdraw(amount) };
+            (account, format!("c-{i}"), cmd)
+        })
+        .collect();
+    let transfers = transfers(4000, 10, 25, 5);
+    let txn = unique("txn");
+    let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic, Duration::from_secs(5));
+    let app = eventstage::stages::transfer_flow::TransferApp {
+        bank: app.bank.journal_topic(&s.journal),
+        transfers: app.transfers,
+        app: app.app.transactional_id(&txn),
+    };
+    let running = app.into_application().start().await.expect("the application starts");
+    accounts_open(&s, history.len()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let bank_feeding = feeder(&s, &chaos, 10, Duration::from_millis(100), stop.clone());
+    let transfer_feeding =
+        transfer_feeder(&s, &transfers_topic, &transfers, 10, Duration::from_millis(100), stop.clone());
+    // Progress: the stages' inputs taken and a commit since, within a deadline.
+    let progress = |running: &eventstage::flow::Running, what: String| {
+        let before: Vec<(u64, u64)> = running.metrics().iter().map(|(_, m)| (m.records_in, m.transactions)).collect();
+        let statuses = running.statuses();
+        async move {
+            let end = std::time::Instant::now() + DEADLINE * 3;
+            loop {
+                let now: Vec<(u64, u64)> =
+                    statuses.iter().map(|(_, s)| (s.metrics().records_in, s.metrics().transactions)).collect();
+                if now.iter().zip(&before).all(|(n, b)| n.0 >= b.0 + 100 && n.1 > b.1) {
+                    return;
+                }
+                assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    progress(&running, "the application to run".into()).await;
+    let repartition = commands_topic(&s.group, "bank");
+    let victims = [
+        ("the leader of the bank's repartition topic", "", repartition),
+        ("the bank stage's transaction coordinator", "__transaction_state", format!("{txn}-bank")),
+        ("the group coordinator", "__consumer_offsets", s.group.clone()),
+    ];
+    for (what, internal, key) in victims {
+        let b = s.brokers.clone();
+        let id = tokio::task::spawn_blocking(move || match internal {
+            "" => leader(&b, &key, 0),
+            internal => coordinator(&b, internal, &key),
+        })
+        .await
+        .unwrap();
+        let node = cluster.node_of_broker(id).unwrap_or_else(|| panic!("{what} is broker {id}"));
+        cluster.kill_node(node);
+        eprintln!("killed broker {id}, {what}");
+        progress(&running, format!("progress without {what}")).await;
+        cluster.restart_node(node).unwrap();
+        let c = &cluster;
+        tokio::task::block_in_place(|| {
+            c.wait_ready().unwrap();
+            c.wait_in_sync(DEADLINE * 2).unwrap();
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (sent_bank, sent_transfers) = (bank_feeding.join().unwrap(), transfer_feeding.join().unwrap());
+    feed(&s.brokers, &s.topics.input, &chaos[sent_bank..]);
+    feed_transfers(&s.brokers, &transfers_topic, &transfers[sent_transfers..]);
+    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
+    let (books, money) = {
+        let (s, topic, all) = (s.clone(), transfers_topic.clone(), [history.as_slice(), &chaos].concat());
+        tokio::task::spawn_blocking(move || {
+            let money = money_in(&s, &all);
+            (read_books(&s, &topic, &ids, money), money)
+        })
+        .await
+        .unwrap()
+    };
+    running.drain_and_shutdown().await.expect("drains");
+    check_books(&books, &transfers, &opened, money);
 }

@@ -363,7 +363,7 @@ async fn a_flow_stopped_past_its_transaction_timeout_recovers_exactly_once() {
 /// `__consumer_offsets`): the leader of the internal topic's partition Kafka maps the key to, the
 /// absolute value of Java's `String.hashCode` modulo the partition count (`Utils.abs`: 0 for
 /// `i32::MIN`).
-fn coordinator(brokers: &str, internal_topic: &str, key: &str) -> i32 {
+pub(crate) fn coordinator(brokers: &str, internal_topic: &str, key: &str) -> i32 {
     let hash = key.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(i32::from(c)));
     let hash = if hash == i32::MIN { 0 } else { hash.abs() };
     leader(brokers, internal_topic, hash % partition_count(brokers, internal_topic))
@@ -375,7 +375,7 @@ fn partition_count(brokers: &str, topic: &str) -> i32 {
 }
 
 /// The broker id leading `topic`'s `partition` (-1 while there is none).
-fn leader(brokers: &str, topic: &str, partition: i32) -> i32 {
+pub(crate) fn leader(brokers: &str, topic: &str, partition: i32) -> i32 {
     let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     md.topics()[0].partitions().iter().find(|p| p.id() == partition).map_or(-1, |p| p.leader())

@@ -58,14 +58,17 @@
 //!     cache, its memory and rate, then reopened and looked up at random: see `table_cache.rs`
 //!     (`EVENTSTAGE_E2E_ONLY=table-cache`, `EVENTSTAGE_E2E_TABLE_CACHE_KEYS`, default 10^7,
 //!     `EVENTSTAGE_E2E_TABLE_CACHE_MIB`, default `64`).
+//! 13. several stages in one application: the transfer saga (bank and transfers, steps routed
+//!     through repartition topics) beside the one-stage bank flow, round by round: see
+//!     `transfers.rs` (`EVENTSTAGE_E2E_ONLY=transfers`, `EVENTSTAGE_E2E_TRANSFERS`, default N/5).
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
 //! `EVENTSTAGE_E2E_INSTANCES` (the instance counts of section 9, default `1,2,4`),
-//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|uniform|table-cache`
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|uniform|table-cache|transfers`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
-//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s, or section 7, 8, 9, 10, 11; sections 10
-//! and 11 run only so), `EVENTSTAGE_E2E_THREADS` (print the CPU
+//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s, or section 7, 8, 9, 10, 11, 12, 13; sections
+//! 10 to 13 run only so), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
 //! 3 four times a second: consumed commands, transactions, last commit latency),
 //! `EVENTSTAGE_E2E_FLOW_PRODUCER` / `EVENTSTAGE_E2E_FLOW_CONSUMER` (librdkafka properties for the
@@ -97,6 +100,7 @@ mod storage;
 mod table;
 mod table_cache;
 mod throughput;
+mod transfers;
 mod uniform;
 
 use broker::*;
@@ -266,6 +270,14 @@ fn run() -> Result<()> {
                 &volume,
             );
         }
+        return Ok(());
+    }
+    if only.as_deref() == Some("transfers") {
+        progress("13/13 several stages in one application: the transfer saga beside the bank flow (EVENTSTAGE_E2E_ONLY=transfers)");
+        let transfers = env_number("EVENTSTAGE_E2E_TRANSFERS", n / 5)?.max(1);
+        let report = transfers::run(&rt, &broker, &cmds, transfers, rounds)?;
+        println!();
+        report.print();
         return Ok(());
     }
     if only.as_deref() == Some("storage") {

@@ -763,6 +763,12 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             self.transactional_id = spec.transactional_id.map(|id| format!("{id}-{}", S::NAME));
         }
         self.placement = Some(spec.placement);
+        // At least once, a fired timer's removal (an output, produced at once) could be written
+        // before the fired command's journal records, and its effect lost in a crash: timers
+        // need transactions.
+        if self.guarantee == Guarantee::AtLeastOnce {
+            return self;
+        }
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         self.timers = Some(engine::TimerSettings {

@@ -270,6 +270,9 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     if args.take_over_journal && !matches!(journal, eventstage::flow::FlowJournal::Kafka(_)) {
         bail!("--take-over-journal applies to a Kafka journal (--journal kafka:TOPIC); a sled journal belongs to its directory");
     }
+    if args.transfers.is_some() && args.guarantee == "at-least-once" {
+        bail!("--transfers needs --guarantee exactly-once: a transfer's withdrawal deadline is a durable timer, and a routed step sent again after a crash would move money twice");
+    }
     if args.transfers.is_some() && !matches!(journal, eventstage::flow::FlowJournal::Kafka(_)) {
         bail!("--transfers runs the bank and the transfers as one application of several instances: it needs a Kafka journal (--journal kafka:TOPIC), not sled");
     }

@@ -187,10 +187,12 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// record into it.
     fn change_timers(&mut self, p: i32, key: &S::Key, ops: Vec<TimerOp<S>>) -> Result<(), FlowError> {
         let Some(settings) = &self.parts.timers else {
-            return Err(FlowError::Config(format!(
-                "stage `{}` schedules or cancels a timer: durable timers run in the flows of an Application (eventstage::flow::Application), which keeps them in <group>-<stage>-timers; run the flow as a stage of one",
-                S::NAME
-            )));
+            let fix = if self.parts.placement.is_some() {
+                "they need Guarantee::ExactlyOnce (at least once, a fired timer's removal could be written before the command's journal records, and its effect lost in a crash)"
+            } else {
+                "durable timers run in the flows of an Application (eventstage::flow::Application), which keeps them in <group>-<stage>-timers; run the flow as a stage of one"
+            };
+            return Err(FlowError::Config(format!("stage `{}` schedules or cancels a timer: {fix}", S::NAME)));
         };
         let (topic, encode) = (settings.topic.clone(), settings.encode);
         let Some(part) = self.tasks.state_mut(p) else { return Ok(()) };
