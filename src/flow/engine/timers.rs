@@ -12,6 +12,7 @@ use crate::flow::error::FlowError;
 use crate::flow::record::OutputRecord;
 use crate::flow::shared::kafka;
 use crate::stage::{EntityKey, EventSourced};
+use eventstage_journal::kafka::{Detached, ReaderContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -184,14 +185,18 @@ pub(super) fn read_partition<K: EntityKey>(
     topic: &str,
     p: i32,
 ) -> Result<Vec<(K, KeyTimers)>, FlowError> {
-    let consumer: BaseConsumer = config
-        .clone()
-        .set("group.id", "eventstage-timers-reader")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(|e| kafka("timers reader", e))?;
+    // Its end of partition is how it knows it read everything: not an error to log.
+    let context = ReaderContext { what: "timers reader" };
+    let consumer: Detached<BaseConsumer<ReaderContext>> = Detached::new(
+        config
+            .clone()
+            .set("group.id", "eventstage-timers-reader")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create_with_context(context)
+            .map_err(|e| kafka("timers reader", e))?,
+    );
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| kafka("timers reader", e))?;
     consumer.assign(&tpl).map_err(|e| kafka("timers reader", e))?;
