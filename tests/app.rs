@@ -53,6 +53,118 @@ async fn accounts_open(s: &Setup, n: usize) {
     tokio::task::spawn_blocking(move || read_committed(&b, &t, |r| r.len() >= n, Duration::ZERO)).await.unwrap();
 }
 
+/// Fresh topics for transfers (`partitions` each) beside `s`'s bank topics, and the bank commands
+/// that open accounts 0 to 7 with 100 each (8 and 9 are never opened), fed: (the transfers topic,
+/// the open accounts, the commands).
+async fn transfer_setup(s: &Setup, partitions: i32) -> (String, BTreeSet<String>, Vec<(String, String, BankCommand)>) {
+    let transfers_topic = unique("transfers");
+    create_topic(&s.brokers, &transfers_topic, partitions, &[]).await;
+    create_topic(&s.brokers, &replies_topic(&transfers_topic), partitions, &[]).await;
+    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
+    let history: Vec<_> = opened
+        .iter()
+        .flat_map(|a| {
+            [
+                (a.clone(), format!("open-{a}"), BankCommand::Open),
+                (a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)),
+            ]
+        })
+        .collect();
+    feed(&s.brokers, &s.topics.input, &history);
+    (transfers_topic, opened, history)
+}
+
+/// Runs the transfer application in this process (withdrawals timing out after `timeout`) until
+/// every one of `transfers` has its reply and the books are quiet, then drains it: the books, and
+/// each stage's counters.
+async fn transfers_in_process(
+    s: &Setup,
+    transfers_topic: &str,
+    history: usize,
+    transfers: &[WireTransfer],
+    timeout: Duration,
+) -> (Books, Vec<(&'static str, eventstage::flow::FlowMetrics)>) {
+    let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), transfers_topic, timeout);
+    let app = app.into_application().start().await.expect("the application starts");
+    accounts_open(s, history).await;
+    feed_transfers(&s.brokers, transfers_topic, transfers);
+    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
+    let books = {
+        let (s, topic) = (s.clone(), transfers_topic.to_string());
+        tokio::task::spawn_blocking(move || read_books(&s, &topic, &ids, 800)).await.unwrap()
+    };
+    let metrics = app.metrics();
+    app.drain_and_shutdown().await.expect("drains");
+    (books, metrics)
+}
+
+/// `n` deposits and withdrawals (of 1 to 39) on the open accounts 0 to 7.
+fn bank_chaos(n: usize, rng: &mut rand::rngs::StdRng) -> Vec<(String, String, BankCommand)> {
+    (0..n)
+        .map(|i| {
+            let account = format!("acct-{}", rng.random_range(0..8));
+            let amount = rng.random_range(1..40);
+            let cmd = if rng.random_bool(0.5) { BankCommand::Deposit(amount) } else { BankCommand::Withdraw(amount) };
+            (account, format!("c-{i}"), cmd)
+        })
+        .collect()
+}
+
+/// Bank commands and transfers fed in chunks every 100 ms while the application is attacked.
+struct Load {
+    s: Setup,
+    transfers_topic: String,
+    /// The bank commands fed before the load (opening the accounts), then the load's.
+    bank: Vec<(String, String, BankCommand)>,
+    history: usize,
+    transfers: Vec<WireTransfer>,
+    stop: Arc<AtomicBool>,
+    feeding: (std::thread::JoinHandle<usize>, std::thread::JoinHandle<usize>),
+}
+
+impl Load {
+    fn start(
+        s: &Setup,
+        transfers_topic: &str,
+        history: &[(String, String, BankCommand)],
+        chaos: Vec<(String, String, BankCommand)>,
+        transfers: &[WireTransfer],
+        chunk: usize,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let every = Duration::from_millis(100);
+        let feeding = (
+            feeder(s, &chaos, chunk, every, stop.clone()),
+            transfer_feeder(s, transfers_topic, transfers, chunk, every, stop.clone()),
+        );
+        Self {
+            s: s.clone(),
+            transfers_topic: transfers_topic.to_string(),
+            bank: [history, &chaos].concat(),
+            history: history.len(),
+            transfers: transfers.to_vec(),
+            stop,
+            feeding,
+        }
+    }
+
+    /// Stops the chunks, feeds the rest at once, and reads the books once every transfer has its
+    /// reply: the books, and the money the bank commands brought in.
+    async fn finish(self) -> (Books, i128) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (sent_bank, sent_transfers) = (self.feeding.0.join().unwrap(), self.feeding.1.join().unwrap());
+        feed(&self.s.brokers, &self.s.topics.input, &self.bank[self.history + sent_bank..]);
+        feed_transfers(&self.s.brokers, &self.transfers_topic, &self.transfers[sent_transfers..]);
+        let ids: BTreeSet<String> = self.transfers.iter().map(|t| t.id.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let money = money_in(&self.s, &self.bank);
+            (read_books(&self.s, &self.transfers_topic, &ids, money), money)
+        })
+        .await
+        .unwrap()
+    }
+}
+
 /// What an independent reader of the committed topics finds.
 pub(crate) struct Books {
     /// Each transfer's replies.
@@ -142,29 +254,10 @@ pub(crate) fn check_books(books: &Books, transfers: &[WireTransfer], opened: &BT
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_between_accounts_are_one_exactly_once_application() {
     let s = setup(4).await;
-    let transfers_topic = unique("transfers");
-    create_topic(&s.brokers, &transfers_topic, 4, &[]).await;
-    create_topic(&s.brokers, &replies_topic(&transfers_topic), 4, &[]).await;
-    // Accounts 0..8 are opened with 100 each; 8 and 9 never are.
-    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
-    let mut bank = Vec::new();
-    for a in &opened {
-        bank.push((a.clone(), format!("open-{a}"), BankCommand::Open));
-        bank.push((a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)));
-    }
-    feed(&s.brokers, &s.topics.input, &bank);
+    let (transfers_topic, opened, bank) = transfer_setup(&s, 4).await;
     let transfers = transfers(60, 10, 80, 7);
-    let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic, Duration::from_secs(30));
-    let app = app.into_application().start().await.expect("the application starts");
-    accounts_open(&s, bank.len()).await;
-    feed_transfers(&s.brokers, &transfers_topic, &transfers);
-    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
-    let books = {
-        let (s, topic) = (s.clone(), transfers_topic.clone());
-        tokio::task::spawn_blocking(move || read_books(&s, &topic, &ids, 800)).await.unwrap()
-    };
-    let metrics = app.metrics();
-    app.drain_and_shutdown().await.expect("drains");
+    let (books, metrics) =
+        transfers_in_process(&s, &transfers_topic, bank.len(), &transfers, Duration::from_secs(30)).await;
     check_books(&books, &transfers, &opened, 800);
     let completed = books.replies.values().filter(|r| r[0].status == "completed").count();
     let refunded = books.replies.values().filter(|r| r[0].status == "refunded").count();
@@ -226,32 +319,10 @@ async fn transfers_between_accounts_are_one_exactly_once_application() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_whose_withdrawal_is_late_times_out_and_the_late_money_goes_back() {
     let s = setup(4).await;
-    let transfers_topic = unique("transfers");
-    create_topic(&s.brokers, &transfers_topic, 4, &[]).await;
-    create_topic(&s.brokers, &replies_topic(&transfers_topic), 4, &[]).await;
-    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
-    let bank: Vec<_> = opened
-        .iter()
-        .flat_map(|a| {
-            [
-                (a.clone(), format!("open-{a}"), BankCommand::Open),
-                (a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)),
-            ]
-        })
-        .collect();
-    feed(&s.brokers, &s.topics.input, &bank);
+    let (transfers_topic, opened, bank) = transfer_setup(&s, 4).await;
     let transfers = transfers(60, 10, 30, 11);
-    let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic, Duration::from_millis(1));
-    let app = app.into_application().start().await.expect("the application starts");
-    accounts_open(&s, bank.len()).await;
-    feed_transfers(&s.brokers, &transfers_topic, &transfers);
-    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
-    let books = {
-        let (s, topic) = (s.clone(), transfers_topic.clone());
-        tokio::task::spawn_blocking(move || read_books(&s, &topic, &ids, 800)).await.unwrap()
-    };
-    let metrics = app.metrics();
-    app.drain_and_shutdown().await.expect("drains");
+    let (books, metrics) =
+        transfers_in_process(&s, &transfers_topic, bank.len(), &transfers, Duration::from_millis(1)).await;
     check_books(&books, &transfers, &opened, 800);
     let timed_out =
         books.replies.values().filter(|r| r[0].error.as_deref().is_some_and(|e| e.contains("did not answer"))).count();
@@ -364,28 +435,12 @@ fn money_in(s: &Setup, cmds: &[(String, String, BankCommand)]) -> i128 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_transfer_once() {
     let s = setup(4).await;
-    let transfers_topic = unique("transfers");
-    create_topic(&s.brokers, &transfers_topic, 4, &[]).await;
-    create_topic(&s.brokers, &replies_topic(&transfers_topic), 4, &[]).await;
+    let (transfers_topic, opened, history) = transfer_setup(&s, 4).await;
     let logs = tempfile::tempdir().unwrap();
-    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
-    let mut history = Vec::new();
-    for a in &opened {
-        history.push((a.clone(), format!("open-{a}"), BankCommand::Open));
-        history.push((a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)));
-    }
-    feed(&s.brokers, &s.topics.input, &history);
     let seed: u64 = rand::random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Deposits and withdrawals on the open accounts, beside transfers between all ten.
-    let chaos: Vec<(String, String, BankCommand)> = (0..3000)
-        .map(|i| {
-            let account = format!("acct-{}", rng.random_range(0..8));
-            let amount = rng.random_range(1..40);
-            let cmd = if rng.random_bool(0.5) { BankCommand::Deposit(amount) } else { BankCommand::Withdraw(amount) };
-            (account, format!("c-{i}"), cmd)
-        })
-        .collect();
+    let chaos = bank_chaos(3000, &mut rng);
     let transfers = transfers(3000, 10, 25, seed);
     let mut args = kafka_journal(&s, "50ms");
     // A withdrawal late by more than 300 ms (its partition moving after a kill) times out the
@@ -395,10 +450,7 @@ async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_t
     let mut demos: Vec<Option<Demo>> =
         (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args, logs.path()))).collect();
     accounts_open(&s, history.len()).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let bank_feeding = feeder(&s, &chaos, 5, Duration::from_millis(100), stop.clone());
-    let transfer_feeding =
-        transfer_feeder(&s, &transfers_topic, &transfers, 5, Duration::from_millis(100), stop.clone());
+    let load = Load::start(&s, &transfers_topic, &history, chaos, &transfers, 5);
     for round in 0..3 {
         let victim = round % 2;
         std::thread::sleep(Duration::from_millis(rng.random_range(200..2000)));
@@ -427,20 +479,7 @@ async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_t
         .unwrap();
         demos[victim] = Some(Demo::start(&s, &slots[victim], &args, logs.path()));
     }
-    stop.store(true, Ordering::SeqCst);
-    let (sent_bank, sent_transfers) = (bank_feeding.join().unwrap(), transfer_feeding.join().unwrap());
-    feed(&s.brokers, &s.topics.input, &chaos[sent_bank..]);
-    feed_transfers(&s.brokers, &transfers_topic, &transfers[sent_transfers..]);
-    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
-    let (books, money) = {
-        let (s, topic, all) = (s.clone(), transfers_topic.clone(), [history.as_slice(), &chaos].concat());
-        tokio::task::spawn_blocking(move || {
-            let money = money_in(&s, &all);
-            (read_books(&s, &topic, &ids, money), money)
-        })
-        .await
-        .unwrap()
-    };
+    let (books, money) = load.finish().await;
     for demo in demos.into_iter().flatten() {
         demo.drain();
     }
@@ -632,29 +671,9 @@ async fn the_transfer_application_survives_losing_brokers_on_three_nodes() {
     use crate::util::broker::{own_cluster, Settings};
     let mut cluster = own_cluster(Settings::three());
     let s = crate::flow::setup_on(cluster.bootstrap(), 2).await;
-    let transfers_topic = unique("transfers");
-    create_topic(&s.brokers, &transfers_topic, 2, &[]).await;
-    create_topic(&s.brokers, &replies_topic(&transfers_topic), 2, &[]).await;
-    let opened: BTreeSet<String> = (0..8).map(|i| format!("acct-{i}")).collect();
-    let history: Vec<_> = opened
-        .iter()
-        .flat_map(|a| {
-            [
-                (a.clone(), format!("open-{a}"), BankCommand::Open),
-                (a.clone(), format!("dep-{a}"), BankCommand::Deposit(100)),
-            ]
-        })
-        .collect();
-    feed(&s.brokers, &s.topics.input, &history);
+    let (transfers_topic, opened, history) = transfer_setup(&s, 2).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let chaos: Vec<(String, String, BankCommand)> = (0..4000)
-        .map(|i| {
-            let account = format!("acct-{}", rng.random_range(0..8));
-            let amount = rng.random_range(1..40);
-            let cmd = if rng.random_bool(0.5) { BankCommand::Deposit(amount) } else { BankCommand::Withdraw(amount) };
-            (account, format!("c-{i}"), cmd)
-        })
-        .collect();
+    let chaos = bank_chaos(4000, &mut rng);
     let transfers = transfers(4000, 10, 25, 5);
     let txn = unique("txn");
     let app = transfer_app(&s.brokers, &s.group, s.topics.clone(), &transfers_topic, Duration::from_secs(5));
@@ -665,10 +684,7 @@ async fn the_transfer_application_survives_losing_brokers_on_three_nodes() {
     };
     let running = app.into_application().start().await.expect("the application starts");
     accounts_open(&s, history.len()).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let bank_feeding = feeder(&s, &chaos, 10, Duration::from_millis(100), stop.clone());
-    let transfer_feeding =
-        transfer_feeder(&s, &transfers_topic, &transfers, 10, Duration::from_millis(100), stop.clone());
+    let load = Load::start(&s, &transfers_topic, &history, chaos, &transfers, 10);
     // Progress: the stages' inputs taken and a commit since, within a deadline.
     let progress = |running: &eventstage::flow::Running, what: String| {
         let before: Vec<(u64, u64)> = running.metrics().iter().map(|(_, m)| (m.records_in, m.transactions)).collect();
@@ -712,20 +728,63 @@ async fn the_transfer_application_survives_losing_brokers_on_three_nodes() {
             c.wait_in_sync(DEADLINE * 2).unwrap();
         });
     }
-    stop.store(true, Ordering::SeqCst);
-    let (sent_bank, sent_transfers) = (bank_feeding.join().unwrap(), transfer_feeding.join().unwrap());
-    feed(&s.brokers, &s.topics.input, &chaos[sent_bank..]);
-    feed_transfers(&s.brokers, &transfers_topic, &transfers[sent_transfers..]);
-    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
-    let (books, money) = {
-        let (s, topic, all) = (s.clone(), transfers_topic.clone(), [history.as_slice(), &chaos].concat());
+    let (books, money) = load.finish().await;
+    running.drain_and_shutdown().await.expect("drains");
+    check_books(&books, &transfers, &opened, money);
+}
+
+/// A stage routes commands to other keys of its own, at least once: every accepted deposit to an
+/// account also routes a fee of 1 to the account `fees`. With no crash, each routed command is
+/// handled once: `fees` has one deposit event per accepted deposit, and the bank's replies are
+/// its own commands' only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_routes_to_its_own_keys_at_least_once() {
+    use eventstage::stages::bank::Bank;
+    use eventstage::stages::bank_flow;
+    let s = setup(4).await;
+    let app = Application::new(&s.brokers, &s.group);
+    let to_bank = app.to::<Bank>();
+    let topics = s.topics.clone();
+    let flow = app
+        .flow(Bank, [s.topics.input.as_str()])
+        .decoder(bank_flow::decode)
+        .guarantee(eventstage::flow::Guarantee::AtLeastOnce)
+        .outputs(move |p| match p.sender() {
+            Some(_) => bank_flow::outputs(&topics, p).split_off(1),
+            None => bank_flow::outputs(&topics, p),
+        })
+        .route(move |p| match (p.sender(), p.events.first()) {
+            (None, Some(BankEvent::Deposited { .. })) => {
+                vec![to_bank.command(&"fees".to_string(), &BankCommand::Deposit(1))]
+            }
+            _ => vec![],
+        });
+    let running = app.stage(flow).start().await.expect("starts");
+    let mut cmds = vec![("fees".to_string(), "open-fees".to_string(), BankCommand::Open)];
+    cmds.extend((0..8).map(|i| (format!("acct-{i}"), format!("open-{i}"), BankCommand::Open)));
+    feed(&s.brokers, &s.topics.input, &cmds);
+    accounts_open(&s, cmds.len()).await;
+    let deposits: Vec<_> =
+        (0..400).map(|i| (format!("acct-{}", i % 8), format!("dep-{i}"), BankCommand::Deposit(5))).collect();
+    feed(&s.brokers, &s.topics.input, &deposits);
+    let fees = {
+        let (b, t) = (s.brokers.clone(), s.topics.events.clone());
+        let fee = |r: &Rec| {
+            r.key.as_deref() == Some(b"fees".as_slice())
+                && r.value.as_deref() == Some(br#"{"Deposited":{"amount":1}}"#.as_slice())
+        };
         tokio::task::spawn_blocking(move || {
-            let money = money_in(&s, &all);
-            (read_books(&s, &topic, &ids, money), money)
+            read_committed(&b, &t, |r| r.iter().filter(|r| fee(r)).count() >= 400, Duration::from_secs(2))
         })
         .await
         .unwrap()
+        .iter()
+        .filter(|r| fee(r))
+        .count()
     };
+    let replies =
+        read_committed(&s.brokers, &s.topics.replies, |r| r.len() >= cmds.len() + 400, Duration::from_secs(1));
     running.drain_and_shutdown().await.expect("drains");
-    check_books(&books, &transfers, &opened, money);
+    assert_eq!(fees, 400, "one fee per deposit");
+    assert_eq!(replies.len(), cmds.len() + 400, "replies to the bank's own commands only");
 }
