@@ -275,7 +275,7 @@ fn run() -> Result<()> {
     if only.as_deref() == Some("transfers") {
         progress("13/13 several stages in one application: the transfer saga beside the bank flow (EVENTSTAGE_E2E_ONLY=transfers)");
         let transfers = env_number("EVENTSTAGE_E2E_TRANSFERS", n / 5)?.max(1);
-        let report = transfers::run(&rt, &broker, &cmds, transfers, rounds)?;
+        let report = transfers::run(&rt, &broker, &cmds, transfers, rounds, latency_secs)?;
         println!();
         report.print();
         return Ok(());
