@@ -788,3 +788,27 @@ async fn a_stage_routes_to_its_own_keys_at_least_once() {
     assert_eq!(fees, 400, "one fee per deposit");
     assert_eq!(replies.len(), cmds.len() + 400, "replies to the bank's own commands only");
 }
+
+/// A flow outside an application whose stage schedules a timer stops with an error that says
+/// where timers run, and commits nothing of the command that scheduled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_outside_an_application_refuses_a_timer() {
+    let s = setup(2).await;
+    let flow =
+        eventstage::flow::FlowBuilder::new(reminders::Reminders, s.brokers.clone(), s.group.clone(), [&s.topics.input])
+            .decoder(|r| {
+                let key = String::from_utf8(r.key.clone().unwrap_or_default()).map_err(|e| e.to_string())?;
+                let command: reminders::Command =
+                    serde_json::from_slice(r.value.as_deref().unwrap_or_default()).map_err(|e| e.to_string())?;
+                Ok::<_, String>((key, command))
+            })
+            .journal_topic(&s.journal)
+            .run()
+            .unwrap();
+    send_json(&s, &s.topics.input, &[("r".into(), serde_json::json!({"Remind": {"note": "n", "after_ms": 10}}))]);
+    let err = tokio::time::timeout(DEADLINE, flow.wait()).await.expect("stops").expect_err("an error");
+    assert!(matches!(&err, FlowError::Config(m) if m.contains("run the flow as a stage of one")), "{err}");
+    // The flow created its journal at start; the command's record never committed.
+    let committed = read_committed(&s.brokers, &s.journal, |_| true, Duration::from_secs(1));
+    assert!(committed.is_empty(), "nothing of the command was committed: {committed:?}");
+}
