@@ -9,6 +9,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -246,11 +247,14 @@ async fn instance_metrics(addr: &str, timeout: Duration) -> anyhow::Result<Strin
     Ok(body.to_string())
 }
 
-/// What a running instance's metrics say about a group's flow (summed over its stages).
+/// What a running instance's metrics say about a group's flow (summed over its stages), and per
+/// stage of an application.
 #[derive(Debug, Default, PartialEq)]
 struct InstanceFigures {
     /// Whether any sample of the group was found.
     found: bool,
+    /// Per stage: partitions, lag, timers pending, inputs forwarded.
+    stages: BTreeMap<String, [f64; 4]>,
     partitions: f64,
     lag: f64,
     cache_bytes: f64,
@@ -275,6 +279,22 @@ impl InstanceFigures {
             let Ok(value) = value.parse::<f64>() else { continue };
             if !labels.split(',').any(|l| l == label) {
                 continue;
+            }
+            // A gauge also published per partition (the lag): its total is the sample without one.
+            if labels.split(',').any(|l| l.starts_with("partition=")) {
+                continue;
+            }
+            let stage = labels.split(',').find_map(|l| l.strip_prefix("stage=\"")?.strip_suffix('"'));
+            let per_stage = match name {
+                n::ASSIGNED_PARTITIONS => Some(0),
+                n::LAG => Some(1),
+                n::TIMERS_PENDING => Some(2),
+                n::FORWARDED => Some(3),
+                _ => None,
+            };
+            if let (Some(stage), Some(i)) = (stage, per_stage) {
+                f.stages.entry(stage.to_string()).or_default()[i] += value;
+                f.found = true;
             }
             let field = match name {
                 n::ASSIGNED_PARTITIONS => &mut f.partitions,
@@ -314,7 +334,20 @@ impl InstanceFigures {
             self.evictions,
             self.store_rows,
             self.store_lag,
-        )
+        ) + &self.per_stage()
+    }
+
+    /// An application's lines per stage (none for a flow of one stage).
+    fn per_stage(&self) -> String {
+        if self.stages.len() < 2 {
+            return String::new();
+        }
+        self.stages
+            .iter()
+            .map(|(stage, [partitions, lag, timers, forwarded])| {
+                format!("\n  stage {stage}: {partitions} partitions, lag {lag}, {timers} timers pending, {forwarded} inputs forwarded")
+            })
+            .collect()
     }
 }
 
@@ -439,13 +472,29 @@ eventstage_flow_cache_hits_total{group=\"g10\",stage=\"bank\"} 5
 eventstage_flow_cache_misses_total{stage=\"bank\",group=\"g1\"} 250
 eventstage_flow_cache_bytes{group=\"g1\"} 1048576
 eventstage_flow_assigned_partitions{group=\"g1\",stage=\"bank\"} 2
+eventstage_flow_lag_records{group=\"g1\",stage=\"bank\"} 7
+eventstage_flow_lag_records{group=\"g1\",stage=\"bank\",topic=\"t\",partition=\"0\"} 4
+eventstage_flow_lag_records{group=\"g1\",stage=\"bank\",topic=\"t\",partition=\"1\"} 3
 eventstage_flow_commit_seconds_bucket{group=\"g1\",stage=\"bank\",le=\"0.1\"} 7
 not a sample
 ";
         let f = InstanceFigures::parse(body, "g1");
         assert_eq!((f.hits, f.misses, f.cache_bytes, f.partitions), (1000.0, 250.0, 1048576.0, 2.0));
+        // The lag's total, not its per-partition samples added to it.
+        assert_eq!(f.lag, 7.0);
         let text = f.describe("h:1");
         assert!(text.contains("1000 hits, 250 misses (80.0 % hits)") && text.contains("1.0 MiB"), "{text}");
         assert!(InstanceFigures::parse(body, "g2").describe("h:1").contains("runs no flow of this group"));
+        // An application's stages, each on a line of its own.
+        let app = "eventstage_flow_assigned_partitions{group=\"a\",stage=\"bank\"} 2
+eventstage_flow_assigned_partitions{group=\"a\",stage=\"transfer\"} 2
+eventstage_flow_lag_records{group=\"a\",stage=\"transfer\"} 5
+eventstage_flow_timers_pending{group=\"a\",stage=\"transfer\"} 3
+eventstage_flow_forwarded_total{group=\"a\",stage=\"bank\"} 9
+";
+        let text = InstanceFigures::parse(app, "a").describe("h:1");
+        assert!(text.contains("instance h:1: 4 partitions, lag 5"), "{text}");
+        assert!(text.contains("stage bank: 2 partitions, lag 0, 0 timers pending, 9 inputs forwarded"), "{text}");
+        assert!(text.contains("stage transfer: 2 partitions, lag 5, 3 timers pending, 0 inputs forwarded"), "{text}");
     }
 }
