@@ -434,6 +434,18 @@ fn money_in(s: &Setup, cmds: &[(String, String, BankCommand)]) -> i128 {
 /// and the balances add up to what the bank commands brought in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_transfer_once() {
+    transfer_crash_loop(false).await;
+}
+
+/// The same with a local state store per instance and a state cache of 4 KiB: both stages evict
+/// keys on every commit and read them back (routed steps and fired timers included) while
+/// partitions move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_of_two_transfer_instances_with_small_state_caches_conserves_money() {
+    transfer_crash_loop(true).await;
+}
+
+async fn transfer_crash_loop(stores: bool) {
     let s = setup(4).await;
     let (transfers_topic, opened, history) = transfer_setup(&s, 4).await;
     let logs = tempfile::tempdir().unwrap();
@@ -446,9 +458,20 @@ async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_t
     // A withdrawal late by more than 300 ms (its partition moving after a kill) times out the
     // transfer, and the late withdrawal is given back.
     args.extend(["--transfers", &transfers_topic, "--transfer-timeout", "300ms"].map(String::from));
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let args = |slot: usize| {
+        let mut args = args.clone();
+        if stores {
+            let dir = dirs[slot].path().display().to_string();
+            args.extend(
+                ["--state-dir", &dir, "--state-cache", "4KiB", "--checkpoint-interval", "200ms"].map(String::from),
+            );
+        }
+        args
+    };
     let slots = [unique("txn-a"), unique("txn-b")];
     let mut demos: Vec<Option<Demo>> =
-        (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args, logs.path()))).collect();
+        (0..2).map(|slot| Some(Demo::start(&s, &slots[slot], &args(slot), logs.path()))).collect();
     accounts_open(&s, history.len()).await;
     let load = Load::start(&s, &transfers_topic, &history, chaos, &transfers, 5);
     for round in 0..3 {
@@ -477,11 +500,18 @@ async fn a_crash_loop_of_two_transfer_instances_conserves_money_and_ends_every_t
         })
         .await
         .unwrap();
-        demos[victim] = Some(Demo::start(&s, &slots[victim], &args, logs.path()));
+        demos[victim] = Some(Demo::start(&s, &slots[victim], &args(victim), logs.path()));
     }
     let (books, money) = load.finish().await;
-    for demo in demos.into_iter().flatten() {
-        demo.drain();
+    let drained: Vec<String> = demos.into_iter().flatten().map(Demo::drain).collect();
+    if stores {
+        // The stages read evicted keys back from their stores: "<n> read from the local store".
+        let reads: u64 = drained
+            .iter()
+            .flat_map(|out| out.lines().filter(|l| l.starts_with("state:")))
+            .filter_map(|l| l.split(" read from the local store").next()?.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert!(reads > 0, "no key was read back from a local store: {drained:?}");
     }
     let timed_out =
         books.replies.values().filter(|r| r[0].error.as_deref().is_some_and(|e| e.contains("did not answer"))).count();
