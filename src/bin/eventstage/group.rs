@@ -194,7 +194,7 @@ pub(crate) async fn describe(describe: DescribeArgs) -> anyhow::Result<ExitCode>
     }
     println!("lag in total: {total}");
     if !topics.repartition.is_empty() {
-        println!("(a topic written in transactions, as a repartition topic is, ends with a transaction marker that is never consumed: 1 of lag per partition at rest)");
+        println!("(a topic written in transactions, as a repartition topic is, counts its transaction markers and aborted records as lag: a few per partition at rest)");
     }
     for topic in &topics.timers {
         println!("timers {topic} (each entity's pending durable timers; `eventstage_flow_timers_pending` of a running instance counts them)");
