@@ -19,3 +19,4 @@ mod setup;
 mod store;
 mod table;
 mod table_partitions;
+mod timers;

@@ -7,6 +7,7 @@ use crate::flow::error::FlowError;
 use crate::flow::route::{commands_topic, timers_topic, Placement, To};
 use crate::flow::shared::kafka;
 use crate::stage::EventSourced;
+use eventstage_journal::kafka::Detached;
 use futures::future::BoxFuture;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -180,13 +181,12 @@ impl Application {
         let mut common = ClientConfig::new();
         common.set("bootstrap.servers", &self.brokers);
         let deadline = Instant::now() + self.setup_timeout;
-        let mut counts = BTreeMap::new();
-        for stage in &self.stages {
-            if !stage.inputs().is_empty() {
-                let n = partition_count(&common, stage.inputs().to_vec(), deadline).await?;
-                counts.insert(stage.name(), n);
-            }
-        }
+        let inputs: Vec<(&'static str, Vec<String>)> =
+            self.stages.iter().filter(|s| !s.inputs().is_empty()).map(|s| (s.name(), s.inputs().to_vec())).collect();
+        let counts = partition_counts(&common, inputs, deadline).await?;
+        // One admin client for every topic: each client's start and close cost round trips.
+        let admin: Detached<AdminClient<DefaultClientContext>> =
+            Detached::new(common.create().map_err(|e| kafka("admin client", e))?);
         let fallback = self.partitions.or_else(|| counts.values().copied().max());
         let mut specs = Vec::new();
         for name in &names {
@@ -200,9 +200,9 @@ impl Application {
                 }
             };
             let topic = commands_topic(&self.group, name);
-            ensure_topic(&common, &topic, partitions, false, deadline).await?;
+            ensure_topic(&admin, &topic, partitions, false, deadline).await?;
             let timers = timers_topic(&self.group, name);
-            ensure_topic(&common, &timers, partitions, true, deadline).await?;
+            ensure_topic(&admin, &timers, partitions, true, deadline).await?;
             specs.push((Placement { topic, partitions }, timers));
         }
         let mut running: Vec<(&'static str, FlowControl)> = Vec::new();
@@ -281,51 +281,61 @@ where
     }
 }
 
-/// The partition count of a stage's `inputs` (they must agree), asked until `deadline` while the
-/// cluster does not answer.
-async fn partition_count(common: &ClientConfig, inputs: Vec<String>, deadline: Instant) -> Result<i32, FlowError> {
+/// The partition count of each stage's `inputs` (a stage's must agree), asked with one client
+/// until `deadline` while the cluster does not answer.
+async fn partition_counts(
+    common: &ClientConfig,
+    inputs: Vec<(&'static str, Vec<String>)>,
+    deadline: Instant,
+) -> Result<BTreeMap<&'static str, i32>, FlowError> {
     let common = common.clone();
     tokio::task::spawn_blocking(move || {
-        let probe: BaseConsumer = common.create().map_err(|e| kafka("metadata client", e))?;
-        let mut count = None;
-        for topic in &inputs {
-            let n = loop {
-                match probe.fetch_metadata(Some(topic), Duration::from_secs(5)) {
-                    Ok(md) => break md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32),
-                    Err(e) if Instant::now() < deadline => {
-                        tracing::warn!(topic, error = %e, "metadata of an application's input; asking again");
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                    Err(e) => return Err(kafka(format!("metadata of {topic} (check the brokers)"), e)),
-                }
-            };
-            if n == 0 {
-                return Err(FlowError::Config(format!("input topic `{topic}` does not exist; create it first")));
-            }
-            if count.is_some_and(|c| c != n) {
-                return Err(FlowError::Config(format!(
-                    "the inputs of one stage have different partition counts ({} vs {n} for `{topic}`); a stage's keys live in one partition of each, so give them the same count",
-                    count.unwrap_or_default()
-                )));
-            }
-            count = Some(n);
-        }
-        Ok(count.unwrap_or_default())
+        let probe: Detached<BaseConsumer> = Detached::new(common.create().map_err(|e| kafka("metadata client", e))?);
+        inputs.iter().map(|(stage, topics)| Ok((*stage, stage_partitions(&probe, topics, deadline)?))).collect()
     })
     .await
     .map_err(|e| FlowError::Crashed(format!("the application's metadata request panicked: {e}")))?
 }
 
+/// The partition count of one stage's `inputs`, which must agree.
+fn stage_partitions(probe: &BaseConsumer, inputs: &[String], deadline: Instant) -> Result<i32, FlowError> {
+    let mut count = None;
+    for topic in inputs {
+        let n = loop {
+            match probe.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(md) => {
+                    break md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32)
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(topic, error = %e, "metadata of an application's input; asking again");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(kafka(format!("metadata of {topic} (check the brokers)"), e)),
+            }
+        };
+        if n == 0 {
+            return Err(FlowError::Config(format!("input topic `{topic}` does not exist; create it first")));
+        }
+        if count.is_some_and(|c| c != n) {
+            return Err(FlowError::Config(format!(
+                "the inputs of one stage have different partition counts ({} vs {n} for `{topic}`); a stage's keys live in one partition of each, so give them the same count",
+                count.unwrap_or_default()
+            )));
+        }
+        count = Some(n);
+    }
+    Ok(count.unwrap_or_default())
+}
+
 /// Creates a stage's repartition topic, or (`compact`) its timers topic, `topic` with `partitions`
 /// (or checks the count of the one there).
 async fn ensure_topic(
-    common: &ClientConfig,
+    admin: &AdminClient<DefaultClientContext>,
     topic: &str,
     partitions: i32,
     compact: bool,
     deadline: Instant,
 ) -> Result<(), FlowError> {
-    let admin: AdminClient<DefaultClientContext> = common.create().map_err(|e| kafka("admin client", e))?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
     if compact {

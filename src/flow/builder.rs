@@ -5,11 +5,14 @@ use crate::flow::engine::{self, Standby, StoreMemory, StoreSettings};
 use crate::flow::error::{describe, BoxError, FlowError};
 use crate::flow::record::{Context, Decoder, InputRecord, OutputRecord, Outputs, Processed, RouteFn};
 use crate::flow::route::{Placement, Routed};
+
+mod stage;
 use crate::flow::settings::{
     self, BadInput, CommitterSettings, EnrichSettings, FlowJournal, Guarantee, RebalanceActions, RebalanceEvent,
 };
 use crate::stage::{EntityKey, EventSourced};
 use rdkafka::ClientConfig;
+pub(super) use stage::StageSpec;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::AtomicU8;
@@ -709,75 +712,4 @@ fn split_budget(budget: Option<u64>) -> (StoreMemory, Option<u64>) {
     let store = quarter.map_or(128 << 20, |q| q.max(2 << 20));
     let keys = budget.zip(quarter).map(|(budget, q)| budget - q);
     (StoreMemory { cache: store / 2, memtables: store / 2 }, keys)
-}
-
-/// What an [`Application`](crate::flow::Application) gives each of its stages.
-pub(super) struct StageSpec {
-    /// The stage's repartition topic and where its keys live.
-    pub(super) placement: Placement,
-    /// The stage's timers topic.
-    pub(super) timers: String,
-    /// The application's transactional id, for stages without one of their own.
-    pub(super) transactional_id: Option<String>,
-}
-
-impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
-    pub(super) fn brokers(&self) -> &str {
-        &self.brokers
-    }
-
-    pub(super) fn group(&self) -> &str {
-        &self.group_id
-    }
-
-    pub(super) fn inputs(&self) -> &[String] {
-        &self.inputs
-    }
-
-    pub(super) fn state_dir_set(&self) -> Option<&std::path::Path> {
-        self.state_dir.as_deref()
-    }
-
-    pub(super) fn has_decoder(&self) -> bool {
-        self.decoder.is_some()
-    }
-
-    pub(super) fn producer_setting(&self, key: &str) -> Option<&str> {
-        self.producer.get(key).map(String::as_str)
-    }
-
-    /// The flow as a stage of an application: it reads its repartition topic beside its inputs
-    /// (routed commands as JSON, forwarded inputs as they came), keeps each key in the
-    /// partition Kafka's default partitioner gives it, and partitions what it writes the same way.
-    pub(super) fn into_stage(mut self, spec: StageSpec) -> Self
-    where
-        S::Command: serde::Serialize + serde::de::DeserializeOwned,
-        C: Default,
-    {
-        let topic = spec.placement.topic.clone();
-        self.inputs.push(topic.clone());
-        let context: fn() -> Context = || Box::new(C::default());
-        self.decoder = Some(crate::flow::route::application_decoder::<S>(topic, self.decoder.take(), context));
-        self.producer.insert("partitioner".into(), "murmur2_random".into());
-        if self.transactional_id.is_none() {
-            self.transactional_id = spec.transactional_id.map(|id| format!("{id}-{}", S::NAME));
-        }
-        self.placement = Some(spec.placement);
-        // At least once, a fired timer's removal (an output, produced at once) could be written
-        // before the fired command's journal records, and its effect lost in a crash: timers
-        // need transactions.
-        if self.guarantee == Guarantee::AtLeastOnce {
-            return self;
-        }
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        self.timers = Some(engine::TimerSettings {
-            topic: spec.timers,
-            config,
-            encode: |command| serde_json::to_vec(command).map_err(|e| e.to_string()),
-            decode: |bytes| serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-            context,
-        });
-        self
-    }
 }

@@ -96,8 +96,10 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
                     let (config, topic) = (t.config.clone(), t.topic.clone());
                     Box::new(move || {
                         let mut restored = job()?;
+                        let partitions: Vec<i32> = restored.iter().map(|(p, _)| *p).collect();
+                        let mut timers = super::timers::read_partitions(&config, &topic, &partitions)?;
                         for (p, r) in &mut restored {
-                            r.state.timers.load(super::timers::read_partition(&config, &topic, *p)?);
+                            r.state.timers.load(timers.remove(p).unwrap_or_default());
                         }
                         Ok(restored)
                     }) as super::storage::RestoreJob<S>

@@ -178,14 +178,14 @@ impl<K: EntityKey> Timers<K> {
     }
 }
 
-/// Reads partition `p` of the timers `topic` (compacted: each key's newest record) up to its
-/// committed end: every entity's pending timers.
-pub(super) fn read_partition<K: EntityKey>(
+/// Reads `partitions` of the timers `topic` (compacted: each key's newest record) up to their
+/// committed ends, with one consumer: every entity's pending timers, per partition.
+pub(super) fn read_partitions<K: EntityKey>(
     config: &ClientConfig,
     topic: &str,
-    p: i32,
-) -> Result<Vec<(K, KeyTimers)>, FlowError> {
-    // Its end of partition is how it knows it read everything: not an error to log.
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, Vec<(K, KeyTimers)>>, FlowError> {
+    // An end of partition is how it knows it read a partition: not an error to log.
     let context = ReaderContext { what: "timers reader" };
     let consumer: Detached<BaseConsumer<ReaderContext>> = Detached::new(
         config
@@ -198,27 +198,42 @@ pub(super) fn read_partition<K: EntityKey>(
             .map_err(|e| kafka("timers reader", e))?,
     );
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| kafka("timers reader", e))?;
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).map_err(|e| kafka("timers reader", e))?;
+    }
     consumer.assign(&tpl).map_err(|e| kafka("timers reader", e))?;
-    let mut read: KeyMap<Vec<u8>, Option<Vec<u8>>> = KeyMap::default();
+    let mut read: BTreeMap<i32, KeyMap<Vec<u8>, Option<Vec<u8>>>> =
+        partitions.iter().map(|p| (*p, KeyMap::default())).collect();
+    let mut open: BTreeSet<i32> = partitions.iter().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    while !open.is_empty() {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                if let Some(key) = m.key() {
-                    read.insert(key.to_vec(), m.payload().map(<[u8]>::to_vec));
+                if let (Some(key), Some(keys)) = (m.key(), read.get_mut(&m.partition())) {
+                    keys.insert(key.to_vec(), m.payload().map(<[u8]>::to_vec));
                 }
             }
-            // The end of the committed records (read_committed: the last stable offset).
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) if Instant::now() >= deadline => return Err(kafka(format!("read {topic}[{p}]"), e)),
-            Some(Err(e)) => tracing::debug!(topic, partition = p, error = %e, "reading timers; retrying"),
+            // The end of a partition's committed records (read_committed: its last stable offset).
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) if Instant::now() >= deadline => return Err(kafka(format!("read {topic}"), e)),
+            Some(Err(e)) => tracing::debug!(topic, error = %e, "reading timers; retrying"),
             None if Instant::now() >= deadline => {
-                return Err(FlowError::Config(format!("reading the timers of {topic}[{p}] took longer than 60 s")))
+                return Err(FlowError::Config(format!("reading the timers of {topic} {open:?} took longer than 60 s")))
             }
             None => {}
         }
     }
+    read.into_iter().map(|(p, keys)| Ok((p, decode_partition(topic, p, keys)?))).collect()
+}
+
+/// A partition's newest timers records: each key's timers (a tombstone: none).
+fn decode_partition<K: EntityKey>(
+    topic: &str,
+    p: i32,
+    read: KeyMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<Vec<(K, KeyTimers)>, FlowError> {
     let mut out = Vec::new();
     for (key, value) in read {
         let Some(value) = value else { continue };
