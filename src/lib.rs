@@ -53,6 +53,8 @@ mod error;
 pub mod flow;
 #[cfg(feature = "kafka")]
 mod local_store;
+#[cfg(feature = "query")]
+pub mod query;
 mod replay;
 mod runtime;
 mod stage;

@@ -329,10 +329,10 @@ async fn a_flow_serves_prometheus_metrics_health_and_readiness() {
     let demo = Demo::start(&s, "", &args, logs.path());
     let addr = demo
         .running
-        .split("metrics on http://")
+        .split("HTTP on http://")
         .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("the start-up line names the metrics address: {}", demo.running))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("the start-up line names the HTTP address: {}", demo.running))
         .to_string();
     let get = |path: &'static str| {
         let addr = addr.clone();

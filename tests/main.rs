@@ -14,6 +14,7 @@ mod journal_kafka;
 pub(crate) mod kafka;
 mod own_stage;
 mod patterns;
+mod queries;
 mod runtime;
 mod setup;
 mod store;

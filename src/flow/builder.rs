@@ -61,6 +61,9 @@ pub struct FlowBuilder<S: EventSourced, C = ()> {
     outputs_lost: bool,
     /// The same for the route mapping.
     route_lost: bool,
+    /// Queries this flow's committed state answers ([`Self::queryable`]).
+    #[cfg(feature = "query")]
+    queries: Option<crate::query::Queries>,
     context: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -117,8 +120,22 @@ impl<S: EventSourced> FlowBuilder<S> {
             static_membership: false,
             outputs_lost: false,
             route_lost: false,
+            #[cfg(feature = "query")]
+            queries: None,
             context: std::marker::PhantomData,
         }
+    }
+
+    /// Answers queries of this flow's committed state through `queries` (see [`crate::query`]):
+    /// the flow keeps a committed view of its partitions' keys, and its consumer's client id
+    /// carries `queries`' advertised address, for the other instances of the group to find it.
+    /// Refused with a [`state_cache`](Self::state_cache) (the view holds every key of the owned
+    /// partitions).
+    #[cfg(feature = "query")]
+    #[must_use]
+    pub fn queryable(mut self, queries: &crate::query::Queries) -> Self {
+        self.queries = Some(queries.clone());
+        self
     }
 
     /// The decoder from input record to `(key, command)`, or an error saying why it cannot be one
@@ -210,6 +227,8 @@ impl<S: EventSourced> FlowBuilder<S> {
             static_membership: self.static_membership,
             outputs_lost: self.outputs.is_some(),
             route_lost: self.route.is_some(),
+            #[cfg(feature = "query")]
+            queries: self.queries,
             context: std::marker::PhantomData,
         }
     }
@@ -562,6 +581,29 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         for (k, v) in &self.consumer {
             consumer.set(k, v);
         }
+        // A queryable flow's state is kept in a committed view, and its consumer's client id says
+        // where it answers (the other instances find it in the group's description).
+        #[cfg(feature = "query")]
+        let view = match &self.queries {
+            None => None,
+            Some(_) if self.state_cache.is_some() => {
+                return Err(FlowError::Config(format!(
+                    "stage `{}` is queryable and has a state cache: queries read every key of the owned partitions from memory, which a cache does not keep; leave one of them out",
+                    S::NAME
+                )))
+            }
+            Some(queries) => {
+                if self.consumer.contains_key("client.id") {
+                    tracing::warn!(stage = S::NAME, "a queryable flow's consumer carries its query address in its client id: the client.id set is replaced");
+                }
+                let view = Arc::new(crate::flow::view::View::<S>::default());
+                queries.register(view.clone(), &self.brokers, &self.group_id).map_err(FlowError::Config)?;
+                consumer.set("client.id", crate::query::client_id(S::NAME, queries.advertised()));
+                Some(view)
+            }
+        };
+        #[cfg(not(feature = "query"))]
+        let view = None;
         let transactional_id = self
             .transactional_id
             .unwrap_or_else(|| format!("eventstage-{}-{:016x}", self.group_id, rand::random::<u64>()));
@@ -674,6 +716,7 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
             tasks,
             placement: self.placement,
             timers: self.timers,
+            view,
         };
         let (stop2, metrics2) = (stop.0.clone(), metrics.clone());
         let spawned = std::thread::Builder::new().name(format!("eventstage-flow-{}", S::NAME)).spawn(move || {

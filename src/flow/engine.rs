@@ -19,6 +19,7 @@ mod state;
 mod storage;
 mod thread;
 mod timers;
+mod view;
 mod work;
 
 pub(super) use self::core::{Parts, Tasks};

@@ -72,6 +72,7 @@ mod record;
 mod route;
 mod settings;
 mod shared;
+pub(crate) mod view;
 
 pub use app::{AppStopper, Application, Running};
 pub use builder::FlowBuilder;

@@ -5,6 +5,8 @@ use anyhow::bail;
 use anyhow::Context;
 #[cfg(feature = "kafka")]
 use eventstage::flow::FlowMetrics;
+#[cfg(feature = "query")]
+use eventstage::query::Queries;
 #[cfg(feature = "kafka")]
 use eventstage::stages::bank_flow::{bank_flow, BankTopics};
 #[cfg(feature = "kafka")]
@@ -17,6 +19,10 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// Without the `query` feature nothing is queryable.
+#[cfg(not(feature = "query"))]
+type Queries = ();
 
 /// Flow settings of the demo.
 #[derive(Debug, clap::Args)]
@@ -79,11 +85,18 @@ pub(crate) struct FlowArgs {
     /// membership.
     #[arg(long, requires = "brokers")]
     transactional_id: Option<String>,
-    /// Serve Prometheus metrics on http://ADDR/metrics, with /health (200 while the flow runs) and
-    /// /ready (200 once its partitions are restored and it polls). Port 0 picks a free port; the
-    /// start-up line says which.
-    #[arg(long, value_name = "HOST:PORT", requires = "brokers")]
-    metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve HTTP on ADDR: the flow's committed state (GET /state/{stage}/{key}, answered for
+    /// every key by whichever instance is asked: it forwards to the owner; GET
+    /// /state/{stage}?prefix=P for this instance's keys), Prometheus metrics on /metrics, /health
+    /// (200 while the flow runs) and /ready (200 once its partitions are restored and it polls).
+    /// Port 0 picks a free port; the start-up line says which.
+    #[arg(long = "http-addr", visible_alias = "metrics-addr", value_name = "HOST:PORT", requires = "brokers")]
+    http_addr: Option<std::net::SocketAddr>,
+    /// The address the other instances and `eventstage query` reach this instance's HTTP server
+    /// on, published in the group. Default: the bound address (the host's name with its port
+    /// when bound to all interfaces).
+    #[arg(long, value_name = "HOST:PORT", requires = "http_addr")]
+    advertise: Option<String>,
     /// How long to try to reach the brokers at start-up before giving up: for the demo's topics,
     /// then for the flow's setup (`FlowBuilder::setup_timeout`: metadata, journal topic,
     /// transactions), each; then the command exits 2 with an error that names the brokers.
@@ -205,7 +218,15 @@ fn configure<S: eventstage::EventSourced>(
     txn: &str,
     args: &FlowArgs,
     state_dir: Option<std::path::PathBuf>,
+    queries: Option<&Queries>,
 ) -> eventstage::flow::FlowBuilder<S> {
+    #[cfg(feature = "query")]
+    let flow = match queries {
+        Some(q) => flow.queryable(q),
+        None => flow,
+    };
+    #[cfg(not(feature = "query"))]
+    let _ = queries;
     let guarantee = if args.guarantee == "at-least-once" {
         eventstage::flow::Guarantee::AtLeastOnce
     } else {
@@ -285,17 +306,33 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let txn = args.transactional_id.clone().unwrap_or_else(|| default_transactional_id(&args.group));
     let topics = BankTopics { input: args.input.clone(), replies: args.replies.clone(), events: args.events.clone() };
     // Before the flow starts: the flow registers its metrics as it starts.
-    #[cfg(feature = "prometheus")]
-    let exporter = match args.metrics_addr {
-        Some(addr) => Some(crate::serve::prepare(addr).await?),
+    #[cfg(all(feature = "prometheus", feature = "query"))]
+    let exporter = match args.http_addr {
+        Some(addr) => Some(crate::serve::prepare(addr, args.advertise.clone()).await?),
         None => None,
     };
+    #[cfg(all(feature = "prometheus", feature = "query"))]
+    let queries = exporter.as_ref().map(|e| e.queries.clone());
+    #[cfg(not(all(feature = "prometheus", feature = "query")))]
+    let queries: Option<Queries> = None;
+    // A queryable flow's view holds every key of its partitions: not with a state cache (yet).
+    if queries.is_some() && args.state_cache.is_some() {
+        eprintln!("note: --state-cache keeps only part of the state in memory: /state answers 404 for every stage (queries read every key from memory); /metrics, /health and /ready are served");
+    }
+    let queries = queries.as_ref().filter(|_| args.state_cache.is_none());
     let state_dir =
         |stage: &str| args.state_dir.as_ref().map(|d| if args.transfers.is_some() { d.join(stage) } else { d.clone() });
     let launched = match (&args.limits, &args.transfers) {
         (None, None) => Launched::flow(
-            configure(bank_flow(&brokers, &args.group, topics), Some(&journal), &txn, &args, state_dir("bank"))
-                .run()?,
+            configure(
+                bank_flow(&brokers, &args.group, topics),
+                Some(&journal),
+                &txn,
+                &args,
+                state_dir("bank"),
+                queries,
+            )
+            .run()?,
         ),
         (None, Some(transfers)) => {
             let app = eventstage::stages::transfer_flow::transfer_app(
@@ -306,8 +343,15 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
                 args.transfer_timeout,
             );
             let app = eventstage::stages::transfer_flow::TransferApp {
-                bank: configure(app.bank, Some(&journal), &txn, &args, state_dir("bank")),
-                transfers: configure(app.transfers, None, &format!("{txn}-transfer"), &args, state_dir("transfer")),
+                bank: configure(app.bank, Some(&journal), &txn, &args, state_dir("bank"), queries),
+                transfers: configure(
+                    app.transfers,
+                    None,
+                    &format!("{txn}-transfer"),
+                    &args,
+                    state_dir("transfer"),
+                    queries,
+                ),
                 app: app.app.setup_timeout(args.timeout),
             };
             Launched::application(app.into_application().start().await?)
@@ -325,23 +369,24 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
             table.caught_up().await.with_context(|| format!("reading the limits table `{limits}`"))?;
             println!("limits:   {} accounts with a withdrawal limit in `{limits}`", table.len());
             let flow = eventstage::stages::bank_flow::bank_flow_with_limits(&brokers, &args.group, topics, table);
-            Launched::flow(configure(flow, Some(&journal), &txn, &args, state_dir("bank")).run()?)
+            Launched::flow(configure(flow, Some(&journal), &txn, &args, state_dir("bank"), queries).run()?)
         }
     };
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    #[cfg(feature = "prometheus")]
+    #[cfg(all(feature = "prometheus", feature = "query"))]
     let served = match exporter {
         None => String::new(),
         Some(exporter) => {
+            let advertised = exporter.queries.advertised().to_string();
             let bound =
                 exporter.serve(crate::serve::Status { running: running.clone(), ready: launched.ready.clone() })?;
-            format!(", metrics on http://{bound}/metrics (/health, /ready)")
+            format!(", HTTP on http://{bound} (/state, /metrics, /health, /ready; advertised as {advertised})")
         }
     };
-    #[cfg(not(feature = "prometheus"))]
-    let served = match args.metrics_addr {
+    #[cfg(not(all(feature = "prometheus", feature = "query")))]
+    let served = match args.http_addr {
         None => String::new(),
-        Some(_) => bail!("--metrics-addr needs the `prometheus` feature (a default feature)"),
+        Some(_) => bail!("--http-addr needs the `prometheus` and `query` features (default features)"),
     };
     let exactly_once = args.guarantee != "at-least-once";
     let id = if exactly_once { format!(", transactional id {txn}") } else { String::new() };

@@ -5,7 +5,9 @@ mod demo;
 mod flow_demo;
 #[cfg(feature = "kafka")]
 mod group;
-#[cfg(all(feature = "kafka", feature = "prometheus"))]
+#[cfg(feature = "query")]
+mod query;
+#[cfg(all(feature = "query", feature = "prometheus"))]
 mod serve;
 
 // glibc's malloc slows down badly on the allocation patterns of large tables and sled's recovery
@@ -34,6 +36,11 @@ enum Command {
     /// its Kafka journal (every instance stopped first). `--dry-run` prints what it would do.
     #[cfg(feature = "kafka")]
     Reset(group::ResetArgs),
+    /// Ask a running application for a key's committed state: finds an instance in the group
+    /// (`demo --http-addr`), which answers or asks the instance that owns the key. Prints the
+    /// answer as JSON; exits 1 when the key has no state.
+    #[cfg(feature = "query")]
+    Query(query::QueryArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +57,8 @@ fn main() -> ExitCode {
                 Command::Describe(g) => group::describe(g).await,
                 #[cfg(feature = "kafka")]
                 Command::Reset(r) => group::reset(r).await,
+                #[cfg(feature = "query")]
+                Command::Query(q) => query::run(q).await,
             }
         })
 }

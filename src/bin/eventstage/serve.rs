@@ -1,5 +1,7 @@
-//! `demo --metrics-addr`: Prometheus metrics, health and readiness over HTTP.
+//! `demo --http-addr`: the flow's HTTP server (axum): its state ([`eventstage::query`]), Prometheus
+//! metrics, health and readiness.
 //!
+//! - `GET /state/{stage}/{key}`, `GET /state/{stage}?prefix=...`: see [`eventstage::query`].
 //! - `GET /metrics`: every metric of the `metrics` facade (the flow's, see
 //!   `eventstage::flow::metric_names`), in the Prometheus text format.
 //! - `GET /health`: 200 while the flow runs, 503 once it stopped or failed.
@@ -7,12 +9,17 @@
 //!   polling; 503 before that and while a rebalance restores partitions.
 
 use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use eventstage::query::Queries;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// What the endpoints report.
 #[derive(Clone)]
@@ -27,10 +34,14 @@ pub(crate) struct Status {
 pub(crate) struct Prepared {
     handle: PrometheusHandle,
     listener: TcpListener,
+    /// What the flows answer queries through.
+    pub(crate) queries: Queries,
 }
 
-/// Installs the Prometheus recorder and binds `addr` (port 0 picks a free one).
-pub(crate) async fn prepare(addr: SocketAddr) -> anyhow::Result<Prepared> {
+/// Installs the Prometheus recorder and binds `addr` (port 0 picks a free one); the queries are
+/// advertised at `advertise`, else at the bound address (the host's name when bound to all
+/// interfaces).
+pub(crate) async fn prepare(addr: SocketAddr, advertise: Option<String>) -> anyhow::Result<Prepared> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(eventstage::flow::metric_names::COMMIT_SECONDS.into()),
@@ -39,72 +50,55 @@ pub(crate) async fn prepare(addr: SocketAddr) -> anyhow::Result<Prepared> {
         .context("histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
-    Ok(Prepared { handle, listener })
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --http-addr {addr}"))?;
+    let bound = listener.local_addr()?;
+    let advertise = match advertise {
+        Some(a) => a,
+        None if bound.ip().is_unspecified() => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let host = host.trim();
+            anyhow::ensure!(
+                !host.is_empty(),
+                "--http-addr {addr} listens on every interface and the host's name is unknown: say where the other instances reach this one with --advertise HOST:PORT"
+            );
+            format!("{host}:{}", bound.port())
+        }
+        None => bound.to_string(),
+    };
+    Ok(Prepared { handle, listener, queries: Queries::new(advertise) })
 }
 
 impl Prepared {
     /// Serves the endpoints; returns the bound address.
     pub(crate) fn serve(self, status: Status) -> anyhow::Result<SocketAddr> {
-        let Prepared { handle, listener } = self;
+        let Prepared { handle, listener, queries } = self;
         let bound = listener.local_addr()?;
+        let ops = Router::new()
+            .route("/metrics", get(|State((h, _)): State<(PrometheusHandle, Status)>| async move { h.render() }))
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .with_state((handle, status));
         tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        let (handle, status) = (handle.clone(), status.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = respond(stream, &handle, &status).await {
-                                tracing::debug!(error = %e, "metrics endpoint request failed");
-                            }
-                        });
-                    }
-                    Err(e) => tracing::warn!(error = %e, "metrics endpoint: accept failed"),
-                }
+            if let Err(e) = eventstage::query::serve(listener, queries, ops).await {
+                tracing::error!(error = %e, "the HTTP server stopped");
             }
         });
         Ok(bound)
     }
 }
 
-/// Reads one request head (at most 8 KiB) and answers it; the connection closes after.
-async fn respond(mut stream: TcpStream, handle: &PrometheusHandle, status: &Status) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head"))??;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
+async fn health(State((_, status)): State<(PrometheusHandle, Status)>) -> impl IntoResponse {
+    if status.running.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the flow stopped\n")
     }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (code, body, kind) = match (method, path) {
-        ("GET", "/metrics") => (200, handle.render(), "text/plain; version=0.0.4"),
-        ("GET", "/health") if status.running.load(Ordering::Acquire) => (200, "ok\n".into(), "text/plain"),
-        ("GET", "/health") => (503, "the flow stopped\n".into(), "text/plain"),
-        ("GET", "/ready") if status.running.load(Ordering::Acquire) && (status.ready)() => {
-            (200, "ready\n".into(), "text/plain")
-        }
-        ("GET", "/ready") => (503, "not ready: joining the group or restoring partitions\n".into(), "text/plain"),
-        ("GET", _) => (404, "not found: /metrics, /health, /ready\n".into(), "text/plain"),
-        _ => (405, "only GET\n".into(), "text/plain"),
-    };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let response = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+}
+
+async fn ready(State((_, status)): State<(PrometheusHandle, Status)>) -> impl IntoResponse {
+    if status.running.load(Ordering::Acquire) && (status.ready)() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: joining the group or restoring partitions\n")
+    }
 }

@@ -158,6 +158,14 @@ impl<S: EventSourced> Committed<S> {
         }
     }
 
+    /// Every committed key, when all are in memory (no state cache).
+    pub(super) fn all(&self) -> Option<&KeyMap<S::Key, Entity<S>>> {
+        match self {
+            Self::All(map) => Some(map),
+            Self::Cached(_) => None,
+        }
+    }
+
     /// Whether `key` is in memory.
     pub(super) fn contains(&self, key: &S::Key) -> bool {
         match self {

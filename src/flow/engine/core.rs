@@ -33,6 +33,8 @@ pub(crate) struct Parts<S: EventSourced> {
     pub(crate) placement: Option<Placement>,
     /// In an application: where the stage's durable timers are kept.
     pub(crate) timers: Option<super::timers::TimerSettings<S>>,
+    /// The committed view queries read (a queryable flow).
+    pub(crate) view: Option<Arc<crate::flow::view::View<S>>>,
 }
 
 /// Where enrichment calls and async listeners run: the tokio runtime the flow was started from,

@@ -13,6 +13,7 @@ use super::sled_storage::SledStorage;
 use super::state::TaskManager;
 use super::storage::{NoStorage, Storage};
 use super::thread::{FlowThread, Report, Schedule};
+use super::view::ViewWriter;
 use crate::codec::Codec;
 use crate::flow::control::Metrics;
 use crate::flow::error::FlowError;
@@ -397,18 +398,29 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
             producer.join().unwrap_or_else(|_| Err(FlowError::Crashed("the producers' start panicked".into())));
         Ok::<_, FlowError>((checked?, producers?))
     })?;
+    // A queryable flow's view says how far each journal partition goes: the delivery callback
+    // stamps it then too.
+    let mut view_progress = None;
     let storage: Box<dyn Storage<S>> = match &settings.journal {
         FlowJournal::Kafka(_) => {
             let journal = journal.ok_or_else(|| FlowError::Crashed("the journal was not checked".into()))?;
+            if parts.view.is_some() {
+                let progress = Arc::new(StoreProgress::new(journal.topic(), journal.partitions().max(0) as usize));
+                let _ = deliveries.journal.set(progress);
+                view_progress = deliveries.journal.get().cloned();
+            }
             // With a local store: how far the journal's records were acknowledged, for the store's
             // checkpoints of what the flow commits (exactly once) and for the state cache; the
             // delivery callback stamps it only when one of them reads it.
-            let progress = settings.store.as_ref().map(|_| {
-                let progress = Arc::new(StoreProgress::new(journal.topic(), journal.partitions().max(0) as usize));
-                if !at_least_once || settings.state_cache.is_some() {
-                    let _ = deliveries.journal.set(progress.clone());
+            let progress = settings.store.as_ref().map(|_| match &view_progress {
+                Some(progress) => progress.clone(),
+                None => {
+                    let progress = Arc::new(StoreProgress::new(journal.topic(), journal.partitions().max(0) as usize));
+                    if !at_least_once || settings.state_cache.is_some() {
+                        let _ = deliveries.journal.set(progress.clone());
+                    }
+                    progress
                 }
-                progress
             });
             let cache = settings.state_cache.zip(progress.clone()).map(|(budget, progress)| CacheSettings {
                 budget,
@@ -458,9 +470,17 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
     // in its sled write, to be produced again if its Kafka commit fails.
     let keep_outbox = G::TRANSACTIONAL && matches!(settings.journal, FlowJournal::Sled(_));
     let emitter = Emitter::start(outputs, sinks[0].clone(), metrics.clone(), keep_outbox)?;
+    let view = parts.view.as_ref().map(|view| {
+        let journal = match &settings.journal {
+            FlowJournal::Kafka(topic) => Some(topic.clone()),
+            _ => None,
+        };
+        view.started(parts.placement.clone(), journal);
+        ViewWriter::new(view.clone(), view_progress)
+    });
     let core = Arc::new(Mutex::new(Core {
         parts,
-        tasks: TaskManager::new(settings.state_cache),
+        tasks: TaskManager::new(settings.state_cache, view),
         guarantee: guarantee(sinks),
         emitter,
         // Set once a restore finds inputs applied beyond the committed offsets (sled positions).

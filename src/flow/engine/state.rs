@@ -4,6 +4,7 @@
 use super::cache::{Committed, Usage};
 use super::storage::{Restoration, RestoreJob, Sealed, TaskStore};
 use super::timers::Timers;
+use super::view::ViewWriter;
 use crate::flow::error::FlowError;
 use crate::flow::record::{InputRecord, OutputRecord};
 use crate::replay::Entity;
@@ -171,10 +172,12 @@ pub(super) struct TaskManager<S: EventSourced> {
     pub(super) fired: std::collections::BTreeSet<i32>,
     /// The state cache's budget in bytes, split evenly over the tasks (`None`: no cache).
     cache_budget: Option<u64>,
+    /// The committed view queries read, when the flow is queryable.
+    view: Option<ViewWriter<S>>,
 }
 
 impl<S: EventSourced> TaskManager<S> {
-    pub(super) fn new(cache_budget: Option<u64>) -> Self {
+    pub(super) fn new(cache_budget: Option<u64>, view: Option<ViewWriter<S>>) -> Self {
         Self {
             tasks: BTreeMap::new(),
             restores: Vec::new(),
@@ -183,17 +186,24 @@ impl<S: EventSourced> TaskManager<S> {
             dirty: false,
             fired: std::collections::BTreeSet::new(),
             cache_budget,
+            view,
         }
     }
 
     /// The transaction (or batch) being committed committed: its changes become every task's
     /// committed state (`generation`: see [`Committed::settle`]).
-    pub(super) fn settle(&mut self, generation: Option<u64>) {
-        for task in self.tasks.values_mut() {
+    pub(super) fn settle(&mut self, generation: Option<u64>, now_ms: u64) {
+        for (p, task) in &mut self.tasks {
+            if let Some(view) = &mut self.view {
+                view.changed(*p, &task.state.sealed);
+            }
             task.state.settle(generation);
             if let Some(store) = &mut task.store {
                 store.committed();
             }
+        }
+        if let Some(view) = &mut self.view {
+            view.settled(now_ms);
         }
     }
 
@@ -301,6 +311,9 @@ impl<S: EventSourced> TaskManager<S> {
         if task.store.is_none() {
             self.pending_pauses.push((topic.to_string(), p));
         }
+        if let Some(view) = &mut self.view {
+            view.assigned(p);
+        }
         let applied_until = task.offsets.get(topic).map_or(-1, |o| o.applied_until);
         let offsets = Offsets { committed, sealed: committed, next: committed, applied_until };
         task.offsets.insert(topic.to_string(), offsets);
@@ -361,6 +374,9 @@ impl<S: EventSourced> TaskManager<S> {
         let Some(task) = self.tasks.get_mut(&p) else { return Vec::new() };
         task.state = state;
         task.store = Some(store);
+        if let Some(view) = &mut self.view {
+            view.restored(p, &task.state.committed);
+        }
         let dropped = std::mem::take(&mut task.dropped).into_iter().collect();
         self.share_budget();
         dropped
@@ -378,6 +394,9 @@ impl<S: EventSourced> TaskManager<S> {
         task.offsets.remove(topic);
         if task.offsets.is_empty() {
             self.tasks.remove(&p);
+            if let Some(view) = &mut self.view {
+                view.revoked(p);
+            }
             self.share_budget();
             return true;
         }

@@ -90,7 +90,7 @@ impl<S: EventSourced, G: Guarantee> Core<S, G> {
     /// (`generation`: the guarantee's, when its journal records are not acknowledged yet; see
     /// [`TaskManager::journaled`](super::state::TaskManager::journaled)).
     pub(super) fn settle_sealed(&mut self, generation: Option<u64>) {
-        self.tasks.settle(generation);
+        self.tasks.settle(generation, self.wall_ms);
         let usage = self.tasks.usage();
         let set = |a: &std::sync::atomic::AtomicU64, v| a.store(v, std::sync::atomic::Ordering::Relaxed);
         set(&self.metrics.cache_bytes, usage.bytes);

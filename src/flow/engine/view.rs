@@ -1,0 +1,86 @@
+//! The flow thread's side of the committed view ([`crate::flow::view`]): the task manager tells it
+//! what is assigned, restored, committed and revoked, and it publishes each change.
+
+use super::cache::{Committed, StoreProgress};
+use super::state::KeyMap;
+use crate::flow::view::{Part, Ready, View};
+use crate::replay::Entity;
+use crate::stage::EventSourced;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub(super) struct ViewWriter<S: EventSourced> {
+    view: Arc<View<S>>,
+    /// The view being built: its maps share their nodes with the published one.
+    parts: BTreeMap<i32, Part<S>>,
+    /// How far the Kafka journal's records were acknowledged.
+    progress: Option<Arc<StoreProgress>>,
+}
+
+impl<S: EventSourced> ViewWriter<S> {
+    pub(super) fn new(view: Arc<View<S>>, progress: Option<Arc<StoreProgress>>) -> Self {
+        view.publish(BTreeMap::new(), true);
+        Self { view, parts: BTreeMap::new(), progress }
+    }
+
+    fn publish(&self) {
+        self.view.publish(self.parts.clone(), true);
+    }
+
+    /// Partition `p` is assigned here: it restores.
+    pub(super) fn assigned(&mut self, p: i32) {
+        if let std::collections::btree_map::Entry::Vacant(e) = self.parts.entry(p) {
+            e.insert(Part::Restoring);
+            self.publish();
+        }
+    }
+
+    /// Partition `p`'s state is restored.
+    pub(super) fn restored(&mut self, p: i32, committed: &Committed<S>) {
+        let keys = committed.all().map(|m| m.iter().map(|(k, e)| (k.clone(), e.clone())).collect()).unwrap_or_default();
+        let journal_below = self.progress.as_ref().map(|pr| pr.acked(p));
+        self.parts.insert(p, Part::Ready(Ready { keys, journal_below, committed_ms: 0 }));
+        self.publish();
+    }
+
+    /// Partition `p`'s `changes` are committing (published by [`Self::settled`]).
+    pub(super) fn changed(&mut self, p: i32, changes: &KeyMap<S::Key, Entity<S>>) {
+        if changes.is_empty() {
+            return;
+        }
+        if let Some(Part::Ready(ready)) = self.parts.get_mut(&p) {
+            for (k, e) in changes {
+                if S::is_deleted(&e.state) {
+                    ready.keys.remove(k);
+                } else {
+                    ready.keys.insert(k.clone(), e.clone());
+                }
+            }
+        }
+    }
+
+    /// The changes committed: publishes them, with how far each journal partition goes.
+    pub(super) fn settled(&mut self, now_ms: u64) {
+        for (p, part) in &mut self.parts {
+            if let Part::Ready(ready) = part {
+                ready.journal_below = self.progress.as_ref().map(|pr| pr.acked(*p));
+                ready.committed_ms = now_ms;
+            }
+        }
+        self.publish();
+    }
+
+    /// Partition `p` left this instance.
+    pub(super) fn revoked(&mut self, p: i32) {
+        if self.parts.remove(&p).is_some() {
+            self.publish();
+        }
+    }
+}
+
+impl<S: EventSourced> Drop for ViewWriter<S> {
+    /// The flow stopped: it owns nothing any more.
+    fn drop(&mut self) {
+        self.view.publish(BTreeMap::new(), false);
+    }
+}

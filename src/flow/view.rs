@@ -1,0 +1,280 @@
+//! The committed view of a flow's state that queries read ([`crate::query`]): per partition this
+//! instance owns, every key's state as of the last committed transaction, published by the flow
+//! thread when a commit settles and read without a lock (an [`ArcSwap`] of persistent maps: a
+//! query holds the snapshot it loaded, the flow thread goes on building the next one).
+//!
+//! What a query may see, and when:
+//! - a partition appears as *restoring* when it is assigned here, and becomes readable once its
+//!   state is restored;
+//! - its keys change when a transaction (or at-least-once batch) commits, never before: an open
+//!   transaction's changes are not in the view;
+//! - it disappears when the partition is revoked or lost, before the next owner processes
+//!   anything, and the whole view empties when the flow stops.
+
+// Without the `query` feature no flow can be made queryable: nothing writes or reads a view.
+#![cfg_attr(not(feature = "query"), allow(dead_code))]
+
+use crate::flow::route::Placement;
+use crate::replay::Entity;
+use crate::stage::{EntityKey, EventSourced};
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, OnceLock};
+
+/// A partition of the view.
+pub(crate) enum Part<S: EventSourced> {
+    /// Assigned here; its state is being restored.
+    Restoring,
+    /// Its committed state.
+    Ready(Ready<S>),
+}
+
+impl<S: EventSourced> Clone for Part<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Restoring => Self::Restoring,
+            Self::Ready(r) => Self::Ready(r.clone()),
+        }
+    }
+}
+
+/// A readable partition: its keys' committed state, and how far its journal goes.
+pub(crate) struct Ready<S: EventSourced> {
+    pub(crate) keys: imbl::OrdMap<S::Key, Entity<S>>,
+    /// Kafka journal: every record of this state is below this offset of the journal partition.
+    pub(crate) journal_below: Option<i64>,
+    /// When the transaction this state is of committed (ms since the epoch; 0: as restored).
+    pub(crate) committed_ms: u64,
+}
+
+impl<S: EventSourced> Clone for Ready<S> {
+    fn clone(&self) -> Self {
+        Self { keys: self.keys.clone(), journal_below: self.journal_below, committed_ms: self.committed_ms }
+    }
+}
+
+/// What the view holds at one moment.
+pub(crate) struct Snapshot<S: EventSourced> {
+    pub(crate) parts: BTreeMap<i32, Part<S>>,
+    /// False before the flow runs and once it stopped.
+    pub(crate) running: bool,
+}
+
+/// A flow's committed view: written by its flow thread, read by queries.
+pub(crate) struct View<S: EventSourced> {
+    current: ArcSwap<Snapshot<S>>,
+    /// Where the stage's keys live, when known: an application's stage keeps every key in its
+    /// murmur2 partition. A plain flow's key is where its producer put it (unknown here).
+    placement: OnceLock<Option<Placement>>,
+    /// The Kafka journal's topic (none: a sled journal).
+    journal: OnceLock<Option<String>>,
+}
+
+impl<S: EventSourced> Default for View<S> {
+    fn default() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Snapshot { parts: BTreeMap::new(), running: false }),
+            placement: OnceLock::new(),
+            journal: OnceLock::new(),
+        }
+    }
+}
+
+impl<S: EventSourced> View<S> {
+    /// The flow starts with these settings.
+    pub(crate) fn started(&self, placement: Option<Placement>, journal: Option<String>) {
+        let _ = self.placement.set(placement);
+        let _ = self.journal.set(journal);
+    }
+
+    pub(crate) fn publish(&self, parts: BTreeMap<i32, Part<S>>, running: bool) {
+        self.current.store(Arc::new(Snapshot { parts, running }));
+    }
+
+    pub(crate) fn load(&self) -> Arc<Snapshot<S>> {
+        self.current.load_full()
+    }
+
+    fn placement(&self) -> Option<&Placement> {
+        self.placement.get().and_then(Option::as_ref)
+    }
+
+    /// One key's answer as JSON.
+    fn entry(&self, p: i32, ready: &Ready<S>, key: &S::Key, entity: &Entity<S>) -> Value {
+        let mut v = json!({
+            "stage": S::NAME,
+            "key": eventstage_journal::printable_key(&key.to_bytes()),
+            "partition": p,
+            "seq": entity.seq.0,
+            "state": serde_json::to_value(&*entity.state).unwrap_or_else(|e| json!({ "unserializable": e.to_string() })),
+        });
+        if let Some(Some(topic)) = self.journal.get() {
+            v["journal"] = json!({ "topic": topic, "partition": p, "below_offset": ready.journal_below });
+        }
+        if ready.committed_ms > 0 {
+            v["committed_at_ms"] = json!(ready.committed_ms);
+        }
+        v
+    }
+}
+
+/// A key found by a scan: with its partition, the partition's view and its entity.
+type Found<'a, S> = (<S as EventSourced>::Key, i32, &'a Ready<S>, &'a Entity<S>);
+
+/// A key's answer from this instance's view.
+pub(crate) enum Lookup {
+    /// Its committed state (the answer's JSON).
+    Found(Value),
+    /// No state in the partitions searched (its own, when the key's partition is known; else
+    /// every partition here), all of them readable.
+    Missing,
+    /// The key's partition is not owned here.
+    NotOwned,
+    /// The key's partition (or, when it is unknown, one of this instance's) is being restored.
+    Restoring,
+    /// The flow is not running.
+    Stopped,
+}
+
+/// A prefix scan of this instance's partitions.
+pub(crate) struct Scan {
+    pub(crate) items: Vec<Value>,
+    /// The last key returned when more may follow (the next page's `after`).
+    pub(crate) next: Option<String>,
+    pub(crate) partitions: Vec<i32>,
+    pub(crate) restoring: Vec<i32>,
+}
+
+/// The query layer's side of a view, over stages of every type.
+pub(crate) trait StageView: Send + Sync {
+    fn stage(&self) -> &'static str;
+    /// The key's bytes as a key of the stage, or why not.
+    fn check_key(&self, key: &[u8]) -> Result<(), String>;
+    /// Where `key` lives, when the stage's partitioning is known.
+    fn partition_of(&self, key: &[u8]) -> Option<i32>;
+    /// `key` as this instance holds it.
+    fn get(&self, key: &[u8]) -> Lookup;
+    /// Up to `limit` keys starting with `prefix` after `after`, in key order.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Scan;
+    /// The partitions this instance owns (restoring or not), and whether the flow runs.
+    fn owned(&self) -> (Vec<i32>, bool);
+}
+
+impl<S: EventSourced> StageView for View<S> {
+    fn stage(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), String> {
+        match S::Key::from_bytes(key) {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "`{}` is not a key of stage `{}` (its key type does not decode these bytes)",
+                eventstage_journal::printable_key(key),
+                S::NAME
+            )),
+        }
+    }
+
+    fn partition_of(&self, key: &[u8]) -> Option<i32> {
+        self.placement().map(|p| p.partition_of(key))
+    }
+
+    fn get(&self, key: &[u8]) -> Lookup {
+        let Some(k) = S::Key::from_bytes(key) else { return Lookup::Missing };
+        let snapshot = self.load();
+        if !snapshot.running {
+            return Lookup::Stopped;
+        }
+        let found = |p: i32, ready: &Ready<S>| {
+            ready.keys.get(&k).filter(|e| !S::is_deleted(&e.state)).map(|e| self.entry(p, ready, &k, e))
+        };
+        match self.partition_of(key) {
+            Some(p) => match snapshot.parts.get(&p) {
+                None => Lookup::NotOwned,
+                Some(Part::Restoring) => Lookup::Restoring,
+                Some(Part::Ready(ready)) => found(p, ready).map_or(Lookup::Missing, Lookup::Found),
+            },
+            // Where the producer put the key is unknown: every partition here is searched.
+            None => {
+                let mut restoring = false;
+                for (p, part) in &snapshot.parts {
+                    match part {
+                        Part::Restoring => restoring = true,
+                        Part::Ready(ready) => {
+                            if let Some(v) = found(*p, ready) {
+                                return Lookup::Found(v);
+                            }
+                        }
+                    }
+                }
+                if restoring {
+                    Lookup::Restoring
+                } else {
+                    Lookup::Missing
+                }
+            }
+        }
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Scan {
+        let snapshot = self.load();
+        let after = after.and_then(S::Key::from_bytes);
+        let start = S::Key::from_bytes(prefix);
+        let mut found: Vec<Found<'_, S>> = Vec::new();
+        let (mut partitions, mut restoring) = (Vec::new(), Vec::new());
+        for (p, part) in &snapshot.parts {
+            let ready = match part {
+                Part::Restoring => {
+                    restoring.push(*p);
+                    continue;
+                }
+                Part::Ready(ready) => ready,
+            };
+            partitions.push(*p);
+            // Keys in their type's order; for text and numbers, that is their bytes' order, so
+            // the prefix's keys follow each other from the prefix on.
+            let iter: Box<dyn Iterator<Item = (&S::Key, &Entity<S>)>> = match (&after, &start) {
+                (Some(a), _) => {
+                    let bounds: (Bound<&S::Key>, Bound<&S::Key>) = (Bound::Excluded(a), Bound::Unbounded);
+                    Box::new(ready.keys.range::<_, S::Key>(bounds))
+                }
+                (None, Some(s)) => Box::new(ready.keys.range::<_, S::Key>(s..)),
+                (None, None) => Box::new(ready.keys.iter()),
+            };
+            let ordered = start.is_some();
+            let mut taken = 0;
+            for (k, e) in iter {
+                let bytes = k.to_bytes();
+                if !bytes.starts_with(prefix) {
+                    if ordered && bytes.as_ref() > prefix {
+                        break;
+                    }
+                    continue;
+                }
+                if S::is_deleted(&e.state) {
+                    continue;
+                }
+                found.push((k.clone(), *p, ready, e));
+                taken += 1;
+                if taken > limit {
+                    break;
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > limit;
+        found.truncate(limit);
+        let next =
+            if more { found.last().map(|(k, ..)| eventstage_journal::printable_key(&k.to_bytes())) } else { None };
+        let items = found.iter().map(|(k, p, ready, e)| self.entry(*p, ready, k, e)).collect();
+        Scan { items, next, partitions, restoring }
+    }
+
+    fn owned(&self) -> (Vec<i32>, bool) {
+        let snapshot = self.load();
+        (snapshot.parts.keys().copied().collect(), snapshot.running)
+    }
+}

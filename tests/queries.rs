@@ -1,0 +1,282 @@
+//! Issue 26: interactive queries. Two instances of the demo flow answer `GET /state/bank/{key}`
+//! for every key whichever is asked, while commands flow and after one is SIGKILLed; every
+//! answer is a state the key really had, never older than one answered before.
+
+use crate::crash::Demo;
+use crate::flow::{await_replies, expected, feed_async, setup, workload};
+use crate::kafka::{feeder, kafka_journal};
+use crate::runtime::model;
+use crate::util::broker::unique;
+use crate::util::{run_cli, DEADLINE};
+use eventstage::stages::bank::{Account, BankCommand};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A GET: (status, the Retry-After header, the body as JSON).
+fn get(addr: &str, path: &str) -> (u16, Option<String>, Value) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let retry =
+        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after:").map(|v| v.trim().to_string()));
+    (code, retry, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The demo's HTTP address, from its start-up line.
+fn http_addr(demo: &Demo) -> String {
+    demo.running
+        .split("HTTP on http://")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("the start-up line names the HTTP address: {}", demo.running))
+        .to_string()
+}
+
+/// Every state each account had, in order (the default first: no state).
+fn histories(cmds: &[(String, String, BankCommand)]) -> BTreeMap<String, Vec<Account>> {
+    let mut out: BTreeMap<String, Vec<Account>> = BTreeMap::new();
+    let mut now: BTreeMap<String, Account> = BTreeMap::new();
+    for (key, _, cmd) in cmds {
+        let account = now.entry(key.clone()).or_default();
+        if model(account, *cmd).is_ok() {
+            let closed = !account.open && account.balance == 0;
+            out.entry(key.clone()).or_insert_with(|| vec![Account::default()]).push(if closed {
+                Account::default()
+            } else {
+                account.clone()
+            });
+        }
+    }
+    out
+}
+
+/// Checks answers against the histories: each is a state the key had, at or after the one the
+/// key's previous answer showed.
+struct Checker {
+    histories: BTreeMap<String, Vec<Account>>,
+    seen: BTreeMap<String, usize>,
+    answered: u64,
+    unavailable: u64,
+    routed: u64,
+}
+
+impl Checker {
+    fn check(&mut self, asked: &str, key: &str, (code, retry, body): (u16, Option<String>, Value)) -> bool {
+        let state = match code {
+            200 => {
+                assert_eq!(body["key"], key, "{body}");
+                assert!(body["partition"].as_i64().is_some() && body["seq"].as_u64().is_some_and(|s| s > 0), "{body}");
+                if body["served_by"] != asked {
+                    self.routed += 1;
+                }
+                serde_json::from_value::<Account>(body["state"].clone()).unwrap()
+            }
+            404 => Account::default(),
+            503 => {
+                assert!(retry.is_some(), "a 503 says when to ask again: {body}");
+                self.unavailable += 1;
+                return false;
+            }
+            other => panic!("{key} on {asked}: {other} {body}"),
+        };
+        self.answered += 1;
+        let history = &self.histories[key];
+        let from = self.seen.get(key).copied().unwrap_or(0);
+        let at = history[from..].iter().position(|s| *s == state).map(|i| from + i).unwrap_or_else(|| {
+            panic!("{key} on {asked}: {state:?} is not a state the key had at or after {:?}: {body}", history[from])
+        });
+        self.seen.insert(key.to_string(), at);
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_answer_every_key_while_commands_flow_and_after_a_kill() {
+    let s = setup(4).await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut args = kafka_journal(&s, "50ms");
+    args.extend(["--http-addr".to_string(), "127.0.0.1:0".to_string()]);
+    let history = workload(1500, 40, 261);
+    // Command ids of their own: replies are matched by id.
+    let more: Vec<_> = workload(6000, 40, 262).into_iter().map(|(k, id, c)| (k, format!("more-{id}"), c)).collect();
+    let all = [history.as_slice(), &more].concat();
+    let (replies, finals) = expected(&all);
+    let (first_replies, _) = expected(&history);
+    let mut checker =
+        Checker { histories: histories(&all), seen: BTreeMap::new(), answered: 0, unavailable: 0, routed: 0 };
+    let keys: Vec<String> = checker.histories.keys().cloned().collect();
+    let a = Demo::start(&s, &unique("txn-a"), &args, logs.path());
+    let b = Demo::start(&s, &unique("txn-b"), &args, logs.path());
+    let (addr_a, addr_b) = (http_addr(&a), http_addr(&b));
+    feed_async(&s, &history).await;
+    await_replies(&s, first_replies).await;
+
+    // At rest: every key, from both instances, as the model says; some answers came from the
+    // other instance (the key's partition is not the asked one's).
+    let (ka, kb, sa, sb) = (keys.clone(), keys.clone(), addr_a.clone(), addr_b.clone());
+    let answers = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + DEADLINE;
+        let mut out = Vec::new();
+        for (addr, keys) in [(sa, ka), (sb, kb)] {
+            for key in keys {
+                loop {
+                    let answer = get(&addr, &format!("/state/bank/{key}"));
+                    if answer.0 != 503 {
+                        out.push((addr.clone(), key, answer));
+                        break;
+                    }
+                    assert!(Instant::now() < end, "{key} on {addr}: still 503: {}", answer.2);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    let (_, at_rest) = expected(&history);
+    for (addr, key, (code, _, body)) in &answers {
+        match at_rest.get(key) {
+            Some(account) => {
+                assert_eq!(*code, 200, "{key} on {addr}: {body}");
+                assert_eq!(serde_json::from_value::<Account>(body["state"].clone()).unwrap(), *account, "{body}");
+            }
+            None => assert_eq!(*code, 404, "{key} on {addr}: {body}"),
+        }
+    }
+    let served_elsewhere =
+        answers.iter().filter(|(addr, _, (c, _, body))| *c == 200 && body["served_by"] != *addr).count();
+    assert!(served_elsewhere > 0, "some keys live on the other instance and are forwarded");
+
+    // Bad input: 4xx, never a panic; the instance goes on answering.
+    let sa = addr_a.clone();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(get(&sa, "/state/nosuch/acct-1").0, 404);
+        assert_eq!(get(&sa, &format!("/state/bank/{}", "k".repeat(9000))).0, 414);
+        assert_eq!(get(&sa, "/state/bank/%FF%FE").0, 400);
+        assert_eq!(get(&sa, "/state/bank?limit=0").0, 400);
+        assert_eq!(get(&sa, "/state/bank?limit=x").0, 400);
+        assert_eq!(get(&sa, "/state").0, 404);
+        assert_eq!(get(&sa, "/nosuch").0, 404);
+    })
+    .await
+    .unwrap();
+
+    // Prefix scans of each instance's own partitions, paged: together they hold every key with
+    // the prefix, each once.
+    let (sa, sb) = (addr_a.clone(), addr_b.clone());
+    let scanned = tokio::task::spawn_blocking(move || {
+        let mut keys = Vec::new();
+        for addr in [sa, sb] {
+            let mut after = String::new();
+            loop {
+                let (code, _, page) = get(&addr, &format!("/state/bank?prefix=acct-1&limit=3{after}"));
+                assert_eq!(code, 200, "{page}");
+                let items = page["items"].as_array().unwrap();
+                assert!(items.len() <= 3);
+                keys.extend(items.iter().map(|i| i["key"].as_str().unwrap().to_string()));
+                match page["next"].as_str() {
+                    Some(next) => after = format!("&after={next}"),
+                    None => break,
+                }
+            }
+        }
+        keys
+    })
+    .await
+    .unwrap();
+    let want: Vec<&String> = at_rest.keys().filter(|k| k.starts_with("acct-1")).collect();
+    let mut got = scanned.clone();
+    got.sort();
+    assert_eq!(got.iter().collect::<Vec<_>>(), want, "every key with the prefix once");
+
+    // The CLI finds an instance in the group and asks it.
+    let app = |key: &str| ["query", "--brokers", &s.brokers, "--group", &s.group, key].map(String::from);
+    let some_key = at_rest.keys().next().unwrap().clone();
+    let (cli_ok, cli_none) = (app(&some_key), app("acct-none"));
+    let (ok, none) = tokio::task::spawn_blocking(move || {
+        fn as_strs(a: &[String; 6]) -> Vec<&str> {
+            a.iter().map(String::as_str).collect()
+        }
+        (run_cli(&as_strs(&cli_ok)), run_cli(&as_strs(&cli_none)))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok.0, 0, "{} {}", ok.1, ok.2);
+    let body: Value = serde_json::from_str(ok.1.trim()).unwrap();
+    assert_eq!(serde_json::from_value::<Account>(body["state"].clone()).unwrap(), at_rest[&some_key]);
+    assert_eq!(none.0, 1, "no state: exit 1: {} {}", none.1, none.2);
+    assert!(none.2.contains("has no state"), "{}", none.2);
+
+    // While commands flow: ask both instances, then only the survivor of a SIGKILL.
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = feeder(&s, &more, 20, Duration::from_millis(60), stop.clone());
+    let mut b = Some(b);
+    let mut killed_at = None;
+    let started = Instant::now();
+    let mut i = 0usize;
+    // Until well after the kill: the survivor answers for every key again.
+    let mut answered_after_kill: BTreeSet<String> = BTreeSet::new();
+    while answered_after_kill.len() < keys.len() {
+        assert!(
+            started.elapsed() < DEADLINE * 3,
+            "answers did not resume after the kill: {} of {} keys",
+            answered_after_kill.len(),
+            keys.len()
+        );
+        let key = keys[i % keys.len()].clone();
+        let addr = if b.is_some() && i % 2 == 1 { addr_b.clone() } else { addr_a.clone() };
+        let path = format!("/state/bank/{key}");
+        let answer = tokio::task::spawn_blocking({
+            let addr = addr.clone();
+            move || get(&addr, &path)
+        })
+        .await
+        .unwrap();
+        let ok = checker.check(&addr, &key, answer);
+        if killed_at.is_some() && ok {
+            answered_after_kill.insert(key);
+        }
+        i += 1;
+        if b.is_some() && started.elapsed() > Duration::from_secs(4) {
+            b.take().unwrap().kill();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let resumed = killed_at.unwrap().elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let sent = feeding.join().unwrap();
+    feed_async(&s, &more[sent..]).await;
+    await_replies(&s, replies).await;
+    // At the end, the survivor answers for every key: the final state.
+    let sa = addr_a.clone();
+    let finals_checked = finals.clone();
+    tokio::task::spawn_blocking(move || {
+        for key in keys {
+            let (code, _, body) = get(&sa, &format!("/state/bank/{key}"));
+            match finals_checked.get(&key) {
+                Some(account) => {
+                    assert_eq!(code, 200, "{body}");
+                    assert_eq!(serde_json::from_value::<Account>(body["state"].clone()).unwrap(), *account);
+                }
+                None => assert_eq!(code, 404, "{body}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "queries: {} answered ({} by the other instance), {} 503s; answers for every key {:?} after the kill",
+        checker.answered, checker.routed, checker.unavailable, resumed
+    );
+    assert!(checker.routed > 0, "some answers came from the other instance while commands flowed");
+    a.drain();
+}
