@@ -61,13 +61,17 @@
 //! 13. several stages in one application: the transfer saga (bank and transfers, steps routed
 //!     through repartition topics) beside the one-stage bank flow, round by round: see
 //!     `transfers.rs` (`EVENTSTAGE_E2E_ONLY=transfers`, `EVENTSTAGE_E2E_TRANSFERS`, default N/5).
+//! 14. interactive queries: the bank flow's throughput plain, queryable, and queryable under 1 000
+//!     queries/s, round by round; then two queryable instances at half the flow's rate, the
+//!     commands' latency without and with queries, and the queries' latency answered locally and
+//!     forwarded to the owner: see `queries.rs` (`EVENTSTAGE_E2E_ONLY=queries`).
 //!
 //! Environment: `EVENTSTAGE_E2E_RECORDS` (N, default 100 000), `EVENTSTAGE_E2E_ROUNDS` (default 3),
 //! `EVENTSTAGE_E2E_TABLE_KEYS` (default 10^6), `EVENTSTAGE_E2E_RESTART_KEYS` (K of section 7, default `100000,1000000`),
 //! `EVENTSTAGE_E2E_INSTANCES` (the instance counts of section 9, default `1,2,4`),
-//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|uniform|table-cache|transfers`
+//! `EVENTSTAGE_E2E_ONLY=table|patterns|throughput|latency|restart|storage|scaling|cache|uniform|table-cache|transfers|queries`
 //! (only section 5, 6, sections 1 and 2, or the flow's throughput and then section 3 at half of
-//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s, or section 7, 8, 9, 10, 11, 12, 13; sections
+//! it, or at `EVENTSTAGE_E2E_LATENCY_RATE` commands/s, or section 7, 8, 9, 10, 11, 12, 13, 14; sections
 //! 10 to 13 run only so), `EVENTSTAGE_E2E_THREADS` (print the CPU
 //! each thread used per record), `EVENTSTAGE_E2E_TIMELINE` (print the flow's progress in section
 //! 3 four times a second: consumed commands, transactions, last commit latency),
@@ -90,6 +94,7 @@ mod cpu;
 mod io;
 mod latency;
 mod patterns;
+mod queries;
 mod report;
 mod restart;
 mod restore;
@@ -270,6 +275,13 @@ fn run() -> Result<()> {
                 &volume,
             );
         }
+        return Ok(());
+    }
+    if only.as_deref() == Some("queries") {
+        progress("14/14 interactive queries: throughput with and without a query load, query latency (EVENTSTAGE_E2E_ONLY=queries)");
+        let report = queries::run(&rt, &broker, &cmds, rounds, latency_secs)?;
+        println!();
+        report.print();
         return Ok(());
     }
     if only.as_deref() == Some("transfers") {

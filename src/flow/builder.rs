@@ -129,8 +129,8 @@ impl<S: EventSourced> FlowBuilder<S> {
     /// Answers queries of this flow's committed state through `queries` (see [`crate::query`]):
     /// the flow keeps a committed view of its partitions' keys, and its consumer's client id
     /// carries `queries`' advertised address, for the other instances of the group to find it.
-    /// Refused with a [`state_cache`](Self::state_cache) (the view holds every key of the owned
-    /// partitions).
+    /// With a [`state_cache`](Self::state_cache) the view holds the keys the local store does not
+    /// have yet, and queries read the others from the store.
     #[cfg(feature = "query")]
     #[must_use]
     pub fn queryable(mut self, queries: &crate::query::Queries) -> Self {
@@ -586,12 +586,6 @@ impl<S: EventSourced, C: Send + 'static> FlowBuilder<S, C> {
         #[cfg(feature = "query")]
         let view = match &self.queries {
             None => None,
-            Some(_) if self.state_cache.is_some() => {
-                return Err(FlowError::Config(format!(
-                    "stage `{}` is queryable and has a state cache: queries read every key of the owned partitions from memory, which a cache does not keep; leave one of them out",
-                    S::NAME
-                )))
-            }
             Some(queries) => {
                 if self.consumer.contains_key("client.id") {
                     tracing::warn!(stage = S::NAME, "a queryable flow's consumer carries its query address in its client id: the client.id set is replaced");

@@ -40,9 +40,24 @@ impl<S: EventSourced> Clone for Part<S> {
     }
 }
 
+/// Reads a partition's local store (a flow with a state cache), from a query's thread.
+pub(crate) trait StoreRead<S: EventSourced>: Send + Sync {
+    /// The key's stored entity (`None`: none, or deleted).
+    fn get(&self, key: &[u8]) -> Result<Option<Entity<S>>, String>;
+    /// Up to `limit + 1` stored keys starting with `prefix`, after `after`, in byte order.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<StoredRows<S>, String>;
+}
+
+/// Rows read from a local store: each key's bytes and entity.
+pub(crate) type StoredRows<S> = Vec<(Vec<u8>, Entity<S>)>;
+
 /// A readable partition: its keys' committed state, and how far its journal goes.
 pub(crate) struct Ready<S: EventSourced> {
+    /// Every key's committed state; with a state cache, the keys the local store does not have
+    /// yet (deleted ones too: they hide the store's older rows), the others being read from
+    /// `store`.
     pub(crate) keys: imbl::OrdMap<S::Key, Entity<S>>,
+    pub(crate) store: Option<Arc<dyn StoreRead<S>>>,
     /// Kafka journal: every record of this state is below this offset of the journal partition.
     pub(crate) journal_below: Option<i64>,
     /// When the transaction this state is of committed (ms since the epoch; 0: as restored).
@@ -51,7 +66,12 @@ pub(crate) struct Ready<S: EventSourced> {
 
 impl<S: EventSourced> Clone for Ready<S> {
     fn clone(&self) -> Self {
-        Self { keys: self.keys.clone(), journal_below: self.journal_below, committed_ms: self.committed_ms }
+        Self {
+            keys: self.keys.clone(),
+            store: self.store.clone(),
+            journal_below: self.journal_below,
+            committed_ms: self.committed_ms,
+        }
     }
 }
 
@@ -102,7 +122,7 @@ impl<S: EventSourced> View<S> {
     }
 
     /// One key's answer as JSON.
-    fn entry(&self, p: i32, ready: &Ready<S>, key: &S::Key, entity: &Entity<S>) -> Value {
+    fn entry(&self, p: i32, ready: &Ready<S>, key: &S::Key, entity: &Entity<S>, stored: bool) -> Value {
         let mut v = json!({
             "stage": S::NAME,
             "key": eventstage_journal::printable_key(&key.to_bytes()),
@@ -113,6 +133,8 @@ impl<S: EventSourced> View<S> {
         if let Some(Some(topic)) = self.journal.get() {
             v["journal"] = json!({ "topic": topic, "partition": p, "below_offset": ready.journal_below });
         }
+        // Where it was read: the view in memory, or the local store (a flow with a state cache).
+        v["read_from"] = json!(if stored { "local store" } else { "memory" });
         if ready.committed_ms > 0 {
             v["committed_at_ms"] = json!(ready.committed_ms);
         }
@@ -120,8 +142,13 @@ impl<S: EventSourced> View<S> {
     }
 }
 
+/// Whether an entity is a state (not deleted, not the default of a key never written).
+fn live<S: EventSourced>(e: &Entity<S>) -> bool {
+    e.seq.0 > 0 && !S::is_deleted(&e.state)
+}
+
 /// A key found by a scan: with its partition, the partition's view and its entity.
-type Found<'a, S> = (<S as EventSourced>::Key, i32, &'a Ready<S>, &'a Entity<S>);
+type Found<'a, S> = (<S as EventSourced>::Key, i32, &'a Ready<S>, &'a Entity<S>, bool);
 
 /// A key's answer from this instance's view.
 pub(crate) enum Lookup {
@@ -136,6 +163,8 @@ pub(crate) enum Lookup {
     Restoring,
     /// The flow is not running.
     Stopped,
+    /// The local store could not be read.
+    Failed(String),
 }
 
 /// A prefix scan of this instance's partitions.
@@ -145,6 +174,8 @@ pub(crate) struct Scan {
     pub(crate) next: Option<String>,
     pub(crate) partitions: Vec<i32>,
     pub(crate) restoring: Vec<i32>,
+    /// A local store could not be read.
+    pub(crate) failed: Option<String>,
 }
 
 /// The query layer's side of a view, over stages of every type.
@@ -188,14 +219,26 @@ impl<S: EventSourced> StageView for View<S> {
         if !snapshot.running {
             return Lookup::Stopped;
         }
-        let found = |p: i32, ready: &Ready<S>| {
-            ready.keys.get(&k).filter(|e| !S::is_deleted(&e.state)).map(|e| self.entry(p, ready, &k, e))
+        let found = |p: i32, ready: &Ready<S>| -> Result<Option<Value>, String> {
+            let stored;
+            let (entity, from_store) = match (ready.keys.get(&k), &ready.store) {
+                (Some(e), _) => (Some(e), false),
+                (None, Some(store)) => {
+                    stored = store.get(key)?;
+                    (stored.as_ref(), true)
+                }
+                (None, None) => (None, false),
+            };
+            Ok(entity.filter(|e| live::<S>(e)).map(|e| self.entry(p, ready, &k, e, from_store)))
         };
         match self.partition_of(key) {
             Some(p) => match snapshot.parts.get(&p) {
                 None => Lookup::NotOwned,
                 Some(Part::Restoring) => Lookup::Restoring,
-                Some(Part::Ready(ready)) => found(p, ready).map_or(Lookup::Missing, Lookup::Found),
+                Some(Part::Ready(ready)) => match found(p, ready) {
+                    Ok(v) => v.map_or(Lookup::Missing, Lookup::Found),
+                    Err(e) => Lookup::Failed(e),
+                },
             },
             // Where the producer put the key is unknown: every partition here is searched.
             None => {
@@ -203,11 +246,11 @@ impl<S: EventSourced> StageView for View<S> {
                 for (p, part) in &snapshot.parts {
                     match part {
                         Part::Restoring => restoring = true,
-                        Part::Ready(ready) => {
-                            if let Some(v) = found(*p, ready) {
-                                return Lookup::Found(v);
-                            }
-                        }
+                        Part::Ready(ready) => match found(*p, ready) {
+                            Ok(Some(v)) => return Lookup::Found(v),
+                            Ok(None) => {}
+                            Err(e) => return Lookup::Failed(e),
+                        },
                     }
                 }
                 if restoring {
@@ -224,6 +267,9 @@ impl<S: EventSourced> StageView for View<S> {
         let after = after.and_then(S::Key::from_bytes);
         let start = S::Key::from_bytes(prefix);
         let mut found: Vec<Found<'_, S>> = Vec::new();
+        // Rows read from the local stores (owned here, borrowed by `found` below).
+        let mut stored: Vec<(S::Key, i32, Entity<S>)> = Vec::new();
+        let mut failed = None;
         let (mut partitions, mut restoring) = (Vec::new(), Vec::new());
         for (p, part) in &snapshot.parts {
             let ready = match part {
@@ -254,23 +300,40 @@ impl<S: EventSourced> StageView for View<S> {
                     }
                     continue;
                 }
-                if S::is_deleted(&e.state) {
-                    continue;
-                }
-                found.push((k.clone(), *p, ready, e));
-                taken += 1;
+                // A deleted key in memory hides the store's older row.
+                found.push((k.clone(), *p, ready, e, false));
+                taken += usize::from(live::<S>(e));
                 if taken > limit {
                     break;
                 }
             }
+            if let Some(store) = &ready.store {
+                let after_bytes = after.as_ref().map(|a| a.to_bytes().into_owned());
+                match store.scan(prefix, after_bytes.as_deref(), limit) {
+                    Ok(rows) => stored.extend(rows.into_iter().filter_map(|(raw, e)| {
+                        let k = S::Key::from_bytes(&raw)?;
+                        (!ready.keys.contains_key(&k)).then_some((k, *p, e))
+                    })),
+                    Err(e) => failed = Some(e),
+                }
+            }
         }
+        let stored_found: Vec<Found<'_, S>> = stored
+            .iter()
+            .filter_map(|(k, p, e)| match snapshot.parts.get(p) {
+                Some(Part::Ready(r)) => Some((k.clone(), *p, r, e, true)),
+                _ => None,
+            })
+            .collect();
+        found.extend(stored_found);
+        found.retain(|(_, _, _, e, _)| live::<S>(e));
         found.sort_by(|a, b| a.0.cmp(&b.0));
         let more = found.len() > limit;
         found.truncate(limit);
         let next =
             if more { found.last().map(|(k, ..)| eventstage_journal::printable_key(&k.to_bytes())) } else { None };
-        let items = found.iter().map(|(k, p, ready, e)| self.entry(*p, ready, k, e)).collect();
-        Scan { items, next, partitions, restoring }
+        let items = found.iter().map(|(k, p, ready, e, stored)| self.entry(*p, ready, k, e, *stored)).collect();
+        Scan { items, next, partitions, restoring, failed }
     }
 
     fn owned(&self) -> (Vec<i32>, bool) {

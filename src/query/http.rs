@@ -19,7 +19,12 @@ use std::time::Duration;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub(super) fn router(queries: Queries) -> Router {
-    Router::new().route("/state/{stage}", get(scan)).route("/state/{stage}/{*key}", get(state)).with_state(queries)
+    Router::new()
+        .route("/state/{stage}", get(scan))
+        .route("/state/{stage}/{*key}", get(state))
+        .route("/tables/{topic}", get(table_scan))
+        .route("/tables/{topic}/{*key}", get(table_value))
+        .with_state(queries)
 }
 
 /// Serves `queries`' routes, with `extra` merged in (e.g. metrics and health), on `listener` until
@@ -45,13 +50,37 @@ async fn scan(
     Path(stage): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
+    let (prefix, after, limit) = match page(&params) {
+        Ok(p) => p,
+        Err(a) => return respond(a),
+    };
+    respond(q.scan(&stage, prefix, after, limit))
+}
+
+async fn table_value(State(q): State<Queries>, Path((topic, key)): Path<(String, String)>) -> Response {
+    respond(q.table_value(&topic, &key))
+}
+
+async fn table_scan(
+    State(q): State<Queries>,
+    Path(topic): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let (prefix, after, limit) = match page(&params) {
+        Ok(p) => p,
+        Err(a) => return respond(a),
+    };
+    respond(q.table_scan(&topic, prefix, after, limit))
+}
+
+/// A page's `prefix`, `after` and `limit` (default 100).
+fn page(params: &HashMap<String, String>) -> Result<(&str, Option<&str>, usize), Answer> {
     let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
         None => 100,
         Some(Ok(l)) => l,
-        Some(Err(_)) => return respond(Answer::error(400, "limit is not a number")),
+        Some(Err(_)) => return Err(Answer::error(400, "limit is not a number")),
     };
-    let prefix = params.get("prefix").map_or("", String::as_str);
-    respond(q.scan(&stage, prefix, params.get("after").map(String::as_str), limit))
+    Ok((params.get("prefix").map_or("", String::as_str), params.get("after").map(String::as_str), limit))
 }
 
 fn respond(answer: Answer) -> Response {

@@ -23,9 +23,11 @@
 //! |---|---|
 //! | `GET /state/{stage}/{key}` | 200: `{stage, key, partition, seq, state, journal: {topic, partition, below_offset}, committed_at_ms, served_by}`; 404: no state; 400: not a key of the stage; 414: key over 8 KiB; 503 + `Retry-After`: rebalancing, restoring, owner unreachable |
 //! | `GET /state/{stage}?prefix=P&after=K&limit=N` | 200: `{items: [..], next, partitions, restoring, served_by}`: this instance's partitions only, in key order, `next` is the `after` of the next page (limit 1..=1000, default 100) |
+//! | `GET /tables/{topic}/{key}`, `GET /tables/{topic}?prefix=P&after=K&limit=N` | the same for a table registered with [`Queries::table`], from this instance's copy: `{topic, key, partition, value, served_by}` |
 
 mod group;
 mod http;
+mod table;
 
 pub use http::serve;
 
@@ -36,6 +38,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use table::TableQuery;
 
 pub(crate) use group::client_id;
 
@@ -90,6 +93,7 @@ struct GroupCache {
 struct Inner {
     advertise: String,
     stages: RwLock<BTreeMap<&'static str, Registered>>,
+    tables: RwLock<BTreeMap<String, Arc<dyn TableQuery>>>,
     groups: Mutex<BTreeMap<(String, String), Arc<GroupCache>>>,
     forwarder: Forwarder,
 }
@@ -116,6 +120,7 @@ impl Queries {
             inner: Arc::new(Inner {
                 advertise: advertise.into(),
                 stages: RwLock::new(BTreeMap::new()),
+                tables: RwLock::new(BTreeMap::new()),
                 groups: Mutex::new(BTreeMap::new()),
                 forwarder: Forwarder::new(),
             }),
@@ -125,6 +130,48 @@ impl Queries {
     /// The address this process answers on.
     pub fn advertised(&self) -> &str {
         &self.inner.advertise
+    }
+
+    /// Answers queries of `table` (a table with text keys and values that serialize) at
+    /// `/tables/{topic}/...`, from this instance's copy of it. A table of the same topic
+    /// registered before is replaced.
+    pub fn table<V: serde::Serialize + Send + Sync + 'static>(&self, table: &crate::table::Table<String, V>) {
+        let mut tables = self.inner.tables.write().unwrap_or_else(|p| p.into_inner());
+        tables.insert(table.topic().to_string(), Arc::new(table.clone()));
+    }
+
+    fn table_of(&self, topic: &str) -> Result<Arc<dyn TableQuery>, Answer> {
+        let tables = self.inner.tables.read().unwrap_or_else(|p| p.into_inner());
+        tables.get(topic).cloned().ok_or_else(|| {
+            let known: Vec<&str> = tables.keys().map(String::as_str).collect();
+            Answer::error(404, format!("no table of `{topic}` here; the queryable tables are: {}", list(&known)))
+        })
+    }
+
+    /// `key`'s value in this instance's table of `topic`.
+    pub fn table_value(&self, topic: &str, key: &str) -> Answer {
+        if key.len() > MAX_KEY_BYTES {
+            return Answer::error(
+                414,
+                format!("the key is {} bytes; keys of at most {MAX_KEY_BYTES} are asked for", key.len()),
+            );
+        }
+        match self.table_of(topic) {
+            Ok(t) => table::get(t.as_ref(), topic, key, &self.inner.advertise),
+            Err(a) => a,
+        }
+    }
+
+    /// Up to `limit` rows of this instance's table of `topic` whose keys start with `prefix`,
+    /// after `after`, in key order.
+    pub fn table_scan(&self, topic: &str, prefix: &str, after: Option<&str>, limit: usize) -> Answer {
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Answer::error(400, format!("limit is {limit}: ask for 1 to {MAX_LIMIT} keys a page"));
+        }
+        match self.table_of(topic) {
+            Ok(t) => table::scan(t.as_ref(), topic, prefix, after, limit, &self.inner.advertise),
+            Err(a) => a,
+        }
     }
 
     /// Registers a flow's view (when it runs); refuses a stage a running flow registered already.
@@ -180,6 +227,7 @@ impl Queries {
                 Answer::unavailable("the key's partition is being restored on this instance; ask again shortly")
             }
             Lookup::Stopped => Answer::unavailable(format!("the flow of stage `{stage}` is not running here")),
+            Lookup::Failed(e) => Answer::error(500, format!("stage `{stage}` cannot read its state here: {e}")),
             Lookup::Missing if local || partition.is_some() => not_found(stage, key_text),
             Lookup::NotOwned if local => Answer::unavailable(format!(
                 "partition {} of stage `{stage}` is not owned here (the group is rebalancing); ask again shortly",
@@ -312,6 +360,9 @@ impl Queries {
         };
         let scan = view.scan(prefix.as_bytes(), after.as_deref(), limit);
         debug_assert!(owned.len() >= scan.partitions.len());
+        if let Some(e) = scan.failed {
+            return Answer::error(500, format!("stage `{stage}` cannot read its state here: {e}"));
+        }
         Answer::ok(json!({
             "stage": stage,
             "items": scan.items,

@@ -315,11 +315,7 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
     let queries = exporter.as_ref().map(|e| e.queries.clone());
     #[cfg(not(all(feature = "prometheus", feature = "query")))]
     let queries: Option<Queries> = None;
-    // A queryable flow's view holds every key of its partitions: not with a state cache (yet).
-    if queries.is_some() && args.state_cache.is_some() {
-        eprintln!("note: --state-cache keeps only part of the state in memory: /state answers 404 for every stage (queries read every key from memory); /metrics, /health and /ready are served");
-    }
-    let queries = queries.as_ref().filter(|_| args.state_cache.is_none());
+    let queries = queries.as_ref();
     let state_dir =
         |stage: &str| args.state_dir.as_ref().map(|d| if args.transfers.is_some() { d.join(stage) } else { d.clone() });
     let launched = match (&args.limits, &args.transfers) {
@@ -368,6 +364,10 @@ pub(crate) async fn run(args: FlowArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("opening the limits table `{limits}` (--limits)"))?;
             table.caught_up().await.with_context(|| format!("reading the limits table `{limits}`"))?;
             println!("limits:   {} accounts with a withdrawal limit in `{limits}`", table.len());
+            #[cfg(feature = "query")]
+            if let Some(q) = queries {
+                q.table(&table);
+            }
             let flow = eventstage::stages::bank_flow::bank_flow_with_limits(&brokers, &args.group, topics, table);
             Launched::flow(configure(flow, Some(&journal), &txn, &args, state_dir("bank"), queries).run()?)
         }

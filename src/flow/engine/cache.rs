@@ -113,6 +113,9 @@ pub(super) struct Cached<S: EventSourced> {
     batches: VecDeque<Batch>,
     next_batch: u64,
     cache: Cache<S::Key, Slot<S>, ByWeight, ahash::RandomState, Evictions>,
+    /// With a committed view ([`Committed::watch_stored`]): the keys that left `unstored` since it
+    /// last took them (the local store has their newest state now).
+    left: Option<Vec<S::Key>>,
 }
 
 /// A partition's committed state.
@@ -147,6 +150,7 @@ impl<S: EventSourced> Committed<S> {
             batches: VecDeque::new(),
             next_batch: 0,
             cache,
+            left: None,
         }))
     }
 
@@ -155,6 +159,30 @@ impl<S: EventSourced> Committed<S> {
         match self {
             Self::All(map) => map.get(key),
             Self::Cached(c) => c.unstored.get(key).map(|(e, _)| e).or_else(|| c.cache.get(key).map(|s| &s.entity)),
+        }
+    }
+
+    /// The committed keys the local store does not have yet (with a state cache; every key without
+    /// one).
+    pub(super) fn unstored(&self) -> Box<dyn Iterator<Item = (&S::Key, &Entity<S>)> + '_> {
+        match self {
+            Self::All(map) => Box::new(map.iter()),
+            Self::Cached(c) => Box::new(c.unstored.iter().map(|(k, (e, _))| (k, e))),
+        }
+    }
+
+    /// From now on, keeps the keys that leave the unstored ones for [`Self::take_stored`].
+    pub(super) fn watch_stored(&mut self) {
+        if let Self::Cached(c) = self {
+            c.left.get_or_insert_with(Vec::new);
+        }
+    }
+
+    /// The keys the local store caught up with since the last call (see [`Self::watch_stored`]).
+    pub(super) fn take_stored(&mut self) -> Vec<S::Key> {
+        match self {
+            Self::Cached(c) => c.left.as_mut().map(std::mem::take).unwrap_or_default(),
+            Self::All(_) => Vec::new(),
         }
     }
 
@@ -316,6 +344,9 @@ impl<S: EventSourced> Cached<S> {
             }
             keep
         });
+        if let Some(left) = &mut self.left {
+            left.extend(moved.iter().map(|(k, _)| k.clone()));
+        }
         let mut evicted = Vec::new();
         for (key, entity) in moved {
             evicted.extend(self.cache_insert(key, entity));

@@ -250,7 +250,8 @@ impl<S: EventSourced> Storage<S> for KafkaStorage {
                 read_up_to.push((p, read.read_up_to()));
                 let state = shared.restore_entries::<S>(p, read)?;
                 let (open, committing) = (Unjournaled::default(), None);
-                let store = KafkaTask::<S> { p, shared: shared.clone(), open, committing, rows, last_ts: 0 };
+                let store =
+                    KafkaTask::<S> { p, shared: shared.clone(), open, committing, rows, last_ts: 0, rebuilt: false };
                 restored.push((p, Restored { state, store: Box::new(store), applied: None }));
             }
             read_up_to.into_iter().for_each(|(p, up_to)| shared.keep_current(p, up_to));
@@ -291,6 +292,8 @@ struct KafkaTask<S: EventSourced> {
     rows: Option<Rows>,
     /// The journal's timestamp of the last change (snapshots in records are stamped with it).
     last_ts: u64,
+    /// The committed state was rebuilt from the journal since the view last took it.
+    rebuilt: bool,
 }
 
 impl<S: EventSourced> KafkaTask<S> {
@@ -343,6 +346,7 @@ impl<S: EventSourced> KafkaTask<S> {
             checkpoints.drop_partition(p, why);
         }
         self.rows = None;
+        self.rebuilt = true;
         let read = self.shared.latest_entries(&[p], false)?.remove(&p).unwrap_or_default();
         let read_up_to = read.read_up_to();
         if let (Some(checkpoints), Some(_)) = (&self.shared.checkpoints, &self.shared.cache) {
@@ -369,7 +373,58 @@ impl<S: EventSourced> KafkaTask<S> {
     }
 }
 
+/// Reads a partition's rows from the local store for queries, on their threads (fjall's handles
+/// are shared safely).
+struct RowReader {
+    rows: Rows,
+}
+
+impl<S: EventSourced> crate::flow::view::StoreRead<S> for RowReader {
+    fn get(&self, key: &[u8]) -> Result<Option<Entity<S>>, String> {
+        match self.rows.get(key).map_err(|e| format!("the local store: {e}"))? {
+            None => Ok(None),
+            Some(v) => row_entity::<S>(key, &v),
+        }
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<crate::flow::view::StoredRows<S>, String> {
+        let mut out = Vec::new();
+        for item in self.rows.prefix(prefix) {
+            let (k, v) = item.into_inner().map_err(|e| format!("the local store: {e}"))?;
+            if after.is_some_and(|a| k.as_ref() <= a) {
+                continue;
+            }
+            if let Some(entity) = row_entity::<S>(&k, &v)? {
+                out.push((k.to_vec(), entity));
+                if out.len() > limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A stored row's entity (`None`: deleted).
+fn row_entity<S: EventSourced>(key: &[u8], row: &[u8]) -> Result<Option<Entity<S>>, String> {
+    let entry = read_row(row).map_err(|e| format!("the row of key {}: {e}", printable_key(key)))?;
+    entity_of::<S>(key, Some(entry)).map(|(e, _)| e).map_err(|e| e.to_string())
+}
+
 impl<S: EventSourced> TaskStore<S> for KafkaTask<S> {
+    fn query_reader(&self) -> Option<Arc<dyn crate::flow::view::StoreRead<S>>> {
+        self.rows.clone().map(|rows| Arc::new(RowReader { rows }) as Arc<dyn crate::flow::view::StoreRead<S>>)
+    }
+
+    fn take_rebuilt(&mut self) -> bool {
+        std::mem::take(&mut self.rebuilt)
+    }
+
     /// Reads `key`'s state from the local store, the first time it is used. A row that cannot be
     /// read drops the partition's store and restores it from the journal in full.
     fn fault_in(&mut self, part: &mut PartitionState<S>, key: &S::Key) -> Result<Option<Entity<S>>, FlowError> {

@@ -201,6 +201,9 @@ impl<S: EventSourced> TaskManager<S> {
             if let Some(store) = &mut task.store {
                 store.committed();
             }
+            if let Some(view) = &mut self.view {
+                Self::view_follows(view, *p, task);
+            }
         }
         if let Some(view) = &mut self.view {
             view.settled(now_ms);
@@ -210,9 +213,23 @@ impl<S: EventSourced> TaskManager<S> {
     /// The guarantee's batches up to `generation` are journaled: their keys may leave memory once
     /// the local store has them.
     pub(super) fn journaled(&mut self, generation: u64) {
-        for task in self.tasks.values_mut() {
+        for (p, task) in &mut self.tasks {
             task.state.committed.journaled(generation);
             task.state.store_caught_up();
+            if let Some(view) = &mut self.view {
+                Self::view_follows(view, *p, task);
+            }
+        }
+    }
+
+    /// The committed view follows partition `p`'s local store: the keys it caught up with are
+    /// read from it, and a state rebuilt from the journal (its store dropped) is taken again.
+    fn view_follows(view: &mut ViewWriter<S>, p: i32, task: &mut Task<S>) {
+        let Some(store) = &mut task.store else { return };
+        if store.take_rebuilt() {
+            view.restored(p, &mut task.state.committed, store.query_reader());
+        } else {
+            view.stored(p, task.state.committed.take_stored());
         }
     }
 
@@ -375,7 +392,8 @@ impl<S: EventSourced> TaskManager<S> {
         task.state = state;
         task.store = Some(store);
         if let Some(view) = &mut self.view {
-            view.restored(p, &task.state.committed);
+            let reader = task.store.as_ref().and_then(|s| s.query_reader());
+            view.restored(p, &mut task.state.committed, reader);
         }
         let dropped = std::mem::take(&mut task.dropped).into_iter().collect();
         self.share_budget();

@@ -155,6 +155,17 @@ pub(super) trait TaskStore<S: EventSourced>: Send {
     /// state of record).
     fn committed(&mut self) {}
 
+    /// A reader of the local store's rows for the committed view's queries (a task with one).
+    fn query_reader(&self) -> Option<std::sync::Arc<dyn crate::flow::view::StoreRead<S>>> {
+        None
+    }
+
+    /// Whether the task's committed state was rebuilt (its local store dropped) since the last
+    /// call: the committed view takes it again.
+    fn take_rebuilt(&mut self) -> bool {
+        false
+    }
+
     /// Forgets what the open transaction or batch recorded (it was aborted).
     fn discard(&mut self);
 }

@@ -3,7 +3,7 @@
 
 use super::cache::{Committed, StoreProgress};
 use super::state::KeyMap;
-use crate::flow::view::{Part, Ready, View};
+use crate::flow::view::{Part, Ready, StoreRead, View};
 use crate::replay::Entity;
 use crate::stage::EventSourced;
 use std::collections::BTreeMap;
@@ -35,12 +35,30 @@ impl<S: EventSourced> ViewWriter<S> {
         }
     }
 
-    /// Partition `p`'s state is restored.
-    pub(super) fn restored(&mut self, p: i32, committed: &Committed<S>) {
-        let keys = committed.all().map(|m| m.iter().map(|(k, e)| (k.clone(), e.clone())).collect()).unwrap_or_default();
+    /// Partition `p`'s state is restored (or rebuilt): every key, or with a state cache the keys
+    /// the local store does not have yet, the store's `reader` reading the others.
+    pub(super) fn restored(&mut self, p: i32, committed: &mut Committed<S>, reader: Option<Arc<dyn StoreRead<S>>>) {
+        let store = match committed.all() {
+            Some(_) => None,
+            None => {
+                committed.watch_stored();
+                committed.take_stored();
+                reader
+            }
+        };
+        let keys = committed.unstored().map(|(k, e)| (k.clone(), e.clone())).collect();
         let journal_below = self.progress.as_ref().map(|pr| pr.acked(p));
-        self.parts.insert(p, Part::Ready(Ready { keys, journal_below, committed_ms: 0 }));
+        self.parts.insert(p, Part::Ready(Ready { keys, store, journal_below, committed_ms: 0 }));
         self.publish();
+    }
+
+    /// The local store of partition `p` caught up with `keys`: they are read from it now.
+    pub(super) fn stored(&mut self, p: i32, keys: Vec<S::Key>) {
+        if let Some(Part::Ready(ready)) = self.parts.get_mut(&p) {
+            for k in keys {
+                ready.keys.remove(&k);
+            }
+        }
     }
 
     /// Partition `p`'s `changes` are committing (published by [`Self::settled`]).
@@ -50,7 +68,8 @@ impl<S: EventSourced> ViewWriter<S> {
         }
         if let Some(Part::Ready(ready)) = self.parts.get_mut(&p) {
             for (k, e) in changes {
-                if S::is_deleted(&e.state) {
+                // With a store, a deletion stays until the store has it: it hides the older row.
+                if S::is_deleted(&e.state) && ready.store.is_none() {
                     ready.keys.remove(k);
                 } else {
                     ready.keys.insert(k.clone(), e.clone());
