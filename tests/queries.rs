@@ -130,6 +130,8 @@ async fn two_instances(cache: bool) {
         if cache {
             let dir = stores[slot].path().display().to_string();
             args.extend(["--state-dir".to_string(), dir, "--state-cache".into(), "4KiB".into()]);
+            // Each instance's store keeps the other's partitions current: stale queries read them.
+            args.extend(["--standby", "all"].map(String::from));
         }
         args
     };
@@ -310,6 +312,28 @@ async fn two_instances(cache: bool) {
         if b.is_some() && started.elapsed() > Duration::from_secs(4) {
             b.take().unwrap().kill();
             killed_at = Some(Instant::now());
+            if cache {
+                // Until the group drops the killed instance, its keys' owner cannot answer: with
+                // `stale=true` the survivor answers from its standby copy, saying how far behind.
+                let (sa, ks, hs) = (addr_a.clone(), keys.clone(), checker.histories.clone());
+                let stale = tokio::task::spawn_blocking(move || {
+                    let mut stale = 0;
+                    for key in ks {
+                        let (code, _, body) = get(&sa, &format!("/state/bank/{key}?stale=true"));
+                        assert!(code == 200 || code == 404 || code == 503, "{code} {body}");
+                        if code == 200 && body.get("stale").is_some() {
+                            stale += 1;
+                            assert!(body["stale"]["store_next_offset"].as_i64().is_some(), "{body}");
+                            let state: Account = serde_json::from_value(body["state"].clone()).unwrap();
+                            assert!(hs[&key].contains(&state), "{key}: a stale answer is a state the key had: {body}");
+                        }
+                    }
+                    stale
+                })
+                .await
+                .unwrap();
+                assert!(stale > 0, "the killed instance's keys are answered from the standby copy");
+            }
         }
     }
     let resumed = killed_at.unwrap().elapsed();

@@ -48,6 +48,22 @@ pub(crate) trait StoreRead<S: EventSourced>: Send + Sync {
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<StoredRows<S>, String>;
 }
 
+/// Reads the partitions the local store keeps besides the owned ones (standbys, and partitions
+/// kept after they went), for queries that accept stale state.
+pub(crate) trait StandbyRead<S: EventSourced>: Send + Sync {
+    /// `key` in partition `p` (or, unknown, in any partition the store keeps) of those not in
+    /// `owned`: its partition, entity, and how far behind the journal the store's copy is.
+    fn get(&self, p: Option<i32>, key: &[u8], owned: &[i32]) -> Result<Option<(i32, Entity<S>, Behind)>, String>;
+}
+
+/// How far a local store's copy of a partition is behind its journal.
+pub(crate) struct Behind {
+    /// The journal offset the store's rows are complete up to (exclusive).
+    pub(crate) store_next_offset: i64,
+    /// The journal partition's end now (None: the broker did not say).
+    pub(crate) journal_end: Option<i64>,
+}
+
 /// Rows read from a local store: each key's bytes and entity.
 pub(crate) type StoredRows<S> = Vec<(Vec<u8>, Entity<S>)>;
 
@@ -90,6 +106,8 @@ pub(crate) struct View<S: EventSourced> {
     placement: OnceLock<Option<Placement>>,
     /// The Kafka journal's topic (none: a sled journal).
     journal: OnceLock<Option<String>>,
+    /// The local store's other partitions (a flow with a state directory).
+    standby: OnceLock<Arc<dyn StandbyRead<S>>>,
 }
 
 impl<S: EventSourced> Default for View<S> {
@@ -98,6 +116,7 @@ impl<S: EventSourced> Default for View<S> {
             current: ArcSwap::from_pointee(Snapshot { parts: BTreeMap::new(), running: false }),
             placement: OnceLock::new(),
             journal: OnceLock::new(),
+            standby: OnceLock::new(),
         }
     }
 }
@@ -107,6 +126,11 @@ impl<S: EventSourced> View<S> {
     pub(crate) fn started(&self, placement: Option<Placement>, journal: Option<String>) {
         let _ = self.placement.set(placement);
         let _ = self.journal.set(journal);
+    }
+
+    /// Stale queries read the local store's other partitions through `reader`.
+    pub(crate) fn set_standby(&self, reader: Arc<dyn StandbyRead<S>>) {
+        let _ = self.standby.set(reader);
     }
 
     pub(crate) fn publish(&self, parts: BTreeMap<i32, Part<S>>, running: bool) {
@@ -191,6 +215,9 @@ pub(crate) trait StageView: Send + Sync {
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Scan;
     /// The partitions this instance owns (restoring or not), and whether the flow runs.
     fn owned(&self) -> (Vec<i32>, bool);
+    /// `key` from the local store's copy of a partition this instance does not own (a standby),
+    /// marked stale with how far behind it is; `None` when the store keeps no such copy of it.
+    fn stale(&self, key: &[u8]) -> Option<Result<Value, String>>;
 }
 
 impl<S: EventSourced> StageView for View<S> {
@@ -339,5 +366,29 @@ impl<S: EventSourced> StageView for View<S> {
     fn owned(&self) -> (Vec<i32>, bool) {
         let snapshot = self.load();
         (snapshot.parts.keys().copied().collect(), snapshot.running)
+    }
+
+    fn stale(&self, key: &[u8]) -> Option<Result<Value, String>> {
+        let reader = self.standby.get()?;
+        let k = S::Key::from_bytes(key)?;
+        let (owned, _) = self.owned();
+        let (p, entity, behind) = match reader.get(self.partition_of(key), key, &owned) {
+            Ok(found) => found?,
+            Err(e) => return Some(Err(e)),
+        };
+        if !live::<S>(&entity) {
+            return None;
+        }
+        let ready = Ready { keys: imbl::OrdMap::new(), store: None, journal_below: None, committed_ms: 0 };
+        let mut v = self.entry(p, &ready, &k, &entity, true);
+        if let Some(j) = v.get_mut("journal") {
+            j["below_offset"] = json!(behind.store_next_offset);
+        }
+        v["stale"] = json!({
+            "store_next_offset": behind.store_next_offset,
+            "journal_end": behind.journal_end,
+            "behind_records": behind.journal_end.map(|e| (e - behind.store_next_offset).max(0)),
+        });
+        Some(Ok(v))
     }
 }

@@ -41,8 +41,8 @@ async fn state(
     Path((stage, key)): Path<(String, String)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let local = params.get("local").is_some_and(|v| v == "true" || v == "1");
-    respond(q.state_at(&stage, &key, local).await)
+    let flag = |name: &str| params.get(name).is_some_and(|v| v == "true" || v == "1");
+    respond(q.state_at(&stage, &key, flag("local"), flag("stale")).await)
 }
 
 async fn scan(
@@ -113,8 +113,9 @@ impl Forwarder {
     }
 
     /// `key` of `stage`, asked of the instance at `address` (which routes it to the owner).
-    pub(super) async fn routed(&self, address: &str, stage: &str, key: &str) -> Answer {
-        self.get(address, format!("/state/{}/{}", encode(stage), encode(key))).await
+    pub(super) async fn routed(&self, address: &str, stage: &str, key: &str, stale: bool) -> Answer {
+        let query = if stale { "?stale=true" } else { "" };
+        self.get(address, format!("/state/{}/{}{query}", encode(stage), encode(key))).await
     }
 
     async fn get(&self, address: &str, path: String) -> Answer {

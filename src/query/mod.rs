@@ -21,7 +21,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /state/{stage}/{key}` | 200: `{stage, key, partition, seq, state, journal: {topic, partition, below_offset}, committed_at_ms, served_by}`; 404: no state; 400: not a key of the stage; 414: key over 8 KiB; 503 + `Retry-After`: rebalancing, restoring, owner unreachable |
+//! | `GET /state/{stage}/{key}[?stale=true]` | 200: `{stage, key, partition, seq, state, journal: {topic, partition, below_offset}, committed_at_ms, served_by}`; 404: no state; 400: not a key of the stage; 414: key over 8 KiB; 503 + `Retry-After`: rebalancing, restoring, owner unreachable; with `stale=true`, instead of a 503, the state this instance's local store keeps of the key's partition (a standby), with `stale: {store_next_offset, journal_end, behind_records}` |
 //! | `GET /state/{stage}?prefix=P&after=K&limit=N` | 200: `{items: [..], next, partitions, restoring, served_by}`: this instance's partitions only, in key order, `next` is the `after` of the next page (limit 1..=1000, default 100) |
 //! | `GET /tables/{topic}/{key}`, `GET /tables/{topic}?prefix=P&after=K&limit=N` | the same for a table registered with [`Queries::table`], from this instance's copy: `{topic, key, partition, value, served_by}` |
 
@@ -88,7 +88,12 @@ struct Registered {
 struct GroupCache {
     reader: Mutex<Option<Arc<GroupReader>>>,
     last: Mutex<Option<GroupView>>,
+    /// A refresh runs in the background (queries meanwhile use the last description).
+    refreshing: std::sync::atomic::AtomicBool,
 }
+
+/// A description older than this is not used without asking again first.
+const GROUP_STALE: Duration = Duration::from_secs(10);
 
 struct Inner {
     advertise: String,
@@ -201,11 +206,39 @@ impl Queries {
     /// The committed state of `key` (its text, as in the URL) in `stage`, from this instance or
     /// from the instance that owns it.
     pub async fn state(&self, stage: &str, key: &str) -> Answer {
-        self.state_at(stage, key, false).await
+        self.state_at(stage, key, false, false).await
     }
 
-    /// `local`: answer from this instance's view only (a query forwarded here).
-    pub(crate) async fn state_at(&self, stage: &str, key_text: &str, local: bool) -> Answer {
+    /// [`Self::state`], or when no owner can answer now (a rebalance, a restore, an owner
+    /// unreachable), the state this instance's local store keeps of the key's partition as a
+    /// standby: possibly stale, marked `stale` with how far behind the journal it is.
+    pub async fn state_or_stale(&self, stage: &str, key: &str) -> Answer {
+        self.state_at(stage, key, false, true).await
+    }
+
+    /// `local`: answer from this instance's view only (a query forwarded here); `stale`: a
+    /// standby's copy may answer when no owner can.
+    pub(crate) async fn state_at(&self, stage: &str, key_text: &str, local: bool, stale: bool) -> Answer {
+        let answer = self.fresh(stage, key_text, local).await;
+        if !stale || answer.status != 503 {
+            return answer;
+        }
+        let Ok((view, ..)) = self.stage(stage) else { return answer };
+        let Ok(key) = key_bytes(view.as_ref(), key_text) else { return answer };
+        match view.stale(&key) {
+            Some(Ok(mut v)) => {
+                v["served_by"] = json!(self.inner.advertise);
+                Answer::ok(v)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(stage, error = %e, "a stale query could not read the local store");
+                answer
+            }
+            None => answer,
+        }
+    }
+
+    async fn fresh(&self, stage: &str, key_text: &str, local: bool) -> Answer {
         let (view, brokers, group) = match self.stage(stage) {
             Ok(s) => s,
             Err(a) => return a,
@@ -314,11 +347,32 @@ impl Queries {
             groups.entry((brokers.to_string(), group.to_string())).or_default().clone()
         };
         if !fresh {
-            let last = cache.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(g) = last.as_ref().filter(|g| g.fetched.elapsed() < GROUP_MAX_AGE) {
-                return Ok(g.clone());
+            let last = cache.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match last {
+                Some(g) if g.fetched.elapsed() < GROUP_MAX_AGE => return Ok(g),
+                // Older: used while one refresh runs in the background (a query does not wait for
+                // the coordinator; an owner that moved meanwhile says so, and is asked fresh).
+                Some(g) if g.fetched.elapsed() < GROUP_STALE => {
+                    if !cache.refreshing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let (q, brokers, group) = (self.clone(), brokers.to_string(), group.to_string());
+                        let c = cache.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = q.describe(&c, &brokers, &group).await {
+                                tracing::debug!(error = %e, "refreshing the group's description failed");
+                            }
+                            c.refreshing.store(false, std::sync::atomic::Ordering::Release);
+                        });
+                    }
+                    return Ok(g);
+                }
+                _ => {}
             }
         }
+        self.describe(&cache, brokers, group).await
+    }
+
+    /// Asks the group coordinator now, and keeps the answer.
+    async fn describe(&self, cache: &Arc<GroupCache>, brokers: &str, group: &str) -> Result<GroupView, String> {
         let (brokers, group_name) = (brokers.to_string(), group.to_string());
         let c = cache.clone();
         let described = tokio::task::spawn_blocking(move || {
@@ -382,8 +436,8 @@ impl Queries {
 
 /// Asks a running application of group `group` for `key`'s committed state in `stage` (`None`:
 /// its only queryable stage) through one of its instances, found in the group's description:
-/// what `eventstage query` does. A 503 is asked again, as its `Retry-After` says, until `patience`
-/// runs out; the last answer is returned.
+/// what `eventstage query` does (`stale`: see [`Queries::state_or_stale`]). A 503 is asked again,
+/// as its `Retry-After` says, until `patience` runs out; the last answer is returned.
 ///
 /// # Errors
 /// When the group has no queryable instance, or no stage is named and it has several.
@@ -392,6 +446,7 @@ pub async fn ask(
     group: &str,
     stage: Option<&str>,
     key: &str,
+    stale: bool,
     patience: Duration,
 ) -> Result<Answer, String> {
     let deadline = tokio::time::Instant::now() + patience;
@@ -442,7 +497,7 @@ pub async fn ask(
             // Any instance routes the query to the owner; the first that answers is enough.
             let mut last = Answer::unavailable("no instance answered");
             for address in instances {
-                last = forwarder.routed(address, &stage, key).await;
+                last = forwarder.routed(address, &stage, key, stale).await;
                 if last.status != 503 {
                     break;
                 }

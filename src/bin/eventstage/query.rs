@@ -19,6 +19,10 @@ pub(crate) struct QueryArgs {
     stage: Option<String>,
     /// The key (its text; a key that is not text as `0x` and its bytes in hex).
     key: String,
+    /// When no owner can answer now, accept the state an instance's local store keeps of the
+    /// key's partition as a standby: possibly stale, marked with how far behind it is.
+    #[arg(long)]
+    stale: bool,
     /// How long to keep asking while the answer is "try again" (a rebalance, a restore, an
     /// instance that was killed and is not out of the group yet).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -31,6 +35,7 @@ pub(crate) async fn run(args: QueryArgs) -> anyhow::Result<ExitCode> {
         &args.group,
         args.stage.as_deref(),
         &args.key,
+        args.stale,
         args.timeout,
     )
     .await

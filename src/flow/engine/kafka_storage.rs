@@ -410,6 +410,37 @@ impl<S: EventSourced> crate::flow::view::StoreRead<S> for RowReader {
     }
 }
 
+/// The standby reader of a stage's view (see [`crate::flow::view::StandbyRead`]).
+struct Standbys<S> {
+    reader: checkpoint::StandbyReader,
+    stage: std::marker::PhantomData<fn() -> S>,
+}
+
+impl<S: EventSourced> crate::flow::view::StandbyRead<S> for Standbys<S> {
+    fn get(
+        &self,
+        p: Option<i32>,
+        key: &[u8],
+        owned: &[i32],
+    ) -> Result<Option<(i32, Entity<S>, crate::flow::view::Behind)>, String> {
+        let Some((p, row, next, end)) = self.reader.get(p, key, owned)? else { return Ok(None) };
+        Ok(row_entity::<S>(key, &row)?
+            .map(|e| (p, e, crate::flow::view::Behind { store_next_offset: next, journal_end: end })))
+    }
+}
+
+impl KafkaStorage {
+    /// A reader of the local store's other partitions for stale queries (a flow with one).
+    pub(super) fn standby_reader<S: EventSourced>(
+        &self,
+        common: &ClientConfig,
+    ) -> Result<Option<Arc<dyn crate::flow::view::StandbyRead<S>>>, FlowError> {
+        let Some(checkpoints) = &self.shared.checkpoints else { return Ok(None) };
+        let reader = checkpoints.standby_reader(common)?;
+        Ok(Some(Arc::new(Standbys::<S> { reader, stage: std::marker::PhantomData })))
+    }
+}
+
 /// A stored row's entity (`None`: deleted).
 fn row_entity<S: EventSourced>(key: &[u8], row: &[u8]) -> Result<Option<Entity<S>>, String> {
     let entry = read_row(row).map_err(|e| format!("the row of key {}: {e}", printable_key(key)))?;

@@ -427,7 +427,7 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
                 progress,
                 metrics: metrics.clone(),
             });
-            Box::new(KafkaStorage::open(
+            let storage = KafkaStorage::open(
                 journal,
                 settings.store.as_ref().zip(progress).map(|(store, progress)| (store, progress, cache)),
                 &settings.common,
@@ -435,7 +435,13 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
                 settings.codec,
                 at_least_once,
                 metrics.clone(),
-            )?)
+            )?;
+            if let Some(view) = &parts.view {
+                if let Some(reader) = storage.standby_reader::<S>(&settings.common)? {
+                    view.set_standby(reader);
+                }
+            }
+            Box::new(storage)
         }
         FlowJournal::Sled(dir) => {
             Box::new(SledStorage::open(dir, blocking_runtime()?, settings.codec, settings.snapshot_every)?)

@@ -55,6 +55,40 @@ use std::sync::Arc;
 use std::time::Duration;
 use store::LocalStore;
 
+/// Reads the store's partitions for stale queries, from their threads.
+pub(super) struct StandbyReader {
+    store: LocalStore,
+    topic: String,
+    marks: BaseConsumer<ReaderContext>,
+}
+
+impl StandbyReader {
+    /// `key`'s row in partition `p` (or in any partition the store keeps) not in `owned`: its
+    /// partition, row, the store's next offset and the journal partition's end.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn get(
+        &self,
+        p: Option<i32>,
+        key: &[u8],
+        owned: &[i32],
+    ) -> Result<Option<(i32, Vec<u8>, i64, Option<i64>)>, String> {
+        let candidates = match p {
+            Some(p) => vec![p],
+            None => self.store.partitions().map_err(|e| e.to_string())?,
+        };
+        for p in candidates.into_iter().filter(|p| !owned.contains(p)) {
+            let Some((next, _)) = self.store.position(p)? else { continue };
+            let rows = self.store.rows(p).map_err(|e| e.to_string())?;
+            if let Some(row) = rows.get(key).map_err(|e| format!("the local store: {e}"))? {
+                let end =
+                    self.marks.fetch_watermarks(&self.topic, p, Duration::from_secs(2)).ok().map(|(_, high)| high);
+                return Ok(Some((p, row.to_vec(), next, end)));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// The local state store and its follower thread.
 pub(super) struct Checkpoints {
     store: LocalStore,
@@ -149,6 +183,15 @@ impl Checkpoints {
                 Ok(Loaded::empty())
             }
         }
+    }
+
+    /// A reader of the partitions the store keeps besides the owned ones, for stale queries
+    /// (`common`: the client settings to ask the journal's ends with).
+    pub(super) fn standby_reader(&self, common: &ClientConfig) -> Result<StandbyReader, FlowError> {
+        let marks = common
+            .create_with_context(ReaderContext { what: "standby query watermarks" })
+            .map_err(|e| kafka("standby query watermarks client", e))?;
+        Ok(StandbyReader { store: self.store.clone(), topic: self.topic.clone(), marks })
     }
 
     /// Partition `p`'s rows (an empty tree when the store has none).
