@@ -103,3 +103,57 @@ impl<S: EventSourced> Drop for ViewWriter<S> {
         self.view.publish(BTreeMap::new(), false);
     }
 }
+
+#[cfg(all(test, feature = "query"))]
+mod tests {
+    use super::*;
+    use crate::flow::view::{Lookup, StageView};
+    use crate::stages::bank::{Account, Bank};
+    use eventstage_journal::SeqNo;
+
+    fn entity(balance: u64, seq: u64) -> Entity<Bank> {
+        Entity { state: Arc::new(Account { open: balance > 0, balance }), seq: SeqNo(seq) }
+    }
+
+    fn balance(view: &View<Bank>, key: &str) -> Option<u64> {
+        match view.get(key.as_bytes()) {
+            Lookup::Found(v) => v["state"]["balance"].as_u64(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn queries_see_what_committed_and_nothing_of_partitions_gone() {
+        let view = Arc::new(View::<Bank>::default());
+        assert!(matches!(view.get(b"acct-1"), Lookup::Stopped), "before the flow runs");
+        let mut writer = ViewWriter::new(view.clone(), None);
+        writer.assigned(0);
+        assert!(matches!(view.get(b"acct-1"), Lookup::Restoring), "a partition that restores answers later");
+        let mut committed = Committed::<Bank>::default();
+        committed.insert_read("acct-1".into(), entity(5, 1));
+        writer.restored(0, &mut committed, None);
+        assert_eq!(balance(&view, "acct-1"), Some(5));
+        // Changes of a transaction are seen once it settled, not before.
+        let changes: KeyMap<String, Entity<Bank>> =
+            [("acct-1".to_string(), entity(7, 2)), ("acct-2".to_string(), entity(3, 1))].into_iter().collect();
+        writer.changed(0, &changes);
+        assert_eq!(balance(&view, "acct-1"), Some(5), "not published before the commit settled");
+        assert!(matches!(view.get(b"acct-2"), Lookup::Missing));
+        writer.settled(42);
+        assert_eq!((balance(&view, "acct-1"), balance(&view, "acct-2")), (Some(7), Some(3)));
+        // A deleted account (closed, empty) has no state.
+        let closed: KeyMap<String, Entity<Bank>> = [("acct-2".to_string(), entity(0, 2))].into_iter().collect();
+        writer.changed(0, &closed);
+        writer.settled(43);
+        assert!(matches!(view.get(b"acct-2"), Lookup::Missing));
+        // A prefix scan, paged.
+        let scan = view.scan(b"acct-", None, 10);
+        assert_eq!(scan.items.len(), 1);
+        assert_eq!(scan.partitions, vec![0]);
+        // Revoked: gone at once; the flow stopped: nothing.
+        writer.revoked(0);
+        assert!(matches!(view.get(b"acct-1"), Lookup::Missing), "a plain flow searched every partition here: none");
+        drop(writer);
+        assert!(matches!(view.get(b"acct-1"), Lookup::Stopped));
+    }
+}
