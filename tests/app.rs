@@ -48,7 +48,7 @@ pub(crate) fn feed_transfers(brokers: &str, topic: &str, transfers: &[WireTransf
 /// Waits until the bank answered the `n` commands that open and fund the accounts. A bank
 /// command and a transfer's routed step reach the bank through different topics, in no set order:
 /// a transfer sent before its accounts are open may find them closed.
-async fn accounts_open(s: &Setup, n: usize) {
+pub(crate) async fn accounts_open(s: &Setup, n: usize) {
     let (b, t) = (s.brokers.clone(), s.topics.replies.clone());
     tokio::task::spawn_blocking(move || read_committed(&b, &t, |r| r.len() >= n, Duration::ZERO)).await.unwrap();
 }
@@ -56,7 +56,10 @@ async fn accounts_open(s: &Setup, n: usize) {
 /// Fresh topics for transfers (`partitions` each) beside `s`'s bank topics, and the bank commands
 /// that open accounts 0 to 7 with 100 each (8 and 9 are never opened), fed: (the transfers topic,
 /// the open accounts, the commands).
-async fn transfer_setup(s: &Setup, partitions: i32) -> (String, BTreeSet<String>, Vec<(String, String, BankCommand)>) {
+pub(crate) async fn transfer_setup(
+    s: &Setup,
+    partitions: i32,
+) -> (String, BTreeSet<String>, Vec<(String, String, BankCommand)>) {
     let transfers_topic = unique("transfers");
     create_topic(&s.brokers, &transfers_topic, partitions, &[]).await;
     create_topic(&s.brokers, &replies_topic(&transfers_topic), partitions, &[]).await;

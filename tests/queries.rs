@@ -365,3 +365,67 @@ async fn two_instances(cache: bool) {
     assert!(checker.routed > 0, "some answers came from the other instance while commands flowed");
     a.drain();
 }
+
+/// An application of two stages (`demo --transfers`) as two instances: every key lives in its
+/// murmur2 partition, so a query goes straight to the owner. Each account's answer is its
+/// balance as its committed events add up, each transfer's its final status, from both instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_answers_for_each_of_its_stages_from_every_instance() {
+    let s = setup(4).await;
+    let (transfers_topic, _, history) = crate::app::transfer_setup(&s, 4).await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut args = kafka_journal(&s, "50ms");
+    args.extend(["--transfers", &transfers_topic, "--http-addr", "127.0.0.1:0"].map(String::from));
+    let a = Demo::start(&s, &unique("txn-a"), &args, logs.path());
+    let b = Demo::start(&s, &unique("txn-b"), &args, logs.path());
+    let addrs = [http_addr(&a), http_addr(&b)];
+    crate::app::accounts_open(&s, history.len()).await;
+    let transfers = crate::app::transfers(40, 10, 80, 11);
+    crate::app::feed_transfers(&s.brokers, &transfers_topic, &transfers);
+    let ids: BTreeSet<String> = transfers.iter().map(|t| t.id.clone()).collect();
+    let books = {
+        let (s, topic) = (s.clone(), transfers_topic.clone());
+        tokio::task::spawn_blocking(move || crate::app::read_books(&s, &topic, &ids, 800)).await.unwrap()
+    };
+    let routed = tokio::task::spawn_blocking(move || {
+        let mut routed = 0;
+        for addr in &addrs {
+            for i in 0..10 {
+                let key = format!("acct-{i}");
+                let (code, _, body) = get(addr, &format!("/state/bank/{key}"));
+                match books.balances.get(&key) {
+                    Some(balance) => {
+                        assert_eq!(code, 200, "{key} on {addr}: {body}");
+                        assert_eq!(body["state"]["balance"].as_i64().map(i128::from), Some(*balance), "{body}");
+                    }
+                    // Never opened: no state.
+                    None => assert_eq!(code, 404, "{key} on {addr}: {body}"),
+                }
+                routed += usize::from(code == 200 && body["served_by"] != addr.as_str());
+            }
+            for (id, replies) in &books.replies {
+                let (code, _, body) = get(addr, &format!("/state/transfer/{id}"));
+                assert_eq!(code, 200, "{id} on {addr}: {body}");
+                let status = body["state"]["status"].as_str().unwrap_or_default().to_lowercase();
+                assert_eq!(status, replies[0].status, "{id} on {addr}: {body}");
+                routed += usize::from(body["served_by"] != addr.as_str());
+            }
+            // An application has two queryable stages: the CLI needs one named.
+            assert_eq!(get(addr, "/state/nosuch/x").0, 404);
+        }
+        routed
+    })
+    .await
+    .unwrap();
+    assert!(routed > 0, "keys of the other instance's partitions were forwarded");
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let (b, g) = (s.brokers.clone(), s.group.clone());
+        move || run_cli(&["query", "--brokers", &b, "--group", &g, "acct-1"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("several queryable stages") && err.contains("--stage"), "{err}");
+    a.drain();
+    b.drain();
+}

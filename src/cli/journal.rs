@@ -243,13 +243,28 @@ pub(super) async fn run_journal(registry: &Registry, args: JournalArgs) -> anyho
     // `verify` must look at damaged journals too; everything else refuses a journal that lost
     // committed batches rather than show a shorter history as if it were whole.
     let verifying = matches!(args.command, JournalCommand::Verify);
-    let journals: Vec<SledJournal> = names
-        .iter()
-        .map(|n| {
-            let j = if verifying { store.inspect_journal(n) } else { store.existing_journal(n) };
-            j.with_context(|| format!("cannot open journal `{n}` in {}", path.display()))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    // A journal whose own records (its batch counter, its archive's length) sled cannot read is
+    // damage `verify` reports too (exit 1), beside the journals it can walk.
+    let mut unopened: Vec<VerifyReport> = Vec::new();
+    let mut journals: Vec<SledJournal> = Vec::new();
+    for n in &names {
+        match if verifying { store.inspect_journal(n) } else { store.existing_journal(n) } {
+            Ok(j) => journals.push(j),
+            Err(e) if verifying && unreadable_store(&e) => unopened.push(VerifyReport {
+                name: n.clone(),
+                problems: vec![Problem {
+                    key: None,
+                    seq: None,
+                    what: format!(
+                        "the journal cannot be opened, nothing in it can be checked: {}; restore it from a backup",
+                        unreadable(&e)
+                    ),
+                }],
+                ..VerifyReport::default()
+            }),
+            Err(e) => return Err(e).with_context(|| format!("cannot open journal `{n}` in {}", path.display())),
+        }
+    }
     let mut out = BufWriter::new(std::io::stdout().lock());
     let code = match &args.command {
         JournalCommand::Stats => {
@@ -269,7 +284,10 @@ pub(super) async fn run_journal(registry: &Registry, args: JournalArgs) -> anyho
             ExitCode::SUCCESS
         }
         JournalCommand::Verify => {
-            let mut damaged = false;
+            let mut damaged = !unopened.is_empty();
+            for report in &unopened {
+                print_report(&mut out, args.format, report)?;
+            }
             for j in &journals {
                 let bar = progress_bar(&format!("verifying {}", j.name()));
                 let b = bar.clone();
