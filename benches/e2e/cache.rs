@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 pub(crate) struct CacheRow {
     pub(crate) keys: u64,
     pub(crate) budget_mib: u64,
+    /// The demo served queries (`--http-addr`): its flow kept a committed view.
+    pub(crate) queryable: bool,
     pub(crate) rate: f64,
     pub(crate) peak_rss_mib: u64,
     pub(crate) end_rss_mib: u64,
@@ -41,6 +43,7 @@ pub(crate) fn print(rows: &[CacheRow]) {
     println!("  {:>9}  {:>12} {:>10} {:>10} {:>10}", "K", "cache", "cmds/s", "peak RSS", "end RSS");
     for r in rows {
         let budget = if r.budget_mib == 0 { "none".to_string() } else { format!("{} MiB", r.budget_mib) };
+        let budget = if r.queryable { format!("{budget}, queryable") } else { budget };
         println!("  {:>9}  {:>12} {:>10.0} {:>6} MiB {:>6} MiB", r.keys, budget, r.rate, r.peak_rss_mib, r.end_rss_mib);
         println!(
             "             restart after SIGKILL: {} ms to the first reply, RSS {} MiB",
@@ -63,16 +66,26 @@ fn key(i: u64) -> String {
     format!("acct-{i:08}")
 }
 
-pub(crate) fn run(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budgets: &[u64]) -> Result<Vec<CacheRow>> {
+/// Each budget, plain and (`queryable`) with the demo serving queries, one after the other.
+pub(crate) fn run(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    keys: u64,
+    budgets: &[u64],
+    queryable: &[bool],
+) -> Result<Vec<CacheRow>> {
     let mut rows = Vec::new();
     for &budget_mib in budgets {
-        progress(&format!("  {keys} accounts, state cache {budget_mib} MiB (0: none)"));
-        rows.push(one(rt, brokers, keys, budget_mib)?);
+        for &q in queryable {
+            let how = if q { ", queryable" } else { "" };
+            progress(&format!("  {keys} accounts, state cache {budget_mib} MiB (0: none){how}"));
+            rows.push(one(rt, brokers, keys, budget_mib, q)?);
+        }
     }
     Ok(rows)
 }
 
-fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) -> Result<CacheRow> {
+fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64, queryable: bool) -> Result<CacheRow> {
     let topics =
         BankTopics { input: unique("cache-in"), replies: unique("cache-replies"), events: unique("cache-events") };
     create_topics(rt, brokers, &[&topics.input, &topics.replies, &topics.events])?;
@@ -95,6 +108,9 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
             .arg(dir);
         if budget_mib > 0 {
             cmd.args(["--state-cache", &format!("{budget_mib}MiB")]);
+        }
+        if queryable {
+            cmd.args(["--http-addr", "127.0.0.1:0"]);
         }
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
@@ -171,6 +187,7 @@ fn one(rt: &tokio::runtime::Runtime, brokers: &str, keys: u64, budget_mib: u64) 
     Ok(CacheRow {
         keys,
         budget_mib,
+        queryable,
         rate: keys as f64 / took.as_secs_f64(),
         peak_rss_mib,
         end_rss_mib,

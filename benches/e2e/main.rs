@@ -46,7 +46,8 @@
 //! 10. state larger than memory: the bank flow opening K new accounts with a local store, by state
 //!     cache budget, its memory (peak and end) and rate: see `cache.rs`
 //!     (`EVENTSTAGE_E2E_ONLY=cache`, `EVENTSTAGE_E2E_CACHE_KEYS`, default 10^6,
-//!     `EVENTSTAGE_E2E_CACHE_MIB`, the budgets in MiB, 0 for none, default `0,128`).
+//!     `EVENTSTAGE_E2E_CACHE_MIB`, the budgets in MiB, 0 for none, default `0,128`;
+//!     `EVENTSTAGE_E2E_CACHE_QUERYABLE=0,1` runs each budget also with the demo serving queries).
 //! 11. uniform random keys over K accounts, eventstage beside a Kafka Streams application of the
 //!     same contract (`benches/kstreams`: Processor API, RocksDB, `exactly_once_v2`; built with
 //!     Maven on first use): K opens, then N deposits to uniformly random accounts; the rates,
@@ -213,7 +214,9 @@ fn run() -> Result<()> {
     if only.as_deref() == Some("cache") {
         progress("10/10 state larger than memory (EVENTSTAGE_E2E_ONLY=cache)");
         let keys = env_number("EVENTSTAGE_E2E_CACHE_KEYS", 1_000_000)?.max(1);
-        let rows = cache::run(&rt, b, keys, &env_list("EVENTSTAGE_E2E_CACHE_MIB", "0,128")?)?;
+        let queryable: Vec<bool> =
+            env_list("EVENTSTAGE_E2E_CACHE_QUERYABLE", "0")?.into_iter().map(|q| q != 0).collect();
+        let rows = cache::run(&rt, b, keys, &env_list("EVENTSTAGE_E2E_CACHE_MIB", "0,128")?, &queryable)?;
         println!();
         cache::print(&rows);
         return Ok(());
