@@ -149,6 +149,16 @@ impl Demo {
         Self { child, out, stderr, running: line }
     }
 
+    /// Its HTTP address (`--http-addr`), from its start-up line.
+    pub(crate) fn http_addr(&self) -> String {
+        self.running
+            .split("HTTP on http://")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("the start-up line names the HTTP address: {}", self.running))
+            .to_string()
+    }
+
     pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.id().to_string();
         assert!(std::process::Command::new("kill").args([signal, &pid]).status().unwrap().success());

@@ -293,16 +293,10 @@ async fn crash_loop_of_two(stores: bool) {
     assert_eq!(tokio::task::spawn_blocking(move || journal_state(&s, 4)).await.unwrap(), accounts, "seed {seed}");
 }
 
-/// A GET of `path` on the demo's metrics endpoint: (status code, body).
+/// A GET of `path` on the demo's HTTP server: (status code, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, response.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    let (code, _, body) = crate::util::http_get(addr, path);
+    (code, body)
 }
 
 /// The value of the sample `name{...}` (the first one) in a Prometheus text body.
@@ -327,13 +321,7 @@ async fn a_flow_serves_prometheus_metrics_health_and_readiness() {
     args.extend(["--state-dir".to_string(), state.path().display().to_string()]);
     args.extend(["--state-cache".to_string(), "16MiB".to_string()]);
     let demo = Demo::start(&s, "", &args, logs.path());
-    let addr = demo
-        .running
-        .split("HTTP on http://")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap_or_else(|| panic!("the start-up line names the HTTP address: {}", demo.running))
-        .to_string();
+    let addr = demo.http_addr();
     let get = |path: &'static str| {
         let addr = addr.clone();
         move || http_get(&addr, path)

@@ -11,33 +11,16 @@ use crate::util::{run_cli, DEADLINE};
 use eventstage::stages::bank::{Account, BankCommand};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A GET: (status, the Retry-After header, the body as JSON).
 fn get(addr: &str, path: &str) -> (u16, Option<String>, Value) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (code, head, body) = crate::util::http_get(addr, path);
     let retry =
         head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after:").map(|v| v.trim().to_string()));
-    (code, retry, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-/// The demo's HTTP address, from its start-up line.
-fn http_addr(demo: &Demo) -> String {
-    demo.running
-        .split("HTTP on http://")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap_or_else(|| panic!("the start-up line names the HTTP address: {}", demo.running))
-        .to_string()
+    (code, retry, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// Every state each account had, in order (the default first: no state).
@@ -146,7 +129,7 @@ async fn two_instances(cache: bool) {
     let keys: Vec<String> = checker.histories.keys().cloned().collect();
     let a = Demo::start(&s, &unique("txn-a"), &args(0), logs.path());
     let b = Demo::start(&s, &unique("txn-b"), &args(1), logs.path());
-    let (addr_a, addr_b) = (http_addr(&a), http_addr(&b));
+    let (addr_a, addr_b) = (a.http_addr(), b.http_addr());
     feed_async(&s, &history).await;
     await_replies(&s, first_replies).await;
 
@@ -378,7 +361,7 @@ async fn an_application_answers_for_each_of_its_stages_from_every_instance() {
     args.extend(["--transfers", &transfers_topic, "--http-addr", "127.0.0.1:0"].map(String::from));
     let a = Demo::start(&s, &unique("txn-a"), &args, logs.path());
     let b = Demo::start(&s, &unique("txn-b"), &args, logs.path());
-    let addrs = [http_addr(&a), http_addr(&b)];
+    let addrs = [a.http_addr(), b.http_addr()];
     crate::app::accounts_open(&s, history.len()).await;
     let transfers = crate::app::transfers(40, 10, 80, 11);
     crate::app::feed_transfers(&s.brokers, &transfers_topic, &transfers);

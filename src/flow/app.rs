@@ -299,32 +299,18 @@ async fn partition_counts(
 
 /// The partition count of one stage's `inputs`, which must agree.
 fn stage_partitions(probe: &BaseConsumer, inputs: &[String], deadline: Instant) -> Result<i32, FlowError> {
-    let mut count = None;
-    for topic in inputs {
-        let n = loop {
-            match probe.fetch_metadata(Some(topic), Duration::from_secs(5)) {
-                Ok(md) => {
-                    break md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32)
-                }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(topic, error = %e, "metadata of an application's input; asking again");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => return Err(kafka(format!("metadata of {topic} (check the brokers)"), e)),
+    super::engine::agreed_partitions(inputs, |topic| loop {
+        match probe.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => {
+                return Ok(md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32))
             }
-        };
-        if n == 0 {
-            return Err(FlowError::Config(format!("input topic `{topic}` does not exist; create it first")));
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(topic, error = %e, "metadata of an application's input; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(kafka(format!("metadata of {topic} (check the brokers)"), e)),
         }
-        if count.is_some_and(|c| c != n) {
-            return Err(FlowError::Config(format!(
-                "the inputs of one stage have different partition counts ({} vs {n} for `{topic}`); a stage's keys live in one partition of each, so give them the same count",
-                count.unwrap_or_default()
-            )));
-        }
-        count = Some(n);
-    }
-    Ok(count.unwrap_or_default())
+    })
 }
 
 /// Creates a stage's repartition topic, or (`compact`) its timers topic, `topic` with `partitions`

@@ -25,7 +25,7 @@ mod work;
 pub(super) use self::core::{Parts, Tasks};
 pub use kafka_storage::Standby;
 pub(super) use kafka_storage::{StoreMemory, StoreSettings};
-pub(super) use startup::Settings;
+pub(super) use startup::{agreed_partitions, Settings};
 pub(crate) use timers::{TimerSettings, TIMER_HEADER};
 
 use crate::flow::control::Metrics;

@@ -55,9 +55,9 @@ impl GroupView {
         self.members.iter().find(|m| m.stage == stage && m.partitions.contains(&p))
     }
 
-    /// The members of `stage`, addresses deduplicated.
-    pub(crate) fn of_stage<'a>(&'a self, stage: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
-        self.members.iter().filter(move |m| m.stage == stage)
+    /// The addresses of `stage`'s members, each once, in order.
+    pub(crate) fn addresses(&self, stage: &str) -> BTreeSet<&str> {
+        self.members.iter().filter(|m| m.stage == stage).map(|m| m.address.as_str()).collect()
     }
 
     /// The stages with members.

@@ -148,15 +148,10 @@ pub(crate) async fn get_json(client: &Client<HttpConnector, Empty<Bytes>>, uri: 
     Ok(Answer { status, body, retry_after })
 }
 
-/// Percent-encodes all but RFC 3986's unreserved characters.
-pub(crate) fn encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// All but RFC 3986's unreserved characters, percent-encoded in a path segment.
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+fn encode(text: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(text, SEGMENT)
 }

@@ -313,13 +313,7 @@ impl Queries {
                         continue;
                     }
                 },
-                None => {
-                    let mut others: Vec<String> =
-                        g.of_stage(stage).filter(|m| &m.address != me).map(|m| m.address.clone()).collect();
-                    others.sort();
-                    others.dedup();
-                    others
-                }
+                None => g.addresses(stage).into_iter().filter(|a| a != me).map(str::to_string).collect(),
             };
             if targets.is_empty() {
                 return not_found(stage, key);
@@ -477,9 +471,7 @@ pub async fn ask(
                 ));
             }
         };
-        let mut instances: Vec<&str> = g.of_stage(&stage).map(|m| m.address.as_str()).collect();
-        instances.sort_unstable();
-        instances.dedup();
+        let instances = g.addresses(&stage);
         let answer = if instances.is_empty() {
             if tokio::time::Instant::now() >= deadline {
                 return Err(if stages.is_empty() {

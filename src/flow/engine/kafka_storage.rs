@@ -434,10 +434,9 @@ impl KafkaStorage {
     pub(super) fn standby_reader<S: EventSourced>(
         &self,
         common: &ClientConfig,
-    ) -> Result<Option<Arc<dyn crate::flow::view::StandbyRead<S>>>, FlowError> {
-        let Some(checkpoints) = &self.shared.checkpoints else { return Ok(None) };
-        let reader = checkpoints.standby_reader(common)?;
-        Ok(Some(Arc::new(Standbys::<S> { reader, stage: std::marker::PhantomData })))
+    ) -> Option<Arc<dyn crate::flow::view::StandbyRead<S>>> {
+        let reader = self.shared.checkpoints.as_ref()?.standby_reader(common);
+        Some(Arc::new(Standbys::<S> { reader, stage: std::marker::PhantomData }))
     }
 }
 

@@ -179,10 +179,21 @@ pub(super) fn carry_offsets_over(
 /// The inputs' partition count (they must agree); each metadata request waits at most `timeout`.
 pub(super) fn input_partitions(common: &ClientConfig, inputs: &[String], timeout: Duration) -> Result<i32, FlowError> {
     let probe: Detached<BaseConsumer> = Detached::new(common.create().map_err(|e| kafka("metadata client", e))?);
+    agreed_partitions(inputs, |topic| {
+        let md = probe.fetch_metadata(Some(topic), timeout).map_err(|e| kafka(format!("metadata of {topic}"), e))?;
+        Ok(md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32))
+    })
+}
+
+/// The partition count `inputs` agree on, `count_of` giving each topic's (0: no such topic): a
+/// flow's inputs are co-partitioned, partition `p` of each holding the same keys.
+pub(in crate::flow) fn agreed_partitions(
+    inputs: &[String],
+    mut count_of: impl FnMut(&str) -> Result<i32, FlowError>,
+) -> Result<i32, FlowError> {
     let mut count = None;
     for topic in inputs {
-        let md = probe.fetch_metadata(Some(topic), timeout).map_err(|e| kafka(format!("metadata of {topic}"), e))?;
-        let n = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
+        let n = count_of(topic)?;
         if n == 0 {
             return Err(FlowError::Config(format!("input topic `{topic}` does not exist; create it first")));
         }
@@ -437,7 +448,7 @@ pub(super) fn start<S: EventSourced, G: Guarantee>(
                 metrics.clone(),
             )?;
             if let Some(view) = &parts.view {
-                if let Some(reader) = storage.standby_reader::<S>(&settings.common)? {
+                if let Some(reader) = storage.standby_reader::<S>(&settings.common) {
                     view.set_standby(reader);
                 }
             }

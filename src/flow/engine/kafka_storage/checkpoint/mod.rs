@@ -59,7 +59,10 @@ use store::LocalStore;
 pub(super) struct StandbyReader {
     store: LocalStore,
     topic: String,
-    marks: BaseConsumer<ReaderContext>,
+    common: ClientConfig,
+    /// The client that asks the journal's ends: made by the first stale query, not at the flow's
+    /// start (`None`: it could not be made).
+    marks: std::sync::OnceLock<Option<BaseConsumer<ReaderContext>>>,
 }
 
 impl StandbyReader {
@@ -80,8 +83,16 @@ impl StandbyReader {
             let Some((next, _)) = self.store.position(p)? else { continue };
             let rows = self.store.rows(p).map_err(|e| e.to_string())?;
             if let Some(row) = rows.get(key).map_err(|e| format!("the local store: {e}"))? {
-                let end =
-                    self.marks.fetch_watermarks(&self.topic, p, Duration::from_secs(2)).ok().map(|(_, high)| high);
+                let marks = self.marks.get_or_init(|| {
+                    self.common
+                        .create_with_context(ReaderContext { what: "standby query watermarks" })
+                        .inspect_err(|e| tracing::warn!(error = %e, "cannot ask the journal's ends for stale queries"))
+                        .ok()
+                });
+                let end = marks
+                    .as_ref()
+                    .and_then(|m| m.fetch_watermarks(&self.topic, p, Duration::from_secs(2)).ok())
+                    .map(|(_, high)| high);
                 return Ok(Some((p, row.to_vec(), next, end)));
             }
         }
@@ -187,11 +198,13 @@ impl Checkpoints {
 
     /// A reader of the partitions the store keeps besides the owned ones, for stale queries
     /// (`common`: the client settings to ask the journal's ends with).
-    pub(super) fn standby_reader(&self, common: &ClientConfig) -> Result<StandbyReader, FlowError> {
-        let marks = common
-            .create_with_context(ReaderContext { what: "standby query watermarks" })
-            .map_err(|e| kafka("standby query watermarks client", e))?;
-        Ok(StandbyReader { store: self.store.clone(), topic: self.topic.clone(), marks })
+    pub(super) fn standby_reader(&self, common: &ClientConfig) -> StandbyReader {
+        StandbyReader {
+            store: self.store.clone(),
+            topic: self.topic.clone(),
+            common: common.clone(),
+            marks: std::sync::OnceLock::new(),
+        }
     }
 
     /// Partition `p`'s rows (an empty tree when the store has none).
